@@ -1,0 +1,318 @@
+"""The `sidecar` command: parse, build config, call one function, map failure to an exit code.
+
+Exit codes: 0 ok · 1 the request failed (the daemon's status and message are printed)
+· 2 bad configuration or usage · 3 no daemon is answering on the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import grpc
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+
+from sidecar import __version__
+from sidecar.config import Config, Overrides, documented_keys, load
+from sidecar.errors import ConfigError, SidecarError
+
+EXIT_FAILED, EXIT_CONFIG, EXIT_NO_DAEMON = 1, 2, 3
+T = TypeVar("T")
+
+
+def _config(ctx: click.Context, **overrides: Any) -> Config:
+    try:
+        return load(Overrides(config=ctx.obj.get("config"), **overrides))
+    except ConfigError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="sidecar")
+@click.option("--config", type=click.Path(path_type=Path), help="Config file (default: user config dir).")
+@click.pass_context
+def main(ctx: click.Context, config: Path | None) -> None:
+    """sidecar: a local inference daemon (gRPC on a Unix socket)."""
+    ctx.ensure_object(dict)
+    ctx.obj["config"] = config
+
+
+# ---------------------------------------------------------------- serve
+
+
+@main.command()
+@click.option("--socket", type=click.Path(path_type=Path), help="Unix socket path.")
+@click.option("--model", help="GGUF path, or the name of a configured model, to serve by default.")
+@click.option("--workers", type=int, help="Worker processes for the default model.")
+@click.option("--threads", type=int, help="llama.cpp threads per worker.")
+@click.option("--context", type=int, help="Context window (tokens) of the default model.")
+@click.option("--tcp-port", type=int, help="Also listen on loopback TCP (needs server.tcp_token).")
+@click.option("--log-format", type=click.Choice(["text", "json"]))
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--in-process", is_flag=True, help="Run llama.cpp in daemon threads (debugging; no crash isolation).")
+@click.option("--banner", is_flag=True, help="Print how to call the daemon once it is ready.")
+@click.pass_context
+def serve(ctx: click.Context, in_process: bool, banner: bool, **flags: Any) -> None:
+    """Run the daemon in the foreground until SIGTERM/SIGINT."""
+    from sidecar.logs import configure
+    from sidecar.server.daemon import Running
+    from sidecar.server.daemon import serve as run_daemon
+    from sidecar.server.socket_claim import SocketBusy
+
+    config = _config(ctx, **flags)
+    configure(config.log.level, config.log.format)
+    if not config.models:
+        click.echo("error: no model configured: pass --model PATH or add a [models.NAME] table", err=True)
+        sys.exit(EXIT_CONFIG)
+
+    def ready(running: Running) -> None:
+        if banner:
+            click.echo(_banner(config, running.tcp_port), err=True)
+
+    try:
+        code = asyncio.run(run_daemon(config, "thread" if in_process else "process", ready))
+    except SocketBusy as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_FAILED)
+    except SidecarError as e:
+        click.echo(f"error: {e.message}", err=True)
+        sys.exit(EXIT_FAILED)
+    sys.exit(code)
+
+
+def _banner(config: Config, tcp_port: int | None) -> str:
+    sock = config.server.socket
+    names = ", ".join(m.name for m in config.models)
+    lines = [
+        f"sidecar {__version__} is serving {names} on unix:{sock}",
+        "",
+        "Try it from another terminal:",
+        f"  .venv/bin/sidecar classify --socket {sock} 'I think someone stole my card' \\",
+        "      -l lost_or_stolen_card -l card_arrival -l exchange_rate",
+        f"  .venv/bin/sidecar generate --socket {sock} --stream 'The capital of France is'",
+        f"  .venv/bin/sidecar status --socket {sock}",
+        f"  grpcurl -plaintext -unix {sock} list      # any gRPC tool, via reflection",
+    ]
+    if tcp_port:
+        lines.append(f"  (also on 127.0.0.1:{tcp_port}, bearer token required)")
+    lines.append("Stop with Ctrl-C (drains in-flight requests first).")
+    return "\n".join(lines)
+
+
+@main.command("config")
+@click.option("--keys", is_flag=True, help="List every config key with its default and meaning.")
+@click.pass_context
+def show_config(ctx: click.Context, keys: bool) -> None:
+    """Show the effective configuration (defaults < TOML < env < flags)."""
+    if keys:
+        for name, key in documented_keys():
+            click.echo(f"{name} ({key.type.__name__}, default {key.default!r}): {key.doc}")
+        return
+    config = _config(ctx)
+    click.echo(f"source: {config.source or '(defaults and environment only)'}")
+    click.echo(f"socket: {config.server.socket}")
+    click.echo(f"default_model: {config.default_model or '(none)'}")
+    for m in config.models:
+        click.echo(f"model {m.name}: {m.path} workers={m.workers} threads={m.threads} context={m.context}")
+
+
+# ---------------------------------------------------------------- client commands
+
+
+def _client_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")(f)
+    f = click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds.")(f)
+    f = click.option("--token", help="Bearer token (with --tcp).")(f)
+    f = click.option("--tcp", help="HOST:PORT of the daemon's TCP listener instead of the socket.")(f)
+    f = click.option("--socket", type=click.Path(path_type=Path), help="Daemon socket path.")(f)
+    return f
+
+
+def _connect(ctx: click.Context, socket: Path | None, tcp: str | None, token: str | None, timeout: float) -> Any:
+    from sidecar.client import Client
+
+    config = _config(ctx, socket=socket)
+    client = Client(config.server.socket, tcp=tcp, token=token or config.server.tcp_token or None, timeout=timeout)
+    try:
+        grpc.channel_ready_future(client.channel).result(timeout=min(timeout, 3.0))
+    except grpc.FutureTimeoutError:
+        where = tcp or f"unix:{config.server.socket}"
+        click.echo(f"error: no sidecar daemon is answering on {where}: start one with `sidecar serve`", err=True)
+        sys.exit(EXIT_NO_DAEMON)
+    return client
+
+
+def _call(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except grpc.RpcError as e:
+        click.echo(f"error: {e.code().name}: {e.details()}", err=True)
+        sys.exit(EXIT_FAILED)
+
+
+def _dump(message: Message) -> str:
+    return json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2, ensure_ascii=False)
+
+
+def _stream_out(chunks: Iterator[Any], as_json: bool) -> None:
+    def consume() -> None:
+        for c in chunks:
+            if c.HasField("summary"):
+                if as_json:
+                    click.echo(_dump(c.summary))
+                else:
+                    s = c.summary
+                    click.echo(f"\n[{s.model.name}@{s.model.version} {s.usage.completion_tokens} tokens "
+                               f"{s.timings.total_ms:.0f} ms]", err=True)  # fmt: skip
+            elif not as_json:
+                click.echo(c.text, nl=False)
+
+    _call(consume)
+
+
+@main.command()
+@_client_options
+@click.pass_context
+def status(ctx: click.Context, socket: Path | None, tcp: str | None, token: str | None, timeout: float, as_json: bool) -> None:
+    """What the daemon serves: models, versions, workers, queues, counters."""
+    with _connect(ctx, socket, tcp, token, timeout) as c:
+        reply = _call(c.status)
+        health = _call(lambda: c.health("sidecar.v1.Inference"))
+    if as_json:
+        click.echo(_dump(reply))
+        return
+    click.echo(f"sidecar {reply.version} pid {reply.pid} up {reply.uptime_s:.0f}s on {reply.socket} ({health})")
+    for m in reply.models:
+        mark = " (default)" if m.is_default else ""
+        state = "ready" if m.ready else f"NOT READY: {m.detail}"
+        click.echo(f"  {m.model.name}@{m.model.version}{mark}: {state}; context {m.context}, "
+                   f"queue {m.queue_depth}/{m.queue_limit}; {m.path}")  # fmt: skip
+        for w in m.workers:
+            click.echo(f"    worker pid {w.pid}: {w.state}, {w.requests} requests")
+    for k, v in sorted(reply.counters.items()):
+        click.echo(f"  {k}: {v}")
+
+
+@main.command()
+@_client_options
+@click.pass_context
+def models(ctx: click.Context, socket: Path | None, tcp: str | None, token: str | None, timeout: float, as_json: bool) -> None:
+    """The models the daemon serves."""
+    with _connect(ctx, socket, tcp, token, timeout) as c:
+        reply = _call(c.list_models)
+    if as_json:
+        click.echo(_dump(reply))
+        return
+    for m in reply.models:
+        click.echo(f"{m.model.name}@{m.model.version}{' (default)' if m.is_default else ''}\t{m.path}")
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--model", default="", help="Model name (default: the daemon's default).")
+@click.option("--max-tokens", type=int, default=0, help="0 = server default.")
+@click.option("--temperature", type=float, default=0.0, help="0 = greedy (deterministic).")
+@click.option("--stop", multiple=True, help="Stop sequence (repeatable).")
+@click.option("--stream", is_flag=True, help="Print tokens as they come.")
+@_client_options
+@click.pass_context
+def generate(ctx: click.Context, prompt: str, model: str, max_tokens: int, temperature: float, stop: tuple[str, ...],
+             stream: bool, socket: Path | None, tcp: str | None, token: str | None, timeout: float, as_json: bool) -> None:  # fmt: skip
+    """Continue a raw prompt."""
+    kw = {"model": model, "max_tokens": max_tokens, "temperature": temperature, "stop": stop}
+    with _connect(ctx, socket, tcp, token, timeout) as c:
+        if stream:
+            _stream_out(c.generate_stream(prompt, **kw), as_json)
+            return
+        reply = _call(lambda: c.generate(prompt, **kw))
+    click.echo(_dump(reply) if as_json else reply.text)
+
+
+@main.command()
+@click.argument("message")
+@click.option("--system", default="", help="System message.")
+@click.option("--model", default="")
+@click.option("--max-tokens", type=int, default=0)
+@click.option("--temperature", type=float, default=0.0)
+@click.option("--stream", is_flag=True)
+@_client_options
+@click.pass_context
+def chat(ctx: click.Context, message: str, system: str, model: str, max_tokens: int, temperature: float, stream: bool,
+         socket: Path | None, tcp: str | None, token: str | None, timeout: float, as_json: bool) -> None:  # fmt: skip
+    """One chat turn, using the model's chat template."""
+    messages = ([("system", system)] if system else []) + [("user", message)]
+    kw = {"model": model, "max_tokens": max_tokens, "temperature": temperature}
+    with _connect(ctx, socket, tcp, token, timeout) as c:
+        if stream:
+            _stream_out(c.chat_stream(messages, **kw), as_json)
+            return
+        reply = _call(lambda: c.chat(messages, **kw))
+    click.echo(_dump(reply) if as_json else reply.text)
+
+
+@main.command()
+@click.argument("text")
+@click.option("-l", "--label", "labels", multiple=True, required=True, help="Candidate label (repeat, 2 or more).")
+@click.option("--instruction", default="")
+@click.option("--model", default="")
+@_client_options
+@click.pass_context
+def classify(ctx: click.Context, text: str, labels: tuple[str, ...], instruction: str, model: str,
+             socket: Path | None, tcp: str | None, token: str | None, timeout: float, as_json: bool) -> None:  # fmt: skip
+    """Pick exactly one of the given labels for TEXT."""
+    with _connect(ctx, socket, tcp, token, timeout) as c:
+        reply = _call(lambda: c.classify(text, labels, instruction=instruction, model=model))
+    if as_json:
+        click.echo(_dump(reply))
+        return
+    click.echo(reply.label)
+    for s in reply.scores:
+        click.echo(f"  {s.probability:6.3f}  {s.label}", err=True)
+
+
+@main.command()
+@click.argument("text")
+@click.option("--schema", required=True, help="JSON Schema as JSON text, or @FILE.")
+@click.option("--instruction", default="")
+@click.option("--model", default="")
+@click.option("--max-tokens", type=int, default=0)
+@_client_options
+@click.pass_context
+def extract(ctx: click.Context, text: str, schema: str, instruction: str, model: str, max_tokens: int,
+            socket: Path | None, tcp: str | None, token: str | None, timeout: float, as_json: bool) -> None:  # fmt: skip
+    """JSON from TEXT that validates against a JSON Schema."""
+    if schema.startswith("@"):
+        schema = Path(schema[1:]).read_text()
+    with _connect(ctx, socket, tcp, token, timeout) as c:
+        reply = _call(lambda: c.extract(text, schema, instruction=instruction, model=model, max_tokens=max_tokens))
+    click.echo(_dump(reply) if as_json else reply.json)
+
+
+@main.command()
+@click.argument("texts", nargs=-1, required=True)
+@click.option("--normalize", is_flag=True, help="Unit-length vectors.")
+@click.option("--model", default="")
+@_client_options
+@click.pass_context
+def embed(ctx: click.Context, texts: tuple[str, ...], normalize: bool, model: str,
+          socket: Path | None, tcp: str | None, token: str | None, timeout: float, as_json: bool) -> None:  # fmt: skip
+    """One vector per TEXT."""
+    with _connect(ctx, socket, tcp, token, timeout) as c:
+        reply = _call(lambda: c.embed(list(texts), normalize=normalize, model=model))
+    if as_json:
+        click.echo(_dump(reply))
+        return
+    for text, e in zip(texts, reply.embeddings, strict=True):
+        head = ", ".join(f"{v:.4f}" for v in e.values[:4])
+        click.echo(f"{len(e.values)} dims [{head}, ...]  {text[:40]}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,332 @@
+"""The one place configuration is built: defaults < TOML < environment < CLI flags.
+
+Nothing else in sidecar reads the environment or the config file. `load()` returns a
+frozen `Config`; an invalid value raises `ConfigError` naming the TOML key.
+
+TOML layout (every key optional)::
+
+    default_model = "demo"
+
+    [server]
+    socket = "/run/user/1000/sidecar/sidecar.sock"
+    ...
+
+    [log]
+    format = "json"
+
+    [models.demo]
+    path = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    workers = 2
+
+Environment: SIDECAR_CONFIG (file path), SIDECAR_<SECTION>_<KEY> for the server and
+log keys (e.g. SIDECAR_SERVER_SOCKET, SIDECAR_LOG_FORMAT), SIDECAR_DEFAULT_MODEL, and
+SIDECAR_MODEL_<KEY> for the default model's keys (e.g. SIDECAR_MODEL_PATH).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from sidecar.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - the machines run 3.11
+    import tomli as tomllib
+
+APP = "sidecar"
+DEFAULT_MODEL_NAME = "default"
+
+
+@dataclass(frozen=True)
+class Key:
+    """One documented setting: its type, default and what it means."""
+
+    type: type
+    default: Any
+    doc: str
+    check: Callable[[Any], str | None] = lambda _v: None  # returns a problem or None
+
+
+def _at_least(n: int) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= n else f"must be >= {n}, got {v}"
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}, got {v!r}"
+
+
+def _loopback(v: str) -> str | None:
+    if v == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(v).is_loopback:
+            return None
+    except ValueError:
+        pass
+    return f"must be a loopback address (127.0.0.1, ::1 or localhost), got {v!r}"
+
+
+def _port(v: int) -> str | None:
+    return None if 0 <= v <= 65535 else f"must be 0 (off) or a port 1-65535, got {v}"
+
+
+SERVER_KEYS: dict[str, Key] = {
+    "socket": Key(str, "", "Unix socket path. Default: <user runtime dir>/sidecar/sidecar.sock."),
+    "socket_group_access": Key(bool, False, "Create the socket 0660 (owner+group) instead of 0600."),
+    "max_message_bytes": Key(int, 4 * 1024 * 1024, "Largest request accepted, in bytes.", _at_least(1024)),
+    "default_max_tokens": Key(int, 256, "max_tokens when a request leaves it 0.", _at_least(1)),
+    "max_labels": Key(int, 256, "Most labels one Classify may carry.", _at_least(2)),
+    "max_embed_texts": Key(int, 256, "Most texts one Embed may carry.", _at_least(1)),
+    "grace_seconds": Key(float, 10.0, "On SIGTERM, how long in-flight requests may finish.", _at_least(0)),
+    "tcp_port": Key(int, 0, "Optional TCP listener port on tcp_host; 0 = off.", _port),
+    "tcp_host": Key(str, "127.0.0.1", "TCP listener address; loopback only.", _loopback),
+    "tcp_token": Key(str, "", "Bearer token required on TCP (prefer SIDECAR_SERVER_TCP_TOKEN)."),
+}
+
+LOG_KEYS: dict[str, Key] = {
+    "format": Key(str, "text", "Log line format: text or json (JSON lines).", _one_of("text", "json")),
+    "level": Key(str, "info", "Log level.", _one_of("debug", "info", "warning", "error")),
+}
+
+MODEL_KEYS: dict[str, Key] = {
+    "path": Key(str, "", "GGUF file to serve (required)."),
+    "workers": Key(
+        int, 2, "Worker processes for this model; they share the mmapped weights.", _at_least(1)
+    ),
+    "threads": Key(
+        int, 1, "llama.cpp threads per worker (1 holds up beside busy apps).", _at_least(1)
+    ),
+    "context": Key(int, 2048, "Context window in tokens (prompt + generation).", _at_least(64)),
+    "batch": Key(int, 512, "Prompt-processing batch size in tokens.", _at_least(1)),
+    "max_queue": Key(
+        int, 64, "Requests that may wait for a worker; beyond: RESOURCE_EXHAUSTED.", _at_least(1)
+    ),
+}
+
+TOP_KEYS: dict[str, Key] = {
+    "default_model": Key(str, "", "Model name that requests without `model` get."),
+}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    socket: Path
+    socket_group_access: bool
+    max_message_bytes: int
+    default_max_tokens: int
+    max_labels: int
+    max_embed_texts: int
+    grace_seconds: float
+    tcp_port: int
+    tcp_host: str
+    tcp_token: str
+
+    @property
+    def socket_mode(self) -> int:
+        return 0o660 if self.socket_group_access else 0o600
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str
+    level: str
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    path: Path
+    workers: int
+    threads: int
+    context: int
+    batch: int
+    max_queue: int
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig
+    log: LogConfig
+    models: tuple[ModelConfig, ...] = ()
+    default_model: str = ""
+    source: Path | None = None  # the TOML file read, if any
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """CLI flags, already parsed; None = not given."""
+
+    config: Path | None = None
+    socket: Path | None = None
+    model: str | None = None  # a configured name, or a GGUF path
+    workers: int | None = None
+    threads: int | None = None
+    context: int | None = None
+    log_format: str | None = None
+    log_level: str | None = None
+    tcp_port: int | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def default_config_path() -> Path:
+    return Path(platformdirs.user_config_dir(APP)) / "config.toml"
+
+
+def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
+    """<runtime dir>/sidecar/sidecar.sock, the per-user runtime directory when there is one."""
+    env = os.environ if env is None else env
+    if sys.platform == "darwin":
+        return Path(platformdirs.user_runtime_dir(APP)) / "sidecar.sock"
+    candidates = [env.get("XDG_RUNTIME_DIR", ""), f"/run/user/{os.getuid()}"]
+    # /run/user/<uid> exists only in a login session; a service or container may lack it.
+    base = next((Path(c) for c in candidates if c and os.access(c, os.W_OK)), None)
+    runtime = base / APP if base else Path(tempfile.gettempdir()) / f"{APP}-{os.getuid()}"
+    return runtime / "sidecar.sock"
+
+
+def _coerce(key: str, spec: Key, value: Any) -> Any:
+    if isinstance(value, str) and spec.type is not str:
+        text = value.strip()
+        try:
+            if spec.type is bool:
+                if text.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(text)
+                value = text.lower() in ("1", "true", "yes", "on")
+            else:
+                value = spec.type(text)
+        except ValueError:
+            raise ConfigError(key, f"expected {spec.type.__name__}, got {value!r}") from None
+    if spec.type is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, spec.type) or (spec.type is int and isinstance(value, bool)):
+        raise ConfigError(key, f"expected {spec.type.__name__}, got {type(value).__name__} {value!r}")
+    problem = spec.check(value)
+    if problem:
+        raise ConfigError(key, problem)
+    return value
+
+
+def _section(prefix: str, keys: dict[str, Key], raw: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(raw) - set(keys))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}", f"unknown key (known: {', '.join(keys)})")
+    out = {name: spec.default for name, spec in keys.items()}
+    for name, value in raw.items():
+        out[name] = _coerce(f"{prefix}{name}", keys[name], value)
+    return out
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(str(path), "config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(path), f"not valid TOML: {e}") from None
+
+
+def _env_layer(env: Mapping[str, str]) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    sections: dict[str, dict[str, Any]] = {"server": {}, "log": {}}
+    for section, keys in (("server", SERVER_KEYS), ("log", LOG_KEYS)):
+        for name in keys:
+            var = f"SIDECAR_{section}_{name}".upper()
+            if var in env:
+                sections[section][name] = env[var]
+    model = {name: env[f"SIDECAR_MODEL_{name}".upper()] for name in MODEL_KEYS if f"SIDECAR_MODEL_{name}".upper() in env}
+    top = {"default_model": env["SIDECAR_DEFAULT_MODEL"]} if "SIDECAR_DEFAULT_MODEL" in env else {}
+    return sections, model, top
+
+
+def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Build the Config. Raises ConfigError naming the offending key."""
+    o = overrides or Overrides()
+    env = os.environ if env is None else env
+
+    path = o.config or (Path(env["SIDECAR_CONFIG"]) if env.get("SIDECAR_CONFIG") else None)
+    explicit = path is not None
+    path = path or default_config_path()
+    raw: dict[str, Any] = _read_toml(path) if explicit or path.exists() else {}
+    source = path if raw or explicit else None
+
+    unknown = sorted(set(raw) - {"server", "log", "models", *TOP_KEYS})
+    if unknown:
+        raise ConfigError(unknown[0], "unknown key (known: default_model, [server], [log], [models.NAME])")
+    for table in ("server", "log", "models"):
+        if not isinstance(raw.get(table, {}), dict):
+            raise ConfigError(table, "must be a table")
+
+    env_sections, env_model, env_top = _env_layer(env)
+    server_raw = {**raw.get("server", {}), **env_sections["server"]}
+    log_raw = {**raw.get("log", {}), **env_sections["log"]}
+    top = _section("", TOP_KEYS, {k: raw[k] for k in TOP_KEYS if k in raw} | env_top)
+
+    cli_server = {"socket": str(o.socket) if o.socket else None, "tcp_port": o.tcp_port}
+    server_raw |= {k: v for k, v in cli_server.items() if v is not None}
+    log_raw |= {k: v for k, v in {"format": o.log_format, "level": o.log_level}.items() if v is not None}
+
+    server = _section("server.", SERVER_KEYS, server_raw)
+    log = _section("log.", LOG_KEYS, log_raw)
+
+    models_raw: dict[str, dict[str, Any]] = {}
+    for name, table in raw.get("models", {}).items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"models.{name}", "must be a table")
+        models_raw[name] = dict(table)
+
+    default_name = top["default_model"] or (next(iter(models_raw)) if models_raw else "")
+    if o.model is not None:
+        if o.model in models_raw:
+            default_name = o.model
+        else:  # a path: it becomes (or replaces the file of) the default model
+            default_name = default_name or DEFAULT_MODEL_NAME
+            models_raw.setdefault(default_name, {})["path"] = o.model
+    cli_model = {"workers": o.workers, "threads": o.threads, "context": o.context}
+    if env_model or any(v is not None for v in cli_model.values()):
+        default_name = default_name or DEFAULT_MODEL_NAME
+        target = models_raw.setdefault(default_name, {})
+        target |= env_model
+        target |= {k: v for k, v in cli_model.items() if v is not None}
+    if default_name and default_name not in models_raw:
+        raise ConfigError("default_model", f"no [models.{default_name}] table (known: {', '.join(models_raw) or 'none'})")
+
+    models = []
+    for name, table in models_raw.items():
+        values = _section(f"models.{name}.", MODEL_KEYS, table)
+        if not values["path"]:
+            raise ConfigError(f"models.{name}.path", "required: the GGUF file to serve")
+        models.append(ModelConfig(name=name, **{**values, "path": Path(values["path"]).expanduser()}))
+
+    if server["tcp_port"] and not server["tcp_token"]:
+        raise ConfigError("server.tcp_token", "required when server.tcp_port is set (TCP needs a bearer token)")
+    server["socket"] = Path(server["socket"]).expanduser() if server["socket"] else default_socket_path(env)
+
+    return Config(
+        server=ServerConfig(**server),
+        log=LogConfig(**log),
+        models=tuple(models),
+        default_model=default_name,
+        source=source,
+    )
+
+
+def documented_keys() -> list[tuple[str, Key]]:
+    """Every key with its doc, for the README and `sidecar config keys`."""
+    rows = [(k, v) for k, v in TOP_KEYS.items()]
+    rows += [(f"server.{k}", v) for k, v in SERVER_KEYS.items()]
+    rows += [(f"log.{k}", v) for k, v in LOG_KEYS.items()]
+    rows += [(f"models.NAME.{k}", v) for k, v in MODEL_KEYS.items()]
+    return rows

@@ -1,0 +1,131 @@
+"""The Engine interface the server programs against, and its pool-backed implementation.
+
+`PoolEngine` runs each named model in a `ModelPool`; what a pool runs jobs on is a
+slot kind: "process" (spawned workers, the default), "thread" (in-process, for
+debugging) or "fake" (no llama.cpp, for fast service tests). Scheduling, validation,
+timings and model resolution are the same code for all three.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from sidecar.config import Config
+from sidecar.engine.pool import Job, ModelPool, PoolStatus
+from sidecar.engine.fake import FakeSlot
+from sidecar.engine.slots import ProcessSlot, SlotFactory, ThreadSlot
+from sidecar.errors import InternalError, ModelNotFound, SidecarError
+from sidecar.types import Generation, Result, StreamableTask, Task, Timings, TokenEvent
+from sidecar.validate import Limits, check
+
+
+SLOT_KINDS: dict[str, SlotFactory] = {"process": ProcessSlot, "thread": ThreadSlot, "fake": FakeSlot}
+
+
+class Engine(Protocol):
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    async def run(self, model: str, task: Task, caller: str) -> Result: ...
+    def stream(
+        self, model: str, task: StreamableTask, caller: str
+    ) -> AsyncIterator[TokenEvent | Generation]: ...
+    def status(self) -> list[tuple[PoolStatus, bool]]: ...
+    @property
+    def ready(self) -> bool: ...
+
+
+class PoolEngine:
+    def __init__(self, config: Config, slot_kind: str = "process", make_slot: SlotFactory | None = None) -> None:
+        self.config = config
+        factory = make_slot or SLOT_KINDS[slot_kind]
+        self.pools = {
+            m.name: ModelPool(m, factory, config.server.default_max_tokens) for m in config.models
+        }
+        self.default_model = config.default_model
+
+    async def start(self) -> None:
+        try:
+            await asyncio.gather(*(p.start() for p in self.pools.values()))
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.pools) and all(p.ready for p in self.pools.values())
+
+    def pool(self, model: str) -> ModelPool:
+        name = model or self.default_model
+        pool = self.pools.get(name)
+        if pool is None:
+            known = ", ".join(sorted(self.pools)) or "none"
+            raise ModelNotFound(f"no model named {name!r} is loaded (loaded: {known})")
+        return pool
+
+    def _submit(self, model: str, task: Task, caller: str, stream: bool) -> tuple[ModelPool, Job]:
+        pool = self.pool(model)
+        s = self.config.server
+        check(task, Limits(pool.config.context, s.max_labels, s.max_embed_texts))
+        return pool, pool.submit(task, caller, stream)
+
+    async def run(self, model: str, task: Task, caller: str) -> Result:
+        pool, job = self._submit(model, task, caller, stream=False)
+        try:
+            event = await job.events.get()
+        except asyncio.CancelledError:
+            pool.cancel(job)
+            raise
+        if isinstance(event, SidecarError):
+            raise event
+        if isinstance(event, TokenEvent):  # pragma: no cover - unary jobs never stream
+            raise InternalError("a unary job streamed tokens")
+        return _stamp(event, pool, job)
+
+    async def stream(
+        self, model: str, task: StreamableTask, caller: str
+    ) -> AsyncIterator[TokenEvent | Generation]:
+        pool, job = self._submit(model, task, caller, stream=True)
+        try:
+            while True:
+                event = await job.events.get()
+                if isinstance(event, TokenEvent):
+                    yield event
+                    continue
+                if isinstance(event, SidecarError):
+                    raise event
+                if not isinstance(event, Generation):  # pragma: no cover
+                    raise InternalError("a stream ended without a generation")
+                yield _stamp(event, pool, job)
+                return
+        finally:
+            # Reached on client cancellation and deadline too: free the worker.
+            pool.cancel(job)
+
+    def status(self) -> list[tuple[PoolStatus, bool]]:
+        return [(p.status(), name == self.default_model) for name, p in self.pools.items()]
+
+
+def _stamp(result: Result, pool: ModelPool, job: Job) -> Result:
+    """Fill in who answered and the daemon-side timings."""
+    now = time.perf_counter()
+    dispatched = job.dispatched or now
+    worker_first = result.timings.first_token_ms
+    result.model = pool.ref
+    result.timings = Timings(
+        queue_ms=(dispatched - job.enqueued) * 1000,
+        first_token_ms=(
+            (job.first_event - job.enqueued) * 1000
+            if job.first_event is not None
+            else (dispatched - job.enqueued) * 1000 + worker_first
+            if worker_first
+            else (now - job.enqueued) * 1000
+        ),
+        total_ms=(now - job.enqueued) * 1000,
+    )
+    return result

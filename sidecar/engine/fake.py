@@ -1,0 +1,127 @@
+"""FakeSlot: a slot with no llama.cpp behind it, for fast tests of everything around the model.
+
+Deterministic and cheap: generation echoes the prompt's words one "token" at a time
+(optionally slowly, to test queues, cancellation and deadlines), classification picks
+the label sharing most characters with the text, embeddings are hashes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from typing import Any
+
+from sidecar.engine.slots import Events, SlotInfo
+from sidecar.errors import Cancelled
+from sidecar.types import (
+    ChatTask,
+    Classification,
+    ClassifyTask,
+    Embeddings,
+    EmbedTask,
+    Extraction,
+    ExtractTask,
+    Generation,
+    GenerateTask,
+    LabelScore,
+    Result,
+    Task,
+    TokenConfidence,
+    Usage,
+)
+from sidecar.worker.labels import normalise
+from sidecar.worker.runner import ModelFacts, RunnerSpec
+
+FAKE_FACTS = ModelFacts(n_ctx=2048, n_vocab=256, n_embd=8, chat_template=False)
+
+
+class FakeSlot:
+    token_delay_s = 0.0  # tests raise it to make work observable
+
+    def __init__(self, spec: RunnerSpec, events: Events) -> None:
+        self.spec = spec
+        self.events = events
+        self.info = SlotInfo(None, "starting", 0)
+        self.facts: ModelFacts | None = None
+        self.job_id: int | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.tokens_made = 0
+
+    async def start(self) -> ModelFacts:
+        self.facts = FAKE_FACTS
+        self.info.state = "idle"
+        return FAKE_FACTS
+
+    def submit(self, job_id: int, task: Task, stream: bool) -> None:
+        self.job_id = job_id
+        self.info.state = "busy"
+        self.info.requests += 1
+        self._task = asyncio.get_running_loop().create_task(self._run(job_id, task, stream))
+
+    async def _run(self, job_id: int, task: Task, stream: bool) -> None:
+        try:
+            result = await self._answer(job_id, task, stream)
+        except asyncio.CancelledError:
+            self._settle()
+            self.events.failed(self, job_id, Cancelled("cancelled by the caller"))
+            return
+        self._settle()
+        self.events.done(self, job_id, result)
+
+    def _settle(self) -> None:
+        self.job_id = None
+        self.info.state = "idle"
+
+    async def _answer(self, job_id: int, task: Task, stream: bool) -> Result:
+        if isinstance(task, GenerateTask | ChatTask):
+            source = task.prompt if isinstance(task, GenerateTask) else task.messages[-1].content
+            words = source.split() or ["…"]
+            limit = task.max_tokens or self.spec.default_max_tokens
+            out = [words[i % len(words)] for i in range(limit)]
+            for w in out:
+                await asyncio.sleep(self.token_delay_s)
+                self.tokens_made += 1
+                if stream:
+                    self.events.token(self, job_id, w + " ")
+            return Generation(
+                text=" ".join(out) + " ",
+                finish_reason="length",
+                usage=Usage(len(words), len(out)),
+                confidence=TokenConfidence(-0.5, -1.0),
+            )
+        await asyncio.sleep(self.token_delay_s)
+        if isinstance(task, ClassifyTask):
+            overlap = [float(len(set(label) & set(task.text))) for label in task.labels]
+            probs = normalise(overlap)
+            scores = sorted(
+                (LabelScore(lb, p, o) for lb, p, o in zip(task.labels, probs, overlap, strict=True)),
+                key=lambda s: -s.probability,
+            )
+            return Classification(scores[0].label, tuple(scores), Usage(len(task.text), len(task.labels)))
+        if isinstance(task, ExtractTask):
+            return Extraction(json.dumps(_example(json.loads(task.schema))), Usage(1, 1), TokenConfidence(-0.1, -0.2))
+        if isinstance(task, EmbedTask):
+            vectors = [[b / 255 for b in hashlib.sha256(t.encode()).digest()[:8]] for t in task.texts]
+            return Embeddings(vectors, Usage(len(task.texts), 0))
+        raise AssertionError(task)  # pragma: no cover
+
+    def cancel(self, job_id: int) -> None:
+        if self.job_id == job_id and self._task is not None:
+            self._task.cancel()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.info.state = "stopped"
+
+
+def _example(schema: dict[str, Any]) -> Any:
+    """A small instance of simple schemas (object/string/number/integer/boolean/enum)."""
+    if "enum" in schema:
+        return schema["enum"][0]
+    kind = schema.get("type", "object")
+    if kind == "object":
+        props = schema.get("properties", {})
+        return {k: _example(v) for k, v in props.items()}
+    return {"string": "x", "number": 1.5, "integer": 1, "boolean": True, "array": [], "null": None}.get(kind)

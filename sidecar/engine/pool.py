@@ -1,0 +1,242 @@
+"""ModelPool: the workers of one model, its fair queue, and the dispatch between them.
+
+Everything here runs on the event loop; slots do the blocking work elsewhere and
+report back through the `Events` callbacks. A worker that dies is replaced with
+exponential backoff; the job it was running fails with UNAVAILABLE at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sidecar.config import ModelConfig
+from sidecar.engine.fair_queue import FairQueue
+from sidecar.engine.slots import Slot, SlotFactory, SlotInfo
+from sidecar.errors import FailedPrecondition, SidecarError, Unavailable
+from sidecar.types import ModelRef, Result, Task, TokenEvent
+from sidecar.worker.runner import ModelFacts, RunnerSpec
+
+log = logging.getLogger("sidecar.pool")
+
+VERSION_CHARS = 12
+BACKOFF_START_S = 0.5
+BACKOFF_MAX_S = 30.0
+
+Event = TokenEvent | Result | SidecarError
+_job_ids = itertools.count(1)
+
+
+@dataclass
+class Job:
+    task: Task
+    caller: str
+    stream: bool
+    id: int = field(default_factory=lambda: next(_job_ids))
+    enqueued: float = field(default_factory=time.perf_counter)
+    dispatched: float | None = None
+    first_event: float | None = None
+    slot: Slot | None = None
+    done: bool = False
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    model: ModelRef
+    path: Path
+    context: int
+    threads: int
+    workers: tuple[SlotInfo, ...]
+    queue_depth: int
+    queue_limit: int
+    ready: bool
+    detail: str
+    restarts: int
+
+
+def file_version(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()[:VERSION_CHARS]
+
+
+class ModelPool:
+    def __init__(self, config: ModelConfig, make_slot: SlotFactory, default_max_tokens: int) -> None:
+        self.config = config
+        self.spec = RunnerSpec(
+            path=config.path,
+            context=config.context,
+            threads=config.threads,
+            batch=config.batch,
+            default_max_tokens=default_max_tokens,
+        )
+        self._make_slot = make_slot
+        self._slots: list[Slot] = []
+        self._idle: list[Slot] = []
+        self._queue: FairQueue[Job] = FairQueue(config.max_queue)
+        self._running: dict[int, Job] = {}
+        self._restart_tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self.ref = ModelRef(config.name, "")
+        self.facts: ModelFacts | None = None
+        self.detail = "starting"
+        self.restarts = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if not self.config.path.is_file():
+            raise FailedPrecondition(f"model {self.config.name!r}: no file at {self.config.path}")
+        loop = asyncio.get_running_loop()
+        version = await loop.run_in_executor(None, file_version, self.config.path)
+        self.ref = ModelRef(self.config.name, version)
+        slots = [self._make_slot(self.spec, self) for _ in range(self.config.workers)]
+        results = await asyncio.gather(*(s.start() for s in slots), return_exceptions=True)
+        for slot, res in zip(slots, results, strict=True):
+            if isinstance(res, BaseException):
+                await slot.stop()
+                continue
+            self.facts = res
+            self._slots.append(slot)
+            self._idle.append(slot)
+        if not self._slots:
+            err = next(r for r in results if isinstance(r, BaseException))
+            raise err if isinstance(err, SidecarError) else FailedPrecondition(str(err))
+        self.detail = ""
+        log.info(
+            "model %s@%s ready: %d worker(s), context %d",
+            self.ref.name,
+            self.ref.version,
+            len(self._slots),
+            self.config.context,
+        )
+
+    async def close(self) -> None:
+        self._closing = True
+        for t in list(self._restart_tasks):
+            t.cancel()
+        while (job := self._queue.pop()) is not None:
+            self._finish(job, Unavailable("the daemon is shutting down"))
+        await asyncio.gather(*(s.stop() for s in self._slots), return_exceptions=True)
+
+    @property
+    def ready(self) -> bool:
+        return any(s.info.state in ("idle", "busy") for s in self._slots)
+
+    # ------------------------------------------------------------------ jobs
+
+    def submit(self, task: Task, caller: str, stream: bool) -> Job:
+        if self._closing:
+            raise Unavailable("the daemon is shutting down")
+        if not self.ready:
+            raise Unavailable(f"model {self.ref.name!r} has no live worker ({self.detail}); retry shortly")
+        job = Job(task, caller, stream)
+        self._queue.put(caller, job)
+        self._dispatch()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        if job.done:
+            return
+        if job.slot is None:
+            self._queue.remove(job)
+            job.done = True
+        else:
+            job.slot.cancel(job.id)
+
+    def _dispatch(self) -> None:
+        while self._idle and len(self._queue):
+            job = self._queue.pop()
+            assert job is not None
+            slot = self._idle.pop()
+            job.slot = slot
+            job.dispatched = time.perf_counter()
+            self._running[job.id] = job
+            slot.submit(job.id, job.task, job.stream)
+
+    def _finish(self, job: Job, event: Event) -> None:
+        if not job.done:
+            job.done = True
+            job.events.put_nowait(event)
+
+    # ------------------------------------------------------------------ Events (from slots)
+
+    def token(self, slot: Slot, job_id: int, text: str) -> None:
+        job = self._running.get(job_id)
+        if job is not None and not job.done:
+            if job.first_event is None:
+                job.first_event = time.perf_counter()
+            job.events.put_nowait(TokenEvent(text))
+
+    def done(self, slot: Slot, job_id: int, result: Result) -> None:
+        self._settle(slot, job_id, result)
+
+    def failed(self, slot: Slot, job_id: int, error: SidecarError) -> None:
+        self._settle(slot, job_id, error)
+
+    def _settle(self, slot: Slot, job_id: int, event: Event) -> None:
+        job = self._running.pop(job_id, None)
+        if job is not None:
+            self._finish(job, event)
+        if slot.info.state == "idle" and slot in self._slots and slot not in self._idle:
+            self._idle.append(slot)
+        self._dispatch()
+
+    def died(self, slot: Slot, reason: str) -> None:
+        log.warning("model %s: %s; restarting it", self.ref.name, reason)
+        if slot in self._idle:
+            self._idle.remove(slot)
+        self.detail = reason
+        if not self._closing:
+            task = asyncio.get_running_loop().create_task(self._replace(slot))
+            self._restart_tasks.add(task)
+            task.add_done_callback(self._restart_tasks.discard)
+
+    async def _replace(self, dead: Slot) -> None:
+        delay = BACKOFF_START_S
+        while not self._closing:
+            await asyncio.sleep(delay)
+            fresh = self._make_slot(self.spec, self)
+            try:
+                await fresh.start()
+            except Exception as e:
+                log.warning("model %s: worker restart failed (%s); next try in %.1fs", self.ref.name, e, delay * 2)
+                with contextlib.suppress(Exception):
+                    await fresh.stop()
+                delay = min(delay * 2, BACKOFF_MAX_S)
+                continue
+            if self._closing:
+                await fresh.stop()
+                return
+            self._slots[self._slots.index(dead)] = fresh
+            self._idle.append(fresh)
+            self.restarts += 1
+            if self.ready:
+                self.detail = ""
+            self._dispatch()
+            return
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> PoolStatus:
+        return PoolStatus(
+            model=self.ref,
+            path=self.config.path,
+            context=self.config.context,
+            threads=self.config.threads,
+            workers=tuple(SlotInfo(s.info.pid, s.info.state, s.info.requests) for s in self._slots),
+            queue_depth=len(self._queue),
+            queue_limit=self._queue.limit,
+            ready=self.ready,
+            detail=self.detail,
+            restarts=self.restarts,
+        )

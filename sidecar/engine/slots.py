@@ -1,0 +1,252 @@
+"""Slots: where a model pool runs jobs. One slot runs one job at a time.
+
+- `ProcessSlot`: a spawned worker process (the normal case). A crash inside
+  llama.cpp kills the worker, not the daemon; the pipe's EOF tells us.
+- `ThreadSlot`: a LlamaRunner in a thread of the daemon, for debugging
+  (`sidecar serve --in-process`) and profiling; no crash isolation.
+
+Both report back on the event loop through `Events`; the pool does the scheduling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing as mp
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sidecar.errors import FailedPrecondition, SidecarError, WorkerCrashed, from_kind
+from sidecar.types import Result, Task
+from sidecar.worker.runner import ModelFacts, RunnerSpec
+
+START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 5.0
+
+
+class Events(Protocol):
+    """Callbacks a slot makes on the event loop thread."""
+
+    def token(self, slot: Slot, job_id: int, text: str) -> None: ...
+    def done(self, slot: Slot, job_id: int, result: Result) -> None: ...
+    def failed(self, slot: Slot, job_id: int, error: SidecarError) -> None: ...
+    def died(self, slot: Slot, reason: str) -> None: ...
+
+
+@dataclass
+class SlotInfo:
+    pid: int | None
+    state: str  # starting | idle | busy | dead | stopped
+    requests: int
+
+
+class Slot(Protocol):
+    info: SlotInfo
+    facts: ModelFacts | None
+    job_id: int | None
+
+    async def start(self) -> ModelFacts: ...
+    def submit(self, job_id: int, task: Task, stream: bool) -> None: ...
+    def cancel(self, job_id: int) -> None: ...
+    async def stop(self) -> None: ...
+
+
+class ProcessSlot:
+    def __init__(self, spec: RunnerSpec, events: Events) -> None:
+        self.spec = spec
+        self.events = events
+        self.info = SlotInfo(None, "starting", 0)
+        self.facts: ModelFacts | None = None
+        self.job_id: int | None = None
+        self._proc: Any = None
+        self._conn: Any = None
+        self._outbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+
+    async def start(self) -> ModelFacts:
+        from sidecar.worker.process import worker_main
+
+        self._loop = asyncio.get_running_loop()
+        ctx = mp.get_context("spawn")  # never fork a process that holds gRPC threads
+        parent, child = ctx.Pipe()
+        self._conn = parent
+        self._proc = ctx.Process(target=worker_main, args=(child, self.spec), daemon=True)
+        await self._loop.run_in_executor(None, self._proc.start)
+        child.close()
+        self.info.pid = self._proc.pid
+        msg = await self._loop.run_in_executor(None, self._first_message)
+        if msg[0] != "ready":
+            await self.stop()
+            raise from_kind(msg[1], msg[2])
+        self.facts = msg[1]
+        self.info.state = "idle"
+        threading.Thread(target=self._read, name=f"slot-read-{self.info.pid}", daemon=True).start()
+        threading.Thread(target=self._write, name=f"slot-write-{self.info.pid}", daemon=True).start()
+        return msg[1]  # type: ignore[no-any-return]
+
+    def _first_message(self) -> tuple[Any, ...]:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._conn.poll(0.1):
+                try:
+                    return self._conn.recv()  # type: ignore[no-any-return]
+                except (EOFError, OSError):
+                    break
+            if not self._proc.is_alive():
+                break
+        code = self._proc.exitcode
+        return ("fatal", FailedPrecondition.kind, f"worker for {self.spec.path} exited while loading (exit code {code})")
+
+    def submit(self, job_id: int, task: Task, stream: bool) -> None:
+        self.job_id = job_id
+        self.info.state = "busy"
+        self.info.requests += 1
+        self._outbox.put(("run", job_id, task, stream))
+
+    def cancel(self, job_id: int) -> None:
+        self._outbox.put(("cancel", job_id))
+
+    def _write(self) -> None:
+        while (msg := self._outbox.get()) is not None:
+            try:
+                self._conn.send(msg)
+            except (OSError, ValueError):
+                return  # the reader sees the death and reports it
+
+    def _read(self) -> None:
+        assert self._loop is not None
+        while True:
+            try:
+                msg = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            self._loop.call_soon_threadsafe(self._deliver, msg)
+        self._loop.call_soon_threadsafe(self._died)
+
+    def _deliver(self, msg: tuple[Any, ...]) -> None:
+        op, job_id = msg[0], msg[1]
+        if op == "token":
+            self.events.token(self, job_id, msg[2])
+        elif op == "done":
+            self._finish(job_id)
+            self.events.done(self, job_id, msg[2])
+        elif op == "error":
+            self._finish(job_id)
+            self.events.failed(self, job_id, from_kind(msg[2], msg[3]))
+
+    def _finish(self, job_id: int) -> None:
+        if self.job_id == job_id:
+            self.job_id = None
+            if self.info.state == "busy":
+                self.info.state = "idle"
+
+    def _died(self) -> None:
+        if self.info.state in ("dead", "stopped"):
+            return
+        self.info.state = "stopped" if self._stopping else "dead"
+        self._outbox.put(None)
+        if self._proc is not None:
+            self._proc.join(timeout=0.5)
+        code = None if self._proc is None else self._proc.exitcode
+        reason = f"worker pid {self.info.pid} exited (code {code})"
+        if self.job_id is not None:
+            job_id, self.job_id = self.job_id, None
+            self.events.failed(self, job_id, WorkerCrashed(f"{reason} during the request: retry"))
+        if not self._stopping:
+            self.events.died(self, reason)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._outbox.put(("stop",))
+        self._outbox.put(None)
+        if self._proc is not None and self._proc.pid is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._join)
+        if self.info.state != "dead":
+            self.info.state = "stopped"
+
+    def _join(self) -> None:
+        self._proc.join(STOP_TIMEOUT_S)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(STOP_TIMEOUT_S)
+        with contextlib.suppress(OSError):
+            self._conn.close()
+
+
+class ThreadSlot:
+    """In-process slot: the runner lives in one dedicated thread."""
+
+    def __init__(self, spec: RunnerSpec, events: Events) -> None:
+        self.spec = spec
+        self.events = events
+        self.info = SlotInfo(None, "starting", 0)
+        self.facts: ModelFacts | None = None
+        self.job_id: int | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runner")
+        self._runner: Any = None
+        self._cancel = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> ModelFacts:
+        from sidecar.worker.runner import LlamaRunner
+
+        self._loop = asyncio.get_running_loop()
+        self._runner = await self._loop.run_in_executor(self._pool, LlamaRunner, self.spec)
+        self.facts = self._runner.facts
+        self.info.state = "idle"
+        return self._runner.facts  # type: ignore[no-any-return]
+
+    def submit(self, job_id: int, task: Task, stream: bool) -> None:
+        assert self._loop is not None
+        loop = self._loop
+        self.job_id = job_id
+        self.info.state = "busy"
+        self.info.requests += 1
+        self._cancel.clear()
+
+        def emit(text: str) -> None:
+            loop.call_soon_threadsafe(self.events.token, self, job_id, text)
+
+        def work() -> None:
+            from sidecar.worker.runner import Stopped
+
+            try:
+                result = self._runner.run(task, emit if stream else None, self._cancel.is_set)
+                loop.call_soon_threadsafe(self._settle, job_id, result, None)
+            except Stopped:
+                loop.call_soon_threadsafe(self._settle, job_id, None, from_kind("cancelled", "cancelled by the caller"))
+            except SidecarError as e:
+                loop.call_soon_threadsafe(self._settle, job_id, None, e)
+            except Exception as e:
+                loop.call_soon_threadsafe(self._settle, job_id, None, from_kind("internal", repr(e)))
+
+        self._pool.submit(work)
+
+    def _settle(self, job_id: int, result: Result | None, error: SidecarError | None) -> None:
+        self.job_id = None
+        self.info.state = "idle"
+        if error is not None:
+            self.events.failed(self, job_id, error)
+        else:
+            assert result is not None
+            self.events.done(self, job_id, result)
+
+    def cancel(self, job_id: int) -> None:
+        if self.job_id == job_id:
+            self._cancel.set()
+
+    async def stop(self) -> None:
+        self._cancel.set()
+        if self._runner is not None:
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._runner.close)
+        self._pool.shutdown(wait=False)
+        self.info.state = "stopped"
+
+
+SlotFactory = Callable[[RunnerSpec, Events], Slot]

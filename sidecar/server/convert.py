@@ -1,0 +1,155 @@
+"""protobuf <-> domain: the only module that knows both sides."""
+
+from __future__ import annotations
+
+from sidecar import __version__
+from sidecar.engine.pool import PoolStatus
+from sidecar.types import (
+    ChatMessage,
+    ChatTask,
+    Classification,
+    ClassifyTask,
+    Embeddings,
+    EmbedTask,
+    Extraction,
+    ExtractTask,
+    Generation,
+    GenerateTask,
+    ModelRef,
+    Sampling,
+    TokenConfidence,
+    Usage,
+)
+from sidecar.types import Timings as DomainTimings
+from sidecar.v1 import inference_pb2 as pb
+
+FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+
+
+# ---------------------------------------------------------------- requests
+
+
+def sampling(s: pb.Sampling) -> Sampling:
+    return Sampling(
+        temperature=s.temperature,
+        top_p=s.top_p or 1.0,
+        top_k=s.top_k,
+        seed=s.seed,
+        repeat_penalty=s.repeat_penalty or 1.0,
+        stop=tuple(s.stop),
+    )
+
+
+def generate_task(r: pb.GenerateRequest) -> GenerateTask:
+    return GenerateTask(prompt=r.prompt, max_tokens=r.max_tokens, sampling=sampling(r.sampling))
+
+
+def chat_task(r: pb.ChatRequest) -> ChatTask:
+    return ChatTask(
+        messages=tuple(ChatMessage(m.role, m.content) for m in r.messages),
+        max_tokens=r.max_tokens,
+        sampling=sampling(r.sampling),
+    )
+
+
+def classify_task(r: pb.ClassifyRequest) -> ClassifyTask:
+    return ClassifyTask(text=r.text, labels=tuple(r.labels), instruction=r.instruction)
+
+
+def extract_task(r: pb.ExtractRequest) -> ExtractTask:
+    return ExtractTask(text=r.text, schema=r.json_schema, instruction=r.instruction, max_tokens=r.max_tokens)
+
+
+def embed_task(r: pb.EmbedRequest) -> EmbedTask:
+    return EmbedTask(texts=tuple(r.texts), normalize=r.normalize)
+
+
+# ---------------------------------------------------------------- replies
+
+
+def _model(ref: ModelRef | None) -> pb.ModelRef:
+    return pb.ModelRef(name=ref.name, version=ref.version) if ref else pb.ModelRef()
+
+
+def _usage(u: Usage) -> pb.Usage:
+    return pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens)
+
+
+def _timings(t: DomainTimings) -> pb.Timings:
+    return pb.Timings(queue_ms=t.queue_ms, first_token_ms=t.first_token_ms, total_ms=t.total_ms)
+
+
+def _confidence(c: TokenConfidence) -> pb.TokenConfidence:
+    return pb.TokenConfidence(mean_logprob=c.mean_logprob, min_logprob=c.min_logprob)
+
+
+def generate_reply(g: Generation) -> pb.GenerateReply:
+    return pb.GenerateReply(
+        text=g.text,
+        finish_reason=FINISH[g.finish_reason],
+        model=_model(g.model),
+        usage=_usage(g.usage),
+        timings=_timings(g.timings),
+        confidence=_confidence(g.confidence),
+    )
+
+
+def chunk(text: str) -> pb.GenerateChunk:
+    return pb.GenerateChunk(text=text)
+
+
+def final_chunk(g: Generation) -> pb.GenerateChunk:
+    return pb.GenerateChunk(summary=generate_reply(g))
+
+
+def classify_reply(c: Classification) -> pb.ClassifyReply:
+    return pb.ClassifyReply(
+        label=c.label,
+        scores=[pb.LabelScore(label=s.label, probability=s.probability, logprob=s.logprob) for s in c.scores],
+        confidence=pb.ClassifyConfidence(top_probability=c.top_probability, margin=c.margin),
+        model=_model(c.model),
+        usage=_usage(c.usage),
+        timings=_timings(c.timings),
+    )
+
+
+def extract_reply(e: Extraction) -> pb.ExtractReply:
+    return pb.ExtractReply(
+        json=e.json,
+        model=_model(e.model),
+        usage=_usage(e.usage),
+        timings=_timings(e.timings),
+        confidence=_confidence(e.confidence),
+    )
+
+
+def embed_reply(e: Embeddings) -> pb.EmbedReply:
+    return pb.EmbedReply(
+        embeddings=[pb.Embedding(values=v) for v in e.vectors],
+        model=_model(e.model),
+        usage=_usage(e.usage),
+        timings=_timings(e.timings),
+    )
+
+
+def model_status(s: PoolStatus, is_default: bool) -> pb.ModelStatus:
+    return pb.ModelStatus(
+        model=_model(s.model),
+        path=str(s.path),
+        context=s.context,
+        threads=s.threads,
+        workers=[pb.WorkerStatus(pid=w.pid or 0, state=w.state, requests=w.requests) for w in s.workers],
+        queue_depth=s.queue_depth,
+        queue_limit=s.queue_limit,
+        ready=s.ready,
+        detail=s.detail,
+        is_default=is_default,
+    )
+
+
+def status_reply(
+    *, pid: int, uptime_s: float, socket: str, models: list[pb.ModelStatus], counters: dict[str, int]
+) -> pb.StatusReply:
+    return pb.StatusReply(
+        version=__version__, pid=pid, uptime_s=uptime_s, socket=socket, models=models, counters=counters
+    )

@@ -1,0 +1,185 @@
+"""The one place domain errors become gRPC status codes; also auth, request logs and counters.
+
+Every RPC (ours, health, reflection) passes through `RequestInterceptor`, which
+- refuses TCP callers without the right bearer token (UNAUTHENTICATED),
+- turns a request that does not parse (e.g. invalid UTF-8 in a string field) into
+  INVALID_ARGUMENT instead of gRPC's generic deserialisation failure,
+- maps `SidecarError` subclasses through `STATUS` and anything else to INTERNAL with a
+  logged traceback,
+- writes one log line per request (id, method, model, status, milliseconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import StatusCode
+
+from sidecar import errors
+
+log = logging.getLogger("sidecar.request")
+
+STATUS: dict[type[errors.SidecarError], StatusCode] = {
+    errors.InvalidRequest: StatusCode.INVALID_ARGUMENT,
+    errors.OutOfRange: StatusCode.OUT_OF_RANGE,
+    errors.ModelNotFound: StatusCode.NOT_FOUND,
+    errors.Unavailable: StatusCode.UNAVAILABLE,
+    errors.Overloaded: StatusCode.RESOURCE_EXHAUSTED,
+    errors.FailedPrecondition: StatusCode.FAILED_PRECONDITION,
+    errors.Unauthenticated: StatusCode.UNAUTHENTICATED,
+    errors.Cancelled: StatusCode.CANCELLED,
+    errors.DeadlineExceeded: StatusCode.DEADLINE_EXCEEDED,
+    errors.InternalError: StatusCode.INTERNAL,
+}
+
+
+def status_for(error: errors.SidecarError) -> StatusCode:
+    for cls in type(error).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]  # type: ignore[index]
+    return StatusCode.INTERNAL
+
+
+class BadRequest:
+    """Stands in for a request whose bytes did not parse; the handler wrapper rejects it."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as e:
+            return BadRequest(f"the request could not be parsed ({e}); string fields must be valid UTF-8")
+
+    return parse
+
+
+def is_tcp(peer: str) -> bool:
+    return peer.startswith(("ipv4:", "ipv6:"))
+
+
+class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, tcp_token: str = "") -> None:
+        self._token = tcp_token.encode()
+        self.counters: Counter[str] = Counter()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method: str = details.method
+        metadata = dict(details.invocation_metadata or ())
+        kinds = {
+            "unary_unary": grpc.unary_unary_rpc_method_handler,
+            "unary_stream": grpc.unary_stream_rpc_method_handler,
+            "stream_unary": grpc.stream_unary_rpc_method_handler,
+            "stream_stream": grpc.stream_stream_rpc_method_handler,
+        }
+        for attr, make in kinds.items():
+            inner = getattr(handler, attr)
+            if inner is None:
+                continue
+            streaming_out = attr.endswith("_stream")
+            wrapped = (self._wrap_stream if streaming_out else self._wrap_unary)(inner, method, metadata)
+            return make(
+                wrapped,
+                request_deserializer=_safe(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    # ---------------------------------------------------------------- wrappers
+
+    def _check(self, request: Any, context: grpc.aio.ServicerContext, metadata: dict[str, Any]) -> None:
+        if self._token and is_tcp(context.peer()):
+            given = str(metadata.get("authorization", ""))
+            if not hmac.compare_digest(given.encode(), b"Bearer " + self._token):
+                raise errors.Unauthenticated(
+                    "TCP callers must send metadata 'authorization: Bearer <server.tcp_token>'"
+                )
+        if isinstance(request, BadRequest):
+            raise errors.InvalidRequest(request.reason)
+
+    def _wrap_unary(self, inner: Any, method: str, metadata: dict[str, Any]) -> Any:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            rid, started = _begin(context)
+            code = StatusCode.OK
+            try:
+                self._check(request, context, metadata)
+                return await inner(request, context)
+            except asyncio.CancelledError:
+                code = StatusCode.CANCELLED
+                raise
+            except Exception as e:
+                code, message = self._fail(e, rid, method)
+                await context.abort(code, message)
+            finally:
+                self._log(rid, method, request, code, started)
+
+        return call
+
+    def _wrap_stream(self, inner: Any, method: str, metadata: dict[str, Any]) -> Any:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            rid, started = _begin(context)
+            code = StatusCode.OK
+            try:
+                self._check(request, context, metadata)
+                async for item in inner(request, context):
+                    yield item
+            except asyncio.CancelledError:
+                code = StatusCode.CANCELLED
+                raise
+            except Exception as e:
+                code, message = self._fail(e, rid, method)
+                await context.abort(code, message)
+            finally:
+                self._log(rid, method, request, code, started)
+
+        return call
+
+    def _fail(self, e: BaseException, rid: str, method: str) -> tuple[StatusCode, str]:
+        if isinstance(e, errors.SidecarError):
+            return status_for(e), e.message
+        if isinstance(e, grpc.aio.AbortError):  # a handler aborted already; keep its status
+            raise e
+        log.exception("request %s %s failed", rid, method)
+        return StatusCode.INTERNAL, f"internal error (request {rid}); the daemon log has the details"
+
+    def _log(self, rid: str, method: str, request: Any, code: StatusCode, started: float) -> None:
+        ms = (time.perf_counter() - started) * 1000
+        rpc = method.rsplit("/", 1)[-1]
+        self.counters[f"{rpc}.{code.name}"] += 1
+        model = getattr(request, "model", "")
+        log.info(
+            "%s %s model=%s status=%s ms=%.1f",
+            rid,
+            method,
+            model or "-",
+            code.name,
+            ms,
+            extra={"request": {"id": rid, "method": method, "model": model, "status": code.name, "ms": round(ms, 2)}},
+        )
+
+
+def _begin(context: grpc.aio.ServicerContext) -> tuple[str, float]:
+    rid = uuid.uuid4().hex[:12]
+    context.set_trailing_metadata((("sidecar-request-id", rid),))
+    return rid, time.perf_counter()

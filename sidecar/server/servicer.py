@@ -1,0 +1,94 @@
+"""gRPC servicers. They only translate: proto -> domain task, engine call, domain -> proto.
+
+Errors are raised, never aborted by hand; the interceptor maps them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from sidecar.engine.engine import Engine
+from sidecar.errors import InternalError
+from sidecar.server import convert
+from sidecar.server.caller import caller_of
+from sidecar.types import Classification, Embeddings, Extraction, Generation, StreamableTask, TokenEvent
+from sidecar.v1 import inference_pb2 as pb
+from sidecar.v1 import inference_pb2_grpc as pb_grpc
+
+R = TypeVar("R")
+
+
+def _expect(result: object, kind: type[R]) -> R:
+    if not isinstance(result, kind):  # pragma: no cover - an engine bug
+        raise InternalError(f"engine returned {type(result).__name__}, expected {kind.__name__}")
+    return result
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):  # type: ignore[misc]
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def Generate(self, request: pb.GenerateRequest, context: Any) -> pb.GenerateReply:
+        result = await self.engine.run(request.model, convert.generate_task(request), caller_of(context))
+        return convert.generate_reply(_expect(result, Generation))
+
+    async def GenerateStream(self, request: pb.GenerateRequest, context: Any) -> AsyncIterator[pb.GenerateChunk]:
+        async for chunk in self._stream(request.model, convert.generate_task(request), context):
+            yield chunk
+
+    async def Chat(self, request: pb.ChatRequest, context: Any) -> pb.GenerateReply:
+        result = await self.engine.run(request.model, convert.chat_task(request), caller_of(context))
+        return convert.generate_reply(_expect(result, Generation))
+
+    async def ChatStream(self, request: pb.ChatRequest, context: Any) -> AsyncIterator[pb.GenerateChunk]:
+        async for chunk in self._stream(request.model, convert.chat_task(request), context):
+            yield chunk
+
+    async def _stream(self, model: str, task: StreamableTask, context: Any) -> AsyncIterator[pb.GenerateChunk]:
+        async for event in self.engine.stream(model, task, caller_of(context)):
+            if isinstance(event, TokenEvent):
+                yield convert.chunk(event.text)
+            else:
+                yield convert.final_chunk(event)
+
+    async def Classify(self, request: pb.ClassifyRequest, context: Any) -> pb.ClassifyReply:
+        result = await self.engine.run(request.model, convert.classify_task(request), caller_of(context))
+        return convert.classify_reply(_expect(result, Classification))
+
+    async def Extract(self, request: pb.ExtractRequest, context: Any) -> pb.ExtractReply:
+        result = await self.engine.run(request.model, convert.extract_task(request), caller_of(context))
+        return convert.extract_reply(_expect(result, Extraction))
+
+    async def Embed(self, request: pb.EmbedRequest, context: Any) -> pb.EmbedReply:
+        result = await self.engine.run(request.model, convert.embed_task(request), caller_of(context))
+        return convert.embed_reply(_expect(result, Embeddings))
+
+
+class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
+    def __init__(self, engine: Engine, socket: Path, counters: Counter[str]) -> None:
+        self.engine = engine
+        self.socket = socket
+        self.counters = counters
+        self.started = time.monotonic()
+
+    def _models(self) -> list[pb.ModelStatus]:
+        return [convert.model_status(s, is_default) for s, is_default in self.engine.status()]
+
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:
+        return convert.status_reply(
+            pid=os.getpid(),
+            uptime_s=time.monotonic() - self.started,
+            socket=str(self.socket),
+            models=self._models(),
+            counters=dict(self.counters),
+        )
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsReply:
+        return pb.ListModelsReply(models=self._models())

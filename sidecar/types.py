@@ -1,0 +1,172 @@
+"""Domain types: what the engine is asked and what it answers.
+
+Plain frozen dataclasses that pickle across the worker pipe. Nothing here knows
+about protobuf; `sidecar.server.convert` is the only place that translates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Kind = Literal["generate", "chat", "classify", "extract", "embed"]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy (deterministic)
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    repeat_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerateTask:
+    prompt: str
+    max_tokens: int  # 0 = the worker decides (what fits, capped by the default)
+    sampling: Sampling = Sampling()
+    kind: Kind = "generate"
+
+
+@dataclass(frozen=True)
+class ChatTask:
+    messages: tuple[ChatMessage, ...]
+    max_tokens: int
+    sampling: Sampling = Sampling()
+    kind: Kind = "chat"
+
+
+@dataclass(frozen=True)
+class ClassifyTask:
+    text: str
+    labels: tuple[str, ...]
+    instruction: str = ""
+    kind: Kind = "classify"
+
+
+@dataclass(frozen=True)
+class ExtractTask:
+    text: str
+    schema: str  # JSON text, already checked to be a valid JSON Schema
+    instruction: str = ""
+    max_tokens: int = 0
+    kind: Kind = "extract"
+
+
+@dataclass(frozen=True)
+class EmbedTask:
+    texts: tuple[str, ...]
+    normalize: bool = False
+    kind: Kind = "embed"
+
+
+Task = GenerateTask | ChatTask | ClassifyTask | ExtractTask | EmbedTask
+StreamableTask = GenerateTask | ChatTask
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: str
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Timings:
+    queue_ms: float = 0.0
+    first_token_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class TokenConfidence:
+    mean_logprob: float
+    min_logprob: float
+
+    @staticmethod
+    def of(logprobs: list[float]) -> TokenConfidence:
+        if not logprobs:
+            return TokenConfidence(0.0, 0.0)
+        return TokenConfidence(sum(logprobs) / len(logprobs), min(logprobs))
+
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class Generation:
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    confidence: TokenConfidence
+    model: ModelRef | None = None
+    timings: Timings = field(default_factory=Timings)
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    label: str
+    probability: float
+    logprob: float
+
+
+@dataclass
+class Classification:
+    label: str
+    scores: tuple[LabelScore, ...]  # best first
+    usage: Usage
+    model: ModelRef | None = None
+    timings: Timings = field(default_factory=Timings)
+
+    @property
+    def top_probability(self) -> float:
+        return self.scores[0].probability
+
+    @property
+    def margin(self) -> float:
+        runner_up = self.scores[1].probability if len(self.scores) > 1 else 0.0
+        return self.scores[0].probability - runner_up
+
+
+@dataclass
+class Extraction:
+    json: str
+    usage: Usage
+    confidence: TokenConfidence
+    model: ModelRef | None = None
+    timings: Timings = field(default_factory=Timings)
+
+
+@dataclass
+class Embeddings:
+    vectors: list[list[float]]
+    usage: Usage
+    model: ModelRef | None = None
+    timings: Timings = field(default_factory=Timings)
+
+
+Result = Generation | Classification | Extraction | Embeddings
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """A streamed piece of text (already valid UTF-8, stop sequences held back)."""
+
+    text: str

@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny GGUF models, configs on short temp sockets, in-process daemons."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_gguf import write_tiny_llama  # noqa: E402
+
+from sidecar.client import AsyncClient  # noqa: E402
+from sidecar.config import Config, Overrides, load  # noqa: E402
+from sidecar.server import daemon  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("SIDECAR_CACHE") or Path.home() / ".cache" / "sidecar") / "models"
+SMOLLM2 = CACHE / "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3 = CACHE / "gemma-3-270m-q4_k_m.gguf"
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short directory: Unix socket paths must stay under ~100 bytes."""
+    d = Path(tempfile.mkdtemp(prefix="sc-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny.gguf", seed=1)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    if not SMOLLM2.is_file():
+        pytest.fail(f"{SMOLLM2} is missing: run ./scripts/setup (it fetches the demo model)")
+    return SMOLLM2
+
+
+def make_config(
+    socket_dir: Path, model: Path, *, env: dict[str, str] | None = None, **overrides: Any
+) -> Config:
+    """A Config for tests: no user config file, socket in socket_dir, one model."""
+    empty = socket_dir / "empty.toml"
+    empty.touch()
+    o = Overrides(config=empty, socket=socket_dir / "s.sock", model=str(model), **overrides)
+    return load(o, env=env or {})
+
+
+@dataclass
+class Served:
+    running: daemon.Running
+    config: Config
+    client: AsyncClient
+
+    @property
+    def socket(self) -> Path:
+        return self.config.server.socket
+
+
+ServeFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def serve(short_dir: Path) -> AsyncIterator[ServeFactory]:
+    """Start a real gRPC daemon in this event loop: `served = await serve(model, slot_kind=...)`."""
+    started: list[Served] = []
+
+    async def start(model: Path, slot_kind: str = "fake", engine: Any = None, server: dict[str, Any] | None = None,
+                    **overrides: Any) -> Served:  # fmt: skip
+        config = make_config(short_dir, model, **overrides)
+        if server:
+            config = replace(config, server=replace(config.server, **server))
+        running = await daemon.start(config, engine=engine, slot_kind=slot_kind)
+        served = Served(running, config, AsyncClient(config.server.socket))
+        started.append(served)
+        return served
+
+    yield start
+    for s in started:
+        await s.client.close()
+        if s.running.claim._fd is not None:
+            await daemon.shutdown(s.running, replace(s.config, server=replace(s.config.server, grace_seconds=0)))

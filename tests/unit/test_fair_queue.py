@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import pytest
+
+from sidecar.engine.fair_queue import FairQueue
+from sidecar.errors import Overloaded
+
+
+def drain(q: FairQueue[str]) -> list[str]:
+    out = []
+    while (item := q.pop()) is not None:
+        out.append(item)
+    return out
+
+
+def test_callers_take_turns_so_a_burst_cannot_starve_others() -> None:
+    q: FairQueue[str] = FairQueue(100)
+    for i in range(5):
+        q.put("busy", f"busy{i}")
+    q.put("quiet", "quiet0")
+    q.put("other", "other0")
+    assert drain(q) == ["busy0", "quiet0", "other0", "busy1", "busy2", "busy3", "busy4"]
+
+
+def test_each_caller_keeps_its_own_order() -> None:
+    q: FairQueue[str] = FairQueue(100)
+    for i in range(3):
+        q.put("a", f"a{i}")
+        q.put("b", f"b{i}")
+    assert drain(q) == ["a0", "b0", "a1", "b1", "a2", "b2"]
+
+
+def test_full_queue_refuses_at_once() -> None:
+    q: FairQueue[str] = FairQueue(2)
+    q.put("a", "1")
+    q.put("b", "2")
+    with pytest.raises(Overloaded, match="full"):
+        q.put("c", "3")
+    assert len(q) == 2
+
+
+def test_remove_frees_room_and_drops_empty_callers() -> None:
+    q: FairQueue[str] = FairQueue(2)
+    q.put("a", "1")
+    q.put("b", "2")
+    assert q.remove("1")
+    assert not q.remove("1")
+    q.put("c", "3")
+    assert drain(q) == ["2", "3"]
