@@ -37,7 +37,7 @@ def short_dir() -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny.gguf", seed=1)
+    return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny.gguf", seed=1, n_ctx=4096)
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +53,8 @@ def make_config(
     """A Config for tests: no user config file, socket in socket_dir, one model."""
     empty = socket_dir / "empty.toml"
     empty.touch()
-    o = Overrides(config=empty, socket=socket_dir / "s.sock", model=str(model), **overrides)
+    overrides.setdefault("socket", socket_dir / "s.sock")
+    o = Overrides(config=empty, model=str(model), **overrides)
     return load(o, env=env or {})
 
 

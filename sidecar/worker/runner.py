@@ -50,6 +50,12 @@ from sidecar.worker.labels import Row, log_softmax, normalise, score_sequences
 from sidecar.worker.text import TextAssembler
 
 Emit = Callable[[str], None]
+
+# llama-cpp-python's converter lets raw control characters into JSON strings, which
+# strict JSON parsers reject; llama.cpp's own converter excludes them, so do the same.
+_LOOSE_CHAR = 'char ::= [^"\\\\]'
+_STRICT_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F]'
+
 ShouldStop = Callable[[], bool]
 
 
@@ -91,7 +97,8 @@ class LlamaRunner:
         template = self.llm.metadata.get("tokenizer.chat_template")
         self._formatter = self._make_formatter(template) if template else None
         self.facts = ModelFacts(
-            n_ctx=self.llm.n_ctx(),
+            # llama.cpp may round the context up; llama-cpp-python's buffers keep the asked size.
+            n_ctx=min(self.llm.n_ctx(), spec.context),
             n_vocab=self.n_vocab,
             n_embd=self.llm.n_embd(),
             chat_template=self._formatter is not None,
@@ -299,7 +306,7 @@ class LlamaRunner:
 
     def _extract(self, task: ExtractTask, should_stop: ShouldStop) -> Extraction:
         try:
-            grammar = json_schema_to_gbnf(task.schema)
+            grammar = json_schema_to_gbnf(task.schema).replace(_LOOSE_CHAR, _STRICT_CHAR)
         except Exception as e:  # the converter raises plain exceptions for what it cannot do
             raise InvalidRequest(
                 f"llama.cpp's JSON-Schema-to-grammar converter cannot handle this schema: {e}"
