@@ -1,7 +1,7 @@
 """Generate the Python stubs for protos/ into sidecar/ (never edit them by hand).
 
-    gen_protos.py           regenerate sidecar/v1/*_pb2*.py[i]
-    gen_protos.py --check   exit 1 when the committed stubs differ from what protos/ gives
+gen_protos.py           regenerate sidecar/v1/*_pb2*.py[i]
+gen_protos.py --check   exit 1 when the committed stubs differ from what protos/ gives
 """
 
 from __future__ import annotations
@@ -17,12 +17,16 @@ PROTOS = ROOT / "protos"
 
 
 def generate(out: Path) -> list[Path]:
+    import subprocess
+
     from grpc_tools import protoc  # dev dependency, pinned to the grpcio runtime
 
     sources = sorted(PROTOS.rglob("*.proto"))
     include = Path(protoc.__file__).parent / "_proto"
     args = [
-        "protoc",
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
         f"-I{PROTOS}",
         f"-I{include}",
         f"--python_out={out}",
@@ -31,8 +35,9 @@ def generate(out: Path) -> list[Path]:
         f"--mypy_out={out}",
         *map(str, sources),
     ]
-    if protoc.main(args) != 0:
-        raise SystemExit("gen_protos: protoc failed")
+    run = subprocess.run(args, capture_output=True, text=True)  # the mypy plugin chats on stderr
+    if run.returncode != 0:
+        raise SystemExit(f"gen_protos: protoc failed:\n{run.stderr}")
     return sorted(p.relative_to(out) for p in out.rglob("*_pb2*.py*"))
 
 
@@ -43,7 +48,8 @@ def main(argv: list[str]) -> int:
             stale = [
                 str(f)
                 for f in files
-                if not (ROOT / f).exists() or not filecmp.cmp(Path(tmp) / f, ROOT / f, shallow=False)
+                if not (ROOT / f).exists()
+                or not filecmp.cmp(Path(tmp) / f, ROOT / f, shallow=False)
             ]
             if stale:
                 print(

@@ -36,7 +36,9 @@ def _config(ctx: click.Context, **overrides: Any) -> Config:
 
 @click.group()
 @click.version_option(__version__, prog_name="sidecar")
-@click.option("--config", type=click.Path(path_type=Path), help="Config file (default: user config dir).")
+@click.option(
+    "--config", type=click.Path(path_type=Path), help="Config file (default: user config dir)."
+)
 @click.pass_context
 def main(ctx: click.Context, config: Path | None) -> None:
     """sidecar: a local inference daemon (gRPC on a Unix socket)."""
@@ -56,10 +58,14 @@ def main(ctx: click.Context, config: Path | None) -> None:
 @click.option("--tcp-port", type=int, help="Also listen on loopback TCP (needs server.tcp_token).")
 @click.option("--log-format", type=click.Choice(["text", "json"]))
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
-@click.option("--in-process", is_flag=True, help="Run llama.cpp in daemon threads (debugging; no crash isolation).")
+@click.option(
+    "--in-process",
+    is_flag=True,
+    help="Run llama.cpp in daemon threads (debugging; no crash isolation).",
+)
 @click.option("--banner", is_flag=True, help="Print how to call the daemon once it is ready.")
 @click.pass_context
-def serve(ctx: click.Context, in_process: bool, banner: bool, **flags: Any) -> None:
+def serve(ctx: click.Context, /, in_process: bool, banner: bool, **flags: Any) -> None:
     """Run the daemon in the foreground until SIGTERM/SIGINT."""
     from sidecar.logs import configure
     from sidecar.server.daemon import Running
@@ -69,7 +75,9 @@ def serve(ctx: click.Context, in_process: bool, banner: bool, **flags: Any) -> N
     config = _config(ctx, **flags)
     configure(config.log.level, config.log.format)
     if not config.models:
-        click.echo("error: no model configured: pass --model PATH or add a [models.NAME] table", err=True)
+        click.echo(
+            "error: no model configured: pass --model PATH or add a [models.NAME] table", err=True
+        )
         sys.exit(EXIT_CONFIG)
 
     def ready(running: Running) -> None:
@@ -120,7 +128,9 @@ def show_config(ctx: click.Context, keys: bool) -> None:
     click.echo(f"socket: {config.server.socket}")
     click.echo(f"default_model: {config.default_model or '(none)'}")
     for m in config.models:
-        click.echo(f"model {m.name}: {m.path} workers={m.workers} threads={m.threads} context={m.context}")
+        click.echo(
+            f"model {m.name}: {m.path} workers={m.workers} threads={m.threads} context={m.context}"
+        )
 
 
 # ---------------------------------------------------------------- client commands
@@ -130,21 +140,33 @@ def _client_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")(f)
     f = click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds.")(f)
     f = click.option("--token", help="Bearer token (with --tcp).")(f)
-    f = click.option("--tcp", help="HOST:PORT of the daemon's TCP listener instead of the socket.")(f)
+    f = click.option("--tcp", help="HOST:PORT of the daemon's TCP listener instead of the socket.")(
+        f
+    )
     f = click.option("--socket", type=click.Path(path_type=Path), help="Daemon socket path.")(f)
     return f
 
 
-def _connect(ctx: click.Context, socket: Path | None, tcp: str | None, token: str | None, timeout: float) -> Any:
+def _connect(
+    ctx: click.Context, socket: Path | None, tcp: str | None, token: str | None, timeout: float
+) -> Any:
     from sidecar.client import Client
 
     config = _config(ctx, socket=socket)
-    client = Client(config.server.socket, tcp=tcp, token=token or config.server.tcp_token or None, timeout=timeout)
+    client = Client(
+        config.server.socket,
+        tcp=tcp,
+        token=token or config.server.tcp_token or None,
+        timeout=timeout,
+    )
     try:
         grpc.channel_ready_future(client.channel).result(timeout=min(timeout, 3.0))
     except grpc.FutureTimeoutError:
         where = tcp or f"unix:{config.server.socket}"
-        click.echo(f"error: no sidecar daemon is answering on {where}: start one with `sidecar serve`", err=True)
+        click.echo(
+            f"error: no sidecar daemon is answering on {where}: start one with `sidecar serve`",
+            err=True,
+        )
         sys.exit(EXIT_NO_DAEMON)
     return client
 
@@ -158,7 +180,9 @@ def _call(fn: Callable[[], T]) -> T:
 
 
 def _dump(message: Message) -> str:
-    return json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2, ensure_ascii=False)
+    return json.dumps(
+        MessageToDict(message, preserving_proto_field_name=True), indent=2, ensure_ascii=False
+    )
 
 
 def _stream_out(chunks: Iterator[Any], as_json: bool) -> None:
@@ -180,7 +204,14 @@ def _stream_out(chunks: Iterator[Any], as_json: bool) -> None:
 @main.command()
 @_client_options
 @click.pass_context
-def status(ctx: click.Context, socket: Path | None, tcp: str | None, token: str | None, timeout: float, as_json: bool) -> None:
+def status(
+    ctx: click.Context,
+    socket: Path | None,
+    tcp: str | None,
+    token: str | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
     """What the daemon serves: models, versions, workers, queues, counters."""
     with _connect(ctx, socket, tcp, token, timeout) as c:
         reply = _call(c.status)
@@ -188,7 +219,9 @@ def status(ctx: click.Context, socket: Path | None, tcp: str | None, token: str 
     if as_json:
         click.echo(_dump(reply))
         return
-    click.echo(f"sidecar {reply.version} pid {reply.pid} up {reply.uptime_s:.0f}s on {reply.socket} ({health})")
+    click.echo(
+        f"sidecar {reply.version} pid {reply.pid} up {reply.uptime_s:.0f}s on {reply.socket} ({health})"
+    )
     for m in reply.models:
         mark = " (default)" if m.is_default else ""
         state = "ready" if m.ready else f"NOT READY: {m.detail}"
@@ -203,7 +236,14 @@ def status(ctx: click.Context, socket: Path | None, tcp: str | None, token: str 
 @main.command()
 @_client_options
 @click.pass_context
-def models(ctx: click.Context, socket: Path | None, tcp: str | None, token: str | None, timeout: float, as_json: bool) -> None:
+def models(
+    ctx: click.Context,
+    socket: Path | None,
+    tcp: str | None,
+    token: str | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
     """The models the daemon serves."""
     with _connect(ctx, socket, tcp, token, timeout) as c:
         reply = _call(c.list_models)
@@ -211,7 +251,9 @@ def models(ctx: click.Context, socket: Path | None, tcp: str | None, token: str 
         click.echo(_dump(reply))
         return
     for m in reply.models:
-        click.echo(f"{m.model.name}@{m.model.version}{' (default)' if m.is_default else ''}\t{m.path}")
+        click.echo(
+            f"{m.model.name}@{m.model.version}{' (default)' if m.is_default else ''}\t{m.path}"
+        )
 
 
 @main.command()
@@ -259,7 +301,14 @@ def chat(ctx: click.Context, message: str, system: str, model: str, max_tokens: 
 
 @main.command()
 @click.argument("text")
-@click.option("-l", "--label", "labels", multiple=True, required=True, help="Candidate label (repeat, 2 or more).")
+@click.option(
+    "-l",
+    "--label",
+    "labels",
+    multiple=True,
+    required=True,
+    help="Candidate label (repeat, 2 or more).",
+)
 @click.option("--instruction", default="")
 @click.option("--model", default="")
 @_client_options
@@ -291,7 +340,11 @@ def extract(ctx: click.Context, text: str, schema: str, instruction: str, model:
     if schema.startswith("@"):
         schema = Path(schema[1:]).read_text()
     with _connect(ctx, socket, tcp, token, timeout) as c:
-        reply = _call(lambda: c.extract(text, schema, instruction=instruction, model=model, max_tokens=max_tokens))
+        reply = _call(
+            lambda: c.extract(
+                text, schema, instruction=instruction, model=model, max_tokens=max_tokens
+            )
+        )
     click.echo(_dump(reply) if as_json else reply.json)
 
 

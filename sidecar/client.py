@@ -44,8 +44,12 @@ def _metadata(token: str | None, caller: str | None) -> tuple[tuple[str, str], .
     return tuple(md)
 
 
-def _sampling(temperature: float, top_p: float, top_k: int, seed: int, stop: Sequence[str]) -> pb.Sampling:
-    return pb.Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=list(stop))
+def _sampling(
+    temperature: float, top_p: float, top_k: int, seed: int, stop: Sequence[str]
+) -> pb.Sampling:
+    return pb.Sampling(
+        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=list(stop)
+    )
 
 
 def generate_request(prompt: str, *, model: str = "", max_tokens: int = 0, temperature: float = 0.0,
@@ -69,7 +73,9 @@ def chat_request(messages: Iterable[Message], *, model: str = "", max_tokens: in
     )  # fmt: skip
 
 
-def classify_request(text: str, labels: Sequence[str], *, instruction: str = "", model: str = "") -> pb.ClassifyRequest:
+def classify_request(
+    text: str, labels: Sequence[str], *, instruction: str = "", model: str = ""
+) -> pb.ClassifyRequest:
     return pb.ClassifyRequest(model=model, text=text, labels=list(labels), instruction=instruction)
 
 
@@ -77,11 +83,17 @@ def extract_request(text: str, schema: str | Mapping[str, Any], *, instruction: 
                     max_tokens: int = 0) -> pb.ExtractRequest:  # fmt: skip
     schema_text = schema if isinstance(schema, str) else json.dumps(schema)
     return pb.ExtractRequest(
-        model=model, text=text, json_schema=schema_text, instruction=instruction, max_tokens=max_tokens
+        model=model,
+        text=text,
+        json_schema=schema_text,
+        instruction=instruction,
+        max_tokens=max_tokens,
     )
 
 
-def embed_request(texts: Sequence[str], *, normalize: bool = False, model: str = "") -> pb.EmbedRequest:
+def embed_request(
+    texts: Sequence[str], *, normalize: bool = False, model: str = ""
+) -> pb.EmbedRequest:
     return pb.EmbedRequest(model=model, texts=list(texts), normalize=normalize)
 
 
@@ -122,22 +134,34 @@ class Client(_Base):
     def generate(self, prompt: str, *, timeout: float | None = None, **kw: Any) -> pb.GenerateReply:
         return self.inference.Generate(generate_request(prompt, **kw), **self._kw(timeout))
 
-    def generate_stream(self, prompt: str, *, timeout: float | None = None, **kw: Any) -> Iterator[pb.GenerateChunk]:
-        return self.inference.GenerateStream(generate_request(prompt, **kw), **self._kw(timeout))  # type: ignore[no-any-return]
+    def generate_stream(
+        self, prompt: str, *, timeout: float | None = None, **kw: Any
+    ) -> Iterator[pb.GenerateChunk]:
+        return self.inference.GenerateStream(generate_request(prompt, **kw), **self._kw(timeout))
 
-    def chat(self, messages: Iterable[Message], *, timeout: float | None = None, **kw: Any) -> pb.GenerateReply:
+    def chat(
+        self, messages: Iterable[Message], *, timeout: float | None = None, **kw: Any
+    ) -> pb.GenerateReply:
         return self.inference.Chat(chat_request(messages, **kw), **self._kw(timeout))
 
-    def chat_stream(self, messages: Iterable[Message], *, timeout: float | None = None, **kw: Any) -> Iterator[pb.GenerateChunk]:
-        return self.inference.ChatStream(chat_request(messages, **kw), **self._kw(timeout))  # type: ignore[no-any-return]
+    def chat_stream(
+        self, messages: Iterable[Message], *, timeout: float | None = None, **kw: Any
+    ) -> Iterator[pb.GenerateChunk]:
+        return self.inference.ChatStream(chat_request(messages, **kw), **self._kw(timeout))
 
-    def classify(self, text: str, labels: Sequence[str], *, timeout: float | None = None, **kw: Any) -> pb.ClassifyReply:
+    def classify(
+        self, text: str, labels: Sequence[str], *, timeout: float | None = None, **kw: Any
+    ) -> pb.ClassifyReply:
         return self.inference.Classify(classify_request(text, labels, **kw), **self._kw(timeout))
 
-    def extract(self, text: str, schema: str | Mapping[str, Any], *, timeout: float | None = None, **kw: Any) -> pb.ExtractReply:
+    def extract(
+        self, text: str, schema: str | Mapping[str, Any], *, timeout: float | None = None, **kw: Any
+    ) -> pb.ExtractReply:
         return self.inference.Extract(extract_request(text, schema, **kw), **self._kw(timeout))
 
-    def embed(self, texts: Sequence[str], *, timeout: float | None = None, **kw: Any) -> pb.EmbedReply:
+    def embed(
+        self, texts: Sequence[str], *, timeout: float | None = None, **kw: Any
+    ) -> pb.EmbedReply:
         return self.inference.Embed(embed_request(texts, **kw), **self._kw(timeout))
 
     def status(self, *, timeout: float | None = None) -> pb.StatusReply:
@@ -148,7 +172,9 @@ class Client(_Base):
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """SERVING / NOT_SERVING / SERVICE_UNKNOWN for `service` ("" = the process)."""
-        reply = self._health.Check(health_pb2.HealthCheckRequest(service=service), **self._kw(timeout))
+        reply = self._health.Check(
+            health_pb2.HealthCheckRequest(service=service), **self._kw(timeout)
+        )
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
@@ -171,30 +197,50 @@ class AsyncClient(_Base):
     async def close(self) -> None:
         await self.channel.close()
 
-    async def generate(self, prompt: str, *, timeout: float | None = None, **kw: Any) -> pb.GenerateReply:
-        return await self.inference.Generate(generate_request(prompt, **kw), **self._kw(timeout))  # type: ignore[no-any-return]
+    async def generate(
+        self, prompt: str, *, timeout: float | None = None, **kw: Any
+    ) -> pb.GenerateReply:
+        return await self.inference.Generate(generate_request(prompt, **kw), **self._kw(timeout))
 
-    def generate_stream(self, prompt: str, *, timeout: float | None = None, **kw: Any) -> AsyncIterator[pb.GenerateChunk]:
-        return self.inference.GenerateStream(generate_request(prompt, **kw), **self._kw(timeout))  # type: ignore[no-any-return]
+    def generate_stream(
+        self, prompt: str, *, timeout: float | None = None, **kw: Any
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        return self.inference.GenerateStream(generate_request(prompt, **kw), **self._kw(timeout))
 
-    async def chat(self, messages: Iterable[Message], *, timeout: float | None = None, **kw: Any) -> pb.GenerateReply:
-        return await self.inference.Chat(chat_request(messages, **kw), **self._kw(timeout))  # type: ignore[no-any-return]
+    async def chat(
+        self, messages: Iterable[Message], *, timeout: float | None = None, **kw: Any
+    ) -> pb.GenerateReply:
+        return await self.inference.Chat(chat_request(messages, **kw), **self._kw(timeout))
 
-    def chat_stream(self, messages: Iterable[Message], *, timeout: float | None = None, **kw: Any) -> AsyncIterator[pb.GenerateChunk]:
-        return self.inference.ChatStream(chat_request(messages, **kw), **self._kw(timeout))  # type: ignore[no-any-return]
+    def chat_stream(
+        self, messages: Iterable[Message], *, timeout: float | None = None, **kw: Any
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        return self.inference.ChatStream(chat_request(messages, **kw), **self._kw(timeout))
 
-    async def classify(self, text: str, labels: Sequence[str], *, timeout: float | None = None, **kw: Any) -> pb.ClassifyReply:
-        return await self.inference.Classify(classify_request(text, labels, **kw), **self._kw(timeout))  # type: ignore[no-any-return]
+    async def classify(
+        self, text: str, labels: Sequence[str], *, timeout: float | None = None, **kw: Any
+    ) -> pb.ClassifyReply:
+        return await self.inference.Classify(
+            classify_request(text, labels, **kw), **self._kw(timeout)
+        )
 
-    async def extract(self, text: str, schema: str | Mapping[str, Any], *, timeout: float | None = None, **kw: Any) -> pb.ExtractReply:
-        return await self.inference.Extract(extract_request(text, schema, **kw), **self._kw(timeout))  # type: ignore[no-any-return]
+    async def extract(
+        self, text: str, schema: str | Mapping[str, Any], *, timeout: float | None = None, **kw: Any
+    ) -> pb.ExtractReply:
+        return await self.inference.Extract(
+            extract_request(text, schema, **kw), **self._kw(timeout)
+        )
 
-    async def embed(self, texts: Sequence[str], *, timeout: float | None = None, **kw: Any) -> pb.EmbedReply:
-        return await self.inference.Embed(embed_request(texts, **kw), **self._kw(timeout))  # type: ignore[no-any-return]
+    async def embed(
+        self, texts: Sequence[str], *, timeout: float | None = None, **kw: Any
+    ) -> pb.EmbedReply:
+        return await self.inference.Embed(embed_request(texts, **kw), **self._kw(timeout))
 
     async def status(self, *, timeout: float | None = None) -> pb.StatusReply:
-        return await self.admin.Status(pb.StatusRequest(), **self._kw(timeout))  # type: ignore[no-any-return]
+        return await self.admin.Status(pb.StatusRequest(), **self._kw(timeout))
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
-        reply = await self._health.Check(health_pb2.HealthCheckRequest(service=service), **self._kw(timeout))
+        reply = await self._health.Check(
+            health_pb2.HealthCheckRequest(service=service), **self._kw(timeout)
+        )
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))

@@ -82,19 +82,32 @@ def _port(v: int) -> str | None:
 
 SERVER_KEYS: dict[str, Key] = {
     "socket": Key(str, "", "Unix socket path. Default: <user runtime dir>/sidecar/sidecar.sock."),
-    "socket_group_access": Key(bool, False, "Create the socket 0660 (owner+group) instead of 0600."),
-    "max_message_bytes": Key(int, 4 * 1024 * 1024, "Largest request accepted, in bytes.", _at_least(1024)),
+    "socket_group_access": Key(
+        bool, False, "Create the socket 0660 (owner+group) instead of 0600."
+    ),
+    "peer_credentials": Key(
+        bool,
+        True,
+        "Identify socket callers by kernel uid/pid (a relay in front of gRPC) for fair queueing.",
+    ),
+    "max_message_bytes": Key(
+        int, 4 * 1024 * 1024, "Largest request accepted, in bytes.", _at_least(1024)
+    ),
     "default_max_tokens": Key(int, 256, "max_tokens when a request leaves it 0.", _at_least(1)),
     "max_labels": Key(int, 256, "Most labels one Classify may carry.", _at_least(2)),
     "max_embed_texts": Key(int, 256, "Most texts one Embed may carry.", _at_least(1)),
-    "grace_seconds": Key(float, 10.0, "On SIGTERM, how long in-flight requests may finish.", _at_least(0)),
+    "grace_seconds": Key(
+        float, 10.0, "On SIGTERM, how long in-flight requests may finish.", _at_least(0)
+    ),
     "tcp_port": Key(int, 0, "Optional TCP listener port on tcp_host; 0 = off.", _port),
     "tcp_host": Key(str, "127.0.0.1", "TCP listener address; loopback only.", _loopback),
     "tcp_token": Key(str, "", "Bearer token required on TCP (prefer SIDECAR_SERVER_TCP_TOKEN)."),
 }
 
 LOG_KEYS: dict[str, Key] = {
-    "format": Key(str, "text", "Log line format: text or json (JSON lines).", _one_of("text", "json")),
+    "format": Key(
+        str, "text", "Log line format: text or json (JSON lines).", _one_of("text", "json")
+    ),
     "level": Key(str, "info", "Log level.", _one_of("debug", "info", "warning", "error")),
 }
 
@@ -122,6 +135,7 @@ TOP_KEYS: dict[str, Key] = {
 class ServerConfig:
     socket: Path
     socket_group_access: bool
+    peer_credentials: bool
     max_message_bytes: int
     default_max_tokens: int
     max_labels: int
@@ -212,7 +226,9 @@ def _coerce(key: str, spec: Key, value: Any) -> Any:
     if spec.type is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, spec.type) or (spec.type is int and isinstance(value, bool)):
-        raise ConfigError(key, f"expected {spec.type.__name__}, got {type(value).__name__} {value!r}")
+        raise ConfigError(
+            key, f"expected {spec.type.__name__}, got {type(value).__name__} {value!r}"
+        )
     problem = spec.check(value)
     if problem:
         raise ConfigError(key, problem)
@@ -239,14 +255,20 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(str(path), f"not valid TOML: {e}") from None
 
 
-def _env_layer(env: Mapping[str, str]) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, Any]]:
+def _env_layer(
+    env: Mapping[str, str],
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, Any]]:
     sections: dict[str, dict[str, Any]] = {"server": {}, "log": {}}
     for section, keys in (("server", SERVER_KEYS), ("log", LOG_KEYS)):
         for name in keys:
             var = f"SIDECAR_{section}_{name}".upper()
             if var in env:
                 sections[section][name] = env[var]
-    model = {name: env[f"SIDECAR_MODEL_{name}".upper()] for name in MODEL_KEYS if f"SIDECAR_MODEL_{name}".upper() in env}
+    model = {
+        name: env[f"SIDECAR_MODEL_{name}".upper()]
+        for name in MODEL_KEYS
+        if f"SIDECAR_MODEL_{name}".upper() in env
+    }
     top = {"default_model": env["SIDECAR_DEFAULT_MODEL"]} if "SIDECAR_DEFAULT_MODEL" in env else {}
     return sections, model, top
 
@@ -264,7 +286,9 @@ def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = Non
 
     unknown = sorted(set(raw) - {"server", "log", "models", *TOP_KEYS})
     if unknown:
-        raise ConfigError(unknown[0], "unknown key (known: default_model, [server], [log], [models.NAME])")
+        raise ConfigError(
+            unknown[0], "unknown key (known: default_model, [server], [log], [models.NAME])"
+        )
     for table in ("server", "log", "models"):
         if not isinstance(raw.get(table, {}), dict):
             raise ConfigError(table, "must be a table")
@@ -276,7 +300,9 @@ def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = Non
 
     cli_server = {"socket": str(o.socket) if o.socket else None, "tcp_port": o.tcp_port}
     server_raw |= {k: v for k, v in cli_server.items() if v is not None}
-    log_raw |= {k: v for k, v in {"format": o.log_format, "level": o.log_level}.items() if v is not None}
+    log_raw |= {
+        k: v for k, v in {"format": o.log_format, "level": o.log_level}.items() if v is not None
+    }
 
     server = _section("server.", SERVER_KEYS, server_raw)
     log = _section("log.", LOG_KEYS, log_raw)
@@ -301,18 +327,27 @@ def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = Non
         target |= env_model
         target |= {k: v for k, v in cli_model.items() if v is not None}
     if default_name and default_name not in models_raw:
-        raise ConfigError("default_model", f"no [models.{default_name}] table (known: {', '.join(models_raw) or 'none'})")
+        raise ConfigError(
+            "default_model",
+            f"no [models.{default_name}] table (known: {', '.join(models_raw) or 'none'})",
+        )
 
     models = []
-    for name, table in models_raw.items():
-        values = _section(f"models.{name}.", MODEL_KEYS, table)
-        if not values["path"]:
-            raise ConfigError(f"models.{name}.path", "required: the GGUF file to serve")
-        models.append(ModelConfig(name=name, **{**values, "path": Path(values["path"]).expanduser()}))
+    for model_name, model_table in models_raw.items():
+        fields = _section(f"models.{model_name}.", MODEL_KEYS, model_table)
+        if not fields["path"]:
+            raise ConfigError(f"models.{model_name}.path", "required: the GGUF file to serve")
+        models.append(
+            ModelConfig(name=model_name, **{**fields, "path": Path(fields["path"]).expanduser()})
+        )
 
     if server["tcp_port"] and not server["tcp_token"]:
-        raise ConfigError("server.tcp_token", "required when server.tcp_port is set (TCP needs a bearer token)")
-    server["socket"] = Path(server["socket"]).expanduser() if server["socket"] else default_socket_path(env)
+        raise ConfigError(
+            "server.tcp_token", "required when server.tcp_port is set (TCP needs a bearer token)"
+        )
+    server["socket"] = (
+        Path(server["socket"]).expanduser() if server["socket"] else default_socket_path(env)
+    )
 
     return Config(
         server=ServerConfig(**server),

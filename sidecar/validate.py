@@ -7,7 +7,9 @@ Every message says what to change.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import jsonschema
 
@@ -57,7 +59,9 @@ def _sampling(s: Sampling) -> None:
     if s.repeat_penalty < 0:
         raise InvalidRequest(f"sampling.repeat_penalty must be >= 0, got {s.repeat_penalty}")
     if len(s.stop) > MAX_STOP_SEQUENCES or any(not x for x in s.stop):
-        raise InvalidRequest(f"sampling.stop takes at most {MAX_STOP_SEQUENCES} non-empty sequences")
+        raise InvalidRequest(
+            f"sampling.stop takes at most {MAX_STOP_SEQUENCES} non-empty sequences"
+        )
 
 
 def _generate(task: GenerateTask, limits: Limits) -> None:
@@ -84,15 +88,21 @@ def _classify(task: ClassifyTask, limits: Limits) -> None:
         raise InvalidRequest("text is empty: send the text to classify")
     n = len(task.labels)
     if n < 2:
-        raise InvalidRequest(f"labels has {n} entr{'y' if n == 1 else 'ies'}: give at least 2 candidate labels")
+        raise InvalidRequest(
+            f"labels has {n} entr{'y' if n == 1 else 'ies'}: give at least 2 candidate labels"
+        )
     if n > limits.max_labels:
-        raise OutOfRange(f"labels has {n} entries; at most {limits.max_labels} are allowed (server.max_labels)")
+        raise OutOfRange(
+            f"labels has {n} entries; at most {limits.max_labels} are allowed (server.max_labels)"
+        )
     seen: set[str] = set()
     for i, label in enumerate(task.labels):
         if not label.strip():
             raise InvalidRequest(f"labels[{i}] is empty: every label needs text")
         if len(label) > MAX_LABEL_CHARS:
-            raise InvalidRequest(f"labels[{i}] is {len(label)} characters; at most {MAX_LABEL_CHARS}")
+            raise InvalidRequest(
+                f"labels[{i}] is {len(label)} characters; at most {MAX_LABEL_CHARS}"
+            )
         if label in seen:
             raise InvalidRequest(f"labels[{i}] {label!r} appears twice: labels must be distinct")
         seen.add(label)
@@ -114,7 +124,9 @@ def _extract(task: ExtractTask, limits: Limits) -> None:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "(root)"
-        raise InvalidRequest(f"json_schema is not a valid JSON Schema at {where}: {e.message}") from None
+        raise InvalidRequest(
+            f"json_schema is not a valid JSON Schema at {where}: {e.message}"
+        ) from None
 
 
 def _embed(task: EmbedTask, limits: Limits) -> None:
@@ -122,13 +134,15 @@ def _embed(task: EmbedTask, limits: Limits) -> None:
     if n == 0:
         raise InvalidRequest("texts is empty: send at least one text to embed")
     if n > limits.max_embed_texts:
-        raise OutOfRange(f"texts has {n} entries; at most {limits.max_embed_texts} (server.max_embed_texts)")
+        raise OutOfRange(
+            f"texts has {n} entries; at most {limits.max_embed_texts} (server.max_embed_texts)"
+        )
     for i, t in enumerate(task.texts):
         if not t:
             raise InvalidRequest(f"texts[{i}] is empty")
 
 
-CHECKS = {
+CHECKS: dict[type, Callable[[Any, Limits], None]] = {
     GenerateTask: _generate,
     ChatTask: _chat,
     ClassifyTask: _classify,

@@ -15,11 +15,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_gguf import write_tiny_llama  # noqa: E402
+from tiny_gguf import write_tiny_llama
 
-from sidecar.client import AsyncClient  # noqa: E402
-from sidecar.config import Config, Overrides, load  # noqa: E402
-from sidecar.server import daemon  # noqa: E402
+from sidecar.client import AsyncClient
+from sidecar.config import Config, Overrides, load
+from sidecar.server import daemon
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("SIDECAR_CACHE") or Path.home() / ".cache" / "sidecar") / "models"
@@ -91,4 +91,6 @@ async def serve(short_dir: Path) -> AsyncIterator[ServeFactory]:
     for s in started:
         await s.client.close()
         if s.running.claim._fd is not None:
-            await daemon.shutdown(s.running, replace(s.config, server=replace(s.config.server, grace_seconds=0)))
+            await daemon.shutdown(
+                s.running, replace(s.config, server=replace(s.config.server, grace_seconds=0))
+            )

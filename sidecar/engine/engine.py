@@ -11,18 +11,31 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from sidecar.config import Config
-from sidecar.engine.pool import Job, ModelPool, PoolStatus
 from sidecar.engine.fake import FakeSlot
+from sidecar.engine.pool import Job, ModelPool, PoolStatus
 from sidecar.engine.slots import ProcessSlot, SlotFactory, ThreadSlot
 from sidecar.errors import InternalError, ModelNotFound, SidecarError
-from sidecar.types import Generation, Result, StreamableTask, Task, Timings, TokenEvent
+from sidecar.types import (
+    Classification,
+    Embeddings,
+    Extraction,
+    Generation,
+    Result,
+    StreamableTask,
+    Task,
+    Timings,
+    TokenEvent,
+)
 from sidecar.validate import Limits, check
 
-
-SLOT_KINDS: dict[str, SlotFactory] = {"process": ProcessSlot, "thread": ThreadSlot, "fake": FakeSlot}
+SLOT_KINDS: dict[str, SlotFactory] = {
+    "process": ProcessSlot,
+    "thread": ThreadSlot,
+    "fake": FakeSlot,
+}
 
 
 class Engine(Protocol):
@@ -38,7 +51,9 @@ class Engine(Protocol):
 
 
 class PoolEngine:
-    def __init__(self, config: Config, slot_kind: str = "process", make_slot: SlotFactory | None = None) -> None:
+    def __init__(
+        self, config: Config, slot_kind: str = "process", make_slot: SlotFactory | None = None
+    ) -> None:
         self.config = config
         factory = make_slot or SLOT_KINDS[slot_kind]
         self.pools = {
@@ -111,7 +126,10 @@ class PoolEngine:
         return [(p.status(), name == self.default_model) for name, p in self.pools.items()]
 
 
-def _stamp(result: Result, pool: ModelPool, job: Job) -> Result:
+R = TypeVar("R", bound=Generation | Classification | Extraction | Embeddings)
+
+
+def _stamp(result: R, pool: ModelPool, job: Job) -> R:
     """Fill in who answered and the daemon-side timings."""
     now = time.perf_counter()
     dispatched = job.dispatched or now

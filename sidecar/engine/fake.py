@@ -22,8 +22,8 @@ from sidecar.types import (
     EmbedTask,
     Extraction,
     ExtractTask,
-    Generation,
     GenerateTask,
+    Generation,
     LabelScore,
     Result,
     Task,
@@ -95,14 +95,25 @@ class FakeSlot:
             overlap = [float(len(set(label) & set(task.text))) for label in task.labels]
             probs = normalise(overlap)
             scores = sorted(
-                (LabelScore(lb, p, o) for lb, p, o in zip(task.labels, probs, overlap, strict=True)),
+                (
+                    LabelScore(lb, p, o)
+                    for lb, p, o in zip(task.labels, probs, overlap, strict=True)
+                ),
                 key=lambda s: -s.probability,
             )
-            return Classification(scores[0].label, tuple(scores), Usage(len(task.text), len(task.labels)))
+            return Classification(
+                scores[0].label, tuple(scores), Usage(len(task.text), len(task.labels))
+            )
         if isinstance(task, ExtractTask):
-            return Extraction(json.dumps(_example(json.loads(task.schema))), Usage(1, 1), TokenConfidence(-0.1, -0.2))
+            return Extraction(
+                json.dumps(_example(json.loads(task.schema))),
+                Usage(1, 1),
+                TokenConfidence(-0.1, -0.2),
+            )
         if isinstance(task, EmbedTask):
-            vectors = [[b / 255 for b in hashlib.sha256(t.encode()).digest()[:8]] for t in task.texts]
+            vectors = [
+                [b / 255 for b in hashlib.sha256(t.encode()).digest()[:8]] for t in task.texts
+            ]
             return Embeddings(vectors, Usage(len(task.texts), 0))
         raise AssertionError(task)  # pragma: no cover
 
@@ -124,4 +135,11 @@ def _example(schema: dict[str, Any]) -> Any:
     if kind == "object":
         props = schema.get("properties", {})
         return {k: _example(v) for k, v in props.items()}
-    return {"string": "x", "number": 1.5, "integer": 1, "boolean": True, "array": [], "null": None}.get(kind)
+    return {
+        "string": "x",
+        "number": 1.5,
+        "integer": 1,
+        "boolean": True,
+        "array": [],
+        "null": None,
+    }.get(kind)

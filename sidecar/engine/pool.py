@@ -70,7 +70,9 @@ def file_version(path: Path) -> str:
 
 
 class ModelPool:
-    def __init__(self, config: ModelConfig, make_slot: SlotFactory, default_max_tokens: int) -> None:
+    def __init__(
+        self, config: ModelConfig, make_slot: SlotFactory, default_max_tokens: int
+    ) -> None:
         self.config = config
         self.spec = RunnerSpec(
             path=config.path,
@@ -138,7 +140,9 @@ class ModelPool:
         if self._closing:
             raise Unavailable("the daemon is shutting down")
         if not self.ready:
-            raise Unavailable(f"model {self.ref.name!r} has no live worker ({self.detail}); retry shortly")
+            raise Unavailable(
+                f"model {self.ref.name!r} has no live worker ({self.detail}); retry shortly"
+            )
         job = Job(task, caller, stream)
         self._queue.put(caller, job)
         self._dispatch()
@@ -209,7 +213,12 @@ class ModelPool:
             try:
                 await fresh.start()
             except Exception as e:
-                log.warning("model %s: worker restart failed (%s); next try in %.1fs", self.ref.name, e, delay * 2)
+                log.warning(
+                    "model %s: worker restart failed (%s); next try in %.1fs",
+                    self.ref.name,
+                    e,
+                    delay * 2,
+                )
                 with contextlib.suppress(Exception):
                     await fresh.stop()
                 delay = min(delay * 2, BACKOFF_MAX_S)

@@ -87,7 +87,9 @@ class ProcessSlot:
         self.facts = msg[1]
         self.info.state = "idle"
         threading.Thread(target=self._read, name=f"slot-read-{self.info.pid}", daemon=True).start()
-        threading.Thread(target=self._write, name=f"slot-write-{self.info.pid}", daemon=True).start()
+        threading.Thread(
+            target=self._write, name=f"slot-write-{self.info.pid}", daemon=True
+        ).start()
         return msg[1]  # type: ignore[no-any-return]
 
     def _first_message(self) -> tuple[Any, ...]:
@@ -101,7 +103,11 @@ class ProcessSlot:
             if not self._proc.is_alive():
                 break
         code = self._proc.exitcode
-        return ("fatal", FailedPrecondition.kind, f"worker for {self.spec.path} exited while loading (exit code {code})")
+        return (
+            "fatal",
+            FailedPrecondition.kind,
+            f"worker for {self.spec.path} exited while loading (exit code {code})",
+        )
 
     def submit(self, job_id: int, task: Task, stream: bool) -> None:
         self.job_id = job_id
@@ -220,11 +226,15 @@ class ThreadSlot:
                 result = self._runner.run(task, emit if stream else None, self._cancel.is_set)
                 loop.call_soon_threadsafe(self._settle, job_id, result, None)
             except Stopped:
-                loop.call_soon_threadsafe(self._settle, job_id, None, from_kind("cancelled", "cancelled by the caller"))
+                loop.call_soon_threadsafe(
+                    self._settle, job_id, None, from_kind("cancelled", "cancelled by the caller")
+                )
             except SidecarError as e:
                 loop.call_soon_threadsafe(self._settle, job_id, None, e)
             except Exception as e:
-                loop.call_soon_threadsafe(self._settle, job_id, None, from_kind("internal", repr(e)))
+                loop.call_soon_threadsafe(
+                    self._settle, job_id, None, from_kind("internal", repr(e))
+                )
 
         self._pool.submit(work)
 

@@ -5,22 +5,28 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from sidecar.server.peercred import parse_peer
+
 CALLER_METADATA = "x-sidecar-caller"
 
 
 def caller_of(context: Any) -> str:
     """A stable key per calling application.
 
-    On TCP the bearer token identifies the caller. On the Unix socket gRPC Python does
-    not expose the peer's credentials (SO_PEERCRED), so an application may name itself
-    with `x-sidecar-caller` metadata; otherwise the connection's peer string is used,
-    which separates connections (each client channel is one connection).
+    On the Unix socket: the kernel's uid and pid of the connecting process (see
+    `peercred`), so one busy process cannot starve another. Processes of one uid that
+    want to be treated as one application (or one process hosting several) can add
+    `x-sidecar-caller` metadata, which refines the key but never crosses uids. On TCP
+    the bearer token identifies the caller.
     """
     metadata = dict(context.invocation_metadata() or ())
     named = metadata.get(CALLER_METADATA)
-    if named:
-        return f"app:{named}"
+    peer = str(context.peer())
+    creds = parse_peer(peer)
+    if creds is not None:
+        uid, pid = creds
+        return f"uid:{uid}/app:{named}" if named else f"uid:{uid}/pid:{pid}"
     token = metadata.get("authorization")
     if token:
         return "token:" + hashlib.sha256(str(token).encode()).hexdigest()[:12]
-    return f"peer:{context.peer()}"
+    return f"app:{named}" if named else f"peer:{peer}"

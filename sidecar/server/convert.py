@@ -13,8 +13,8 @@ from sidecar.types import (
     EmbedTask,
     Extraction,
     ExtractTask,
-    Generation,
     GenerateTask,
+    Generation,
     ModelRef,
     Sampling,
     TokenConfidence,
@@ -57,7 +57,9 @@ def classify_task(r: pb.ClassifyRequest) -> ClassifyTask:
 
 
 def extract_task(r: pb.ExtractRequest) -> ExtractTask:
-    return ExtractTask(text=r.text, schema=r.json_schema, instruction=r.instruction, max_tokens=r.max_tokens)
+    return ExtractTask(
+        text=r.text, schema=r.json_schema, instruction=r.instruction, max_tokens=r.max_tokens
+    )
 
 
 def embed_task(r: pb.EmbedRequest) -> EmbedTask:
@@ -105,7 +107,10 @@ def final_chunk(g: Generation) -> pb.GenerateChunk:
 def classify_reply(c: Classification) -> pb.ClassifyReply:
     return pb.ClassifyReply(
         label=c.label,
-        scores=[pb.LabelScore(label=s.label, probability=s.probability, logprob=s.logprob) for s in c.scores],
+        scores=[
+            pb.LabelScore(label=s.label, probability=s.probability, logprob=s.logprob)
+            for s in c.scores
+        ],
         confidence=pb.ClassifyConfidence(top_probability=c.top_probability, margin=c.margin),
         model=_model(c.model),
         usage=_usage(c.usage),
@@ -138,7 +143,9 @@ def model_status(s: PoolStatus, is_default: bool) -> pb.ModelStatus:
         path=str(s.path),
         context=s.context,
         threads=s.threads,
-        workers=[pb.WorkerStatus(pid=w.pid or 0, state=w.state, requests=w.requests) for w in s.workers],
+        workers=[
+            pb.WorkerStatus(pid=w.pid or 0, state=w.state, requests=w.requests) for w in s.workers
+        ],
         queue_depth=s.queue_depth,
         queue_limit=s.queue_limit,
         ready=s.ready,
@@ -148,8 +155,18 @@ def model_status(s: PoolStatus, is_default: bool) -> pb.ModelStatus:
 
 
 def status_reply(
-    *, pid: int, uptime_s: float, socket: str, models: list[pb.ModelStatus], counters: dict[str, int]
+    *,
+    pid: int,
+    uptime_s: float,
+    socket: str,
+    models: list[pb.ModelStatus],
+    counters: dict[str, int],
 ) -> pb.StatusReply:
     return pb.StatusReply(
-        version=__version__, pid=pid, uptime_s=uptime_s, socket=socket, models=models, counters=counters
+        version=__version__,
+        pid=pid,
+        uptime_s=uptime_s,
+        socket=socket,
+        models=models,
+        counters=counters,
     )

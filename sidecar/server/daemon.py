@@ -16,6 +16,7 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from sidecar.config import Config
 from sidecar.engine.engine import Engine, PoolEngine
 from sidecar.server.interceptor import RequestInterceptor
+from sidecar.server.peercred import PeerCredRelay
 from sidecar.server.servicer import AdminServicer, InferenceServicer
 from sidecar.server.socket_claim import SocketClaim
 from sidecar.v1 import inference_pb2 as pb
@@ -47,11 +49,14 @@ class Running:
     engine: Engine
     health: health.aio.HealthServicer
     claim: SocketClaim
+    relay: PeerCredRelay | None
     tcp_port: int | None
     stop: asyncio.Event
 
 
-async def start(config: Config, engine: Engine | None = None, slot_kind: str = "process") -> Running:
+async def start(
+    config: Config, engine: Engine | None = None, slot_kind: str = "process"
+) -> Running:
     """Listen, then load the models. Raises SocketBusy or the engine's start error."""
     s = config.server
     claim = SocketClaim(s.socket, dir_mode=0o750 if s.socket_group_access else 0o700)
@@ -68,17 +73,28 @@ async def start(config: Config, engine: Engine | None = None, slot_kind: str = "
     )
     health_servicer = health.aio.HealthServicer()
     pb_grpc.add_InferenceServicer_to_server(InferenceServicer(engine), server)
-    pb_grpc.add_AdminServicer_to_server(AdminServicer(engine, s.socket, interceptor.counters), server)
+    pb_grpc.add_AdminServicer_to_server(
+        AdminServicer(engine, s.socket, interceptor.counters), server
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (INFERENCE_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    old_umask = os.umask(0o177)  # the socket is born 0600: no window where others can connect
+    relay = PeerCredRelay(s.socket, private_socket(s.socket)) if s.peer_credentials else None
+    old_umask = os.umask(0o177)  # sockets are born 0600: no window where others can connect
     try:
-        server.add_insecure_port(f"unix:{s.socket}")
-        tcp_port = server.add_insecure_port(f"{_host(s.tcp_host)}:{s.tcp_port}") if s.tcp_port else None
+        if relay is not None:
+            relay.private.unlink(missing_ok=True)
+            server.add_insecure_port(f"unix:{relay.private}")
+        else:
+            server.add_insecure_port(f"unix:{s.socket}")
+        tcp = f"{_host(s.tcp_host)}:{s.tcp_port}"
+        tcp_port = server.add_insecure_port(tcp) if s.tcp_port else None
         await server.start()
+        if relay is not None:
+            await relay.start()
     except BaseException:
+        await server.stop(0)
         claim.release()
         raise
     finally:
@@ -86,18 +102,22 @@ async def start(config: Config, engine: Engine | None = None, slot_kind: str = "
     os.chmod(s.socket, s.socket_mode)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await _set_ready(health_servicer, config, False)
+    running = Running(server, engine, health_servicer, claim, relay, tcp_port, asyncio.Event())
     try:
         await engine.start()
     except BaseException:
-        await server.stop(0)
-        claim.release()
+        await _stop_listening(running, 0)
         raise
     await _set_ready(health_servicer, config, True)
-    return Running(server, engine, health_servicer, claim, tcp_port, asyncio.Event())
+    return running
 
 
 async def _set_ready(h: health.aio.HealthServicer, config: Config, ready: bool) -> None:
-    status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if ready
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
     await h.set(INFERENCE_SERVICE, status)
     for m in config.models:
         await h.set(model_health_name(m.name), status)
@@ -105,9 +125,21 @@ async def _set_ready(h: health.aio.HealthServicer, config: Config, ready: bool) 
 
 async def shutdown(running: Running, config: Config) -> None:
     await _set_ready(running.health, config, False)
-    await running.server.stop(config.server.grace_seconds)
+    if running.relay is not None:
+        running.relay.stop_accepting()  # new connections are refused; open ones drain below
+    await _stop_listening(running, config.server.grace_seconds)
     await running.engine.close()
+
+
+async def _stop_listening(running: Running, grace: float) -> None:
+    await running.server.stop(grace)
+    if running.relay is not None:
+        await running.relay.close()
     running.claim.release()
+
+
+def private_socket(public: Path) -> Path:
+    return public.with_name(f".{public.name}.grpc")
 
 
 def _host(host: str) -> str:
@@ -126,7 +158,9 @@ async def serve(
             log.warning("second %s: exiting now", signal.Signals(signum).name)
             sys.stderr.flush()
             os._exit(128 + signum)
-        log.info("%s: draining (up to %.0fs)", signal.Signals(signum).name, config.server.grace_seconds)
+        log.info(
+            "%s: draining (up to %.0fs)", signal.Signals(signum).name, config.server.grace_seconds
+        )
         running.stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):

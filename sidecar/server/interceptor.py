@@ -44,7 +44,7 @@ STATUS: dict[type[errors.SidecarError], StatusCode] = {
 def status_for(error: errors.SidecarError) -> StatusCode:
     for cls in type(error).__mro__:
         if cls in STATUS:
-            return STATUS[cls]  # type: ignore[index]
+            return STATUS[cls]
     return StatusCode.INTERNAL
 
 
@@ -63,7 +63,9 @@ def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]
         try:
             return deserializer(data)
         except Exception as e:
-            return BadRequest(f"the request could not be parsed ({e}); string fields must be valid UTF-8")
+            return BadRequest(
+                f"the request could not be parsed ({e}); string fields must be valid UTF-8"
+            )
 
     return parse
 
@@ -98,7 +100,9 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             if inner is None:
                 continue
             streaming_out = attr.endswith("_stream")
-            wrapped = (self._wrap_stream if streaming_out else self._wrap_unary)(inner, method, metadata)
+            wrapped = (self._wrap_stream if streaming_out else self._wrap_unary)(
+                inner, method, metadata
+            )
             return make(
                 wrapped,
                 request_deserializer=_safe(handler.request_deserializer),
@@ -108,7 +112,9 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     # ---------------------------------------------------------------- wrappers
 
-    def _check(self, request: Any, context: grpc.aio.ServicerContext, metadata: dict[str, Any]) -> None:
+    def _check(
+        self, request: Any, context: grpc.aio.ServicerContext, metadata: dict[str, Any]
+    ) -> None:
         if self._token and is_tcp(context.peer()):
             given = str(metadata.get("authorization", ""))
             if not hmac.compare_digest(given.encode(), b"Bearer " + self._token):
@@ -161,7 +167,10 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if isinstance(e, grpc.aio.AbortError):  # a handler aborted already; keep its status
             raise e
         log.exception("request %s %s failed", rid, method)
-        return StatusCode.INTERNAL, f"internal error (request {rid}); the daemon log has the details"
+        return (
+            StatusCode.INTERNAL,
+            f"internal error (request {rid}); the daemon log has the details",
+        )
 
     def _log(self, rid: str, method: str, request: Any, code: StatusCode, started: float) -> None:
         ms = (time.perf_counter() - started) * 1000
@@ -175,7 +184,15 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             model or "-",
             code.name,
             ms,
-            extra={"request": {"id": rid, "method": method, "model": model, "status": code.name, "ms": round(ms, 2)}},
+            extra={
+                "request": {
+                    "id": rid,
+                    "method": method,
+                    "model": model,
+                    "status": code.name,
+                    "ms": round(ms, 2),
+                }
+            },
         )
 
 

@@ -18,7 +18,14 @@ from sidecar.engine.engine import Engine
 from sidecar.errors import InternalError
 from sidecar.server import convert
 from sidecar.server.caller import caller_of
-from sidecar.types import Classification, Embeddings, Extraction, Generation, StreamableTask, TokenEvent
+from sidecar.types import (
+    Classification,
+    Embeddings,
+    Extraction,
+    Generation,
+    StreamableTask,
+    TokenEvent,
+)
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import inference_pb2_grpc as pb_grpc
 
@@ -31,27 +38,37 @@ def _expect(result: object, kind: type[R]) -> R:
     return result
 
 
-class InferenceServicer(pb_grpc.InferenceServicer):  # type: ignore[misc]
+class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     async def Generate(self, request: pb.GenerateRequest, context: Any) -> pb.GenerateReply:
-        result = await self.engine.run(request.model, convert.generate_task(request), caller_of(context))
+        result = await self.engine.run(
+            request.model, convert.generate_task(request), caller_of(context)
+        )
         return convert.generate_reply(_expect(result, Generation))
 
-    async def GenerateStream(self, request: pb.GenerateRequest, context: Any) -> AsyncIterator[pb.GenerateChunk]:
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: Any
+    ) -> AsyncIterator[pb.GenerateChunk]:
         async for chunk in self._stream(request.model, convert.generate_task(request), context):
             yield chunk
 
     async def Chat(self, request: pb.ChatRequest, context: Any) -> pb.GenerateReply:
-        result = await self.engine.run(request.model, convert.chat_task(request), caller_of(context))
+        result = await self.engine.run(
+            request.model, convert.chat_task(request), caller_of(context)
+        )
         return convert.generate_reply(_expect(result, Generation))
 
-    async def ChatStream(self, request: pb.ChatRequest, context: Any) -> AsyncIterator[pb.GenerateChunk]:
+    async def ChatStream(
+        self, request: pb.ChatRequest, context: Any
+    ) -> AsyncIterator[pb.GenerateChunk]:
         async for chunk in self._stream(request.model, convert.chat_task(request), context):
             yield chunk
 
-    async def _stream(self, model: str, task: StreamableTask, context: Any) -> AsyncIterator[pb.GenerateChunk]:
+    async def _stream(
+        self, model: str, task: StreamableTask, context: Any
+    ) -> AsyncIterator[pb.GenerateChunk]:
         async for event in self.engine.stream(model, task, caller_of(context)):
             if isinstance(event, TokenEvent):
                 yield convert.chunk(event.text)
@@ -59,19 +76,25 @@ class InferenceServicer(pb_grpc.InferenceServicer):  # type: ignore[misc]
                 yield convert.final_chunk(event)
 
     async def Classify(self, request: pb.ClassifyRequest, context: Any) -> pb.ClassifyReply:
-        result = await self.engine.run(request.model, convert.classify_task(request), caller_of(context))
+        result = await self.engine.run(
+            request.model, convert.classify_task(request), caller_of(context)
+        )
         return convert.classify_reply(_expect(result, Classification))
 
     async def Extract(self, request: pb.ExtractRequest, context: Any) -> pb.ExtractReply:
-        result = await self.engine.run(request.model, convert.extract_task(request), caller_of(context))
+        result = await self.engine.run(
+            request.model, convert.extract_task(request), caller_of(context)
+        )
         return convert.extract_reply(_expect(result, Extraction))
 
     async def Embed(self, request: pb.EmbedRequest, context: Any) -> pb.EmbedReply:
-        result = await self.engine.run(request.model, convert.embed_task(request), caller_of(context))
+        result = await self.engine.run(
+            request.model, convert.embed_task(request), caller_of(context)
+        )
         return convert.embed_reply(_expect(result, Embeddings))
 
 
-class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
+class AdminServicer(pb_grpc.AdminServicer):
     def __init__(self, engine: Engine, socket: Path, counters: Counter[str]) -> None:
         self.engine = engine
         self.socket = socket
@@ -81,7 +104,9 @@ class AdminServicer(pb_grpc.AdminServicer):  # type: ignore[misc]
     def _models(self) -> list[pb.ModelStatus]:
         return [convert.model_status(s, is_default) for s, is_default in self.engine.status()]
 
-    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:
+    async def Status(
+        self, request: pb.StatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StatusReply:
         return convert.status_reply(
             pid=os.getpid(),
             uptime_s=time.monotonic() - self.started,

@@ -35,14 +35,18 @@ class SocketClaim:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise SocketBusy(f"another sidecar daemon (pid {holder}) is already serving {self.path}") from None
+            raise SocketBusy(
+                f"another sidecar daemon (pid {holder}) is already serving {self.path}"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
         if self.path.exists() or self.path.is_symlink():
             if _answers(self.path):
                 self.release()
-                raise SocketBusy(f"a process that is not a sidecar daemon is listening on {self.path}")
+                raise SocketBusy(
+                    f"a process that is not a sidecar daemon is listening on {self.path}"
+                )
             self.path.unlink()  # stale: its daemon died without cleaning up
 
     def release(self) -> None:

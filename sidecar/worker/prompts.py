@@ -15,10 +15,14 @@ CLASSIFY_SYSTEM = (
 # Small models follow a plain list of fields far better than a raw JSON Schema
 # (measured with SmolLM2-135M: the raw schema made it loop inside a string).
 EXTRACT_FIELDS = "Extract these fields from the user's text and answer in JSON:\n{fields}"
-EXTRACT_SCHEMA = "Extract information from the user's text as JSON following this JSON Schema:\n{schema}"
+EXTRACT_SCHEMA = (
+    "Extract information from the user's text as JSON following this JSON Schema:\n{schema}"
+)
 
 
-def classify_messages(text: str, labels: tuple[str, ...], instruction: str) -> tuple[ChatMessage, ...]:
+def classify_messages(
+    text: str, labels: tuple[str, ...], instruction: str
+) -> tuple[ChatMessage, ...]:
     listing = "\n".join(f"- {label}" for label in labels)
     system = CLASSIFY_SYSTEM.format(labels=listing)
     if instruction:

@@ -36,8 +36,8 @@ from sidecar.types import (
     EmbedTask,
     Extraction,
     ExtractTask,
-    Generation,
     GenerateTask,
+    Generation,
     LabelScore,
     Result,
     Sampling,
@@ -205,7 +205,9 @@ class LlamaRunner:
             g = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
             if not g:
                 sampler.close()
-                raise InvalidRequest("llama.cpp could not compile the grammar made from this schema")
+                raise InvalidRequest(
+                    "llama.cpp could not compile the grammar made from this schema"
+                )
             llama_cpp.llama_sampler_chain_add(sampler.sampler, g)
         if s.greedy:
             sampler.add_greedy()
@@ -269,7 +271,9 @@ class LlamaRunner:
         result = Generation(
             text=text.text,
             finish_reason="stop" if finish == "stop" else "length",
-            usage=Usage(len(prompt), len(logprobs) + (1 if finish == "stop" and not text.stopped else 0)),
+            usage=Usage(
+                len(prompt), len(logprobs) + (1 if finish == "stop" and not text.stopped else 0)
+            ),
             confidence=TokenConfidence.of(logprobs),
         )
         result.timings.first_token_ms = first_ms
@@ -278,11 +282,15 @@ class LlamaRunner:
     # ------------------------------------------------------------------ classify
 
     def _classify(self, task: ClassifyTask, should_stop: ShouldStop) -> Classification:
-        prompt = self._chat_tokens(prompts.classify_messages(task.text, task.labels, task.instruction))
-        seqs = [self._tokenize(label, add_bos=False) + [self._end_of_turn] for label in task.labels]
+        prompt = self._chat_tokens(
+            prompts.classify_messages(task.text, task.labels, task.instruction)
+        )
+        seqs = [[*self._tokenize(label, add_bos=False), self._end_of_turn] for label in task.labels]
         longest = max(len(s) for s in seqs)
         if longest > self.spec.batch:
-            raise OutOfRange(f"a label is {longest - 1} tokens; labels may be at most {self.spec.batch - 1}")
+            raise OutOfRange(
+                f"a label is {longest - 1} tokens; labels may be at most {self.spec.batch - 1}"
+            )
         self._check_fits(len(prompt), longest)
         llm = self.llm
         llm.reset()
@@ -293,7 +301,10 @@ class LlamaRunner:
         logps = score_sequences(decoder, len(prompt), self._last_logprobs(), seqs)
         probs = normalise(logps)
         scores = sorted(
-            (LabelScore(label, p, lp) for label, p, lp in zip(task.labels, probs, logps, strict=True)),
+            (
+                LabelScore(label, p, lp)
+                for label, p, lp in zip(task.labels, probs, logps, strict=True)
+            ),
             key=lambda s: -s.probability,
         )
         return Classification(
@@ -311,7 +322,9 @@ class LlamaRunner:
             raise InvalidRequest(
                 f"llama.cpp's JSON-Schema-to-grammar converter cannot handle this schema: {e}"
             ) from None
-        prompt = self._chat_tokens(prompts.extract_messages(task.text, task.schema, task.instruction))
+        prompt = self._chat_tokens(
+            prompts.extract_messages(task.text, task.schema, task.instruction)
+        )
         gen = self._generate(prompt, task.max_tokens, Sampling(), grammar, None, should_stop)
         if gen.finish_reason == "length":
             raise OutOfRange(
@@ -350,7 +363,9 @@ class LlamaRunner:
                 )
             counts.append(n)
         vectors = self._embedder.embed(list(task.texts), normalize=task.normalize, truncate=False)
-        return Embeddings(vectors=[list(map(float, v)) for v in vectors], usage=Usage(sum(counts), 0))
+        return Embeddings(
+            vectors=[list(map(float, v)) for v in vectors], usage=Usage(sum(counts), 0)
+        )
 
 
 class _LlamaPrefixDecoder:

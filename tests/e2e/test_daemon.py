@@ -59,7 +59,9 @@ class Daemon:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited {self.proc.returncode}: {self.log.read_text()}")
+                raise AssertionError(
+                    f"daemon exited {self.proc.returncode}: {self.log.read_text()}"
+                )
             if self.socket.exists():
                 try:
                     with Client(self.socket, timeout=2) as c:
@@ -80,7 +82,9 @@ class Daemon:
 def start(short_dir: Path, smollm2: Path) -> Iterator:
     daemons: list[Daemon] = []
 
-    def run(*extra: str, socket: Path | None = None, config: Path | None = None, ready: bool = True) -> Daemon:
+    def run(
+        *extra: str, socket: Path | None = None, config: Path | None = None, ready: bool = True
+    ) -> Daemon:
         d = Daemon(socket or short_dir / "d.sock", smollm2, *extra, config=config)
         daemons.append(d)
         return d.wait_ready() if ready else d
@@ -165,7 +169,9 @@ def test_second_daemon_on_the_same_socket_exits_nonzero(start) -> None:
 def test_sigterm_lets_inflight_streams_finish_then_exits_zero_and_removes_the_socket(start) -> None:
     d = start("--workers", "1")
     with Client(d.socket) as c:
-        stream = c.generate_stream("Once upon a time, in a small village by the sea,", max_tokens=96)
+        stream = c.generate_stream(
+            "Once upon a time, in a small village by the sea,", max_tokens=96
+        )
         first = next(stream)
         assert first.text
         d.proc.send_signal(signal.SIGTERM)
@@ -205,14 +211,23 @@ def test_cli_talks_to_the_daemon(start) -> None:
     sidecar = [sys.executable, "-m", "sidecar.cli"]
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*sidecar, *args, "--socket", str(d.socket)], capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [*sidecar, *args, "--socket", str(d.socket)], capture_output=True, text=True, timeout=60
+        )
 
-    out = cli("classify", "I think someone stole my card", *sum((["-l", x] for x in BANKING_LABELS), []))
+    out = cli(
+        "classify",
+        "I think someone stole my card",
+        *[a for label in BANKING_LABELS for a in ("-l", label)],
+    )
     assert out.returncode == 0 and out.stdout.strip() == "lost_or_stolen_card"
     out = cli("status", "--json")
     assert json.loads(out.stdout)["models"][0]["model"]["version"] == "b179c9523d0e"
     out = cli("generate", "--json", "--max-tokens", "4", "Hello")
-    assert json.loads(out.stdout)["usage"]["completion_tokens"] == "4" or json.loads(out.stdout)["usage"]["completion_tokens"] == 4
+    assert (
+        json.loads(out.stdout)["usage"]["completion_tokens"] == "4"
+        or json.loads(out.stdout)["usage"]["completion_tokens"] == 4
+    )
     out = cli("generate", "")
     assert out.returncode == 1 and "INVALID_ARGUMENT: prompt is empty" in out.stderr
     out = cli("models")

@@ -72,7 +72,10 @@ def test_model_flag_with_a_name_selects_that_model(tmp_path: Path) -> None:
 
 
 def test_env_model_keys_apply_to_default_model(tmp_path: Path) -> None:
-    cfg = load(Overrides(config=write(tmp_path, "")), env={"SIDECAR_MODEL_PATH": "/e.gguf", "SIDECAR_MODEL_THREADS": "2"})
+    cfg = load(
+        Overrides(config=write(tmp_path, "")),
+        env={"SIDECAR_MODEL_PATH": "/e.gguf", "SIDECAR_MODEL_THREADS": "2"},
+    )
     assert cfg.models[0].path == Path("/e.gguf")
     assert cfg.models[0].threads == 2
 
@@ -82,20 +85,37 @@ def test_env_model_keys_apply_to_default_model(tmp_path: Path) -> None:
     [
         ('[server]\ntcp_port = "eighty"', {}, "server.tcp_port", "expected int"),
         ("[server]\ntcp_port = 70000", {}, "server.tcp_port", "port"),
-        ('[server]\ntcp_port = 8080\ntcp_host = "0.0.0.0"\ntcp_token = "t"', {}, "server.tcp_host", "loopback"),
+        (
+            '[server]\ntcp_port = 8080\ntcp_host = "0.0.0.0"\ntcp_token = "t"',
+            {},
+            "server.tcp_host",
+            "loopback",
+        ),
         ("[server]\ntcp_port = 8080", {}, "server.tcp_token", "required"),
         ("[server]\nsockett = 1", {}, "server.sockett", "unknown key"),
         ('[log]\nformat = "xml"', {}, "log.format", "must be one of"),
         ('[models.a]\npath = "/a"\nworkers = 0', {}, "models.a.workers", ">= 1"),
         ("[models.a]\nworkers = 2", {}, "models.a.path", "required"),
         ('default_model = "zzz"\n[models.a]\npath = "/a"', {}, "default_model", "no [models.zzz]"),
-        ("", {"SIDECAR_MODEL_PATH": "/a", "SIDECAR_MODEL_WORKERS": "many"}, "models.default.workers", "expected int"),
-        ("", {"SIDECAR_SERVER_SOCKET_GROUP_ACCESS": "maybe"}, "server.socket_group_access", "expected bool"),
+        (
+            "",
+            {"SIDECAR_MODEL_PATH": "/a", "SIDECAR_MODEL_WORKERS": "many"},
+            "models.default.workers",
+            "expected int",
+        ),
+        (
+            "",
+            {"SIDECAR_SERVER_SOCKET_GROUP_ACCESS": "maybe"},
+            "server.socket_group_access",
+            "expected bool",
+        ),
         ("surprise = 1", {}, "surprise", "unknown key"),
         ("[models]\na = 1", {}, "models.a", "must be a table"),
     ],
 )
-def test_invalid_values_name_the_key(tmp_path: Path, toml: str, env: dict[str, str], key: str, problem: str) -> None:
+def test_invalid_values_name_the_key(
+    tmp_path: Path, toml: str, env: dict[str, str], key: str, problem: str
+) -> None:
     with pytest.raises(ConfigError) as e:
         load(Overrides(config=write(tmp_path, toml)), env=env)
     assert e.value.key == key
@@ -126,5 +146,7 @@ def test_config_is_frozen(tmp_path: Path) -> None:
 
 def test_readme_documents_every_key() -> None:
     readme = (REPO / "README.md").read_text()
-    missing = [name for name, _ in documented_keys() if not re.search(rf"`{re.escape(name)}`", readme)]
+    missing = [
+        name for name, _ in documented_keys() if not re.search(rf"`{re.escape(name)}`", readme)
+    ]
     assert not missing, f"README.md does not document: {missing}"

@@ -32,7 +32,9 @@ def all_error_classes() -> list[type[errors.SidecarError]]:
         (errors.InternalError, grpc.StatusCode.INTERNAL),
     ],
 )
-def test_each_domain_error_has_its_status_code(cls: type[errors.SidecarError], code: grpc.StatusCode) -> None:
+def test_each_domain_error_has_its_status_code(
+    cls: type[errors.SidecarError], code: grpc.StatusCode
+) -> None:
     assert status_for(cls("x")) == code
 
 

@@ -9,7 +9,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_generated_stubs_match_the_protos() -> None:
     run = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "gen_protos.py"), "--check"], capture_output=True, text=True
+        [sys.executable, str(REPO / "scripts" / "gen_protos.py"), "--check"],
+        capture_output=True,
+        text=True,
     )
     assert run.returncode == 0, run.stderr
 

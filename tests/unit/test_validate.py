@@ -5,7 +5,16 @@ import json
 import pytest
 
 from sidecar.errors import InvalidRequest, OutOfRange
-from sidecar.types import ChatMessage, ChatTask, ClassifyTask, EmbedTask, ExtractTask, GenerateTask, Sampling, Task
+from sidecar.types import (
+    ChatMessage,
+    ChatTask,
+    ClassifyTask,
+    EmbedTask,
+    ExtractTask,
+    GenerateTask,
+    Sampling,
+    Task,
+)
 from sidecar.validate import Limits, check
 
 LIMITS = Limits(context=2048, max_labels=256, max_embed_texts=16)
@@ -35,14 +44,20 @@ SCHEMA = json.dumps({"type": "object", "properties": {"a": {"type": "string"}}})
         (ExtractTask("t", "{not json"), InvalidRequest, "not valid JSON"),
         (ExtractTask("t", "[1, 2]"), InvalidRequest, "JSON object"),
         (ExtractTask("t", '{"type": "objekt"}'), InvalidRequest, "not a valid JSON Schema"),
-        (ExtractTask("t", '{"properties": {"a": {"type": 5}}}'), InvalidRequest, "properties/a/type"),
+        (
+            ExtractTask("t", '{"properties": {"a": {"type": 5}}}'),
+            InvalidRequest,
+            "properties/a/type",
+        ),
         (ExtractTask("", SCHEMA), InvalidRequest, "text is empty"),
         (EmbedTask(()), InvalidRequest, "texts is empty"),
         (EmbedTask(("a", "")), InvalidRequest, "texts[1] is empty"),
         (EmbedTask(tuple("x" * 17)), OutOfRange, "at most 16"),
     ],
 )
-def test_bad_input_is_refused_with_a_message_that_says_what_to_fix(task: Task, error: type[Exception], says: str) -> None:
+def test_bad_input_is_refused_with_a_message_that_says_what_to_fix(
+    task: Task, error: type[Exception], says: str
+) -> None:
     with pytest.raises(error) as e:
         check(task, LIMITS)
     assert says in str(e.value)
