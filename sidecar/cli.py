@@ -153,6 +153,11 @@ def _connect(
     from sidecar.client import Client
 
     config = _config(ctx, socket=socket)
+    where = tcp or f"unix:{config.server.socket}"
+    missing = f"error: no sidecar daemon is answering on {where}: start one with `sidecar serve`"
+    if not tcp and not config.server.socket.exists():
+        click.echo(missing, err=True)
+        sys.exit(EXIT_NO_DAEMON)
     client = Client(
         config.server.socket,
         tcp=tcp,
@@ -162,11 +167,8 @@ def _connect(
     try:
         grpc.channel_ready_future(client.channel).result(timeout=min(timeout, 3.0))
     except grpc.FutureTimeoutError:
-        where = tcp or f"unix:{config.server.socket}"
-        click.echo(
-            f"error: no sidecar daemon is answering on {where}: start one with `sidecar serve`",
-            err=True,
-        )
+        client.close()
+        click.echo(missing, err=True)
         sys.exit(EXIT_NO_DAEMON)
     return client
 

@@ -96,7 +96,9 @@ class _Front(_Half):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         assert self.transport is not None
-        task = asyncio.get_running_loop().create_task(self.relay._connect_back(self, self.transport))
+        task = asyncio.get_running_loop().create_task(
+            self.relay._connect_back(self, self.transport)
+        )
         self.relay._tasks.add(task)
         task.add_done_callback(self.relay._tasks.discard)
 

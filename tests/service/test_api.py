@@ -384,7 +384,9 @@ with Client(sys.argv[1]) as c, cf.ThreadPoolExecutor(6) as ex:
 """
 
 
-async def test_processes_are_told_apart_by_kernel_credentials(serve, tiny_model: Path, monkeypatch) -> None:
+async def test_processes_are_told_apart_by_kernel_credentials(
+    serve, tiny_model: Path, monkeypatch
+) -> None:
     """No metadata: a busy process's burst must not delay another process's request."""
     import sys
 
@@ -392,7 +394,7 @@ async def test_processes_are_told_apart_by_kernel_credentials(serve, tiny_model:
     s = await serve(tiny_model, workers=1)
     pool = s.running.engine.pools["default"]  # type: ignore[attr-defined]
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", BURST, str(s.socket))
-    for _ in range(500):  # noqa: ASYNC110 - wait until the burst is queued
+    for _ in range(500):
         if len(pool._queue) >= 4:
             break
         await asyncio.sleep(0.01)

@@ -23,7 +23,12 @@ RELAYED = "unix-abstract:sidecar-peer/100/1000/4242/7"
 
 def test_relayed_peer_names_carry_uid_and_pid() -> None:
     assert parse_peer(RELAYED) == (1000, 4242)
-    for other in ("unix:", "ipv4:127.0.0.1:5000", "unix-abstract:sidecar-peer/1/x/2/3", "unix-abstract:else"):
+    for other in (
+        "unix:",
+        "ipv4:127.0.0.1:5000",
+        "unix-abstract:sidecar-peer/1/x/2/3",
+        "unix-abstract:else",
+    ):
         assert parse_peer(other) is None
 
 

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from sidecar.cli import EXIT_CONFIG, EXIT_NO_DAEMON, main
+
+
+def test_config_keys_lists_every_key() -> None:
+    out = CliRunner().invoke(main, ["config", "--keys"])
+    assert out.exit_code == 0
+    assert "server.socket " in out.output and "models.NAME.workers" in out.output
+
+
+def test_invalid_config_exits_2_naming_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "c.toml"
+    bad.write_text("[server]\nmax_message_bytes = 'lots'\n")
+    out = CliRunner().invoke(main, ["--config", str(bad), "serve", "--model", "/x.gguf"])
+    assert out.exit_code == EXIT_CONFIG
+    assert "server.max_message_bytes" in out.output
+
+
+def test_invalid_env_value_exits_2(tmp_path: Path) -> None:
+    empty = tmp_path / "c.toml"
+    empty.touch()
+    out = CliRunner().invoke(
+        main,
+        ["--config", str(empty), "serve", "--model", "/x.gguf"],
+        env={"SIDECAR_MODEL_WORKERS": "0"},
+    )
+    assert out.exit_code == EXIT_CONFIG
+    assert "models.default.workers" in out.output
+
+
+def test_serve_without_a_model_exits_2(tmp_path: Path) -> None:
+    empty = tmp_path / "c.toml"
+    empty.touch()
+    out = CliRunner().invoke(main, ["--config", str(empty), "serve"])
+    assert out.exit_code == EXIT_CONFIG
+    assert "no model configured" in out.output
+
+
+def test_serve_with_a_missing_model_file_fails_clearly(tmp_path: Path) -> None:
+    empty = tmp_path / "c.toml"
+    empty.touch()
+    sock = Path("/tmp") / f"sc-cli-{id(tmp_path)}.sock"
+    out = CliRunner().invoke(
+        main,
+        [
+            "--config",
+            str(empty),
+            "serve",
+            "--socket",
+            str(sock),
+            "--model",
+            str(tmp_path / "gone.gguf"),
+        ],
+    )
+    assert out.exit_code == 1
+    assert "gone.gguf" in out.output
+    assert not sock.exists()
+
+
+def test_client_command_without_daemon_exits_3(tmp_path: Path) -> None:
+    empty = tmp_path / "c.toml"
+    empty.touch()
+    for args in (["status"], ["classify", "x", "-l", "a", "-l", "b"], ["generate", "hi"]):
+        out = CliRunner().invoke(
+            main, ["--config", str(empty), *args, "--socket", str(tmp_path / "none.sock")]
+        )
+        assert out.exit_code == EXIT_NO_DAEMON, out.output
+        assert "no sidecar daemon is answering" in out.output
