@@ -261,13 +261,13 @@ def models(
 @main.command()
 @click.argument("prompt")
 @click.option("--model", default="", help="Model name (default: the daemon's default).")
-@click.option("--max-tokens", type=int, default=0, help="0 = server default.")
+@click.option("--max-tokens", type=int, default=None, help="Default: the server default.")
 @click.option("--temperature", type=float, default=0.0, help="0 = greedy (deterministic).")
 @click.option("--stop", multiple=True, help="Stop sequence (repeatable).")
 @click.option("--stream", is_flag=True, help="Print tokens as they come.")
 @_client_options
 @click.pass_context
-def generate(ctx: click.Context, prompt: str, model: str, max_tokens: int, temperature: float, stop: tuple[str, ...],
+def generate(ctx: click.Context, prompt: str, model: str, max_tokens: int | None, temperature: float, stop: tuple[str, ...],
              stream: bool, socket: Path | None, tcp: str | None, token: str | None, timeout: float, as_json: bool) -> None:  # fmt: skip
     """Continue a raw prompt."""
     kw = {"model": model, "max_tokens": max_tokens, "temperature": temperature, "stop": stop}
@@ -283,12 +283,12 @@ def generate(ctx: click.Context, prompt: str, model: str, max_tokens: int, tempe
 @click.argument("message")
 @click.option("--system", default="", help="System message.")
 @click.option("--model", default="")
-@click.option("--max-tokens", type=int, default=0)
+@click.option("--max-tokens", type=int, default=None)
 @click.option("--temperature", type=float, default=0.0)
 @click.option("--stream", is_flag=True)
 @_client_options
 @click.pass_context
-def chat(ctx: click.Context, message: str, system: str, model: str, max_tokens: int, temperature: float, stream: bool,
+def chat(ctx: click.Context, message: str, system: str, model: str, max_tokens: int | None, temperature: float, stream: bool,
          socket: Path | None, tcp: str | None, token: str | None, timeout: float, as_json: bool) -> None:  # fmt: skip
     """One chat turn, using the model's chat template."""
     messages = ([("system", system)] if system else []) + [("user", message)]
@@ -333,10 +333,10 @@ def classify(ctx: click.Context, text: str, labels: tuple[str, ...], instruction
 @click.option("--schema", required=True, help="JSON Schema as JSON text, or @FILE.")
 @click.option("--instruction", default="")
 @click.option("--model", default="")
-@click.option("--max-tokens", type=int, default=0)
+@click.option("--max-tokens", type=int, default=None)
 @_client_options
 @click.pass_context
-def extract(ctx: click.Context, text: str, schema: str, instruction: str, model: str, max_tokens: int,
+def extract(ctx: click.Context, text: str, schema: str, instruction: str, model: str, max_tokens: int | None,
             socket: Path | None, tcp: str | None, token: str | None, timeout: float, as_json: bool) -> None:  # fmt: skip
     """JSON from TEXT that validates against a JSON Schema."""
     if schema.startswith("@"):

@@ -52,7 +52,7 @@ def _sampling(
     )
 
 
-def generate_request(prompt: str, *, model: str = "", max_tokens: int = 0, temperature: float = 0.0,
+def generate_request(prompt: str, *, model: str = "", max_tokens: int | None = None, temperature: float = 0.0,
                      top_p: float = 0.0, top_k: int = 0, seed: int = 0, stop: Sequence[str] = ()) -> pb.GenerateRequest:  # fmt: skip
     return pb.GenerateRequest(
         model=model, prompt=prompt, max_tokens=max_tokens,
@@ -60,7 +60,7 @@ def generate_request(prompt: str, *, model: str = "", max_tokens: int = 0, tempe
     )  # fmt: skip
 
 
-def chat_request(messages: Iterable[Message], *, model: str = "", max_tokens: int = 0, temperature: float = 0.0,
+def chat_request(messages: Iterable[Message], *, model: str = "", max_tokens: int | None = None, temperature: float = 0.0,
                  top_p: float = 0.0, top_k: int = 0, seed: int = 0, stop: Sequence[str] = ()) -> pb.ChatRequest:  # fmt: skip
     msgs = [
         pb.ChatMessage(role=m[0], content=m[1]) if isinstance(m, tuple)
@@ -80,7 +80,7 @@ def classify_request(
 
 
 def extract_request(text: str, schema: str | Mapping[str, Any], *, instruction: str = "", model: str = "",
-                    max_tokens: int = 0) -> pb.ExtractRequest:  # fmt: skip
+                    max_tokens: int | None = None) -> pb.ExtractRequest:  # fmt: skip
     schema_text = schema if isinstance(schema, str) else json.dumps(schema)
     return pb.ExtractRequest(
         model=model,

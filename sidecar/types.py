@@ -35,7 +35,7 @@ class ChatMessage:
 @dataclass(frozen=True)
 class GenerateTask:
     prompt: str
-    max_tokens: int  # 0 = the worker decides (what fits, capped by the default)
+    max_tokens: int | None  # None = the server default, capped to what fits
     sampling: Sampling = Sampling()
     kind: Kind = "generate"
 
@@ -43,7 +43,7 @@ class GenerateTask:
 @dataclass(frozen=True)
 class ChatTask:
     messages: tuple[ChatMessage, ...]
-    max_tokens: int
+    max_tokens: int | None
     sampling: Sampling = Sampling()
     kind: Kind = "chat"
 
@@ -61,7 +61,7 @@ class ExtractTask:
     text: str
     schema: str  # JSON text, already checked to be a valid JSON Schema
     instruction: str = ""
-    max_tokens: int = 0
+    max_tokens: int | None = None
     kind: Kind = "extract"
 
 

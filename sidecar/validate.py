@@ -40,9 +40,13 @@ def check(task: Task, limits: Limits) -> None:
     CHECKS[type(task)](task, limits)
 
 
-def _max_tokens(value: int, limits: Limits) -> None:
-    if value < 0:
-        raise InvalidRequest(f"max_tokens must be positive (or 0 for the default), got {value}")
+def _max_tokens(value: int | None, limits: Limits) -> None:
+    if value is None:
+        return
+    if value <= 0:
+        raise InvalidRequest(
+            f"max_tokens must be at least 1 (leave it unset for the default), got {value}"
+        )
     if value > limits.context:
         raise OutOfRange(
             f"max_tokens {value} is larger than the model's whole context window ({limits.context} tokens)"

@@ -29,6 +29,10 @@ FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 # ---------------------------------------------------------------- requests
 
 
+def _max_tokens(r: pb.GenerateRequest | pb.ChatRequest | pb.ExtractRequest) -> int | None:
+    return r.max_tokens if r.HasField("max_tokens") else None
+
+
 def sampling(s: pb.Sampling) -> Sampling:
     return Sampling(
         temperature=s.temperature,
@@ -41,13 +45,13 @@ def sampling(s: pb.Sampling) -> Sampling:
 
 
 def generate_task(r: pb.GenerateRequest) -> GenerateTask:
-    return GenerateTask(prompt=r.prompt, max_tokens=r.max_tokens, sampling=sampling(r.sampling))
+    return GenerateTask(prompt=r.prompt, max_tokens=_max_tokens(r), sampling=sampling(r.sampling))
 
 
 def chat_task(r: pb.ChatRequest) -> ChatTask:
     return ChatTask(
         messages=tuple(ChatMessage(m.role, m.content) for m in r.messages),
-        max_tokens=r.max_tokens,
+        max_tokens=_max_tokens(r),
         sampling=sampling(r.sampling),
     )
 
@@ -58,7 +62,7 @@ def classify_task(r: pb.ClassifyRequest) -> ClassifyTask:
 
 def extract_task(r: pb.ExtractRequest) -> ExtractTask:
     return ExtractTask(
-        text=r.text, schema=r.json_schema, instruction=r.instruction, max_tokens=r.max_tokens
+        text=r.text, schema=r.json_schema, instruction=r.instruction, max_tokens=_max_tokens(r)
     )
 
 

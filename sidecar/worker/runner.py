@@ -172,7 +172,7 @@ class LlamaRunner:
             raise InvalidRequest(f"the model's chat template rejected the messages: {e}") from None
         return self._tokenize(rendered.prompt, add_bos=not rendered.added_special)
 
-    def _check_fits(self, prompt_len: int, max_tokens: int) -> int:
+    def _check_fits(self, prompt_len: int, max_tokens: int | None) -> int:
         n_ctx = self.facts.n_ctx
         if prompt_len >= n_ctx:
             raise OutOfRange(
@@ -180,7 +180,7 @@ class LlamaRunner:
                 "shorten the prompt (or raise the model's `context` setting)"
             )
         room = n_ctx - prompt_len
-        if max_tokens == 0:
+        if max_tokens is None:
             return min(self.spec.default_max_tokens, room)
         if max_tokens > room:
             raise OutOfRange(
@@ -227,7 +227,7 @@ class LlamaRunner:
     def _generate(
         self,
         prompt: list[int],
-        max_tokens: int,
+        max_tokens: int | None,
         sampling: Sampling,
         grammar: str | None,
         emit: Emit | None,

@@ -88,6 +88,12 @@ BAD_REQUESTS = [
     ),
     (
         "Generate",
+        pb.GenerateRequest(prompt="x", max_tokens=0),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "at least 1",
+    ),
+    (
+        "Generate",
         pb.GenerateRequest(prompt="x", max_tokens=10**9),
         grpc.StatusCode.OUT_OF_RANGE,
         "context window",

@@ -25,7 +25,9 @@ SCHEMA = json.dumps({"type": "object", "properties": {"a": {"type": "string"}}})
     ("task", "error", "says"),
     [
         (GenerateTask("", 10), InvalidRequest, "prompt is empty"),
-        (GenerateTask("hi", -1), InvalidRequest, "max_tokens must be positive"),
+        (GenerateTask("hi", -1), InvalidRequest, "max_tokens must be at least 1"),
+        (GenerateTask("hi", 0), InvalidRequest, "leave it unset"),
+        (ExtractTask("t", SCHEMA, max_tokens=0), InvalidRequest, "max_tokens"),
         (GenerateTask("hi", 10**9), OutOfRange, "context window"),
         (GenerateTask("hi", 5, Sampling(temperature=-1)), InvalidRequest, "temperature"),
         (GenerateTask("hi", 5, Sampling(top_p=2)), InvalidRequest, "top_p"),
@@ -66,9 +68,9 @@ def test_bad_input_is_refused_with_a_message_that_says_what_to_fix(
 @pytest.mark.parametrize(
     "task",
     [
-        GenerateTask("hi", 0),
+        GenerateTask("hi", None),
         GenerateTask("hi", 2048, Sampling(temperature=0.7, top_p=0.9, top_k=40, stop=("\n",))),
-        ChatTask((ChatMessage("system", ""), ChatMessage("user", "hi")), 0),
+        ChatTask((ChatMessage("system", ""), ChatMessage("user", "hi")), None),
         ClassifyTask("t", ("a", "b")),
         ExtractTask("t", SCHEMA),
         EmbedTask(("a", "b")),
