@@ -221,16 +221,27 @@ def status(
     if as_json:
         click.echo(_dump(reply))
         return
+    mib = 1024 * 1024
     click.echo(
-        f"sidecar {reply.version} pid {reply.pid} up {reply.uptime_s:.0f}s on {reply.socket} ({health})"
+        f"sidecar {reply.version} pid {reply.pid} up {reply.uptime_s:.0f}s on {reply.socket} "
+        f"({health}); {reply.memory_available_bytes // mib} MiB memory available"
     )
+    if reply.shedding:
+        click.echo(f"  SHEDDING LOAD: {reply.shedding}")
     for m in reply.models:
         mark = " (default)" if m.is_default else ""
         state = "ready" if m.ready else f"NOT READY: {m.detail}"
-        click.echo(f"  {m.model.name}@{m.model.version}{mark}: {state}; context {m.context}, "
-                   f"queue {m.queue_depth}/{m.queue_limit}; {m.path}")  # fmt: skip
+        click.echo(
+            f"  {m.model.name}@{m.model.version}{mark}: {state}; context {m.context}, "
+            f"queue {m.queue_depth}/{m.queue_limit}, {m.restarts} restarts; {m.path}"
+        )
+        if m.last_error:
+            click.echo(f"    last error: {m.last_error} (restart backoff {m.backoff_s:.1f}s)")
         for w in m.workers:
-            click.echo(f"    worker pid {w.pid}: {w.state}, {w.requests} requests")
+            click.echo(
+                f"    worker pid {w.pid}: {w.state}, {w.requests} requests, "
+                f"{w.rss_bytes // mib} MiB RSS"
+            )
     for k, v in sorted(reply.counters.items()):
         click.echo(f"  {k}: {v}")
 

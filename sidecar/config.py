@@ -57,7 +57,7 @@ class Key:
     check: Callable[[Any], str | None] = lambda _v: None  # returns a problem or None
 
 
-def _at_least(n: int) -> Callable[[Any], str | None]:
+def _at_least(n: float) -> Callable[[Any], str | None]:
     return lambda v: None if v >= n else f"must be >= {n}, got {v}"
 
 
@@ -99,6 +99,18 @@ SERVER_KEYS: dict[str, Key] = {
     "grace_seconds": Key(
         float, 10.0, "On SIGTERM, how long in-flight requests may finish.", _at_least(0)
     ),
+    "ping_interval_seconds": Key(
+        float, 2.0, "How often the supervisor pings each worker.", _at_least(0.05)
+    ),
+    "hang_seconds": Key(
+        float, 30.0, "A worker silent this long (stuck or stopped) is killed.", _at_least(0.1)
+    ),
+    "probe_interval_seconds": Key(
+        float, 30.0, "How often readiness is re-proven with a one-token generation.", _at_least(0.1)
+    ),
+    "min_available_mb": Key(
+        int, 256, "Below this much free system memory, new requests are shed.", _at_least(0)
+    ),
     "tcp_port": Key(int, 0, "Optional TCP listener port on tcp_host; 0 = off.", _port),
     "tcp_host": Key(str, "127.0.0.1", "TCP listener address; loopback only.", _loopback),
     "tcp_token": Key(str, "", "Bearer token required on TCP (prefer SIDECAR_SERVER_TCP_TOKEN)."),
@@ -121,6 +133,9 @@ MODEL_KEYS: dict[str, Key] = {
     ),
     "context": Key(int, 2048, "Context window in tokens (prompt + generation).", _at_least(64)),
     "batch": Key(int, 512, "Prompt-processing batch size in tokens.", _at_least(1)),
+    "max_rss_mb": Key(
+        int, 0, "Replace a worker (between requests) whose RSS exceeds this; 0 = off.", _at_least(0)
+    ),
     "max_queue": Key(
         int, 64, "Requests that may wait for a worker; beyond: RESOURCE_EXHAUSTED.", _at_least(1)
     ),
@@ -141,6 +156,10 @@ class ServerConfig:
     max_labels: int
     max_embed_texts: int
     grace_seconds: float
+    ping_interval_seconds: float
+    hang_seconds: float
+    probe_interval_seconds: float
+    min_available_mb: int
     tcp_port: int
     tcp_host: str
     tcp_token: str
@@ -164,6 +183,7 @@ class ModelConfig:
     threads: int
     context: int
     batch: int
+    max_rss_mb: int
     max_queue: int
 
 

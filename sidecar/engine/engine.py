@@ -17,7 +17,7 @@ from sidecar.config import Config
 from sidecar.engine.fake import FakeSlot
 from sidecar.engine.pool import Job, ModelPool, PoolStatus
 from sidecar.engine.slots import ProcessSlot, SlotFactory, ThreadSlot
-from sidecar.errors import InternalError, ModelNotFound, SidecarError
+from sidecar.errors import InternalError, ModelNotFound, Overloaded, SidecarError
 from sidecar.types import (
     Classification,
     Embeddings,
@@ -60,6 +60,7 @@ class PoolEngine:
             m.name: ModelPool(m, factory, config.server.default_max_tokens) for m in config.models
         }
         self.default_model = config.default_model
+        self.shed_reason: str | None = None  # set by the supervisor under memory pressure
 
     async def start(self) -> None:
         try:
@@ -85,6 +86,8 @@ class PoolEngine:
 
     def _submit(self, model: str, task: Task, caller: str, stream: bool) -> tuple[ModelPool, Job]:
         pool = self.pool(model)
+        if self.shed_reason:
+            raise Overloaded(self.shed_reason)
         s = self.config.server
         check(task, Limits(pool.config.context, s.max_labels, s.max_embed_texts))
         return pool, pool.submit(task, caller, stream)

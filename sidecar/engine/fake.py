@@ -12,7 +12,7 @@ import hashlib
 import json
 from typing import Any
 
-from sidecar.engine.slots import Events, SlotInfo
+from sidecar.engine.slots import Events, SlotInfo, Unsupervised
 from sidecar.errors import Cancelled
 from sidecar.types import (
     ChatTask,
@@ -36,7 +36,7 @@ from sidecar.worker.runner import ModelFacts, RunnerSpec
 FAKE_FACTS = ModelFacts(n_ctx=2048, n_vocab=256, n_embd=8, chat_template=False)
 
 
-class FakeSlot:
+class FakeSlot(Unsupervised):
     token_delay_s = 0.0  # tests raise it to make work observable
 
     def __init__(self, spec: RunnerSpec, events: Events) -> None:

@@ -19,8 +19,8 @@ from pathlib import Path
 from sidecar.config import ModelConfig
 from sidecar.engine.fair_queue import FairQueue
 from sidecar.engine.slots import Slot, SlotFactory, SlotInfo
-from sidecar.errors import FailedPrecondition, SidecarError, Unavailable
-from sidecar.types import ModelRef, Result, Task, TokenEvent
+from sidecar.errors import FailedPrecondition, Overloaded, SidecarError, Unavailable
+from sidecar.types import GenerateTask, ModelRef, Result, Task, TokenEvent
 from sidecar.worker.runner import ModelFacts, RunnerSpec
 
 log = logging.getLogger("sidecar.pool")
@@ -28,6 +28,8 @@ log = logging.getLogger("sidecar.pool")
 VERSION_CHARS = 12
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
+HEALTHY_RESET_S = 60.0
+PROBE_CALLER = "sidecar:probe"
 
 Event = TokenEvent | Result | SidecarError
 _job_ids = itertools.count(1)
@@ -59,6 +61,9 @@ class PoolStatus:
     ready: bool
     detail: str
     restarts: int
+    backoff_s: float
+    last_error: str
+    rss: tuple[int | None, ...]
 
 
 def file_version(path: Path) -> str:
@@ -92,6 +97,8 @@ class ModelPool:
         self.facts: ModelFacts | None = None
         self.detail = "starting"
         self.restarts = 0
+        self.backoff_s = BACKOFF_START_S
+        self.last_error = ""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -196,43 +203,97 @@ class ModelPool:
         self._dispatch()
 
     def died(self, slot: Slot, reason: str) -> None:
-        log.warning("model %s: %s; restarting it", self.ref.name, reason)
+        now = time.monotonic()
+        # Backoff grows while workers keep dying young and resets once one has been
+        # healthy for a while, so a crash loop slows down but a rare crash restarts fast.
+        if now - slot.started_at > HEALTHY_RESET_S:
+            self.backoff_s = BACKOFF_START_S
+        else:
+            self.backoff_s = min(self.backoff_s * 2, BACKOFF_MAX_S)
+        log.warning("model %s: %s; restarting it in %.1fs", self.ref.name, reason, self.backoff_s)
         if slot in self._idle:
             self._idle.remove(slot)
-        self.detail = reason
-        if not self._closing:
-            task = asyncio.get_running_loop().create_task(self._replace(slot))
-            self._restart_tasks.add(task)
-            task.add_done_callback(self._restart_tasks.discard)
+        self.detail = self.last_error = reason
+        self._spawn_replacement(slot, self.backoff_s)
 
-    async def _replace(self, dead: Slot) -> None:
-        delay = BACKOFF_START_S
+    def _spawn_replacement(self, old: Slot, delay: float) -> None:
+        if self._closing:
+            return
+        task = asyncio.get_running_loop().create_task(self._replace(old, delay))
+        self._restart_tasks.add(task)
+        task.add_done_callback(self._restart_tasks.discard)
+
+    async def _replace(self, old: Slot, delay: float) -> None:
         while not self._closing:
             await asyncio.sleep(delay)
             fresh = self._make_slot(self.spec, self)
             try:
                 await fresh.start()
             except Exception as e:
-                log.warning(
-                    "model %s: worker restart failed (%s); next try in %.1fs",
-                    self.ref.name,
-                    e,
-                    delay * 2,
-                )
+                self.backoff_s = delay = min(max(delay, BACKOFF_START_S) * 2, BACKOFF_MAX_S)
+                self.detail = self.last_error = f"worker restart failed: {e}"
+                log.warning("model %s: %s; next try in %.1fs", self.ref.name, self.detail, delay)
                 with contextlib.suppress(Exception):
                     await fresh.stop()
-                delay = min(delay * 2, BACKOFF_MAX_S)
                 continue
             if self._closing:
                 await fresh.stop()
                 return
-            self._slots[self._slots.index(dead)] = fresh
+            self._slots[self._slots.index(old)] = fresh
             self._idle.append(fresh)
             self.restarts += 1
             if self.ready:
                 self.detail = ""
             self._dispatch()
             return
+
+    # ------------------------------------------------------------------ supervision
+
+    def supervise(self, now: float, hang_s: float) -> None:
+        """One supervisor tick: kill hung workers, ping the rest, retire bloated idle ones."""
+        ceiling = self.config.max_rss_mb * 1024 * 1024
+        for slot in list(self._slots):
+            if slot.info.state not in ("idle", "busy"):
+                continue
+            silent = slot.unanswered_s(now)
+            if silent > hang_s:
+                log.warning(
+                    "model %s: worker pid %s did not answer a ping for %.0fs; killing it",
+                    self.ref.name,
+                    slot.info.pid,
+                    silent,
+                )
+                slot.kill()  # its death is reported like any crash, and it is replaced
+                continue
+            slot.ping()
+            if ceiling and slot.info.state == "idle" and (slot.rss() or 0) > ceiling:
+                self._retire(slot, f"worker pid {slot.info.pid} is over max_rss_mb")
+
+    def _retire(self, slot: Slot, reason: str) -> None:
+        """Replace a healthy but unwanted idle worker; nothing it runs is lost."""
+        log.info("model %s: %s; replacing it", self.ref.name, reason)
+        self._idle.remove(slot)
+        slot.info.state = "retiring"
+        self.last_error = reason
+
+        async def swap() -> None:
+            await slot.stop()
+            await self._replace(slot, 0.0)
+
+        task = asyncio.get_running_loop().create_task(swap())
+        self._restart_tasks.add(task)
+        task.add_done_callback(self._restart_tasks.discard)
+
+    async def probe(self) -> str | None:
+        """A one-token generation through the queue: None if it answered, else why not."""
+        try:
+            job = self.submit(GenerateTask("Hello", 1), PROBE_CALLER, stream=False)
+        except Overloaded:
+            return None  # busy is alive
+        except SidecarError as e:
+            return e.message
+        event = await job.events.get()
+        return event.message if isinstance(event, SidecarError) else None
 
     # ------------------------------------------------------------------ status
 
@@ -248,4 +309,7 @@ class ModelPool:
             ready=self.ready,
             detail=self.detail,
             restarts=self.restarts,
+            backoff_s=self.backoff_s,
+            last_error=self.last_error,
+            rss=tuple(s.rss() for s in self._slots),
         )

@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import psutil
+
 from sidecar.errors import FailedPrecondition, SidecarError, WorkerCrashed, from_kind
 from sidecar.types import Result, Task
 from sidecar.worker.runner import ModelFacts, RunnerSpec
@@ -50,10 +52,34 @@ class Slot(Protocol):
     facts: ModelFacts | None
     job_id: int | None
 
+    started_at: float
+
     async def start(self) -> ModelFacts: ...
     def submit(self, job_id: int, task: Task, stream: bool) -> None: ...
     def cancel(self, job_id: int) -> None: ...
     async def stop(self) -> None: ...
+    def ping(self) -> None: ...
+    def unanswered_s(self, now: float) -> float: ...
+    def kill(self) -> None: ...
+    def rss(self) -> int | None: ...
+
+
+class Unsupervised:
+    """Liveness hooks for slots that share the daemon's process: nothing to ping or kill."""
+
+    started_at = 0.0
+
+    def ping(self) -> None:
+        pass
+
+    def unanswered_s(self, now: float) -> float:
+        return 0.0
+
+    def kill(self) -> None:
+        pass
+
+    def rss(self) -> int | None:
+        return None
 
 
 class ProcessSlot:
@@ -68,6 +94,9 @@ class ProcessSlot:
         self._outbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        self._ping_n = 0
+        self._ping_sent: float | None = None
+        self.started_at = time.monotonic()
 
     async def start(self) -> ModelFacts:
         from sidecar.worker.process import worker_main
@@ -86,6 +115,7 @@ class ProcessSlot:
             raise from_kind(msg[1], msg[2])
         self.facts = msg[1]
         self.info.state = "idle"
+        self.started_at = time.monotonic()
         threading.Thread(target=self._read, name=f"slot-read-{self.info.pid}", daemon=True).start()
         threading.Thread(
             target=self._write, name=f"slot-write-{self.info.pid}", daemon=True
@@ -118,6 +148,27 @@ class ProcessSlot:
     def cancel(self, job_id: int) -> None:
         self._outbox.put(("cancel", job_id))
 
+    # Liveness: the worker answers pings between tokens and prompt batches, from the
+    # thread that runs llama.cpp, so one stuck in native code (or SIGSTOPped) goes quiet.
+    def ping(self) -> None:
+        if self._ping_sent is None and self.info.state in ("idle", "busy"):
+            self._ping_n += 1
+            self._ping_sent = time.monotonic()
+            self._outbox.put(("ping", self._ping_n))
+
+    def unanswered_s(self, now: float) -> float:
+        return 0.0 if self._ping_sent is None else now - self._ping_sent
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.kill()
+
+    def rss(self) -> int | None:
+        try:
+            return int(psutil.Process(self.info.pid).memory_info().rss) if self.info.pid else None
+        except psutil.Error:
+            return None
+
     def _write(self) -> None:
         while (msg := self._outbox.get()) is not None:
             try:
@@ -137,7 +188,10 @@ class ProcessSlot:
 
     def _deliver(self, msg: tuple[Any, ...]) -> None:
         op, job_id = msg[0], msg[1]
-        if op == "token":
+        if op == "pong":
+            if job_id == self._ping_n:
+                self._ping_sent = None
+        elif op == "token":
             self.events.token(self, job_id, msg[2])
         elif op == "done":
             self._finish(job_id)
@@ -185,7 +239,7 @@ class ProcessSlot:
             self._conn.close()
 
 
-class ThreadSlot:
+class ThreadSlot(Unsupervised):
     """In-process slot: the runner lives in one dedicated thread."""
 
     def __init__(self, spec: RunnerSpec, events: Events) -> None:

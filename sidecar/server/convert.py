@@ -141,20 +141,24 @@ def embed_reply(e: Embeddings) -> pb.EmbedReply:
     )
 
 
-def model_status(s: PoolStatus, is_default: bool) -> pb.ModelStatus:
+def model_status(s: PoolStatus, is_default: bool, probe_error: str | None = None) -> pb.ModelStatus:
     return pb.ModelStatus(
         model=_model(s.model),
         path=str(s.path),
         context=s.context,
         threads=s.threads,
         workers=[
-            pb.WorkerStatus(pid=w.pid or 0, state=w.state, requests=w.requests) for w in s.workers
+            pb.WorkerStatus(pid=w.pid or 0, state=w.state, requests=w.requests, rss_bytes=rss or 0)
+            for w, rss in zip(s.workers, s.rss, strict=True)
         ],
         queue_depth=s.queue_depth,
         queue_limit=s.queue_limit,
-        ready=s.ready,
-        detail=s.detail,
+        ready=s.ready and not probe_error,
+        detail=s.detail or (probe_error or ""),
         is_default=is_default,
+        restarts=s.restarts,
+        backoff_s=s.backoff_s,
+        last_error=s.last_error or (probe_error or ""),
     )
 
 
@@ -165,8 +169,12 @@ def status_reply(
     socket: str,
     models: list[pb.ModelStatus],
     counters: dict[str, int],
+    memory_available: int,
+    shedding: str,
 ) -> pb.StatusReply:
     return pb.StatusReply(
+        memory_available_bytes=memory_available,
+        shedding=shedding,
         version=__version__,
         pid=pid,
         uptime_s=uptime_s,

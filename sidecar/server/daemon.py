@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -23,11 +23,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sidecar.config import Config
-from sidecar.engine.engine import Engine, PoolEngine
+from sidecar.engine.engine import PoolEngine
 from sidecar.server.interceptor import RequestInterceptor
 from sidecar.server.peercred import PeerCredRelay
 from sidecar.server.servicer import AdminServicer, InferenceServicer
 from sidecar.server.socket_claim import SocketClaim
+from sidecar.supervisor import Supervisor
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import inference_pb2_grpc as pb_grpc
 
@@ -46,16 +47,22 @@ class Running:
     """What a started daemon exposes to its caller (the CLI, or tests in-process)."""
 
     server: grpc.aio.Server
-    engine: Engine
+    engine: PoolEngine
     health: health.aio.HealthServicer
     claim: SocketClaim
     relay: PeerCredRelay | None
     tcp_port: int | None
-    stop: asyncio.Event
+    stop: asyncio.Event  # set by signals: serve() then shuts down
+    supervisor: Supervisor
+    halt: asyncio.Event = field(default_factory=asyncio.Event)  # stops the supervisor loop
+    supervising: asyncio.Task[None] | None = None
 
 
 async def start(
-    config: Config, engine: Engine | None = None, slot_kind: str = "process"
+    config: Config,
+    engine: PoolEngine | None = None,
+    slot_kind: str = "process",
+    heartbeat: Callable[[], None] | None = None,
 ) -> Running:
     """Listen, then load the models. Raises SocketBusy or the engine's start error."""
     s = config.server
@@ -72,9 +79,12 @@ async def start(
         ],
     )
     health_servicer = health.aio.HealthServicer()
+    supervisor = Supervisor(
+        engine, s, lambda ready: _publish(health_servicer, ready), heartbeat=heartbeat
+    )
     pb_grpc.add_InferenceServicer_to_server(InferenceServicer(engine), server)
     pb_grpc.add_AdminServicer_to_server(
-        AdminServicer(engine, s.socket, interceptor.counters), server
+        AdminServicer(supervisor, s.socket, interceptor.counters), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -101,30 +111,35 @@ async def start(
         os.umask(old_umask)
     os.chmod(s.socket, s.socket_mode)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    await _set_ready(health_servicer, config, False)
-    running = Running(server, engine, health_servicer, claim, relay, tcp_port, asyncio.Event())
+    await _publish(health_servicer, {m.name: False for m in config.models})
+    running = Running(
+        server, engine, health_servicer, claim, relay, tcp_port, asyncio.Event(), supervisor
+    )
     try:
         await engine.start()
     except BaseException:
         await _stop_listening(running, 0)
         raise
-    await _set_ready(health_servicer, config, True)
+    await supervisor.publish()
+    running.supervising = asyncio.create_task(supervisor.run(running.halt))
     return running
 
 
-async def _set_ready(h: health.aio.HealthServicer, config: Config, ready: bool) -> None:
-    status = (
-        health_pb2.HealthCheckResponse.SERVING
-        if ready
-        else health_pb2.HealthCheckResponse.NOT_SERVING
-    )
-    await h.set(INFERENCE_SERVICE, status)
-    for m in config.models:
-        await h.set(model_health_name(m.name), status)
+async def _publish(h: health.aio.HealthServicer, ready: dict[str, bool]) -> None:
+    def status(ok: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+        r = health_pb2.HealthCheckResponse
+        return r.SERVING if ok else r.NOT_SERVING
+
+    await h.set(INFERENCE_SERVICE, status(bool(ready) and all(ready.values())))
+    for name, ok in ready.items():
+        await h.set(model_health_name(name), status(ok))
 
 
 async def shutdown(running: Running, config: Config) -> None:
-    await _set_ready(running.health, config, False)
+    running.halt.set()
+    if running.supervising is not None:
+        await running.supervising
+    await _publish(running.health, {m.name: False for m in config.models})
     if running.relay is not None:
         running.relay.stop_accepting()  # new connections are refused; open ones drain below
     await _stop_listening(running, config.server.grace_seconds)

@@ -12,12 +12,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-import grpc
+import psutil
 
 from sidecar.engine.engine import Engine
 from sidecar.errors import InternalError
 from sidecar.server import convert
 from sidecar.server.caller import caller_of
+from sidecar.supervisor import Supervisor
 from sidecar.types import (
     Classification,
     Embeddings,
@@ -95,24 +96,29 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
 
 class AdminServicer(pb_grpc.AdminServicer):
-    def __init__(self, engine: Engine, socket: Path, counters: Counter[str]) -> None:
-        self.engine = engine
+    def __init__(self, supervisor: Supervisor, socket: Path, counters: Counter[str]) -> None:
+        self.supervisor = supervisor
+        self.engine = supervisor.engine
         self.socket = socket
         self.counters = counters
         self.started = time.monotonic()
 
     def _models(self) -> list[pb.ModelStatus]:
-        return [convert.model_status(s, is_default) for s, is_default in self.engine.status()]
+        errors = self.supervisor.probe_errors
+        return [
+            convert.model_status(s, is_default, errors.get(s.model.name))
+            for s, is_default in self.engine.status()
+        ]
 
-    async def Status(
-        self, request: pb.StatusRequest, context: grpc.aio.ServicerContext
-    ) -> pb.StatusReply:
+    async def Status(self, request: pb.StatusRequest, context: Any) -> pb.StatusReply:
         return convert.status_reply(
             pid=os.getpid(),
             uptime_s=time.monotonic() - self.started,
             socket=str(self.socket),
             models=self._models(),
             counters=dict(self.counters),
+            memory_available=psutil.virtual_memory().available,
+            shedding=self.engine.shed_reason or "",
         )
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsReply:

@@ -654,20 +654,23 @@ class WorkerStatus(_message.Message):
     PID_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     REQUESTS_FIELD_NUMBER: _builtins.int
+    RSS_BYTES_FIELD_NUMBER: _builtins.int
     pid: _builtins.int
     state: _builtins.str
-    """starting | idle | busy | dead"""
+    """starting | idle | busy | retiring | dead | stopped"""
     requests: _builtins.int
+    rss_bytes: _builtins.int
     def __init__(
         self,
         *,
         pid: _builtins.int = ...,
         state: _builtins.str = ...,
         requests: _builtins.int = ...,
+        rss_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pid", b"pid", "requests", b"requests", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pid", b"pid", "requests", b"requests", "rss_bytes", b"rss_bytes", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -687,6 +690,9 @@ class ModelStatus(_message.Message):
     READY_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     IS_DEFAULT_FIELD_NUMBER: _builtins.int
+    RESTARTS_FIELD_NUMBER: _builtins.int
+    BACKOFF_S_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     context: _builtins.int
     threads: _builtins.int
@@ -696,6 +702,12 @@ class ModelStatus(_message.Message):
     detail: _builtins.str
     """why it is not ready, when it is not"""
     is_default: _builtins.bool
+    restarts: _builtins.int
+    """workers replaced since start"""
+    backoff_s: _builtins.float
+    """the wait before the next restart attempt"""
+    last_error: _builtins.str
+    """the last worker death, failed restart or probe failure"""
     @_builtins.property
     def model(self) -> Global___ModelRef: ...
     @_builtins.property
@@ -713,10 +725,13 @@ class ModelStatus(_message.Message):
         ready: _builtins.bool = ...,
         detail: _builtins.str = ...,
         is_default: _builtins.bool = ...,
+        restarts: _builtins.int = ...,
+        backoff_s: _builtins.float = ...,
+        last_error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "detail", b"detail", "is_default", b"is_default", "model", b"model", "path", b"path", "queue_depth", b"queue_depth", "queue_limit", b"queue_limit", "ready", b"ready", "threads", b"threads", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_s", b"backoff_s", "context", b"context", "detail", b"detail", "is_default", b"is_default", "last_error", b"last_error", "model", b"model", "path", b"path", "queue_depth", b"queue_depth", "queue_limit", b"queue_limit", "ready", b"ready", "restarts", b"restarts", "threads", b"threads", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -752,11 +767,16 @@ class StatusReply(_message.Message):
     SOCKET_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     COUNTERS_FIELD_NUMBER: _builtins.int
+    MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _builtins.int
+    SHEDDING_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """daemon version"""
     pid: _builtins.int
     uptime_s: _builtins.float
     socket: _builtins.str
+    memory_available_bytes: _builtins.int
+    shedding: _builtins.str
+    """why new requests are being refused, if they are"""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStatus]: ...
     @_builtins.property
@@ -772,10 +792,12 @@ class StatusReply(_message.Message):
         socket: _builtins.str = ...,
         models: _abc.Iterable[Global___ModelStatus] | None = ...,
         counters: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        memory_available_bytes: _builtins.int = ...,
+        shedding: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "models", b"models", "pid", b"pid", "socket", b"socket", "uptime_s", b"uptime_s", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "memory_available_bytes", b"memory_available_bytes", "models", b"models", "pid", b"pid", "shedding", b"shedding", "socket", b"socket", "uptime_s", b"uptime_s", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -220,6 +220,19 @@ class LlamaRunner:
             sampler.add_dist(s.seed)
         return sampler
 
+    def _eval_prompt(self, tokens: list[int], should_stop: ShouldStop) -> None:
+        """Decode the prompt from an empty cache, one batch per call.
+
+        Between batches the worker answers pings and notices cancellation, so a long
+        prompt neither looks like a hang nor outlives its caller.
+        """
+        self.llm.reset()
+        step = self.spec.batch
+        for start in range(0, len(tokens), step):
+            if start and should_stop():
+                raise Stopped()
+            self.llm.eval(tokens[start : start + step])
+
     def _last_logprobs(self) -> Row:
         ptr = self.llm._ctx.get_logits_ith(-1)
         return log_softmax(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)))
@@ -242,10 +255,11 @@ class LlamaRunner:
         sampler = self._sampler(sampling, grammar)
         try:
             llm = self.llm
-            llm.reset()
-            pending = prompt
+            self._eval_prompt(prompt, should_stop)
+            pending: list[int] = []
             for _ in range(limit):
-                llm.eval(pending)
+                if pending:
+                    llm.eval(pending)
                 token = int(sampler.sample(llm._ctx, -1))
                 if not logprobs:
                     first_ms = (time.perf_counter() - started) * 1000
@@ -292,9 +306,7 @@ class LlamaRunner:
                 f"a label is {longest - 1} tokens; labels may be at most {self.spec.batch - 1}"
             )
         self._check_fits(len(prompt), longest)
-        llm = self.llm
-        llm.reset()
-        llm.eval(prompt)
+        self._eval_prompt(prompt, should_stop)
         if should_stop():
             raise Stopped()
         decoder = _LlamaPrefixDecoder(self)
