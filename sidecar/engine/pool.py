@@ -92,6 +92,7 @@ class ModelPool:
         self._queue: FairQueue[Job] = FairQueue(config.max_queue)
         self._running: dict[int, Job] = {}
         self._restart_tasks: set[asyncio.Task[None]] = set()
+        self._retiring: set[Slot] = set()
         self._closing = False
         self.ref = ModelRef(config.name, "")
         self.facts: ModelFacts | None = None
@@ -135,7 +136,8 @@ class ModelPool:
             t.cancel()
         while (job := self._queue.pop()) is not None:
             self._finish(job, Unavailable("the daemon is shutting down"))
-        await asyncio.gather(*(s.stop() for s in self._slots), return_exceptions=True)
+        slots = [*self._slots, *self._retiring]
+        await asyncio.gather(*(s.stop() for s in slots), return_exceptions=True)
 
     @property
     def ready(self) -> bool:
@@ -198,8 +200,13 @@ class ModelPool:
         job = self._running.pop(job_id, None)
         if job is not None:
             self._finish(job, event)
-        if slot.info.state == "idle" and slot in self._slots and slot not in self._idle:
-            self._idle.append(slot)
+        if slot.info.state == "idle" and slot not in self._idle:
+            if slot in self._slots:
+                self._idle.append(slot)
+            elif slot in self._retiring:  # replaced while it finished this job
+                task = asyncio.get_running_loop().create_task(self._stop_retired(slot))
+                self._restart_tasks.add(task)
+                task.add_done_callback(self._restart_tasks.discard)
         self._dispatch()
 
     def died(self, slot: Slot, reason: str) -> None:
@@ -270,19 +277,42 @@ class ModelPool:
                 self._retire(slot, f"worker pid {slot.info.pid} is over max_rss_mb")
 
     def _retire(self, slot: Slot, reason: str) -> None:
-        """Replace a healthy but unwanted idle worker; nothing it runs is lost."""
+        """Replace a healthy but unwanted worker: the new one first, then the old one
+        leaves once it is idle, so nothing waits and nothing running is cut off."""
+        if slot in self._retiring:
+            return
         log.info("model %s: %s; replacing it", self.ref.name, reason)
-        self._idle.remove(slot)
-        slot.info.state = "retiring"
+        self._retiring.add(slot)
         self.last_error = reason
 
-        async def swap() -> None:
-            await slot.stop()
-            await self._replace(slot, 0.0)
+        async def succeed() -> None:
+            fresh = self._make_slot(self.spec, self)
+            try:
+                await fresh.start()
+            except Exception as e:
+                self._retiring.discard(slot)
+                log.warning("model %s: replacement worker failed to start: %s", self.ref.name, e)
+                with contextlib.suppress(Exception):
+                    await fresh.stop()
+                return
+            if self._closing or slot not in self._slots:
+                await fresh.stop()
+                return
+            self._slots[self._slots.index(slot)] = fresh
+            self._idle.append(fresh)
+            self.restarts += 1
+            if slot in self._idle:
+                self._idle.remove(slot)
+                await self._stop_retired(slot)
+            self._dispatch()
 
-        task = asyncio.get_running_loop().create_task(swap())
+        task = asyncio.get_running_loop().create_task(succeed())
         self._restart_tasks.add(task)
         task.add_done_callback(self._restart_tasks.discard)
+
+    async def _stop_retired(self, slot: Slot) -> None:
+        self._retiring.discard(slot)
+        await slot.stop()
 
     async def probe(self) -> str | None:
         """A one-token generation through the queue: None if it answered, else why not."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import logging
 import time
 import uuid
@@ -100,9 +101,9 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             if inner is None:
                 continue
             streaming_out = attr.endswith("_stream")
-            wrapped = (self._wrap_stream if streaming_out else self._wrap_unary)(
-                inner, method, metadata
-            )
+            # Streaming handlers either yield (ours) or await context.write() (health Watch).
+            yields = streaming_out and inspect.isasyncgenfunction(inner)
+            wrapped = (self._wrap_stream if yields else self._wrap_unary)(inner, method, metadata)
             return make(
                 wrapped,
                 request_deserializer=_safe(handler.request_deserializer),
