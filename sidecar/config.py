@@ -123,6 +123,12 @@ LOG_KEYS: dict[str, Key] = {
     "level": Key(str, "info", "Log level.", _one_of("debug", "info", "warning", "error")),
 }
 
+METRICS_KEYS: dict[str, Key] = {
+    "port": Key(int, 0, "Prometheus /metrics on metrics.host:port; 0 = off.", _port),
+    "host": Key(str, "127.0.0.1", "Metrics listener address; loopback only.", _loopback),
+    "socket": Key(str, "", "Prometheus /metrics on this Unix socket path instead; empty = off."),
+}
+
 MODEL_KEYS: dict[str, Key] = {
     "path": Key(str, "", "GGUF file to serve (required)."),
     "workers": Key(
@@ -176,6 +182,17 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    port: int
+    host: str
+    socket: str
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.port or self.socket)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     path: Path
@@ -191,6 +208,7 @@ class ModelConfig:
 class Config:
     server: ServerConfig
     log: LogConfig
+    metrics: MetricsConfig = MetricsConfig(0, "127.0.0.1", "")
     models: tuple[ModelConfig, ...] = ()
     default_model: str = ""
     source: Path | None = None  # the TOML file read, if any
@@ -278,8 +296,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def _env_layer(
     env: Mapping[str, str],
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, Any]]:
-    sections: dict[str, dict[str, Any]] = {"server": {}, "log": {}}
-    for section, keys in (("server", SERVER_KEYS), ("log", LOG_KEYS)):
+    sections: dict[str, dict[str, Any]] = {"server": {}, "log": {}, "metrics": {}}
+    for section, keys in (("server", SERVER_KEYS), ("log", LOG_KEYS), ("metrics", METRICS_KEYS)):
         for name in keys:
             var = f"SIDECAR_{section}_{name}".upper()
             if var in env:
@@ -304,12 +322,13 @@ def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = Non
     raw: dict[str, Any] = _read_toml(path) if explicit or path.exists() else {}
     source = path if raw or explicit else None
 
-    unknown = sorted(set(raw) - {"server", "log", "models", *TOP_KEYS})
+    unknown = sorted(set(raw) - {"server", "log", "metrics", "models", *TOP_KEYS})
     if unknown:
         raise ConfigError(
-            unknown[0], "unknown key (known: default_model, [server], [log], [models.NAME])"
+            unknown[0],
+            "unknown key (known: default_model, [server], [log], [metrics], [models.NAME])",
         )
-    for table in ("server", "log", "models"):
+    for table in ("server", "log", "metrics", "models"):
         if not isinstance(raw.get(table, {}), dict):
             raise ConfigError(table, "must be a table")
 
@@ -326,6 +345,9 @@ def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = Non
 
     server = _section("server.", SERVER_KEYS, server_raw)
     log = _section("log.", LOG_KEYS, log_raw)
+    metrics = _section(
+        "metrics.", METRICS_KEYS, {**raw.get("metrics", {}), **env_sections["metrics"]}
+    )
 
     models_raw: dict[str, dict[str, Any]] = {}
     for name, table in raw.get("models", {}).items():
@@ -372,6 +394,7 @@ def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = Non
     return Config(
         server=ServerConfig(**server),
         log=LogConfig(**log),
+        metrics=MetricsConfig(**metrics),
         models=tuple(models),
         default_model=default_name,
         source=source,
@@ -383,5 +406,6 @@ def documented_keys() -> list[tuple[str, Key]]:
     rows = [(k, v) for k, v in TOP_KEYS.items()]
     rows += [(f"server.{k}", v) for k, v in SERVER_KEYS.items()]
     rows += [(f"log.{k}", v) for k, v in LOG_KEYS.items()]
+    rows += [(f"metrics.{k}", v) for k, v in METRICS_KEYS.items()]
     rows += [(f"models.NAME.{k}", v) for k, v in MODEL_KEYS.items()]
     return rows

@@ -78,10 +78,12 @@ async def serve(short_dir: Path) -> AsyncIterator[ServeFactory]:
     started: list[Served] = []
 
     async def start(model: Path, slot_kind: str = "fake", engine: Any = None, server: dict[str, Any] | None = None,
-                    **overrides: Any) -> Served:  # fmt: skip
+                    metrics: dict[str, Any] | None = None, **overrides: Any) -> Served:  # fmt: skip
         config = make_config(short_dir, model, **overrides)
         if server:
             config = replace(config, server=replace(config.server, **server))
+        if metrics:
+            config = replace(config, metrics=replace(config.metrics, **metrics))
         running = await daemon.start(config, engine=engine, slot_kind=slot_kind)
         served = Served(running, config, AsyncClient(config.server.socket))
         started.append(served)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol, TypeVar
 
 from sidecar.config import Config
@@ -61,6 +61,7 @@ class PoolEngine:
         }
         self.default_model = config.default_model
         self.shed_reason: str | None = None  # set by the supervisor under memory pressure
+        self.on_result: Callable[[Result], None] = lambda _r: None  # metrics hook
 
     async def start(self) -> None:
         try:
@@ -103,7 +104,9 @@ class PoolEngine:
             raise event
         if isinstance(event, TokenEvent):  # pragma: no cover - unary jobs never stream
             raise InternalError("a unary job streamed tokens")
-        return _stamp(event, pool, job)
+        result = _stamp(event, pool, job)
+        self.on_result(result)
+        return result
 
     async def stream(
         self, model: str, task: StreamableTask, caller: str
@@ -119,7 +122,9 @@ class PoolEngine:
                     raise event
                 if not isinstance(event, Generation):  # pragma: no cover
                     raise InternalError("a stream ended without a generation")
-                yield _stamp(event, pool, job)
+                result = _stamp(event, pool, job)
+                self.on_result(result)
+                yield result
                 return
         finally:
             # Reached on client cancellation and deadline too: free the worker.

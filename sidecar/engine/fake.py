@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from typing import Any
 
 from sidecar.engine.slots import Events, SlotInfo, Unsupervised
@@ -79,17 +80,22 @@ class FakeSlot(Unsupervised):
             words = source.split() or ["…"]
             limit = task.max_tokens or self.spec.default_max_tokens
             out = [words[i % len(words)] for i in range(limit)]
+            started = time.perf_counter()
+            first_ms = 0.0
             for w in out:
                 await asyncio.sleep(self.token_delay_s)
+                first_ms = first_ms or max((time.perf_counter() - started) * 1000, 1e-3)
                 self.tokens_made += 1
                 if stream:
                     self.events.token(self, job_id, w + " ")
-            return Generation(
+            gen = Generation(
                 text=" ".join(out) + " ",
                 finish_reason="length",
                 usage=Usage(len(words), len(out)),
                 confidence=TokenConfidence(-0.5, -1.0),
             )
+            gen.timings.first_token_ms = first_ms
+            return gen
         await asyncio.sleep(self.token_delay_s)
         if isinstance(task, ClassifyTask):
             overlap = [float(len(set(label) & set(task.text))) for label in task.labels]

@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from sidecar.config import Config
 from sidecar.engine.engine import PoolEngine
+from sidecar.metrics import Metrics, MetricsServer
 from sidecar.server.interceptor import RequestInterceptor
 from sidecar.server.peercred import PeerCredRelay
 from sidecar.server.servicer import AdminServicer, InferenceServicer
@@ -54,6 +55,8 @@ class Running:
     tcp_port: int | None
     stop: asyncio.Event  # set by signals: serve() then shuts down
     supervisor: Supervisor
+    metrics: Metrics
+    metrics_server: MetricsServer | None = None
     halt: asyncio.Event = field(default_factory=asyncio.Event)  # stops the supervisor loop
     supervising: asyncio.Task[None] | None = None
 
@@ -69,7 +72,12 @@ async def start(
     claim = SocketClaim(s.socket, dir_mode=0o750 if s.socket_group_access else 0o700)
     claim.acquire()
     engine = engine or PoolEngine(config, slot_kind)
-    interceptor = RequestInterceptor(s.tcp_token if s.tcp_port else "")
+    metrics = Metrics()
+    metrics.watch(engine)
+    engine.on_result = metrics.result
+    interceptor = RequestInterceptor(
+        s.tcp_token if s.tcp_port else "", metrics, config.default_model
+    )
     server = grpc.aio.server(
         interceptors=[interceptor],
         options=[
@@ -113,8 +121,21 @@ async def start(
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await _publish(health_servicer, {m.name: False for m in config.models})
     running = Running(
-        server, engine, health_servicer, claim, relay, tcp_port, asyncio.Event(), supervisor
+        server,
+        engine,
+        health_servicer,
+        claim,
+        relay,
+        tcp_port,
+        asyncio.Event(),
+        supervisor,
+        metrics,
     )
+    m = config.metrics
+    if m.enabled:
+        running.metrics_server = MetricsServer(
+            metrics.registry, m.host, m.port, Path(m.socket) if m.socket else None
+        )
     try:
         await engine.start()
     except BaseException:
@@ -148,6 +169,8 @@ async def shutdown(running: Running, config: Config) -> None:
 
 async def _stop_listening(running: Running, grace: float) -> None:
     await running.server.stop(grace)
+    if running.metrics_server is not None:
+        running.metrics_server.close()
     if running.relay is not None:
         await running.relay.close()
     running.claim.release()

@@ -25,6 +25,7 @@ import grpc
 from grpc import StatusCode
 
 from sidecar import errors
+from sidecar.metrics import Metrics
 
 log = logging.getLogger("sidecar.request")
 
@@ -76,8 +77,12 @@ def is_tcp(peer: str) -> bool:
 
 
 class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, tcp_token: str = "") -> None:
+    def __init__(
+        self, tcp_token: str = "", metrics: Metrics | None = None, default_model: str = ""
+    ) -> None:
         self._token = tcp_token.encode()
+        self._metrics = metrics
+        self._default_model = default_model
         self.counters: Counter[str] = Counter()
 
     async def intercept_service(
@@ -178,6 +183,9 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         rpc = method.rsplit("/", 1)[-1]
         self.counters[f"{rpc}.{code.name}"] += 1
         model = getattr(request, "model", "")
+        if self._metrics is not None:
+            label = model or (self._default_model if hasattr(request, "model") else "-")
+            self._metrics.request(rpc, label, code.name, ms / 1000)
         log.info(
             "%s %s model=%s status=%s ms=%.1f",
             rid,
