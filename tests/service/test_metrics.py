@@ -60,7 +60,9 @@ def scrape_unix(path: Path) -> str:
         conn.close()
 
 
-async def test_requests_latency_ttft_and_state_are_exposed_over_http(serve, tiny_model: Path) -> None:
+async def test_requests_latency_ttft_and_state_are_exposed_over_http(
+    serve, tiny_model: Path
+) -> None:
     port = free_port()
     s = await serve(tiny_model, workers=2, metrics={"port": port})
     for _ in range(3):
@@ -88,7 +90,10 @@ async def test_metrics_on_a_unix_socket(serve, tiny_model: Path, short_dir: Path
     s = await serve(tiny_model, metrics={"socket": str(path)})
     await s.client.embed(["hello"])
     m = samples(await asyncio.to_thread(scrape_unix, path))
-    assert value(m, "sidecar_requests_total", rpc="Embed", model="default", status="OK", tier="local") == 1
+    assert (
+        value(m, "sidecar_requests_total", rpc="Embed", model="default", status="OK", tier="local")
+        == 1
+    )
     assert (path.stat().st_mode & 0o777) == 0o600
 
 
