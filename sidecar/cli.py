@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from google.protobuf.message import Message
 from sidecar import __version__
 from sidecar.config import Config, Overrides, documented_keys, load
 from sidecar.errors import ConfigError, SidecarError
+from sidecar.service_cli import service
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_NO_DAEMON = 1, 2, 3
 T = TypeVar("T")
@@ -56,6 +58,7 @@ def main(ctx: click.Context, config: Path | None) -> None:
 @click.option("--threads", type=int, help="llama.cpp threads per worker.")
 @click.option("--context", type=int, help="Context window (tokens) of the default model.")
 @click.option("--tcp-port", type=int, help="Also listen on loopback TCP (needs server.tcp_token).")
+@click.option("--store", type=click.Path(path_type=Path), help="Model store directory.")
 @click.option("--log-format", type=click.Choice(["text", "json"]))
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option(
@@ -68,6 +71,7 @@ def main(ctx: click.Context, config: Path | None) -> None:
 def serve(ctx: click.Context, /, in_process: bool, banner: bool, **flags: Any) -> None:
     """Run the daemon in the foreground until SIGTERM/SIGINT."""
     from sidecar.logs import configure
+    from sidecar.notify import Notifier
     from sidecar.server.daemon import Running
     from sidecar.server.daemon import serve as run_daemon
     from sidecar.server.socket_claim import SocketBusy
@@ -85,7 +89,16 @@ def serve(ctx: click.Context, /, in_process: bool, banner: bool, **flags: Any) -
             click.echo(_banner(config, running.tcp_port), err=True)
 
     try:
-        code = asyncio.run(run_daemon(config, "thread" if in_process else "process", ready))
+        code = asyncio.run(
+            run_daemon(
+                config,
+                "thread" if in_process else "process",
+                ready,
+                reload=lambda: load(Overrides(config=ctx.obj.get("config"), **flags)),
+                # systemd's protocol variables; everything else comes through config.load.
+                notifier=Notifier.from_env(os.environ),
+            )
+        )
     except SocketBusy as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_FAILED)
@@ -226,6 +239,8 @@ def status(
         f"sidecar {reply.version} pid {reply.pid} up {reply.uptime_s:.0f}s on {reply.socket} "
         f"({health}); {reply.memory_available_bytes // mib} MiB memory available"
     )
+    if reply.last_reload:
+        click.echo(f"  last reload: {reply.last_reload}")
     if reply.shedding:
         click.echo(f"  SHEDDING LOAD: {reply.shedding}")
     for m in reply.models:
@@ -378,6 +393,9 @@ def embed(ctx: click.Context, texts: tuple[str, ...], normalize: bool, model: st
     for text, e in zip(texts, reply.embeddings, strict=True):
         head = ", ".join(f"{v:.4f}" for v in e.values[:4])
         click.echo(f"{len(e.values)} dims [{head}, ...]  {text[:40]}")
+
+
+main.add_command(service)
 
 
 if __name__ == "__main__":  # pragma: no cover

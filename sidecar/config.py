@@ -30,7 +30,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,29 @@ LOG_KEYS: dict[str, Key] = {
     "level": Key(str, "info", "Log level.", _one_of("debug", "info", "warning", "error")),
 }
 
+
+def _strategy(v: str) -> str | None:
+    return _one_of("side_by_side", "replace")(v)
+
+
+STORE_KEYS: dict[str, Key] = {
+    "path": Key(str, "", "Model store directory. Default: <user data dir>/sidecar/store."),
+    "drop": Key(str, "", "Watched folder: a complete .gguf appearing here is added; empty = off."),
+    "auto_swap": Key(bool, True, "Swap to a file dropped in the folder once it is added."),
+    "swap_strategy": Key(
+        str, "side_by_side", "side_by_side (needs memory for both) or replace.", _strategy
+    ),
+    "drain_seconds": Key(
+        float, 30.0, "How long old workers may finish after a flip.", _at_least(0)
+    ),
+    "swap_wait_seconds": Key(
+        float,
+        30.0,
+        "replace strategy: how long new requests may wait for the new model.",
+        _at_least(0),
+    ),
+}
+
 METRICS_KEYS: dict[str, Key] = {
     "port": Key(int, 0, "Prometheus /metrics on metrics.host:port; 0 = off.", _port),
     "host": Key(str, "127.0.0.1", "Metrics listener address; loopback only.", _loopback),
@@ -142,6 +165,9 @@ MODEL_KEYS: dict[str, Key] = {
     "max_rss_mb": Key(
         int, 0, "Replace a worker (between requests) whose RSS exceeds this; 0 = off.", _at_least(0)
     ),
+    "canary_prompt": Key(str, "", "Prompt every new worker must answer before a swap flips to it."),
+    "canary_expect": Key(str, "", "Regex the canary reply must match (empty: any token)."),
+    "canary_max_ms": Key(int, 0, "Latency budget for the canary in ms; 0 = none.", _at_least(0)),
     "max_queue": Key(
         int, 64, "Requests that may wait for a worker; beyond: RESOURCE_EXHAUSTED.", _at_least(1)
     ),
@@ -182,6 +208,20 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    path: Path
+    drop: Path | None
+    auto_swap: bool
+    swap_strategy: str
+    drain_seconds: float
+    swap_wait_seconds: float
+
+
+def default_store_path() -> Path:
+    return Path(platformdirs.user_data_dir(APP)) / "store"
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     port: int
     host: str
@@ -201,6 +241,9 @@ class ModelConfig:
     context: int
     batch: int
     max_rss_mb: int
+    canary_prompt: str
+    canary_expect: str
+    canary_max_ms: int
     max_queue: int
 
 
@@ -209,6 +252,7 @@ class Config:
     server: ServerConfig
     log: LogConfig
     metrics: MetricsConfig = MetricsConfig(0, "127.0.0.1", "")
+    store: StoreConfig = StoreConfig(Path("store"), None, True, "side_by_side", 30.0, 30.0)
     models: tuple[ModelConfig, ...] = ()
     default_model: str = ""
     source: Path | None = None  # the TOML file read, if any
@@ -230,7 +274,7 @@ class Overrides:
     log_format: str | None = None
     log_level: str | None = None
     tcp_port: int | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    store: Path | None = None
 
 
 def default_config_path() -> Path:
@@ -296,8 +340,14 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def _env_layer(
     env: Mapping[str, str],
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, Any]]:
-    sections: dict[str, dict[str, Any]] = {"server": {}, "log": {}, "metrics": {}}
-    for section, keys in (("server", SERVER_KEYS), ("log", LOG_KEYS), ("metrics", METRICS_KEYS)):
+    sections: dict[str, dict[str, Any]] = {"server": {}, "log": {}, "metrics": {}, "store": {}}
+    tables = (
+        ("server", SERVER_KEYS),
+        ("log", LOG_KEYS),
+        ("metrics", METRICS_KEYS),
+        ("store", STORE_KEYS),
+    )
+    for section, keys in tables:
         for name in keys:
             var = f"SIDECAR_{section}_{name}".upper()
             if var in env:
@@ -322,13 +372,13 @@ def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = Non
     raw: dict[str, Any] = _read_toml(path) if explicit or path.exists() else {}
     source = path if raw or explicit else None
 
-    unknown = sorted(set(raw) - {"server", "log", "metrics", "models", *TOP_KEYS})
+    unknown = sorted(set(raw) - {"server", "log", "metrics", "store", "models", *TOP_KEYS})
     if unknown:
         raise ConfigError(
             unknown[0],
             "unknown key (known: default_model, [server], [log], [metrics], [models.NAME])",
         )
-    for table in ("server", "log", "metrics", "models"):
+    for table in ("server", "log", "metrics", "store", "models"):
         if not isinstance(raw.get(table, {}), dict):
             raise ConfigError(table, "must be a table")
 
@@ -348,6 +398,12 @@ def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = Non
     metrics = _section(
         "metrics.", METRICS_KEYS, {**raw.get("metrics", {}), **env_sections["metrics"]}
     )
+    store_raw = {**raw.get("store", {}), **env_sections["store"]}
+    if o.store is not None:
+        store_raw["path"] = str(o.store)
+    store = _section("store.", STORE_KEYS, store_raw)
+    store["path"] = Path(store["path"]).expanduser() if store["path"] else default_store_path()
+    store["drop"] = Path(store["drop"]).expanduser() if store["drop"] else None
 
     models_raw: dict[str, dict[str, Any]] = {}
     for name, table in raw.get("models", {}).items():
@@ -395,6 +451,7 @@ def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = Non
         server=ServerConfig(**server),
         log=LogConfig(**log),
         metrics=MetricsConfig(**metrics),
+        store=StoreConfig(**store),
         models=tuple(models),
         default_model=default_name,
         source=source,
@@ -407,5 +464,6 @@ def documented_keys() -> list[tuple[str, Key]]:
     rows += [(f"server.{k}", v) for k, v in SERVER_KEYS.items()]
     rows += [(f"log.{k}", v) for k, v in LOG_KEYS.items()]
     rows += [(f"metrics.{k}", v) for k, v in METRICS_KEYS.items()]
+    rows += [(f"store.{k}", v) for k, v in STORE_KEYS.items()]
     rows += [(f"models.NAME.{k}", v) for k, v in MODEL_KEYS.items()]
     return rows

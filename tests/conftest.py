@@ -17,9 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_gguf import write_tiny_llama
 
-from sidecar.client import AsyncClient
 from sidecar.config import Config, Overrides, load
-from sidecar.server import daemon
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("SIDECAR_CACHE") or Path.home() / ".cache" / "sidecar") / "models"
@@ -54,15 +52,16 @@ def make_config(
     empty = socket_dir / "empty.toml"
     empty.touch()
     overrides.setdefault("socket", socket_dir / "s.sock")
+    overrides.setdefault("store", socket_dir / "store")
     o = Overrides(config=empty, model=str(model), **overrides)
     return load(o, env=env or {})
 
 
 @dataclass
 class Served:
-    running: daemon.Running
+    running: Any  # sidecar.server.daemon.Running
     config: Config
-    client: AsyncClient
+    client: Any  # sidecar.client.AsyncClient
 
     @property
     def socket(self) -> Path:
@@ -75,6 +74,9 @@ ServeFactory = Callable[..., Any]
 @pytest.fixture
 async def serve(short_dir: Path) -> AsyncIterator[ServeFactory]:
     """Start a real gRPC daemon in this event loop: `served = await serve(model, slot_kind=...)`."""
+    from sidecar.client import AsyncClient
+    from sidecar.server import daemon
+
     started: list[Served] = []
 
     async def start(model: Path, slot_kind: str = "fake", engine: Any = None, server: dict[str, Any] | None = None,

@@ -9,15 +9,27 @@ timings and model resolution are the same code for all three.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 from sidecar.config import Config
 from sidecar.engine.fake import FakeSlot
 from sidecar.engine.pool import Job, ModelPool, PoolStatus
 from sidecar.engine.slots import ProcessSlot, SlotFactory, ThreadSlot
-from sidecar.errors import InternalError, ModelNotFound, Overloaded, SidecarError
+from sidecar.engine.swap import STRATEGIES, Progress, SwapRefused, SwapResult, swap
+from sidecar.errors import (
+    FailedPrecondition,
+    InternalError,
+    InvalidRequest,
+    ModelNotFound,
+    Overloaded,
+    SidecarError,
+)
+from sidecar.gguf_check import GGUFError
+from sidecar.store import ModelStore, startup_blob
 from sidecar.types import (
     Classification,
     Embeddings,
@@ -60,12 +72,16 @@ class PoolEngine:
             m.name: ModelPool(m, factory, config.server.default_max_tokens) for m in config.models
         }
         self.default_model = config.default_model
+        self.store = ModelStore(config.store.path)
         self.shed_reason: str | None = None  # set by the supervisor under memory pressure
         self.on_result: Callable[[Result], None] = lambda _r: None  # metrics hook
 
     async def start(self) -> None:
         try:
-            await asyncio.gather(*(p.start() for p in self.pools.values()))
+            for name, pool in self.pools.items():
+                blob = await asyncio.to_thread(startup_blob, self.store, name, pool.config.path)
+                pool.use_file(blob)
+            await asyncio.gather(*(p.start(p.config.path.stem) for p in self.pools.values()))
         except BaseException:
             await self.close()
             raise
@@ -130,6 +146,89 @@ class PoolEngine:
             # Reached on client cancellation and deadline too: free the worker.
             pool.cancel(job)
 
+    async def swap(
+        self,
+        name: str,
+        *,
+        version: str = "",
+        path: Path | None = None,
+        strategy: str = "",
+        progress: Progress = lambda _stage, _detail: None,
+        move_source: bool = False,
+    ) -> SwapResult:
+        """Swap `name` to a stored version or a new file. Refused swaps quarantine the file."""
+        pool = self.pool(name)
+        strategy = strategy or self.config.store.swap_strategy
+        if strategy not in STRATEGIES:
+            raise InvalidRequest(
+                f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}"
+            )
+        if pool.swap_lock.locked():
+            raise FailedPrecondition(
+                f"a swap of {pool.ref.name!r} is in progress: wait for it to finish"
+            )
+        async with pool.swap_lock:
+            sha = await self._resolve(pool, version, path, progress, move_source)
+            if sha[:12] == pool.ref.version:
+                progress("done", f"{pool.ref.name} already serves {pool.ref.version}")
+                return SwapResult(pool.ref, pool.ref, strategy, 0.0)
+            s = self.config.store
+            try:
+                result = await swap(
+                    pool,
+                    self.store.blob(sha),
+                    sha,
+                    strategy,
+                    progress,
+                    s.drain_seconds,
+                    s.swap_wait_seconds,
+                )
+            except SwapRefused as e:
+                where = await asyncio.to_thread(self._refuse, name, sha, e.reason)
+                pool.last_swap = (
+                    f"refused {sha[:12]} at {e.stage}: {e.reason} (quarantined as {where.name})"
+                )
+                progress("failed", pool.last_swap)
+                raise
+            await asyncio.to_thread(self.store.activate, name, sha)
+            pool.last_swap = f"{result.old.version} -> {result.new.version} ({result.strategy}, {result.seconds:.1f}s)"
+            return result
+
+    async def _resolve(
+        self,
+        pool: ModelPool,
+        version: str,
+        path: Path | None,
+        progress: Progress,
+        move_source: bool,
+    ) -> str:
+        if path is not None:
+            progress("adding", f"{path} to the store")
+            try:
+                return await asyncio.to_thread(self.store.add, path, pool.config.name)
+            except GGUFError as e:
+                where = await asyncio.to_thread(
+                    self.store.quarantine, path, e.message, move=move_source
+                )
+                pool.last_swap = f"refused {path.name}: {e.message} (quarantined as {where.name})"
+                progress("failed", pool.last_swap)
+                raise SwapRefused("validating", e.message) from None
+        if not version:
+            raise InvalidRequest("name a version (NAME@VERSION) or a file to swap to")
+        return self.store.resolve(pool.config.name, version)
+
+    def _refuse(self, name: str, sha: str, reason: str) -> Path:
+        where = self.store.quarantine(self.store.blob(sha), reason, move=False)
+        with contextlib.suppress(SidecarError):
+            self.store.remove(name, sha, self.in_use())
+        return where
+
+    def in_use(self) -> set[str]:
+        """sha256 of every file a worker maps (blobs are named by their sha256)."""
+        return {
+            s.spec.path.stem for p in self.pools.values() for s in [*p._slots, *p._retiring]
+        } | {p.config.path.stem for p in self.pools.values()}
+
     def status(self) -> list[tuple[PoolStatus, bool]]:
         return [(p.status(), name == self.default_model) for name, p in self.pools.items()]
 
@@ -142,7 +241,7 @@ def _stamp(result: R, pool: ModelPool, job: Job) -> R:
     now = time.perf_counter()
     dispatched = job.dispatched or now
     worker_first = result.timings.first_token_ms
-    result.model = pool.ref
+    result.model = job.ref or pool.ref
     result.timings = Timings(
         queue_ms=(dispatched - job.enqueued) * 1000,
         first_token_ms=(

@@ -44,6 +44,9 @@ class FairQueue(Generic[T]):
             self._callers[caller] = items
         return item
 
+    def items(self) -> list[T]:
+        return [item for items in self._callers.values() for item in items]
+
     def remove(self, item: T) -> bool:
         for caller, items in self._callers.items():
             if item in items:

@@ -13,7 +13,7 @@ import hashlib
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sidecar.config import ModelConfig
@@ -45,6 +45,7 @@ class Job:
     dispatched: float | None = None
     first_event: float | None = None
     slot: Slot | None = None
+    ref: ModelRef | None = None  # the version that ran it, fixed at dispatch
     done: bool = False
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
 
@@ -63,6 +64,7 @@ class PoolStatus:
     restarts: int
     backoff_s: float
     last_error: str
+    last_swap: str
     rss: tuple[int | None, ...]
 
 
@@ -100,15 +102,24 @@ class ModelPool:
         self.restarts = 0
         self.backoff_s = BACKOFF_START_S
         self.last_error = ""
+        self.paused = False  # a replace-strategy swap holds new requests in the queue
+        self.swap_lock = asyncio.Lock()
+        self.last_swap = ""
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self) -> None:
+    def use_file(self, path: Path) -> None:
+        """Serve `path` from the next start (the store decides which file that is)."""
+        self.config = replace(self.config, path=path)
+        self.spec = replace(self.spec, path=path)
+
+    async def start(self, version: str | None = None) -> None:
         if not self.config.path.is_file():
             raise FailedPrecondition(f"model {self.config.name!r}: no file at {self.config.path}")
         loop = asyncio.get_running_loop()
-        version = await loop.run_in_executor(None, file_version, self.config.path)
-        self.ref = ModelRef(self.config.name, version)
+        if version is None:
+            version = await loop.run_in_executor(None, file_version, self.config.path)
+        self.ref = ModelRef(self.config.name, version[:VERSION_CHARS])
         slots = [self._make_slot(self.spec, self) for _ in range(self.config.workers)]
         results = await asyncio.gather(*(s.start() for s in slots), return_exceptions=True)
         for slot, res in zip(slots, results, strict=True):
@@ -148,7 +159,7 @@ class ModelPool:
     def submit(self, task: Task, caller: str, stream: bool) -> Job:
         if self._closing:
             raise Unavailable("the daemon is shutting down")
-        if not self.ready:
+        if not self.ready and not self.paused:
             raise Unavailable(
                 f"model {self.ref.name!r} has no live worker ({self.detail}); retry shortly"
             )
@@ -167,11 +178,12 @@ class ModelPool:
             job.slot.cancel(job.id)
 
     def _dispatch(self) -> None:
-        while self._idle and len(self._queue):
+        while self._idle and len(self._queue) and not self.paused:
             job = self._queue.pop()
             assert job is not None
             slot = self._idle.pop()
             job.slot = slot
+            job.ref = self.ref
             job.dispatched = time.perf_counter()
             self._running[job.id] = job
             slot.submit(job.id, job.task, job.stream)
@@ -256,6 +268,11 @@ class ModelPool:
 
     # ------------------------------------------------------------------ supervision
 
+    def reconfigure(self, config: ModelConfig) -> None:
+        """Take the settings that can change live (queue bound, RSS ceiling)."""
+        self.config = config
+        self._queue.limit = config.max_queue
+
     def supervise(self, now: float, hang_s: float) -> None:
         """One supervisor tick: kill hung workers, ping the rest, retire bloated idle ones."""
         ceiling = self.config.max_rss_mb * 1024 * 1024
@@ -314,6 +331,46 @@ class ModelPool:
         self._retiring.discard(slot)
         await slot.stop()
 
+    # ------------------------------------------------------------------ swap primitives
+
+    async def run_on(self, slot: Slot, task: Task) -> Event:
+        """Run one job on a specific slot outside the queue (canaries on unflipped workers)."""
+        job = Job(task, PROBE_CALLER, stream=False)
+        job.slot = slot
+        self._running[job.id] = job
+        slot.submit(job.id, task, False)
+        return await job.events.get()
+
+    def flip(self, slots: list[Slot], ref: ModelRef, spec: RunnerSpec) -> list[Slot]:
+        """New requests go to `slots` from now on; the old workers finish what they run."""
+        old = self._slots
+        self._slots = list(slots)
+        self._idle = [s for s in slots if s.info.state == "idle"]
+        self.ref, self.spec = ref, spec
+        self.facts = slots[0].facts if slots else self.facts
+        for s in old:
+            self._retiring.add(s)
+        self._dispatch()
+        return old
+
+    async def drain(self, old: list[Slot], timeout_s: float) -> None:
+        """Wait (bounded) for old workers to finish their jobs, then stop them."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while any(s.info.state == "busy" for s in old) and loop.time() < deadline:  # noqa: ASYNC110 - bounded; slots report on the loop, not through an event
+            await asyncio.sleep(0.05)
+        await asyncio.gather(*(self._stop_retired(s) for s in old), return_exceptions=True)
+
+    def expire_waiting(self, older_than_s: float) -> None:
+        """While paused, fail jobs that waited too long, with retry advice."""
+        now = time.perf_counter()
+        for job in [j for j in self._queue.items() if now - j.enqueued > older_than_s]:
+            self._queue.remove(job)
+            self._finish(
+                job,
+                Unavailable(f"model {self.ref.name!r} is being replaced; retry in a few seconds"),
+            )
+
     async def probe(self) -> str | None:
         """A one-token generation through the queue: None if it answered, else why not."""
         try:
@@ -341,5 +398,6 @@ class ModelPool:
             restarts=self.restarts,
             backoff_s=self.backoff_s,
             last_error=self.last_error,
+            last_swap=self.last_swap,
             rss=tuple(s.rss() for s in self._slots),
         )

@@ -48,6 +48,7 @@ class SlotInfo:
 
 
 class Slot(Protocol):
+    spec: RunnerSpec
     info: SlotInfo
     facts: ModelFacts | None
     job_id: int | None

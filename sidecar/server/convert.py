@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from sidecar import __version__
 from sidecar.engine.pool import PoolStatus
+from sidecar.engine.swap import SwapResult
+from sidecar.store import VersionInfo
 from sidecar.types import (
     ChatMessage,
     ChatTask,
@@ -157,6 +159,7 @@ def model_status(s: PoolStatus, is_default: bool, probe_error: str | None = None
         detail=s.detail or (probe_error or ""),
         is_default=is_default,
         restarts=s.restarts,
+        last_swap=s.last_swap,
         backoff_s=s.backoff_s,
         last_error=s.last_error or (probe_error or ""),
     )
@@ -171,8 +174,10 @@ def status_reply(
     counters: dict[str, int],
     memory_available: int,
     shedding: str,
+    last_reload: str,
 ) -> pb.StatusReply:
     return pb.StatusReply(
+        last_reload=last_reload,
         memory_available_bytes=memory_available,
         shedding=shedding,
         version=__version__,
@@ -181,4 +186,27 @@ def status_reply(
         socket=socket,
         models=models,
         counters=counters,
+    )
+
+
+def swap_done(result: SwapResult, elapsed_ms: float) -> pb.SwapProgress:
+    return pb.SwapProgress(
+        stage="done",
+        detail=f"{result.new.name} serves {result.new.version}",
+        finished=True,
+        ok=True,
+        old=_model(result.old),
+        new=_model(result.new),
+        elapsed_ms=elapsed_ms,
+    )
+
+
+def stored_version(v: VersionInfo, serving: bool) -> pb.StoredVersion:
+    return pb.StoredVersion(
+        model=v.name,
+        sha256=v.sha256,
+        size=v.size,
+        active=v.active,
+        previous=v.previous,
+        serving=serving,
     )

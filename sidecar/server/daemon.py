@@ -22,9 +22,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from sidecar import reload
 from sidecar.config import Config
 from sidecar.engine.engine import PoolEngine
+from sidecar.errors import ConfigError
+from sidecar.logs import configure as configure_logs
 from sidecar.metrics import Metrics, MetricsServer
+from sidecar.notify import Notifier
 from sidecar.server.interceptor import RequestInterceptor
 from sidecar.server.peercred import PeerCredRelay
 from sidecar.server.servicer import AdminServicer, InferenceServicer
@@ -185,32 +189,80 @@ def _host(host: str) -> str:
 
 
 async def serve(
-    config: Config, slot_kind: str = "process", on_ready: Callable[[Running], None] | None = None
+    config: Config,
+    slot_kind: str = "process",
+    on_ready: Callable[[Running], None] | None = None,
+    reload: Callable[[], Config] | None = None,
+    notifier: Notifier | None = None,
 ) -> int:
-    """Run until SIGTERM/SIGINT; a second signal forces an immediate exit."""
-    running = await start(config, slot_kind=slot_kind)
-    loop = asyncio.get_running_loop()
+    """Run until SIGTERM/SIGINT (a second one exits at once); SIGHUP reloads the config.
 
-    def on_signal(signum: int) -> None:
+    Signal handlers only set events; this loop does the work.
+    """
+    notify = notifier or Notifier.from_env({})
+    running = await start(config, slot_kind=slot_kind, heartbeat=notify.watchdog)
+    loop = asyncio.get_running_loop()
+    hup = asyncio.Event()
+
+    def on_stop(signum: int) -> None:
         if running.stop.is_set():
             log.warning("second %s: exiting now", signal.Signals(signum).name)
             sys.stderr.flush()
             os._exit(128 + signum)
-        log.info(
-            "%s: draining (up to %.0fs)", signal.Signals(signum).name, config.server.grace_seconds
-        )
         running.stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
+    signals = {signal.SIGTERM: on_stop, signal.SIGINT: on_stop, signal.SIGHUP: lambda _n: hup.set()}
+    for sig, handler in signals.items():
+        loop.add_signal_handler(sig, handler, sig)
     if on_ready is not None:
         on_ready(running)
+    notify.ready()
+    notify.status(f"serving {', '.join(m.name for m in config.models)} on {config.server.socket}")
     try:
-        await running.stop.wait()
+        while not running.stop.is_set():
+            waiters = [asyncio.create_task(running.stop.wait()), asyncio.create_task(hup.wait())]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for w in waiters:
+                w.cancel()
+            if hup.is_set() and not running.stop.is_set():
+                hup.clear()
+                notify.reloading()
+                config = reload_config(running, config, reload)
+                notify.ready()
+                notify.status(f"reloaded: {running.supervisor.last_reload}")
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in signals:
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
+        log.info("draining (up to %.0fs)", config.server.grace_seconds)
+        notify.stopping()
         await shutdown(running, config)
     log.info("stopped")
     return 0
+
+
+def reload_config(running: Running, current: Config, load: Callable[[], Config] | None) -> Config:
+    """Apply what can change live; name what cannot. A bad file changes nothing."""
+    if load is None:
+        running.supervisor.last_reload = "reload is not available (no config source)"
+        log.warning("SIGHUP: %s", running.supervisor.last_reload)
+        return current
+    try:
+        new = load()
+    except ConfigError as e:
+        running.supervisor.last_reload = f"rejected, nothing changed: {e}"
+        log.error("SIGHUP: %s", running.supervisor.last_reload)
+        return current
+    changes = reload.diff(current, new)
+    merged = reload.merge_live(current, new, changes)
+    configure_logs(merged.log.level, merged.log.format)
+    running.engine.config = merged
+    for m in merged.models:
+        running.engine.pools[m.name].reconfigure(m)
+    running.supervisor.server = merged.server
+    running.supervisor.last_reload = reload.summary(changes)
+    pending = [c for c in changes if not c.live]
+    log.log(
+        logging.WARNING if pending else logging.INFO, "SIGHUP: %s", running.supervisor.last_reload
+    )
+    return merged

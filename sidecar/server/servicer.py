@@ -5,6 +5,7 @@ Errors are raised, never aborted by hand; the interceptor maps them.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections import Counter
@@ -119,7 +120,67 @@ class AdminServicer(pb_grpc.AdminServicer):
             counters=dict(self.counters),
             memory_available=psutil.virtual_memory().available,
             shedding=self.engine.shed_reason or "",
+            last_reload=self.supervisor.last_reload,
         )
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsReply:
         return pb.ListModelsReply(models=self._models())
+
+    async def Swap(self, request: pb.SwapRequest, context: Any) -> AsyncIterator[pb.SwapProgress]:
+        started = time.monotonic()
+        updates: asyncio.Queue[pb.SwapProgress] = asyncio.Queue()
+
+        def progress(stage: str, detail: str) -> None:
+            ms = (time.monotonic() - started) * 1000
+            updates.put_nowait(pb.SwapProgress(stage=stage, detail=detail, elapsed_ms=ms))
+
+        # The swap runs to its end even if this caller goes away: half a swap helps nobody.
+        swap = asyncio.ensure_future(
+            self.engine.swap(
+                request.model,
+                version=request.version,
+                path=Path(request.path) if request.path else None,
+                strategy=request.strategy,
+                progress=progress,
+            )
+        )
+        while not swap.done() or not updates.empty():
+            if updates.empty():
+                await asyncio.wait({swap}, timeout=0.05)
+                continue
+            yield updates.get_nowait()
+        result = swap.result()  # a refusal raises here; the interceptor maps it
+        yield convert.swap_done(result, (time.monotonic() - started) * 1000)
+
+    async def ListVersions(
+        self, request: pb.ListVersionsRequest, context: Any
+    ) -> pb.ListVersionsReply:
+        store = self.engine.store
+        serving = {(p.config.name, p.ref.version) for p in self.engine.pools.values()}
+        versions = await asyncio.to_thread(store.all_versions)
+        return pb.ListVersionsReply(
+            versions=[convert.stored_version(v, (v.name, v.short) in serving) for v in versions],
+            store=str(store.root),
+        )
+
+    async def AddModel(self, request: pb.AddModelRequest, context: Any) -> pb.AddModelReply:
+        store = self.engine.store
+        name = request.model or self.engine.default_model
+        sha = await asyncio.to_thread(store.add, Path(request.path), name)
+        info = next(v for v in store.all_versions() if v.name == name and v.sha256 == sha)
+        return pb.AddModelReply(version=convert.stored_version(info, False))
+
+    async def RemoveVersion(
+        self, request: pb.RemoveVersionRequest, context: Any
+    ) -> pb.RemoveVersionReply:
+        store = self.engine.store
+        name = request.model or self.engine.default_model
+        sha = store.resolve(name, request.version)
+        await asyncio.to_thread(store.remove, name, sha, self.engine.in_use())
+        return pb.RemoveVersionReply()
+
+    async def CollectGarbage(
+        self, request: pb.CollectGarbageRequest, context: Any
+    ) -> pb.CollectGarbageReply:
+        removed = await asyncio.to_thread(self.engine.store.gc, self.engine.in_use())
+        return pb.CollectGarbageReply(removed=removed)

@@ -385,6 +385,31 @@ class AdminStub:
                 request_serializer=sidecar_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=sidecar_dot_v1_dot_inference__pb2.ListModelsReply.FromString,
                 _registered_method=True)
+        self.Swap = channel.unary_stream(
+                '/sidecar.v1.Admin/Swap',
+                request_serializer=sidecar_dot_v1_dot_inference__pb2.SwapRequest.SerializeToString,
+                response_deserializer=sidecar_dot_v1_dot_inference__pb2.SwapProgress.FromString,
+                _registered_method=True)
+        self.ListVersions = channel.unary_unary(
+                '/sidecar.v1.Admin/ListVersions',
+                request_serializer=sidecar_dot_v1_dot_inference__pb2.ListVersionsRequest.SerializeToString,
+                response_deserializer=sidecar_dot_v1_dot_inference__pb2.ListVersionsReply.FromString,
+                _registered_method=True)
+        self.AddModel = channel.unary_unary(
+                '/sidecar.v1.Admin/AddModel',
+                request_serializer=sidecar_dot_v1_dot_inference__pb2.AddModelRequest.SerializeToString,
+                response_deserializer=sidecar_dot_v1_dot_inference__pb2.AddModelReply.FromString,
+                _registered_method=True)
+        self.RemoveVersion = channel.unary_unary(
+                '/sidecar.v1.Admin/RemoveVersion',
+                request_serializer=sidecar_dot_v1_dot_inference__pb2.RemoveVersionRequest.SerializeToString,
+                response_deserializer=sidecar_dot_v1_dot_inference__pb2.RemoveVersionReply.FromString,
+                _registered_method=True)
+        self.CollectGarbage = channel.unary_unary(
+                '/sidecar.v1.Admin/CollectGarbage',
+                request_serializer=sidecar_dot_v1_dot_inference__pb2.CollectGarbageRequest.SerializeToString,
+                response_deserializer=sidecar_dot_v1_dot_inference__pb2.CollectGarbageReply.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -403,6 +428,39 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Swap(self, request, context):
+        """Replace the model behind a name; streams progress, the last message says the outcome.
+        A refused swap (bad file, failed canary, not enough memory) leaves the old model serving.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListVersions(self, request, context):
+        """The model store: versions by name, adding files, removing versions, garbage collection.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveVersion(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CollectGarbage(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -415,6 +473,31 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=sidecar_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
                     response_serializer=sidecar_dot_v1_dot_inference__pb2.ListModelsReply.SerializeToString,
+            ),
+            'Swap': grpc.unary_stream_rpc_method_handler(
+                    servicer.Swap,
+                    request_deserializer=sidecar_dot_v1_dot_inference__pb2.SwapRequest.FromString,
+                    response_serializer=sidecar_dot_v1_dot_inference__pb2.SwapProgress.SerializeToString,
+            ),
+            'ListVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVersions,
+                    request_deserializer=sidecar_dot_v1_dot_inference__pb2.ListVersionsRequest.FromString,
+                    response_serializer=sidecar_dot_v1_dot_inference__pb2.ListVersionsReply.SerializeToString,
+            ),
+            'AddModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddModel,
+                    request_deserializer=sidecar_dot_v1_dot_inference__pb2.AddModelRequest.FromString,
+                    response_serializer=sidecar_dot_v1_dot_inference__pb2.AddModelReply.SerializeToString,
+            ),
+            'RemoveVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveVersion,
+                    request_deserializer=sidecar_dot_v1_dot_inference__pb2.RemoveVersionRequest.FromString,
+                    response_serializer=sidecar_dot_v1_dot_inference__pb2.RemoveVersionReply.SerializeToString,
+            ),
+            'CollectGarbage': grpc.unary_unary_rpc_method_handler(
+                    servicer.CollectGarbage,
+                    request_deserializer=sidecar_dot_v1_dot_inference__pb2.CollectGarbageRequest.FromString,
+                    response_serializer=sidecar_dot_v1_dot_inference__pb2.CollectGarbageReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -472,6 +555,141 @@ class Admin:
             '/sidecar.v1.Admin/ListModels',
             sidecar_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
             sidecar_dot_v1_dot_inference__pb2.ListModelsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Swap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sidecar.v1.Admin/Swap',
+            sidecar_dot_v1_dot_inference__pb2.SwapRequest.SerializeToString,
+            sidecar_dot_v1_dot_inference__pb2.SwapProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sidecar.v1.Admin/ListVersions',
+            sidecar_dot_v1_dot_inference__pb2.ListVersionsRequest.SerializeToString,
+            sidecar_dot_v1_dot_inference__pb2.ListVersionsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sidecar.v1.Admin/AddModel',
+            sidecar_dot_v1_dot_inference__pb2.AddModelRequest.SerializeToString,
+            sidecar_dot_v1_dot_inference__pb2.AddModelReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sidecar.v1.Admin/RemoveVersion',
+            sidecar_dot_v1_dot_inference__pb2.RemoveVersionRequest.SerializeToString,
+            sidecar_dot_v1_dot_inference__pb2.RemoveVersionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CollectGarbage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sidecar.v1.Admin/CollectGarbage',
+            sidecar_dot_v1_dot_inference__pb2.CollectGarbageRequest.SerializeToString,
+            sidecar_dot_v1_dot_inference__pb2.CollectGarbageReply.FromString,
             options,
             channel_credentials,
             insecure,

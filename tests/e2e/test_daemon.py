@@ -232,3 +232,33 @@ def test_cli_talks_to_the_daemon(start) -> None:
     assert out.returncode == 1 and "INVALID_ARGUMENT: prompt is empty" in out.stderr
     out = cli("models")
     assert out.stdout.startswith("default@b179c9523d0e")
+
+
+def test_sighup_applies_live_settings_and_names_the_rest(start, short_dir: Path) -> None:
+    cfg = short_dir / "config.toml"
+    cfg.write_text("[server]\nmax_labels = 10\n")
+    d = start("--workers", "1", config=cfg)
+    with Client(d.socket) as c:
+        assert c.classify("my card was stolen", BANKING_LABELS[:4]).label
+
+        def reloaded(text: str) -> str:
+            cfg.write_text(text)
+            before = c.status().last_reload
+            d.proc.send_signal(signal.SIGHUP)
+            for _ in range(100):
+                after = c.status().last_reload
+                if after and after != before:
+                    return after
+                time.sleep(0.05)
+            raise AssertionError("no reload reported")
+
+        note = reloaded("[server]\nmax_labels = 3\nsocket_group_access = true\n")
+        assert "applied: server.max_labels" in note
+        assert "need a restart (not applied): server.socket_group_access" in note
+        with pytest.raises(grpc.RpcError) as e:
+            c.classify("my card was stolen", BANKING_LABELS[:4])
+        assert e.value.code() == grpc.StatusCode.OUT_OF_RANGE
+        note = reloaded("[server\nbroken")
+        assert note.startswith("rejected, nothing changed")
+        assert c.classify("my card was stolen", BANKING_LABELS[:3]).label
+    assert d.stop() == 0

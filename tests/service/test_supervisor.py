@@ -139,12 +139,11 @@ async def test_health_follows_the_only_worker_down_and_up(serve, tiny_model: Pat
 async def test_a_worker_that_keeps_failing_to_load_backs_off_and_the_daemon_stays_responsive(
     serve, tiny_model: Path, short_dir: Path
 ) -> None:
-    model = short_dir / "m.gguf"
-    model.write_bytes(tiny_model.read_bytes())
-    s = await serve(model, slot_kind="process", workers=1, context=1024, server=FAST)
+    s = await serve(tiny_model, slot_kind="process", workers=1, context=1024, server=FAST)
+    served = Path((await s.client.status()).models[0].path)  # the store's copy
     broken = short_dir / "broken"
     broken.write_bytes(b"GGUF" + os.urandom(256))
-    os.replace(broken, model)  # the running worker keeps its mapping of the old file
+    os.replace(broken, served)  # disk rot: the running worker keeps its mapping of the old file
     os.kill((await pids(s))[0], signal.SIGKILL)
     backoffs: list[float] = []
 

@@ -45,18 +45,16 @@ def test_serve_with_a_missing_model_file_fails_clearly(tmp_path: Path) -> None:
     empty = tmp_path / "c.toml"
     empty.touch()
     sock = Path("/tmp") / f"sc-cli-{id(tmp_path)}.sock"
-    out = CliRunner().invoke(
-        main,
-        [
-            "--config",
-            str(empty),
-            "serve",
-            "--socket",
-            str(sock),
-            "--model",
-            str(tmp_path / "gone.gguf"),
-        ],
-    )
+    args = [
+        "--config",
+        str(empty),
+        "serve",
+        "--socket",
+        str(sock),
+        "--store",
+        str(tmp_path / "store"),
+    ]
+    out = CliRunner().invoke(main, [*args, "--model", str(tmp_path / "gone.gguf")])
     assert out.exit_code == 1
     assert "gone.gguf" in out.output
     assert not sock.exists()

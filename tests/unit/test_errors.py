@@ -38,11 +38,17 @@ def test_each_domain_error_has_its_status_code(
     assert status_for(cls("x")) == code
 
 
-def test_every_error_class_is_mapped_and_crosses_the_worker_pipe() -> None:
+def test_every_error_class_is_mapped_and_keeps_its_status_across_the_worker_pipe() -> None:
+    import sidecar.engine.swap
+    import sidecar.gguf_check  # noqa: F401
+
     for cls in all_error_classes():
         assert any(base in STATUS for base in cls.__mro__), cls
         rebuilt = errors.from_kind(cls.kind, "msg")
-        assert type(rebuilt) is cls and rebuilt.message == "msg"
+        assert rebuilt.message == "msg"
+        assert isinstance(rebuilt, errors.SidecarError)
+        expected = next(STATUS[b] for b in cls.__mro__ if b in STATUS)
+        assert status_for(rebuilt) == expected, cls
 
 
 def test_unknown_kind_becomes_internal() -> None:
