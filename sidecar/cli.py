@@ -7,33 +7,28 @@ Exit codes: 0 ok · 1 the request failed (the daemon's status and message are pr
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
-import grpc
-from google.protobuf.json_format import MessageToDict
-from google.protobuf.message import Message
 
 from sidecar import __version__
+from sidecar.cli_support import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    call,
+    client_options,
+    config_from,
+    connect,
+    dump,
+)
 from sidecar.config import Config, Overrides, documented_keys, load
-from sidecar.errors import ConfigError, SidecarError
+from sidecar.errors import SidecarError
+from sidecar.models_cli import models, swap
 from sidecar.service_cli import service
-
-EXIT_FAILED, EXIT_CONFIG, EXIT_NO_DAEMON = 1, 2, 3
-T = TypeVar("T")
-
-
-def _config(ctx: click.Context, **overrides: Any) -> Config:
-    try:
-        return load(Overrides(config=ctx.obj.get("config"), **overrides))
-    except ConfigError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(EXIT_CONFIG)
 
 
 @click.group()
@@ -76,7 +71,7 @@ def serve(ctx: click.Context, /, in_process: bool, banner: bool, **flags: Any) -
     from sidecar.server.daemon import serve as run_daemon
     from sidecar.server.socket_claim import SocketBusy
 
-    config = _config(ctx, **flags)
+    config = config_from(ctx, **flags)
     configure(config.log.level, config.log.format)
     if not config.models:
         click.echo(
@@ -130,13 +125,13 @@ def _banner(config: Config, tcp_port: int | None) -> str:
 @main.command("config")
 @click.option("--keys", is_flag=True, help="List every config key with its default and meaning.")
 @click.pass_context
-def show_config(ctx: click.Context, keys: bool) -> None:
+def showconfig_from(ctx: click.Context, keys: bool) -> None:
     """Show the effective configuration (defaults < TOML < env < flags)."""
     if keys:
         for name, key in documented_keys():
             click.echo(f"{name} ({key.type.__name__}, default {key.default!r}): {key.doc}")
         return
-    config = _config(ctx)
+    config = config_from(ctx)
     click.echo(f"source: {config.source or '(defaults and environment only)'}")
     click.echo(f"socket: {config.server.socket}")
     click.echo(f"default_model: {config.default_model or '(none)'}")
@@ -149,63 +144,12 @@ def show_config(ctx: click.Context, keys: bool) -> None:
 # ---------------------------------------------------------------- client commands
 
 
-def _client_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")(f)
-    f = click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds.")(f)
-    f = click.option("--token", help="Bearer token (with --tcp).")(f)
-    f = click.option("--tcp", help="HOST:PORT of the daemon's TCP listener instead of the socket.")(
-        f
-    )
-    f = click.option("--socket", type=click.Path(path_type=Path), help="Daemon socket path.")(f)
-    return f
-
-
-def _connect(
-    ctx: click.Context, socket: Path | None, tcp: str | None, token: str | None, timeout: float
-) -> Any:
-    from sidecar.client import Client
-
-    config = _config(ctx, socket=socket)
-    where = tcp or f"unix:{config.server.socket}"
-    missing = f"error: no sidecar daemon is answering on {where}: start one with `sidecar serve`"
-    if not tcp and not config.server.socket.exists():
-        click.echo(missing, err=True)
-        sys.exit(EXIT_NO_DAEMON)
-    client = Client(
-        config.server.socket,
-        tcp=tcp,
-        token=token or config.server.tcp_token or None,
-        timeout=timeout,
-    )
-    try:
-        grpc.channel_ready_future(client.channel).result(timeout=min(timeout, 3.0))
-    except grpc.FutureTimeoutError:
-        client.close()
-        click.echo(missing, err=True)
-        sys.exit(EXIT_NO_DAEMON)
-    return client
-
-
-def _call(fn: Callable[[], T]) -> T:
-    try:
-        return fn()
-    except grpc.RpcError as e:
-        click.echo(f"error: {e.code().name}: {e.details()}", err=True)
-        sys.exit(EXIT_FAILED)
-
-
-def _dump(message: Message) -> str:
-    return json.dumps(
-        MessageToDict(message, preserving_proto_field_name=True), indent=2, ensure_ascii=False
-    )
-
-
 def _stream_out(chunks: Iterator[Any], as_json: bool) -> None:
     def consume() -> None:
         for c in chunks:
             if c.HasField("summary"):
                 if as_json:
-                    click.echo(_dump(c.summary))
+                    click.echo(dump(c.summary))
                 else:
                     s = c.summary
                     click.echo(f"\n[{s.model.name}@{s.model.version} {s.usage.completion_tokens} tokens "
@@ -213,11 +157,11 @@ def _stream_out(chunks: Iterator[Any], as_json: bool) -> None:
             elif not as_json:
                 click.echo(c.text, nl=False)
 
-    _call(consume)
+    call(consume)
 
 
 @main.command()
-@_client_options
+@client_options
 @click.pass_context
 def status(
     ctx: click.Context,
@@ -228,11 +172,11 @@ def status(
     as_json: bool,
 ) -> None:
     """What the daemon serves: models, versions, workers, queues, counters."""
-    with _connect(ctx, socket, tcp, token, timeout) as c:
-        reply = _call(c.status)
-        health = _call(lambda: c.health("sidecar.v1.Inference"))
+    with connect(ctx, socket, tcp, token, timeout) as c:
+        reply = call(c.status)
+        health = call(lambda: c.health("sidecar.v1.Inference"))
     if as_json:
-        click.echo(_dump(reply))
+        click.echo(dump(reply))
         return
     mib = 1024 * 1024
     click.echo(
@@ -262,47 +206,24 @@ def status(
 
 
 @main.command()
-@_client_options
-@click.pass_context
-def models(
-    ctx: click.Context,
-    socket: Path | None,
-    tcp: str | None,
-    token: str | None,
-    timeout: float,
-    as_json: bool,
-) -> None:
-    """The models the daemon serves."""
-    with _connect(ctx, socket, tcp, token, timeout) as c:
-        reply = _call(c.list_models)
-    if as_json:
-        click.echo(_dump(reply))
-        return
-    for m in reply.models:
-        click.echo(
-            f"{m.model.name}@{m.model.version}{' (default)' if m.is_default else ''}\t{m.path}"
-        )
-
-
-@main.command()
 @click.argument("prompt")
 @click.option("--model", default="", help="Model name (default: the daemon's default).")
 @click.option("--max-tokens", type=int, default=None, help="Default: the server default.")
 @click.option("--temperature", type=float, default=0.0, help="0 = greedy (deterministic).")
 @click.option("--stop", multiple=True, help="Stop sequence (repeatable).")
 @click.option("--stream", is_flag=True, help="Print tokens as they come.")
-@_client_options
+@client_options
 @click.pass_context
 def generate(ctx: click.Context, prompt: str, model: str, max_tokens: int | None, temperature: float, stop: tuple[str, ...],
              stream: bool, socket: Path | None, tcp: str | None, token: str | None, timeout: float, as_json: bool) -> None:  # fmt: skip
     """Continue a raw prompt."""
     kw = {"model": model, "max_tokens": max_tokens, "temperature": temperature, "stop": stop}
-    with _connect(ctx, socket, tcp, token, timeout) as c:
+    with connect(ctx, socket, tcp, token, timeout) as c:
         if stream:
             _stream_out(c.generate_stream(prompt, **kw), as_json)
             return
-        reply = _call(lambda: c.generate(prompt, **kw))
-    click.echo(_dump(reply) if as_json else reply.text)
+        reply = call(lambda: c.generate(prompt, **kw))
+    click.echo(dump(reply) if as_json else reply.text)
 
 
 @main.command()
@@ -312,19 +233,19 @@ def generate(ctx: click.Context, prompt: str, model: str, max_tokens: int | None
 @click.option("--max-tokens", type=int, default=None)
 @click.option("--temperature", type=float, default=0.0)
 @click.option("--stream", is_flag=True)
-@_client_options
+@client_options
 @click.pass_context
 def chat(ctx: click.Context, message: str, system: str, model: str, max_tokens: int | None, temperature: float, stream: bool,
          socket: Path | None, tcp: str | None, token: str | None, timeout: float, as_json: bool) -> None:  # fmt: skip
     """One chat turn, using the model's chat template."""
     messages = ([("system", system)] if system else []) + [("user", message)]
     kw = {"model": model, "max_tokens": max_tokens, "temperature": temperature}
-    with _connect(ctx, socket, tcp, token, timeout) as c:
+    with connect(ctx, socket, tcp, token, timeout) as c:
         if stream:
             _stream_out(c.chat_stream(messages, **kw), as_json)
             return
-        reply = _call(lambda: c.chat(messages, **kw))
-    click.echo(_dump(reply) if as_json else reply.text)
+        reply = call(lambda: c.chat(messages, **kw))
+    click.echo(dump(reply) if as_json else reply.text)
 
 
 @main.command()
@@ -339,15 +260,15 @@ def chat(ctx: click.Context, message: str, system: str, model: str, max_tokens: 
 )
 @click.option("--instruction", default="")
 @click.option("--model", default="")
-@_client_options
+@client_options
 @click.pass_context
 def classify(ctx: click.Context, text: str, labels: tuple[str, ...], instruction: str, model: str,
              socket: Path | None, tcp: str | None, token: str | None, timeout: float, as_json: bool) -> None:  # fmt: skip
     """Pick exactly one of the given labels for TEXT."""
-    with _connect(ctx, socket, tcp, token, timeout) as c:
-        reply = _call(lambda: c.classify(text, labels, instruction=instruction, model=model))
+    with connect(ctx, socket, tcp, token, timeout) as c:
+        reply = call(lambda: c.classify(text, labels, instruction=instruction, model=model))
     if as_json:
-        click.echo(_dump(reply))
+        click.echo(dump(reply))
         return
     click.echo(reply.label)
     for s in reply.scores:
@@ -360,35 +281,35 @@ def classify(ctx: click.Context, text: str, labels: tuple[str, ...], instruction
 @click.option("--instruction", default="")
 @click.option("--model", default="")
 @click.option("--max-tokens", type=int, default=None)
-@_client_options
+@client_options
 @click.pass_context
 def extract(ctx: click.Context, text: str, schema: str, instruction: str, model: str, max_tokens: int | None,
             socket: Path | None, tcp: str | None, token: str | None, timeout: float, as_json: bool) -> None:  # fmt: skip
     """JSON from TEXT that validates against a JSON Schema."""
     if schema.startswith("@"):
         schema = Path(schema[1:]).read_text()
-    with _connect(ctx, socket, tcp, token, timeout) as c:
-        reply = _call(
+    with connect(ctx, socket, tcp, token, timeout) as c:
+        reply = call(
             lambda: c.extract(
                 text, schema, instruction=instruction, model=model, max_tokens=max_tokens
             )
         )
-    click.echo(_dump(reply) if as_json else reply.json)
+    click.echo(dump(reply) if as_json else reply.json)
 
 
 @main.command()
 @click.argument("texts", nargs=-1, required=True)
 @click.option("--normalize", is_flag=True, help="Unit-length vectors.")
 @click.option("--model", default="")
-@_client_options
+@client_options
 @click.pass_context
 def embed(ctx: click.Context, texts: tuple[str, ...], normalize: bool, model: str,
           socket: Path | None, tcp: str | None, token: str | None, timeout: float, as_json: bool) -> None:  # fmt: skip
     """One vector per TEXT."""
-    with _connect(ctx, socket, tcp, token, timeout) as c:
-        reply = _call(lambda: c.embed(list(texts), normalize=normalize, model=model))
+    with connect(ctx, socket, tcp, token, timeout) as c:
+        reply = call(lambda: c.embed(list(texts), normalize=normalize, model=model))
     if as_json:
-        click.echo(_dump(reply))
+        click.echo(dump(reply))
         return
     for text, e in zip(texts, reply.embeddings, strict=True):
         head = ", ".join(f"{v:.4f}" for v in e.values[:4])
@@ -396,6 +317,8 @@ def embed(ctx: click.Context, texts: tuple[str, ...], normalize: bool, model: st
 
 
 main.add_command(service)
+main.add_command(swap)
+main.add_command(models)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -158,6 +158,7 @@ class PoolEngine:
     ) -> SwapResult:
         """Swap `name` to a stored version or a new file. Refused swaps quarantine the file."""
         pool = self.pool(name)
+        name = pool.config.name
         strategy = strategy or self.config.store.swap_strategy
         if strategy not in STRATEGIES:
             raise InvalidRequest(

@@ -231,7 +231,7 @@ def test_cli_talks_to_the_daemon(start) -> None:
     out = cli("generate", "")
     assert out.returncode == 1 and "INVALID_ARGUMENT: prompt is empty" in out.stderr
     out = cli("models")
-    assert out.stdout.startswith("default@b179c9523d0e")
+    assert "*A  default@b179c9523d0e" in out.stdout
 
 
 def test_sighup_applies_live_settings_and_names_the_rest(start, short_dir: Path) -> None:

@@ -4,7 +4,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from sidecar.cli import EXIT_CONFIG, EXIT_NO_DAEMON, main
+from sidecar.cli import main
+from sidecar.cli_support import EXIT_CONFIG, EXIT_NO_DAEMON
 
 
 def test_config_keys_lists_every_key() -> None:

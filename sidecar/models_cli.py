@@ -1,0 +1,138 @@
+"""`sidecar swap` and `sidecar models ...`: the store and hot swap, through the running daemon.
+
+Going through the daemon (not the store's files directly) keeps one writer of the
+store and lets removal and garbage collection see which files workers still map.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import grpc
+
+from sidecar.cli_support import EXIT_FAILED, call, client_options, connect, dump
+from sidecar.v1 import inference_pb2 as pb
+
+
+def parse_target(target: str) -> tuple[str, str, str]:
+    """NAME, NAME@VERSION or a path (PATH, or NAME=PATH) -> (name, version, path)."""
+    if "=" in target:
+        name, _, path = target.partition("=")
+        return name, "", str(Path(path).resolve())
+    if "/" in target or target.endswith(".gguf"):
+        return "", "", str(Path(target).resolve())
+    name, _, version = target.partition("@")
+    return name, version, ""
+
+
+@click.command()
+@click.argument("target")
+@click.option(
+    "--strategy",
+    type=click.Choice(["side_by_side", "replace"]),
+    help="Default: store.swap_strategy.",
+)
+@client_options
+@click.pass_context
+def swap(ctx: click.Context, target: str, strategy: str | None, socket: Path | None, tcp: str | None,
+         token: str | None, timeout: float, as_json: bool) -> None:  # fmt: skip
+    """Hot-swap a model: NAME@VERSION (stored), PATH or NAME=PATH (a new file).
+
+    Progress is shown as it happens; exit code 0 when the new model serves, 1 when the swap
+    was refused (the old model keeps serving and the reason is printed).
+    """
+    name, version, path = parse_target(target)
+    request = pb.SwapRequest(model=name, version=version, path=path, strategy=strategy or "")
+    with connect(ctx, socket, tcp, token, timeout) as c:
+        try:
+            for step in c.admin.Swap(request, timeout=timeout, metadata=c._md):
+                if as_json:
+                    click.echo(dump(step))
+                elif step.finished:
+                    click.echo(f"ok: {step.new.name} {step.old.version} -> {step.new.version} "
+                               f"in {step.elapsed_ms / 1000:.1f}s")  # fmt: skip
+                else:
+                    click.echo(
+                        f"[{step.elapsed_ms / 1000:6.1f}s] {step.stage}: {step.detail}", err=True
+                    )
+        except grpc.RpcError as e:
+            click.echo(f"refused: {e.code().name}: {e.details()}", err=True)
+            raise SystemExit(EXIT_FAILED) from None
+
+
+@click.group(invoke_without_command=True)
+@client_options
+@click.pass_context
+def models(ctx: click.Context, socket: Path | None, tcp: str | None, token: str | None, timeout: float,
+           as_json: bool) -> None:  # fmt: skip
+    """The model store: list (the default), add, activate, remove, gc."""
+    ctx.obj["client"] = (socket, tcp, token, timeout, as_json)
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(list_versions)
+
+
+def _client(ctx: click.Context):  # type: ignore[no-untyped-def]
+    socket, tcp, token, timeout, _ = ctx.obj["client"]
+    return connect(ctx, socket, tcp, token, timeout)
+
+
+@models.command("list")
+@click.pass_context
+def list_versions(ctx: click.Context) -> None:
+    """Every stored version: * serving, A active (survives restarts), P previous."""
+    with _client(ctx) as c:
+        reply = call(lambda: c.admin.ListVersions(pb.ListVersionsRequest(), metadata=c._md))
+    if ctx.obj["client"][4]:
+        click.echo(dump(reply))
+        return
+    click.echo(f"store: {reply.store}")
+    for v in reply.versions:
+        marks = (
+            ("*" if v.serving else " ") + ("A" if v.active else " ") + ("P" if v.previous else " ")
+        )
+        click.echo(f"{marks} {v.model}@{v.sha256[:12]}  {v.size / 2**20:8.1f} MiB")
+
+
+@models.command("add")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--name", required=True, help="Model name to add it under.")
+@click.pass_context
+def add(ctx: click.Context, path: Path, name: str) -> None:
+    """Verify a GGUF file and add it to the store (it does not start serving)."""
+    with _client(ctx) as c:
+        reply = call(lambda: c.admin.AddModel(pb.AddModelRequest(model=name, path=str(path.resolve())),
+                                              metadata=c._md))  # fmt: skip
+    click.echo(f"added {reply.version.model}@{reply.version.sha256[:12]}")
+
+
+@models.command("activate")
+@click.argument("target")
+@click.option("--strategy", type=click.Choice(["side_by_side", "replace"]))
+@click.pass_context
+def activate(ctx: click.Context, target: str, strategy: str | None) -> None:
+    """Serve NAME@VERSION (a hot swap)."""
+    socket, tcp, token, timeout, as_json = ctx.obj["client"]
+    ctx.invoke(swap, target=target, strategy=strategy, socket=socket, tcp=tcp, token=token,
+               timeout=timeout, as_json=as_json)  # fmt: skip
+
+
+@models.command("remove")
+@click.argument("target")
+@click.pass_context
+def remove(ctx: click.Context, target: str) -> None:
+    """Remove NAME@VERSION (never the active one, never one a worker maps)."""
+    name, _, version = target.partition("@")
+    with _client(ctx) as c:
+        call(lambda: c.admin.RemoveVersion(pb.RemoveVersionRequest(model=name, version=version),
+                                           metadata=c._md))  # fmt: skip
+    click.echo(f"removed {target}")
+
+
+@models.command("gc")
+@click.pass_context
+def gc(ctx: click.Context) -> None:
+    """Remove every version but the active and previous of each name."""
+    with _client(ctx) as c:
+        reply = call(lambda: c.admin.CollectGarbage(pb.CollectGarbageRequest(), metadata=c._md))
+    click.echo("\n".join(f"removed {r}" for r in reply.removed) or "nothing to remove")
