@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from sidecar import reload
 from sidecar.config import Config
+from sidecar.dropwatch import DropWatcher
 from sidecar.engine.engine import PoolEngine
 from sidecar.errors import ConfigError
 from sidecar.logs import configure as configure_logs
@@ -61,6 +62,7 @@ class Running:
     supervisor: Supervisor
     metrics: Metrics
     metrics_server: MetricsServer | None = None
+    drop: DropWatcher | None = None
     halt: asyncio.Event = field(default_factory=asyncio.Event)  # stops the supervisor loop
     supervising: asyncio.Task[None] | None = None
 
@@ -147,6 +149,9 @@ async def start(
         raise
     await supervisor.publish()
     running.supervising = asyncio.create_task(supervisor.run(running.halt))
+    if config.store.drop is not None:
+        running.drop = DropWatcher(engine, config.store.drop, config.store.auto_swap)
+        await running.drop.start()
     return running
 
 
@@ -162,6 +167,8 @@ async def _publish(h: health.aio.HealthServicer, ready: dict[str, bool]) -> None
 
 async def shutdown(running: Running, config: Config) -> None:
     running.halt.set()
+    if running.drop is not None:
+        await running.drop.close()
     if running.supervising is not None:
         await running.supervising
     await _publish(running.health, {m.name: False for m in config.models})

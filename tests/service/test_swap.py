@@ -181,3 +181,44 @@ async def test_swaps_under_load_fail_no_request(
     assert errors == []
     assert set(seen) <= {a, b} and sum(seen.values()) > 20
     assert (await s.client.status()).models[0].restarts == 0
+
+
+async def wait_until(predicate, timeout: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < end, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def test_drop_folder_takes_complete_files_only_and_swaps(
+    serve, tiny_model: Path, second_model: Path, short_dir: Path
+) -> None:
+    from sidecar.dropwatch import DropWatcher
+
+    drop = short_dir / "drop"
+    s0 = await serve(tiny_model, slot_kind="process", workers=1, context=1024)
+    old = await version(s0.client)
+    watcher = DropWatcher(s0.running.engine, drop, auto_swap=True)
+    await watcher.start()
+    try:
+        # A copy in progress: a temporary name, then a rename into place.
+        partial = drop / "next.gguf.partial"
+        partial.write_bytes(second_model.read_bytes()[:1000])
+        await asyncio.sleep(1.5)
+        assert watcher.results == [] and await version(s0.client) == old
+        partial.write_bytes(second_model.read_bytes())
+        partial.rename(drop / "next.gguf")
+        await wait_until(lambda: len(watcher.results) == 1)
+        assert "now serves" in watcher.results[0]
+        assert await version(s0.client) != old
+        assert not (drop / "next.gguf").exists()  # consumed into the store
+        # A bad file dropped into a per-model folder is refused and quarantined.
+        (drop / "default").mkdir()
+        (drop / "default" / "bad.gguf").write_bytes(b"nope" * 100)
+        await wait_until(lambda: len(watcher.results) == 2)
+        assert "refused" in watcher.results[1]
+        assert not (drop / "default" / "bad.gguf").exists()
+        assert list(s0.running.engine.store.quarantine_dir.glob("*bad.gguf"))
+    finally:
+        await watcher.close()
