@@ -50,7 +50,17 @@ class Daemon:
         args = [sys.executable, "-m", "sidecar.cli"]
         if config:
             args += ["--config", str(config)]
-        args += ["serve", "--socket", str(socket), "--model", str(model), *extra]
+        store = socket.parent / "store"  # never the user's store
+        args += [
+            "serve",
+            "--socket",
+            str(socket),
+            "--store",
+            str(store),
+            "--model",
+            str(model),
+            *extra,
+        ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, env=env)
