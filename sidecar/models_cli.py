@@ -7,6 +7,7 @@ store and lets removal and garbage collection see which files workers still map.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 import grpc
@@ -64,26 +65,35 @@ def swap(ctx: click.Context, target: str, strategy: str | None, socket: Path | N
 @click.group(invoke_without_command=True)
 @client_options
 @click.pass_context
-def models(ctx: click.Context, socket: Path | None, tcp: str | None, token: str | None, timeout: float,
-           as_json: bool) -> None:  # fmt: skip
+def models(ctx: click.Context, /, **opts: Any) -> None:
     """The model store: list (the default), add, activate, remove, gc."""
-    ctx.obj["client"] = (socket, tcp, token, timeout, as_json)
+    ctx.obj["client"] = opts
     if ctx.invoked_subcommand is None:
-        ctx.invoke(list_versions)
+        ctx.invoke(list_versions, **opts)
 
 
-def _client(ctx: click.Context):  # type: ignore[no-untyped-def]
-    socket, tcp, token, timeout, _ = ctx.obj["client"]
-    return connect(ctx, socket, tcp, token, timeout)
+def _opts(ctx: click.Context, given: dict[str, Any]) -> dict[str, Any]:
+    """Client options given after the subcommand win over ones given after `models`."""
+    base = dict(ctx.obj.get("client", {}))
+    base.update({k: v for k, v in given.items() if v not in (None, False)})
+    return base
+
+
+def _client(ctx: click.Context, opts: dict[str, Any]) -> Any:
+    return connect(
+        ctx, opts.get("socket"), opts.get("tcp"), opts.get("token"), opts.get("timeout", 60.0)
+    )
 
 
 @models.command("list")
+@client_options
 @click.pass_context
-def list_versions(ctx: click.Context) -> None:
+def list_versions(ctx: click.Context, /, **given: Any) -> None:
     """Every stored version: * serving, A active (survives restarts), P previous."""
-    with _client(ctx) as c:
+    opts = _opts(ctx, given)
+    with _client(ctx, opts) as c:
         reply = call(lambda: c.admin.ListVersions(pb.ListVersionsRequest(), metadata=c._md))
-    if ctx.obj["client"][4]:
+    if opts.get("as_json"):
         click.echo(dump(reply))
         return
     click.echo(f"store: {reply.store}")
@@ -97,42 +107,45 @@ def list_versions(ctx: click.Context) -> None:
 @models.command("add")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--name", required=True, help="Model name to add it under.")
+@client_options
 @click.pass_context
-def add(ctx: click.Context, path: Path, name: str) -> None:
+def add(ctx: click.Context, /, path: Path, name: str, **given: Any) -> None:
     """Verify a GGUF file and add it to the store (it does not start serving)."""
-    with _client(ctx) as c:
-        reply = call(lambda: c.admin.AddModel(pb.AddModelRequest(model=name, path=str(path.resolve())),
-                                              metadata=c._md))  # fmt: skip
+    request = pb.AddModelRequest(model=name, path=str(path.resolve()))
+    with _client(ctx, _opts(ctx, given)) as c:
+        reply = call(lambda: c.admin.AddModel(request, metadata=c._md))
     click.echo(f"added {reply.version.model}@{reply.version.sha256[:12]}")
 
 
 @models.command("activate")
 @click.argument("target")
 @click.option("--strategy", type=click.Choice(["side_by_side", "replace"]))
+@client_options
 @click.pass_context
-def activate(ctx: click.Context, target: str, strategy: str | None) -> None:
+def activate(ctx: click.Context, /, target: str, strategy: str | None, **given: Any) -> None:
     """Serve NAME@VERSION (a hot swap)."""
-    socket, tcp, token, timeout, as_json = ctx.obj["client"]
-    ctx.invoke(swap, target=target, strategy=strategy, socket=socket, tcp=tcp, token=token,
-               timeout=timeout, as_json=as_json)  # fmt: skip
+    opts = _opts(ctx, given)
+    ctx.invoke(swap, target=target, strategy=strategy, **{**given, **opts})
 
 
 @models.command("remove")
 @click.argument("target")
+@client_options
 @click.pass_context
-def remove(ctx: click.Context, target: str) -> None:
+def remove(ctx: click.Context, /, target: str, **given: Any) -> None:
     """Remove NAME@VERSION (never the active one, never one a worker maps)."""
     name, _, version = target.partition("@")
-    with _client(ctx) as c:
-        call(lambda: c.admin.RemoveVersion(pb.RemoveVersionRequest(model=name, version=version),
-                                           metadata=c._md))  # fmt: skip
+    request = pb.RemoveVersionRequest(model=name, version=version)
+    with _client(ctx, _opts(ctx, given)) as c:
+        call(lambda: c.admin.RemoveVersion(request, metadata=c._md))
     click.echo(f"removed {target}")
 
 
 @models.command("gc")
+@client_options
 @click.pass_context
-def gc(ctx: click.Context) -> None:
+def gc(ctx: click.Context, /, **given: Any) -> None:
     """Remove every version but the active and previous of each name."""
-    with _client(ctx) as c:
+    with _client(ctx, _opts(ctx, given)) as c:
         reply = call(lambda: c.admin.CollectGarbage(pb.CollectGarbageRequest(), metadata=c._md))
     click.echo("\n".join(f"removed {r}" for r in reply.removed) or "nothing to remove")

@@ -179,7 +179,7 @@ async def test_swaps_under_load_fail_no_request(
     for c in clients:
         await c.close()
     assert errors == []
-    assert set(seen) <= {a, b} and sum(seen.values()) > 20
+    assert set(seen) <= {a, b} and sum(seen.values()) >= len(clients)
     assert (await s.client.status()).models[0].restarts == 0
 
 
