@@ -46,7 +46,7 @@ from sidecar.types import (
     Usage,
 )
 from sidecar.worker import prompts
-from sidecar.worker.labels import Row, log_softmax, normalise, score_sequences
+from sidecar.worker.labels import Row, common_prefix, log_softmax, normalise, score_sequences
 from sidecar.worker.text import TextAssembler
 
 Emit = Callable[[str], None]
@@ -90,6 +90,10 @@ class LlamaRunner:
             self._stack.close()
             raise FailedPrecondition(f"cannot load model {spec.path}: {e}") from None
         self._embedder: llama_cpp.Llama | None = None
+        self._cached_prefix: list[int] = []  # tokens whose KV the context holds as a block
+        self.prefix_hits = 0
+        self._fixed_len: dict[tuple[ChatMessage, ...], int] = {}
+        self._fixed_tokens: dict[tuple[ChatMessage, ...], list[int]] = {}
         self._vocab = self.llm._model.vocab
         self.n_vocab = self.llm.n_vocab()
         eot = llama_cpp.llama_vocab_eot(self._vocab)
@@ -220,18 +224,51 @@ class LlamaRunner:
             sampler.add_dist(s.seed)
         return sampler
 
-    def _eval_prompt(self, tokens: list[int], should_stop: ShouldStop) -> None:
-        """Decode the prompt from an empty cache, one batch per call.
+    def _eval_prompt(self, tokens: list[int], should_stop: ShouldStop, prefix: int = 0) -> None:
+        """Decode the prompt, one batch per call.
+
+        The first `prefix` tokens (a task's fixed instructions: the labels, the schema)
+        are always decoded as a block of their own, starting from an empty cache. So when
+        the next request has the same prefix its cached KV is exactly what a fresh decode
+        would compute, and reusing it keeps replies byte-identical while skipping most of
+        the prompt. Everything else starts from an empty cache.
 
         Between batches the worker answers pings and notices cancellation, so a long
         prompt neither looks like a hang nor outlives its caller.
         """
-        self.llm.reset()
+        llm = self.llm
+        if prefix and self._cached_prefix == tokens[:prefix]:
+            self.prefix_hits += 1
+            llm.n_tokens = prefix  # eval() drops the cache beyond this point
+        else:
+            llm.reset()
+            self._cached_prefix = []
+            self._decode_batches(tokens[:prefix], should_stop)
+            self._cached_prefix = tokens[:prefix]
+        self._decode_batches(tokens[prefix:], should_stop)
+
+    def _decode_batches(self, tokens: list[int], should_stop: ShouldStop) -> None:
         step = self.spec.batch
         for start in range(0, len(tokens), step):
             if start and should_stop():
+                self._cached_prefix = []
                 raise Stopped()
             self.llm.eval(tokens[start : start + step])
+
+    def _task_prompt(self, messages: tuple[ChatMessage, ...]) -> tuple[list[int], int]:
+        """Tokens of a (system, user) prompt and how many of them do not depend on the user text."""
+        tokens = self._chat_tokens(messages)
+        system = messages[:-1]
+        fixed = self._fixed_len.get(system)
+        if fixed is None:
+            a = self._chat_tokens((*system, ChatMessage("user", "\x01")))
+            b = self._chat_tokens((*system, ChatMessage("user", "\x02")))
+            fixed = common_prefix(a, b)
+            self._fixed_len[system] = fixed
+            self._fixed_tokens[system] = a[:fixed]
+            if len(self._fixed_len) > 64:  # bounded: one entry per distinct instruction set
+                self._fixed_len.pop(next(iter(self._fixed_len)))
+        return tokens, common_prefix(tokens, self._fixed_tokens.get(system, [])[:fixed])
 
     def _last_logprobs(self) -> Row:
         ptr = self.llm._ctx.get_logits_ith(-1)
@@ -245,6 +282,7 @@ class LlamaRunner:
         grammar: str | None,
         emit: Emit | None,
         should_stop: ShouldStop,
+        prefix: int = 0,
     ) -> Generation:
         limit = self._check_fits(len(prompt), max_tokens)
         started = time.perf_counter()
@@ -255,7 +293,7 @@ class LlamaRunner:
         sampler = self._sampler(sampling, grammar)
         try:
             llm = self.llm
-            self._eval_prompt(prompt, should_stop)
+            self._eval_prompt(prompt, should_stop, prefix)
             pending: list[int] = []
             for _ in range(limit):
                 if pending:
@@ -296,7 +334,7 @@ class LlamaRunner:
     # ------------------------------------------------------------------ classify
 
     def _classify(self, task: ClassifyTask, should_stop: ShouldStop) -> Classification:
-        prompt = self._chat_tokens(
+        prompt, prefix = self._task_prompt(
             prompts.classify_messages(task.text, task.labels, task.instruction)
         )
         seqs = [[*self._tokenize(label, add_bos=False), self._end_of_turn] for label in task.labels]
@@ -306,7 +344,7 @@ class LlamaRunner:
                 f"a label is {longest - 1} tokens; labels may be at most {self.spec.batch - 1}"
             )
         self._check_fits(len(prompt), longest)
-        self._eval_prompt(prompt, should_stop)
+        self._eval_prompt(prompt, should_stop, prefix)
         if should_stop():
             raise Stopped()
         decoder = _LlamaPrefixDecoder(self)
@@ -334,10 +372,12 @@ class LlamaRunner:
             raise InvalidRequest(
                 f"llama.cpp's JSON-Schema-to-grammar converter cannot handle this schema: {e}"
             ) from None
-        prompt = self._chat_tokens(
+        prompt, prefix = self._task_prompt(
             prompts.extract_messages(task.text, task.schema, task.instruction)
         )
-        gen = self._generate(prompt, task.max_tokens, Sampling(), grammar, None, should_stop)
+        gen = self._generate(
+            prompt, task.max_tokens, Sampling(), grammar, None, should_stop, prefix
+        )
         if gen.finish_reason == "length":
             raise OutOfRange(
                 f"the JSON was not complete after {gen.usage.completion_tokens} tokens: raise max_tokens"

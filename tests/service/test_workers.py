@@ -168,3 +168,21 @@ async def test_in_process_engine_gives_the_same_answers(
     gb = await b.client.generate("same", max_tokens=8)
     assert without_timings(ra) == without_timings(rb)
     assert without_timings(ga) == without_timings(gb)
+
+
+async def test_task_prefix_cache_hits_and_keeps_replies_byte_identical(serve, tiny_model: Path) -> None:
+    s = await serve(tiny_model, slot_kind="thread", workers=1, context=1024)
+    c = s.client
+    runner = s.running.engine.pools["default"]._slots[0]._runner
+    labels = ["north", "south", "east", "west"]
+    fresh = without_timings(await c.classify("which way", labels))
+    again = without_timings(await c.classify("which way", labels))
+    await c.generate("something else entirely", max_tokens=4)  # overwrites the cache
+    after_other = without_timings(await c.classify("which way", labels))
+    other_text = await c.classify("a different text", labels)
+    assert fresh == again == after_other
+    assert runner.prefix_hits == 2  # the second request and the different text reused the prefix
+    assert other_text.label in labels
+    e1 = without_timings(await c.extract("Bob is 40", SCHEMA, max_tokens=120))
+    e2 = without_timings(await c.extract("Bob is 40", SCHEMA, max_tokens=120))
+    assert e1 == e2 and runner.prefix_hits == 3
