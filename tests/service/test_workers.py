@@ -170,7 +170,9 @@ async def test_in_process_engine_gives_the_same_answers(
     assert without_timings(ga) == without_timings(gb)
 
 
-async def test_task_prefix_cache_hits_and_keeps_replies_byte_identical(serve, tiny_model: Path) -> None:
+async def test_task_prefix_cache_hits_and_keeps_replies_byte_identical(
+    serve, tiny_model: Path
+) -> None:
     s = await serve(tiny_model, slot_kind="thread", workers=1, context=1024)
     c = s.client
     runner = s.running.engine.pools["default"]._slots[0]._runner
