@@ -12,7 +12,6 @@ folder: into the store (consumed) or into quarantine (refused).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from pathlib import Path
@@ -59,6 +58,7 @@ class DropWatcher:
         self.results: list[str] = []  # what happened to each taken file, newest last
         self._observer: Observer | None = None  # type: ignore[valid-type]
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -74,19 +74,23 @@ class DropWatcher:
         self._task = asyncio.create_task(self._consume(pokes))
 
     async def close(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Bounded: a swap in progress is left to finish on its own rather than block.
+            await asyncio.wait({self._task}, timeout=10)
         if self._observer is not None:
             self._observer.stop()
             await asyncio.to_thread(self._observer.join, 5)
 
     async def _consume(self, pokes: asyncio.Queue[Path]) -> None:
         pending: dict[Path, tuple[float, int]] = {}  # path -> (last change, size then)
-        while True:
-            with contextlib.suppress(TimeoutError):
-                path = await asyncio.wait_for(pokes.get(), 0.2)
+        while not self._stopping:
+            # Plain sleep, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # races with its result, which would leave close() waiting forever.
+            await asyncio.sleep(0.2)
+            while not pokes.empty():
+                path = pokes.get_nowait()
                 if wanted(path):
                     pending[path] = (time.monotonic(), -1)
             now = time.monotonic()

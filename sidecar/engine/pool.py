@@ -222,6 +222,11 @@ class ModelPool:
         self._dispatch()
 
     def died(self, slot: Slot, reason: str) -> None:
+        if slot not in self._slots:
+            # A canary worker that never served, or an old one already replaced: the
+            # swap or retirement that owned it handles the failure; nothing to restart.
+            self._retiring.discard(slot)
+            return
         now = time.monotonic()
         # Backoff grows while workers keep dying young and resets once one has been
         # healthy for a while, so a crash loop slows down but a rare crash restarts fast.

@@ -34,6 +34,7 @@ from sidecar.types import GenerateTask, Generation, ModelRef
 from sidecar.worker.runner import RunnerSpec
 
 STRATEGIES = ("side_by_side", "replace")
+CANARY_TIMEOUT_S = 120.0  # a worker that cannot answer one short prompt in this is not fit
 MiB = 1024 * 1024
 Progress = Callable[[str, str], None]
 
@@ -142,7 +143,11 @@ async def _prove(pool: ModelPool, spec: RunnerSpec, progress: Progress) -> list[
     )
     for slot in slots:
         t0 = time.monotonic()
-        event = await pool.run_on(slot, task)
+        try:
+            event = await asyncio.wait_for(pool.run_on(slot, task), CANARY_TIMEOUT_S)
+        except TimeoutError:
+            await _stop_all(slots)
+            raise SwapRefused("canary", f"no answer within {CANARY_TIMEOUT_S:.0f}s") from None
         problem = check_canary(pool.config, event, (time.monotonic() - t0) * 1000)
         if problem:
             await _stop_all(slots)
