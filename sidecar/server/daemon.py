@@ -82,7 +82,10 @@ async def start(
     metrics.watch(engine)
     engine.on_result = metrics.result
     interceptor = RequestInterceptor(
-        s.tcp_token if s.tcp_port else "", metrics, config.default_model
+        s.tcp_token if s.tcp_port else "",
+        metrics,
+        config.default_model,
+        frozenset(m.name for m in config.models),
     )
     server = grpc.aio.server(
         interceptors=[interceptor],

@@ -78,11 +78,16 @@ def is_tcp(peer: str) -> bool:
 
 class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(
-        self, tcp_token: str = "", metrics: Metrics | None = None, default_model: str = ""
+        self,
+        tcp_token: str = "",
+        metrics: Metrics | None = None,
+        default_model: str = "",
+        models: frozenset[str] = frozenset(),
     ) -> None:
         self._token = tcp_token.encode()
         self._metrics = metrics
         self._default_model = default_model
+        self._models = models
         self.counters: Counter[str] = Counter()
 
     async def intercept_service(
@@ -185,6 +190,8 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         model = getattr(request, "model", "")
         if self._metrics is not None:
             label = model or (self._default_model if hasattr(request, "model") else "-")
+            if model and model not in self._models:
+                label = "unknown"  # a caller's typo must not mint a new time series
             self._metrics.request(rpc, label, code.name, ms / 1000)
         log.info(
             "%s %s model=%s status=%s ms=%.1f",

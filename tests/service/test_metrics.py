@@ -70,12 +70,20 @@ async def test_requests_latency_ttft_and_state_are_exposed_over_http(
     await s.client.classify("x", ["a", "b"])
     with pytest.raises(grpc.aio.AioRpcError):
         await s.client.generate("")
+    for typo in ("defualt", "Default", "x" * 40):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await s.client.generate("hi", model=typo)
     text = await asyncio.to_thread(scrape_tcp, port)
     m = samples(text)
     ok = {"rpc": "Generate", "model": "default", "status": "OK", "tier": "local"}
     assert value(m, "sidecar_requests_total", **ok) == 3
     assert value(m, "sidecar_requests_total", **{**ok, "status": "INVALID_ARGUMENT"}) == 1
     assert value(m, "sidecar_requests_total", **{**ok, "rpc": "Classify"}) == 1
+    # Unknown model names share one series, whatever callers send.
+    assert (
+        value(m, "sidecar_requests_total", **{**ok, "model": "unknown", "status": "NOT_FOUND"}) == 3
+    )
+    assert "defualt" not in text
     assert value(m, "sidecar_request_seconds_count", **ok) == 3
     assert value(m, "sidecar_time_to_first_token_seconds_count", model="default") == 4
     assert value(m, "sidecar_decode_tokens_per_second_count", model="default") == 3
