@@ -67,6 +67,16 @@ class Metrics:
         self.requests.labels(rpc, model, status, tier).inc()
         self.latency.labels(rpc, model, status, tier).observe(seconds)
 
+    def counts(self) -> dict[str, int]:
+        """Requests by "<rpc>.<status>", summed over models and tiers (for `sidecar status`)."""
+        out: dict[str, int] = {}
+        for family in self.requests.collect():
+            for s in family.samples:
+                if s.name.endswith("_total"):
+                    key = f"{s.labels['rpc']}.{s.labels['status']}"
+                    out[key] = out.get(key, 0) + int(s.value)
+        return out
+
     def result(self, result: Result) -> None:
         if result.model is None:
             return

@@ -115,16 +115,14 @@ class ModelStore:
             raise ModelNotFound(f"{what} version of {name!r} matches {version!r} (known: {known})")
         return matches[0]
 
+    def info(self, name: str, sha: str) -> VersionInfo:
+        st = self.blob(sha).stat()
+        return VersionInfo(
+            name, sha, st.st_size, st.st_mtime, sha == self.active(name), sha == self.previous(name)
+        )
+
     def all_versions(self) -> list[VersionInfo]:
-        out = []
-        for name in self.names():
-            active, previous = self.active(name), self.previous(name)
-            for sha in self.versions(name):
-                st = self.blob(sha).stat()
-                out.append(
-                    VersionInfo(name, sha, st.st_size, st.st_mtime, sha == active, sha == previous)
-                )
-        return out
+        return [self.info(name, sha) for name in self.names() for sha in self.versions(name)]
 
     # ---------------------------------------------------------------- writing
 

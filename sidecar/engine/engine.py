@@ -240,18 +240,14 @@ R = TypeVar("R", bound=Generation | Classification | Extraction | Embeddings)
 def _stamp(result: R, pool: ModelPool, job: Job) -> R:
     """Fill in who answered and the daemon-side timings."""
     now = time.perf_counter()
-    dispatched = job.dispatched or now
-    worker_first = result.timings.first_token_ms
+    queue_ms = ((job.dispatched or now) - job.enqueued) * 1000
+    total_ms = (now - job.enqueued) * 1000
+    if job.first_event is not None:  # streamed: when the first piece reached the daemon
+        first_ms = (job.first_event - job.enqueued) * 1000
+    elif result.timings.first_token_ms:  # unary: the worker timed its own first token
+        first_ms = queue_ms + result.timings.first_token_ms
+    else:  # no tokens (classify, embed): the whole answer is the first result
+        first_ms = total_ms
     result.model = job.ref or pool.ref
-    result.timings = Timings(
-        queue_ms=(dispatched - job.enqueued) * 1000,
-        first_token_ms=(
-            (job.first_event - job.enqueued) * 1000
-            if job.first_event is not None
-            else (dispatched - job.enqueued) * 1000 + worker_first
-            if worker_first
-            else (now - job.enqueued) * 1000
-        ),
-        total_ms=(now - job.enqueued) * 1000,
-    )
+    result.timings = Timings(queue_ms=queue_ms, first_token_ms=first_ms, total_ms=total_ms)
     return result

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from sidecar.config import ModelConfig
 from sidecar.engine.fair_queue import FairQueue
@@ -68,14 +69,6 @@ class PoolStatus:
     rss: tuple[int | None, ...]
 
 
-def file_version(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()[:VERSION_CHARS]
-
-
 class ModelPool:
     def __init__(
         self, config: ModelConfig, make_slot: SlotFactory, default_max_tokens: int
@@ -93,7 +86,7 @@ class ModelPool:
         self._idle: list[Slot] = []
         self._queue: FairQueue[Job] = FairQueue(config.max_queue)
         self._running: dict[int, Job] = {}
-        self._restart_tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._retiring: set[Slot] = set()
         self._closing = False
         self.ref = ModelRef(config.name, "")
@@ -113,12 +106,10 @@ class ModelPool:
         self.config = replace(self.config, path=path)
         self.spec = replace(self.spec, path=path)
 
-    async def start(self, version: str | None = None) -> None:
+    async def start(self, version: str) -> None:
+        """Start the workers on the file `use_file` chose; `version` is its sha256."""
         if not self.config.path.is_file():
             raise FailedPrecondition(f"model {self.config.name!r}: no file at {self.config.path}")
-        loop = asyncio.get_running_loop()
-        if version is None:
-            version = await loop.run_in_executor(None, file_version, self.config.path)
         self.ref = ModelRef(self.config.name, version[:VERSION_CHARS])
         slots = [self._make_slot(self.spec, self) for _ in range(self.config.workers)]
         results = await asyncio.gather(*(s.start() for s in slots), return_exceptions=True)
@@ -143,7 +134,7 @@ class ModelPool:
 
     async def close(self) -> None:
         self._closing = True
-        for t in list(self._restart_tasks):
+        for t in list(self._tasks):
             t.cancel()
         while (job := self._queue.pop()) is not None:
             self._finish(job, Unavailable("the daemon is shutting down"))
@@ -216,9 +207,7 @@ class ModelPool:
             if slot in self._slots:
                 self._idle.append(slot)
             elif slot in self._retiring:  # replaced while it finished this job
-                task = asyncio.get_running_loop().create_task(self._stop_retired(slot))
-                self._restart_tasks.add(task)
-                task.add_done_callback(self._restart_tasks.discard)
+                self._background(self._stop_retired(slot))
         self._dispatch()
 
     def died(self, slot: Slot, reason: str) -> None:
@@ -241,11 +230,14 @@ class ModelPool:
         self._spawn_replacement(slot, self.backoff_s)
 
     def _spawn_replacement(self, old: Slot, delay: float) -> None:
-        if self._closing:
-            return
-        task = asyncio.get_running_loop().create_task(self._replace(old, delay))
-        self._restart_tasks.add(task)
-        task.add_done_callback(self._restart_tasks.discard)
+        if not self._closing:
+            self._background(self._replace(old, delay))
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` beside the request path, kept referenced (and cancelled on close)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _replace(self, old: Slot, delay: float) -> None:
         while not self._closing:
@@ -328,9 +320,7 @@ class ModelPool:
                 await self._stop_retired(slot)
             self._dispatch()
 
-        task = asyncio.get_running_loop().create_task(succeed())
-        self._restart_tasks.add(task)
-        task.add_done_callback(self._restart_tasks.discard)
+        self._background(succeed())
 
     async def _stop_retired(self, slot: Slot) -> None:
         self._retiring.discard(slot)

@@ -82,8 +82,8 @@ async def start(
     metrics.watch(engine)
     engine.on_result = metrics.result
     interceptor = RequestInterceptor(
-        s.tcp_token if s.tcp_port else "",
         metrics,
+        s.tcp_token if s.tcp_port else "",
         config.default_model,
         frozenset(m.name for m in config.models),
     )
@@ -100,9 +100,7 @@ async def start(
         engine, s, lambda ready: _publish(health_servicer, ready), heartbeat=heartbeat
     )
     pb_grpc.add_InferenceServicer_to_server(InferenceServicer(engine), server)
-    pb_grpc.add_AdminServicer_to_server(
-        AdminServicer(supervisor, s.socket, interceptor.counters), server
-    )
+    pb_grpc.add_AdminServicer_to_server(AdminServicer(supervisor, s.socket, metrics), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (INFERENCE_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -1,4 +1,4 @@
-"""The one place domain errors become gRPC status codes; also auth, request logs and counters.
+"""The one place domain errors become gRPC status codes; also auth, request logs and metrics.
 
 Every RPC (ours, health, reflection) passes through `RequestInterceptor`, which
 - refuses TCP callers without the right bearer token (UNAUTHENTICATED),
@@ -17,7 +17,6 @@ import inspect
 import logging
 import time
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -79,8 +78,8 @@ def is_tcp(peer: str) -> bool:
 class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(
         self,
+        metrics: Metrics,
         tcp_token: str = "",
-        metrics: Metrics | None = None,
         default_model: str = "",
         models: frozenset[str] = frozenset(),
     ) -> None:
@@ -88,7 +87,6 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._metrics = metrics
         self._default_model = default_model
         self._models = models
-        self.counters: Counter[str] = Counter()
 
     async def intercept_service(
         self,
@@ -186,13 +184,11 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _log(self, rid: str, method: str, request: Any, code: StatusCode, started: float) -> None:
         ms = (time.perf_counter() - started) * 1000
         rpc = method.rsplit("/", 1)[-1]
-        self.counters[f"{rpc}.{code.name}"] += 1
         model = getattr(request, "model", "")
-        if self._metrics is not None:
-            label = model or (self._default_model if hasattr(request, "model") else "-")
-            if model and model not in self._models:
-                label = "unknown"  # a caller's typo must not mint a new time series
-            self._metrics.request(rpc, label, code.name, ms / 1000)
+        label = model or (self._default_model if hasattr(request, "model") else "-")
+        if model and model not in self._models:
+            label = "unknown"  # a caller's typo must not mint a new time series
+        self._metrics.request(rpc, label, code.name, ms / 1000)
         log.info(
             "%s %s model=%s status=%s ms=%.1f",
             rid,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,6 +16,7 @@ import psutil
 
 from sidecar.engine.engine import Engine
 from sidecar.errors import InternalError
+from sidecar.metrics import Metrics
 from sidecar.server import convert
 from sidecar.server.caller import caller_of
 from sidecar.supervisor import Supervisor
@@ -97,11 +97,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
 
 class AdminServicer(pb_grpc.AdminServicer):
-    def __init__(self, supervisor: Supervisor, socket: Path, counters: Counter[str]) -> None:
+    def __init__(self, supervisor: Supervisor, socket: Path, metrics: Metrics) -> None:
         self.supervisor = supervisor
         self.engine = supervisor.engine
         self.socket = socket
-        self.counters = counters
+        self.metrics = metrics
         self.started = time.monotonic()
 
     def _models(self) -> list[pb.ModelStatus]:
@@ -117,7 +117,7 @@ class AdminServicer(pb_grpc.AdminServicer):
             uptime_s=time.monotonic() - self.started,
             socket=str(self.socket),
             models=self._models(),
-            counters=dict(self.counters),
+            counters=self.metrics.counts(),
             memory_available=psutil.virtual_memory().available,
             shedding=self.engine.shed_reason or "",
             last_reload=self.supervisor.last_reload,
@@ -167,7 +167,7 @@ class AdminServicer(pb_grpc.AdminServicer):
         store = self.engine.store
         name = request.model or self.engine.default_model
         sha = await asyncio.to_thread(store.add, Path(request.path), name)
-        info = next(v for v in store.all_versions() if v.name == name and v.sha256 == sha)
+        info = await asyncio.to_thread(store.info, name, sha)
         return pb.AddModelReply(version=convert.stored_version(info, False))
 
     async def RemoveVersion(

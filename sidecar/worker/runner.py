@@ -92,8 +92,8 @@ class LlamaRunner:
         self._embedder: llama_cpp.Llama | None = None
         self._cached_prefix: list[int] = []  # tokens whose KV the context holds as a block
         self.prefix_hits = 0
-        self._fixed_len: dict[tuple[ChatMessage, ...], int] = {}
-        self._fixed_tokens: dict[tuple[ChatMessage, ...], list[int]] = {}
+        # Per instruction set: the prompt tokens that come before the user's text.
+        self._fixed: dict[tuple[ChatMessage, ...], list[int]] = {}
         self._vocab = self.llm._model.vocab
         self.n_vocab = self.llm.n_vocab()
         eot = llama_cpp.llama_vocab_eot(self._vocab)
@@ -259,16 +259,14 @@ class LlamaRunner:
         """Tokens of a (system, user) prompt and how many of them do not depend on the user text."""
         tokens = self._chat_tokens(messages)
         system = messages[:-1]
-        fixed = self._fixed_len.get(system)
+        fixed = self._fixed.get(system)
         if fixed is None:
             a = self._chat_tokens((*system, ChatMessage("user", "\x01")))
             b = self._chat_tokens((*system, ChatMessage("user", "\x02")))
-            fixed = common_prefix(a, b)
-            self._fixed_len[system] = fixed
-            self._fixed_tokens[system] = a[:fixed]
-            if len(self._fixed_len) > 64:  # bounded: one entry per distinct instruction set
-                self._fixed_len.pop(next(iter(self._fixed_len)))
-        return tokens, common_prefix(tokens, self._fixed_tokens.get(system, [])[:fixed])
+            fixed = self._fixed[system] = a[: common_prefix(a, b)]
+            if len(self._fixed) > 64:  # bounded: one entry per distinct instruction set
+                self._fixed.pop(next(iter(self._fixed)))
+        return tokens, common_prefix(tokens, fixed)
 
     def _last_logprobs(self) -> Row:
         ptr = self.llm._ctx.get_logits_ith(-1)
