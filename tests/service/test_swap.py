@@ -222,3 +222,27 @@ async def test_drop_folder_takes_complete_files_only_and_swaps(
         assert list(s0.running.engine.store.quarantine_dir.glob("*bad.gguf"))
     finally:
         await watcher.close()
+
+
+async def test_daemon_watches_the_configured_drop_folder(
+    tiny_model: Path, second_model: Path, short_dir: Path
+) -> None:
+    from conftest import make_config
+
+    from sidecar.server import daemon
+
+    drop = short_dir / "drop"
+    config = make_config(short_dir, tiny_model, workers=1, context=1024)
+    config = replace(config, store=replace(config.store, drop=drop, auto_swap=True))
+    running = await daemon.start(config)
+    client = AsyncClient(config.server.socket)
+    try:
+        old = await version(client)
+        (drop / "incoming.gguf.tmp").write_bytes(second_model.read_bytes())
+        (drop / "incoming.gguf.tmp").rename(drop / "incoming.gguf")
+        assert running.drop is not None
+        await wait_until(lambda: bool(running.drop.results))
+        assert await version(client) != old
+    finally:
+        await client.close()
+        await daemon.shutdown(running, config)
