@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -29,6 +29,9 @@ from sidecar.config import Config, Overrides, documented_keys, load
 from sidecar.errors import SidecarError
 from sidecar.models_cli import models, swap
 from sidecar.service_cli import service
+
+if TYPE_CHECKING:
+    from sidecar.server.daemon import Running
 
 
 @click.group()
@@ -54,6 +57,14 @@ def main(ctx: click.Context, config: Path | None) -> None:
 @click.option("--context", type=int, help="Context window (tokens) of the default model.")
 @click.option("--tcp-port", type=int, help="Also listen on loopback TCP (needs server.tcp_token).")
 @click.option("--store", type=click.Path(path_type=Path), help="Model store directory.")
+@click.option(
+    "--http-port", type=int, help="OpenAI-compatible HTTP API on loopback (needs http.token)."
+)
+@click.option(
+    "--http-socket",
+    type=click.Path(path_type=Path),
+    help="OpenAI-compatible HTTP API on this Unix socket.",
+)
 @click.option("--log-format", type=click.Choice(["text", "json"]))
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option(
@@ -67,7 +78,6 @@ def serve(ctx: click.Context, /, in_process: bool, banner: bool, **flags: Any) -
     """Run the daemon in the foreground until SIGTERM/SIGINT."""
     from sidecar.logs import configure
     from sidecar.notify import Notifier
-    from sidecar.server.daemon import Running
     from sidecar.server.daemon import serve as run_daemon
     from sidecar.server.socket_claim import SocketBusy
 
@@ -81,7 +91,7 @@ def serve(ctx: click.Context, /, in_process: bool, banner: bool, **flags: Any) -
 
     def ready(running: Running) -> None:
         if banner:
-            click.echo(_banner(config, running.tcp_port), err=True)
+            click.echo(_banner(config, running), err=True)
 
     try:
         code = asyncio.run(
@@ -103,7 +113,7 @@ def serve(ctx: click.Context, /, in_process: bool, banner: bool, **flags: Any) -
     sys.exit(code)
 
 
-def _banner(config: Config, tcp_port: int | None) -> str:
+def _banner(config: Config, running: Running) -> str:
     sock = config.server.socket
     names = ", ".join(m.name for m in config.models)
     lines = [
@@ -116,8 +126,17 @@ def _banner(config: Config, tcp_port: int | None) -> str:
         f"  .venv/bin/sidecar status --socket {sock}",
         f"  grpcurl -plaintext -unix {sock} list      # any gRPC tool, via reflection",
     ]
-    if tcp_port:
-        lines.append(f"  (also on 127.0.0.1:{tcp_port}, bearer token required)")
+    if running.tcp_port:
+        lines.append(f"  (also on 127.0.0.1:{running.tcp_port}, bearer token required)")
+    if running.http is not None:
+        if running.http.socket:
+            lines.append(
+                f"  OpenAI-compatible API: curl --unix-socket {running.http.socket} http://x/v1/models"
+            )
+        if running.http.port:
+            lines.append(
+                f"  OpenAI-compatible API: base_url=http://{config.http.host}:{running.http.port}/v1 (api_key = http.token)"
+            )
     lines.append("Stop with Ctrl-C (drains in-flight requests first).")
     return "\n".join(lines)
 

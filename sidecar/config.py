@@ -18,8 +18,8 @@ TOML layout (every key optional)::
     path = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
     workers = 2
 
-Environment: SIDECAR_CONFIG (file path), SIDECAR_<SECTION>_<KEY> for the server and
-log keys (e.g. SIDECAR_SERVER_SOCKET, SIDECAR_LOG_FORMAT), SIDECAR_DEFAULT_MODEL, and
+Environment: SIDECAR_CONFIG (file path), SIDECAR_<SECTION>_<KEY> for the server, log,
+metrics, store and http keys (e.g. SIDECAR_SERVER_SOCKET, SIDECAR_HTTP_TOKEN), SIDECAR_DEFAULT_MODEL, and
 SIDECAR_MODEL_<KEY> for the default model's keys (e.g. SIDECAR_MODEL_PATH).
 """
 
@@ -152,6 +152,20 @@ METRICS_KEYS: dict[str, Key] = {
     "socket": Key(str, "", "Prometheus /metrics on this Unix socket path instead; empty = off."),
 }
 
+HTTP_KEYS: dict[str, Key] = {
+    "port": Key(
+        int, 0, "OpenAI-compatible HTTP API on http.host:port; 0 = off (needs http.token).", _port
+    ),
+    "host": Key(str, "127.0.0.1", "HTTP API listener address; loopback only.", _loopback),
+    "socket": Key(str, "", "OpenAI-compatible HTTP API on this Unix socket path; empty = off."),
+    "token": Key(
+        str,
+        "",
+        "Bearer token (the SDK's api_key) the HTTP API requires; required with http.port "
+        "(prefer SIDECAR_HTTP_TOKEN).",
+    ),
+}
+
 MODEL_KEYS: dict[str, Key] = {
     "path": Key(str, "", "GGUF file to serve (required)."),
     "workers": Key(
@@ -233,6 +247,18 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    port: int
+    host: str
+    socket: str
+    token: str
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.port or self.socket)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     path: Path
@@ -252,6 +278,7 @@ class Config:
     server: ServerConfig
     log: LogConfig
     metrics: MetricsConfig = MetricsConfig(0, "127.0.0.1", "")
+    http: HttpConfig = HttpConfig(0, "127.0.0.1", "", "")
     store: StoreConfig = StoreConfig(Path("store"), None, True, "side_by_side", 30.0, 30.0)
     models: tuple[ModelConfig, ...] = ()
     default_model: str = ""
@@ -275,6 +302,8 @@ class Overrides:
     log_level: str | None = None
     tcp_port: int | None = None
     store: Path | None = None
+    http_port: int | None = None
+    http_socket: Path | None = None
 
 
 def default_config_path() -> Path:
@@ -340,12 +369,19 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def _env_layer(
     env: Mapping[str, str],
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, Any]]:
-    sections: dict[str, dict[str, Any]] = {"server": {}, "log": {}, "metrics": {}, "store": {}}
+    sections: dict[str, dict[str, Any]] = {
+        "server": {},
+        "log": {},
+        "metrics": {},
+        "store": {},
+        "http": {},
+    }
     tables = (
         ("server", SERVER_KEYS),
         ("log", LOG_KEYS),
         ("metrics", METRICS_KEYS),
         ("store", STORE_KEYS),
+        ("http", HTTP_KEYS),
     )
     for section, keys in tables:
         for name in keys:
@@ -372,13 +408,13 @@ def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = Non
     raw: dict[str, Any] = _read_toml(path) if explicit or path.exists() else {}
     source = path if raw or explicit else None
 
-    unknown = sorted(set(raw) - {"server", "log", "metrics", "store", "models", *TOP_KEYS})
+    unknown = sorted(set(raw) - {"server", "log", "metrics", "store", "http", "models", *TOP_KEYS})
     if unknown:
         raise ConfigError(
             unknown[0],
             "unknown key (known: default_model, [server], [log], [metrics], [models.NAME])",
         )
-    for table in ("server", "log", "metrics", "store", "models"):
+    for table in ("server", "log", "metrics", "store", "http", "models"):
         if not isinstance(raw.get(table, {}), dict):
             raise ConfigError(table, "must be a table")
 
@@ -398,6 +434,13 @@ def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = Non
     metrics = _section(
         "metrics.", METRICS_KEYS, {**raw.get("metrics", {}), **env_sections["metrics"]}
     )
+    http_raw = {**raw.get("http", {}), **env_sections["http"]}
+    cli_http = {"port": o.http_port, "socket": str(o.http_socket) if o.http_socket else None}
+    http_raw |= {k: v for k, v in cli_http.items() if v is not None}
+    http = _section("http.", HTTP_KEYS, http_raw)
+    if http["port"] and not http["token"]:
+        raise ConfigError("http.token", "required when http.port is set (TCP needs a bearer token)")
+    http["socket"] = str(Path(http["socket"]).expanduser()) if http["socket"] else ""
     store_raw = {**raw.get("store", {}), **env_sections["store"]}
     if o.store is not None:
         store_raw["path"] = str(o.store)
@@ -451,6 +494,7 @@ def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = Non
         server=ServerConfig(**server),
         log=LogConfig(**log),
         metrics=MetricsConfig(**metrics),
+        http=HttpConfig(**http),
         store=StoreConfig(**store),
         models=tuple(models),
         default_model=default_name,
@@ -465,5 +509,6 @@ def documented_keys() -> list[tuple[str, Key]]:
     rows += [(f"log.{k}", v) for k, v in LOG_KEYS.items()]
     rows += [(f"metrics.{k}", v) for k, v in METRICS_KEYS.items()]
     rows += [(f"store.{k}", v) for k, v in STORE_KEYS.items()]
+    rows += [(f"http.{k}", v) for k, v in HTTP_KEYS.items()]
     rows += [(f"models.NAME.{k}", v) for k, v in MODEL_KEYS.items()]
     return rows

@@ -54,6 +54,7 @@ def diff(old: Config, new: Config) -> list[Change]:
     changes = _section("server", old.server, new.server)
     changes += _section("log", old.log, new.log)
     changes += _section("metrics", old.metrics, new.metrics)
+    changes += _section("http", old.http, new.http)
     if old.default_model != new.default_model:
         changes.append(Change("default_model", old.default_model, new.default_model))
     old_models = {m.name: m for m in old.models}

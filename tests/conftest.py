@@ -80,8 +80,11 @@ async def serve(short_dir: Path) -> AsyncIterator[ServeFactory]:
     started: list[Served] = []
 
     async def start(model: Path, slot_kind: str = "fake", engine: Any = None, server: dict[str, Any] | None = None,
-                    metrics: dict[str, Any] | None = None, **overrides: Any) -> Served:  # fmt: skip
+                    metrics: dict[str, Any] | None = None, http: dict[str, Any] | None = None,
+                    **overrides: Any) -> Served:  # fmt: skip
         config = make_config(short_dir, model, **overrides)
+        if http:
+            config = replace(config, http=replace(config.http, **http))
         if server:
             config = replace(config, server=replace(config.server, **server))
         if metrics:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -51,12 +51,14 @@ SLOT_KINDS: dict[str, SlotFactory] = {
 
 
 class Engine(Protocol):
+    default_model: str
+
     async def start(self) -> None: ...
     async def close(self) -> None: ...
     async def run(self, model: str, task: Task, caller: str) -> Result: ...
     def stream(
         self, model: str, task: StreamableTask, caller: str
-    ) -> AsyncIterator[TokenEvent | Generation]: ...
+    ) -> AsyncGenerator[TokenEvent | Generation, None]: ...
     def status(self) -> list[tuple[PoolStatus, bool]]: ...
     @property
     def ready(self) -> bool: ...
@@ -126,7 +128,7 @@ class PoolEngine:
 
     async def stream(
         self, model: str, task: StreamableTask, caller: str
-    ) -> AsyncIterator[TokenEvent | Generation]:
+    ) -> AsyncGenerator[TokenEvent | Generation, None]:
         pool, job = self._submit(model, task, caller, stream=True)
         try:
             while True:

@@ -30,6 +30,9 @@ from sidecar.errors import ConfigError
 from sidecar.logs import configure as configure_logs
 from sidecar.metrics import Metrics, MetricsServer
 from sidecar.notify import Notifier
+from sidecar.openai_api.app import OpenAIApp
+from sidecar.openai_api.listener import HttpListener
+from sidecar.server.accounting import RequestLog
 from sidecar.server.interceptor import RequestInterceptor
 from sidecar.server.peercred import PeerCredRelay
 from sidecar.server.servicer import AdminServicer, InferenceServicer
@@ -63,6 +66,7 @@ class Running:
     metrics: Metrics
     metrics_server: MetricsServer | None = None
     drop: DropWatcher | None = None
+    http: HttpListener | None = None
     halt: asyncio.Event = field(default_factory=asyncio.Event)  # stops the supervisor loop
     supervising: asyncio.Task[None] | None = None
 
@@ -81,12 +85,8 @@ async def start(
     metrics = Metrics()
     metrics.watch(engine)
     engine.on_result = metrics.result
-    interceptor = RequestInterceptor(
-        metrics,
-        s.tcp_token if s.tcp_port else "",
-        config.default_model,
-        frozenset(m.name for m in config.models),
-    )
+    requests = RequestLog(metrics, config.default_model, frozenset(m.name for m in config.models))
+    interceptor = RequestInterceptor(requests, s.tcp_token if s.tcp_port else "")
     server = grpc.aio.server(
         interceptors=[interceptor],
         options=[
@@ -138,6 +138,15 @@ async def start(
         supervisor,
         metrics,
     )
+    if config.http.enabled:
+        app = OpenAIApp(engine, requests, config.http.token, s.max_message_bytes)
+        running.http = HttpListener(app.asgi(), config.http, s.socket_mode, s.grace_seconds)
+        try:
+            await running.http.start()
+        except BaseException:
+            running.http = None
+            await _stop_listening(running, 0)
+            raise
     m = config.metrics
     if m.enabled:
         running.metrics_server = MetricsServer(
@@ -180,7 +189,11 @@ async def shutdown(running: Running, config: Config) -> None:
 
 
 async def _stop_listening(running: Running, grace: float) -> None:
-    await running.server.stop(grace)
+    # Both front ends drain at once, each bounded by the grace period.
+    stopping = [running.server.stop(grace)]
+    if running.http is not None:
+        stopping.append(running.http.close())
+    await asyncio.gather(*stopping)
     if running.metrics_server is not None:
         running.metrics_server.close()
     if running.relay is not None:

@@ -24,7 +24,7 @@ import grpc
 from grpc import StatusCode
 
 from sidecar import errors
-from sidecar.metrics import Metrics
+from sidecar.server.accounting import RequestLog
 
 log = logging.getLogger("sidecar.request")
 
@@ -76,17 +76,9 @@ def is_tcp(peer: str) -> bool:
 
 
 class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(
-        self,
-        metrics: Metrics,
-        tcp_token: str = "",
-        default_model: str = "",
-        models: frozenset[str] = frozenset(),
-    ) -> None:
+    def __init__(self, requests: RequestLog, tcp_token: str = "") -> None:
         self._token = tcp_token.encode()
-        self._metrics = metrics
-        self._default_model = default_model
-        self._models = models
+        self._requests = requests
 
     async def intercept_service(
         self,
@@ -182,30 +174,9 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         )
 
     def _log(self, rid: str, method: str, request: Any, code: StatusCode, started: float) -> None:
-        ms = (time.perf_counter() - started) * 1000
+        model = getattr(request, "model", None)
         rpc = method.rsplit("/", 1)[-1]
-        model = getattr(request, "model", "")
-        label = model or (self._default_model if hasattr(request, "model") else "-")
-        if model and model not in self._models:
-            label = "unknown"  # a caller's typo must not mint a new time series
-        self._metrics.request(rpc, label, code.name, ms / 1000)
-        log.info(
-            "%s %s model=%s status=%s ms=%.1f",
-            rid,
-            method,
-            model or "-",
-            code.name,
-            ms,
-            extra={
-                "request": {
-                    "id": rid,
-                    "method": method,
-                    "model": model,
-                    "status": code.name,
-                    "ms": round(ms, 2),
-                }
-            },
-        )
+        self._requests.record(rid, method, rpc, model, code.name, time.perf_counter() - started)
 
 
 def _begin(context: grpc.aio.ServicerContext) -> tuple[str, float]:

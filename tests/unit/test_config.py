@@ -110,6 +110,10 @@ def test_env_model_keys_apply_to_default_model(tmp_path: Path) -> None:
             "expected bool",
         ),
         ("surprise = 1", {}, "surprise", "unknown key"),
+        ("[http]\nport = 8080", {}, "http.token", "required"),
+        ('[http]\nport = 8080\ntoken = "t"\nhost = "10.0.0.1"', {}, "http.host", "loopback"),
+        ("[http]\nprot = 1", {}, "http.prot", "unknown key"),
+        ("", {"SIDECAR_HTTP_PORT": "web"}, "http.port", "expected int"),
         ("[models]\na = 1", {}, "models.a", "must be a table"),
     ],
 )
@@ -120,6 +124,21 @@ def test_invalid_values_name_the_key(
         load(Overrides(config=write(tmp_path, toml)), env=env)
     assert e.value.key == key
     assert problem in e.value.problem
+
+
+def test_http_api_is_off_by_default_and_set_by_toml_env_and_flags(tmp_path: Path) -> None:
+    assert not load(Overrides(config=write(tmp_path, "")), env={}).http.enabled
+    cfg = load(
+        Overrides(config=write(tmp_path, '[http]\nsocket = "~/h.sock"')),
+        env={"SIDECAR_HTTP_PORT": "8081", "SIDECAR_HTTP_TOKEN": "secret"},
+    )
+    assert cfg.http.enabled and cfg.http.port == 8081 and cfg.http.token == "secret"
+    assert cfg.http.socket == str(Path("~/h.sock").expanduser())
+    flags = load(
+        Overrides(config=write(tmp_path, ""), http_port=9000, http_socket=Path("/x.sock")),
+        env={"SIDECAR_HTTP_TOKEN": "t"},
+    )
+    assert (flags.http.port, flags.http.socket) == (9000, "/x.sock")
 
 
 def test_broken_toml_is_reported_with_the_file(tmp_path: Path) -> None:
