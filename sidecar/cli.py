@@ -29,6 +29,7 @@ from sidecar.config import Config, Overrides, documented_keys, load
 from sidecar.errors import SidecarError
 from sidecar.models_cli import models, swap
 from sidecar.service_cli import service
+from sidecar.update_cli import update
 
 if TYPE_CHECKING:
     from sidecar.server.daemon import Running
@@ -338,6 +339,7 @@ def embed(ctx: click.Context, texts: tuple[str, ...], normalize: bool, model: st
 main.add_command(service)
 main.add_command(swap)
 main.add_command(models)
+main.add_command(update)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,7 +19,7 @@ TOML layout (every key optional)::
     workers = 2
 
 Environment: SIDECAR_CONFIG (file path), SIDECAR_<SECTION>_<KEY> for the server, log,
-metrics, store and http keys (e.g. SIDECAR_SERVER_SOCKET, SIDECAR_HTTP_TOKEN), SIDECAR_DEFAULT_MODEL, and
+metrics, store, http and update keys (e.g. SIDECAR_SERVER_SOCKET, SIDECAR_HTTP_TOKEN), SIDECAR_DEFAULT_MODEL, and
 SIDECAR_MODEL_<KEY> for the default model's keys (e.g. SIDECAR_MODEL_PATH).
 """
 
@@ -185,6 +185,34 @@ MODEL_KEYS: dict[str, Key] = {
     "max_queue": Key(
         int, 64, "Requests that may wait for a worker; beyond: RESOURCE_EXHAUSTED.", _at_least(1)
     ),
+    "update_origin": Key(
+        str, "", "Update origin: https://, http:// or a folder holding NAME.manifest.json."
+    ),
+    "update_key": Key(
+        str, "", "Trusted Ed25519 public key ('ed25519:<base64>' or a file holding it)."
+    ),
+}
+
+UPDATE_KEYS: dict[str, Key] = {
+    "interval_seconds": Key(
+        float,
+        3600.0,
+        "How often models with an update_origin check it; 0 = only on demand.",
+        _at_least(0),
+    ),
+    "healthy_seconds": Key(
+        float,
+        60.0,
+        "A new version must serve this long without a worker death or failed "
+        "probe, or it is rolled back.",
+        _at_least(0),
+    ),
+    "timeout_seconds": Key(
+        float, 30.0, "Network timeout per request to the origin.", _at_least(0.1)
+    ),
+    "retries": Key(
+        int, 5, "Retries (resuming) of a failed download before giving up.", _at_least(0)
+    ),
 }
 
 TOP_KEYS: dict[str, Key] = {
@@ -247,6 +275,14 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class UpdateConfig:
+    interval_seconds: float
+    healthy_seconds: float
+    timeout_seconds: float
+    retries: int
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     port: int
     host: str
@@ -271,6 +307,8 @@ class ModelConfig:
     canary_expect: str
     canary_max_ms: int
     max_queue: int
+    update_origin: str
+    update_key: str
 
 
 @dataclass(frozen=True)
@@ -279,6 +317,7 @@ class Config:
     log: LogConfig
     metrics: MetricsConfig = MetricsConfig(0, "127.0.0.1", "")
     http: HttpConfig = HttpConfig(0, "127.0.0.1", "", "")
+    update: UpdateConfig = UpdateConfig(3600.0, 60.0, 30.0, 5)
     store: StoreConfig = StoreConfig(Path("store"), None, True, "side_by_side", 30.0, 30.0)
     models: tuple[ModelConfig, ...] = ()
     default_model: str = ""
@@ -369,20 +408,15 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def _env_layer(
     env: Mapping[str, str],
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, Any]]:
-    sections: dict[str, dict[str, Any]] = {
-        "server": {},
-        "log": {},
-        "metrics": {},
-        "store": {},
-        "http": {},
-    }
     tables = (
         ("server", SERVER_KEYS),
         ("log", LOG_KEYS),
         ("metrics", METRICS_KEYS),
         ("store", STORE_KEYS),
         ("http", HTTP_KEYS),
+        ("update", UPDATE_KEYS),
     )
+    sections: dict[str, dict[str, Any]] = {name: {} for name, _ in tables}
     for section, keys in tables:
         for name in keys:
             var = f"SIDECAR_{section}_{name}".upper()
@@ -408,13 +442,15 @@ def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = Non
     raw: dict[str, Any] = _read_toml(path) if explicit or path.exists() else {}
     source = path if raw or explicit else None
 
-    unknown = sorted(set(raw) - {"server", "log", "metrics", "store", "http", "models", *TOP_KEYS})
+    unknown = sorted(
+        set(raw) - {"server", "log", "metrics", "store", "http", "update", "models", *TOP_KEYS}
+    )
     if unknown:
         raise ConfigError(
             unknown[0],
             "unknown key (known: default_model, [server], [log], [metrics], [models.NAME])",
         )
-    for table in ("server", "log", "metrics", "store", "http", "models"):
+    for table in ("server", "log", "metrics", "store", "http", "update", "models"):
         if not isinstance(raw.get(table, {}), dict):
             raise ConfigError(table, "must be a table")
 
@@ -441,6 +477,7 @@ def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = Non
     if http["port"] and not http["token"]:
         raise ConfigError("http.token", "required when http.port is set (TCP needs a bearer token)")
     http["socket"] = str(Path(http["socket"]).expanduser()) if http["socket"] else ""
+    update = _section("update.", UPDATE_KEYS, {**raw.get("update", {}), **env_sections["update"]})
     store_raw = {**raw.get("store", {}), **env_sections["store"]}
     if o.store is not None:
         store_raw["path"] = str(o.store)
@@ -495,6 +532,7 @@ def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = Non
         log=LogConfig(**log),
         metrics=MetricsConfig(**metrics),
         http=HttpConfig(**http),
+        update=UpdateConfig(**update),
         store=StoreConfig(**store),
         models=tuple(models),
         default_model=default_name,
@@ -510,5 +548,6 @@ def documented_keys() -> list[tuple[str, Key]]:
     rows += [(f"metrics.{k}", v) for k, v in METRICS_KEYS.items()]
     rows += [(f"store.{k}", v) for k, v in STORE_KEYS.items()]
     rows += [(f"http.{k}", v) for k, v in HTTP_KEYS.items()]
+    rows += [(f"update.{k}", v) for k, v in UPDATE_KEYS.items()]
     rows += [(f"models.NAME.{k}", v) for k, v in MODEL_KEYS.items()]
     return rows

@@ -53,6 +53,25 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.update_rejections = Counter(
+            "sidecar_update_rejections",
+            "Updates refused: signature, expired, rollback, wrong_name, size, hash, "
+            "malformed, too_large, validation, canary, unhealthy, fetch.",
+            ["model", "reason"],
+            registry=self.registry,
+        )
+        self.updates = Counter(
+            "sidecar_updates",
+            "Updates installed, by how they were fetched (delta or full).",
+            ["model", "path"],
+            registry=self.registry,
+        )
+        self.update_bytes = Counter(
+            "sidecar_update_fetched_bytes",
+            "Bytes downloaded for updates (manifests excluded).",
+            ["model"],
+            registry=self.registry,
+        )
         self.decode_rate = Histogram(
             "sidecar_decode_tokens_per_second",
             "Generated tokens per second after the first token, per request.",

@@ -26,6 +26,12 @@ LIVE = {
     "server.min_available_mb",
     "models.*.max_queue",
     "models.*.max_rss_mb",
+    "models.*.update_origin",
+    "models.*.update_key",
+    "update.interval_seconds",
+    "update.healthy_seconds",
+    "update.timeout_seconds",
+    "update.retries",
 }
 
 
@@ -55,6 +61,7 @@ def diff(old: Config, new: Config) -> list[Change]:
     changes += _section("log", old.log, new.log)
     changes += _section("metrics", old.metrics, new.metrics)
     changes += _section("http", old.http, new.http)
+    changes += _section("update", old.update, new.update)
     if old.default_model != new.default_model:
         changes.append(Change("default_model", old.default_model, new.default_model))
     old_models = {m.name: m for m in old.models}
@@ -85,6 +92,14 @@ def merge_live(old: Config, new: Config, changes: list[Change]) -> Config:
             k.split(".")[1]: getattr(new.log, k.split(".")[1]) for k in live if k.startswith("log.")
         },
     )
+    update = replace(
+        old.update,
+        **{
+            k.split(".")[1]: getattr(new.update, k.split(".")[1])
+            for k in live
+            if k.startswith("update.")
+        },
+    )
     new_models = {m.name: m for m in new.models}
     models = tuple(
         replace(
@@ -97,7 +112,7 @@ def merge_live(old: Config, new: Config, changes: list[Change]) -> Config:
         )
         for m in old.models
     )
-    return replace(old, server=server, log=log, models=models)
+    return replace(old, server=server, log=log, models=models, update=update)
 
 
 def summary(changes: list[Change]) -> str:

@@ -81,8 +81,13 @@ async def serve(short_dir: Path) -> AsyncIterator[ServeFactory]:
 
     async def start(model: Path, slot_kind: str = "fake", engine: Any = None, server: dict[str, Any] | None = None,
                     metrics: dict[str, Any] | None = None, http: dict[str, Any] | None = None,
+                    update: dict[str, Any] | None = None, model_keys: dict[str, Any] | None = None,
                     **overrides: Any) -> Served:  # fmt: skip
         config = make_config(short_dir, model, **overrides)
+        if update:
+            config = replace(config, update=replace(config.update, **update))
+        if model_keys:
+            config = replace(config, models=tuple(replace(m, **model_keys) for m in config.models))
         if http:
             config = replace(config, http=replace(config.http, **http))
         if server:

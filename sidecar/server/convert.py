@@ -23,6 +23,7 @@ from sidecar.types import (
     Usage,
 )
 from sidecar.types import Timings as DomainTimings
+from sidecar.update.updater import Check, Outcome
 from sidecar.v1 import inference_pb2 as pb
 
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
@@ -143,7 +144,9 @@ def embed_reply(e: Embeddings) -> pb.EmbedReply:
     )
 
 
-def model_status(s: PoolStatus, is_default: bool, probe_error: str | None = None) -> pb.ModelStatus:
+def model_status(
+    s: PoolStatus, is_default: bool, probe_error: str | None = None, last_update: str = ""
+) -> pb.ModelStatus:
     return pb.ModelStatus(
         model=_model(s.model),
         path=str(s.path),
@@ -162,6 +165,7 @@ def model_status(s: PoolStatus, is_default: bool, probe_error: str | None = None
         last_swap=s.last_swap,
         backoff_s=s.backoff_s,
         last_error=s.last_error or (probe_error or ""),
+        last_update=last_update,
     )
 
 
@@ -198,6 +202,47 @@ def swap_done(result: SwapResult, elapsed_ms: float) -> pb.SwapProgress:
         old=_model(result.old),
         new=_model(result.new),
         elapsed_ms=elapsed_ms,
+    )
+
+
+def update_check(c: Check) -> pb.UpdateCheck:
+    plan = c.plan
+    return pb.UpdateCheck(
+        model=c.model,
+        installed_version=c.installed_version,
+        available_version=c.manifest.version,
+        update_available=plan is not None,
+        plan=plan.describe() if plan else "",
+        download_bytes=plan.download_bytes if plan else 0,
+        full_bytes=c.manifest.size,
+        detail=c.detail,
+    )
+
+
+def update_progress(
+    stage: str, detail: str, done: int, total: int, elapsed_ms: float
+) -> pb.UpdateProgress:
+    return pb.UpdateProgress(
+        stage=stage, detail=detail, done_bytes=done, total_bytes=total, elapsed_ms=elapsed_ms
+    )
+
+
+def update_done(o: Outcome, elapsed_ms: float) -> pb.UpdateProgress:
+    detail = f"{o.model} serves v{o.to_version} ({o.new_version})" if o.installed else o.plan
+    return pb.UpdateProgress(
+        stage="done",
+        detail=detail,
+        elapsed_ms=elapsed_ms,
+        outcome=pb.UpdateOutcome(
+            model=o.model,
+            from_version=o.from_version,
+            to_version=o.to_version,
+            new_version=o.new_version,
+            plan=o.plan,
+            fetched_bytes=o.fetched_bytes,
+            full_bytes=o.full_bytes,
+            installed=o.installed,
+        ),
     )
 
 

@@ -38,6 +38,7 @@ from sidecar.server.peercred import PeerCredRelay
 from sidecar.server.servicer import AdminServicer, InferenceServicer
 from sidecar.server.socket_claim import SocketClaim
 from sidecar.supervisor import Supervisor
+from sidecar.update.updater import Updater
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import inference_pb2_grpc as pb_grpc
 
@@ -67,6 +68,8 @@ class Running:
     metrics_server: MetricsServer | None = None
     drop: DropWatcher | None = None
     http: HttpListener | None = None
+    updater: Updater | None = None
+    updating: asyncio.Task[None] | None = None
     halt: asyncio.Event = field(default_factory=asyncio.Event)  # stops the supervisor loop
     supervising: asyncio.Task[None] | None = None
 
@@ -100,7 +103,10 @@ async def start(
         engine, s, lambda ready: _publish(health_servicer, ready), heartbeat=heartbeat
     )
     pb_grpc.add_InferenceServicer_to_server(InferenceServicer(engine), server)
-    pb_grpc.add_AdminServicer_to_server(AdminServicer(supervisor, s.socket, metrics), server)
+    updater = Updater(engine, metrics, supervisor.probe_errors)
+    pb_grpc.add_AdminServicer_to_server(
+        AdminServicer(supervisor, s.socket, metrics, updater), server
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (INFERENCE_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -159,6 +165,8 @@ async def start(
         raise
     await supervisor.publish()
     running.supervising = asyncio.create_task(supervisor.run(running.halt))
+    running.updater = updater
+    running.updating = asyncio.create_task(updater.run(running.halt))
     if config.store.drop is not None:
         running.drop = DropWatcher(engine, config.store.drop, config.store.auto_swap)
         await running.drop.start()
@@ -181,6 +189,11 @@ async def shutdown(running: Running, config: Config) -> None:
         await running.drop.close()
     if running.supervising is not None:
         await running.supervising
+    if running.updating is not None:
+        # An install in flight is abandoned here; its partial files resume next start.
+        running.updating.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running.updating
     await _publish(running.health, {m.name: False for m in config.models})
     if running.relay is not None:
         running.relay.stop_accepting()  # new connections are refused; open ones drain below

@@ -28,6 +28,7 @@ from sidecar.types import (
     StreamableTask,
     TokenEvent,
 )
+from sidecar.update.updater import Updater
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import inference_pb2_grpc as pb_grpc
 
@@ -97,8 +98,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
 
 class AdminServicer(pb_grpc.AdminServicer):
-    def __init__(self, supervisor: Supervisor, socket: Path, metrics: Metrics) -> None:
+    def __init__(
+        self, supervisor: Supervisor, socket: Path, metrics: Metrics, updater: Updater
+    ) -> None:
         self.supervisor = supervisor
+        self.updater = updater
         self.engine = supervisor.engine
         self.socket = socket
         self.metrics = metrics
@@ -107,7 +111,9 @@ class AdminServicer(pb_grpc.AdminServicer):
     def _models(self) -> list[pb.ModelStatus]:
         errors = self.supervisor.probe_errors
         return [
-            convert.model_status(s, is_default, errors.get(s.model.name))
+            convert.model_status(
+                s, is_default, errors.get(s.model.name), self.updater.last.get(s.model.name, "")
+            )
             for s, is_default in self.engine.status()
         ]
 
@@ -184,3 +190,26 @@ class AdminServicer(pb_grpc.AdminServicer):
     ) -> pb.CollectGarbageReply:
         removed = await asyncio.to_thread(self.engine.store.gc, self.engine.in_use())
         return pb.CollectGarbageReply(removed=removed)
+
+    async def CheckUpdate(self, request: pb.UpdateRequest, context: Any) -> pb.UpdateCheck:
+        return convert.update_check(await self.updater.check(request.model))
+
+    async def ApplyUpdate(
+        self, request: pb.UpdateRequest, context: Any
+    ) -> AsyncIterator[pb.UpdateProgress]:
+        started = time.monotonic()
+        updates: asyncio.Queue[pb.UpdateProgress] = asyncio.Queue()
+
+        def progress(stage: str, detail: str, done: int, total: int) -> None:
+            ms = (time.monotonic() - started) * 1000
+            updates.put_nowait(convert.update_progress(stage, detail, done, total, ms))
+
+        # Like a swap, the update runs to its end even if this caller goes away.
+        run = asyncio.ensure_future(self.updater.apply(request.model, progress))
+        while not run.done() or not updates.empty():
+            if updates.empty():
+                await asyncio.wait({run}, timeout=0.05)
+                continue
+            yield updates.get_nowait()
+        outcome = run.result()  # a refusal raises here; the interceptor maps it
+        yield convert.update_done(outcome, (time.monotonic() - started) * 1000)

@@ -694,6 +694,7 @@ class ModelStatus(_message.Message):
     BACKOFF_S_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     LAST_SWAP_FIELD_NUMBER: _builtins.int
+    LAST_UPDATE_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     context: _builtins.int
     threads: _builtins.int
@@ -711,6 +712,8 @@ class ModelStatus(_message.Message):
     """the last worker death, failed restart or probe failure"""
     last_swap: _builtins.str
     """the outcome of the last swap"""
+    last_update: _builtins.str
+    """the outcome of the last update check or install"""
     @_builtins.property
     def model(self) -> Global___ModelRef: ...
     @_builtins.property
@@ -732,10 +735,11 @@ class ModelStatus(_message.Message):
         backoff_s: _builtins.float = ...,
         last_error: _builtins.str = ...,
         last_swap: _builtins.str = ...,
+        last_update: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_s", b"backoff_s", "context", b"context", "detail", b"detail", "is_default", b"is_default", "last_error", b"last_error", "last_swap", b"last_swap", "model", b"model", "path", b"path", "queue_depth", b"queue_depth", "queue_limit", b"queue_limit", "ready", b"ready", "restarts", b"restarts", "threads", b"threads", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_s", b"backoff_s", "context", b"context", "detail", b"detail", "is_default", b"is_default", "last_error", b"last_error", "last_swap", b"last_swap", "last_update", b"last_update", "model", b"model", "path", b"path", "queue_depth", b"queue_depth", "queue_limit", b"queue_limit", "ready", b"ready", "restarts", b"restarts", "threads", b"threads", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1103,3 +1107,149 @@ class ListModelsReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListModelsReply: _TypeAlias = ListModelsReply  # noqa: Y015
+
+@_typing.final
+class UpdateRequest(_message.Message):
+    """---------------------------------------------------------------- updates"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """empty = the default model"""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateRequest: _TypeAlias = UpdateRequest  # noqa: Y015
+
+@_typing.final
+class UpdateCheck(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    INSTALLED_VERSION_FIELD_NUMBER: _builtins.int
+    AVAILABLE_VERSION_FIELD_NUMBER: _builtins.int
+    UPDATE_AVAILABLE_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_BYTES_FIELD_NUMBER: _builtins.int
+    FULL_BYTES_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    installed_version: _builtins.int
+    """0 = not known (a file that did not come from the origin)"""
+    available_version: _builtins.int
+    update_available: _builtins.bool
+    plan: _builtins.str
+    """e.g. "delta v3 -> v4 (2048 of 98000000 bytes)" or "full file" """
+    download_bytes: _builtins.int
+    full_bytes: _builtins.int
+    detail: _builtins.str
+    """why there is nothing to do (up to date, failed before)"""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        installed_version: _builtins.int = ...,
+        available_version: _builtins.int = ...,
+        update_available: _builtins.bool = ...,
+        plan: _builtins.str = ...,
+        download_bytes: _builtins.int = ...,
+        full_bytes: _builtins.int = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_version", b"available_version", "detail", b"detail", "download_bytes", b"download_bytes", "full_bytes", b"full_bytes", "installed_version", b"installed_version", "model", b"model", "plan", b"plan", "update_available", b"update_available"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateCheck: _TypeAlias = UpdateCheck  # noqa: Y015
+
+@_typing.final
+class UpdateProgress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STAGE_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    DONE_BYTES_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    ELAPSED_MS_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    stage: _builtins.str
+    """checking, fetching, rebuilding, installing, swapping, probation, done, failed"""
+    detail: _builtins.str
+    done_bytes: _builtins.int
+    total_bytes: _builtins.int
+    elapsed_ms: _builtins.float
+    @_builtins.property
+    def outcome(self) -> Global___UpdateOutcome:
+        """set on the last message"""
+
+    def __init__(
+        self,
+        *,
+        stage: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        done_bytes: _builtins.int = ...,
+        total_bytes: _builtins.int = ...,
+        elapsed_ms: _builtins.float = ...,
+        outcome: Global___UpdateOutcome | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "done_bytes", b"done_bytes", "elapsed_ms", b"elapsed_ms", "outcome", b"outcome", "stage", b"stage", "total_bytes", b"total_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateProgress: _TypeAlias = UpdateProgress  # noqa: Y015
+
+@_typing.final
+class UpdateOutcome(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    FROM_VERSION_FIELD_NUMBER: _builtins.int
+    TO_VERSION_FIELD_NUMBER: _builtins.int
+    NEW_VERSION_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
+    FETCHED_BYTES_FIELD_NUMBER: _builtins.int
+    FULL_BYTES_FIELD_NUMBER: _builtins.int
+    INSTALLED_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    from_version: _builtins.int
+    to_version: _builtins.int
+    new_version: _builtins.str
+    """the store version (sha256 prefix) now serving"""
+    plan: _builtins.str
+    fetched_bytes: _builtins.int
+    """what this run downloaded (a resumed download counts only the rest)"""
+    full_bytes: _builtins.int
+    installed: _builtins.bool
+    """false: already up to date"""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        from_version: _builtins.int = ...,
+        to_version: _builtins.int = ...,
+        new_version: _builtins.str = ...,
+        plan: _builtins.str = ...,
+        fetched_bytes: _builtins.int = ...,
+        full_bytes: _builtins.int = ...,
+        installed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fetched_bytes", b"fetched_bytes", "from_version", b"from_version", "full_bytes", b"full_bytes", "installed", b"installed", "model", b"model", "new_version", b"new_version", "plan", b"plan", "to_version", b"to_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateOutcome: _TypeAlias = UpdateOutcome  # noqa: Y015

@@ -410,6 +410,16 @@ class AdminStub:
                 request_serializer=sidecar_dot_v1_dot_inference__pb2.CollectGarbageRequest.SerializeToString,
                 response_deserializer=sidecar_dot_v1_dot_inference__pb2.CollectGarbageReply.FromString,
                 _registered_method=True)
+        self.CheckUpdate = channel.unary_unary(
+                '/sidecar.v1.Admin/CheckUpdate',
+                request_serializer=sidecar_dot_v1_dot_inference__pb2.UpdateRequest.SerializeToString,
+                response_deserializer=sidecar_dot_v1_dot_inference__pb2.UpdateCheck.FromString,
+                _registered_method=True)
+        self.ApplyUpdate = channel.unary_stream(
+                '/sidecar.v1.Admin/ApplyUpdate',
+                request_serializer=sidecar_dot_v1_dot_inference__pb2.UpdateRequest.SerializeToString,
+                response_deserializer=sidecar_dot_v1_dot_inference__pb2.UpdateProgress.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -461,6 +471,21 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckUpdate(self, request, context):
+        """Updates from the model's configured origin (a signed manifest; a delta chain or the
+        full file, whichever downloads fewer bytes). Check only reads the manifest; Apply
+        fetches (resumably), rebuilds, verifies, installs and swaps, streaming progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyUpdate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -498,6 +523,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.CollectGarbage,
                     request_deserializer=sidecar_dot_v1_dot_inference__pb2.CollectGarbageRequest.FromString,
                     response_serializer=sidecar_dot_v1_dot_inference__pb2.CollectGarbageReply.SerializeToString,
+            ),
+            'CheckUpdate': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckUpdate,
+                    request_deserializer=sidecar_dot_v1_dot_inference__pb2.UpdateRequest.FromString,
+                    response_serializer=sidecar_dot_v1_dot_inference__pb2.UpdateCheck.SerializeToString,
+            ),
+            'ApplyUpdate': grpc.unary_stream_rpc_method_handler(
+                    servicer.ApplyUpdate,
+                    request_deserializer=sidecar_dot_v1_dot_inference__pb2.UpdateRequest.FromString,
+                    response_serializer=sidecar_dot_v1_dot_inference__pb2.UpdateProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -690,6 +725,60 @@ class Admin:
             '/sidecar.v1.Admin/CollectGarbage',
             sidecar_dot_v1_dot_inference__pb2.CollectGarbageRequest.SerializeToString,
             sidecar_dot_v1_dot_inference__pb2.CollectGarbageReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckUpdate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sidecar.v1.Admin/CheckUpdate',
+            sidecar_dot_v1_dot_inference__pb2.UpdateRequest.SerializeToString,
+            sidecar_dot_v1_dot_inference__pb2.UpdateCheck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyUpdate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sidecar.v1.Admin/ApplyUpdate',
+            sidecar_dot_v1_dot_inference__pb2.UpdateRequest.SerializeToString,
+            sidecar_dot_v1_dot_inference__pb2.UpdateProgress.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,279 @@
+"""Signed delta updates through the real Admin RPCs: a real daemon in this loop with real
+llama.cpp workers on tiny GGUF models, and an origin folder written by the real publisher
+code. (tests/e2e/test_update_e2e.py does the same over real HTTP with nginx and kill -9.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import grpc
+import pytest
+from tiny_gguf import write_tiny_llama
+
+from sidecar.store import sha256_file
+from sidecar.update.delta import make_delta
+from sidecar.update.manifest import (
+    Manifest,
+    generate_keypair,
+    load_private_key,
+    parse_public_key,
+    publish,
+    sign,
+    verify,
+)
+from sidecar.v1 import inference_pb2 as pb
+
+pytestmark = pytest.mark.asyncio
+
+
+@dataclass
+class Origin:
+    root: Path
+    key: Path
+    public: str
+    v1: Path
+    v2: Path
+
+    def make(self, old: Path, new: Path) -> Path:
+        info = make_delta(old, new, self.root / "deltas" / ".tmp")
+        out = self.root / "deltas" / f"{info.base_sha256[:12]}-{info.target_sha256[:12]}.delta"
+        (self.root / "deltas" / ".tmp").replace(out)
+        return out
+
+    def publish(self, version: int, file: Path, **kw: object) -> None:
+        publish(self.root, name=kw.pop("name", "default"), version=version, key_path=self.key,  # type: ignore[arg-type]
+                file=file, **kw)  # type: ignore[arg-type]  # fmt: skip
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "default.manifest.json"
+
+
+@pytest.fixture
+def origin(tmp_path: Path, tiny_model: Path) -> Origin:
+    root = tmp_path / "origin"
+    (root / "deltas").mkdir(parents=True)
+    private, public = generate_keypair()
+    key = tmp_path / "signing.pem"
+    key.write_bytes(private)
+    v2 = write_tiny_llama(
+        tmp_path / "v2.gguf", seed=1, n_ctx=4096, chat_template="{{ messages }} v2"
+    )
+    o = Origin(root, key, public, tiny_model, v2)
+    o.publish(1, tiny_model)
+    o.make(tiny_model, v2)
+    o.publish(2, v2)
+    return o
+
+
+async def start(serve, origin: Origin, **kw):  # type: ignore[no-untyped-def]
+    keys = {"update_origin": str(origin.root), "update_key": origin.public}
+    keys |= kw.pop("model_keys", {})
+    return await serve(origin.v1, slot_kind="process", workers=1, model_keys=keys, **kw)
+
+
+async def apply(client) -> list[pb.UpdateProgress]:  # type: ignore[no-untyped-def]
+    return [p async for p in client.admin.ApplyUpdate(pb.UpdateRequest())]
+
+
+async def refused(client) -> str:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await apply(client)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, e.value.details()
+    return e.value.details() or ""
+
+
+async def serving(client) -> str:  # type: ignore[no-untyped-def]
+    return (await client.status()).models[0].model.version
+
+
+def rejections(served, reason: str) -> float:  # type: ignore[no-untyped-def]
+    value = served.running.metrics.registry.get_sample_value(
+        "sidecar_update_rejections_total", {"model": "default", "reason": reason}
+    )
+    return value or 0.0
+
+
+async def test_a_metadata_delta_is_fetched_rebuilt_verified_and_swapped_in(serve, origin) -> None:  # type: ignore[no-untyped-def]
+    s = await start(serve, origin)
+    v1 = await serving(s.client)
+    check = await s.client.admin.CheckUpdate(pb.UpdateRequest())
+    assert check.update_available and check.installed_version == 1 and check.available_version == 2
+    assert check.plan.startswith("delta v1 -> v2")
+    steps = await apply(s.client)
+    stages = [p.stage for p in steps]
+    assert stages[0] == "checking" and "fetching" in stages and "rebuilding" in stages
+    assert stages.index("rebuilding") < stages.index("swapping") < stages.index("done")
+    out = steps[-1].outcome
+    assert out.installed and (out.from_version, out.to_version) == (1, 2)
+    delta_size = next((origin.root / "deltas").glob("*.delta")).stat().st_size
+    assert out.fetched_bytes == delta_size < 4096 < out.full_bytes
+    want = sha256_file(origin.v2)[:12]
+    assert out.new_version == want and await serving(s.client) == want != v1
+    assert (await s.client.generate("hi", max_tokens=2)).model.version == want
+    status = (await s.client.status()).models[0]
+    assert "installed v2" in status.last_update
+    # No partial file is left behind, and a second run has nothing to do.
+    workdir = s.running.engine.store.root / "updates" / "default"
+    assert sorted(p.name for p in workdir.iterdir()) == ["state.json"]
+    again = await apply(s.client)
+    assert not again[-1].outcome.installed and "up to date" in again[-1].outcome.plan
+
+
+def _tamper_manifest(o: Origin) -> None:
+    doc = json.loads(o.manifest.read_text())
+    doc["signed"]["version"] = 3  # a bigger version, but the signature no longer covers it
+    o.manifest.write_text(json.dumps(doc))
+
+
+def _wrong_key(o: Origin) -> None:
+    private, _public = generate_keypair()
+    o.key.write_bytes(private)  # re-signed by a key the daemon does not trust
+    o.publish(3, o.v2)
+
+
+def _expired(o: Origin) -> None:
+    o.publish(3, o.v2, expires_days=-1)
+
+
+def _wrong_name(o: Origin) -> None:
+    o.publish(1, o.v2, name="other")  # a valid manifest for another model, put in our place
+    (o.root / "other.manifest.json").replace(o.manifest)
+
+
+def _tampered_delta(o: Origin) -> None:
+    d = next((o.root / "deltas").glob("*.delta"))
+    data = bytearray(d.read_bytes())
+    data[-5] ^= 0xFF
+    d.write_bytes(bytes(data))
+
+
+def _oversized_delta(o: Origin) -> None:
+    d = next((o.root / "deltas").glob("*.delta"))
+    with d.open("ab") as f:
+        f.write(b"\0" * 100_000)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason", "says"),
+    [
+        (_tamper_manifest, "signature", "signature"),
+        (_wrong_key, "signature", "signature"),
+        (_expired, "expired", "expired"),
+        (_wrong_name, "wrong_name", "other"),
+        (_tampered_delta, "hash", "sha256"),
+        (_oversized_delta, "size", "the manifest says 4"),
+    ],
+)
+async def test_each_attack_is_refused_and_the_model_keeps_serving(
+    serve, origin, tamper, reason, says
+) -> None:  # type: ignore[no-untyped-def]
+    s = await start(serve, origin)
+    before = await serving(s.client)
+    tamper(origin)
+    details = await refused(s.client)
+    assert says in details.lower() or says in details
+    assert await serving(s.client) == before
+    assert (await s.client.generate("still here", max_tokens=1)).model.version == before
+    assert rejections(s, reason) == 1
+    assert reason in (await s.client.status()).models[0].last_update
+    assert not [p for p in s.running.engine.store.root.rglob("*.partial")]
+
+
+async def test_an_older_version_is_a_rollback_attack(serve, origin, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    s = await start(serve, origin)
+    await apply(s.client)  # now at v2
+    at_v2 = await serving(s.client)
+    # The attacker replays a validly signed, unexpired manifest of v1.
+    fresh = tmp_path / "replay"
+    (fresh / "deltas").mkdir(parents=True)
+    replay = Origin(fresh, origin.key, origin.public, origin.v1, origin.v2)
+    replay.publish(1, origin.v1)
+    replay.manifest.replace(origin.manifest)
+    (fresh / "files").rename(origin.root / "files-replay")
+    details = await refused(s.client)
+    assert "version" in details.lower()
+    assert rejections(s, "rollback") == 1 and await serving(s.client) == at_v2
+
+
+async def test_a_delta_that_does_not_apply_falls_back_to_the_full_file(
+    serve, origin, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    # A publisher bug: the delta was made from another build (a different seed) but is
+    # listed as starting from v1. The signature is fine; applying it is not.
+    other = write_tiny_llama(tmp_path / "other.gguf", seed=7)
+    wrong = origin.make(other, origin.v2)
+    good = load_manifest(origin)
+    entry = good.deltas[0]
+    bad = replace(
+        good,
+        deltas=(
+            replace(
+                entry,
+                path=f"deltas/{wrong.name}",
+                sha256=sha256_file(wrong),
+                size=wrong.stat().st_size,
+            ),
+        ),
+    )
+    origin.manifest.write_bytes(sign(bad, load_private_key(origin.key)))
+    s = await start(serve, origin)
+    steps = await apply(s.client)
+    out = steps[-1].outcome
+    assert out.installed and "full file" in out.plan and "delta failed" in out.plan
+    assert out.new_version == sha256_file(origin.v2)[:12] == await serving(s.client)
+    assert out.fetched_bytes >= out.full_bytes
+
+
+def load_manifest(o: Origin) -> Manifest:
+    return verify(o.manifest.read_bytes(), parse_public_key(o.public), name="default",
+                  installed_version=None)  # fmt: skip
+
+
+async def test_a_new_version_whose_worker_dies_in_probation_is_rolled_back(serve, origin) -> None:  # type: ignore[no-untyped-def]
+    s = await start(serve, origin, update={"healthy_seconds": 60})
+    v1 = await serving(s.client)
+    await apply(s.client)
+    v2 = await serving(s.client)
+    assert v2 != v1
+    pid = (await s.client.status()).models[0].workers[0].pid
+    os.kill(pid, signal.SIGKILL)  # the new version "crashes" during probation
+    for _ in range(300):
+        if "rolled back" in (await s.client.status()).models[0].last_update:
+            break
+        await asyncio.sleep(0.05)
+    assert await serving(s.client) == v1
+    assert rejections(s, "unhealthy") == 1
+    status = (await s.client.status()).models[0]
+    assert "rolled back" in status.last_update
+    # v2 is remembered as bad: it is not installed again by the next check.
+    again = await apply(s.client)
+    assert not again[-1].outcome.installed and "failed before" in again[-1].outcome.plan
+    assert await serving(s.client) == v1
+
+
+async def test_probation_passes_quietly_when_the_new_version_stays_healthy(serve, origin) -> None:  # type: ignore[no-untyped-def]
+    s = await start(serve, origin, update={"healthy_seconds": 0.5})
+    await apply(s.client)
+    v2 = await serving(s.client)
+    for _ in range(100):
+        if "healthily" in (await s.client.status()).models[0].last_update:
+            break
+        await asyncio.sleep(0.05)
+    assert "healthily" in (await s.client.status()).models[0].last_update
+    assert await serving(s.client) == v2
+
+
+async def test_update_without_an_origin_is_a_clear_failed_precondition(
+    serve, tiny_model: Path
+) -> None:  # type: ignore[no-untyped-def]
+    s = await serve(tiny_model)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await s.client.admin.CheckUpdate(pb.UpdateRequest())
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "models.default.update_origin" in (e.value.details() or "")
