@@ -115,7 +115,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     body = b""
     endless = False
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         self.send_response(200)  # ignores Range on purpose
         if not self.endless:
             self.send_header("Content-Length", str(len(self.body)))
