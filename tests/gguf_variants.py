@@ -1,7 +1,9 @@
 """New versions of a GGUF file, made by byte surgery, for delta tests and the benchmark.
 
-Every variant stays a loadable model: tensor data is changed by permuting whole rows
-(quantised blocks stay valid), never by writing random bytes into scales.
+Every variant stays a loadable model: changed tensors get fresh random values that are
+valid for their type (new quant nibbles under the old block scales for Q4_0/Q4_1/Q8_0,
+new normal values for F32/F16; other types have their rows permuted). Fresh values, not
+moved bytes, so byte-level diff tools cannot find the "new" data elsewhere in the old file.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+
+import numpy as np
 
 from sidecar.gguf_check import TensorInfo, check
 
@@ -84,6 +88,48 @@ def _rows(t: TensorInfo) -> int:
     return rows
 
 
+# type -> (block bytes, bytes of scales at the start of each block that stay)
+_QUANT = {2: (18, 2), 3: (20, 4), 8: (34, 2)}
+
+
+def _fresh(
+    path: Path, lay: Layout, t: TensorInfo, rows: list[int] | None = None, seed: int = 0
+) -> None:
+    """New random values for some (default: all) rows, valid for the tensor's type."""
+    n = _rows(t)
+    row = t.nbytes // n
+    pick = rows if rows is not None else list(range(n))
+    rng = np.random.default_rng(seed + t.offset)
+    with path.open("r+b") as f:
+        start = lay.data_start + t.offset
+        for i in pick:
+            f.seek(start + i * row)
+            data = np.frombuffer(f.read(row), np.uint8).copy()
+            if t.type in _QUANT:
+                size, keep = _QUANT[t.type]
+                blocks = data.reshape(-1, size)
+                blocks[:, keep:] = rng.integers(0, 256, blocks[:, keep:].shape, dtype=np.uint8)
+            elif t.type == 0:
+                old = data.view(np.float32)
+                data = (
+                    (rng.standard_normal(old.shape) * (old.std() or 1.0))
+                    .astype(np.float32)
+                    .view(np.uint8)
+                )
+            elif t.type == 1:
+                old = data.view(np.float16).astype(np.float32)
+                data = (
+                    (rng.standard_normal(old.shape) * (old.std() or 1.0))
+                    .astype(np.float16)
+                    .view(np.uint8)
+                )
+            else:
+                _permute_rows(path, lay, t, [i, (i + 1) % n] if n > 1 else [i])
+                continue
+            f.seek(start + i * row)
+            f.write(data.tobytes())
+
+
 def _permute_rows(path: Path, lay: Layout, t: TensorInfo, rows: list[int] | None = None) -> None:
     """Reverse the order of some (default: all) rows of a tensor in place."""
     n = _rows(t)
@@ -123,7 +169,7 @@ def one_tensor_changed(src: Path, dst: Path) -> tuple[Path, int]:
     lay = layout(dst)
     mats = sorted(_matrices(lay), key=lambda t: t.nbytes)
     t = mats[len(mats) // 2]
-    _permute_rows(dst, lay, t)
+    _fresh(dst, lay, t)
     return dst, t.nbytes
 
 
@@ -133,15 +179,7 @@ def block_changed(src: Path, dst: Path, block: int = 5) -> tuple[Path, int]:
     changed = 0
     for t in lay.tensors:
         if t.name.startswith(f"blk.{block}."):
-            if len(t.shape) >= 2 and _rows(t) >= 2:
-                _permute_rows(dst, lay, t)
-            else:  # a norm vector (f32): reverse its values
-                with dst.open("r+b") as f:
-                    f.seek(lay.data_start + t.offset)
-                    data = f.read(t.nbytes)
-                    vals = [data[i : i + 4] for i in range(0, len(data), 4)]
-                    f.seek(lay.data_start + t.offset)
-                    f.write(b"".join(reversed(vals)))
+            _fresh(dst, lay, t)
             changed += t.nbytes
     if not changed:
         raise ValueError(f"{src} has no block {block}")
@@ -166,7 +204,7 @@ def tensors_reordered(src: Path, dst: Path) -> Path:
 def sparse_edits(
     src: Path, dst: Path, tensor_fraction: float = 0.1, row_fraction: float = 0.03, seed: int = 0
 ) -> tuple[Path, int]:
-    """A few percent of the rows of some tensors change (here: pairs of rows swap)."""
+    """A few percent of the rows of some tensors get new values."""
     shutil.copyfile(src, dst)
     lay = layout(dst)
     rnd = random.Random(seed)
@@ -175,8 +213,8 @@ def sparse_edits(
     changed = 0
     for t in chosen:
         n = _rows(t)
-        k = max(2, int(n * row_fraction)) // 2 * 2
+        k = max(1, int(n * row_fraction))
         rows = sorted(rnd.sample(range(n), k))
-        _permute_rows(dst, lay, t, rows)
+        _fresh(dst, lay, t, rows, seed=seed)
         changed += t.nbytes
     return dst, changed

@@ -277,3 +277,24 @@ async def test_update_without_an_origin_is_a_clear_failed_precondition(
         await s.client.admin.CheckUpdate(pb.UpdateRequest())
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "models.default.update_origin" in (e.value.details() or "")
+
+
+async def test_an_install_cut_short_by_a_crash_resumes_at_start(
+    serve, origin, short_dir: Path
+) -> None:  # type: ignore[no-untyped-def]
+    # What kill -9 during a rebuild leaves: the pending mark and a half-written output.
+    work = short_dir / "store" / "updates" / "default"
+    work.mkdir(parents=True)
+    target = sha256_file(origin.v2)
+    (work / f"{target}.rebuilt.partial").write_bytes(b"GGUF half a model")
+    (work / "state.json").write_text(json.dumps({"pending": target, "highest_version": 2}))
+    s = await start(serve, origin)
+    # The store never took the partial file: the old version serves...
+    assert await serving(s.client) == sha256_file(origin.v1)[:12]
+    # ...and the update resumes by itself, without anyone asking.
+    for _ in range(200):
+        if await serving(s.client) == target[:12]:
+            break
+        await asyncio.sleep(0.05)
+    assert await serving(s.client) == target[:12]
+    assert sorted(p.name for p in work.iterdir()) == ["state.json"]
