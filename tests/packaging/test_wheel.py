@@ -36,7 +36,8 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_wheel_and_sdist_carry_the_stubs_and_nothing_extra(dist: Path) -> None:
     wheel = next(dist.glob("sidecar-*.whl"))
-    names = zipfile.ZipFile(wheel).namelist()
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
     for stub in [
         *STUBS,
         "sidecar/py.typed",
@@ -46,7 +47,8 @@ def test_wheel_and_sdist_carry_the_stubs_and_nothing_extra(dist: Path) -> None:
         assert stub in names, stub
     assert not [n for n in names if n.startswith(("tests/", ".venv")) or n.endswith(".gguf")]
     sdist = next(dist.glob("sidecar-*.tar.gz"))
-    members = [m.split("/", 1)[1] for m in tarfile.open(sdist).getnames() if "/" in m]
+    with tarfile.open(sdist) as tar:
+        members = [m.split("/", 1)[1] for m in tar.getnames() if "/" in m]
     for needed in [*STUBS, "protos/sidecar/v1/inference.proto", "pyproject.toml", "README.md"]:
         assert needed in members, needed
     assert not [m for m in members if m.endswith(".gguf") or "node_modules" in m]
