@@ -503,8 +503,10 @@ class Updater:
             if self.state(name).pending:
                 next_check[name] = 0.0
         while not stop.is_set():
-            with contextlib.suppress(Exception):
+            try:
                 await self.watch()
+            except Exception:  # a bug here must not end the loop, nor pass unseen
+                log.exception("update probation check failed")
             now = time.monotonic()
             interval = self.engine.config.update.interval_seconds
             for name in self.engine.pools:

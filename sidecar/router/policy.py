@@ -1,0 +1,97 @@
+"""Who answers a request: a pure function of what is known, so every rule is table-tested.
+
+`decide` is called twice per AUTO request: before running locally (pre-routing, and
+whether the cloud may be used at all) and after, with the local outcome (keep it, or
+escalate and why). LOCAL_ONLY never leaves the machine; CLOUD_ONLY never runs locally.
+Sensitive data never leaves unless redaction is on, and then only redacted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Routing = Literal["AUTO", "LOCAL_ONLY", "CLOUD_ONLY"]
+Action = Literal["local", "cloud", "keep_local", "fail"]
+# The error a "fail" maps to (the domain error tree's kinds).
+FailKind = Literal["unavailable", "overloaded", "failed_precondition"]
+
+
+@dataclass(frozen=True)
+class LocalOutcome:
+    """What running locally gave: a failure kind, or a confidence to compare."""
+
+    failure: str | None = None  # "unavailable", "timeout", "context", "overloaded", "schema"
+    confidence: float | None = None  # comparable with the threshold (higher = surer)
+    threshold: float = 0.0
+
+
+@dataclass(frozen=True)
+class Situation:
+    routing: Routing
+    sensitive: tuple[str, ...] = ()  # kinds of personal data found, or "marked"
+    redact: bool = False  # config: escalate a redacted copy of sensitive requests
+    cloud: bool = True  # a cloud endpoint is configured
+    breaker_open: bool = False
+    spent: str | None = None  # which budget cap is used up ("daily", "monthly"), if any
+    pre_route: str | None = None  # a pre-routing rule that sends this request to the cloud
+    local: LocalOutcome | None = None  # None: not run yet
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str  # a named reason; "" when the local answer stands without escalation
+    fail: FailKind | None = None
+    redact: bool = False  # escalate the redacted text
+
+
+def _cloud_blocked(s: Situation) -> tuple[str, FailKind] | None:
+    """Why the cloud may not be used now, if it may not."""
+    if not s.cloud:
+        return "no cloud configured", "failed_precondition"
+    if s.sensitive and not s.redact:
+        return (
+            f"sensitive data ({', '.join(s.sensitive)}) never leaves the machine",
+            "failed_precondition",
+        )
+    if s.spent:
+        return f"the {s.spent} cloud budget is spent", "overloaded"
+    if s.breaker_open:
+        return "the cloud circuit breaker is open", "unavailable"
+    return None
+
+
+def _escalate(s: Situation, reason: str) -> Decision:
+    return Decision("cloud", reason, redact=bool(s.sensitive))
+
+
+def decide(s: Situation) -> Decision:
+    blocked = _cloud_blocked(s)
+    if s.routing == "LOCAL_ONLY":
+        return Decision("local" if s.local is None else "keep_local", "")
+    if s.routing == "CLOUD_ONLY":
+        if blocked:
+            return Decision("fail", blocked[0], blocked[1])
+        return _escalate(s, "routing CLOUD_ONLY")
+
+    # AUTO: before running locally
+    if s.local is None:
+        if s.pre_route and blocked is None:
+            return _escalate(s, f"pre-routed: {s.pre_route}")
+        return Decision("local", "")
+
+    # AUTO: after running locally
+    out = s.local
+    if out.failure is not None:
+        why = f"local {out.failure}"
+        if blocked:
+            # No answer locally and none from the cloud: the local failure is the error.
+            return Decision("fail", f"{why}; escalation blocked: {blocked[0]}", "unavailable")
+        return _escalate(s, why)
+    if out.confidence is not None and out.confidence < out.threshold:
+        why = f"low local confidence ({out.confidence:.3f} < {out.threshold:.3f})"
+        if blocked:
+            return Decision("keep_local", f"{why}; escalation blocked: {blocked[0]}")
+        return _escalate(s, why)
+    return Decision("keep_local", "")

@@ -1,0 +1,84 @@
+"""The routing decision, table-tested: (request, local outcome, breaker, budget, sensitivity)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.router.policy import Decision, LocalOutcome, Situation, decide
+
+SURE = LocalOutcome(confidence=0.9, threshold=0.6)
+UNSURE = LocalOutcome(confidence=0.4, threshold=0.6)
+DOWN = LocalOutcome(failure="unavailable")
+FULL = LocalOutcome(failure="overloaded")
+
+
+@pytest.mark.parametrize(
+    ("situation", "action", "reason", "fail"),
+    [
+        # LOCAL_ONLY never escalates, whatever happens.
+        (Situation("LOCAL_ONLY"), "local", "", None),
+        (Situation("LOCAL_ONLY", local=UNSURE), "keep_local", "", None),
+        # CLOUD_ONLY goes to the cloud, or fails fast with the reason.
+        (Situation("CLOUD_ONLY"), "cloud", "routing CLOUD_ONLY", None),
+        (Situation("CLOUD_ONLY", breaker_open=True), "fail", "breaker is open", "unavailable"),
+        (Situation("CLOUD_ONLY", spent="daily"), "fail", "daily cloud budget", "overloaded"),
+        (Situation("CLOUD_ONLY", cloud=False), "fail", "no cloud", "failed_precondition"),
+        (
+            Situation("CLOUD_ONLY", sensitive=("email",)),
+            "fail",
+            "sensitive data (email)",
+            "failed_precondition",
+        ),
+        # AUTO runs locally first...
+        (Situation("AUTO"), "local", "", None),
+        # ...unless a pre-routing rule says otherwise (and the cloud may be used).
+        (Situation("AUTO", pre_route="prompt over 2000 tokens"), "cloud", "pre-routed", None),
+        (Situation("AUTO", pre_route="x", breaker_open=True), "local", "", None),
+        # AUTO keeps a sure local answer.
+        (Situation("AUTO", local=SURE), "keep_local", "", None),
+        # AUTO escalates an unsure one, a failure and an overload, naming why.
+        (Situation("AUTO", local=UNSURE), "cloud", "low local confidence (0.400 < 0.600)", None),
+        (Situation("AUTO", local=DOWN), "cloud", "local unavailable", None),
+        (Situation("AUTO", local=FULL), "cloud", "local overloaded", None),
+        # Escalation blocked: keep the unsure local answer and say why...
+        (Situation("AUTO", local=UNSURE, breaker_open=True), "keep_local", "breaker is open", None),
+        (
+            Situation("AUTO", local=UNSURE, spent="monthly"),
+            "keep_local",
+            "monthly cloud budget",
+            None,
+        ),
+        (
+            Situation("AUTO", local=UNSURE, sensitive=("card",)),
+            "keep_local",
+            "sensitive data (card)",
+            None,
+        ),
+        (Situation("AUTO", local=UNSURE, cloud=False), "keep_local", "no cloud configured", None),
+        # ...but with no local answer at all, the local failure is the error.
+        (
+            Situation("AUTO", local=DOWN, breaker_open=True),
+            "fail",
+            "local unavailable; escalation blocked",
+            "unavailable",
+        ),
+        (
+            Situation("AUTO", local=DOWN, sensitive=("marked",)),
+            "fail",
+            "never leaves the machine",
+            "unavailable",
+        ),
+    ],
+)
+def test_decide(situation: Situation, action: str, reason: str, fail: str | None) -> None:
+    d = decide(situation)
+    assert d.action == action
+    assert reason in d.reason if reason else d.reason == ""
+    assert d.fail == fail
+
+
+def test_redaction_lets_sensitive_requests_escalate_redacted() -> None:
+    d = decide(Situation("AUTO", local=UNSURE, sensitive=("email",), redact=True))
+    assert d == Decision("cloud", "low local confidence (0.400 < 0.600)", redact=True)
+    plain = decide(Situation("AUTO", local=UNSURE))
+    assert not plain.redact
