@@ -12,6 +12,9 @@ Layout (all integers little-endian)::
     DICT  0x04  u64 dict_offset  u32 dict_len  u32 raw_len  u32 zlen  zstd(bytes, dict)
                                                                 zstd with old[dict] as a raw
                                                                 content dictionary
+    COPIES 0x05 u32 count  u32 zlen  zstd(count x (u64 src, u64 length))
+                                                                a run of COPYs, compressed: a
+                                                                reordered file is all copies
 
 Ops write the target front to back. No op carries more than `PIECE` raw bytes, so apply
 holds one piece (plus the GGUF header's dictionary) in memory whatever the model size.
@@ -50,7 +53,8 @@ MAX_DICT = 48 * 1024 * 1024  # a header bigger than this is sent as plain data
 CDC_MASK = (1 << 16) - 1  # ~64 KiB average chunk
 CDC_MIN, CDC_MAX, CDC_WINDOW = 16 * 1024, 256 * 1024, 48
 
-COPY, DATA, XOR, DICT, END = 1, 2, 3, 4, 0
+COPY, DATA, XOR, DICT, COPIES, END = 1, 2, 3, 4, 5, 0
+MAX_COPIES = PIECE // 16
 
 
 class DeltaError(Exception):
@@ -85,24 +89,33 @@ class _Writer:
         self.ops = 0
         self.payload = 0
         self._zc = zstandard.ZstdCompressor(level=LEVEL)
-        self._pending_copy: tuple[int, int] | None = None
+        self._copies: list[tuple[int, int]] = []
 
     def _flush_copy(self) -> None:
-        if self._pending_copy is not None:
-            src, length = self._pending_copy
+        if not self._copies:
+            return
+        if len(self._copies) == 1:
+            src, length = self._copies[0]
             self.out.write(struct.pack("<BQQ", COPY, src, length))
-            self.ops += 1
-            self._pending_copy = None
+        else:
+            packed = b"".join(struct.pack("<QQ", s, n) for s, n in self._copies)
+            z = self._zc.compress(packed)
+            self.out.write(struct.pack("<BII", COPIES, len(self._copies), len(z)))
+            self.out.write(z)
+            self.payload += len(z)
+        self.ops += 1
+        self._copies = []
 
     def copy(self, src: int, length: int) -> None:
         if length <= 0:
             return
-        p = self._pending_copy
-        if p is not None and p[0] + p[1] == src:  # contiguous in the old file: one op
-            self._pending_copy = (p[0], p[1] + length)
+        if self._copies and sum(self._copies[-1]) == src:  # contiguous in the old file
+            last = self._copies[-1]
+            self._copies[-1] = (last[0], last[1] + length)
             return
-        self._flush_copy()
-        self._pending_copy = (src, length)
+        if len(self._copies) >= MAX_COPIES:
+            self._flush_copy()
+        self._copies.append((src, length))
 
     def data(self, raw: bytes) -> None:
         self._flush_copy()
@@ -395,6 +408,14 @@ def apply_delta(
                     src, length = struct.unpack("<QQ", _exact(fd, 16))
                     for off, n in _ranges(src, length):
                         emit(source(off, n))
+                elif kind == COPIES:
+                    count, zlen = struct.unpack("<II", _exact(fd, 8))
+                    if count > MAX_COPIES:
+                        raise DeltaError("corrupt delta: too many copies in one op")
+                    pairs = decompress(zlen, count * 16)
+                    for src, length in struct.iter_unpack("<QQ", pairs):
+                        for off, n in _ranges(src, length):
+                            emit(source(off, n))
                 elif kind == DATA:
                     raw_len, zlen = struct.unpack("<II", _exact(fd, 8))
                     emit(decompress(zlen, raw_len))

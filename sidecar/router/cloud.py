@@ -1,0 +1,207 @@
+"""The cloud side of escalation: an OpenAI-compatible Chat Completions endpoint.
+
+Uses the maintained `openai` SDK (works against OpenAI, vLLM, Ollama, LiteLLM's proxy and
+llama.cpp's servers). The SDK's own retries are off: this module retries 429, 5xx,
+timeouts and connection errors itself, with jittered exponential backoff, so every
+attempt is seen by the circuit breaker. A 4xx other than 429 is the request's fault, not
+the endpoint's: no retry, and the breaker does not count it.
+
+Classify keeps its contract through the cloud: the answer must be one of the labels
+(matched exactly, then ignoring case and punctuation); an answer that is none of them is
+asked once more, then reported as invalid so the caller can keep the local answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+
+from sidecar.router.breaker import Breaker
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    base_url: str
+    model: str
+    api_key_env: str = ""  # the NAME of the variable holding the key, never the key
+    timeout_s: float = 30.0
+    retries: int = 2
+    backoff_s: float = 0.5
+
+
+class CloudError(Exception):
+    """The cloud gave no usable answer; `reason` is a short label for replies and metrics."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class CloudReply:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+    attempts: int
+
+
+RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)
+
+
+class CloudClient:
+    def __init__(self, cfg: CloudConfig, breaker: Breaker, env: Mapping[str, str]) -> None:
+        self.cfg = cfg
+        self.breaker = breaker
+        key = env.get(cfg.api_key_env, "") if cfg.api_key_env else ""
+        self._client = openai.AsyncOpenAI(
+            base_url=cfg.base_url,
+            api_key=key or "unused",  # local OpenAI-compatible servers often need none
+            timeout=cfg.timeout_s,
+            max_retries=0,
+        )
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def chat(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        *,
+        max_tokens: int | None = None,
+        response_format: dict[str, Any] | None = None,
+    ) -> CloudReply:
+        if not self.breaker.allow():
+            raise CloudError("breaker_open", "the cloud circuit breaker is open")
+        started = time.perf_counter()
+        last = "no attempt"
+        for attempt in range(self.cfg.retries + 1):
+            if attempt:
+                await asyncio.sleep(
+                    self.cfg.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
+                )
+            try:
+                kw: dict[str, Any] = {"model": self.cfg.model, "messages": list(messages),
+                                      "temperature": 0}  # fmt: skip
+                if max_tokens is not None:
+                    kw["max_tokens"] = max_tokens
+                if response_format is not None:
+                    kw["response_format"] = response_format
+                resp = await self._client.chat.completions.create(**kw)
+            except RETRYABLE as e:
+                last = _describe(e)
+                continue
+            except openai.APIStatusError as e:  # 4xx: our request is wrong; retrying will not help
+                raise CloudError(f"http_{e.status_code}", _describe(e)) from None
+            except (openai.APIError, ValueError) as e:  # e.g. a body that is not JSON
+                last = f"malformed reply: {type(e).__name__}: {e}"
+                continue
+            text = _text(resp)
+            if text is None:
+                last = "malformed reply: no message content"
+                continue
+            self.breaker.success()
+            usage = getattr(resp, "usage", None)
+            return CloudReply(
+                text=text,
+                prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+                completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+                latency_ms=(time.perf_counter() - started) * 1000,
+                attempts=attempt + 1,
+            )
+        self.breaker.failure()
+        raise CloudError(
+            _reason(last), f"the cloud failed after {self.cfg.retries + 1} attempt(s): {last}"
+        )
+
+    async def classify(
+        self, text: str, labels: Sequence[str], instruction: str = ""
+    ) -> tuple[str | None, CloudReply]:
+        """The label the cloud picked, or None if it named none of them twice."""
+        prompt = _classify_prompt(text, labels, instruction)
+        reply = await self.chat([{"role": "user", "content": prompt}], max_tokens=32)
+        label = match_label(reply.text, labels)
+        if label is None:
+            again = [
+                {"role": "user", "content": prompt},
+                {"role": "assistant", "content": reply.text},
+                {
+                    "role": "user",
+                    "content": "Answer with exactly one label from the list, nothing else.",
+                },
+            ]
+            reply = await self.chat(again, max_tokens=32)
+            label = match_label(reply.text, labels)
+        return label, reply
+
+    async def extract(self, text: str, schema: str, instruction: str = "") -> CloudReply:
+        """JSON text for the schema (the caller validates it: the contract is checked once)."""
+        messages = [
+            {"role": "system", "content": instruction or "Extract the fields as JSON."},
+            {"role": "user", "content": text},
+        ]
+        fmt = {
+            "type": "json_schema",
+            "json_schema": {"name": "extract", "schema": json.loads(schema)},
+        }
+        return await self.chat(messages, response_format=fmt)
+
+
+def _text(resp: Any) -> str | None:
+    try:
+        content = resp.choices[0].message.content
+    except (AttributeError, IndexError, TypeError):
+        return None
+    return content if isinstance(content, str) else None
+
+
+def _describe(e: Exception) -> str:
+    status = getattr(e, "status_code", None)
+    kind = type(e).__name__
+    return f"{kind} (HTTP {status})" if status else f"{kind}: {e}"
+
+
+def _reason(last: str) -> str:
+    if "RateLimit" in last:
+        return "http_429"
+    if "InternalServer" in last:
+        return "http_5xx"
+    if "Timeout" in last:
+        return "timeout"
+    if "Connection" in last:
+        return "connection"
+    return "malformed"
+
+
+def _classify_prompt(text: str, labels: Sequence[str], instruction: str) -> str:
+    task = instruction or "Classify the text into exactly one of the labels."
+    listing = "\n".join(f"- {label}" for label in labels)
+    return f"{task}\n\nLabels:\n{listing}\n\nText: {text}\n\nAnswer with the label only."
+
+
+def _norm(s: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", s.lower()).strip()
+
+
+def match_label(answer: str, labels: Sequence[str]) -> str | None:
+    """Map a free-text answer to one label: exact, then normalised, then the one label the
+    answer contains (if exactly one)."""
+    a = answer.strip().strip("`'\".").strip()
+    if a in labels:
+        return a
+    by_norm = {_norm(label): label for label in labels}
+    if _norm(a) in by_norm:
+        return by_norm[_norm(a)]
+    inside = [
+        label for n, label in by_norm.items() if n and re.search(rf"\b{re.escape(n)}\b", _norm(a))
+    ]
+    return inside[0] if len(inside) == 1 else None

@@ -1,0 +1,165 @@
+"""The cloud client against a real loopback HTTP server that injects faults: 429, 500,
+slow and hanging replies, malformed bodies; retries, the breaker and label mapping."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from sidecar.router.breaker import Breaker
+from sidecar.router.cloud import CloudClient, CloudConfig, CloudError, match_label
+
+
+class Script:
+    def __init__(self) -> None:
+        self.replies: list[tuple[str, Any]] = []
+        self.received: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+
+
+def ok(content: str, prompt: int = 10, completion: int = 2) -> tuple[str, Any]:
+    return ("json", {
+        "id": "x", "object": "chat.completion", "created": 0, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                  "total_tokens": prompt + completion},
+    })  # fmt: skip
+
+
+@pytest.fixture
+def cloud() -> Iterator[tuple[str, Script]]:
+    script = Script()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            script.received.append(json.loads(body))
+            script.headers.append({k.lower(): v for k, v in self.headers.items()})
+            kind, arg = script.replies.pop(0) if script.replies else ok("default")
+            try:
+                if kind == "hang":
+                    time.sleep(arg)
+                    return
+                if kind == "status":
+                    self._send(arg, b'{"error": {"message": "injected", "type": "x"}}')
+                elif kind == "raw":
+                    self._send(200, arg)
+                else:
+                    self._send(200, json.dumps(arg).encode())
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def _send(self, code: int, data: bytes) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", script
+    server.shutdown()
+    server.server_close()
+
+
+def client(url: str, breaker: Breaker | None = None, **kw: Any) -> CloudClient:
+    cfg = CloudConfig(base_url=url, model="m", api_key_env="CLOUD_KEY", retries=kw.pop("retries", 2),
+                      backoff_s=0.01, timeout_s=kw.pop("timeout_s", 2.0))  # fmt: skip
+    return CloudClient(cfg, breaker or Breaker(3, 60), {"CLOUD_KEY": "sk-test"})
+
+
+async def test_a_good_reply_with_usage_and_the_key_from_the_environment(cloud) -> None:  # type: ignore[no-untyped-def]
+    url, script = cloud
+    script.replies = [ok("Paris", 12, 1)]
+    c = client(url)
+    r = await c.chat([{"role": "user", "content": "Capital of France?"}], max_tokens=5)
+    assert (r.text, r.prompt_tokens, r.completion_tokens, r.attempts) == ("Paris", 12, 1, 1)
+    assert script.received[0]["model"] == "m" and script.received[0]["max_tokens"] == 5
+    assert script.headers[0]["authorization"] == "Bearer sk-test"
+    await c.close()
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [("status", 429), ("status", 500), ("status", 503), ("raw", b"not json"), ("hang", 3)],
+    ids=["429", "500", "503", "malformed", "timeout"],
+)
+async def test_transient_faults_are_retried_then_succeed(cloud, fault) -> None:  # type: ignore[no-untyped-def]
+    url, script = cloud
+    script.replies = [fault, ok("fine")]
+    c = client(url, timeout_s=0.5)
+    r = await c.chat([{"role": "user", "content": "hi"}])
+    assert r.text == "fine" and r.attempts == 2
+    await c.close()
+
+
+async def test_a_4xx_is_not_retried_and_does_not_trip_the_breaker(cloud) -> None:  # type: ignore[no-untyped-def]
+    url, script = cloud
+    script.replies = [("status", 400)]
+    breaker = Breaker(1, 60)
+    c = client(url, breaker)
+    with pytest.raises(CloudError) as e:
+        await c.chat([{"role": "user", "content": "hi"}])
+    assert e.value.reason == "http_400" and len(script.received) == 1
+    assert breaker.state == "closed"
+    await c.close()
+
+
+async def test_the_breaker_opens_after_failures_and_then_refuses_without_calling(cloud) -> None:  # type: ignore[no-untyped-def]
+    url, script = cloud
+    script.replies = [("status", 500)] * 4
+    breaker = Breaker(2, cooldown_s=60)
+    c = client(url, breaker, retries=1)
+    for _ in range(2):
+        with pytest.raises(CloudError) as e:
+            await c.chat([{"role": "user", "content": "hi"}])
+        assert e.value.reason == "http_5xx"
+    assert breaker.state == "open" and len(script.received) == 4
+    with pytest.raises(CloudError) as e:
+        await c.chat([{"role": "user", "content": "hi"}])
+    assert e.value.reason == "breaker_open" and len(script.received) == 4  # not even tried
+    await c.close()
+
+
+async def test_classify_maps_the_answer_and_asks_once_more(cloud) -> None:  # type: ignore[no-untyped-def]
+    url, script = cloud
+    labels = ["lost_or_stolen_card", "card_arrival"]
+    script.replies = [ok("Lost or stolen card.")]
+    c = client(url)
+    label, _ = await c.classify("someone took my card", labels)
+    assert label == "lost_or_stolen_card"
+    script.replies = [ok("I am not sure"), ok("card_arrival")]
+    label, _ = await c.classify("where is my card", labels)
+    assert label == "card_arrival" and len(script.received) == 3
+    script.replies = [ok("banana"), ok("still banana")]
+    label, _ = await c.classify("x", labels)
+    assert label is None  # the caller keeps the local answer and says why
+    await c.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "label"),
+    [
+        ("card_arrival", "card_arrival"),
+        ("`card_arrival`", "card_arrival"),
+        ("Card arrival", "card_arrival"),
+        ("The label is card_arrival.", "card_arrival"),
+        ("card_arrival or lost_or_stolen_card", None),  # two labels: not an answer
+        ("exchange rate", None),
+    ],
+)
+def test_match_label(answer: str, label: str | None) -> None:
+    assert match_label(answer, ["card_arrival", "lost_or_stolen_card"]) == label
