@@ -48,7 +48,7 @@ from sidecar.gguf_check import GGUFError, GGUFInfo, check
 
 MAGIC = b"SCDELTA1"
 PIECE = 4 * 1024 * 1024  # raw bytes per op, and the read size of COPY
-LEVEL = 6
+LEVEL = 3
 MAX_DICT = 48 * 1024 * 1024  # a header bigger than this is sent as plain data
 CDC_MASK = (1 << 16) - 1  # ~64 KiB average chunk
 CDC_MIN, CDC_MAX, CDC_WINDOW = 16 * 1024, 256 * 1024, 48
@@ -148,7 +148,7 @@ class _Writer:
     def dict_data(self, raw: bytes, dict_offset: int, dictionary: bytes) -> None:
         self._flush_copy()
         zd = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-        z = zstandard.ZstdCompressor(level=19, dict_data=zd).compress(raw)
+        z = zstandard.ZstdCompressor(level=12, dict_data=zd).compress(raw)
         self.out.write(struct.pack("<BQIII", DICT, dict_offset, len(dictionary), len(raw), len(z)))
         self.out.write(z)
         self.ops += 1
