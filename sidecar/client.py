@@ -52,16 +52,24 @@ def _sampling(
     )
 
 
+def _routing(routing: str) -> pb.Routing.ValueType:
+    """ "AUTO", "LOCAL_ONLY", "CLOUD_ONLY" or "" (the daemon's default)."""
+    return pb.Routing.Value(f"ROUTING_{routing.upper()}") if routing else pb.ROUTING_UNSPECIFIED
+
+
 def generate_request(prompt: str, *, model: str = "", max_tokens: int | None = None, temperature: float = 0.0,
-                     top_p: float = 0.0, top_k: int = 0, seed: int = 0, stop: Sequence[str] = ()) -> pb.GenerateRequest:  # fmt: skip
+                     top_p: float = 0.0, top_k: int = 0, seed: int = 0, stop: Sequence[str] = (),
+                     routing: str = "", sensitive: bool = False) -> pb.GenerateRequest:  # fmt: skip
     return pb.GenerateRequest(
         model=model, prompt=prompt, max_tokens=max_tokens,
         sampling=_sampling(temperature, top_p, top_k, seed, stop),
+        routing=_routing(routing), sensitive=sensitive,
     )  # fmt: skip
 
 
 def chat_request(messages: Iterable[Message], *, model: str = "", max_tokens: int | None = None, temperature: float = 0.0,
-                 top_p: float = 0.0, top_k: int = 0, seed: int = 0, stop: Sequence[str] = ()) -> pb.ChatRequest:  # fmt: skip
+                 top_p: float = 0.0, top_k: int = 0, seed: int = 0, stop: Sequence[str] = (),
+                 routing: str = "", sensitive: bool = False) -> pb.ChatRequest:  # fmt: skip
     msgs = [
         pb.ChatMessage(role=m[0], content=m[1]) if isinstance(m, tuple)
         else pb.ChatMessage(role=m["role"], content=m["content"])
@@ -70,17 +78,25 @@ def chat_request(messages: Iterable[Message], *, model: str = "", max_tokens: in
     return pb.ChatRequest(
         model=model, messages=msgs, max_tokens=max_tokens,
         sampling=_sampling(temperature, top_p, top_k, seed, stop),
+        routing=_routing(routing), sensitive=sensitive,
     )  # fmt: skip
 
 
 def classify_request(
-    text: str, labels: Sequence[str], *, instruction: str = "", model: str = ""
-) -> pb.ClassifyRequest:
-    return pb.ClassifyRequest(model=model, text=text, labels=list(labels), instruction=instruction)
+    text: str, labels: Sequence[str] = (), *, instruction: str = "", model: str = "",
+    examples: Iterable[tuple[str, str]] = (), task: str = "", routing: str = "",
+    sensitive: bool = False,
+) -> pb.ClassifyRequest:  # fmt: skip
+    return pb.ClassifyRequest(
+        model=model, text=text, labels=list(labels), instruction=instruction,
+        examples=[pb.Example(text=t, label=y) for t, y in examples], task=task,
+        routing=_routing(routing), sensitive=sensitive,
+    )  # fmt: skip
 
 
 def extract_request(text: str, schema: str | Mapping[str, Any], *, instruction: str = "", model: str = "",
-                    max_tokens: int | None = None) -> pb.ExtractRequest:  # fmt: skip
+                    max_tokens: int | None = None, routing: str = "",
+                    sensitive: bool = False) -> pb.ExtractRequest:  # fmt: skip
     schema_text = schema if isinstance(schema, str) else json.dumps(schema)
     return pb.ExtractRequest(
         model=model,
@@ -88,6 +104,8 @@ def extract_request(text: str, schema: str | Mapping[str, Any], *, instruction: 
         json_schema=schema_text,
         instruction=instruction,
         max_tokens=max_tokens,
+        routing=_routing(routing),
+        sensitive=sensitive,
     )
 
 
@@ -150,7 +168,7 @@ class Client(_Base):
         return self.inference.ChatStream(chat_request(messages, **kw), **self._kw(timeout))
 
     def classify(
-        self, text: str, labels: Sequence[str], *, timeout: float | None = None, **kw: Any
+        self, text: str, labels: Sequence[str] = (), *, timeout: float | None = None, **kw: Any
     ) -> pb.ClassifyReply:
         return self.inference.Classify(classify_request(text, labels, **kw), **self._kw(timeout))
 
@@ -218,7 +236,7 @@ class AsyncClient(_Base):
         return self.inference.ChatStream(chat_request(messages, **kw), **self._kw(timeout))
 
     async def classify(
-        self, text: str, labels: Sequence[str], *, timeout: float | None = None, **kw: Any
+        self, text: str, labels: Sequence[str] = (), *, timeout: float | None = None, **kw: Any
     ) -> pb.ClassifyReply:
         return await self.inference.Classify(
             classify_request(text, labels, **kw), **self._kw(timeout)

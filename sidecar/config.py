@@ -19,7 +19,7 @@ TOML layout (every key optional)::
     workers = 2
 
 Environment: SIDECAR_CONFIG (file path), SIDECAR_<SECTION>_<KEY> for the server, log,
-metrics, store, http and update keys (e.g. SIDECAR_SERVER_SOCKET, SIDECAR_HTTP_TOKEN), SIDECAR_DEFAULT_MODEL, and
+metrics, store, http, update and cloud keys (lists comma-separated) (e.g. SIDECAR_SERVER_SOCKET, SIDECAR_HTTP_TOKEN), SIDECAR_DEFAULT_MODEL, and
 SIDECAR_MODEL_<KEY> for the default model's keys (e.g. SIDECAR_MODEL_PATH).
 """
 
@@ -30,13 +30,14 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import platformdirs
 
 from sidecar.errors import ConfigError
+from sidecar.router.privacy import Scanner  # the detectors own what a valid pattern is
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -215,6 +216,108 @@ UPDATE_KEYS: dict[str, Key] = {
     ),
 }
 
+
+def _routing(v: str) -> str | None:
+    return _one_of("AUTO", "LOCAL_ONLY", "CLOUD_ONLY")(v)
+
+
+def _env_name(v: str) -> str | None:
+    # The TOML names the variable; a key pasted here by mistake must not sit in a file.
+    if v and not v.replace("_", "").isalnum():
+        return f"must be the NAME of an environment variable (e.g. OPENAI_API_KEY), got {v[:4]}..."
+    return None
+
+
+def _strings(v: list[Any]) -> str | None:
+    return None if all(isinstance(x, str) for x in v) else "must be a list of strings"
+
+
+def _probability(v: float) -> str | None:
+    return None if 0.0 <= v <= 1.0 else f"must be between 0 and 1, got {v}"
+
+
+CLOUD_KEYS: dict[str, Key] = {
+    "base_url": Key(
+        str, "", "OpenAI-compatible endpoint (e.g. https://api.openai.com/v1); empty = no cloud."
+    ),
+    "model": Key(str, "", "Model name the cloud is asked for."),
+    "api_key_env": Key(
+        str, "", "NAME of the environment variable holding the API key (never the key).", _env_name
+    ),
+    "routing": Key(str, "AUTO", "Default routing: AUTO, LOCAL_ONLY or CLOUD_ONLY.", _routing),
+    "timeout_seconds": Key(float, 30.0, "Timeout of one cloud attempt.", _at_least(0.1)),
+    "retries": Key(int, 2, "Retries on 429, 5xx, timeouts and connection errors.", _at_least(0)),
+    "backoff_seconds": Key(float, 0.5, "First retry wait (doubles, with jitter).", _at_least(0)),
+    "breaker_failures": Key(
+        int, 5, "Consecutive failed calls that open the circuit breaker.", _at_least(1)
+    ),
+    "breaker_cooldown_seconds": Key(
+        float, 30.0, "How long the breaker stays open before one probe call.", _at_least(0)
+    ),
+    "prompt_price_per_mtok": Key(
+        float, 0.0, "Price of a million prompt tokens (for cost and caps).", _at_least(0)
+    ),
+    "completion_price_per_mtok": Key(
+        float, 0.0, "Price of a million completion tokens.", _at_least(0)
+    ),
+    "daily_cap": Key(float, 0.0, "Most spent per UTC day; 0 = no cap.", _at_least(0)),
+    "monthly_cap": Key(float, 0.0, "Most spent per UTC month; 0 = no cap.", _at_least(0)),
+    "sensitive": Key(
+        list,
+        ["email", "card", "iban", "phone"],
+        "Detectors that make a request sensitive (email, card, iban, phone).",
+        _strings,
+    ),
+    "sensitive_patterns": Key(list, [], "Extra regexes that make a request sensitive.", _strings),
+    "redact": Key(
+        bool, False, "Escalate sensitive requests with the matches replaced, instead of never."
+    ),
+    "classify_threshold": Key(
+        float, 0.5, "AUTO escalates a Classify whose top probability is below this.", _probability
+    ),
+    "classify_margin": Key(
+        float, 0.0, "...or whose top-minus-runner-up margin is below this; 0 = off.", _probability
+    ),
+    "extract_mean_logprob": Key(
+        float, -1.0, "AUTO escalates an Extract whose mean token log-probability is below this."
+    ),
+    "generate_mean_logprob": Key(
+        float, -1.5, "AUTO escalates a Generate/Chat whose mean token log-probability is below."
+    ),
+    "generate_min_logprob": Key(
+        float, -100.0, "...or whose least likely token is below this (-100 = off)."
+    ),
+    "pre_route_max_chars": Key(
+        int, 0, "AUTO sends requests longer than this straight to the cloud; 0 = off.", _at_least(0)
+    ),
+    "pre_route_keywords": Key(
+        list,
+        [],
+        "AUTO sends requests containing any of these words straight to the cloud.",
+        _strings,
+    ),
+    "pre_route_tasks": Key(
+        list,
+        [],
+        "AUTO sends these kinds (generate, chat, classify, extract) to the cloud.",
+        _strings,
+    ),
+}
+
+TASK_KEYS: dict[str, Key] = {
+    "file": Key(str, "", "CSV file of labelled examples (required)."),
+    "text_column": Key(str, "text", "Column holding the example text."),
+    "label_column": Key(str, "label", "Column holding the example's label."),
+    "model": Key(str, "", "Model that embeds and scores; empty = the default model."),
+    "instruction": Key(str, "", "Task description for label scoring."),
+    "threshold": Key(
+        float,
+        -1.0,
+        "AUTO escalates below this calibrated confidence; -1 = cloud.classify_threshold.",
+    ),
+    "label_scoring": Key(bool, False, "Also score the shortlisted labels with the model (slower)."),
+}
+
 TOP_KEYS: dict[str, Key] = {
     "default_model": Key(str, "", "Model name that requests without `model` get."),
 }
@@ -295,6 +398,59 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class CloudConfig:
+    base_url: str
+    model: str
+    api_key_env: str
+    routing: str
+    timeout_seconds: float
+    retries: int
+    backoff_seconds: float
+    breaker_failures: int
+    breaker_cooldown_seconds: float
+    prompt_price_per_mtok: float
+    completion_price_per_mtok: float
+    daily_cap: float
+    monthly_cap: float
+    sensitive: tuple[str, ...]
+    sensitive_patterns: tuple[str, ...]
+    redact: bool
+    classify_threshold: float
+    classify_margin: float
+    extract_mean_logprob: float
+    generate_mean_logprob: float
+    generate_min_logprob: float
+    pre_route_max_chars: int
+    pre_route_keywords: tuple[str, ...]
+    pre_route_tasks: tuple[str, ...]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.base_url)
+
+
+def _cloud_defaults() -> CloudConfig:
+    raw = {k: v.default for k, v in CLOUD_KEYS.items()}
+    return CloudConfig(**_tuples(raw))
+
+
+def _tuples(raw: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str
+    file: Path
+    text_column: str
+    label_column: str
+    model: str
+    instruction: str
+    threshold: float
+    label_scoring: bool
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     path: Path
@@ -321,6 +477,8 @@ class Config:
     store: StoreConfig = StoreConfig(Path("store"), None, True, "side_by_side", 30.0, 30.0)
     models: tuple[ModelConfig, ...] = ()
     default_model: str = ""
+    cloud: CloudConfig = field(default_factory=_cloud_defaults)
+    tasks: tuple[TaskConfig, ...] = ()
     source: Path | None = None  # the TOML file read, if any
 
     def model(self, name: str) -> ModelConfig | None:
@@ -362,6 +520,8 @@ def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
 
 
 def _coerce(key: str, spec: Key, value: Any) -> Any:
+    if spec.type is list and isinstance(value, str):  # from the environment: comma-separated
+        value = [v.strip() for v in value.split(",") if v.strip()]
     if isinstance(value, str) and spec.type is not str:
         text = value.strip()
         try:
@@ -415,6 +575,7 @@ def _env_layer(
         ("store", STORE_KEYS),
         ("http", HTTP_KEYS),
         ("update", UPDATE_KEYS),
+        ("cloud", CLOUD_KEYS),
     )
     sections: dict[str, dict[str, Any]] = {name: {} for name, _ in tables}
     for section, keys in tables:
@@ -431,6 +592,51 @@ def _env_layer(
     return sections, model, top
 
 
+TABLES = ("server", "log", "metrics", "store", "http", "update", "cloud", "models", "tasks")
+
+
+def _cloud(raw: Mapping[str, Any], env: Mapping[str, Any]) -> CloudConfig:
+    fields = _section("cloud.", CLOUD_KEYS, {**raw, **env})
+    if fields["base_url"] and not fields["model"]:
+        raise ConfigError("cloud.model", "required when cloud.base_url is set")
+    if fields["base_url"] and not fields["base_url"].startswith(("http://", "https://")):
+        raise ConfigError(
+            "cloud.base_url", f"must start with http:// or https://, got {fields['base_url']!r}"
+        )
+    try:
+        Scanner(fields["sensitive"], fields["sensitive_patterns"])
+    except ValueError as e:
+        raise ConfigError("cloud.sensitive", str(e)) from None
+    kinds = {"generate", "chat", "classify", "extract"}
+    bad = [t for t in fields["pre_route_tasks"] if t not in kinds]
+    if bad:
+        raise ConfigError(
+            "cloud.pre_route_tasks", f"unknown task {bad[0]!r} (known: {', '.join(sorted(kinds))})"
+        )
+    return CloudConfig(**_tuples(fields))
+
+
+def _tasks(
+    raw: Mapping[str, Any], models: Mapping[str, Any], base: Path | None
+) -> tuple[TaskConfig, ...]:
+    out = []
+    for name, table in raw.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"tasks.{name}", "must be a table")
+        fields = _section(f"tasks.{name}.", TASK_KEYS, table)
+        if not fields["file"]:
+            raise ConfigError(f"tasks.{name}.file", "required: the CSV file of labelled examples")
+        path = Path(fields["file"]).expanduser()
+        if not path.is_absolute() and base is not None:
+            path = base.parent / path  # relative to the config file, like include paths
+        if fields["model"] and fields["model"] not in models:
+            raise ConfigError(f"tasks.{name}.model", f"no [models.{fields['model']}] table")
+        if fields["threshold"] != -1.0 and not 0.0 <= fields["threshold"] <= 1.0:
+            raise ConfigError(f"tasks.{name}.threshold", "must be -1 or between 0 and 1")
+        out.append(TaskConfig(name=name, **{**fields, "file": path}))
+    return tuple(out)
+
+
 def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Build the Config. Raises ConfigError naming the offending key."""
     o = overrides or Overrides()
@@ -442,15 +648,17 @@ def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = Non
     raw: dict[str, Any] = _read_toml(path) if explicit or path.exists() else {}
     source = path if raw or explicit else None
 
-    unknown = sorted(
-        set(raw) - {"server", "log", "metrics", "store", "http", "update", "models", *TOP_KEYS}
-    )
+    unknown = sorted(set(raw) - {*TABLES, *TOP_KEYS})
     if unknown:
         raise ConfigError(
             unknown[0],
-            "unknown key (known: default_model, [server], [log], [metrics], [models.NAME])",
+            "unknown key (known: default_model, "
+            + ", ".join(f"[{t}]" for t in TABLES)
+            .replace("[models]", "[models.NAME]")
+            .replace("[tasks]", "[tasks.NAME]")
+            + ")",
         )
-    for table in ("server", "log", "metrics", "store", "http", "update", "models"):
+    for table in TABLES:
         if not isinstance(raw.get(table, {}), dict):
             raise ConfigError(table, "must be a table")
 
@@ -527,7 +735,12 @@ def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = Non
         Path(server["socket"]).expanduser() if server["socket"] else default_socket_path(env)
     )
 
+    cloud = _cloud(raw.get("cloud", {}), env_sections["cloud"])
+    tasks = _tasks(raw.get("tasks", {}), models_raw, source)
+
     return Config(
+        cloud=cloud,
+        tasks=tasks,
         server=ServerConfig(**server),
         log=LogConfig(**log),
         metrics=MetricsConfig(**metrics),
@@ -550,4 +763,6 @@ def documented_keys() -> list[tuple[str, Key]]:
     rows += [(f"http.{k}", v) for k, v in HTTP_KEYS.items()]
     rows += [(f"update.{k}", v) for k, v in UPDATE_KEYS.items()]
     rows += [(f"models.NAME.{k}", v) for k, v in MODEL_KEYS.items()]
+    rows += [(f"cloud.{k}", v) for k, v in CLOUD_KEYS.items()]
+    rows += [(f"tasks.NAME.{k}", v) for k, v in TASK_KEYS.items()]
     return rows

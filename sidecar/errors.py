@@ -3,11 +3,13 @@
     SidecarError
     ├── InvalidRequest        bad input the caller can fix        -> INVALID_ARGUMENT
     │   └── OutOfRange        a size or count past a limit        -> OUT_OF_RANGE
+    │       └── ContextOverflow   does not fit the model's context window
     ├── ModelNotFound         no model by that name               -> NOT_FOUND
     ├── Unavailable           loading, restarting, shutting down  -> UNAVAILABLE
     │   └── WorkerCrashed     the worker died during the request
     ├── Overloaded            queue full                          -> RESOURCE_EXHAUSTED
     ├── FailedPrecondition    a prerequisite is missing           -> FAILED_PRECONDITION
+    │   └── SchemaViolation   the model's JSON missed the schema
     ├── Unauthenticated       missing or wrong bearer token       -> UNAUTHENTICATED
     ├── Cancelled             the caller went away                -> CANCELLED
     ├── DeadlineExceeded      the caller's deadline passed        -> DEADLINE_EXCEEDED
@@ -38,6 +40,12 @@ class OutOfRange(InvalidRequest):
     kind = "out_of_range"
 
 
+class ContextOverflow(OutOfRange):
+    """Too long for this model's context window: a bigger (cloud) model may still take it."""
+
+    kind = "context_overflow"
+
+
 class ModelNotFound(SidecarError):
     kind = "not_found"
 
@@ -56,6 +64,12 @@ class Overloaded(SidecarError):
 
 class FailedPrecondition(SidecarError):
     kind = "failed_precondition"
+
+
+class SchemaViolation(FailedPrecondition):
+    """The model produced JSON the schema rejects (the grammar cannot enforce every keyword)."""
+
+    kind = "schema_violation"
 
 
 class Unauthenticated(SidecarError):
@@ -88,11 +102,13 @@ KINDS: dict[str, type[SidecarError]] = {
     for cls in (
         InvalidRequest,
         OutOfRange,
+        ContextOverflow,
         ModelNotFound,
         Unavailable,
         WorkerCrashed,
         Overloaded,
         FailedPrecondition,
+        SchemaViolation,
         Unauthenticated,
         Cancelled,
         DeadlineExceeded,

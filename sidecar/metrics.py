@@ -15,7 +15,7 @@ import socketserver
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -80,6 +80,42 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.routed = Counter(
+            "sidecar_routed",
+            "Routed replies by who answered and the reason code (empty: kept local, no reason).",
+            ["served_by", "reason"],
+            registry=self.registry,
+        )
+        self.escalations = Counter(
+            "sidecar_escalations",
+            "Requests escalated to the cloud, by reason (low_confidence, local_unavailable, "
+            "local_overloaded, local_timeout, local_context, local_schema, pre_route, cloud_only).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.spend = Counter(
+            "sidecar_cloud_spend",
+            "Estimated cloud spend (configured prices x reported usage).",
+            registry=self.registry,
+        )
+        self.cloud_latency = Histogram(
+            "sidecar_cloud_seconds",
+            "Cloud answer time, retries included.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def route(self, result: Result, code: str) -> None:
+        r = result.route
+        self.routed.labels(r.served_by, code).inc()
+        if r.served_by == "cloud":
+            self.escalations.labels(code).inc()
+            self.spend.inc(r.cost)
+            self.cloud_latency.observe(r.cloud_latency_ms / 1000)
+
+    def watch_router(self, router: RouterLike) -> None:
+        self.registry.register(_RouterCollector(router))
+
     def request(
         self, rpc: str, model: str, status: str, seconds: float, tier: str = "local"
     ) -> None:
@@ -111,6 +147,38 @@ class Metrics:
 
     def watch(self, engine: PoolEngine) -> None:
         self.registry.register(_EngineCollector(engine))
+
+
+class RouterLike(Protocol):
+    @property
+    def breaker_state(self) -> str: ...
+    @property
+    def breaker_opened(self) -> int: ...
+    @property
+    def spent(self) -> tuple[float, float]: ...
+
+
+BREAKER = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
+
+
+class _RouterCollector(Collector):
+    def __init__(self, router: RouterLike) -> None:
+        self.router = router
+
+    def collect(self) -> Iterator[Metric]:
+        state = GaugeMetricFamily(
+            "sidecar_cloud_breaker_state", "Cloud circuit breaker: 0 closed, 1 half-open, 2 open."
+        )
+        state.add_metric([], BREAKER[self.router.breaker_state])
+        opened = CounterMetricFamily("sidecar_cloud_breaker_opens", "Times the breaker opened.")
+        opened.add_metric([], self.router.breaker_opened)
+        spent = GaugeMetricFamily(
+            "sidecar_cloud_budget_spent", "Spent against the caps, by period.", labels=["period"]
+        )
+        day, month = self.router.spent
+        spent.add_metric(["day"], day)
+        spent.add_metric(["month"], month)
+        yield from (state, opened, spent)
 
 
 class _EngineCollector(Collector):

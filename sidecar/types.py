@@ -54,6 +54,10 @@ class ClassifyTask:
     labels: tuple[str, ...]
     instruction: str = ""
     kind: Kind = "classify"
+    # Classify by labelled examples (text, label) or by a task named in the config; the
+    # daemon turns these into plain label tasks before a worker sees them.
+    examples: tuple[tuple[str, str], ...] = ()
+    task: str = ""
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,29 @@ StreamableTask = GenerateTask | ChatTask
 class ModelRef:
     name: str
     version: str
+
+
+Routing = Literal["", "AUTO", "LOCAL_ONLY", "CLOUD_ONLY"]  # "" = the configured default
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    """How the caller wants a request routed; not sent to workers."""
+
+    routing: Routing = ""
+    sensitive: bool = False
+
+
+@dataclass(frozen=True)
+class RouteInfo:
+    """Who answered and why, on every routed reply."""
+
+    served_by: Literal["local", "cloud"] = "local"
+    reason: str = ""  # why it was escalated, or why escalation was blocked; "" = neither
+    local_confidence: float | None = None  # None: the local model did not answer
+    cloud_latency_ms: float = 0.0
+    cost: float = 0.0  # estimated from the usage the cloud reported and the configured prices
+    code: str = ""  # the reason as a fixed label
 
 
 @dataclass
@@ -118,6 +145,7 @@ class Generation:
     confidence: TokenConfidence
     model: ModelRef | None = None
     timings: Timings = field(default_factory=Timings)
+    route: RouteInfo = RouteInfo()
 
 
 @dataclass(frozen=True)
@@ -134,6 +162,7 @@ class Classification:
     usage: Usage
     model: ModelRef | None = None
     timings: Timings = field(default_factory=Timings)
+    route: RouteInfo = RouteInfo()
 
     @property
     def top_probability(self) -> float:
@@ -152,6 +181,7 @@ class Extraction:
     confidence: TokenConfidence
     model: ModelRef | None = None
     timings: Timings = field(default_factory=Timings)
+    route: RouteInfo = RouteInfo()
 
 
 @dataclass
@@ -160,6 +190,7 @@ class Embeddings:
     usage: Usage
     model: ModelRef | None = None
     timings: Timings = field(default_factory=Timings)
+    route: RouteInfo = RouteInfo()
 
 
 Result = Generation | Classification | Extraction | Embeddings

@@ -13,7 +13,7 @@ from typing import Any
 
 import jsonschema
 
-from sidecar.errors import InvalidRequest, OutOfRange
+from sidecar.errors import ContextOverflow, InvalidRequest, OutOfRange
 from sidecar.types import (
     ChatTask,
     ClassifyTask,
@@ -48,7 +48,7 @@ def _max_tokens(value: int | None, limits: Limits) -> None:
             f"max_tokens must be at least 1 (leave it unset for the default), got {value}"
         )
     if value > limits.context:
-        raise OutOfRange(
+        raise ContextOverflow(
             f"max_tokens {value} is larger than the model's whole context window ({limits.context} tokens)"
         )
 

@@ -82,8 +82,13 @@ async def serve(short_dir: Path) -> AsyncIterator[ServeFactory]:
     async def start(model: Path, slot_kind: str = "fake", engine: Any = None, server: dict[str, Any] | None = None,
                     metrics: dict[str, Any] | None = None, http: dict[str, Any] | None = None,
                     update: dict[str, Any] | None = None, model_keys: dict[str, Any] | None = None,
+                    cloud: dict[str, Any] | None = None, tasks: tuple[Any, ...] = (),
                     **overrides: Any) -> Served:  # fmt: skip
         config = make_config(short_dir, model, **overrides)
+        if cloud:
+            config = replace(config, cloud=replace(config.cloud, **cloud))
+        if tasks:
+            config = replace(config, tasks=tasks)
         if update:
             config = replace(config, update=replace(config.update, **update))
         if model_keys:

@@ -26,7 +26,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from sidecar.engine.engine import Engine
 from sidecar.errors import (
     InternalError,
     InvalidRequest,
@@ -35,6 +34,7 @@ from sidecar.errors import (
     Unauthenticated,
 )
 from sidecar.openai_api import wire
+from sidecar.router.engine import RouterEngine
 from sidecar.server.accounting import RequestLog
 from sidecar.server.interceptor import status_for
 from sidecar.types import (
@@ -118,7 +118,9 @@ Handler = Callable[[Request, Call], Awaitable[Response]]
 
 
 class OpenAIApp:
-    def __init__(self, engine: Engine, requests: RequestLog, token: str, max_body: int) -> None:
+    def __init__(
+        self, engine: RouterEngine, requests: RequestLog, token: str, max_body: int
+    ) -> None:
         self.engine = engine
         self.requests = requests
         self._token = token.encode()
@@ -237,20 +239,20 @@ class OpenAIApp:
         reply = wire.Reply(call.rid, parsed.model or self.engine.default_model)
         caller = self._caller(request)
         if isinstance(parsed.task, ExtractTask):
-            result = await self.engine.run(parsed.model, parsed.task, caller)
+            result = await self.engine.run(parsed.model, parsed.task, caller, parsed.route)
             if not isinstance(result, Extraction):  # pragma: no cover - an engine bug
                 raise InternalError("Extract returned no extraction")
             if not parsed.stream:
                 return JSONResponse(reply.chat(result))
             return self._replay(call, reply, result, parsed.include_usage)
         if not parsed.stream:
-            result = await self.engine.run(parsed.model, parsed.task, caller)
+            result = await self.engine.run(parsed.model, parsed.task, caller, parsed.route)
             if not isinstance(result, Generation):  # pragma: no cover
                 raise InternalError("Chat returned no generation")
             return JSONResponse(reply.chat(result))
         if not isinstance(parsed.task, ChatTask):  # pragma: no cover - wire's contract
             raise InternalError("a chat request parsed to a non-chat task")
-        events = self.engine.stream(parsed.model, parsed.task, caller)
+        events = self.engine.stream(parsed.model, parsed.task, caller, parsed.route)
 
         def render(event: TokenEvent | Generation) -> list[dict[str, Any]]:
             if isinstance(event, TokenEvent):
@@ -267,13 +269,13 @@ class OpenAIApp:
         reply = wire.Reply(call.rid, parsed.model or self.engine.default_model)
         caller = self._caller(request)
         if not parsed.stream:
-            result = await self.engine.run(parsed.model, parsed.task, caller)
+            result = await self.engine.run(parsed.model, parsed.task, caller, parsed.route)
             if not isinstance(result, Generation):  # pragma: no cover
                 raise InternalError("Generate returned no generation")
             return JSONResponse(reply.completion(result))
         if not isinstance(parsed.task, GenerateTask):  # pragma: no cover - wire's contract
             raise InternalError("a completion request parsed to a non-generate task")
-        events = self.engine.stream(parsed.model, parsed.task, caller)
+        events = self.engine.stream(parsed.model, parsed.task, caller, parsed.route)
 
         def render(event: TokenEvent | Generation) -> list[dict[str, Any]]:
             if isinstance(event, TokenEvent):

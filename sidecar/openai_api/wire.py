@@ -32,6 +32,8 @@ from sidecar.types import (
     GenerateTask,
     Generation,
     ModelRef,
+    RouteInfo,
+    RouteRequest,
     Sampling,
     Timings,
     TokenConfidence,
@@ -43,6 +45,7 @@ INSTRUCTION_ROLES = ("system",)
 ANY_OBJECT_SCHEMA = json.dumps({"type": "object"})
 
 Json = dict[str, Any]
+DEFAULT_ROUTE = RouteRequest()  # the daemon's configured routing
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class Parsed:
     include_usage: bool = False
     encoding: str = "float"  # embeddings only
     dimensions: int | None = None  # embeddings only
+    route: RouteRequest = DEFAULT_ROUTE
 
 
 # ---------------------------------------------------------------- reading fields
@@ -101,6 +105,16 @@ def _kind(kind: type | tuple[type, ...]) -> str:
 
 def _model(body: Body) -> str:
     return str(body.get("model", str, ""))
+
+
+def _route(body: Body) -> RouteRequest:
+    """sidecar's own routing parameters (the SDKs pass them with `extra_body`)."""
+    routing = body.get("sidecar_routing", str, "")
+    if routing not in ("", "AUTO", "LOCAL_ONLY", "CLOUD_ONLY"):
+        raise InvalidRequest(
+            f"'sidecar_routing' must be AUTO, LOCAL_ONLY or CLOUD_ONLY, got {routing!r}"
+        )
+    return RouteRequest(routing, bool(body.get("sidecar_sensitive", bool, False)))
 
 
 def _max_tokens(body: Body) -> int | None:
@@ -226,7 +240,7 @@ def chat_request(raw: object) -> Parsed:
             instruction="\n\n".join(m.content for m in messages if m.role in INSTRUCTION_ROLES),
             max_tokens=_max_tokens(body),
         )
-    return Parsed(_model(body), task, stream, include_usage)
+    return Parsed(_model(body), task, stream, include_usage, route=_route(body))
 
 
 def completion_request(raw: object) -> Parsed:
@@ -247,7 +261,7 @@ def completion_request(raw: object) -> Parsed:
     sampling = _sampling(body)
     stream, include_usage = _stream(body)
     task = GenerateTask(prompt=prompt, max_tokens=_max_tokens(body), sampling=sampling)
-    return Parsed(_model(body), task, stream, include_usage)
+    return Parsed(_model(body), task, stream, include_usage, route=_route(body))
 
 
 def embedding_request(raw: object) -> Parsed:
@@ -284,10 +298,23 @@ def _usage(u: Usage) -> Json:
     }
 
 
-def _extension(ref: ModelRef | None, timings: Timings, confidence: TokenConfidence | None) -> Json:
+def _extension(
+    ref: ModelRef | None,
+    timings: Timings,
+    confidence: TokenConfidence | None,
+    route: RouteInfo | None = None,
+) -> Json:
     """What OpenAI's shape has no field for; clients that do not know it ignore it."""
+    route = route or RouteInfo()
     out: Json = {
-        "served_by": "local",
+        "served_by": route.served_by,
+        "route": {
+            "reason": route.reason,
+            "reason_code": route.code,
+            "local_confidence": route.local_confidence,
+            "cloud_latency_ms": round(route.cloud_latency_ms, 3),
+            "cost": route.cost,
+        },
         "model_version": ref.version if ref else "",
         "timings": {
             "queue_ms": round(timings.queue_ms, 3),
@@ -340,7 +367,7 @@ class Reply:
                 }
             ],
             "usage": _usage(result.usage),
-            "sidecar": _extension(result.model, result.timings, result.confidence),
+            "sidecar": _extension(result.model, result.timings, result.confidence, result.route),
         }
 
     def chat_chunk(
@@ -361,7 +388,7 @@ class Reply:
                 }
             ],
             "usage": _usage(result.usage),
-            "sidecar": _extension(result.model, result.timings, result.confidence),
+            "sidecar": _extension(result.model, result.timings, result.confidence, result.route),
         }
 
     def completion_chunk(
@@ -384,7 +411,7 @@ class Reply:
         return self._head(prefix, obj, result.model) | {
             "choices": [],
             "usage": _usage(result.usage),
-            "sidecar": _extension(result.model, result.timings, result.confidence),
+            "sidecar": _extension(result.model, result.timings, result.confidence, result.route),
         }
 
     def embeddings(self, result: Embeddings, encoding: str, dimensions: int | None) -> Json:

@@ -53,6 +53,7 @@ class CloudReply:
     completion_tokens: int
     latency_ms: float
     attempts: int
+    finish_reason: str = "stop"
 
 
 RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)
@@ -117,6 +118,7 @@ class CloudClient:
                 completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
                 latency_ms=(time.perf_counter() - started) * 1000,
                 attempts=attempt + 1,
+                finish_reason=_finish(resp),
             )
         self.breaker.failure()
         raise CloudError(
@@ -162,6 +164,13 @@ def _text(resp: Any) -> str | None:
     except (AttributeError, IndexError, TypeError):
         return None
     return content if isinstance(content, str) else None
+
+
+def _finish(resp: Any) -> str:
+    try:
+        return str(resp.choices[0].finish_reason or "stop")
+    except (AttributeError, IndexError, TypeError):
+        return "stop"
 
 
 def _describe(e: Exception) -> str:

@@ -24,6 +24,7 @@ class LocalOutcome:
     failure: str | None = None  # "unavailable", "timeout", "context", "overloaded", "schema"
     confidence: float | None = None  # comparable with the threshold (higher = surer)
     threshold: float = 0.0
+    measure: str = "confidence"  # what was compared: "top probability", "mean logprob", ...
 
 
 @dataclass(frozen=True)
@@ -44,13 +45,14 @@ class Decision:
     reason: str  # a named reason; "" when the local answer stands without escalation
     fail: FailKind | None = None
     redact: bool = False  # escalate the redacted text
+    code: str = ""  # the reason as a short fixed label, for metrics
 
 
 def _cloud_blocked(s: Situation) -> tuple[str, FailKind] | None:
     """Why the cloud may not be used now, if it may not."""
     if not s.cloud:
         return "no cloud configured", "failed_precondition"
-    if s.sensitive and not s.redact:
+    if "marked" in s.sensitive or (s.sensitive and not s.redact):
         return (
             f"sensitive data ({', '.join(s.sensitive)}) never leaves the machine",
             "failed_precondition",
@@ -62,8 +64,8 @@ def _cloud_blocked(s: Situation) -> tuple[str, FailKind] | None:
     return None
 
 
-def _escalate(s: Situation, reason: str) -> Decision:
-    return Decision("cloud", reason, redact=bool(s.sensitive))
+def _escalate(s: Situation, reason: str, code: str) -> Decision:
+    return Decision("cloud", reason, redact=bool(s.sensitive), code=code)
 
 
 def decide(s: Situation) -> Decision:
@@ -72,13 +74,13 @@ def decide(s: Situation) -> Decision:
         return Decision("local" if s.local is None else "keep_local", "")
     if s.routing == "CLOUD_ONLY":
         if blocked:
-            return Decision("fail", blocked[0], blocked[1])
-        return _escalate(s, "routing CLOUD_ONLY")
+            return Decision("fail", blocked[0], blocked[1], code="blocked")
+        return _escalate(s, "routing CLOUD_ONLY", "cloud_only")
 
     # AUTO: before running locally
     if s.local is None:
         if s.pre_route and blocked is None:
-            return _escalate(s, f"pre-routed: {s.pre_route}")
+            return _escalate(s, f"pre-routed: {s.pre_route}", "pre_route")
         return Decision("local", "")
 
     # AUTO: after running locally
@@ -87,11 +89,15 @@ def decide(s: Situation) -> Decision:
         why = f"local {out.failure}"
         if blocked:
             # No answer locally and none from the cloud: the local failure is the error.
-            return Decision("fail", f"{why}; escalation blocked: {blocked[0]}", "unavailable")
-        return _escalate(s, why)
+            return Decision(
+                "fail", f"{why}; escalation blocked: {blocked[0]}", "unavailable", code="blocked"
+            )
+        return _escalate(s, why, f"local_{out.failure}")
     if out.confidence is not None and out.confidence < out.threshold:
-        why = f"low local confidence ({out.confidence:.3f} < {out.threshold:.3f})"
+        why = f"low local confidence: {out.measure} {out.confidence:.3f} < {out.threshold:.3f}"
         if blocked:
-            return Decision("keep_local", f"{why}; escalation blocked: {blocked[0]}")
-        return _escalate(s, why)
+            return Decision(
+                "keep_local", f"{why}; escalation blocked: {blocked[0]}", code="blocked"
+            )
+        return _escalate(s, why, "low_confidence")
     return Decision("keep_local", "")

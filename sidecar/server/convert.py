@@ -5,6 +5,8 @@ from __future__ import annotations
 from sidecar import __version__
 from sidecar.engine.pool import PoolStatus
 from sidecar.engine.swap import SwapResult
+from sidecar.errors import InvalidRequest
+from sidecar.router.engine import RouterEngine
 from sidecar.store import VersionInfo
 from sidecar.types import (
     ChatMessage,
@@ -18,6 +20,9 @@ from sidecar.types import (
     GenerateTask,
     Generation,
     ModelRef,
+    RouteInfo,
+    RouteRequest,
+    Routing,
     Sampling,
     TokenConfidence,
     Usage,
@@ -27,6 +32,12 @@ from sidecar.update.updater import Check, Outcome
 from sidecar.v1 import inference_pb2 as pb
 
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+ROUTING: dict[int, Routing] = {
+    pb.ROUTING_UNSPECIFIED: "",
+    pb.ROUTING_AUTO: "AUTO",
+    pb.ROUTING_LOCAL_ONLY: "LOCAL_ONLY",
+    pb.ROUTING_CLOUD_ONLY: "CLOUD_ONLY",
+}
 
 
 # ---------------------------------------------------------------- requests
@@ -60,7 +71,24 @@ def chat_task(r: pb.ChatRequest) -> ChatTask:
 
 
 def classify_task(r: pb.ClassifyRequest) -> ClassifyTask:
-    return ClassifyTask(text=r.text, labels=tuple(r.labels), instruction=r.instruction)
+    return ClassifyTask(
+        text=r.text,
+        labels=tuple(r.labels),
+        instruction=r.instruction,
+        examples=tuple((e.text, e.label) for e in r.examples),
+        task=r.task,
+    )
+
+
+def route_request(
+    r: pb.GenerateRequest | pb.ChatRequest | pb.ClassifyRequest | pb.ExtractRequest,
+) -> RouteRequest:
+    routing = ROUTING.get(r.routing)
+    if routing is None:  # a newer client's value this daemon does not know
+        raise InvalidRequest(
+            f"routing {r.routing} is not known (use AUTO, LOCAL_ONLY or CLOUD_ONLY)"
+        )
+    return RouteRequest(routing, r.sensitive)
 
 
 def extract_task(r: pb.ExtractRequest) -> ExtractTask:
@@ -92,6 +120,19 @@ def _confidence(c: TokenConfidence) -> pb.TokenConfidence:
     return pb.TokenConfidence(mean_logprob=c.mean_logprob, min_logprob=c.min_logprob)
 
 
+def route(r: RouteInfo) -> pb.RouteInfo:
+    out = pb.RouteInfo(
+        served_by=r.served_by,
+        reason=r.reason,
+        cloud_latency_ms=r.cloud_latency_ms,
+        cost=r.cost,
+        reason_code=r.code,
+    )
+    if r.local_confidence is not None:
+        out.local_confidence = r.local_confidence
+    return out
+
+
 def generate_reply(g: Generation) -> pb.GenerateReply:
     return pb.GenerateReply(
         text=g.text,
@@ -100,6 +141,7 @@ def generate_reply(g: Generation) -> pb.GenerateReply:
         usage=_usage(g.usage),
         timings=_timings(g.timings),
         confidence=_confidence(g.confidence),
+        route=route(g.route),
     )
 
 
@@ -122,6 +164,7 @@ def classify_reply(c: Classification) -> pb.ClassifyReply:
         model=_model(c.model),
         usage=_usage(c.usage),
         timings=_timings(c.timings),
+        route=route(c.route),
     )
 
 
@@ -132,6 +175,7 @@ def extract_reply(e: Extraction) -> pb.ExtractReply:
         usage=_usage(e.usage),
         timings=_timings(e.timings),
         confidence=_confidence(e.confidence),
+        route=route(e.route),
     )
 
 
@@ -179,8 +223,10 @@ def status_reply(
     memory_available: int,
     shedding: str,
     last_reload: str,
+    cloud: pb.CloudStatus | None = None,
 ) -> pb.StatusReply:
     return pb.StatusReply(
+        cloud=cloud,
         last_reload=last_reload,
         memory_available_bytes=memory_available,
         shedding=shedding,
@@ -254,4 +300,23 @@ def stored_version(v: VersionInfo, serving: bool) -> pb.StoredVersion:
         active=v.active,
         previous=v.previous,
         serving=serving,
+    )
+
+
+def cloud_status(router: RouterEngine) -> pb.CloudStatus:
+    c = router.settings
+    b = router.budget
+    b.spent()  # rolls the day and month over before reporting
+    return pb.CloudStatus(
+        configured=router.cloud is not None,
+        base_url=c.base_url,
+        model=c.model,
+        routing=c.routing,
+        breaker=router.breaker.state,
+        spent_day=b.spent_day,
+        spent_month=b.spent_month,
+        daily_cap=b.daily_cap,
+        monthly_cap=b.monthly_cap,
+        calls=router.cloud_calls,
+        tasks=dict(router.fewshot.progress),
     )

@@ -32,6 +32,7 @@ from sidecar.metrics import Metrics, MetricsServer
 from sidecar.notify import Notifier
 from sidecar.openai_api.app import OpenAIApp
 from sidecar.openai_api.listener import HttpListener
+from sidecar.router.engine import RouterEngine
 from sidecar.server.accounting import RequestLog
 from sidecar.server.interceptor import RequestInterceptor
 from sidecar.server.peercred import PeerCredRelay
@@ -70,6 +71,8 @@ class Running:
     http: HttpListener | None = None
     updater: Updater | None = None
     updating: asyncio.Task[None] | None = None
+    router: RouterEngine | None = None
+    preparing: asyncio.Task[None] | None = None
     halt: asyncio.Event = field(default_factory=asyncio.Event)  # stops the supervisor loop
     supervising: asyncio.Task[None] | None = None
 
@@ -102,10 +105,12 @@ async def start(
     supervisor = Supervisor(
         engine, s, lambda ready: _publish(health_servicer, ready), heartbeat=heartbeat
     )
-    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(engine), server)
+    router = RouterEngine(engine, config, on_route=metrics.route)
+    metrics.watch_router(router)
+    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(router), server)
     updater = Updater(engine, metrics, supervisor.probe_errors)
     pb_grpc.add_AdminServicer_to_server(
-        AdminServicer(supervisor, s.socket, metrics, updater), server
+        AdminServicer(supervisor, s.socket, metrics, updater, router), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -143,9 +148,10 @@ async def start(
         asyncio.Event(),
         supervisor,
         metrics,
+        router=router,
     )
     if config.http.enabled:
-        app = OpenAIApp(engine, requests, config.http.token, s.max_message_bytes)
+        app = OpenAIApp(router, requests, config.http.token, s.max_message_bytes)
         running.http = HttpListener(app.asgi(), config.http, s.socket_mode, s.grace_seconds)
         try:
             await running.http.start()
@@ -167,6 +173,8 @@ async def start(
     running.supervising = asyncio.create_task(supervisor.run(running.halt))
     running.updater = updater
     running.updating = asyncio.create_task(updater.run(running.halt))
+    # Config tasks embed their examples in the background: serving starts at once.
+    running.preparing = asyncio.create_task(router.fewshot.prepare())
     if config.store.drop is not None:
         running.drop = DropWatcher(engine, config.store.drop, config.store.auto_swap)
         await running.drop.start()
@@ -194,11 +202,18 @@ async def shutdown(running: Running, config: Config) -> None:
         running.updating.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await running.updating
+    if running.preparing is not None:
+        running.preparing.cancel()  # the vectors embedded so far are lost; cheap to redo
+        with contextlib.suppress(asyncio.CancelledError):
+            await running.preparing
     await _publish(running.health, {m.name: False for m in config.models})
     if running.relay is not None:
         running.relay.stop_accepting()  # new connections are refused; open ones drain below
     await _stop_listening(running, config.server.grace_seconds)
-    await running.engine.close()
+    if running.router is not None:
+        await running.router.close()  # the cloud client, then the local engine
+    else:
+        await running.engine.close()
 
 
 async def _stop_listening(running: Running, grace: float) -> None:

@@ -14,9 +14,9 @@ from typing import Any, TypeVar
 
 import psutil
 
-from sidecar.engine.engine import Engine
 from sidecar.errors import InternalError
 from sidecar.metrics import Metrics
+from sidecar.router.engine import RouterEngine
 from sidecar.server import convert
 from sidecar.server.caller import caller_of
 from sidecar.supervisor import Supervisor
@@ -25,6 +25,7 @@ from sidecar.types import (
     Embeddings,
     Extraction,
     Generation,
+    RouteRequest,
     StreamableTask,
     TokenEvent,
 )
@@ -42,37 +43,47 @@ def _expect(result: object, kind: type[R]) -> R:
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: RouterEngine) -> None:
         self.engine = engine
 
     async def Generate(self, request: pb.GenerateRequest, context: Any) -> pb.GenerateReply:
         result = await self.engine.run(
-            request.model, convert.generate_task(request), caller_of(context)
+            request.model,
+            convert.generate_task(request),
+            caller_of(context),
+            convert.route_request(request),
         )
         return convert.generate_reply(_expect(result, Generation))
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: Any
     ) -> AsyncIterator[pb.GenerateChunk]:
-        async for chunk in self._stream(request.model, convert.generate_task(request), context):
+        route = convert.route_request(request)
+        async for chunk in self._stream(
+            request.model, convert.generate_task(request), context, route
+        ):
             yield chunk
 
     async def Chat(self, request: pb.ChatRequest, context: Any) -> pb.GenerateReply:
         result = await self.engine.run(
-            request.model, convert.chat_task(request), caller_of(context)
+            request.model,
+            convert.chat_task(request),
+            caller_of(context),
+            convert.route_request(request),
         )
         return convert.generate_reply(_expect(result, Generation))
 
     async def ChatStream(
         self, request: pb.ChatRequest, context: Any
     ) -> AsyncIterator[pb.GenerateChunk]:
-        async for chunk in self._stream(request.model, convert.chat_task(request), context):
+        route = convert.route_request(request)
+        async for chunk in self._stream(request.model, convert.chat_task(request), context, route):
             yield chunk
 
     async def _stream(
-        self, model: str, task: StreamableTask, context: Any
+        self, model: str, task: StreamableTask, context: Any, route: RouteRequest
     ) -> AsyncIterator[pb.GenerateChunk]:
-        async for event in self.engine.stream(model, task, caller_of(context)):
+        async for event in self.engine.stream(model, task, caller_of(context), route):
             if isinstance(event, TokenEvent):
                 yield convert.chunk(event.text)
             else:
@@ -80,13 +91,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def Classify(self, request: pb.ClassifyRequest, context: Any) -> pb.ClassifyReply:
         result = await self.engine.run(
-            request.model, convert.classify_task(request), caller_of(context)
+            request.model,
+            convert.classify_task(request),
+            caller_of(context),
+            convert.route_request(request),
         )
         return convert.classify_reply(_expect(result, Classification))
 
     async def Extract(self, request: pb.ExtractRequest, context: Any) -> pb.ExtractReply:
         result = await self.engine.run(
-            request.model, convert.extract_task(request), caller_of(context)
+            request.model,
+            convert.extract_task(request),
+            caller_of(context),
+            convert.route_request(request),
         )
         return convert.extract_reply(_expect(result, Extraction))
 
@@ -99,8 +116,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
 class AdminServicer(pb_grpc.AdminServicer):
     def __init__(
-        self, supervisor: Supervisor, socket: Path, metrics: Metrics, updater: Updater
+        self,
+        supervisor: Supervisor,
+        socket: Path,
+        metrics: Metrics,
+        updater: Updater,
+        router: RouterEngine | None = None,
     ) -> None:
+        self.router = router
         self.supervisor = supervisor
         self.updater = updater
         self.engine = supervisor.engine
@@ -127,6 +150,7 @@ class AdminServicer(pb_grpc.AdminServicer):
             memory_available=psutil.virtual_memory().available,
             shedding=self.engine.shed_reason or "",
             last_reload=self.supervisor.last_reload,
+            cloud=convert.cloud_status(self.router) if self.router is not None else None,
         )
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsReply:

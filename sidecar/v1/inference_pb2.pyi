@@ -24,6 +24,34 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _Routing:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RoutingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Routing.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROUTING_UNSPECIFIED: _Routing.ValueType  # 0
+    ROUTING_AUTO: _Routing.ValueType  # 1
+    """local first; escalate when unsure, failed or overloaded"""
+    ROUTING_LOCAL_ONLY: _Routing.ValueType  # 2
+    """never leaves the machine"""
+    ROUTING_CLOUD_ONLY: _Routing.ValueType  # 3
+    """the cloud answers; fails fast if it cannot"""
+
+class Routing(_Routing, metaclass=_RoutingEnumTypeWrapper):
+    """Where a request may be answered. Unspecified = the daemon's configured default
+    (cloud.routing, AUTO unless changed).
+    """
+
+ROUTING_UNSPECIFIED: Routing.ValueType  # 0
+ROUTING_AUTO: Routing.ValueType  # 1
+"""local first; escalate when unsure, failed or overloaded"""
+ROUTING_LOCAL_ONLY: Routing.ValueType  # 2
+"""never leaves the machine"""
+ROUTING_CLOUD_ONLY: Routing.ValueType  # 3
+"""the cloud answers; fails fast if it cannot"""
+Global___Routing: _TypeAlias = Routing  # noqa: Y015
+
 class _FinishReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -196,6 +224,50 @@ class TokenConfidence(_message.Message):
 Global___TokenConfidence: _TypeAlias = TokenConfidence  # noqa: Y015
 
 @_typing.final
+class RouteInfo(_message.Message):
+    """Who answered a routed request and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVED_BY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    LOCAL_CONFIDENCE_FIELD_NUMBER: _builtins.int
+    CLOUD_LATENCY_MS_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
+    REASON_CODE_FIELD_NUMBER: _builtins.int
+    served_by: _builtins.str
+    """local | cloud"""
+    reason: _builtins.str
+    """why it was escalated, or why escalation was blocked; empty = neither"""
+    local_confidence: _builtins.float
+    """the compared local value (probability or mean logprob); unset = no local answer"""
+    cloud_latency_ms: _builtins.float
+    """time the cloud took, retries included"""
+    cost: _builtins.float
+    """estimated from the cloud's reported usage and configured prices"""
+    reason_code: _builtins.str
+    """the reason as a fixed label (low_confidence, local_unavailable, pre_route, ...)"""
+    def __init__(
+        self,
+        *,
+        served_by: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        local_confidence: _builtins.float | None = ...,
+        cloud_latency_ms: _builtins.float = ...,
+        cost: _builtins.float = ...,
+        reason_code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_local_confidence", b"_local_confidence", "local_confidence", b"local_confidence"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_local_confidence", b"_local_confidence", "cloud_latency_ms", b"cloud_latency_ms", "cost", b"cost", "local_confidence", b"local_confidence", "reason", b"reason", "reason_code", b"reason_code", "served_by", b"served_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__local_confidence: _TypeAlias = _typing.Literal["local_confidence"]  # noqa: Y015
+    _WhichOneofArgType__local_confidence: _TypeAlias = _typing.Literal["_local_confidence", b"_local_confidence"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__local_confidence) -> _WhichOneofReturnType__local_confidence | None: ...
+
+Global___RouteInfo: _TypeAlias = RouteInfo  # noqa: Y015
+
+@_typing.final
 class GenerateRequest(_message.Message):
     """---------------------------------------------------------------- generate / chat"""
 
@@ -205,11 +277,16 @@ class GenerateRequest(_message.Message):
     PROMPT_FIELD_NUMBER: _builtins.int
     MAX_TOKENS_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
+    ROUTING_FIELD_NUMBER: _builtins.int
+    SENSITIVE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """empty = the configured default model"""
     prompt: _builtins.str
     max_tokens: _builtins.int
     """unset = the server default (what fits, capped)"""
+    routing: Global___Routing.ValueType
+    sensitive: _builtins.bool
+    """never send this request off the machine"""
     @_builtins.property
     def sampling(self) -> Global___Sampling: ...
     def __init__(
@@ -219,10 +296,12 @@ class GenerateRequest(_message.Message):
         prompt: _builtins.str = ...,
         max_tokens: _builtins.int | None = ...,
         sampling: Global___Sampling | None = ...,
+        routing: Global___Routing.ValueType = ...,
+        sensitive: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "max_tokens", b"max_tokens", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "max_tokens", b"max_tokens", "model", b"model", "prompt", b"prompt", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "max_tokens", b"max_tokens", "model", b"model", "prompt", b"prompt", "routing", b"routing", "sampling", b"sampling", "sensitive", b"sensitive"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
@@ -261,8 +340,12 @@ class ChatRequest(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     MAX_TOKENS_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
+    ROUTING_FIELD_NUMBER: _builtins.int
+    SENSITIVE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     max_tokens: _builtins.int
+    routing: Global___Routing.ValueType
+    sensitive: _builtins.bool
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]: ...
     @_builtins.property
@@ -274,10 +357,12 @@ class ChatRequest(_message.Message):
         messages: _abc.Iterable[Global___ChatMessage] | None = ...,
         max_tokens: _builtins.int | None = ...,
         sampling: Global___Sampling | None = ...,
+        routing: Global___Routing.ValueType = ...,
+        sensitive: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "max_tokens", b"max_tokens", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "routing", b"routing", "sampling", b"sampling", "sensitive", b"sensitive"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
@@ -295,6 +380,7 @@ class GenerateReply(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
     CONFIDENCE_FIELD_NUMBER: _builtins.int
+    ROUTE_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     finish_reason: Global___FinishReason.ValueType
     @_builtins.property
@@ -305,6 +391,8 @@ class GenerateReply(_message.Message):
     def timings(self) -> Global___Timings: ...
     @_builtins.property
     def confidence(self) -> Global___TokenConfidence: ...
+    @_builtins.property
+    def route(self) -> Global___RouteInfo: ...
     def __init__(
         self,
         *,
@@ -314,10 +402,11 @@ class GenerateReply(_message.Message):
         usage: Global___Usage | None = ...,
         timings: Global___Timings | None = ...,
         confidence: Global___TokenConfidence | None = ...,
+        route: Global___RouteInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "model", b"model", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "model", b"model", "route", b"route", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "finish_reason", b"finish_reason", "model", b"model", "text", b"text", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "finish_reason", b"finish_reason", "model", b"model", "route", b"route", "text", b"text", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -360,13 +449,29 @@ class ClassifyRequest(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     INSTRUCTION_FIELD_NUMBER: _builtins.int
+    EXAMPLES_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
+    ROUTING_FIELD_NUMBER: _builtins.int
+    SENSITIVE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     text: _builtins.str
     instruction: _builtins.str
     """optional task description for the prompt"""
+    task: _builtins.str
+    """... or by a task defined in the daemon's config ([tasks.NAME], examples in a CSV)."""
+    routing: Global___Routing.ValueType
+    sensitive: _builtins.bool
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """2..max_labels distinct, non-empty labels"""
+        """2..max_labels distinct, non-empty labels. With examples or a task: optional, and
+        then restricts the answer to these labels.
+        """
+
+    @_builtins.property
+    def examples(self) -> _containers.RepeatedCompositeFieldContainer[Global___Example]:
+        """Classify by labelled examples (nearest neighbours in the model's embedding and in
+        the words, calibrated) instead of by label scoring alone ...
+        """
 
     def __init__(
         self,
@@ -375,14 +480,40 @@ class ClassifyRequest(_message.Message):
         text: _builtins.str = ...,
         labels: _abc.Iterable[_builtins.str] | None = ...,
         instruction: _builtins.str = ...,
+        examples: _abc.Iterable[Global___Example] | None = ...,
+        task: _builtins.str = ...,
+        routing: Global___Routing.ValueType = ...,
+        sensitive: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instruction", b"instruction", "labels", b"labels", "model", b"model", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["examples", b"examples", "instruction", b"instruction", "labels", b"labels", "model", b"model", "routing", b"routing", "sensitive", b"sensitive", "task", b"task", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClassifyRequest: _TypeAlias = ClassifyRequest  # noqa: Y015
+
+@_typing.final
+class Example(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    label: _builtins.str
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        label: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label", b"label", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Example: _TypeAlias = Example  # noqa: Y015
 
 @_typing.final
 class LabelScore(_message.Message):
@@ -444,19 +575,24 @@ class ClassifyReply(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
+    ROUTE_FIELD_NUMBER: _builtins.int
     label: _builtins.str
     @_builtins.property
     def scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelScore]:
         """every given label, best first"""
 
     @_builtins.property
-    def confidence(self) -> Global___ClassifyConfidence: ...
+    def confidence(self) -> Global___ClassifyConfidence:
+        """calibrated when classified by examples"""
+
     @_builtins.property
     def model(self) -> Global___ModelRef: ...
     @_builtins.property
     def usage(self) -> Global___Usage: ...
     @_builtins.property
     def timings(self) -> Global___Timings: ...
+    @_builtins.property
+    def route(self) -> Global___RouteInfo: ...
     def __init__(
         self,
         *,
@@ -466,10 +602,11 @@ class ClassifyReply(_message.Message):
         model: Global___ModelRef | None = ...,
         usage: Global___Usage | None = ...,
         timings: Global___Timings | None = ...,
+        route: Global___RouteInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "model", b"model", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "model", b"model", "route", b"route", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "label", b"label", "model", b"model", "scores", b"scores", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "label", b"label", "model", b"model", "route", b"route", "scores", b"scores", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -486,6 +623,8 @@ class ExtractRequest(_message.Message):
     JSON_SCHEMA_FIELD_NUMBER: _builtins.int
     INSTRUCTION_FIELD_NUMBER: _builtins.int
     MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    ROUTING_FIELD_NUMBER: _builtins.int
+    SENSITIVE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     text: _builtins.str
     json_schema: _builtins.str
@@ -494,6 +633,8 @@ class ExtractRequest(_message.Message):
     """optional task description for the prompt"""
     max_tokens: _builtins.int
     """unset = the server default"""
+    routing: Global___Routing.ValueType
+    sensitive: _builtins.bool
     def __init__(
         self,
         *,
@@ -502,10 +643,12 @@ class ExtractRequest(_message.Message):
         json_schema: _builtins.str = ...,
         instruction: _builtins.str = ...,
         max_tokens: _builtins.int | None = ...,
+        routing: Global___Routing.ValueType = ...,
+        sensitive: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "max_tokens", b"max_tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "instruction", b"instruction", "json_schema", b"json_schema", "max_tokens", b"max_tokens", "model", b"model", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "instruction", b"instruction", "json_schema", b"json_schema", "max_tokens", b"max_tokens", "model", b"model", "routing", b"routing", "sensitive", b"sensitive", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
@@ -522,6 +665,7 @@ class ExtractReply(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
     CONFIDENCE_FIELD_NUMBER: _builtins.int
+    ROUTE_FIELD_NUMBER: _builtins.int
     json: _builtins.str
     """validates against the request's schema"""
     @_builtins.property
@@ -532,6 +676,8 @@ class ExtractReply(_message.Message):
     def timings(self) -> Global___Timings: ...
     @_builtins.property
     def confidence(self) -> Global___TokenConfidence: ...
+    @_builtins.property
+    def route(self) -> Global___RouteInfo: ...
     def __init__(
         self,
         *,
@@ -540,10 +686,11 @@ class ExtractReply(_message.Message):
         usage: Global___Usage | None = ...,
         timings: Global___Timings | None = ...,
         confidence: Global___TokenConfidence | None = ...,
+        route: Global___RouteInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "model", b"model", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "model", b"model", "route", b"route", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "json", b"json", "model", b"model", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "json", b"json", "model", b"model", "route", b"route", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -778,6 +925,7 @@ class StatusReply(_message.Message):
     MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _builtins.int
     SHEDDING_FIELD_NUMBER: _builtins.int
     LAST_RELOAD_FIELD_NUMBER: _builtins.int
+    CLOUD_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """daemon version"""
     pid: _builtins.int
@@ -794,6 +942,8 @@ class StatusReply(_message.Message):
     def counters(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """requests by "<rpc>.<status>" """
 
+    @_builtins.property
+    def cloud(self) -> Global___CloudStatus: ...
     def __init__(
         self,
         *,
@@ -806,14 +956,91 @@ class StatusReply(_message.Message):
         memory_available_bytes: _builtins.int = ...,
         shedding: _builtins.str = ...,
         last_reload: _builtins.str = ...,
+        cloud: Global___CloudStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cloud", b"cloud"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "last_reload", b"last_reload", "memory_available_bytes", b"memory_available_bytes", "models", b"models", "pid", b"pid", "shedding", b"shedding", "socket", b"socket", "uptime_s", b"uptime_s", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cloud", b"cloud", "counters", b"counters", "last_reload", b"last_reload", "memory_available_bytes", b"memory_available_bytes", "models", b"models", "pid", b"pid", "shedding", b"shedding", "socket", b"socket", "uptime_s", b"uptime_s", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatusReply: _TypeAlias = StatusReply  # noqa: Y015
+
+@_typing.final
+class CloudStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TasksEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CONFIGURED_FIELD_NUMBER: _builtins.int
+    BASE_URL_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    ROUTING_FIELD_NUMBER: _builtins.int
+    BREAKER_FIELD_NUMBER: _builtins.int
+    SPENT_DAY_FIELD_NUMBER: _builtins.int
+    SPENT_MONTH_FIELD_NUMBER: _builtins.int
+    DAILY_CAP_FIELD_NUMBER: _builtins.int
+    MONTHLY_CAP_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
+    TASKS_FIELD_NUMBER: _builtins.int
+    configured: _builtins.bool
+    base_url: _builtins.str
+    model: _builtins.str
+    routing: _builtins.str
+    """the default routing"""
+    breaker: _builtins.str
+    """closed | open | half_open"""
+    spent_day: _builtins.float
+    spent_month: _builtins.float
+    daily_cap: _builtins.float
+    """0 = no cap"""
+    monthly_cap: _builtins.float
+    calls: _builtins.int
+    """answered by the cloud since start"""
+    @_builtins.property
+    def tasks(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """config task -> preparation state (ready, embedded N of M, failed: ...)"""
+
+    def __init__(
+        self,
+        *,
+        configured: _builtins.bool = ...,
+        base_url: _builtins.str = ...,
+        model: _builtins.str = ...,
+        routing: _builtins.str = ...,
+        breaker: _builtins.str = ...,
+        spent_day: _builtins.float = ...,
+        spent_month: _builtins.float = ...,
+        daily_cap: _builtins.float = ...,
+        monthly_cap: _builtins.float = ...,
+        calls: _builtins.int = ...,
+        tasks: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_url", b"base_url", "breaker", b"breaker", "calls", b"calls", "configured", b"configured", "daily_cap", b"daily_cap", "model", b"model", "monthly_cap", b"monthly_cap", "routing", b"routing", "spent_day", b"spent_day", "spent_month", b"spent_month", "tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CloudStatus: _TypeAlias = CloudStatus  # noqa: Y015
 
 @_typing.final
 class SwapRequest(_message.Message):

@@ -26,7 +26,14 @@ from llama_cpp import _internals as internals
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-from sidecar.errors import FailedPrecondition, InternalError, InvalidRequest, OutOfRange
+from sidecar.errors import (
+    ContextOverflow,
+    FailedPrecondition,
+    InternalError,
+    InvalidRequest,
+    OutOfRange,
+    SchemaViolation,
+)
 from sidecar.types import (
     ChatMessage,
     ChatTask,
@@ -179,7 +186,7 @@ class LlamaRunner:
     def _check_fits(self, prompt_len: int, max_tokens: int | None) -> int:
         n_ctx = self.facts.n_ctx
         if prompt_len >= n_ctx:
-            raise OutOfRange(
+            raise ContextOverflow(
                 f"the prompt is {prompt_len} tokens but the context window is {n_ctx}: "
                 "shorten the prompt (or raise the model's `context` setting)"
             )
@@ -187,7 +194,7 @@ class LlamaRunner:
         if max_tokens is None:
             return min(self.spec.default_max_tokens, room)
         if max_tokens > room:
-            raise OutOfRange(
+            raise ContextOverflow(
                 f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds the "
                 f"context window of {n_ctx}: set max_tokens to at most {room}"
             )
@@ -384,7 +391,7 @@ class LlamaRunner:
             value = json.loads(gen.text)
             jsonschema.validate(value, json.loads(task.schema))
         except (ValueError, jsonschema.ValidationError) as e:
-            raise FailedPrecondition(
+            raise SchemaViolation(
                 f"the model's JSON does not satisfy the schema (the grammar cannot enforce every "
                 f"JSON Schema keyword): {getattr(e, 'message', e)}"
             ) from None

@@ -3,76 +3,20 @@ slow and hanging replies, malformed bodies; retries, the breaker and label mappi
 
 from __future__ import annotations
 
-import http.server
-import json
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from fake_cloud import Script, fake_cloud, ok
 
 from sidecar.router.breaker import Breaker
 from sidecar.router.cloud import CloudClient, CloudConfig, CloudError, match_label
 
 
-class Script:
-    def __init__(self) -> None:
-        self.replies: list[tuple[str, Any]] = []
-        self.received: list[dict[str, Any]] = []
-        self.headers: list[dict[str, str]] = []
-
-
-def ok(content: str, prompt: int = 10, completion: int = 2) -> tuple[str, Any]:
-    return ("json", {
-        "id": "x", "object": "chat.completion", "created": 0, "model": "m",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                     "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                  "total_tokens": prompt + completion},
-    })  # fmt: skip
-
-
 @pytest.fixture
 def cloud() -> Iterator[tuple[str, Script]]:
-    script = Script()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            script.received.append(json.loads(body))
-            script.headers.append({k.lower(): v for k, v in self.headers.items()})
-            kind, arg = script.replies.pop(0) if script.replies else ok("default")
-            try:
-                if kind == "hang":
-                    time.sleep(arg)
-                    return
-                if kind == "status":
-                    self._send(arg, b'{"error": {"message": "injected", "type": "x"}}')
-                elif kind == "raw":
-                    self._send(200, arg)
-                else:
-                    self._send(200, json.dumps(arg).encode())
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-
-        def _send(self, code: int, data: bytes) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1", script
-    server.shutdown()
-    server.server_close()
+    with fake_cloud() as c:
+        yield c
 
 
 def client(url: str, breaker: Breaker | None = None, **kw: Any) -> CloudClient:

@@ -37,7 +37,12 @@ FULL = LocalOutcome(failure="overloaded")
         # AUTO keeps a sure local answer.
         (Situation("AUTO", local=SURE), "keep_local", "", None),
         # AUTO escalates an unsure one, a failure and an overload, naming why.
-        (Situation("AUTO", local=UNSURE), "cloud", "low local confidence (0.400 < 0.600)", None),
+        (
+            Situation("AUTO", local=UNSURE),
+            "cloud",
+            "low local confidence: confidence 0.400 < 0.600",
+            None,
+        ),
         (Situation("AUTO", local=DOWN), "cloud", "local unavailable", None),
         (Situation("AUTO", local=FULL), "cloud", "local overloaded", None),
         # Escalation blocked: keep the unsure local answer and say why...
@@ -79,6 +84,27 @@ def test_decide(situation: Situation, action: str, reason: str, fail: str | None
 
 def test_redaction_lets_sensitive_requests_escalate_redacted() -> None:
     d = decide(Situation("AUTO", local=UNSURE, sensitive=("email",), redact=True))
-    assert d == Decision("cloud", "low local confidence (0.400 < 0.600)", redact=True)
+    assert d == Decision(
+        "cloud",
+        "low local confidence: confidence 0.400 < 0.600",
+        redact=True,
+        code="low_confidence",
+    )
     plain = decide(Situation("AUTO", local=UNSURE))
     assert not plain.redact
+
+
+def test_a_request_marked_sensitive_never_leaves_even_with_redaction() -> None:
+    # Redaction can only remove what the detectors find; a caller's mark covers everything.
+    d = decide(Situation("AUTO", local=UNSURE, sensitive=("marked", "email"), redact=True))
+    assert d.action == "keep_local" and "never leaves the machine" in d.reason
+    d = decide(Situation("CLOUD_ONLY", sensitive=("marked",), redact=True))
+    assert d.action == "fail" and d.fail == "failed_precondition"
+
+
+@pytest.mark.parametrize(
+    ("outcome", "code"),
+    [(UNSURE, "low_confidence"), (DOWN, "local_unavailable"), (FULL, "local_overloaded")],
+)
+def test_each_escalation_has_a_fixed_code_for_metrics(outcome: LocalOutcome, code: str) -> None:
+    assert decide(Situation("AUTO", local=outcome)).code == code

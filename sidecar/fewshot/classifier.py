@@ -1,0 +1,158 @@
+"""Classify by labelled examples: neighbour votes in two views, combined and calibrated.
+
+Views: the model's own mean-pooled embedding (centred on the examples' mean, which removes
+the direction every text of a small decoder shares) and a lexical TF-IDF view. Each view
+votes with its k nearest examples, weighted by similarity; the optional third view is
+the model's label scoring over a shortlist. A view's evidence is log P(label), smoothed
+so no label is impossible.
+
+The combined logit is sum(weight_v * evidence_v). The weights are fitted on held-out
+examples (leave-one-out) by minimising log loss, which both picks how much to trust each
+view and calibrates: the reply's top probability is then a probability, and a threshold
+on it means what it says. See `fit`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+
+import numpy as np
+import numpy.typing as npt
+
+from sidecar.fewshot.lexical import LexicalIndex
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+SMOOTH = 0.02  # share of probability spread evenly over all labels in a view's vote
+BANDWIDTHS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+
+
+@dataclass(frozen=True)
+class Params:
+    k: int = 10
+    emb_bandwidth: float = 0.05
+    lex_bandwidth: float = 0.1
+    weights: tuple[float, ...] = (1.0, 1.0)  # emb, lex[, label scoring]
+    shortlist: int = 0  # label scoring over this many top labels; 0 = off
+
+
+def center(vectors: F32, mean: F32) -> F32:
+    v = vectors - mean
+    out: F32 = v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-9)
+    return out
+
+
+class ExampleClassifier:
+    def __init__(self, labels: Sequence[str], vectors: F32, texts: Sequence[str]) -> None:
+        self.names = tuple(dict.fromkeys(labels))
+        index = {n: i for i, n in enumerate(self.names)}
+        self.y = np.array([index[label] for label in labels], np.int64)
+        self.mean = vectors.mean(axis=0).astype(np.float32)
+        self.vectors = center(vectors.astype(np.float32), self.mean)
+        self.lexical = LexicalIndex(texts)
+        self.params = Params(k=min(10, len(labels) - 1))
+
+    @property
+    def n_labels(self) -> int:
+        return len(self.names)
+
+    def similarities(self, vector: F32, text: str) -> tuple[F32, F32]:
+        emb: F32 = self.vectors @ center(vector.astype(np.float32), self.mean)
+        return emb, self.lexical.similarities(text)
+
+    def vote(self, sims: F32, bandwidth: float, exclude: int | None = None) -> F64:
+        """log P(label) from the k most similar examples."""
+        k = self.params.k
+        if exclude is not None:
+            sims = sims.copy()
+            sims[exclude] = -np.inf
+        top = np.argpartition(-sims, k - 1)[:k] if k < len(sims) else np.arange(len(sims))
+        s = sims[top].astype(np.float64)
+        w = np.exp((s - s.max()) / bandwidth)
+        votes = np.bincount(self.y[top], weights=w, minlength=self.n_labels)
+        p = (1 - SMOOTH) * votes / votes.sum() + SMOOTH / self.n_labels
+        out: F64 = np.log(p)
+        return out
+
+    def evidence(self, vector: F32, text: str, exclude: int | None = None) -> F64:
+        """Per view, log P(label): shape (2, n_labels)."""
+        emb, lex = self.similarities(vector, text)
+        p = self.params
+        return np.stack(
+            [self.vote(emb, p.emb_bandwidth, exclude), self.vote(lex, p.lex_bandwidth, exclude)]
+        )
+
+    def shortlist(self, evidence: F64) -> list[int]:
+        """The labels worth scoring with the model: the best by the neighbour views."""
+        w = np.asarray(self.params.weights[:2])
+        z = w @ evidence[:2]
+        return [int(i) for i in np.argsort(-z)[: self.params.shortlist]]
+
+    def probabilities(self, evidence: F64) -> F64:
+        """Calibrated P(label): evidence rows beyond the weights given are ignored."""
+        w = np.asarray(self.params.weights)
+        z = w @ evidence[: len(w)]
+        z = z - z.max()
+        p: F64 = np.exp(z) / np.exp(z).sum()
+        return p
+
+
+def label_evidence(n_labels: int, shortlist: Sequence[int], logprobs: Sequence[float]) -> F64:
+    """The model's label scores as a view: normalised over the shortlist, a floor elsewhere."""
+    lp = np.asarray(logprobs, np.float64)
+    lp = lp - lp.max()
+    lp = lp - np.log(np.exp(lp).sum())
+    out = np.full(n_labels, lp.min() - 1.0)
+    out[list(shortlist)] = lp
+    return out
+
+
+def fit_weights(evidence: F64, y: npt.NDArray[np.int64], steps: int = 400) -> tuple[float, ...]:
+    """Weights minimising the mean log loss of softmax(sum_v w_v * evidence[:, v]).
+
+    evidence: (n, views, labels). Convex in w, so plain gradient descent with a
+    backtracking step finds the optimum; weights stay >= 0 (a view never counts against
+    its own vote).
+    """
+    n, views, _ = evidence.shape
+    w = np.ones(views)
+
+    def loss_grad(w: F64) -> tuple[float, F64]:
+        z = np.einsum("v,nvl->nl", w, evidence)
+        z -= z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        p = np.exp(logp)
+        loss = -float(logp[np.arange(n), y].mean())
+        # d loss / d w_v = mean over n of (E_p[e_v] - e_v[y])
+        expected = np.einsum("nl,nvl->nv", p, evidence)
+        actual = evidence[np.arange(n), :, y]
+        return loss, (expected - actual).mean(axis=0)
+
+    loss, grad = loss_grad(w)
+    step = 1.0
+    for _ in range(steps):
+        cand = np.maximum(w - step * grad, 0.0)
+        c_loss, c_grad = loss_grad(cand)
+        if c_loss <= loss:
+            w, loss, grad = cand, c_loss, c_grad
+            step *= 1.5
+        else:
+            step *= 0.5
+            if step < 1e-8:
+                break
+    return tuple(float(x) for x in w)
+
+
+def expected_calibration_error(
+    confidence: F64, correct: npt.NDArray[np.bool_], bins: int = 15
+) -> float:
+    """ECE with equal-width bins: the gap between confidence and accuracy, weighted by bin size."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    total = 0.0
+    for lo, hi in pairwise(edges):
+        sel = (confidence > lo) & (confidence <= hi)
+        if sel.any():
+            total += sel.mean() * abs(float(confidence[sel].mean()) - float(correct[sel].mean()))
+    return total

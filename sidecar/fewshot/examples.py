@@ -1,0 +1,70 @@
+"""Labelled examples for Classify: given in a request, or a task's CSV file named in config."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidecar.errors import FailedPrecondition, InvalidRequest
+
+
+@dataclass(frozen=True)
+class ExampleSet:
+    texts: tuple[str, ...]
+    labels: tuple[str, ...]  # one per text
+
+    def __post_init__(self) -> None:
+        if len(self.texts) != len(self.labels):
+            raise InvalidRequest("every example needs one text and one label")
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """Distinct labels in first-seen order."""
+        return tuple(dict.fromkeys(self.labels))
+
+    def digest(self, model_version: str) -> str:
+        """Content hash of the examples and the model that embeds them: the cache key."""
+        h = hashlib.sha256(model_version.encode())
+        for text, label in zip(self.texts, self.labels, strict=True):
+            h.update(b"\x00" + text.encode() + b"\x01" + label.encode())
+        return h.hexdigest()
+
+
+def check(examples: ExampleSet, max_examples: int) -> None:
+    """Bad example sets get an error that says what to fix."""
+    if len(examples.texts) > max_examples:
+        raise InvalidRequest(
+            f"{len(examples.texts)} examples; at most {max_examples} per request "
+            "(define a task in the config for larger sets)"
+        )
+    for i, (text, label) in enumerate(zip(examples.texts, examples.labels, strict=True)):
+        if not text.strip():
+            raise InvalidRequest(f"examples[{i}].text is empty")
+        if not label.strip():
+            raise InvalidRequest(f"examples[{i}].label is empty")
+    if len(examples.label_names) < 2:
+        raise InvalidRequest("examples must cover at least 2 distinct labels")
+
+
+def load_csv(path: Path, text_column: str, label_column: str) -> ExampleSet:
+    """Read a task's examples; a missing file or column is a FailedPrecondition naming it."""
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            fields = reader.fieldnames or []
+            for col in (text_column, label_column):
+                if col not in fields:
+                    raise FailedPrecondition(
+                        f"{path} has no column {col!r} (columns: {', '.join(fields) or 'none'})"
+                    )
+            rows = [(r[text_column] or "", r[label_column] or "") for r in reader]
+    except OSError as e:
+        raise FailedPrecondition(f"cannot read examples file {path}: {e.strerror}") from None
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise FailedPrecondition(f"examples file {path} is not valid UTF-8 CSV: {e}") from None
+    rows = [(t.strip(), y.strip()) for t, y in rows if t.strip() and y.strip()]
+    if not rows:
+        raise FailedPrecondition(f"examples file {path} holds no labelled rows")
+    return ExampleSet(tuple(t for t, _ in rows), tuple(y for _, y in rows))

@@ -1,0 +1,298 @@
+"""Example-based Classify inside the daemon: embed once, cache on disk, answer in milliseconds.
+
+A request's examples (or a config task's CSV) are embedded by the model's own workers
+once; the vectors are cached under the store by the content hash of the examples and
+the model version (a hot swap changes the version, so the new model re-embeds). The
+classifier is tuned on its examples (see `fit`) when it is built, and its tuned
+parameters are cached beside the vectors.
+
+Config tasks are prepared in the background at start; a request that arrives before
+its task is ready gets UNAVAILABLE saying how far preparation has got (in AUTO that is a
+local failure, so the cloud answers it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+from sidecar.config import TaskConfig
+from sidecar.errors import FailedPrecondition, InvalidRequest, SidecarError, Unavailable
+from sidecar.fewshot import fit as fitting
+from sidecar.fewshot.classifier import F32, ExampleClassifier, Params, fit_weights, label_evidence
+from sidecar.fewshot.examples import ExampleSet, check, load_csv
+from sidecar.fewshot.fit import holdout, neighbour_evidence
+from sidecar.store import write_atomic
+from sidecar.types import (
+    Classification,
+    ClassifyTask,
+    Embeddings,
+    EmbedTask,
+    LabelScore,
+    Result,
+    Task,
+    Usage,
+)
+
+log = logging.getLogger("sidecar.fewshot")
+
+Run = Callable[[str, Task, str], Awaitable[Result]]
+EMBED_BATCH = 64
+MAX_REQUEST_EXAMPLES = 2000
+LABEL_HOLDOUT = 300  # held-out examples whose label scores tune the label-scoring weight
+SHORTLIST = 5
+
+
+class FewShot:
+    def __init__(
+        self,
+        run: Run,
+        version_of: Callable[[str], str],
+        cache_dir: Path,
+        tasks: tuple[TaskConfig, ...],
+        default_model: str,
+    ) -> None:
+        self._run = run
+        self._version_of = version_of
+        self.cache_dir = cache_dir
+        self.tasks = {t.name: t for t in tasks}
+        self.default_model = default_model
+        self._built: OrderedDict[str, ExampleClassifier] = OrderedDict()
+        self._building: dict[str, asyncio.Task[ExampleClassifier]] = {}
+        self.progress: dict[str, str] = {}  # task name -> what preparing it has reached
+        self._labels: dict[str, tuple[str, ...]] = {}  # task name -> its labels, once built
+
+    # ------------------------------------------------------------------ public
+
+    def label_names(self, task: str) -> list[str]:
+        return list(self._labels.get(task, ()))
+
+    async def prepare(self) -> None:
+        """Build every config task's classifier (background, at start)."""
+        for name, spec in self.tasks.items():
+            try:
+                await self._for_task(spec, wait=True)
+            except SidecarError as e:
+                self.progress[name] = f"failed: {e.message}"
+                log.error("task %s: %s", name, e.message)
+
+    async def classify(self, model: str, task: ClassifyTask, caller: str) -> Classification:
+        started = time.perf_counter()
+        if task.task:
+            spec = self.tasks.get(task.task)
+            if spec is None:
+                known = ", ".join(sorted(self.tasks)) or "none configured"
+                raise InvalidRequest(f"no task named {task.task!r} (known: {known})")
+            if task.examples:
+                raise InvalidRequest("give examples or a task name, not both")
+            model = spec.model or model
+            clf = await self._for_task(spec, wait=False)
+            instruction = task.instruction or spec.instruction
+            scoring = spec.label_scoring
+        else:
+            examples = ExampleSet(
+                tuple(t for t, _ in task.examples), tuple(y for _, y in task.examples)
+            )
+            check(examples, MAX_REQUEST_EXAMPLES)
+            clf = await self._classifier(model, examples, label_scoring=False)
+            instruction, scoring = task.instruction, False
+        if task.labels:
+            unknown = sorted(set(task.labels) - set(clf.names))
+            if unknown:
+                raise InvalidRequest(
+                    f"label {unknown[0]!r} has no examples (labels with examples: "
+                    f"{', '.join(clf.names[:10])}{'...' if len(clf.names) > 10 else ''})"
+                )
+        emb = await self._embed(model, [task.text])
+        evidence = await asyncio.to_thread(clf.evidence, emb[0], task.text)
+        usage = Usage(0, 0)
+        if scoring and clf.params.shortlist:
+            shortlist = clf.shortlist(evidence)
+            scored = await self._score_labels(model, task.text, clf, shortlist, instruction)
+            usage = scored.usage
+            evidence = np.vstack(
+                [
+                    evidence,
+                    label_evidence(clf.n_labels, shortlist, _logprobs(scored, clf, shortlist)),
+                ]
+            )
+        probs = clf.probabilities(evidence)
+        allowed = (
+            [clf.names.index(label) for label in task.labels]
+            if task.labels
+            else range(clf.n_labels)
+        )
+        p = np.array([probs[i] for i in allowed])
+        p = p / p.sum()
+        names = [clf.names[i] for i in allowed]
+        order = np.argsort(-p)
+        scores = tuple(
+            LabelScore(names[i], float(p[i]), float(np.log(max(p[i], 1e-300)))) for i in order
+        )
+        result = Classification(scores[0].label, scores, usage)
+        result.timings.total_ms = (time.perf_counter() - started) * 1000
+        return result
+
+    # ------------------------------------------------------------------ building
+
+    async def _for_task(self, spec: TaskConfig, *, wait: bool) -> ExampleClassifier:
+        model = spec.model or self.default_model
+        examples = await asyncio.to_thread(load_csv, spec.file, spec.text_column, spec.label_column)
+        key = examples.digest(self._version_of(model)) + ("+ls" if spec.label_scoring else "")
+        if key in self._built:
+            return self._built[key]
+        job = self._building.get(key)
+        if job is None:
+            job = self._building[key] = asyncio.ensure_future(
+                self._build(model, examples, key, spec.label_scoring, spec.name, spec.instruction)
+            )
+            job.add_done_callback(lambda _j: self._building.pop(key, None))
+        if not wait and not job.done():
+            raise Unavailable(
+                f"task {spec.name!r} is being prepared ({self.progress.get(spec.name, 'starting')}): "
+                "retry shortly"
+            )
+        return await asyncio.shield(job)
+
+    async def _classifier(
+        self, model: str, examples: ExampleSet, *, label_scoring: bool
+    ) -> ExampleClassifier:
+        key = examples.digest(self._version_of(model))
+        if key in self._built:
+            self._built.move_to_end(key)
+            return self._built[key]
+        job = self._building.get(key)
+        if job is None:
+            job = self._building[key] = asyncio.ensure_future(
+                self._build(model, examples, key, label_scoring, "", "")
+            )
+            job.add_done_callback(lambda _j: self._building.pop(key, None))
+        return await asyncio.shield(job)
+
+    async def _build(
+        self,
+        model: str,
+        examples: ExampleSet,
+        key: str,
+        label_scoring: bool,
+        task_name: str,
+        instruction: str,
+    ) -> ExampleClassifier:
+        vectors_file = self.cache_dir / f"{key}.npy"
+        params_file = self.cache_dir / f"{key}.json"
+        vectors = await asyncio.to_thread(_load_vectors, vectors_file, len(examples.texts))
+        if vectors is None:
+            vectors = await self._embed(model, list(examples.texts), task_name)
+            await asyncio.to_thread(_save_vectors, vectors_file, vectors)
+        clf = await asyncio.to_thread(ExampleClassifier, examples.labels, vectors, examples.texts)
+        params = await asyncio.to_thread(_load_params, params_file)
+        if params is None:
+            if task_name:
+                self.progress[task_name] = "tuning on held-out examples"
+            await asyncio.to_thread(fitting.fit, clf, list(examples.texts))
+            if label_scoring:
+                await self._fit_label_scoring(model, clf, examples, instruction)
+            await asyncio.to_thread(_save_params, params_file, clf.params)
+        else:
+            clf.params = params
+        if task_name:
+            self.progress[task_name] = "ready"
+            self._labels[task_name] = clf.names
+        self._built[key] = clf
+        while len(self._built) > 16:  # request example sets come and go: keep the recent ones
+            self._built.popitem(last=False)
+        return clf
+
+    async def _embed(self, model: str, texts: list[str], task_name: str = "") -> F32:
+        out: list[list[float]] = []
+        # Batches go to all workers at once; each is one Embed job in the model's queue.
+        batches = [texts[i : i + EMBED_BATCH] for i in range(0, len(texts), EMBED_BATCH)]
+        done = 0
+
+        async def one(batch: list[str]) -> list[list[float]]:
+            nonlocal done
+            r = await self._run(model, EmbedTask(tuple(batch), normalize=True), "fewshot")
+            if not isinstance(r, Embeddings):  # pragma: no cover - an engine bug
+                raise FailedPrecondition("embedding returned no vectors")
+            done += len(batch)
+            if task_name:
+                self.progress[task_name] = f"embedded {done} of {len(texts)} examples"
+            return r.vectors
+
+        sem = asyncio.Semaphore(4)
+
+        async def limited(batch: list[str]) -> list[list[float]]:
+            async with sem:
+                return await one(batch)
+
+        for vectors in await asyncio.gather(*(limited(b) for b in batches)):
+            out.extend(vectors)
+        return np.asarray(out, np.float32)
+
+    async def _score_labels(
+        self, model: str, text: str, clf: ExampleClassifier, shortlist: list[int], instruction: str
+    ) -> Classification:
+        labels = tuple(clf.names[i] for i in shortlist)
+        r = await self._run(model, ClassifyTask(text, labels, instruction), "fewshot")
+        if not isinstance(r, Classification):  # pragma: no cover
+            raise FailedPrecondition("label scoring returned no classification")
+        return r
+
+    async def _fit_label_scoring(
+        self, model: str, clf: ExampleClassifier, examples: ExampleSet, instruction: str
+    ) -> None:
+        clf.params = replace(clf.params, shortlist=min(SHORTLIST, clf.n_labels))
+        texts = list(examples.texts)
+        idx = holdout(len(texts), LABEL_HOLDOUT, seed=1)
+        ev = await asyncio.to_thread(neighbour_evidence, clf, idx, texts)
+        rows = []
+        for r, i in enumerate(idx):
+            shortlist = clf.shortlist(ev[r])
+            scored = await self._score_labels(model, texts[i], clf, shortlist, instruction)
+            rows.append(label_evidence(clf.n_labels, shortlist, _logprobs(scored, clf, shortlist)))
+        full = np.concatenate([ev, np.asarray(rows)[:, None, :]], axis=1)
+        clf.params = replace(clf.params, weights=fit_weights(full, clf.y[idx]))
+
+
+def _logprobs(scored: Classification, clf: ExampleClassifier, shortlist: list[int]) -> list[float]:
+    by_label = {s.label: s.logprob for s in scored.scores}
+    return [by_label[clf.names[i]] for i in shortlist]
+
+
+def _load_vectors(path: Path, n: int) -> F32 | None:
+    try:
+        v = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if v.ndim != 2 or v.shape[0] != n:  # a damaged cache is recomputed, never trusted
+        return None
+    out: F32 = v.astype(np.float32)
+    return out
+
+
+def _save_vectors(path: Path, vectors: F32) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, vectors, allow_pickle=False)
+    tmp.replace(path)
+
+
+def _load_params(path: Path) -> Params | None:
+    try:
+        raw = json.loads(path.read_text())
+        return Params(**{**raw, "weights": tuple(raw["weights"])})
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _save_params(path: Path, params: Params) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(asdict(params)).encode())

@@ -1,0 +1,411 @@
+"""RouterEngine: the Engine the front ends call. Local first, the cloud when it pays.
+
+It wraps the local engine (workers) and adds, per request: example-based Classify
+(`sidecar.fewshot`), the routing decision (`policy.decide`, pure), the cloud call
+(`cloud.CloudClient`) within the breaker and budget, and the `RouteInfo` every reply
+carries. Admin, the supervisor and updates keep talking to the local engine directly.
+
+Streams are routed before they start (CLOUD_ONLY, pre-routing, or a local failure
+before the first token); once local tokens have been sent they are not escalated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import AsyncGenerator, Callable, Mapping
+from dataclasses import replace
+
+import jsonschema
+
+from sidecar.config import Config
+from sidecar.engine.engine import PoolEngine
+from sidecar.engine.pool import PoolStatus
+from sidecar.errors import (
+    ContextOverflow,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidRequest,
+    Overloaded,
+    SchemaViolation,
+    SidecarError,
+    Unavailable,
+)
+from sidecar.fewshot.service import FewShot
+from sidecar.router.breaker import Breaker
+from sidecar.router.budget import Budget, Prices
+from sidecar.router.cloud import CloudClient, CloudConfig, CloudError, CloudReply
+from sidecar.router.policy import Decision, LocalOutcome, Situation, decide
+from sidecar.router.privacy import Scanner, redact
+from sidecar.types import (
+    ChatMessage,
+    ChatTask,
+    Classification,
+    ClassifyTask,
+    EmbedTask,
+    Extraction,
+    ExtractTask,
+    FinishReason,
+    GenerateTask,
+    Generation,
+    LabelScore,
+    Result,
+    RouteInfo,
+    RouteRequest,
+    StreamableTask,
+    Task,
+    TokenConfidence,
+    TokenEvent,
+    Usage,
+)
+
+log = logging.getLogger("sidecar.router")
+LOCAL_DEFAULT = RouteRequest()  # the configured default routing, not marked sensitive
+
+FAIL = {
+    "unavailable": Unavailable,
+    "overloaded": Overloaded,
+    "failed_precondition": FailedPrecondition,
+}
+
+
+def failure_kind(e: SidecarError) -> str | None:
+    """The local failures AUTO may escalate; None: the request itself is wrong."""
+    if isinstance(e, Overloaded):
+        return "overloaded"
+    if isinstance(e, DeadlineExceeded):
+        return "timeout"
+    if isinstance(e, Unavailable):
+        return "unavailable"
+    if isinstance(e, ContextOverflow):  # a bigger cloud model may take it
+        return "context"
+    if isinstance(e, SchemaViolation):
+        return "schema"
+    return None
+
+
+class RouterEngine:
+    def __init__(
+        self,
+        local: PoolEngine,
+        config: Config,
+        env: Mapping[str, str] | None = None,
+        on_route: Callable[[Result, str], None] = lambda _r, _c: None,
+    ) -> None:
+        self.local = local
+        self.config = config
+        c = config.cloud
+        self.settings = c
+        self.on_route = on_route  # metrics hook: (result, reason code)
+        self.breaker = Breaker(c.breaker_failures, c.breaker_cooldown_seconds)
+        self.scanner = Scanner(c.sensitive, c.sensitive_patterns)
+        router_dir = config.store.path / "router"
+        self.budget = Budget(
+            router_dir / "budget.json",
+            Prices(c.prompt_price_per_mtok, c.completion_price_per_mtok),
+            c.daily_cap,
+            c.monthly_cap,
+        )
+        self.cloud: CloudClient | None = None
+        if c.enabled:
+            self.cloud = CloudClient(
+                CloudConfig(
+                    c.base_url,
+                    c.model,
+                    c.api_key_env,
+                    c.timeout_seconds,
+                    c.retries,
+                    c.backoff_seconds,
+                ),
+                self.breaker,
+                os.environ if env is None else env,
+            )
+        self.fewshot = FewShot(
+            local.run,
+            lambda m: local.pool(m).ref.version,
+            router_dir / "examples",
+            config.tasks,
+            config.default_model,
+        )
+        self.default_model = local.default_model
+        self.cloud_calls = 0
+
+    # ------------------------------------------------------------------ status
+
+    @property
+    def breaker_state(self) -> str:
+        return self.breaker.state
+
+    @property
+    def breaker_opened(self) -> int:
+        return self.breaker.opened
+
+    @property
+    def spent(self) -> tuple[float, float]:
+        self.budget.spent()  # rolls the periods over
+        return self.budget.spent_day, self.budget.spent_month
+
+    # ------------------------------------------------------------------ Engine
+
+    async def start(self) -> None:
+        await self.local.start()
+
+    async def close(self) -> None:
+        if self.cloud is not None:
+            await self.cloud.close()
+        await self.local.close()
+
+    def status(self) -> list[tuple[PoolStatus, bool]]:
+        return self.local.status()
+
+    @property
+    def ready(self) -> bool:
+        return self.local.ready
+
+    async def run(
+        self, model: str, task: Task, caller: str, route: RouteRequest = LOCAL_DEFAULT
+    ) -> Result:
+        if isinstance(task, EmbedTask):  # vectors are model-specific: always local
+            return await self._local(model, task, caller)
+        situation = self._situation(task, route)
+        first = decide(situation)
+        if first.action == "fail":
+            raise FAIL[first.fail or "unavailable"](first.reason)
+        if first.action == "cloud":
+            return await self._cloud(task, first, None, None)
+        try:
+            result = await self._local(model, task, caller)
+        except SidecarError as e:
+            kind = failure_kind(e)
+            if kind is None:
+                raise
+            second = decide(replace(situation, local=LocalOutcome(failure=kind)))
+            if second.action == "fail":
+                raise type(e)(f"{e.message} ({second.reason})") from None
+            if second.action == "keep_local":  # LOCAL_ONLY: the error stands
+                raise
+            log.info("escalating: %s", second.reason)
+            return await self._cloud(task, second, None, e)
+        outcome = self._outcome(task, result)
+        second = decide(replace(situation, local=outcome))
+        if second.action == "cloud":
+            return await self._cloud(task, second, result, None)
+        return self._finish(
+            result, RouteInfo("local", second.reason, outcome.confidence, code=second.code)
+        )
+
+    async def stream(
+        self, model: str, task: StreamableTask, caller: str, route: RouteRequest = LOCAL_DEFAULT
+    ) -> AsyncGenerator[TokenEvent | Generation, None]:
+        situation = self._situation(task, route)
+        first = decide(situation)
+        if first.action == "fail":
+            raise FAIL[first.fail or "unavailable"](first.reason)
+        if first.action == "cloud":
+            result = await self._cloud(task, first, None, None)
+            assert isinstance(result, Generation)
+            yield TokenEvent(result.text)
+            yield result
+            return
+        started = False
+        try:
+            async for event in self.local.stream(model, task, caller):
+                started = True
+                if isinstance(event, Generation):
+                    conf = self._outcome(task, event).confidence
+                    event.route = RouteInfo("local", "", conf)
+                    self.on_route(event, "")
+                yield event
+        except SidecarError as e:
+            kind = failure_kind(e)
+            if started or kind is None:
+                raise
+            second = decide(replace(situation, local=LocalOutcome(failure=kind)))
+            if second.action != "cloud":
+                raise type(e)(
+                    f"{e.message} ({second.reason})" if second.reason else e.message
+                ) from None
+            result = await self._cloud(task, second, None, e)
+            assert isinstance(result, Generation)
+            yield TokenEvent(result.text)
+            yield result
+
+    # ------------------------------------------------------------------ local
+
+    async def _local(self, model: str, task: Task, caller: str) -> Result:
+        if isinstance(task, ClassifyTask) and (task.examples or task.task):
+            if not task.text:
+                raise InvalidRequest("text is empty: send the text to classify")
+            return await self.fewshot.classify(model, task, caller)
+        return await self.local.run(model, task, caller)
+
+    def _outcome(self, task: Task, result: Result) -> LocalOutcome:
+        c = self.settings
+        if isinstance(result, Classification):
+            threshold = c.classify_threshold
+            if isinstance(task, ClassifyTask) and task.task:
+                spec = self.fewshot.tasks.get(task.task)
+                if spec is not None and spec.threshold >= 0:
+                    threshold = spec.threshold
+            if c.classify_margin and result.margin < c.classify_margin:
+                return LocalOutcome(None, result.margin, c.classify_margin, "margin")
+            return LocalOutcome(None, result.top_probability, threshold, "top probability")
+        if isinstance(result, Extraction):
+            return LocalOutcome(
+                None, result.confidence.mean_logprob, c.extract_mean_logprob, "mean logprob"
+            )
+        if isinstance(result, Generation):
+            conf = result.confidence
+            if conf.min_logprob < c.generate_min_logprob:
+                return LocalOutcome(None, conf.min_logprob, c.generate_min_logprob, "min logprob")
+            return LocalOutcome(None, conf.mean_logprob, c.generate_mean_logprob, "mean logprob")
+        return LocalOutcome()
+
+    # ------------------------------------------------------------------ policy inputs
+
+    def _situation(self, task: Task, route: RouteRequest) -> Situation:
+        routing = route.routing or self.settings.routing
+        texts = _texts(task)
+        kinds = tuple(self.scanner.kinds(texts))
+        sensitive = ("marked", *kinds) if route.sensitive else kinds
+        return Situation(
+            routing=routing,  # type: ignore[arg-type]
+            sensitive=sensitive,
+            redact=self.settings.redact,
+            cloud=self.cloud is not None,
+            breaker_open=self.cloud is not None and self.breaker.state == "open",
+            spent=self.budget.spent() if self.cloud is not None else None,
+            pre_route=self._pre_route(task, texts),
+        )
+
+    def _pre_route(self, task: Task, texts: list[str]) -> str | None:
+        c = self.settings
+        if task.kind in c.pre_route_tasks:
+            return f"{task.kind} requests go to the cloud (cloud.pre_route_tasks)"
+        size = sum(len(t) for t in texts)
+        if c.pre_route_max_chars and size > c.pre_route_max_chars:
+            return f"{size} characters > cloud.pre_route_max_chars {c.pre_route_max_chars}"
+        low = " ".join(texts).lower()
+        for word in c.pre_route_keywords:
+            if word.lower() in low:
+                return f"keyword {word!r} (cloud.pre_route_keywords)"
+        return None
+
+    # ------------------------------------------------------------------ cloud
+
+    async def _cloud(
+        self, task: Task, d: Decision, local: Result | None, local_error: SidecarError | None
+    ) -> Result:
+        assert self.cloud is not None  # decide() never escalates without a cloud
+        if d.redact:
+            task = self._redacted(task)
+        conf = self._outcome(task, local).confidence if local is not None else None
+        try:
+            result, reply = await self._ask(task)
+        except CloudError as e:
+            why = f"{d.reason}; the cloud failed: {e.message}"
+            log.warning("escalation failed: %s", why)
+            if local is not None:  # an unsure local answer beats none
+                return self._finish(local, RouteInfo("local", why, conf, code="cloud_failed"))
+            if local_error is not None:
+                raise type(local_error)(f"{local_error.message}; {why}") from None
+            raise Unavailable(why) from None
+        except _InvalidCloudAnswer as e:
+            why = f"{d.reason}; {e}"
+            if local is not None:
+                return self._finish(local, RouteInfo("local", why, conf, code="cloud_invalid"))
+            raise FailedPrecondition(why) from None
+        cost = self.budget.charge(reply.prompt_tokens, reply.completion_tokens)
+        self.cloud_calls += 1
+        route = RouteInfo("cloud", d.reason, conf, reply.latency_ms, cost, d.code)
+        return self._finish(result, route)
+
+    async def _ask(self, task: Task) -> tuple[Result, CloudReply]:
+        assert self.cloud is not None
+        if isinstance(task, ClassifyTask):
+            labels = task.labels or tuple(self._labels_of(task))
+            label, reply = await self.cloud.classify(task.text, labels, task.instruction)
+            if label is None:
+                raise _InvalidCloudAnswer(
+                    f"the cloud named none of the labels twice (last answer {reply.text[:80]!r})"
+                )
+            others = [LabelScore(x, 0.0, float("-inf")) for x in labels if x != label]
+            return Classification(
+                label,
+                (LabelScore(label, 1.0, 0.0), *others),
+                Usage(reply.prompt_tokens, reply.completion_tokens),
+            ), reply
+        if isinstance(task, ExtractTask):
+            reply = await self.cloud.extract(task.text, task.schema, task.instruction)
+            try:
+                value = json.loads(reply.text)
+                jsonschema.validate(value, json.loads(task.schema))
+            except (ValueError, jsonschema.ValidationError) as e:
+                raise _InvalidCloudAnswer(
+                    f"the cloud's JSON does not satisfy the schema: {getattr(e, 'message', e)}"
+                ) from None
+            text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+            return Extraction(
+                text, Usage(reply.prompt_tokens, reply.completion_tokens), TokenConfidence(0.0, 0.0)
+            ), reply
+        if isinstance(task, GenerateTask | ChatTask):
+            if isinstance(task, GenerateTask):
+                messages = [{"role": "user", "content": task.prompt}]
+            else:
+                messages = [{"role": m.role, "content": m.content} for m in task.messages]
+            reply = await self.cloud.chat(messages, max_tokens=task.max_tokens)
+            finish: FinishReason = "length" if reply.finish_reason == "length" else "stop"
+            return Generation(
+                reply.text,
+                finish,
+                Usage(reply.prompt_tokens, reply.completion_tokens),
+                TokenConfidence(0.0, 0.0),
+            ), reply
+        raise InvalidRequest(f"{task.kind} requests are never sent to the cloud")
+
+    def _labels_of(self, task: ClassifyTask) -> list[str]:
+        if task.examples:
+            return list(dict.fromkeys(y for _, y in task.examples))
+        names = self.fewshot.label_names(task.task)
+        if not names:
+            raise FailedPrecondition(
+                f"task {task.task!r} is not loaded yet, so its labels are not known"
+            )
+        return names
+
+    def _redacted(self, task: Task) -> Task:
+        def r(text: str) -> str:
+            return redact(text, self.scanner.find(text))
+
+        if isinstance(task, GenerateTask):
+            return replace(task, prompt=r(task.prompt))
+        if isinstance(task, ChatTask):
+            return replace(
+                task, messages=tuple(ChatMessage(m.role, r(m.content)) for m in task.messages)
+            )
+        if isinstance(task, ClassifyTask | ExtractTask):
+            return replace(task, text=r(task.text), instruction=r(task.instruction))
+        return task
+
+    def _finish(self, result: Result, route: RouteInfo) -> Result:
+        result.route = route
+        self.on_route(result, route.code)
+        return result
+
+
+class _InvalidCloudAnswer(Exception):
+    """The cloud answered, but not within the request's contract."""
+
+
+def _texts(task: Task) -> list[str]:
+    """Everything a request would send to the cloud, for the sensitivity scan."""
+    if isinstance(task, GenerateTask):
+        return [task.prompt]
+    if isinstance(task, ChatTask):
+        return [m.content for m in task.messages]
+    if isinstance(task, ClassifyTask):
+        return [task.text, task.instruction]
+    if isinstance(task, ExtractTask):
+        return [task.text, task.instruction]
+    return []
