@@ -45,7 +45,10 @@ from sidecar.types import (
 log = logging.getLogger("sidecar.fewshot")
 
 Run = Callable[[str, Task, str], Awaitable[Result]]
-EMBED_BATCH = 64
+# Small jobs: a worker answers supervisor pings only between jobs' native calls, so one
+# Embed job must stay well under server.hang_seconds even on a busy machine.
+EMBED_BATCH = 16
+EMBED_ATTEMPTS = 3  # a worker replaced mid-batch (crash, hang kill) costs a retry, not the task
 MAX_REQUEST_EXAMPLES = 2000
 LABEL_HOLDOUT = 300  # held-out examples whose label scores tune the label-scoring weight
 SHORTLIST = 5
@@ -219,7 +222,14 @@ class FewShot:
 
         async def one(batch: list[str]) -> list[list[float]]:
             nonlocal done
-            r = await self._run(model, EmbedTask(tuple(batch), normalize=True), "fewshot")
+            for attempt in range(EMBED_ATTEMPTS):
+                try:
+                    r = await self._run(model, EmbedTask(tuple(batch), normalize=True), "fewshot")
+                    break
+                except Unavailable:
+                    if attempt == EMBED_ATTEMPTS - 1:
+                        raise
+                    await asyncio.sleep(0.5 * 2**attempt)
             if not isinstance(r, Embeddings):  # pragma: no cover - an engine bug
                 raise FailedPrecondition("embedding returned no vectors")
             done += len(batch)

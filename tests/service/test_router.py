@@ -367,7 +367,9 @@ async def test_a_damaged_vector_cache_is_recomputed(serve, tiny_model, short_dir
     assert np.load(npy).shape[0] == len(ROWS)
 
 
-async def test_the_http_api_routes_too_and_says_who_answered(serve, tiny_model, cloud, short_dir) -> None:  # type: ignore[no-untyped-def]
+async def test_the_http_api_routes_too_and_says_who_answered(
+    serve, tiny_model, cloud, short_dir
+) -> None:  # type: ignore[no-untyped-def]
     import openai
     from test_openai_http import unix_client  # type: ignore[import-not-found]
 
