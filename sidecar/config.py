@@ -248,6 +248,12 @@ CLOUD_KEYS: dict[str, Key] = {
     "timeout_seconds": Key(float, 30.0, "Timeout of one cloud attempt.", _at_least(0.1)),
     "retries": Key(int, 2, "Retries on 429, 5xx, timeouts and connection errors.", _at_least(0)),
     "backoff_seconds": Key(float, 0.5, "First retry wait (doubles, with jitter).", _at_least(0)),
+    "local_timeout_seconds": Key(
+        float,
+        0.0,
+        "AUTO gives the local model this long, then cancels it and escalates; 0 = no limit.",
+        _at_least(0),
+    ),
     "breaker_failures": Key(
         int, 5, "Consecutive failed calls that open the circuit breaker.", _at_least(1)
     ),
@@ -406,6 +412,7 @@ class CloudConfig:
     timeout_seconds: float
     retries: int
     backoff_seconds: float
+    local_timeout_seconds: float
     breaker_failures: int
     breaker_cooldown_seconds: float
     prompt_price_per_mtok: float

@@ -11,6 +11,7 @@ before the first token); once local tokens have been sent they are not escalated
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -175,14 +176,14 @@ class RouterEngine:
         if first.action == "cloud":
             return await self._cloud(task, first, None, None)
         try:
-            result = await self._local(model, task, caller)
+            result = await self._local_within_budget(model, task, caller, situation)
         except SidecarError as e:
             kind = failure_kind(e)
             if kind is None:
                 raise
-            second = decide(replace(situation, local=LocalOutcome(failure=kind)))
+            second = decide(replace(situation, local=LocalOutcome(failure=kind, detail=e.message)))
             if second.action == "fail":
-                raise type(e)(f"{e.message} ({second.reason})") from None
+                raise type(e)(second.reason) from None
             if second.action == "keep_local":  # LOCAL_ONLY: the error stands
                 raise
             log.info("escalating: %s", second.reason)
@@ -221,7 +222,7 @@ class RouterEngine:
             kind = failure_kind(e)
             if started or kind is None:
                 raise
-            second = decide(replace(situation, local=LocalOutcome(failure=kind)))
+            second = decide(replace(situation, local=LocalOutcome(failure=kind, detail=e.message)))
             if second.action != "cloud":
                 raise type(e)(
                     f"{e.message} ({second.reason})" if second.reason else e.message
@@ -232,6 +233,20 @@ class RouterEngine:
             yield result
 
     # ------------------------------------------------------------------ local
+
+    async def _local_within_budget(
+        self, model: str, task: Task, caller: str, situation: Situation
+    ) -> Result:
+        limit = self.settings.local_timeout_seconds
+        if not limit or situation.routing != "AUTO":
+            return await self._local(model, task, caller)
+        try:
+            # Cancelling frees the worker within a token (the pool cancels the job).
+            return await asyncio.wait_for(self._local(model, task, caller), limit)
+        except asyncio.TimeoutError:  # not the builtin on 3.10
+            raise DeadlineExceeded(
+                f"the local model took longer than cloud.local_timeout_seconds ({limit:g}s)"
+            ) from None
 
     async def _local(self, model: str, task: Task, caller: str) -> Result:
         if isinstance(task, ClassifyTask) and (task.examples or task.task):

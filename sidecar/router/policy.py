@@ -25,6 +25,7 @@ class LocalOutcome:
     confidence: float | None = None  # comparable with the threshold (higher = surer)
     threshold: float = 0.0
     measure: str = "confidence"  # what was compared: "top probability", "mean logprob", ...
+    detail: str = ""  # the local error's message, for the reply's reason
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def decide(s: Situation) -> Decision:
     # AUTO: after running locally
     out = s.local
     if out.failure is not None:
-        why = f"local {out.failure}"
+        why = f"local {out.failure}" + (f" ({out.detail})" if out.detail else "")
         if blocked:
             # No answer locally and none from the cloud: the local failure is the error.
             return Decision(

@@ -400,3 +400,42 @@ async def test_the_http_api_routes_too_and_says_who_answered(
     finally:
         await client.close()
     assert not script.seen(EMAIL)
+
+
+async def test_a_slow_local_model_is_cancelled_and_escalated(serve, tiny_model, cloud) -> None:  # type: ignore[no-untyped-def]
+    from sidecar.engine.fake import FakeSlot
+
+    url, script = cloud
+    script.default = ok("fast cloud answer")
+    s = await serve(tiny_model, cloud=settings(url, local_timeout_seconds=0.3))
+    FakeSlot.token_delay_s = 0.05
+    try:
+        t0 = time.monotonic()
+        g = await s.client.generate("one two three", max_tokens=200)  # ~10 s locally
+        assert g.route.served_by == "cloud" and g.route.reason_code == "local_timeout"
+        assert "local_timeout_seconds" in g.route.reason and time.monotonic() - t0 < 3
+        # The cancelled local job freed its worker: LOCAL_ONLY (no time limit) still works.
+        FakeSlot.token_delay_s = 0.0
+        g = await s.client.generate("one two", max_tokens=2, routing="LOCAL_ONLY")
+        assert g.route.served_by == "local"
+    finally:
+        FakeSlot.token_delay_s = 0.0
+
+
+async def test_a_worker_that_dies_mid_request_is_escalated(serve, tiny_model, cloud) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+
+    url, script = cloud
+    script.default = ok("the cloud took over")
+    s = await serve(tiny_model, slot_kind="process", cloud=settings(url), model_keys={"workers": 1})
+    call = asyncio.ensure_future(s.client.generate("once upon a time", max_tokens=1900))
+    (pool,) = s.running.engine.pools.values()
+    for _ in range(200):  # wait until the worker is busy with it
+        if any(sl.info.state == "busy" for sl in pool._slots):
+            break
+        await asyncio.sleep(0.01)
+    os.kill(pool._slots[0].info.pid, signal.SIGKILL)
+    g = await call
+    assert g.text == "the cloud took over"
+    assert g.route.served_by == "cloud" and g.route.reason_code == "local_unavailable"
