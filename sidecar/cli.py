@@ -221,6 +221,18 @@ def status(
                 f"    worker pid {w.pid}: {w.state}, {w.requests} requests, "
                 f"{w.rss_bytes // mib} MiB RSS"
             )
+    cloud = reply.cloud
+    if cloud.configured:
+        caps = "/".join(f"{c:g}" if c else "no cap" for c in (cloud.daily_cap, cloud.monthly_cap))
+        click.echo(
+            f"  cloud {cloud.model} at {cloud.base_url}: routing {cloud.routing}, breaker "
+            f"{cloud.breaker}, spent {cloud.spent_day:.4f} today / {cloud.spent_month:.4f} this "
+            f"month (caps {caps}), {cloud.calls} calls"
+        )
+    else:
+        click.echo("  cloud: not configured (everything is answered locally)")
+    for name, state in sorted(cloud.tasks.items()):
+        click.echo(f"  task {name}: {state}")
     for k, v in sorted(reply.counters.items()):
         click.echo(f"  {k}: {v}")
 

@@ -17,7 +17,11 @@ from sidecar.fewshot.classifier import (
     F64,
     ExampleClassifier,
     fit_weights,
+    probe_logp,
+    train_probe,
 )
+
+FOLDS = 5
 
 
 def holdout(n: int, size: int, seed: int = 0) -> npt.NDArray[np.int64]:
@@ -63,8 +67,26 @@ def neighbour_evidence(clf: ExampleClassifier, idx: npt.NDArray[np.int64], texts
     )
 
 
-def fit(clf: ExampleClassifier, texts: list[str], size: int = 2000) -> F64:
-    """Set the classifier's bandwidths and weights; returns the held-out evidence used."""
+def probe_evidence(clf: ExampleClassifier, idx: npt.NDArray[np.int64]) -> F64:
+    """Cross-fitted probe evidence for the held-out rows: each fold's rows are predicted
+    by a probe trained on every other example, never on themselves."""
+    out = np.zeros((len(idx), clf.n_labels))
+    folds = np.array_split(np.arange(len(idx)), min(FOLDS, len(idx)))
+    for fold in folds:
+        keep = np.ones(len(clf.y), bool)
+        keep[idx[fold]] = False
+        if len(np.unique(clf.y[keep])) < 2:
+            continue  # too few examples to train on without these: no probe evidence
+        w, b = train_probe(clf.vectors[keep], clf.y[keep], clf.n_labels)
+        out[fold] = probe_logp(clf.vectors[idx[fold]], w, b)
+    return out
+
+
+def fit(
+    clf: ExampleClassifier, texts: list[str], size: int = 2000
+) -> tuple[npt.NDArray[np.int64], F64]:
+    """Set the classifier's bandwidths, probe and weights; returns the held-out rows and
+    their (n, 3, labels) evidence."""
     idx = holdout(len(texts), size)
     emb, lex = similarity_rows(clf, idx, texts)
     clf.params = replace(
@@ -72,6 +94,42 @@ def fit(clf: ExampleClassifier, texts: list[str], size: int = 2000) -> F64:
         emb_bandwidth=_best_bandwidth(clf, emb, idx),
         lex_bandwidth=_best_bandwidth(clf, lex, idx),
     )
-    ev = neighbour_evidence(clf, idx, texts)
-    clf.params = replace(clf.params, weights=fit_weights(ev, clf.y[idx]))
-    return ev
+    ev = np.concatenate(
+        [neighbour_evidence(clf, idx, texts), probe_evidence(clf, idx)[:, None, :]], axis=1
+    )
+    y = clf.y[idx]
+    clf.probe = train_probe(clf.vectors, clf.y, clf.n_labels)
+    clf.params = replace(
+        clf.params, weights=fit_weights(ev, y), lex_alone=fit_weights(ev[:, 1:2, :], y)[0]
+    )
+    clf.params = replace(clf.params, gate=choose_gate(clf, ev, y))
+    return idx, ev
+
+
+def softmax_rows(z: F64) -> F64:
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    out: F64 = e / e.sum(axis=-1, keepdims=True)
+    return out
+
+
+def choose_gate(
+    clf: ExampleClassifier, ev: F64, y: npt.NDArray[np.int64], tolerance: float = 0.002
+) -> float:
+    """The lowest lexical-alone confidence above which answering without the model loses
+    (on held-out examples) at most `tolerance` accuracy against the full combination."""
+    w = np.asarray(clf.params.weights)
+    full = softmax_rows(np.einsum("v,nvl->nl", w[:3], ev[:, :3, :]))
+    alone = softmax_rows(clf.params.lex_alone * ev[:, 1, :])
+    conf = alone.max(axis=1)
+    ok_alone = alone.argmax(axis=1) == y
+    ok_full = full.argmax(axis=1) == y
+    gate = 2.0
+    for t in np.unique(np.round(conf, 3))[::-1]:  # from the surest down
+        sel = conf >= t
+        if sel.sum() < 30:  # too few to judge: keep looking lower
+            continue
+        if ok_alone[sel].mean() + tolerance < ok_full[sel].mean():
+            break
+        gate = float(t)
+    return gate

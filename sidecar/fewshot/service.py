@@ -23,14 +23,20 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from sidecar.config import TaskConfig
 from sidecar.errors import FailedPrecondition, InvalidRequest, SidecarError, Unavailable
 from sidecar.fewshot import fit as fitting
-from sidecar.fewshot.classifier import F32, ExampleClassifier, Params, fit_weights, label_evidence
+from sidecar.fewshot.classifier import (
+    F32,
+    F64,
+    ExampleClassifier,
+    Params,
+    fit_weights,
+    label_evidence,
+)
 from sidecar.fewshot.examples import ExampleSet, check, load_csv
-from sidecar.fewshot.fit import holdout, neighbour_evidence
-from sidecar.store import write_atomic
 from sidecar.types import (
     Classification,
     ClassifyTask,
@@ -52,6 +58,7 @@ EMBED_ATTEMPTS = 3  # a worker replaced mid-batch (crash, hang kill) costs a ret
 MAX_REQUEST_EXAMPLES = 2000
 LABEL_HOLDOUT = 300  # held-out examples whose label scores tune the label-scoring weight
 SHORTLIST = 5
+PARAMS_VERSION = "p3"  # bump when fitting changes: cached parameters are then refitted
 
 
 class FewShot:
@@ -72,6 +79,7 @@ class FewShot:
         self._building: dict[str, asyncio.Task[ExampleClassifier]] = {}
         self.progress: dict[str, str] = {}  # task name -> what preparing it has reached
         self._labels: dict[str, tuple[str, ...]] = {}  # task name -> its labels, once built
+        self._task_keys: dict[str, tuple[tuple[str, int, int], str]] = {}  # name -> (stamp, key)
 
     # ------------------------------------------------------------------ public
 
@@ -114,20 +122,16 @@ class FewShot:
                     f"label {unknown[0]!r} has no examples (labels with examples: "
                     f"{', '.join(clf.names[:10])}{'...' if len(clf.names) > 10 else ''})"
                 )
-        emb = await self._embed(model, [task.text])
-        evidence = await asyncio.to_thread(clf.evidence, emb[0], task.text)
+        lex = await asyncio.to_thread(clf.lexical.similarities, task.text)
         usage = Usage(0, 0)
-        if scoring and clf.params.shortlist:
-            shortlist = clf.shortlist(evidence)
-            scored = await self._score_labels(model, task.text, clf, shortlist, instruction)
-            usage = scored.usage
-            evidence = np.vstack(
-                [
-                    evidence,
-                    label_evidence(clf.n_labels, shortlist, _logprobs(scored, clf, shortlist)),
-                ]
-            )
-        probs = clf.probabilities(evidence)
+        probs = clf.lexical_probabilities(lex)
+        # The cascade: where the words alone are as sure as the fitted gate, the model's
+        # embedding would not change the answer (checked on held-out examples), so it
+        # is not computed. Everything else gets the model.
+        if probs.max() < clf.params.gate or scoring:
+            emb = await self._embed(model, [task.text])
+            evidence = await asyncio.to_thread(clf.evidence, emb[0], task.text, None, lex)
+            probs = await self._combine(model, task.text, clf, evidence, scoring, instruction)
         allowed = (
             [clf.names.index(label) for label in task.labels]
             if task.labels
@@ -144,12 +148,40 @@ class FewShot:
         result.timings.total_ms = (time.perf_counter() - started) * 1000
         return result
 
+    async def _combine(
+        self,
+        model: str,
+        text: str,
+        clf: ExampleClassifier,
+        evidence: F64,
+        scoring: bool,
+        instruction: str,
+    ) -> F64:
+        if scoring and clf.params.shortlist:
+            shortlist = clf.shortlist(evidence)
+            scored = await self._score_labels(model, text, clf, shortlist, instruction)
+            row = label_evidence(clf.n_labels, shortlist, _logprobs(scored, clf, shortlist))
+            evidence = np.vstack([evidence, row])
+        return clf.probabilities(evidence)
+
     # ------------------------------------------------------------------ building
 
     async def _for_task(self, spec: TaskConfig, *, wait: bool) -> ExampleClassifier:
         model = spec.model or self.default_model
+        version = self._version_of(model)
+        # Re-reading a 10k-row CSV per request would cost more than classifying: the file
+        # is read again only when it (or the model version) changes.
+        try:
+            st = spec.file.stat()
+            stamp = (version, st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = (version, -1, -1)
+        known = self._task_keys.get(spec.name)
+        if known is not None and known[0] == stamp and known[1] in self._built:
+            return self._built[known[1]]
         examples = await asyncio.to_thread(load_csv, spec.file, spec.text_column, spec.label_column)
-        key = examples.digest(self._version_of(model)) + ("+ls" if spec.label_scoring else "")
+        key = examples.digest(version) + ("+ls" if spec.label_scoring else "")
+        self._task_keys[spec.name] = (stamp, key)
         if key in self._built:
             return self._built[key]
         job = self._building.get(key)
@@ -190,22 +222,19 @@ class FewShot:
         instruction: str,
     ) -> ExampleClassifier:
         vectors_file = self.cache_dir / f"{key}.npy"
-        params_file = self.cache_dir / f"{key}.json"
+        params_file = self.cache_dir / f"{key}.{PARAMS_VERSION}.npz"
         vectors = await asyncio.to_thread(_load_vectors, vectors_file, len(examples.texts))
         if vectors is None:
             vectors = await self._embed(model, list(examples.texts), task_name)
             await asyncio.to_thread(_save_vectors, vectors_file, vectors)
         clf = await asyncio.to_thread(ExampleClassifier, examples.labels, vectors, examples.texts)
-        params = await asyncio.to_thread(_load_params, params_file)
-        if params is None:
+        if not await asyncio.to_thread(_load_params, params_file, clf):
             if task_name:
                 self.progress[task_name] = "tuning on held-out examples"
-            await asyncio.to_thread(fitting.fit, clf, list(examples.texts))
+            idx, ev = await asyncio.to_thread(fitting.fit, clf, list(examples.texts))
             if label_scoring:
-                await self._fit_label_scoring(model, clf, examples, instruction)
-            await asyncio.to_thread(_save_params, params_file, clf.params)
-        else:
-            clf.params = params
+                await self._fit_label_scoring(model, clf, examples, instruction, idx, ev)
+            await asyncio.to_thread(_save_params, params_file, clf)
         if task_name:
             self.progress[task_name] = "ready"
             self._labels[task_name] = clf.names
@@ -257,19 +286,25 @@ class FewShot:
         return r
 
     async def _fit_label_scoring(
-        self, model: str, clf: ExampleClassifier, examples: ExampleSet, instruction: str
+        self,
+        model: str,
+        clf: ExampleClassifier,
+        examples: ExampleSet,
+        instruction: str,
+        idx: npt.NDArray[np.int64],
+        ev: F64,
     ) -> None:
+        """The label-scoring view's weight, fitted on part of the same held-out rows."""
         clf.params = replace(clf.params, shortlist=min(SHORTLIST, clf.n_labels))
-        texts = list(examples.texts)
-        idx = holdout(len(texts), LABEL_HOLDOUT, seed=1)
-        ev = await asyncio.to_thread(neighbour_evidence, clf, idx, texts)
         rows = []
-        for r, i in enumerate(idx):
+        take = np.arange(min(LABEL_HOLDOUT, len(idx)))
+        for r in take:
             shortlist = clf.shortlist(ev[r])
-            scored = await self._score_labels(model, texts[i], clf, shortlist, instruction)
+            text = examples.texts[int(idx[r])]
+            scored = await self._score_labels(model, text, clf, shortlist, instruction)
             rows.append(label_evidence(clf.n_labels, shortlist, _logprobs(scored, clf, shortlist)))
-        full = np.concatenate([ev, np.asarray(rows)[:, None, :]], axis=1)
-        clf.params = replace(clf.params, weights=fit_weights(full, clf.y[idx]))
+        full = np.concatenate([ev[take], np.asarray(rows)[:, None, :]], axis=1)
+        clf.params = replace(clf.params, weights=fit_weights(full, clf.y[idx[take]]))
 
 
 def _logprobs(scored: Classification, clf: ExampleClassifier, shortlist: list[int]) -> list[float]:
@@ -295,14 +330,25 @@ def _save_vectors(path: Path, vectors: F32) -> None:
     tmp.replace(path)
 
 
-def _load_params(path: Path) -> Params | None:
+def _load_params(path: Path, clf: ExampleClassifier) -> bool:
+    """Restore fitted parameters and probe; False (refit) if the file is missing or damaged."""
     try:
-        raw = json.loads(path.read_text())
-        return Params(**{**raw, "weights": tuple(raw["weights"])})
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
+        with np.load(path, allow_pickle=False) as z:
+            raw = json.loads(str(z["params"]))
+            params = Params(**{**raw, "weights": tuple(raw["weights"])})
+            probe = (z["w"].astype(np.float32), z["b"].astype(np.float32))
+    except (OSError, ValueError, TypeError, KeyError, EOFError):
+        return False
+    if probe[0].shape != (clf.vectors.shape[1], clf.n_labels):
+        return False
+    clf.params, clf.probe = params, probe
+    return True
 
 
-def _save_params(path: Path, params: Params) -> None:
+def _save_params(path: Path, clf: ExampleClassifier) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(asdict(params)).encode())
+    w, b = clf.probe if clf.probe is not None else (np.zeros((0, 0)), np.zeros(0))
+    tmp = path.with_suffix(".tmp.npz")
+    with tmp.open("wb") as f:
+        np.savez(f, params=np.array(json.dumps(asdict(clf.params))), w=w, b=b)
+    tmp.replace(path)

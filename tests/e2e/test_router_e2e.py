@@ -94,6 +94,11 @@ def test_cloud_only_chat_is_answered_by_gemma_with_cost(routed: Daemon) -> None:
     assert "paris" in r.text.lower()
     assert r.route.served_by == "cloud" and r.route.reason == "routing CLOUD_ONLY"
     assert r.route.cost > 0 and r.route.cloud_latency_ms > 0 and r.usage.prompt_tokens > 0
+    out = subprocess.run(
+        [sys.executable, "-m", "sidecar.cli", "status", "--socket", str(routed.socket)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "cloud gemma at http://127.0.0.1" in out and "breaker closed" in out
 
 
 def test_auto_escalates_an_unsure_classify_and_keeps_the_label_contract(routed: Daemon) -> None:

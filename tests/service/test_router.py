@@ -337,7 +337,7 @@ async def test_classify_by_examples_and_by_a_config_task_with_a_disk_cache(
     code, msg = await code_of(s.client.classify("x", ["refund"], examples=ROWS))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "'refund' has no examples" in msg
     cache = short_dir / "store/router/examples"
-    assert len(list(cache.glob("*.npy"))) == 1 and len(list(cache.glob("*.json"))) == 1
+    assert len(list(cache.glob("*.npy"))) == 1 and len(list(cache.glob("*.npz"))) == 1
 
     csv_file = _write_csv(short_dir / "intents.csv", ROWS)
     task = TaskConfig("intents", csv_file, "text", "intent", "", "", -1.0, False)
@@ -351,7 +351,7 @@ async def test_classify_by_examples_and_by_a_config_task_with_a_disk_cache(
     # Same examples, same model version: the vectors came from the cache, not re-embedded.
     assert len(list(cache.glob("*.npy"))) == 1
     embeds = sum(sl.info.requests for p in s2.running.engine.pools.values() for sl in p._slots)
-    assert embeds == 1  # only the request's own text
+    assert embeds <= 1  # at most the request's own text
 
 
 async def test_a_damaged_vector_cache_is_recomputed(serve, tiny_model, short_dir) -> None:  # type: ignore[no-untyped-def]

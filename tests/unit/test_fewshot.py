@@ -40,8 +40,8 @@ def test_fitting_trusts_the_informative_view_and_calibrates() -> None:
     texts = [" ".join(rng.choice(["alpha", "beta", "gamma", "delta"], 4)) for _ in labels]
     clf = ExampleClassifier(labels, x, texts)
     fit(clf, texts, size=300)
-    w_emb, w_lex = clf.params.weights
-    assert w_emb > 3 * w_lex
+    w_emb, w_lex, w_probe = clf.params.weights
+    assert max(w_emb, w_probe) > 3 * w_lex and clf.probe is not None
     xt, lt, _ = synthetic(100, 6, 16, noise=1.2, seed=2)
     xt = (np.random.default_rng(2).normal(size=(6, 16)) * 0 + centres)[[int(s[1:]) for s in lt]]
     xt = xt + 1.2 * np.random.default_rng(3).normal(size=xt.shape)
