@@ -140,7 +140,7 @@ def classify_all(
                 r = c.classify(text, task="banking77", routing="LOCAL_ONLY", timeout=120)
                 ms = (time.perf_counter() - t0) * 1000
                 out[i] = {"gold": gold, "label": r.label, "p": r.confidence.top_probability,
-                          "ms": ms}  # fmt: skip
+                          "ms": ms, "model": r.usage.prompt_tokens > 0}  # fmt: skip
 
     started = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(clients)]
@@ -198,6 +198,7 @@ def main() -> int:
         "accuracy": float(ok.mean()),
         "curve": curve(p, ok),
         "ece": expected_calibration_error(p, ok),
+        "answered_without_model": float(np.mean([not r["model"] for r in res8])),
         "default_threshold": {
             "threshold": default_t,
             "coverage": float(kept.mean()),
@@ -237,6 +238,7 @@ def print_table(r: dict[str, Any]) -> None:
         row(f"accuracy kept local @ {c['coverage']:.0%} (t={c['threshold']:.3f})",
             f"{c['accuracy']:.3f}", target)  # fmt: skip
     row("expected calibration error", f"{r['ece']:.3f}", "<= 0.05")
+    row("answered from the words alone (cascade)", f"{r['answered_without_model']:.3f}", "")
     d = r["default_threshold"]
     row(f"default threshold {d['threshold']}: coverage", f"{d['coverage']:.3f}", "")
     row(f"default threshold {d['threshold']}: accuracy", f"{d['accuracy']:.3f}", "")

@@ -54,6 +54,8 @@ def fake_cloud() -> Iterator[tuple[str, Script]]:
                     return
                 if kind == "status":
                     self._send(arg, b'{"error": {"message": "injected", "type": "x"}}')
+                elif kind == "raw_status":
+                    self._send(*arg)
                 elif kind == "raw":
                     self._send(200, arg)
                 else:

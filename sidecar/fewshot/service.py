@@ -128,10 +128,14 @@ class FewShot:
         # The cascade: where the words alone are as sure as the fitted gate, the model's
         # embedding would not change the answer (checked on held-out examples), so it
         # is not computed. Everything else gets the model.
-        if probs.max() < clf.params.gate or scoring:
-            emb = await self._embed(model, [task.text])
+        if probs.max() < clf.params.gate:
+            emb, tokens = await self._embed_one(model, task.text)
+            usage = Usage(tokens, 0)  # the model's work shows in usage; 0 = answered without it
             evidence = await asyncio.to_thread(clf.evidence, emb[0], task.text, None, lex)
-            probs = await self._combine(model, task.text, clf, evidence, scoring, instruction)
+            probs, scored = await self._combine(
+                model, task.text, clf, evidence, scoring, instruction
+            )
+            usage.prompt_tokens += scored
         allowed = (
             [clf.names.index(label) for label in task.labels]
             if task.labels
@@ -156,13 +160,14 @@ class FewShot:
         evidence: F64,
         scoring: bool,
         instruction: str,
-    ) -> F64:
+    ) -> tuple[F64, int]:
+        """Calibrated probabilities, and the prompt tokens label scoring cost."""
         if scoring and clf.params.shortlist:
             shortlist = clf.shortlist(evidence)
             scored = await self._score_labels(model, text, clf, shortlist, instruction)
             row = label_evidence(clf.n_labels, shortlist, _logprobs(scored, clf, shortlist))
-            evidence = np.vstack([evidence, row])
-        return clf.probabilities(evidence)
+            return clf.probabilities(np.vstack([evidence, row])), scored.usage.prompt_tokens
+        return clf.probabilities(evidence), 0
 
     # ------------------------------------------------------------------ building
 
@@ -242,6 +247,12 @@ class FewShot:
         while len(self._built) > 16:  # request example sets come and go: keep the recent ones
             self._built.popitem(last=False)
         return clf
+
+    async def _embed_one(self, model: str, text: str) -> tuple[F32, int]:
+        r = await self._run(model, EmbedTask((text,), normalize=True), "fewshot")
+        if not isinstance(r, Embeddings):  # pragma: no cover - an engine bug
+            raise FailedPrecondition("embedding returned no vectors")
+        return np.asarray(r.vectors, np.float32), r.usage.prompt_tokens
 
     async def _embed(self, model: str, texts: list[str], task_name: str = "") -> F32:
         out: list[list[float]] = []

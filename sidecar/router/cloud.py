@@ -70,6 +70,7 @@ class CloudClient:
             timeout=cfg.timeout_s,
             max_retries=0,
         )
+        self._json_form = "json_schema"  # the structured-output form this server takes
 
     async def close(self) -> None:
         await self._client.close()
@@ -98,11 +99,22 @@ class CloudClient:
                 if response_format is not None:
                     kw["response_format"] = response_format
                 resp = await self._client.chat.completions.create(**kw)
+            except openai.APIStatusError as e:
+                # The SDK keeps only the body's `message` in str(e); FastAPI servers put
+                # the reason in `detail`, so look at the whole body.
+                said = f"{e} {getattr(e, 'body', '')}"
+                if response_format is not None and "response_format" in said:
+                    # This server does not take this structured-output form (some answer a
+                    # 500 for it): the caller tries another form. Not the endpoint's fault.
+                    raise CloudError("format_rejected", _describe(e)) from None
+                if isinstance(e, RETRYABLE):
+                    last = _describe(e)
+                    continue
+                # Any other 4xx: our request is wrong; retrying will not help.
+                raise CloudError(f"http_{e.status_code}", _describe(e)) from None
             except RETRYABLE as e:
                 last = _describe(e)
                 continue
-            except openai.APIStatusError as e:  # 4xx: our request is wrong; retrying will not help
-                raise CloudError(f"http_{e.status_code}", _describe(e)) from None
             except (openai.APIError, ValueError) as e:  # e.g. a body that is not JSON
                 last = f"malformed reply: {type(e).__name__}: {e}"
                 continue
@@ -146,16 +158,36 @@ class CloudClient:
         return label, reply
 
     async def extract(self, text: str, schema: str, instruction: str = "") -> CloudReply:
-        """JSON text for the schema (the caller validates it: the contract is checked once)."""
+        """JSON text for the schema (the caller validates it: the contract is checked once).
+
+        Servers differ in how they take a schema: OpenAI, vLLM and llama.cpp's C++ server
+        take `json_schema`; llama-cpp-python's server takes `json_object` with a `schema`;
+        others take neither. The first form this server accepts is remembered.
+        """
+        parsed = json.loads(schema)
+        task = instruction or "Extract the fields as JSON."
         messages = [
-            {"role": "system", "content": instruction or "Extract the fields as JSON."},
+            {"role": "system", "content": f"{task} Reply with JSON that matches this JSON "
+                                          f"Schema, and nothing else: {schema}"},
             {"role": "user", "content": text},
-        ]
-        fmt = {
-            "type": "json_schema",
-            "json_schema": {"name": "extract", "schema": json.loads(schema)},
-        }
-        return await self.chat(messages, response_format=fmt)
+        ]  # fmt: skip
+        forms: dict[str, dict[str, Any] | None] = {
+            "json_schema": {"type": "json_schema",
+                            "json_schema": {"name": "extract", "schema": parsed}},
+            "json_object": {"type": "json_object", "schema": parsed},
+            "prompt": None,
+        }  # fmt: skip
+        order = [self._json_form, *(f for f in forms if f != self._json_form)]
+        for form in order:
+            try:
+                reply = await self.chat(messages, response_format=forms[form])
+            except CloudError as e:
+                if e.reason == "format_rejected":
+                    continue
+                raise
+            self._json_form = form
+            return reply
+        raise CloudError("format_rejected", "the cloud refused every structured-output form")
 
 
 def _text(resp: Any) -> str | None:

@@ -107,3 +107,24 @@ async def test_classify_maps_the_answer_and_asks_once_more(cloud) -> None:  # ty
 )
 def test_match_label(answer: str, label: str | None) -> None:
     assert match_label(answer, ["card_arrival", "lost_or_stolen_card"]) == label
+
+
+async def test_extract_falls_back_to_the_structured_output_form_the_server_takes(cloud) -> None:  # type: ignore[no-untyped-def]
+    url, script = cloud
+    rejected = (
+        "raw_status",
+        (500, b'{"detail": "response_format.type: Input should be text or json_object"}'),
+    )
+    script.replies = [rejected, ok('{"a": 1}'), ok('{"a": 2}')]
+    breaker = Breaker(1, 60)
+    c = client(url, breaker)
+    r = await c.extract("a is 1", '{"type": "object"}')
+    assert r.text == '{"a": 1}' and breaker.state == "closed"  # a refusal is not a failure
+    forms = [m["response_format"]["type"] for m in script.received]
+    assert (
+        forms == ["json_schema", "json_object"]
+        and "schema" in script.received[1]["response_format"]
+    )
+    await c.extract("a is 2", '{"type": "object"}')  # remembered: asks the working form first
+    assert script.received[2]["response_format"]["type"] == "json_object"
+    await c.close()
