@@ -3,6 +3,7 @@
     scripts/bench-routing                  # all 3,080 test rows (~5 min after the first run)
     scripts/bench-routing --quick          # 400 test rows
     scripts/bench-routing --label-scoring  # also score the 5 shortlisted labels with the model
+    scripts/bench-routing --no-cascade     # run the model for every request
     scripts/bench-routing --out PATH       # JSON elsewhere (default bench-results/bench-routing.json)
 
 The daemon runs as a subprocess on SmolLM2-135M (2 workers x 1 thread) with one config task,
@@ -61,7 +62,7 @@ def load(name: str) -> list[tuple[str, str]]:
 
 
 class Daemon:
-    def __init__(self, tmp: Path, label_scoring: bool) -> None:
+    def __init__(self, tmp: Path, label_scoring: bool, cascade: bool) -> None:
         self.socket = tmp / "d.sock"
         self.logfile = tmp / "daemon.log"
         config = tmp / "bench.toml"
@@ -77,6 +78,7 @@ file = "{DATA / "train.csv"}"
 text_column = "text"
 label_column = "category"
 label_scoring = {"true" if label_scoring else "false"}
+cascade = {"true" if cascade else "false"}
 """
         )
         cmd = [sys.executable, "-m", "sidecar.cli", "--config", str(config), "serve"]
@@ -170,13 +172,14 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--label-scoring", action="store_true")
+    ap.add_argument("--no-cascade", action="store_true", help="run the model for every request")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-results/bench-routing.json")
     args = ap.parse_args()
     test = load("test.csv")
     if args.quick:
         test = test[:: max(1, len(test) // 400)][:400]
     with tempfile.TemporaryDirectory(prefix="bench-routing-") as tmp:
-        d = Daemon(Path(tmp), args.label_scoring)
+        d = Daemon(Path(tmp), args.label_scoring, not args.no_cascade)
         try:
             prep_s = d.wait_task()
             log(f"task ready after {prep_s:.0f}s; classifying {len(test)} test rows, 8 clients")
@@ -194,11 +197,24 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "rows": len(res8),
         "label_scoring": args.label_scoring,
+        "cascade": not args.no_cascade,
         "task_prepare_s": round(prep_s, 1),
         "accuracy": float(ok.mean()),
         "curve": curve(p, ok),
         "ece": expected_calibration_error(p, ok),
         "answered_without_model": float(np.mean([not r["model"] for r in res8])),
+        "thresholds": [
+            {
+                "threshold": t,
+                "coverage": float((p >= t).mean()),
+                "accuracy": float(ok[p >= t].mean()) if (p >= t).any() else 0.0,
+            }
+            for t in (0.5, 0.6, 0.7, 0.8, 0.9)
+        ],
+        "per_row": [
+            {"p": round(r["p"], 5), "ok": r["label"] == r["gold"], "model": r["model"]}
+            for r in res8
+        ],
         "default_threshold": {
             "threshold": default_t,
             "coverage": float(kept.mean()),
@@ -230,7 +246,7 @@ def print_table(r: dict[str, Any]) -> None:
         print(f"{name:<38}{value:>12}   {target}")
 
     print(f"\nBanking77 test, {r['rows']} rows, 77 labels, SmolLM2-135M (label scoring "
-          f"{'on' if r['label_scoring'] else 'off'})")  # fmt: skip
+          f"{'on' if r['label_scoring'] else 'off'}, cascade {'on' if r['cascade'] else 'off'})")  # fmt: skip
     row("metric", "value", "target")
     row("local accuracy", f"{r['accuracy']:.3f}", ">= 0.75")
     for c in r["curve"]:
@@ -239,6 +255,9 @@ def print_table(r: dict[str, Any]) -> None:
             f"{c['accuracy']:.3f}", target)  # fmt: skip
     row("expected calibration error", f"{r['ece']:.3f}", "<= 0.05")
     row("answered from the words alone (cascade)", f"{r['answered_without_model']:.3f}", "")
+    for t in r["thresholds"]:
+        row(f"threshold {t['threshold']}: coverage / accuracy",
+            f"{t['coverage']:.3f} / {t['accuracy']:.3f}", "")  # fmt: skip
     d = r["default_threshold"]
     row(f"default threshold {d['threshold']}: coverage", f"{d['coverage']:.3f}", "")
     row(f"default threshold {d['threshold']}: accuracy", f"{d['accuracy']:.3f}", "")

@@ -279,7 +279,7 @@ CLOUD_KEYS: dict[str, Key] = {
         bool, False, "Escalate sensitive requests with the matches replaced, instead of never."
     ),
     "classify_threshold": Key(
-        float, 0.5, "AUTO escalates a Classify whose top probability is below this.", _probability
+        float, 0.7, "AUTO escalates a Classify whose top probability is below this.", _probability
     ),
     "classify_margin": Key(
         float, 0.0, "...or whose top-minus-runner-up margin is below this; 0 = off.", _probability
@@ -322,6 +322,12 @@ TASK_KEYS: dict[str, Key] = {
         "AUTO escalates below this calibrated confidence; -1 = cloud.classify_threshold.",
     ),
     "label_scoring": Key(bool, False, "Also score the shortlisted labels with the model (slower)."),
+    "cascade": Key(
+        bool,
+        True,
+        "Answer from the words alone where held-out examples show the model would not "
+        "change the answer; false = run the model for every request.",
+    ),
 }
 
 TOP_KEYS: dict[str, Key] = {
@@ -455,6 +461,7 @@ class TaskConfig:
     instruction: str
     threshold: float
     label_scoring: bool
+    cascade: bool = True
 
 
 @dataclass(frozen=True)

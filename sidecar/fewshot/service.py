@@ -107,14 +107,14 @@ class FewShot:
             model = spec.model or model
             clf = await self._for_task(spec, wait=False)
             instruction = task.instruction or spec.instruction
-            scoring = spec.label_scoring
+            scoring, cascade = spec.label_scoring, spec.cascade
         else:
             examples = ExampleSet(
                 tuple(t for t, _ in task.examples), tuple(y for _, y in task.examples)
             )
             check(examples, MAX_REQUEST_EXAMPLES)
             clf = await self._classifier(model, examples, label_scoring=False)
-            instruction, scoring = task.instruction, False
+            instruction, scoring, cascade = task.instruction, False, True
         if task.labels:
             unknown = sorted(set(task.labels) - set(clf.names))
             if unknown:
@@ -128,7 +128,7 @@ class FewShot:
         # The cascade: where the words alone are as sure as the fitted gate, the model's
         # embedding would not change the answer (checked on held-out examples), so it
         # is not computed. Everything else gets the model.
-        if probs.max() < clf.params.gate:
+        if not cascade or probs.max() < clf.params.gate:
             emb, tokens = await self._embed_one(model, task.text)
             usage = Usage(tokens, 0)  # the model's work shows in usage; 0 = answered without it
             evidence = await asyncio.to_thread(clf.evidence, emb[0], task.text, None, lex)

@@ -354,6 +354,21 @@ async def test_classify_by_examples_and_by_a_config_task_with_a_disk_cache(
     assert embeds <= 1  # at most the request's own text
 
 
+async def test_without_the_cascade_every_request_runs_the_model(serve, tiny_model, short_dir) -> None:  # type: ignore[no-untyped-def]
+    from sidecar.config import TaskConfig
+
+    csv_file = _write_csv(short_dir / "intents.csv", ROWS)
+    task = TaskConfig("intents", csv_file, "text", "intent", "", "", -1.0, False, cascade=False)
+    s = await serve(tiny_model, tasks=(task,))
+    for _ in range(100):
+        if (await s.client.status()).cloud.tasks.get("intents") == "ready":
+            break
+        await asyncio.sleep(0.05)
+    for text, _label in ROWS[:4]:
+        r = await s.client.classify(text, task="intents")
+        assert r.usage.prompt_tokens > 0  # the model embedded it
+
+
 async def test_a_damaged_vector_cache_is_recomputed(serve, tiny_model, short_dir) -> None:  # type: ignore[no-untyped-def]
     s = await serve(tiny_model)
     await s.client.classify("my card has still not arrived", examples=ROWS)

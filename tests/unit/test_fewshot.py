@@ -100,3 +100,27 @@ def test_example_checks_and_the_cache_key() -> None:
     assert ex.digest("v1") != ex.digest("v2")  # a new model version re-embeds
     assert ex.digest("v1") != ExampleSet(("a", "b"), ("x", "z")).digest("v1")
     assert ex.digest("v1") == ExampleSet(("a", "b"), ("x", "y")).digest("v1")
+
+
+def test_the_cascade_gate_skips_the_model_only_where_it_would_not_help() -> None:
+    from dataclasses import replace
+
+    from sidecar.fewshot.fit import choose_gate
+
+    rng = np.random.default_rng(0)
+    n, labels = 400, 4
+    y = rng.integers(0, labels, n)
+    sure = np.arange(n) < n // 2  # the words settle half the rows; the model settles all
+    lex = np.full((n, labels), np.log(0.25))
+    lex[sure] = np.log(0.02)
+    lex[sure, y[sure]] = np.log(0.94)
+    wrong = (y + 1) % labels
+    lex[~sure, wrong[~sure]] = np.log(0.4)  # unsure and wrong without the model
+    probe = np.full((n, labels), np.log(0.05))
+    probe[np.arange(n), y] = np.log(0.85)
+    ev = np.stack([np.zeros((n, labels)), lex, probe], axis=1)
+    clf = ExampleClassifier([f"l{i}" for i in y], np.eye(n, 8, dtype=np.float32), ["x"] * n)
+    clf.params = replace(clf.params, weights=(0.0, 1.0, 1.0), lex_alone=1.0)
+    gate = choose_gate(clf, ev, y)
+    alone = np.exp(lex).max(axis=1) / np.exp(lex).sum(axis=1)
+    assert alone[~sure].max() < gate <= alone[sure].min()
