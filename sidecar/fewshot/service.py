@@ -226,7 +226,9 @@ class FewShot:
         task_name: str,
         instruction: str,
     ) -> ExampleClassifier:
-        vectors_file = self.cache_dir / f"{key}.npy"
+        # Vectors depend on the examples and the model only; fitted parameters also on
+        # whether label scoring takes part.
+        vectors_file = self.cache_dir / f"{key.removesuffix('+ls')}.npy"
         params_file = self.cache_dir / f"{key}.{PARAMS_VERSION}.npz"
         vectors = await asyncio.to_thread(_load_vectors, vectors_file, len(examples.texts))
         if vectors is None:

@@ -354,7 +354,9 @@ async def test_classify_by_examples_and_by_a_config_task_with_a_disk_cache(
     assert embeds <= 1  # at most the request's own text
 
 
-async def test_without_the_cascade_every_request_runs_the_model(serve, tiny_model, short_dir) -> None:  # type: ignore[no-untyped-def]
+async def test_without_the_cascade_every_request_runs_the_model(
+    serve, tiny_model, short_dir
+) -> None:  # type: ignore[no-untyped-def]
     from sidecar.config import TaskConfig
 
     csv_file = _write_csv(short_dir / "intents.csv", ROWS)
