@@ -309,13 +309,17 @@ class FewShot:
     ) -> None:
         """The label-scoring view's weight, fitted on part of the same held-out rows."""
         clf.params = replace(clf.params, shortlist=min(SHORTLIST, clf.n_labels))
-        rows = []
         take = np.arange(min(LABEL_HOLDOUT, len(idx)))
-        for r in take:
+        sem = asyncio.Semaphore(4)  # keep every worker busy, not the whole queue
+
+        async def row(r: int) -> F64:
             shortlist = clf.shortlist(ev[r])
             text = examples.texts[int(idx[r])]
-            scored = await self._score_labels(model, text, clf, shortlist, instruction)
-            rows.append(label_evidence(clf.n_labels, shortlist, _logprobs(scored, clf, shortlist)))
+            async with sem:
+                scored = await self._score_labels(model, text, clf, shortlist, instruction)
+            return label_evidence(clf.n_labels, shortlist, _logprobs(scored, clf, shortlist))
+
+        rows = await asyncio.gather(*(row(int(r)) for r in take))
         full = np.concatenate([ev[take], np.asarray(rows)[:, None, :]], axis=1)
         clf.params = replace(clf.params, weights=fit_weights(full, clf.y[idx[take]]))
 
