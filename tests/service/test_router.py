@@ -268,6 +268,19 @@ async def test_extract_through_the_cloud_is_schema_valid_or_a_clear_error(
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "does not satisfy the schema" in msg
 
 
+async def test_an_unsure_extract_escalates_on_its_token_logprobs(serve, tiny_model, cloud) -> None:  # type: ignore[no-untyped-def]
+    url, script = cloud
+    schema = {"type": "object", "properties": {"total": {"type": "number"}}, "required": ["total"]}
+    script.default = ok('{"total": 7}')
+    s = await serve(tiny_model, cloud=settings(url, extract_mean_logprob=-0.05))  # fake: -0.1
+    e = await s.client.extract("Total: 7", schema)
+    assert e.route.served_by == "cloud" and "mean logprob -0.100 < -0.050" in e.route.reason
+    assert json.loads(e.json) == {"total": 7}
+    s.running.router.settings = replace(s.running.router.settings, extract_mean_logprob=-1.0)
+    e = await s.client.extract("Total: 7", schema)
+    assert e.route.served_by == "local" and e.route.local_confidence == pytest.approx(-0.1)
+
+
 async def test_streams_are_routed_before_they_start(serve, tiny_model, cloud) -> None:  # type: ignore[no-untyped-def]
     url, script = cloud
     script.default = ok("streamed from the cloud")

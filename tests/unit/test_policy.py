@@ -108,3 +108,25 @@ def test_a_request_marked_sensitive_never_leaves_even_with_redaction() -> None:
 )
 def test_each_escalation_has_a_fixed_code_for_metrics(outcome: LocalOutcome, code: str) -> None:
     assert decide(Situation("AUTO", local=outcome)).code == code
+
+
+def test_local_errors_map_to_escalation_triggers_by_class() -> None:
+    from sidecar import errors
+    from sidecar.router.engine import failure_kind
+
+    cases = {
+        errors.ContextOverflow("too long"): "context",
+        errors.SchemaViolation("JSON missed the schema"): "schema",
+        errors.Overloaded("queue full"): "overloaded",
+        errors.WorkerCrashed("died"): "unavailable",
+        errors.Unavailable("starting"): "unavailable",
+        errors.DeadlineExceeded("slow"): "timeout",
+        errors.InvalidRequest("empty prompt"): None,  # the caller's fault: never escalated
+        errors.OutOfRange("too many labels"): None,
+        errors.FailedPrecondition("no model"): None,
+    }
+    for error, kind in cases.items():
+        assert failure_kind(error) == kind, error
+        # The same class survives the worker pipe (errors cross it as kind + message).
+        again = errors.from_kind(error.kind, error.message)
+        assert type(again) is type(error) and failure_kind(again) == kind
