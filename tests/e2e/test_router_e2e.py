@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,7 @@ from sidecar.client import Client
 
 pytestmark = pytest.mark.e2e
 
-DATA = Path(__file__).resolve().parents[3] / "shared/data/banking77"
+MINI = Path(__file__).resolve().parents[1] / "data/banking77-mini"  # six intents, CC-BY-4.0
 EMAIL = "ann.lee@example.com"
 
 
@@ -142,29 +143,13 @@ def test_nothing_sensitive_reaches_the_cloud(routed: Daemon, proxy: tuple[str, S
     assert not script.seen(EMAIL) and not script.seen("haiku")
 
 
-def _subset(path: Path, intents: list[str], per: int) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
-    with (DATA / "train.csv").open(newline="") as f:
-        for row in csv.DictReader(f):
-            if row["category"] in intents and sum(1 for _, y in out if y == row["category"]) < per:
-                out.append((row["text"], row["category"]))
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "category"])
-        w.writerows(out)
-    return out
-
-
 def test_a_config_task_classifies_by_examples_and_reuses_its_cache(smollm2: Path) -> None:
     short = Path(tempfile.mkdtemp(prefix="sc-task-", dir="/tmp"))
-    _subset(short / "train.csv", BANKING_LABELS, 25)
+    shutil.copy(MINI / "train.csv", short / "train.csv")  # 25 examples of each of 6 intents
     config = short / "sidecar.toml"
     config.write_text('[tasks.bank]\nfile = "train.csv"\nlabel_column = "category"\n')
-    test_rows: list[tuple[str, str]] = []
-    with (DATA / "test.csv").open(newline="") as f:
-        for row in csv.DictReader(f):
-            if row["category"] in BANKING_LABELS and len(test_rows) < 60:
-                test_rows.append((row["text"], row["category"]))
+    with (MINI / "test.csv").open(newline="") as f:
+        test_rows = [(row["text"], row["category"]) for row in csv.DictReader(f)]
 
     def run() -> tuple[float, float]:
         d = Daemon(short / "s.sock", smollm2, config=config).wait_ready()
