@@ -187,6 +187,8 @@ class FewShot:
         examples = await asyncio.to_thread(load_csv, spec.file, spec.text_column, spec.label_column)
         key = examples.digest(version) + ("+ls" if spec.label_scoring else "")
         self._task_keys[spec.name] = (stamp, key)
+        # Known before the task is ready, so AUTO can escalate its requests meanwhile.
+        self._labels[spec.name] = examples.label_names
         if key in self._built:
             return self._built[key]
         job = self._building.get(key)

@@ -62,7 +62,7 @@ from sidecar.types import (
 )
 
 log = logging.getLogger("sidecar.router")
-LOCAL_DEFAULT = RouteRequest()  # the configured default routing, not marked sensitive
+DEFAULT_ROUTE = RouteRequest()  # the configured default routing, not marked sensitive
 
 FAIL = {
     "unavailable": Unavailable,
@@ -165,7 +165,7 @@ class RouterEngine:
         return self.local.ready
 
     async def run(
-        self, model: str, task: Task, caller: str, route: RouteRequest = LOCAL_DEFAULT
+        self, model: str, task: Task, caller: str, route: RouteRequest = DEFAULT_ROUTE
     ) -> Result:
         if isinstance(task, EmbedTask):  # vectors are model-specific: always local
             return await self._local(model, task, caller)
@@ -197,7 +197,7 @@ class RouterEngine:
         )
 
     async def stream(
-        self, model: str, task: StreamableTask, caller: str, route: RouteRequest = LOCAL_DEFAULT
+        self, model: str, task: StreamableTask, caller: str, route: RouteRequest = DEFAULT_ROUTE
     ) -> AsyncGenerator[TokenEvent | Generation, None]:
         situation = self._situation(task, route)
         first = decide(situation)
@@ -224,9 +224,7 @@ class RouterEngine:
                 raise
             second = decide(replace(situation, local=LocalOutcome(failure=kind, detail=e.message)))
             if second.action != "cloud":
-                raise type(e)(
-                    f"{e.message} ({second.reason})" if second.reason else e.message
-                ) from None
+                raise type(e)(second.reason or e.message) from None
             result = await self._cloud(task, second, None, e)
             assert isinstance(result, Generation)
             yield TokenEvent(result.text)

@@ -469,3 +469,29 @@ async def test_a_worker_that_dies_mid_request_is_escalated(serve, tiny_model, cl
     g = await call
     assert g.text == "the cloud took over"
     assert g.route.served_by == "cloud" and g.route.reason_code == "local_unavailable"
+
+
+async def test_a_task_still_being_prepared_escalates_with_its_labels(
+    serve, tiny_model, cloud, short_dir
+) -> None:  # type: ignore[no-untyped-def]
+    from sidecar.config import TaskConfig
+    from sidecar.engine.fake import FakeSlot
+
+    url, script = cloud
+    script.default = ok("pin")
+    csv_file = _write_csv(short_dir / "intents.csv", ROWS)
+    task = TaskConfig("intents", csv_file, "text", "intent", "", "", -1.0, False)
+    FakeSlot.token_delay_s = 1.0  # embedding the examples takes a while
+    try:
+        s = await serve(tiny_model, tasks=(task,), cloud=settings(url))
+        code, msg = await code_of(
+            s.client.classify("pin blocked", task="intents", routing="LOCAL_ONLY")
+        )
+        assert code == grpc.StatusCode.UNAVAILABLE and "being prepared" in msg
+        r = await s.client.classify("pin blocked", task="intents")
+        assert r.label == "pin" and r.route.served_by == "cloud"
+        assert r.route.reason_code == "local_unavailable"
+        sent = script.received[-1]["messages"][0]["content"]
+        assert all(label in sent for label in ("card_arrival", "exchange_rate", "pin"))
+    finally:
+        FakeSlot.token_delay_s = 0.0
