@@ -13,7 +13,7 @@ from typing import Any
 
 import jsonschema
 
-from sidecar.errors import ContextOverflow, InvalidRequest, OutOfRange
+from sidecar.errors import ContextOverflow, InvalidRequest, OutOfRange, SchemaViolation
 from sidecar.types import (
     ChatTask,
     ClassifyTask,
@@ -153,3 +153,14 @@ CHECKS: dict[type, Callable[[Any, Limits], None]] = {
     ExtractTask: _extract,
     EmbedTask: _embed,
 }
+
+
+def conforming_json(text: str, schema: str) -> str:
+    """`text` re-serialised compactly if it is JSON the schema accepts; else SchemaViolation
+    saying why. The one check every Extract answer passes, local or from the cloud."""
+    try:
+        value = json.loads(text)
+        jsonschema.validate(value, json.loads(schema))
+    except (ValueError, jsonschema.ValidationError) as e:
+        raise SchemaViolation(str(getattr(e, "message", e))) from None
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))

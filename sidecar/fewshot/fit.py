@@ -50,9 +50,14 @@ def _best_bandwidth(
     return best
 
 
-def neighbour_evidence(clf: ExampleClassifier, idx: npt.NDArray[np.int64], texts: list[str]) -> F64:
-    """(n, 2, labels) leave-one-out evidence for the held-out examples."""
-    emb, lex = similarity_rows(clf, idx, texts)
+def neighbour_evidence(
+    clf: ExampleClassifier,
+    idx: npt.NDArray[np.int64],
+    emb: npt.NDArray[np.float32],
+    lex: npt.NDArray[np.float32],
+) -> F64:
+    """(n, 2, labels) leave-one-out evidence for the held-out examples, from their
+    similarity rows (`similarity_rows`)."""
     p = clf.params
     return np.stack(
         [
@@ -95,7 +100,7 @@ def fit(
         lex_bandwidth=_best_bandwidth(clf, lex, idx),
     )
     ev = np.concatenate(
-        [neighbour_evidence(clf, idx, texts), probe_evidence(clf, idx)[:, None, :]], axis=1
+        [neighbour_evidence(clf, idx, emb, lex), probe_evidence(clf, idx)[:, None, :]], axis=1
     )
     y = clf.y[idx]
     clf.probe = train_probe(clf.vectors, clf.y, clf.n_labels)

@@ -76,7 +76,7 @@ class FewShot:
         self.tasks = {t.name: t for t in tasks}
         self.default_model = default_model
         self._built: OrderedDict[str, ExampleClassifier] = OrderedDict()
-        self._building: dict[str, asyncio.Task[ExampleClassifier]] = {}
+        self._building: dict[str, asyncio.Future[ExampleClassifier]] = {}
         self.progress: dict[str, str] = {}  # task name -> what preparing it has reached
         self._labels: dict[str, tuple[str, ...]] = {}  # task name -> its labels, once built
         self._task_keys: dict[str, tuple[tuple[str, int, int], str]] = {}  # name -> (stamp, key)
@@ -191,12 +191,12 @@ class FewShot:
         self._labels[spec.name] = examples.label_names
         if key in self._built:
             return self._built[key]
-        job = self._building.get(key)
-        if job is None:
-            job = self._building[key] = asyncio.ensure_future(
-                self._build(model, examples, key, spec.label_scoring, spec.name, spec.instruction)
-            )
-            job.add_done_callback(lambda _j: self._building.pop(key, None))
+        job = self._job(
+            key,
+            lambda: self._build(
+                model, examples, key, spec.label_scoring, spec.name, spec.instruction
+            ),
+        )
         if not wait and not job.done():
             raise Unavailable(
                 f"task {spec.name!r} is being prepared ({self.progress.get(spec.name, 'starting')}): "
@@ -211,13 +211,20 @@ class FewShot:
         if key in self._built:
             self._built.move_to_end(key)
             return self._built[key]
+        return await asyncio.shield(
+            self._job(key, lambda: self._build(model, examples, key, label_scoring, "", ""))
+        )
+
+    def _job(
+        self, key: str, build: Callable[[], Awaitable[ExampleClassifier]]
+    ) -> asyncio.Future[ExampleClassifier]:
+        """The one build of `key` in flight: concurrent requests for the same examples share
+        it, and a caller that goes away does not cancel it (callers await it shielded)."""
         job = self._building.get(key)
         if job is None:
-            job = self._building[key] = asyncio.ensure_future(
-                self._build(model, examples, key, label_scoring, "", "")
-            )
+            job = self._building[key] = asyncio.ensure_future(build())
             job.add_done_callback(lambda _j: self._building.pop(key, None))
-        return await asyncio.shield(job)
+        return job
 
     async def _build(
         self,
@@ -246,7 +253,6 @@ class FewShot:
             await asyncio.to_thread(_save_params, params_file, clf)
         if task_name:
             self.progress[task_name] = "ready"
-            self._labels[task_name] = clf.names
         self._built[key] = clf
         while len(self._built) > 16:  # request example sets come and go: keep the recent ones
             self._built.popitem(last=False)
@@ -263,12 +269,16 @@ class FewShot:
         # Batches go to all workers at once; each is one Embed job in the model's queue.
         batches = [texts[i : i + EMBED_BATCH] for i in range(0, len(texts), EMBED_BATCH)]
         done = 0
+        sem = asyncio.Semaphore(4)  # keep every worker busy, not the whole queue
 
         async def one(batch: list[str]) -> list[list[float]]:
             nonlocal done
             for attempt in range(EMBED_ATTEMPTS):
                 try:
-                    r = await self._run(model, EmbedTask(tuple(batch), normalize=True), "fewshot")
+                    async with sem:
+                        r = await self._run(
+                            model, EmbedTask(tuple(batch), normalize=True), "fewshot"
+                        )
                     break
                 except Unavailable:
                     if attempt == EMBED_ATTEMPTS - 1:
@@ -281,13 +291,7 @@ class FewShot:
                 self.progress[task_name] = f"embedded {done} of {len(texts)} examples"
             return r.vectors
 
-        sem = asyncio.Semaphore(4)
-
-        async def limited(batch: list[str]) -> list[list[float]]:
-            async with sem:
-                return await one(batch)
-
-        for vectors in await asyncio.gather(*(limited(b) for b in batches)):
+        for vectors in await asyncio.gather(*(one(b) for b in batches)):
             out.extend(vectors)
         return np.asarray(out, np.float32)
 

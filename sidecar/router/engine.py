@@ -12,13 +12,10 @@ before the first token); once local tokens have been sent they are not escalated
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import replace
-
-import jsonschema
 
 from sidecar.config import Config
 from sidecar.engine.engine import PoolEngine
@@ -60,6 +57,7 @@ from sidecar.types import (
     TokenEvent,
     Usage,
 )
+from sidecar.validate import conforming_json
 
 log = logging.getLogger("sidecar.router")
 DEFAULT_ROUTE = RouteRequest()  # the configured default routing, not marked sensitive
@@ -279,16 +277,18 @@ class RouterEngine:
 
     def _situation(self, task: Task, route: RouteRequest) -> Situation:
         routing = route.routing or self.settings.routing
+        if self.cloud is None or routing == "LOCAL_ONLY":
+            # Nothing can leave: scanning for personal data and pre-routing would be
+            # request-path work whose answer decide() never reads.
+            return Situation(routing=routing, cloud=self.cloud is not None)  # type: ignore[arg-type]
         texts = _texts(task)
         kinds = tuple(self.scanner.kinds(texts))
-        sensitive = ("marked", *kinds) if route.sensitive else kinds
         return Situation(
             routing=routing,  # type: ignore[arg-type]
-            sensitive=sensitive,
+            sensitive=("marked", *kinds) if route.sensitive else kinds,
             redact=self.settings.redact,
-            cloud=self.cloud is not None,
-            breaker_open=self.cloud is not None and self.breaker.state == "open",
-            spent=self.budget.spent() if self.cloud is not None else None,
+            breaker_open=self.breaker.state == "open",
+            spent=self.budget.spent(),
             pre_route=self._pre_route(task, texts),
         )
 
@@ -352,13 +352,11 @@ class RouterEngine:
         if isinstance(task, ExtractTask):
             reply = await self.cloud.extract(task.text, task.schema, task.instruction)
             try:
-                value = json.loads(reply.text)
-                jsonschema.validate(value, json.loads(task.schema))
-            except (ValueError, jsonschema.ValidationError) as e:
+                text = conforming_json(reply.text, task.schema)
+            except SchemaViolation as e:
                 raise _InvalidCloudAnswer(
-                    f"the cloud's JSON does not satisfy the schema: {getattr(e, 'message', e)}"
+                    f"the cloud's JSON does not satisfy the schema: {e.message}"
                 ) from None
-            text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
             return Extraction(
                 text, Usage(reply.prompt_tokens, reply.completion_tokens), TokenConfidence(0.0, 0.0)
             ), reply

@@ -306,15 +306,15 @@ def stored_version(v: VersionInfo, serving: bool) -> pb.StoredVersion:
 def cloud_status(router: RouterEngine) -> pb.CloudStatus:
     c = router.settings
     b = router.budget
-    b.spent()  # rolls the day and month over before reporting
+    spent_day, spent_month = router.spent
     return pb.CloudStatus(
         configured=router.cloud is not None,
         base_url=c.base_url,
         model=c.model,
         routing=c.routing,
         breaker=router.breaker.state,
-        spent_day=b.spent_day,
-        spent_month=b.spent_month,
+        spent_day=spent_day,
+        spent_month=spent_month,
         daily_cap=b.daily_cap,
         monthly_cap=b.monthly_cap,
         calls=router.cloud_calls,

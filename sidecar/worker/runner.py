@@ -11,7 +11,6 @@ across requests, workers and restarts.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -19,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import llama_cpp
 import numpy as np
 from llama_cpp import _internals as internals
@@ -52,6 +50,7 @@ from sidecar.types import (
     TokenConfidence,
     Usage,
 )
+from sidecar.validate import conforming_json
 from sidecar.worker import prompts
 from sidecar.worker.labels import Row, common_prefix, log_softmax, normalise, score_sequences
 from sidecar.worker.text import TextAssembler
@@ -388,15 +387,14 @@ class LlamaRunner:
                 f"the JSON was not complete after {gen.usage.completion_tokens} tokens: raise max_tokens"
             )
         try:
-            value = json.loads(gen.text)
-            jsonschema.validate(value, json.loads(task.schema))
-        except (ValueError, jsonschema.ValidationError) as e:
+            answer = conforming_json(gen.text, task.schema)
+        except SchemaViolation as e:
             raise SchemaViolation(
                 f"the model's JSON does not satisfy the schema (the grammar cannot enforce every "
-                f"JSON Schema keyword): {getattr(e, 'message', e)}"
+                f"JSON Schema keyword): {e.message}"
             ) from None
         result = Extraction(
-            json=json.dumps(value, ensure_ascii=False, separators=(",", ":")),
+            json=answer,
             usage=gen.usage,
             confidence=gen.confidence,
         )
