@@ -280,6 +280,9 @@ def chat(ctx: click.Context, message: str, system: str, model: str, max_tokens: 
     click.echo(dump(reply) if as_json else reply.text)
 
 
+ROUTINGS = ("AUTO", "LOCAL_ONLY", "CLOUD_ONLY")
+
+
 @main.command()
 @click.argument("text")
 @click.option(
@@ -287,24 +290,33 @@ def chat(ctx: click.Context, message: str, system: str, model: str, max_tokens: 
     "--label",
     "labels",
     multiple=True,
-    required=True,
-    help="Candidate label (repeat, 2 or more).",
+    help="Candidate label (repeat, 2 or more; with --task, narrows its labels).",
+)
+@click.option(
+    "--task", default="", help="Classify by the examples of a [tasks.NAME] in the config."
+)
+@click.option(
+    "--routing", type=click.Choice(ROUTINGS), default=None, help="Default: cloud.routing."
 )
 @click.option("--instruction", default="")
 @click.option("--model", default="")
 @client_options
 @click.pass_context
-def classify(ctx: click.Context, text: str, labels: tuple[str, ...], instruction: str, model: str,
-             socket: Path | None, tcp: str | None, token: str | None, timeout: float, as_json: bool) -> None:  # fmt: skip
-    """Pick exactly one of the given labels for TEXT."""
+def classify(ctx: click.Context, text: str, labels: tuple[str, ...], task: str, routing: str | None,
+             instruction: str, model: str, socket: Path | None, tcp: str | None, token: str | None,
+             timeout: float, as_json: bool) -> None:  # fmt: skip
+    """Pick exactly one of the given labels (or of a task's labels) for TEXT."""
     with connect(ctx, socket, tcp, token, timeout) as c:
-        reply = call(lambda: c.classify(text, labels, instruction=instruction, model=model))
+        reply = call(lambda: c.classify(text, labels, instruction=instruction, model=model,
+                                        task=task, routing=routing or ""))  # fmt: skip
     if as_json:
         click.echo(dump(reply))
         return
     click.echo(reply.label)
-    for s in reply.scores:
+    for s in reply.scores[:10]:
         click.echo(f"  {s.probability:6.3f}  {s.label}", err=True)
+    if reply.route.served_by == "cloud" or reply.route.reason:
+        click.echo(f"  answered by {reply.route.served_by}: {reply.route.reason}", err=True)
 
 
 @main.command()

@@ -161,6 +161,12 @@ def test_a_config_task_classifies_by_examples_and_reuses_its_cache(smollm2: Path
                     time.sleep(0.2)
                 prepared = time.monotonic() - t0
                 right = sum(c.classify(t, task="bank").label == y for t, y in test_rows)
+            cli = subprocess.run(
+                [sys.executable, "-m", "sidecar.cli", "classify", "--socket", str(d.socket),
+                 "--task", "bank", test_rows[0][0]],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            assert cli.stdout.strip() in BANKING_LABELS
         finally:
             d.stop()
         return prepared, right / len(test_rows)
