@@ -842,6 +842,7 @@ class ModelStatus(_message.Message):
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     LAST_SWAP_FIELD_NUMBER: _builtins.int
     LAST_UPDATE_FIELD_NUMBER: _builtins.int
+    UPDATE_FETCH_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     context: _builtins.int
     threads: _builtins.int
@@ -861,6 +862,8 @@ class ModelStatus(_message.Message):
     """the outcome of the last swap"""
     last_update: _builtins.str
     """the outcome of the last update check or install"""
+    update_fetch: _builtins.str
+    """an update download in progress: bytes so far, age, deadline"""
     @_builtins.property
     def model(self) -> Global___ModelRef: ...
     @_builtins.property
@@ -883,10 +886,11 @@ class ModelStatus(_message.Message):
         last_error: _builtins.str = ...,
         last_swap: _builtins.str = ...,
         last_update: _builtins.str = ...,
+        update_fetch: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_s", b"backoff_s", "context", b"context", "detail", b"detail", "is_default", b"is_default", "last_error", b"last_error", "last_swap", b"last_swap", "last_update", b"last_update", "model", b"model", "path", b"path", "queue_depth", b"queue_depth", "queue_limit", b"queue_limit", "ready", b"ready", "restarts", b"restarts", "threads", b"threads", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_s", b"backoff_s", "context", b"context", "detail", b"detail", "is_default", b"is_default", "last_error", b"last_error", "last_swap", b"last_swap", "last_update", b"last_update", "model", b"model", "path", b"path", "queue_depth", b"queue_depth", "queue_limit", b"queue_limit", "ready", b"ready", "restarts", b"restarts", "threads", b"threads", "update_fetch", b"update_fetch", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -926,6 +930,7 @@ class StatusReply(_message.Message):
     SHEDDING_FIELD_NUMBER: _builtins.int
     LAST_RELOAD_FIELD_NUMBER: _builtins.int
     CLOUD_FIELD_NUMBER: _builtins.int
+    DROP_WATCHER_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """daemon version"""
     pid: _builtins.int
@@ -936,6 +941,8 @@ class StatusReply(_message.Message):
     """why new requests are being refused, if they are"""
     last_reload: _builtins.str
     """what the last SIGHUP applied, and what needs a restart"""
+    drop_watcher: _builtins.str
+    """the drop folder watcher: "watching DIR", or why it stopped; empty = none"""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStatus]: ...
     @_builtins.property
@@ -957,10 +964,11 @@ class StatusReply(_message.Message):
         shedding: _builtins.str = ...,
         last_reload: _builtins.str = ...,
         cloud: Global___CloudStatus | None = ...,
+        drop_watcher: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cloud", b"cloud"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cloud", b"cloud", "counters", b"counters", "last_reload", b"last_reload", "memory_available_bytes", b"memory_available_bytes", "models", b"models", "pid", b"pid", "shedding", b"shedding", "socket", b"socket", "uptime_s", b"uptime_s", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cloud", b"cloud", "counters", b"counters", "drop_watcher", b"drop_watcher", "last_reload", b"last_reload", "memory_available_bytes", b"memory_available_bytes", "models", b"models", "pid", b"pid", "shedding", b"shedding", "socket", b"socket", "uptime_s", b"uptime_s", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
