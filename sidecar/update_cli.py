@@ -123,12 +123,19 @@ def apply(ctx: click.Context, model: str, socket: Path | None, tcp: str | None,
           token: str | None, timeout: float, as_json: bool) -> None:  # fmt: skip
     """Fetch, rebuild, verify and hot-swap MODEL's update, with progress.
 
+    Waits as long as the daemon works on it (downloads have their own deadline,
+    update.fetch_deadline_seconds) unless --timeout is given. Leaving early (Ctrl-C, or
+    --timeout) stops the download; its partial file stays and the next apply resumes it.
+
     Exit 0 when the new version serves (or nothing was to do), 1 when the update was
     refused (the current model keeps serving; the reason is printed)."""
     bar = _Bar()
+    # The generic 60 s default fits a quick RPC, not a download: leaving cancels it.
+    explicit = ctx.get_parameter_source("timeout") is not click.core.ParameterSource.DEFAULT
     with connect(ctx, socket, tcp, token, timeout) as c:
         try:
-            for step in c.admin.ApplyUpdate(pb.UpdateRequest(model=model), timeout=timeout,
+            for step in c.admin.ApplyUpdate(pb.UpdateRequest(model=model),
+                                            timeout=timeout if explicit else None,
                                             metadata=c._md):  # fmt: skip
                 if as_json:
                     click.echo(dump(step))
@@ -143,7 +150,11 @@ def apply(ctx: click.Context, model: str, socket: Path | None, tcp: str | None,
                                err=True)  # fmt: skip
         except grpc.RpcError as e:
             bar.end()
-            click.echo(f"refused: {e.code().name}: {e.details()}", err=True)
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                click.echo(f"gave up after --timeout {timeout:g}s: the daemon stops the "
+                           "download; the next `sidecar update apply` resumes it", err=True)  # fmt: skip
+            else:
+                click.echo(f"refused: {e.code().name}: {e.details()}", err=True)
             raise SystemExit(EXIT_FAILED) from None
 
 

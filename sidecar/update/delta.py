@@ -33,13 +33,14 @@ has are copied.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import zstandard
@@ -313,9 +314,29 @@ def make_delta(old: Path, new: Path, out: Path) -> DeltaInfo:
 
 
 # ---------------------------------------------------------------- apply
+#
+# Whoever holds the publisher's key (or a careless publisher) chooses every byte of a
+# delta, signed or not. So nothing in it sizes an allocation or a write: the caller
+# passes the target size from the signed manifest and not a byte past it is written; a
+# zstd frame is read through a bounded stream (its declared content size would otherwise
+# be allocated whole); each op is checked against the room left before it runs; and any
+# malformed delta, down to a wrong type in its header, is a DeltaError, so the updater
+# falls back to the full file.
+
+MAX_WINDOW = 1 << 25  # zstd window an op may ask for; ours use at most 8 MiB (level 12)
+_HEX = frozenset("0123456789abcdef")
 
 
-def _header(f: BinaryIO) -> dict[str, object]:
+@dataclass(frozen=True)
+class _Head:
+    base_sha256: str
+    base_size: int
+    target_sha256: str
+    target_size: int
+    mode: str
+
+
+def _header(f: BinaryIO) -> _Head:
     if f.read(len(MAGIC)) != MAGIC:
         raise DeltaError("not a sidecar delta (wrong magic)")
     raw = f.read(4)
@@ -326,20 +347,36 @@ def _header(f: BinaryIO) -> dict[str, object]:
         raise DeltaError("corrupt delta header length")
     try:
         head = json.loads(f.read(n))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: 64 KiB of "[" is valid input
         raise DeltaError("corrupt delta header") from None
+    if not isinstance(head, dict):
+        raise DeltaError("corrupt delta header: not a JSON object")
     for key in ("base_sha256", "base_size", "target_sha256", "target_size", "mode"):
         if key not in head:
             raise DeltaError(f"delta header lacks {key}")
-    return dict(head)
+    for key in ("base_sha256", "target_sha256"):
+        v = head[key]
+        if not isinstance(v, str) or len(v) != 64 or not set(v) <= _HEX:
+            raise DeltaError(f"corrupt delta header: {key} must be 64 lowercase hex digits")
+    for key in ("base_size", "target_size"):
+        v = head[key]
+        if type(v) is not int or v < 0:
+            raise DeltaError(
+                f"corrupt delta header: {key} must be a non-negative integer, "
+                f"got {type(v).__name__}"
+            )
+    if not isinstance(head["mode"], str):
+        raise DeltaError("corrupt delta header: mode must be a string")
+    return _Head(head["base_sha256"], head["base_size"], head["target_sha256"],
+                 head["target_size"], head["mode"])  # fmt: skip
 
 
 def read_delta_info(delta: Path) -> DeltaInfo:
     with delta.open("rb") as f:
         h = _header(f)
         payload = delta.stat().st_size - f.tell()
-    return DeltaInfo(str(h["base_sha256"]), int(h["base_size"]), str(h["target_sha256"]),  # type: ignore[call-overload]
-                     int(h["target_size"]), payload, 0, str(h["mode"]))  # type: ignore[call-overload]  # fmt: skip
+    return DeltaInfo(h.base_sha256, h.base_size, h.target_sha256, h.target_size, payload, 0,
+                     h.mode)  # fmt: skip
 
 
 def _exact(f: BinaryIO, n: int) -> bytes:
@@ -349,6 +386,28 @@ def _exact(f: BinaryIO, n: int) -> bytes:
     return data
 
 
+def _inflate(d: zstandard.ZstdDecompressor, payload: bytes, raw_len: int) -> bytes:
+    """Exactly `raw_len` bytes out of one zstd frame, holding at most one byte more.
+
+    `ZstdDecompressor.decompress` allocates the size the frame declares, whatever
+    `max_output_size` says: 32 KiB declaring 1 GiB cost 1 GiB. A stream read is bounded
+    by what we ask for."""
+    out = bytearray()
+    try:
+        with d.stream_reader(io.BytesIO(payload), read_across_frames=False) as r:
+            while len(out) <= raw_len:
+                chunk = r.read(raw_len + 1 - len(out))
+                if not chunk:
+                    break
+                out += chunk
+    except zstandard.ZstdError as e:
+        raise DeltaError(f"corrupt delta payload: {e}") from None
+    if len(out) != raw_len:
+        more = "more" if len(out) > raw_len else f"{len(out)}"
+        raise DeltaError(f"corrupt delta: a payload holds {more} bytes, its op says {raw_len}")
+    return bytes(out)
+
+
 def apply_delta(
     old: Path,
     delta: Path,
@@ -356,101 +415,135 @@ def apply_delta(
     *,
     progress: Callable[[int, int], None] | None = None,
     verify_base: bool = True,
+    target_size: int | None = None,
+    max_size: int | None = None,
 ) -> str:
     """Write the target to `out`; return its sha256. `verify_base=False` trusts the caller
-    (the store names blobs by their sha256); the target's hash is checked either way."""
-    zd = zstandard.ZstdDecompressor()
+    (the store names blobs by their sha256); the target's hash is checked either way.
+
+    `target_size` is the size a trusted source (the signed manifest) declares: the delta
+    must declare the same, and nothing past it is written. Without it, `max_size` (when
+    given) caps what the delta's own claim may be."""
     with delta.open("rb") as fd:
         h = _header(fd)
-        base_size, target_size = int(h["base_size"]), int(h["target_size"])  # type: ignore[call-overload]
-        if old.stat().st_size != base_size:
+        if target_size is not None and h.target_size != target_size:
             raise DeltaError(
-                f"the base is {old.stat().st_size} bytes; this delta needs {base_size}"
+                f"the delta declares a {h.target_size}-byte target; the manifest says {target_size}"
             )
-        if verify_base and sha256_of(old) != h["base_sha256"]:
+        if max_size is not None and h.target_size > max_size:
+            raise DeltaError(
+                f"the delta declares a {h.target_size}-byte target, over the {max_size}-byte "
+                "cap for this step"
+            )
+        limit = h.target_size
+        size_now = old.stat().st_size
+        if size_now != h.base_size:
+            raise DeltaError(f"the base is {size_now} bytes; this delta needs {h.base_size}")
+        if verify_base and sha256_of(old) != h.base_sha256:
             raise DeltaError("the base file is not the one this delta was made from")
         digest = hashlib.sha256()
-        written = 0
         with old.open("rb") as fo, out.open("wb") as fout:
-
-            def emit(data: bytes) -> None:
-                nonlocal written
-                if written + len(data) > target_size:
-                    raise DeltaError("the delta writes past the target size")
-                fout.write(data)
-                digest.update(data)
-                written += len(data)
-                if progress is not None:
-                    progress(written, target_size)
-
-            def decompress(zlen: int, raw_len: int, d: zstandard.ZstdDecompressor = zd) -> bytes:
-                if raw_len > PIECE or zlen > PIECE + (PIECE >> 4) + 1024:
-                    raise DeltaError("corrupt delta: an op is larger than any op can be")
-                try:
-                    data = d.decompress(_exact(fd, zlen), max_output_size=raw_len)
-                except zstandard.ZstdError as e:
-                    raise DeltaError(f"corrupt delta payload: {e}") from None
-                if len(data) != raw_len:
-                    raise DeltaError("corrupt delta: a payload has the wrong length")
-                return data
-
-            def source(src: int, n: int) -> bytes:
-                if src + n > base_size:
-                    raise DeltaError("corrupt delta: reads past the end of the base")
-                fo.seek(src)
-                return _exact(fo, n)
-
-            while True:
-                kind = _exact(fd, 1)[0]
-                if kind == END:
-                    break
-                if kind == COPY:
-                    src, length = struct.unpack("<QQ", _exact(fd, 16))
-                    for off, n in _ranges(src, length):
-                        emit(source(off, n))
-                elif kind == COPIES:
-                    count, zlen = struct.unpack("<II", _exact(fd, 8))
-                    if count > MAX_COPIES:
-                        raise DeltaError("corrupt delta: too many copies in one op")
-                    pairs = decompress(zlen, count * 16)
-                    for src, length in struct.iter_unpack("<QQ", pairs):
-                        for off, n in _ranges(src, length):
-                            emit(source(off, n))
-                elif kind == DATA:
-                    raw_len, zlen = struct.unpack("<II", _exact(fd, 8))
-                    emit(decompress(zlen, raw_len))
-                elif kind == XOR:
-                    src, raw_len, zlen = struct.unpack("<QII", _exact(fd, 16))
-                    x = decompress(zlen, raw_len)
-                    before = source(src, raw_len)
-                    emit(
-                        np.bitwise_xor(
-                            np.frombuffer(x, np.uint8), np.frombuffer(before, np.uint8)
-                        ).tobytes()
-                    )
-                elif kind == DICT:
-                    doff, dlen, raw_len, zlen = struct.unpack("<QIII", _exact(fd, 20))
-                    if dlen > MAX_DICT or raw_len > MAX_DICT:
-                        raise DeltaError("corrupt delta: dictionary op too large")
-                    dictionary = zstandard.ZstdCompressionDict(
-                        source(doff, dlen), dict_type=zstandard.DICT_TYPE_RAWCONTENT
-                    )
-                    try:
-                        data = zstandard.ZstdDecompressor(dict_data=dictionary).decompress(
-                            _exact(fd, zlen), max_output_size=raw_len
-                        )
-                    except zstandard.ZstdError as e:
-                        raise DeltaError(f"corrupt delta payload: {e}") from None
-                    emit(data)
-                else:
-                    raise DeltaError(f"corrupt delta: unknown op {kind}")
-            if fd.read(1):
-                raise DeltaError("corrupt delta: bytes after the end")
+            try:
+                written = _run_ops(fd, fo, fout, h.base_size, limit, digest, progress)
+            except (ValueError, TypeError, OverflowError, struct.error) as e:
+                # A hostile op that got past the checks below still only means "corrupt".
+                raise DeltaError(f"corrupt delta: {e}") from None
             fout.flush()
             os.fsync(fout.fileno())
-    if written != target_size:
-        raise DeltaError(f"the delta produced {written} bytes; the target has {target_size}")
+    if written != limit:
+        raise DeltaError(f"the delta produced {written} bytes; the target has {limit}")
     got = digest.hexdigest()
-    if got != h["target_sha256"]:
+    if got != h.target_sha256:
         raise DeltaError("the rebuilt file does not have the target's sha256")
     return got
+
+
+def _run_ops(
+    fd: BinaryIO,
+    fo: BinaryIO,
+    fout: BinaryIO,
+    base_size: int,
+    limit: int,
+    digest: Any,
+    progress: Callable[[int, int], None] | None,
+) -> int:
+    """Apply every op of `fd` to `fout`; return the bytes written (never more than `limit`)."""
+    zd = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
+    written = 0
+
+    def room(n: int, what: str) -> None:
+        # Before an op runs, not after: a 2^63-byte COPY must not start at all.
+        if written + n > limit:
+            raise DeltaError(
+                f"corrupt delta: a {what} of {n} bytes at {written} runs past the "
+                f"{limit}-byte target"
+            )
+
+    def emit(data: bytes) -> None:
+        nonlocal written
+        room(len(data), "write")
+        fout.write(data)
+        digest.update(data)
+        written += len(data)
+        if progress is not None:
+            progress(written, limit)
+
+    def payload(zlen: int, raw_len: int, d: zstandard.ZstdDecompressor = zd) -> bytes:
+        if raw_len > PIECE or zlen > PIECE + (PIECE >> 4) + 1024:
+            raise DeltaError("corrupt delta: an op is larger than any op can be")
+        return _inflate(d, _exact(fd, zlen), raw_len)
+
+    def source(src: int, n: int) -> bytes:
+        if src + n > base_size:
+            raise DeltaError("corrupt delta: reads past the end of the base")
+        fo.seek(src)
+        return _exact(fo, n)
+
+    def copy(src: int, length: int) -> None:
+        room(length, "copy")
+        if src + length > base_size:
+            raise DeltaError("corrupt delta: reads past the end of the base")
+        for off, n in _ranges(src, length):
+            emit(source(off, n))
+
+    while True:
+        kind = _exact(fd, 1)[0]
+        if kind == END:
+            break
+        if kind == COPY:
+            copy(*struct.unpack("<QQ", _exact(fd, 16)))
+        elif kind == COPIES:
+            count, zlen = struct.unpack("<II", _exact(fd, 8))
+            if count > MAX_COPIES:
+                raise DeltaError("corrupt delta: too many copies in one op")
+            for src, length in struct.iter_unpack("<QQ", payload(zlen, count * 16)):
+                copy(src, length)
+        elif kind == DATA:
+            raw_len, zlen = struct.unpack("<II", _exact(fd, 8))
+            room(raw_len, "data op")
+            emit(payload(zlen, raw_len))
+        elif kind == XOR:
+            src, raw_len, zlen = struct.unpack("<QII", _exact(fd, 16))
+            room(raw_len, "xor op")
+            x = payload(zlen, raw_len)
+            before = source(src, raw_len)
+            emit(
+                np.bitwise_xor(
+                    np.frombuffer(x, np.uint8), np.frombuffer(before, np.uint8)
+                ).tobytes()
+            )
+        elif kind == DICT:
+            doff, dlen, raw_len, zlen = struct.unpack("<QIII", _exact(fd, 20))
+            if dlen > MAX_DICT or raw_len > MAX_DICT or zlen > MAX_DICT + (MAX_DICT >> 4):
+                raise DeltaError("corrupt delta: dictionary op too large")
+            room(raw_len, "dictionary op")
+            dictionary = zstandard.ZstdCompressionDict(
+                source(doff, dlen), dict_type=zstandard.DICT_TYPE_RAWCONTENT
+            )
+            dd = zstandard.ZstdDecompressor(dict_data=dictionary, max_window_size=MAX_WINDOW)
+            emit(_inflate(dd, _exact(fd, zlen), raw_len))
+        else:
+            raise DeltaError(f"corrupt delta: unknown op {kind}")
+    if fd.read(1):
+        raise DeltaError("corrupt delta: bytes after the end")
+    return written

@@ -6,20 +6,29 @@ partial's length with an HTTP Range request, after a cut connection, a retry, or
 declares (a server that sends more is refused; an endless response cannot fill the
 disk), and the finished file must have the manifest's sha256. An origin is an http(s)
 URL or a local folder (a mounted share), handled alike.
+
+An origin can also be slow on purpose: one byte every few seconds keeps every socket
+timeout happy. So a download has a total deadline and a floor on its rate (both in a
+`Control`), and whoever started it can cancel it from another thread; either way the
+partial file stays and the next attempt resumes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
 import random
+import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from sidecar.update.manifest import UpdateRejected
 
@@ -29,6 +38,132 @@ USER_AGENT = "sidecar-updater/1"
 
 class FetchError(Exception):
     """The origin could not be read (after retries); try again later."""
+
+
+class Aborted(FetchError):
+    """A download ended on purpose: past its deadline ("deadline"), or nobody waits for it
+    any more ("cancelled"). Its partial file stays, so the next attempt resumes it."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class Control:
+    """One download's deadline, rate floor, cancel switch and progress (read by status).
+
+    A read blocked in the kernel cannot be interrupted from Python, and a trickling origin
+    never lets it time out. So `cancel` (from any thread, or the deadline's timer) marks the
+    download ended and shuts down the socket it reads from: the blocked read returns at
+    once, and the fetch raises `Aborted` instead of retrying.
+    """
+
+    def __init__(self, deadline_seconds: float | None = None, min_rate: int = 0) -> None:
+        self.started = time.monotonic()
+        self.deadline_seconds = deadline_seconds
+        self.deadline = None if deadline_seconds is None else self.started + deadline_seconds
+        self.min_rate = min_rate  # bytes/s over a timeout window; 0 = no floor
+        self.what = ""
+        self.done = 0
+        self.total = 0
+        self.last_byte = self.started
+        self._why: Aborted | None = None
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self._woken = threading.Event()
+
+    @property
+    def aborted(self) -> Aborted | None:
+        return self._why
+
+    def cancel(self, kind: str, message: str) -> None:
+        with self._lock:
+            if self._why is not None:
+                return
+            self._why = Aborted(kind, message)
+            socks, self._socks = self._socks, []
+        self._woken.set()
+        for sock in socks:
+            _shut(sock)
+
+    def expire(self) -> None:
+        took = f"{self.deadline_seconds:g}s" if self.deadline_seconds is not None else "its time"
+        self.cancel(
+            "deadline",
+            f"{self.what or 'the download'} passed its deadline of {took} with {self.done} of "
+            f"{self.total} bytes (update.fetch_deadline_seconds); the partial file is kept "
+            "and the next apply resumes it",
+        )
+
+    def check(self) -> None:
+        if self._why is None and self.deadline is not None and time.monotonic() >= self.deadline:
+            self.expire()
+        if self._why is not None:
+            raise self._why
+
+    def sleep(self, seconds: float) -> None:
+        self._woken.wait(seconds)
+        self.check()
+
+    def attach(self, sock: socket.socket) -> None:
+        with self._lock:
+            if self._why is None:
+                self._socks.append(sock)
+                return
+        _shut(sock)  # cancelled while connecting
+
+    def progress(self, done: int, total: int) -> None:
+        if done > self.done:
+            self.last_byte = time.monotonic()
+        self.done, self.total = done, total
+
+    @contextlib.contextmanager
+    def running(self, what: str) -> Iterator[None]:
+        """Arm the deadline's timer for one fetch (a blocked read is cut when it fires)."""
+        self.what = what
+        timer = None
+        if self.deadline is not None:
+            timer = threading.Timer(max(self.deadline - time.monotonic(), 0), self.expire)
+            timer.daemon = True
+            timer.start()
+        try:
+            self.check()
+            yield
+        finally:
+            if timer is not None:
+                timer.cancel()
+            with self._lock:
+                self._socks = []
+
+
+def _shut(sock: socket.socket) -> None:
+    # socket.socket's own shutdown even for TLS: it only wakes the reader, whose next read fails.
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class _Tracked:
+    """A urllib handler whose connections register their socket with a Control."""
+
+    control: Control
+
+    def do_open(self, http_class: Any, req: Any, **kw: Any) -> Any:
+        control = self.control
+
+        class Connection(http_class):  # type: ignore[misc]
+            def connect(self) -> None:
+                super().connect()
+                control.attach(self.sock)
+
+        return super().do_open(Connection, req, **kw)  # type: ignore[misc]
+
+
+class _HTTP(_Tracked, urllib.request.HTTPHandler):
+    pass
+
+
+class _HTTPS(_Tracked, urllib.request.HTTPSHandler):
+    pass
 
 
 def origin_url(origin: str, rel: str) -> str:
@@ -44,30 +179,46 @@ def _is_http(url: str) -> bool:
     return url.startswith(("http://", "https://"))
 
 
-def _open(url: str, timeout: float, start: int = 0) -> http.client.HTTPResponse:
+def _open(url: str, timeout: float, control: Control, start: int = 0) -> http.client.HTTPResponse:
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     if start:
         request.add_header("Range", f"bytes={start}-")
-    response = urllib.request.urlopen(request, timeout=timeout)
+    handlers = []
+    for kind in (_HTTP, _HTTPS):
+        handler = kind()
+        handler.control = control
+        handlers.append(handler)
+    response = urllib.request.build_opener(*handlers).open(request, timeout=timeout)
     assert isinstance(response, http.client.HTTPResponse)
     return response
 
 
-def fetch_bytes(url: str, *, max_bytes: int, timeout: float = 30) -> bytes:
+def fetch_bytes(
+    url: str, *, max_bytes: int, timeout: float = 30, control: Control | None = None
+) -> bytes:
     """A small document (the manifest), refused past `max_bytes`."""
+    control = control or Control()
     try:
-        if not _is_http(url):
-            with open(url, "rb") as f:
-                data = f.read(max_bytes + 1)
-        else:
-            with _open(url, timeout) as r:
-                data = r.read(max_bytes + 1)
+        with control.running(url):
+            if not _is_http(url):
+                with open(url, "rb") as f:
+                    data = f.read(max_bytes + 1)
+            else:
+                with _open(url, timeout, control) as r:
+                    data = b""
+                    # read1, not read: a trickling origin must come back here to be cut.
+                    while len(data) <= max_bytes and (chunk := r.read1(max_bytes + 1 - len(data))):
+                        data += chunk
+                        control.progress(len(data), 0)  # its size is unknown
+                        control.check()
     except FileNotFoundError:
         raise FetchError(f"{url}: not found") from None
     except urllib.error.HTTPError as e:
         raise FetchError(f"{url}: HTTP {e.code} {e.reason}") from None
     except (OSError, http.client.HTTPException) as e:
+        control.check()  # a cut socket is the deadline's or a cancel's doing: say so
         raise FetchError(f"{url}: {e}") from None
+    control.check()
     if len(data) > max_bytes:
         raise UpdateRejected("too_large", f"{url} is over the {max_bytes}-byte cap")
     return data
@@ -83,27 +234,36 @@ def fetch_file(
     retries: int = 5,
     backoff: float = 0.5,
     progress: Callable[[int, int], None] | None = None,
+    control: Control | None = None,
 ) -> None:
-    """Bring `partial` to exactly `size` bytes with hash `sha256`, resuming what is there."""
+    """Bring `partial` to exactly `size` bytes with hash `sha256`, resuming what is there.
+
+    `control` bounds the whole fetch, retries included (deadline, rate floor) and lets
+    another thread cancel it; `Aborted` then leaves the partial file for the next try."""
+    control = control or Control()
     partial.parent.mkdir(parents=True, exist_ok=True)
     attempt = 0
-    while True:
-        have = partial.stat().st_size if partial.exists() else 0
-        if have > size:  # not ours to trust (another origin's, or a bug): start over
-            partial.unlink()
-            have = 0
-        try:
-            if have < size:
-                _transfer(url, partial, have, size, timeout, progress)
-            break
-        except UpdateRejected:
-            raise
-        except _Retryable as e:
-            attempt += 1
-            if attempt > retries:
-                raise FetchError(f"{url}: {e} (gave up after {retries} retries)") from None
-            # Jitter keeps a fleet that lost the origin at once from returning at once.
-            time.sleep(backoff * (2 ** (attempt - 1)) * random.uniform(0.5, 1.5))
+    with control.running(url):
+        while True:
+            have = partial.stat().st_size if partial.exists() else 0
+            if have > size:  # not ours to trust (another origin's, or a bug): start over
+                partial.unlink()
+                have = 0
+            control.progress(have, size)
+            try:
+                if have < size:
+                    _transfer(url, partial, have, size, timeout, progress, control)
+                break
+            except UpdateRejected:
+                raise
+            except _Retryable as e:
+                control.check()  # ended on purpose, not by the origin: no retry
+                attempt += 1
+                if attempt > retries:
+                    raise FetchError(f"{url}: {e} (gave up after {retries} retries)") from None
+                # Jitter keeps a fleet that lost the origin at once from returning at once.
+                control.sleep(backoff * (2 ** (attempt - 1)) * random.uniform(0.5, 1.5))
+        control.check()
     digest = _sha256(partial)
     if digest != sha256:
         partial.unlink(missing_ok=True)  # resuming a wrong file would only stay wrong
@@ -123,12 +283,13 @@ def _transfer(
     size: int,
     timeout: float,
     progress: Callable[[int, int], None] | None,
+    control: Control,
 ) -> None:
     if not _is_http(url):
-        _copy_local(url, partial, start, size, progress)
+        _copy_local(url, partial, start, size, progress, control)
         return
     try:
-        response = _open(url, timeout, start)
+        response = _open(url, timeout, control, start)
     except urllib.error.HTTPError as e:
         if e.code == 416 and start:  # nothing after `start`: the file is shorter than declared
             raise UpdateRejected("size", f"{url} is {start} bytes or shorter, not {size}") from None
@@ -152,10 +313,12 @@ def _transfer(
             out.seek(start)
             out.truncate()
             done = start
+            window_start, window_done = time.monotonic(), done
             try:
                 while True:
                     # Never ask for more than fits: one byte past `size` proves an overrun.
-                    chunk = response.read(min(CHUNK, size - done + 1))
+                    # read1 returns what one recv brings, so a trickle comes back here.
+                    chunk = response.read1(min(CHUNK, size - done + 1))
                     if not chunk:
                         break
                     if done + len(chunk) > size:
@@ -164,9 +327,24 @@ def _transfer(
                         )
                     out.write(chunk)
                     done += len(chunk)
+                    control.progress(done, size)
                     if progress is not None:
                         progress(done, size)
-            except (OSError, http.client.HTTPException) as e:
+                    control.check()
+                    now = time.monotonic()
+                    if control.min_rate and now - window_start >= timeout:
+                        rate = (done - window_done) / (now - window_start)
+                        if rate < control.min_rate:
+                            raise _Retryable(
+                                f"the origin sends {rate:.0f} bytes/s, under the "
+                                f"{control.min_rate} floor (update.fetch_min_bytes_per_second)"
+                            )
+                        window_start, window_done = now, done
+            except Aborted:
+                out.flush()
+                os.fsync(out.fileno())  # what came stays: the next attempt resumes from it
+                raise
+            except (OSError, http.client.HTTPException, _Retryable) as e:
                 out.flush()
                 os.fsync(out.fileno())
                 raise _Retryable(f"cut after {done} of {size} bytes: {e}") from None
@@ -177,7 +355,12 @@ def _transfer(
 
 
 def _copy_local(
-    src: str, partial: Path, start: int, size: int, progress: Callable[[int, int], None] | None
+    src: str,
+    partial: Path,
+    start: int,
+    size: int,
+    progress: Callable[[int, int], None] | None,
+    control: Control,
 ) -> None:
     try:
         actual = os.path.getsize(src)
@@ -195,8 +378,10 @@ def _copy_local(
         while chunk := fin.read(CHUNK):
             out.write(chunk)
             done += len(chunk)
+            control.progress(done, size)
             if progress is not None:
                 progress(done, size)
+            control.check()  # a hung network mount is as slow as a trickling server
         out.flush()
         os.fsync(out.fileno())
 

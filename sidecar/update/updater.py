@@ -16,6 +16,11 @@ One sequence per model, never two at once:
 6. Probation: if a worker of the new version dies or a readiness probe fails within
    `update.healthy_seconds`, the previous version is swapped back and the reason kept.
 
+Every download has a total deadline and a rate floor (`update.fetch_*`), so a trickling
+origin cannot hold the per-model lock forever; a caller of `apply` that goes away cancels
+the job (`abandon`) unless it already reached install, and status shows a job in flight
+(`fetching`). A cut download keeps its partial file: the next apply resumes it.
+
 Partial files are never models: only `store.add` of a verified file makes one, and the
 store's pointers are written atomically, so `kill -9` at any point leaves the serving
 model intact and the next run resumes. State that must survive restarts (highest trusted
@@ -41,7 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sidecar.config import ModelConfig
 from sidecar.engine.engine import PoolEngine
 from sidecar.engine.swap import SwapRefused
-from sidecar.errors import FailedPrecondition, SidecarError, Unavailable
+from sidecar.errors import Cancelled, FailedPrecondition, SidecarError, Unavailable
 from sidecar.metrics import Metrics
 from sidecar.store import write_atomic
 from sidecar.update import delta, fetch
@@ -94,6 +99,29 @@ async def _in_thread(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
 
     threading.Thread(target=work, name="sidecar-update", daemon=True).start()
     return await future
+
+
+@dataclass
+class _Job:
+    """The one update of a model in flight: what status shows, what `abandon` stops."""
+
+    owner: object = None  # whoever asked (an RPC); only they may abandon it
+    stage: str = "checking"
+    control: fetch.Control = field(default_factory=fetch.Control)
+    cancellable: bool = True  # until install: half an install helps nobody
+    started: float = field(default_factory=time.monotonic)
+
+    def describe(self) -> str:
+        c, now = self.control, time.monotonic()
+        text = f"{self.stage} {c.what or ''}".rstrip()
+        if c.total:
+            text += f": {c.done} of {c.total} bytes"
+        text += f", {now - self.started:.0f}s old"
+        if self.stage in ("checking", "fetching"):
+            text += f", last byte {now - c.last_byte:.0f}s ago"
+            if c.deadline is not None:
+                text += f", deadline in {max(c.deadline - now, 0):.0f}s"
+        return text
 
 
 @dataclass
@@ -155,6 +183,7 @@ class Updater:
         self.metrics = metrics
         self._probe_errors = probe_errors
         self._locks: dict[str, asyncio.Lock] = {}
+        self._jobs: dict[str, _Job] = {}
         self.last: dict[str, str] = {}  # per model, for status
         # Worker restarts and probe error when probation began: later changes are trouble.
         self._probation_baseline: dict[str, tuple[int, str | None]] = {}
@@ -194,6 +223,46 @@ class Updater:
         except ValueError as e:
             raise FailedPrecondition(f"models.{m.name}.update_key: {e}") from None
 
+    def _control(self, name: str, size: int, *, in_job: bool = True) -> fetch.Control:
+        """A deadline and rate floor for one download of `size` bytes; `in_job`: made the
+        current one of the model's apply (so `abandon` and status reach it)."""
+        cfg = self.engine.config.update
+        deadline = cfg.fetch_deadline_seconds or 60 + size / cfg.fetch_min_bytes_per_second
+        control = fetch.Control(deadline, cfg.fetch_min_bytes_per_second)
+        return self._adopt(name, control) if in_job else control
+
+    def _adopt(self, name: str, control: fetch.Control) -> fetch.Control:
+        job = self._jobs.get(name)
+        if job is not None:
+            if job.control.aborted is not None:  # abandoned between two steps
+                control.cancel(job.control.aborted.kind, str(job.control.aborted))
+            job.control = control
+        return control
+
+    def _stage(self, name: str, stage: str) -> None:
+        job = self._jobs.get(name)
+        if job is not None:
+            job.stage = stage
+
+    def fetching(self, model: str) -> str:
+        """The update in flight for status ('' when none): bytes, age, deadline."""
+        job = self._jobs.get(model)
+        return job.describe() if job is not None else ""
+
+    def abandon(self, model: str, owner: object, why: str = "the caller went away") -> bool:
+        """Stop the update `owner` started on `model` because nobody waits for it, unless
+        it already reached install. Its partial files stay for the next apply."""
+        try:
+            name = self.engine.pool(model).config.name
+        except SidecarError:
+            return False
+        job = self._jobs.get(name)
+        if job is None or job.owner is not owner or not job.cancellable:
+            return False
+        log.info("update %s: cancelled while %s (%s)", name, job.stage, why)
+        job.control.cancel("cancelled", f"cancelled while {job.stage}: {why}")
+        return True
+
     def _reject(self, name: str, reason: str, message: str) -> None:
         self.metrics.update_rejections.labels(name, reason).inc()
         self._record(name, f"rejected ({reason}): {message}", level=logging.ERROR)
@@ -208,18 +277,26 @@ class Updater:
 
     # ---------------------------------------------------------------- check
 
-    async def check(self, model: str) -> Check:
+    async def check(self, model: str, *, in_job: bool = False) -> Check:
+        """`in_job`: part of an apply (a lone check must not take over its status)."""
         m = self._model(model)
         name = m.name
         timeout = self.engine.config.update.timeout_seconds
         url = fetch.origin_url(m.update_origin, f"{name}.manifest.json")
+        control = self._control(name, MANIFEST_MAX_BYTES, in_job=in_job)
         try:
             data = await _in_thread(
-                fetch.fetch_bytes, url, max_bytes=MANIFEST_MAX_BYTES, timeout=timeout
+                fetch.fetch_bytes,
+                url,
+                max_bytes=MANIFEST_MAX_BYTES,
+                timeout=timeout,
+                control=control,
             )
         except UpdateRejected as e:
             self._reject(name, e.reason, e.message)
             raise FailedPrecondition(f"update of {name!r} refused: {e.message}") from None
+        except fetch.Aborted as e:
+            raise self._aborted(name, e) from None
         except fetch.FetchError as e:
             self.metrics.update_rejections.labels(name, "fetch").inc()
             self._record(name, f"origin unreachable: {e}", level=logging.WARNING)
@@ -259,17 +336,30 @@ class Updater:
 
     # ---------------------------------------------------------------- apply
 
-    async def apply(self, model: str, progress: Progress = _quiet) -> Outcome:
+    async def apply(self, model: str, progress: Progress = _quiet, owner: object = None) -> Outcome:
         name = self.engine.pool(model).config.name
         lock = self._locks.setdefault(name, asyncio.Lock())
         if lock.locked():
-            raise FailedPrecondition(f"an update of {name!r} is already running")
+            job = self._jobs.get(name)
+            now = f" ({job.describe()})" if job is not None else ""
+            raise FailedPrecondition(f"an update of {name!r} is already running{now}")
         async with lock:
-            return await self._apply(name, progress)
+            self._jobs[name] = _Job(owner)
+            try:
+                return await self._apply(name, progress)
+            finally:
+                self._jobs.pop(name, None)
+
+    def _aborted(self, name: str, e: fetch.Aborted) -> SidecarError:
+        self.metrics.update_rejections.labels(name, e.kind).inc()
+        self._record(name, f"stopped ({e.kind}): {e}", level=logging.WARNING)
+        if e.kind == "cancelled":
+            return Cancelled(f"update of {name!r} {e}")
+        return Unavailable(f"update of {name!r} stopped: {e}")
 
     async def _apply(self, name: str, progress: Progress) -> Outcome:
         progress("checking", f"reading the manifest of {name}", 0, 0)
-        check = await self.check(name)
+        check = await self.check(name, in_job=True)
         manifest, plan = check.manifest, check.plan
         current = self.engine.pool(name).ref.version
         if plan is None:
@@ -283,6 +373,11 @@ class Updater:
         fetched = 0
         try:
             file, fetched, how = await self._obtain(name, manifest, plan, progress)
+            job = self._jobs.get(name)
+            if job is not None:
+                job.control.check()  # abandoned in the last moment before install
+                job.cancellable = False
+            self._stage(name, "installing")
             progress("installing", f"adding v{manifest.version} to the store", 0, 0)
             sha = await asyncio.to_thread(
                 self.engine.store.add, file, name, expect_sha256=manifest.sha256
@@ -292,6 +387,8 @@ class Updater:
         except UpdateRejected as e:
             self._reject(name, e.reason, e.message)
             raise FailedPrecondition(f"update of {name!r} refused: {e.message}") from None
+        except fetch.Aborted as e:
+            raise self._aborted(name, e) from None
         except fetch.FetchError as e:
             self.metrics.update_rejections.labels(name, "fetch").inc()
             self._record(name, f"download failed (will resume): {e}", level=logging.WARNING)
@@ -302,6 +399,7 @@ class Updater:
             self._fail(name, manifest.sha256, "validation", e.message)
             raise FailedPrecondition(f"update of {name!r} refused: {e.message}") from None
         previous = self.engine.pool(name).ref.version
+        self._stage(name, "swapping")
         progress("swapping", f"proving v{manifest.version} before it serves", 0, 0)
         try:
             await self.engine.swap(
@@ -366,7 +464,7 @@ class Updater:
         fetched, how = 0, plan.describe()
         if not plan.full:
             try:
-                file, fetched = await self._rebuild(name, plan, progress)
+                file, fetched = await self._rebuild(name, manifest, plan, progress)
                 return file, fetched, how
             except delta.DeltaError as e:
                 log.warning("update %s: delta failed (%s); fetching the full file", name, e)
@@ -384,6 +482,8 @@ class Updater:
         cfg = self.engine.config.update
         before = _size(partial)
         loop = asyncio.get_running_loop()
+        self._stage(name, "fetching")
+        control = self._control(name, max(size - before, 0))
 
         def report(done: int, total: int) -> None:
             loop.call_soon_threadsafe(progress, "fetching", rel, done, total)
@@ -397,12 +497,15 @@ class Updater:
             timeout=cfg.timeout_seconds,
             retries=cfg.retries,
             progress=report,
+            control=control,
         )
         got = max(size - before, 0)
         self.metrics.update_bytes.labels(name).inc(got)
         return got
 
-    async def _rebuild(self, name: str, plan: Plan, progress: Progress) -> tuple[Path, int]:
+    async def _rebuild(
+        self, name: str, manifest: Manifest, plan: Plan, progress: Progress
+    ) -> tuple[Path, int]:
         d = self.workdir(name)
         st = self.state(name)
         base = self.engine.store.blob(plan.steps[0].from_sha256)
@@ -417,12 +520,33 @@ class Updater:
                 )
                 os.replace(dpart, done)
             out = d / f"{step.to_sha256}.rebuilt.partial"
+            self._stage(name, "rebuilding")
+            control = self._adopt(name, fetch.Control())  # local work: no deadline
+            control.what = f"v{step.to_version}"
 
-            def report(written: int, total: int, v: int = step.to_version) -> None:
+            def report(
+                written: int, total: int, v: int = step.to_version, c: fetch.Control = control
+            ) -> None:
+                c.progress(written, total)
+                c.check()  # abandoned: stop between two ops
                 loop.call_soon_threadsafe(progress, "rebuilding", f"v{v}", written, total)
 
+            # The sizes come from the signed manifest, never from the delta: the last step
+            # must make exactly the manifest's file; a step between two versions the
+            # manifest gives no size for gets a generous cap derived from it.
+            if step.to_sha256 == manifest.sha256:
+                caps: dict[str, int] = {"target_size": manifest.size}
+            else:
+                caps = {"max_size": 2 * max(manifest.size, _size(base)) + delta.PIECE}
             try:
-                got = await _in_thread(delta.apply_delta, base, done, out, progress=report)
+                info = await asyncio.to_thread(delta.read_delta_info, done)
+                if (info.base_sha256, info.target_sha256) != (step.from_sha256, step.to_sha256):
+                    raise delta.DeltaError(
+                        f"the delta turns {info.base_sha256[:12]} into "
+                        f"{info.target_sha256[:12]}; the manifest lists it for "
+                        f"{step.from_sha256[:12]} -> {step.to_sha256[:12]}"
+                    )
+                got = await _in_thread(delta.apply_delta, base, done, out, progress=report, **caps)
                 if got != step.to_sha256:
                     raise delta.DeltaError(
                         f"rebuilt v{step.to_version} has sha256 {got[:12]}, the manifest says "
