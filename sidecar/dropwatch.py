@@ -7,12 +7,19 @@ file is taken once it has been quiet for `QUIET_S` and its size stopped changing
 names that look temporary (dotfiles, *.partial, *.tmp, *.part, *.crdownload) are
 ignored, so a copy in progress is never read as a model. A taken file leaves the
 folder: into the store (consumed) or into quarantine (refused).
+
+One bad file must never stop the watching: whatever a file does (a symlink, a loop of
+them, metadata that breaks the checker), it is refused with a reason and the consumer
+goes on to the next. `health` says what the watcher is doing, or why it stopped, for
+`sidecar status`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import stat
 import time
 from pathlib import Path
 
@@ -21,11 +28,13 @@ from watchdog.observers import Observer
 
 from sidecar.engine.engine import PoolEngine
 from sidecar.errors import SidecarError
+from sidecar.names import name_problem
 
 log = logging.getLogger("sidecar.drop")
 
 QUIET_S = 1.0
 TEMPORARY = (".partial", ".tmp", ".part", ".crdownload", "~")
+KEEP_RESULTS = 100  # outcomes remembered for tests and status; older ones are dropped
 
 
 def wanted(path: Path) -> bool:
@@ -50,6 +59,10 @@ class _Signal(FileSystemEventHandler):
                 self.loop.call_soon_threadsafe(self.poke.put_nowait, path)
 
 
+class _Refused(Exception):
+    """This dropped path is not taken; the message says why."""
+
+
 class DropWatcher:
     def __init__(self, engine: PoolEngine, folder: Path, auto_swap: bool) -> None:
         self.engine = engine
@@ -59,22 +72,48 @@ class DropWatcher:
         self._observer: Observer | None = None  # type: ignore[valid-type]
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._stopped: str | None = None  # why watching stopped, once it has
+
+    @property
+    def health(self) -> str:
+        """ "watching DIR" (with the last outcome), or why the watcher stopped."""
+        if self._stopped is not None:
+            return f"stopped: {self._stopped}"
+        if self._observer is not None and not self._observer.is_alive():
+            return f"stopped: the observer of {self.folder} died (restart the daemon)"
+        last = f"; last: {self.results[-1]}" if self.results else ""
+        return f"watching {self.folder}{last}"
 
     async def start(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
         pokes: asyncio.Queue[Path] = asyncio.Queue()
-        observer = Observer()
-        observer.schedule(
-            _Signal(asyncio.get_running_loop(), pokes), str(self.folder), recursive=True
-        )
-        observer.start()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            observer = Observer()
+            observer.schedule(
+                _Signal(asyncio.get_running_loop(), pokes), str(self.folder), recursive=True
+            )
+            observer.start()
+        except OSError as e:  # e.g. no permission, or out of inotify watches
+            # The models still serve; the reason shows in status and the log.
+            self._stopped = f"cannot watch {self.folder}: {e.strerror or e}"
+            log.error("drop folder: %s", self._stopped)
+            return
         self._observer = observer
         for existing in self.folder.rglob("*.gguf"):  # dropped while we were down
             pokes.put_nowait(existing)
         self._task = asyncio.create_task(self._consume(pokes))
+        self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if self._stopping or task.cancelled():
+            return
+        error = task.exception()
+        self._stopped = f"the consumer failed: {error!r}"  # a bug: _consume catches per file
+        log.error("drop folder: %s", self._stopped, exc_info=error)
 
     async def close(self) -> None:
         self._stopping = True
+        self._stopped = "the daemon is stopping"
         if self._task is not None:
             self._task.cancel()
             # Bounded: a swap in progress is left to finish on its own rather than block.
@@ -96,9 +135,15 @@ class DropWatcher:
             now = time.monotonic()
             for path, (changed, size) in list(pending.items()):
                 try:
-                    current = path.stat().st_size
+                    current = self._size(path)
                 except FileNotFoundError:
                     del pending[path]  # renamed away or deleted before it settled
+                    continue
+                except Exception as e:  # _Refused, or a bug: this file only, never the loop
+                    del pending[path]
+                    if not isinstance(e, _Refused):
+                        log.exception("drop folder: checking %r failed", path.name)
+                    await self._refuse(path, str(e) if isinstance(e, _Refused) else repr(e))
                     continue
                 if current != size:
                     pending[path] = (now, current)
@@ -106,22 +151,66 @@ class DropWatcher:
                     del pending[path]
                     await self._take(path)
 
+    def _size(self, path: Path) -> int:
+        """The size of a dropped regular file; _Refused for anything else. Never follows a
+        link: a symlink (or a loop of them) is refused as what it is."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise _Refused(f"cannot read it: {e.strerror or e}") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise _Refused("it is a symbolic link: drop the file itself")
+        if not stat.S_ISREG(st.st_mode):
+            raise _Refused("it is not a regular file")
+        return st.st_size
+
+    def _target(self, path: Path) -> str:
+        """The model a dropped file is for: its folder's name, or the default model."""
+        rel = path.relative_to(self.folder)
+        if len(rel.parts) == 1:
+            return self.engine.default_model
+        if len(rel.parts) > 2:
+            raise _Refused("too deep: use DROP/x.gguf or DROP/NAME/x.gguf")
+        problem = name_problem(rel.parts[0])
+        if problem:
+            raise _Refused(f"folder: {problem}")
+        return rel.parts[0]
+
     def _set_aside(self, path: Path, reason: str) -> None:
-        if path.exists():  # refused after it was stored (canary): move it aside too
+        if path.exists() or path.is_symlink():  # refused after it was stored (canary) too
             self.engine.store.quarantine(path, reason)
 
-    async def _take(self, path: Path) -> None:
-        name = path.parent.name if path.parent != self.folder else self.engine.default_model
+    async def _refuse(self, path: Path, reason: str) -> None:
+        outcome = f"{path.name!r}: refused: {reason}"
         try:
+            await asyncio.to_thread(self._set_aside, path, reason)
+        except Exception as e:  # left in the folder; the watching goes on
+            outcome += f" (could not set it aside: {e})"
+        self._record(outcome, logging.WARNING)
+
+    async def _take(self, path: Path) -> None:
+        try:
+            name = self._target(path)
             if self.auto_swap:
                 result = await self.engine.swap(name, path=path, move_source=True)
-                outcome = f"{path.name}: {name} now serves {result.new.version}"
+                outcome = f"{path.name!r}: {name} now serves {result.new.version}"
             else:
                 sha = await asyncio.to_thread(self.engine.store.add, path, name)
-                outcome = f"{path.name}: added as {name}@{sha[:12]}"
+                outcome = f"{path.name!r}: added as {name}@{sha[:12]}"
             await asyncio.to_thread(path.unlink, missing_ok=True)  # consumed: the store has it
+        except _Refused as e:
+            await self._refuse(path, str(e))
         except SidecarError as e:
-            outcome = f"{path.name}: refused: {e.message}"
-            await asyncio.to_thread(self._set_aside, path, e.message)
-        log.info("drop folder: %s", outcome)
+            await self._refuse(path, e.message)
+        except Exception as e:  # a bug somewhere below: this file is refused, watching goes on
+            log.exception("drop folder: taking %r failed", path.name)
+            await self._refuse(path, f"internal error: {e!r}")
+        else:
+            self._record(outcome, logging.INFO)
+
+    def _record(self, outcome: str, level: int) -> None:
+        log.log(level, "drop folder: %s", outcome)
         self.results.append(outcome)
+        del self.results[:-KEEP_RESULTS]

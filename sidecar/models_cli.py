@@ -13,18 +13,27 @@ import click
 import grpc
 
 from sidecar.cli_support import EXIT_FAILED, call, client_options, connect, dump
+from sidecar.names import name_problem
 from sidecar.v1 import inference_pb2 as pb
+
+
+def _valid(name: str, param: str = "TARGET") -> str:
+    """The daemon checks names too; checking here says so before anything is sent."""
+    problem = name_problem(name) if name else None
+    if problem:
+        raise click.BadParameter(problem, param_hint=param)
+    return name
 
 
 def parse_target(target: str) -> tuple[str, str, str]:
     """NAME, NAME@VERSION or a path (PATH, or NAME=PATH) -> (name, version, path)."""
     if "=" in target:
         name, _, path = target.partition("=")
-        return name, "", str(Path(path).resolve())
+        return _valid(name), "", str(Path(path).resolve())
     if "/" in target or target.endswith(".gguf"):
         return "", "", str(Path(target).resolve())
     name, _, version = target.partition("@")
-    return name, version, ""
+    return _valid(name), version, ""
 
 
 @click.command()
@@ -106,7 +115,12 @@ def list_versions(ctx: click.Context, /, **given: Any) -> None:
 
 @models.command("add")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--name", required=True, help="Model name to add it under.")
+@click.option(
+    "--name",
+    required=True,
+    callback=lambda _ctx, _param, value: _valid(value, "--name"),
+    help="Model name to add it under ([A-Za-z0-9._-], 1-64, not starting with '.').",
+)
 @client_options
 @click.pass_context
 def add(ctx: click.Context, /, path: Path, name: str, **given: Any) -> None:
@@ -135,7 +149,7 @@ def activate(ctx: click.Context, /, target: str, strategy: str | None, **given: 
 def remove(ctx: click.Context, /, target: str, **given: Any) -> None:
     """Remove NAME@VERSION (never the active one, never one a worker maps)."""
     name, _, version = target.partition("@")
-    request = pb.RemoveVersionRequest(model=name, version=version)
+    request = pb.RemoveVersionRequest(model=_valid(name), version=version)
     with _client(ctx, _opts(ctx, given)) as c:
         call(lambda: c.admin.RemoveVersion(request, metadata=c._md))
     click.echo(f"removed {target}")

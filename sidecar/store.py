@@ -1,22 +1,36 @@
 """The model store: named models, versions addressed by sha256, an atomic "active" pointer.
 
-    <root>/blobs/<sha256>.gguf          immutable, verified model files
+    <root>/blobs/<sha256>.gguf          immutable, verified model files (the store's own inodes)
+    <root>/verified/<sha256>            size, mtime, inode and ctime of the blob when last hashed
     <root>/models/<name>/versions/<sha> membership markers (a blob may serve several names)
     <root>/models/<name>/active         the sha256 serving <name>; written atomically
     <root>/models/<name>/previous       the one before, kept by gc for rollback
-    <root>/quarantine/                  files refused by validation or canary, with a .reason
+    <root>/quarantine/                  refused files (0600, dir 0700), each with a .reason
 
 Every write is atomic (a *.partial file, fsync, verify, os.replace, fsync the directory),
 so after a kill -9 at any moment the store holds only complete, verified files and the
 pointers name one of them. Partial files are never read as models and are swept on open.
+
+The store owns its bytes. An import copies (or reflinks, which is copy-on-write) and never
+hardlinks: a shared inode would let whoever writes the original file rewrite a blob under
+its old version label. The caller's file is only read, never moved or chmodded. A blob is
+re-verified before a stored version is loaded again (`verify`): a stat compared with the
+one recorded when it was last hashed, and a full sha256 when they differ.
+
+Names come from callers, so every path is built by `_model_dir`, which checks the name
+(sidecar.names) and refuses anything that would resolve outside `<root>/models`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
+import logging
 import os
-import shutil
+import re
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +38,20 @@ from pathlib import Path
 from sidecar.errors import FailedPrecondition, InvalidRequest, ModelNotFound
 from sidecar.gguf_check import GGUFError
 from sidecar.gguf_check import check as check_gguf
+from sidecar.names import check_name, name_problem, shown
 
 CHUNK = 1 << 20
 SHORT = 12  # the version prefix replies show
+FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int): share extents copy-on-write
+_SHA = re.compile(r"[0-9a-f]{64}")
+_HEX = re.compile(r"[0-9a-fA-F]{1,64}")
+_QUARANTINE_NAME = 80  # characters of the refused file's name kept in the quarantine name
+
+log = logging.getLogger("sidecar.store")
+
+
+class BlobChanged(FailedPrecondition):
+    """A stored blob no longer has the bytes its name promises; it was set aside."""
 
 
 def fsync_dir(path: Path) -> None:
@@ -55,6 +80,33 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def clone_or_copy(src: Path, dst: Path, mode: int = 0o600) -> str | None:
+    """Write `dst` (which must not exist) with the bytes of `src` in a new inode of our own:
+    a reflink where the filesystem offers one (btrfs, xfs: instant, copy-on-write), else a
+    copy. Never a hardlink. `dst` is fsynced. Returns the sha256 of what a copy wrote
+    (hashed on the way, saving a second read), None after a reflink."""
+    with src.open("rb") as fin:
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        with os.fdopen(fd, "wb") as fout:
+            try:
+                fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
+                sha = None
+            except OSError:  # EOPNOTSUPP, EXDEV, EINVAL, ENOTTY...: no reflink here
+                h = hashlib.sha256()
+                while chunk := fin.read(CHUNK):
+                    h.update(chunk)
+                    fout.write(chunk)
+                sha = h.hexdigest()
+            fout.flush()
+            os.fsync(fout.fileno())
+    return sha
+
+
+def _stamp(st: os.stat_result) -> str:
+    # ctime cannot be set by a user: any write, chmod or relink of the blob changes it.
+    return f"{st.st_size} {st.st_mtime_ns} {st.st_ino} {st.st_ctime_ns}"
+
+
 @dataclass(frozen=True)
 class VersionInfo:
     name: str
@@ -74,31 +126,50 @@ class ModelStore:
         self.root = root
         self.blobs = root / "blobs"
         self.models = root / "models"
+        self.stamps = root / "verified"
         self.quarantine_dir = root / "quarantine"
-        for d in (self.blobs, self.models, self.quarantine_dir):
+        for d in (self.blobs, self.models, self.stamps, self.quarantine_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Refused files may be anything a caller pointed at: only we may read them.
+        os.chmod(self.quarantine_dir, 0o700)
         for stale in self.blobs.glob("*.partial"):  # left by a crash mid-copy
             stale.unlink(missing_ok=True)
 
-    # ---------------------------------------------------------------- reading
+    # ---------------------------------------------------------------- paths
 
     def blob(self, sha: str) -> Path:
+        if not _SHA.fullmatch(sha):
+            raise InvalidRequest(f"not a sha256: {shown(sha)}")
         return self.blobs / f"{sha}.gguf"
 
+    def _model_dir(self, name: str) -> Path:
+        """<root>/models/<name>, for a valid name only, and never a path outside the store."""
+        check_name(name)
+        d = self.models / name
+        if d.resolve().parent != self.models.resolve():
+            raise InvalidRequest(f"model {shown(name)} resolves outside the store")
+        return d
+
+    # ---------------------------------------------------------------- reading
+
     def names(self) -> list[str]:
-        return sorted(p.name for p in self.models.iterdir() if p.is_dir())
+        return sorted(
+            p.name
+            for p in self.models.iterdir()
+            if name_problem(p.name) is None and p.is_dir() and not p.is_symlink()
+        )
 
     def versions(self, name: str) -> list[str]:
-        d = self.models / name / "versions"
-        return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+        d = self._model_dir(name) / "versions"
+        return sorted(p.name for p in d.iterdir() if _SHA.fullmatch(p.name)) if d.is_dir() else []
 
     def _pointer(self, name: str, which: str) -> str | None:
-        p = self.models / name / which
+        p = self._model_dir(name) / which
         try:
             sha = p.read_text().strip()
         except FileNotFoundError:
             return None
-        return sha if self.blob(sha).is_file() else None
+        return sha if _SHA.fullmatch(sha) and self.blob(sha).is_file() else None
 
     def active(self, name: str) -> str | None:
         return self._pointer(name, "active")
@@ -108,11 +179,17 @@ class ModelStore:
 
     def resolve(self, name: str, version: str) -> str:
         """A full sha256 from a version or a unique prefix of one."""
-        matches = [v for v in self.versions(name) if v.startswith(version.lower())]
+        known = self.versions(name)
+        if not _HEX.fullmatch(version):
+            raise InvalidRequest(
+                f"bad version {shown(version)} of {name!r}: give a sha256 or a prefix of one "
+                "(hex digits)"
+            )
+        matches = [v for v in known if v.startswith(version.lower())]
         if len(matches) != 1:
-            known = ", ".join(v[:SHORT] for v in self.versions(name)) or "none"
+            listed = ", ".join(v[:SHORT] for v in known) or "none"
             what = "no" if not matches else "more than one"
-            raise ModelNotFound(f"{what} version of {name!r} matches {version!r} (known: {known})")
+            raise ModelNotFound(f"{what} version of {name!r} matches {version!r} (known: {listed})")
         return matches[0]
 
     def info(self, name: str, sha: str) -> VersionInfo:
@@ -122,47 +199,110 @@ class ModelStore:
         )
 
     def all_versions(self) -> list[VersionInfo]:
-        return [self.info(name, sha) for name in self.names() for sha in self.versions(name)]
+        out = []
+        for name in self.names():
+            for sha in self.versions(name):
+                with contextlib.suppress(FileNotFoundError):  # a marker whose blob was set aside
+                    out.append(self.info(name, sha))
+        return out
 
     # ---------------------------------------------------------------- writing
 
     def add(self, src: Path, name: str, *, expect_sha256: str | None = None) -> str:
-        """Copy (or hardlink) a verified GGUF into the store under `name`; return its sha256."""
-        _check_name(name)
-        if not src.is_file():
-            raise InvalidRequest(f"no file at {src}")
+        """Copy a verified GGUF into the store under `name`; return its sha256.
+
+        The caller's file is checked where it lies first (cheap: the header and tables), so
+        a file that is not a model is never copied; the copy is then checked again, since
+        that copy, not the caller's file, is what will be served."""
+        marker_dir = self._model_dir(name) / "versions"
         try:
+            if not stat.S_ISREG(src.stat().st_mode):
+                raise InvalidRequest(f"{src} is not a regular file")
             check_gguf(src)
         except GGUFError as e:
             raise GGUFError(f"{src}: {e.message}") from None
-        sha = self._import(src)
-        if expect_sha256 and sha != expect_sha256:
-            raise InvalidRequest(f"{src} has sha256 {sha}, expected {expect_sha256}")
-        marker_dir = self.models / name / "versions"
+        except OSError as e:
+            raise InvalidRequest(f"cannot read {src}: {e.strerror or e}") from None
+        sha = self._import(src, expect_sha256)
         marker_dir.mkdir(parents=True, exist_ok=True)
         (marker_dir / sha).touch()
         fsync_dir(marker_dir)
         return sha
 
-    def _import(self, src: Path) -> str:
+    def _import(self, src: Path, expect_sha256: str | None) -> str:
         partial = self.blobs / f".{os.getpid()}-{time.monotonic_ns()}.partial"
         try:
             try:
-                os.link(src, partial)  # same filesystem: instant, and blobs are never written
-            except OSError:
-                with src.open("rb") as fin, partial.open("wb") as fout:
-                    shutil.copyfileobj(fin, fout, CHUNK)
-                    fout.flush()
-                    os.fsync(fout.fileno())
-            sha = sha256_file(partial)
+                copied = clone_or_copy(src, partial, 0o600)
+            except OSError as e:
+                raise InvalidRequest(f"cannot read {src}: {e.strerror or e}") from None
+            try:
+                check_gguf(partial)  # the bytes we will serve, whatever `src` did meanwhile
+            except GGUFError as e:
+                raise GGUFError(f"{src}: {e.message}") from None
+            sha = copied or sha256_file(partial)
+            if expect_sha256 and sha != expect_sha256:
+                raise InvalidRequest(f"{src} has sha256 {sha}, expected {expect_sha256}")
             final = self.blob(sha)
-            if final.exists():
-                partial.unlink()
-            else:
-                os.chmod(partial, 0o444)
+            if not final.is_file():
+                os.chmod(partial, 0o444)  # our own copy: blobs are never written again
                 os.replace(partial, final)
                 fsync_dir(self.blobs)
+                self._record(sha)
             return sha
+        finally:
+            partial.unlink(missing_ok=True)
+
+    def _record(self, sha: str) -> None:
+        write_atomic(self.stamps / sha, _stamp(os.lstat(self.blob(sha))).encode())
+
+    def verify(self, sha: str) -> None:
+        """Raise BlobChanged (and set the blob aside) unless the blob still hashes to `sha`.
+
+        Cheap when nothing touched it since it was last hashed (one stat); a full sha256
+        otherwise, and always for a blob that shares its inode with another name (a store
+        from before imports copied): that one is also given an inode of its own."""
+        blob = self.blob(sha)
+        try:
+            st = os.lstat(blob)
+        except FileNotFoundError:
+            raise ModelNotFound(f"version {sha[:SHORT]} is not in the store") from None
+        try:
+            recorded = (self.stamps / sha).read_text().strip()
+        except FileNotFoundError:
+            recorded = ""
+        shared = st.st_nlink > 1
+        if stat.S_ISREG(st.st_mode) and not shared and recorded == _stamp(st):
+            return
+        actual = sha256_file(blob) if stat.S_ISREG(st.st_mode) else "not a regular file"
+        if actual == sha and shared:
+            # The other link can be rewritten between the hash and the copy: the copy, not
+            # the blob, is what must hash to `sha`.
+            actual = self._unshare(sha)
+        if actual != sha:
+            (self.stamps / sha).unlink(missing_ok=True)
+            reason = f"blob {sha} changed on disk: its content now hashes to {actual}"
+            where = self.quarantine(blob, reason)
+            for name in self.names():
+                (self._model_dir(name) / "versions" / sha).unlink(missing_ok=True)
+            log.warning("%s (set aside as %s)", reason, where.name)
+            raise BlobChanged(
+                f"version {sha[:SHORT]} was changed on disk after it was stored (now "
+                f"{actual[:SHORT]}); it was removed from the store: add the file again"
+            )
+        self._record(sha)
+
+    def _unshare(self, sha: str) -> str:
+        """Give the blob an inode of its own; the sha256 of the copy (it replaces the blob
+        only when that is `sha`)."""
+        blob = self.blob(sha)
+        partial = self.blobs / f".{os.getpid()}-{time.monotonic_ns()}.partial"
+        try:
+            copied = clone_or_copy(blob, partial, 0o444) or sha256_file(partial)
+            if copied == sha:
+                os.replace(partial, blob)
+                fsync_dir(self.blobs)
+            return copied
         finally:
             partial.unlink(missing_ok=True)
 
@@ -170,7 +310,7 @@ class ModelStore:
         """Point `name` at `sha` (which must be a version of it); the old one becomes previous."""
         if sha not in self.versions(name):
             raise ModelNotFound(f"{sha[:SHORT]} is not a version of {name!r}")
-        d = self.models / name
+        d = self._model_dir(name)
         current = self.active(name)
         if current == sha:
             return
@@ -179,15 +319,17 @@ class ModelStore:
         write_atomic(d / "active", sha.encode())
 
     def remove(self, name: str, sha: str, in_use: set[str]) -> None:
+        d = self._model_dir(name)
+        self.blob(sha)  # refuses anything but a sha256 before it becomes part of a path
         if sha == self.active(name):
             raise FailedPrecondition(
                 f"{name}@{sha[:SHORT]} is active: activate another version first"
             )
         if sha in in_use:
             raise FailedPrecondition(f"{name}@{sha[:SHORT]} is in use by a worker")
-        (self.models / name / "versions" / sha).unlink(missing_ok=True)
+        (d / "versions" / sha).unlink(missing_ok=True)
         if self.previous(name) == sha:
-            (self.models / name / "previous").unlink(missing_ok=True)
+            (d / "previous").unlink(missing_ok=True)
         self._drop_unreferenced(sha, in_use)
 
     def gc(self, in_use: set[str]) -> list[str]:
@@ -205,28 +347,82 @@ class ModelStore:
         if sha in in_use or any(sha in self.versions(n) for n in self.names()):
             return
         self.blob(sha).unlink(missing_ok=True)
+        (self.stamps / sha).unlink(missing_ok=True)
+
+    def _owns(self, path: Path) -> bool:
+        try:
+            return not path.is_symlink() and path.resolve().is_relative_to(self.root.resolve())
+        except OSError:
+            return False
 
     def quarantine(self, src: Path, reason: str, *, move: bool = True) -> Path:
-        """Put a refused file aside with its reason: moved (a dropped file) or copied (a blob
-        other names may still use, or a file the user pointed us at)."""
-        dest = self.quarantine_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{src.name}"
-        with contextlib.suppress(FileNotFoundError):
-            try:
-                if not move:
-                    raise OSError("copy requested")
-                os.replace(src, dest)
-            except OSError:
-                shutil.copyfile(src, dest)
-        write_atomic(dest.with_name(dest.name + ".reason"), reason.encode())
+        """Set a refused file aside with its reason, readable by us only; return where.
+
+        move=True: a file handed over to us (a drop) or one of our blobs is moved there.
+        move=False: a blob other names may still use is copied. A file outside the store
+        that a caller merely named is never copied (it may be anything they can name,
+        /etc/shadow included), nor is a symbolic link followed: only the reason is
+        recorded, and that record is returned."""
+        stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{time.time_ns() % 1_000_000_000:09d}"
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", src.name)[-_QUARANTINE_NAME:]
+        dest = self.quarantine_dir / f"{stamp}-{safe}"
+        record = dest.with_name(dest.name + ".reason")
+        if src.is_symlink():  # a dropped link: removed, never followed
+            with contextlib.suppress(OSError):
+                reason = f"{reason}\n(a symbolic link to {os.readlink(src)}: removed)"
+            if move:
+                src.unlink(missing_ok=True)
+            dest = record
+        elif not move and not self._owns(src):
+            reason = f"{reason}\n(not copied: {src} is not the store's file)"
+            dest = record
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                self._set_aside(src, dest, move)
+        fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(reason)
         return dest
+
+    def _set_aside(self, src: Path, dest: Path, move: bool) -> None:
+        if move:
+            try:
+                os.replace(src, dest)
+            except OSError as e:
+                if e.errno != errno.EXDEV:
+                    raise
+            else:
+                _make_private(dest)
+                return
+        clone_or_copy(src, dest, 0o600)
+        if move:
+            src.unlink()
+
+
+def _make_private(path: Path) -> None:
+    # By descriptor and without following links: the name may have been swapped for a
+    # link to someone else's file since it was checked.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        path.unlink()
+        return
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 def startup_blob(store: ModelStore, name: str, configured: Path) -> Path:
     """The file to serve `name` from at start: the store's active version, unless the
     configured path is new or changed since it last seeded the store (then it is imported
     and activated). So swaps survive restarts, and editing the config still wins. A
-    configured file that does not exist is an error, never a silent fallback."""
-    seed_file = store.models / name / "seed"
+    configured file that does not exist is an error, never a silent fallback. The active
+    blob is verified first; one that changed on disk is set aside and the configured file
+    is imported again."""
+    seed_file = store._model_dir(name) / "seed"
     try:
         st = configured.stat()
     except FileNotFoundError:
@@ -235,13 +431,12 @@ def startup_blob(store: ModelStore, name: str, configured: Path) -> Path:
     active = store.active(name)
     old_seed = seed_file.read_text() if seed_file.exists() else None
     if active and seed == old_seed:
-        return store.blob(active)
+        try:
+            store.verify(active)
+            return store.blob(active)
+        except BlobChanged as e:
+            log.warning("model %r: %s; importing %s again", name, e.message, configured)
     sha = store.add(configured, name)
     store.activate(name, sha)
     write_atomic(seed_file, seed.encode())
     return store.blob(sha)
-
-
-def _check_name(name: str) -> None:
-    if not name or "/" in name or name.startswith(".") or len(name) > 64:
-        raise InvalidRequest(f"bad model name {name!r}: use 1-64 characters, no '/' or leading '.'")

@@ -1,7 +1,7 @@
 """Hot swap: replace the model behind a name with zero failed requests.
 
 The one sequence to get right (ARCHITECTURE.md):
-1. validate the file (GGUF structure; the store already checked its hash),
+1. validate the file (GGUF structure; the engine had the store re-verify its hash),
 2. start new workers on it and prove them with a canary,
 3. flip: new requests go to the new workers; running ones finish on the old,
 4. drain the old workers (bounded), then stop them.

@@ -4,6 +4,12 @@ A lock file beside the socket (flock, held for the daemon's life) decides who ow
 the path, so two daemons started at once cannot both win. A socket file with no lock
 holder is what a killed daemon leaves behind; it is removed. If something still
 answers on it without holding our lock, we refuse rather than steal it.
+
+The directory must be one no other user controls: a daemon (often root) that opened a
+lock file another user planted as a symlink would truncate and write whatever the link
+points at. So the directory must belong to us (or root) and be writable by nobody else,
+unless it is sticky (like /tmp) and the lock and socket entries in it are ours; and the
+lock is opened with O_NOFOLLOW, so a symlink there is refused, never followed.
 """
 
 from __future__ import annotations
@@ -13,11 +19,17 @@ import errno
 import fcntl
 import os
 import socket
+import stat
 from pathlib import Path
 
 
 class SocketBusy(Exception):
     """Another live process serves this socket path."""
+
+
+class SocketUnsafe(SocketBusy):
+    """The path is in a place another user controls. (A SocketBusy, so every caller that
+    reports a path it cannot own reports this one the same way.)"""
 
 
 class SocketClaim:
@@ -29,15 +41,31 @@ class SocketClaim:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=self._dir_mode)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        sticky = _check_dir(self.path.parent)
+        if sticky:
+            for entry in (self.lock_path, self.path):
+                _check_ours(entry)
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         try:
+            fd = os.open(self.lock_path, flags, 0o600)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise SocketUnsafe(
+                    f"{self.lock_path} is a symbolic link: refusing to follow it (remove it)"
+                ) from None
+            raise
+        try:
+            _check_lock_file(self.lock_path, os.fstat(fd))
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise SocketBusy(
-                f"another sidecar daemon (pid {holder}) is already serving {self.path}"
+                f"another sidecar daemon (pid {holder!r}) is already serving {self.path}"
             ) from None
+        except BaseException:
+            os.close(fd)
+            raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
@@ -57,6 +85,47 @@ class SocketClaim:
         # The lock file stays: unlinking it while another daemon waits on it would let two win.
         os.close(self._fd)
         self._fd = None
+
+
+def _check_dir(d: Path) -> bool:
+    """Refuse a directory another user controls; True if it is a shared sticky one."""
+    st = os.stat(d)
+    me = os.geteuid()
+    if st.st_uid not in (me, 0):
+        raise SocketUnsafe(
+            f"{d} belongs to uid {st.st_uid}, not to us (uid {me}): put the socket in a "
+            "directory of our own"
+        )
+    if not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return False
+    if not st.st_mode & stat.S_ISVTX:
+        raise SocketUnsafe(
+            f"{d} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}) and not "
+            "sticky: put the socket in a directory of our own"
+        )
+    return True
+
+
+def _check_ours(entry: Path) -> None:
+    """In a shared sticky directory, an existing lock or socket entry must be ours."""
+    try:
+        st = os.lstat(entry)
+    except FileNotFoundError:
+        return
+    if st.st_uid != os.geteuid():
+        raise SocketUnsafe(
+            f"{entry} belongs to uid {st.st_uid}, not to us (uid {os.geteuid()}): "
+            "remove it, or put the socket in a directory of our own"
+        )
+
+
+def _check_lock_file(path: Path, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise SocketUnsafe(f"{path} is not a regular file: remove it")
+    if st.st_uid != os.geteuid():
+        raise SocketUnsafe(f"{path} belongs to uid {st.st_uid}, not to us: remove it")
+    if st.st_nlink != 1:  # a hard link planted to some file of ours (root's /etc/passwd)
+        raise SocketUnsafe(f"{path} has {st.st_nlink} links: remove it")
 
 
 def _answers(path: Path) -> bool:

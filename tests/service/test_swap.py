@@ -92,10 +92,11 @@ async def test_bad_files_are_refused_quarantined_and_never_served(
     assert await version(s.client) == old
     assert (await s.client.generate("still", max_tokens=1)).model.version == old
     store = s.running.engine.store
-    quarantined = list(store.quarantine_dir.glob(f"*{how}.gguf"))
-    assert len(quarantined) == 1
-    assert says in quarantined[0].with_name(quarantined[0].name + ".reason").read_text()
-    assert bad.exists()  # a file the caller named is copied aside, not taken away
+    # A file the caller merely named is neither copied nor taken: only the reason is kept.
+    assert not list(store.quarantine_dir.glob(f"*{how}.gguf"))
+    records = list(store.quarantine_dir.glob(f"*{how}.gguf.reason"))
+    assert len(records) == 1 and says in records[0].read_text()
+    assert bad.exists()
     assert says in (await s.client.status()).models[0].last_swap
 
 
