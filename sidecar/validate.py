@@ -6,14 +6,22 @@ Every message says what to change.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
 import json
-from collections.abc import Callable
+import math
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import jsonschema
+import referencing.exceptions
+from jsonschema.exceptions import ValidationError
 
 from sidecar.errors import ContextOverflow, InvalidRequest, OutOfRange, SchemaViolation
+from sidecar.schema_limits import bounded_schema, compiled
 from sidecar.types import (
     ChatTask,
     ClassifyTask,
@@ -27,6 +35,14 @@ from sidecar.types import (
 ROLES = ("system", "user", "assistant")
 MAX_STOP_SEQUENCES = 8
 MAX_LABEL_CHARS = 200
+# Answers are checked against the caller's schema: bound the work (an Extract answer is a
+# few KB; a cloud could send megabytes).
+MAX_ANSWER_CHARS = 1024 * 1024
+VALIDATE_SECONDS = 2.0
+# Each message adds template tokens (special ones among them) that llama.cpp's tokenizer
+# handles in time quadratic in their number: 100k one-character messages kept a worker
+# busy for many minutes, deaf to pings. A context window holds far fewer messages anyway.
+MAX_CHAT_MESSAGES = 1024
 
 
 @dataclass(frozen=True)
@@ -75,9 +91,19 @@ def _generate(task: GenerateTask, limits: Limits) -> None:
     _sampling(task.sampling)
 
 
+def check_message_count(n: int) -> None:
+    """Also called by the HTTP front end before it builds the messages (or an Extract from them)."""
+    if n > MAX_CHAT_MESSAGES:
+        raise OutOfRange(
+            f"messages has {n} entries; at most {MAX_CHAT_MESSAGES} are allowed "
+            "(join consecutive turns into one message)"
+        )
+
+
 def _chat(task: ChatTask, limits: Limits) -> None:
     if not task.messages:
         raise InvalidRequest("messages is empty: send at least one user message")
+    check_message_count(len(task.messages))
     for i, m in enumerate(task.messages):
         if m.role not in ROLES:
             raise InvalidRequest(f"messages[{i}].role is {m.role!r}: use one of {', '.join(ROLES)}")
@@ -118,12 +144,14 @@ def _extract(task: ExtractTask, limits: Limits) -> None:
     _max_tokens(task.max_tokens, limits)
     if not task.schema:
         raise InvalidRequest("json_schema is empty: send a JSON Schema document")
-    try:
-        schema = json.loads(task.schema)
-    except ValueError as e:
-        raise InvalidRequest(f"json_schema is not valid JSON: {e}") from None
-    if not isinstance(schema, dict):
-        raise InvalidRequest("json_schema must be a JSON object (a JSON Schema document)")
+    checked_schema(task.schema)
+
+
+@functools.lru_cache(maxsize=32)  # callers send the same schema request after request
+def checked_schema(text: str) -> dict[str, Any]:
+    """The caller's schema, parsed, bounded (`schema_limits`) and checked against its
+    metaschema; InvalidRequest saying what to fix otherwise. Shared: never modify it."""
+    schema = bounded_schema(text)
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
@@ -131,6 +159,7 @@ def _extract(task: ExtractTask, limits: Limits) -> None:
         raise InvalidRequest(
             f"json_schema is not a valid JSON Schema at {where}: {e.message}"
         ) from None
+    return schema
 
 
 def _embed(task: EmbedTask, limits: Limits) -> None:
@@ -155,12 +184,157 @@ CHECKS: dict[type, Callable[[Any, Limits], None]] = {
 }
 
 
-def conforming_json(text: str, schema: str) -> str:
+def conforming_json(text: str, schema: str, seconds: float | None = None) -> str:
     """`text` re-serialised compactly if it is JSON the schema accepts; else SchemaViolation
-    saying why. The one check every Extract answer passes, local or from the cloud."""
+    saying why. The one check every Extract answer passes, local or from the cloud.
+
+    Both inputs are untrusted, so the check is bounded: answer size, nesting, RE2 for
+    patterns (linear time), and a deadline (`seconds`, default VALIDATE_SECONDS) that every
+    keyword checks before it runs."""
+    document = checked_schema(schema)
+    if len(text) > MAX_ANSWER_CHARS:
+        raise SchemaViolation(
+            f"the JSON is {len(text)} characters; at most {MAX_ANSWER_CHARS} are checked"
+        )
+    limit = VALIDATE_SECONDS if seconds is None else seconds
+    token = _deadline.set(time.monotonic() + limit)
     try:
         value = json.loads(text)
-        jsonschema.validate(value, json.loads(schema))
-    except (ValueError, jsonschema.ValidationError) as e:
-        raise SchemaViolation(str(getattr(e, "message", e))) from None
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        validator = _linear_validator(jsonschema.validators.validator_for(document))(document)
+        error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+        compact = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    except ValueError as e:
+        raise SchemaViolation(f"not valid JSON: {e}") from None
+    except RecursionError:
+        raise SchemaViolation("the JSON is nested too deeply to check") from None
+    except referencing.exceptions.Unresolvable as e:
+        raise InvalidRequest(f"json_schema has a $ref that does not resolve: {e}") from None
+    except _TooSlow:
+        raise SchemaViolation(
+            f"the JSON could not be checked against the schema within {limit:g}s"
+        ) from None
+    finally:
+        _deadline.reset(token)
+    if error is not None:
+        raise SchemaViolation(_short(error.message))
+    return compact
+
+
+async def conforming_json_async(text: str, schema: str) -> str:
+    """`conforming_json` off the event loop: a schema and an answer crafted together can
+    take seconds to check, and on the loop every other request (health checks too) would
+    wait for it. The deadline ends the work in the thread; `wait_for` is the backstop."""
+    try:
+        return await asyncio.wait_for(
+            asyncio.to_thread(conforming_json, text, schema), VALIDATE_SECONDS + 1.0
+        )
+    except asyncio.TimeoutError:  # not the builtin on 3.10
+        raise SchemaViolation(
+            f"the JSON could not be checked against the schema within {VALIDATE_SECONDS:g}s"
+        ) from None
+
+
+# ------------------------------------------------------------------ linear-time keywords
+# jsonschema matches `pattern` and `patternProperties` with Python's backtracking `re`;
+# these replacements use RE2 (the patterns were compiled by `schema_limits` already), and
+# `uniqueItems` compares canonical forms in a set instead of every pair.
+
+_deadline: contextvars.ContextVar[float] = contextvars.ContextVar(
+    "sidecar_validate_deadline", default=math.inf
+)
+
+
+class _TooSlow(Exception):
+    pass
+
+
+def _search(pattern: str, text: str) -> bool:
+    return compiled(pattern).search(text) is not None
+
+
+def _pattern(v: Any, pattern: str, instance: Any, _schema: Any) -> Iterator[ValidationError]:
+    if v.is_type(instance, "string") and not _search(pattern, instance):
+        yield ValidationError(f"{_short(repr(instance))} does not match {pattern!r}")
+
+
+def _pattern_properties(
+    v: Any, patterns: dict[str, Any], instance: Any, _schema: Any
+) -> Iterator[ValidationError]:
+    if not v.is_type(instance, "object"):
+        return
+    for pattern, subschema in patterns.items():
+        for k, value in instance.items():
+            if _search(pattern, k):
+                yield from v.descend(value, subschema, path=k, schema_path=pattern)
+
+
+def _additional_properties(
+    v: Any, extra_schema: Any, instance: Any, schema: dict[str, Any]
+) -> Iterator[ValidationError]:
+    if not v.is_type(instance, "object"):
+        return
+    known = schema.get("properties", {})
+    patterns = list(schema.get("patternProperties", {}))
+    extras = [k for k in instance if k not in known and not any(_search(p, k) for p in patterns)]
+    if v.is_type(extra_schema, "object"):
+        for k in extras:
+            yield from v.descend(instance[k], extra_schema, path=k)
+    elif extra_schema is False and extras:
+        names = ", ".join(repr(k) for k in sorted(extras))
+        yield ValidationError(_short(f"additional properties are not allowed ({names})"))
+
+
+def _unique_items(v: Any, unique: Any, instance: Any, _schema: Any) -> Iterator[ValidationError]:
+    if not unique or not v.is_type(instance, "array"):
+        return
+    seen: set[Any] = set()
+    for item in instance:
+        key = _canonical(item)
+        if key in seen:
+            yield ValidationError(f"the array has non-unique elements ({_short(repr(item))})")
+            return
+        seen.add(key)
+
+
+def _canonical(value: Any) -> Any:
+    """A hashable form equal exactly when JSON Schema calls two values equal:
+    1 == 1.0, true != 1, objects regardless of key order."""
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return ("array", tuple(_canonical(x) for x in value))
+    if isinstance(value, dict):
+        return ("object", frozenset((k, _canonical(x)) for k, x in value.items()))
+    return value
+
+
+_LINEAR = {
+    "pattern": _pattern,
+    "patternProperties": _pattern_properties,
+    "additionalProperties": _additional_properties,
+    "uniqueItems": _unique_items,
+}
+
+
+def _in_time(keyword: Callable[..., Any]) -> Callable[..., Any]:
+    def run(v: Any, value: Any, instance: Any, schema: Any) -> Any:
+        if time.monotonic() > _deadline.get():
+            raise _TooSlow()
+        return keyword(v, value, instance, schema)
+
+    return run
+
+
+@functools.lru_cache(maxsize=16)
+def _linear_validator(base: Any) -> Any:
+    """`base` (one validator class per draft) with linear-time keywords, each run only
+    while the deadline has not passed."""
+    keywords = {k: _LINEAR.get(k, fn) for k, fn in base.VALIDATORS.items()}
+    timed = {k: _in_time(fn) for k, fn in keywords.items()}
+    return jsonschema.validators.extend(base, timed)  # type: ignore[no-untyped-call]
+
+
+def _short(message: str, limit: int = 300) -> str:
+    return message if len(message) <= limit else message[: limit - 3] + "..."

@@ -32,6 +32,7 @@ from sidecar.errors import (
     OutOfRange,
     SchemaViolation,
 )
+from sidecar.schema_limits import MAX_GRAMMAR_BYTES, bounded_schema
 from sidecar.types import (
     ChatMessage,
     ChatTask,
@@ -53,6 +54,7 @@ from sidecar.types import (
 from sidecar.validate import conforming_json
 from sidecar.worker import prompts
 from sidecar.worker.labels import Row, common_prefix, log_softmax, normalise, score_sequences
+from sidecar.worker.specials import SpecialTokens
 from sidecar.worker.text import TextAssembler
 
 Emit = Callable[[str], None]
@@ -96,6 +98,7 @@ class LlamaRunner:
             self._stack.close()
             raise FailedPrecondition(f"cannot load model {spec.path}: {e}") from None
         self._embedder: llama_cpp.Llama | None = None
+        self._specials: SpecialTokens | None = None
         self._cached_prefix: list[int] = []  # tokens whose KV the context holds as a block
         self.prefix_hits = 0
         # Per instruction set: the prompt tokens that come before the user's text.
@@ -156,7 +159,12 @@ class LlamaRunner:
     # ------------------------------------------------------------------ tokens
 
     def _tokenize(self, text: str, *, add_bos: bool) -> list[int]:
-        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
+        if self._specials is None:  # ~0.05-0.2 s over the vocabulary, once per worker
+            self._specials = SpecialTokens.of_model(self.llm)
+        return self._specials.tokenize(text, self._llama_tokenize, add_bos=add_bos)
+
+    def _llama_tokenize(self, text: bytes, add_bos: bool, special: bool) -> list[int]:
+        return list(self.llm.tokenize(text, add_bos=add_bos, special=special))
 
     def _make_formatter(self, template: str) -> Jinja2ChatFormatter | None:
         def text_of(token: int) -> str:
@@ -370,12 +378,7 @@ class LlamaRunner:
     # ------------------------------------------------------------------ extract
 
     def _extract(self, task: ExtractTask, should_stop: ShouldStop) -> Extraction:
-        try:
-            grammar = json_schema_to_gbnf(task.schema).replace(_LOOSE_CHAR, _STRICT_CHAR)
-        except Exception as e:  # the converter raises plain exceptions for what it cannot do
-            raise InvalidRequest(
-                f"llama.cpp's JSON-Schema-to-grammar converter cannot handle this schema: {e}"
-            ) from None
+        grammar = _grammar(task.schema)
         prompt, prefix = self._task_prompt(
             prompts.extract_messages(task.text, task.schema, task.instruction)
         )
@@ -410,7 +413,9 @@ class LlamaRunner:
             self._embedder = self._open(embedding=True)
         counts = []
         for i, text in enumerate(task.texts):
-            n = len(self._embedder.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+            # Counted as Llama.embed tokenizes (special strings are text there), which is
+            # also linear in the text: parsing specials is quadratic in their number.
+            n = len(self._embedder.tokenize(text.encode("utf-8"), add_bos=True, special=False))
             if n > self.spec.batch:
                 raise OutOfRange(
                     f"texts[{i}] is {n} tokens; an embedded text may be at most {self.spec.batch} "
@@ -421,6 +426,25 @@ class LlamaRunner:
         return Embeddings(
             vectors=[list(map(float, v)) for v in vectors], usage=Usage(sum(counts), 0)
         )
+
+
+def _grammar(schema: str) -> str:
+    """GBNF for a schema, within bounds: llama.cpp's grammar parser overflows the stack
+    (SIGSEGV) on deeply unrolled repetitions, and the converter can run for ever. The
+    daemon checked the schema already; the process that would crash checks again."""
+    bounded_schema(schema)
+    try:
+        grammar = json_schema_to_gbnf(schema).replace(_LOOSE_CHAR, _STRICT_CHAR)
+    except Exception as e:  # the converter raises plain exceptions for what it cannot do
+        raise InvalidRequest(
+            f"llama.cpp's JSON-Schema-to-grammar converter cannot handle this schema: {e}"
+        ) from None
+    if len(grammar) > MAX_GRAMMAR_BYTES:
+        raise InvalidRequest(
+            f"the grammar made from json_schema is {len(grammar)} bytes; at most "
+            f"{MAX_GRAMMAR_BYTES}: use smaller repetition counts or fewer properties"
+        )
+    return grammar
 
 
 class _LlamaPrefixDecoder:
