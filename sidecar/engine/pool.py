@@ -1,8 +1,12 @@
 """ModelPool: the workers of one model, its fair queue, and the dispatch between them.
 
 Everything here runs on the event loop; slots do the blocking work elsewhere and
-report back through the `Events` callbacks. A worker that dies is replaced with
-exponential backoff; the job it was running fails with UNAVAILABLE at once.
+report back through the `Events` callbacks. A worker that dies is replaced; the job it
+was running fails at once and is never retried. A death the running request explains
+(a crash signal, or a hang the supervisor killed) fails that request with
+`KilledWorker`, remembers it (see `poison`) and restarts the worker at once; any other
+death fails the job with UNAVAILABLE and restarts with exponential backoff, so a crash
+loop slows down without one bad request slowing every caller's recovery.
 """
 
 from __future__ import annotations
@@ -19,8 +23,15 @@ from typing import Any
 
 from sidecar.config import ModelConfig
 from sidecar.engine.fair_queue import FairQueue
+from sidecar.engine.poison import Poison, crashed, how
 from sidecar.engine.slots import Slot, SlotFactory, SlotInfo
-from sidecar.errors import FailedPrecondition, Overloaded, SidecarError, Unavailable
+from sidecar.errors import (
+    FailedPrecondition,
+    Overloaded,
+    SidecarError,
+    Unavailable,
+    WorkerCrashed,
+)
 from sidecar.types import GenerateTask, ModelRef, Result, Task, TokenEvent
 from sidecar.worker.runner import ModelFacts, RunnerSpec
 
@@ -41,6 +52,7 @@ class Job:
     task: Task
     caller: str
     stream: bool
+    background: bool = False  # runs only when no live request waits
     id: int = field(default_factory=lambda: next(_job_ids))
     enqueued: float = field(default_factory=time.perf_counter)
     dispatched: float | None = None
@@ -95,6 +107,8 @@ class ModelPool:
         self.restarts = 0
         self.backoff_s = BACKOFF_START_S
         self.last_error = ""
+        self.poison = Poison()
+        self._hung: dict[Slot, float] = {}  # slots the supervisor killed -> seconds silent
         self.paused = False  # a replace-strategy swap holds new requests in the queue
         self.swap_lock = asyncio.Lock()
         self.last_swap = ""
@@ -147,15 +161,16 @@ class ModelPool:
 
     # ------------------------------------------------------------------ jobs
 
-    def submit(self, task: Task, caller: str, stream: bool) -> Job:
+    def submit(self, task: Task, caller: str, stream: bool, background: bool = False) -> Job:
         if self._closing:
             raise Unavailable("the daemon is shutting down")
+        self.poison.check(task, caller, self.ref)
         if not self.ready and not self.paused:
             raise Unavailable(
                 f"model {self.ref.name!r} has no live worker ({self.detail}); retry shortly"
             )
-        job = Job(task, caller, stream)
-        self._queue.put(caller, job)
+        job = Job(task, caller, stream, background)
+        self._queue.put(caller, job, background=background)
         self._dispatch()
         return job
 
@@ -169,9 +184,14 @@ class ModelPool:
             job.slot.cancel(job.id)
 
     def _dispatch(self) -> None:
+        # Background work never holds every worker of a pool that has more than one, so a
+        # live request finds one free instead of waiting for a background job to end.
+        room = max(1, len(self._slots) - 1) - sum(j.background for j in self._running.values())
         while self._idle and len(self._queue) and not self.paused:
-            job = self._queue.pop()
-            assert job is not None
+            job = self._queue.pop(background=room > 0)
+            if job is None:
+                return
+            room -= job.background
             slot = self._idle.pop()
             job.slot = slot
             job.ref = self.ref
@@ -210,11 +230,49 @@ class ModelPool:
                 self._background(self._stop_retired(slot))
         self._dispatch()
 
-    def died(self, slot: Slot, reason: str) -> None:
+    def died(self, slot: Slot, exitcode: int | None, job_id: int | None) -> None:
+        silent = self._hung.pop(slot, None)
+        pid = slot.info.pid
+        if silent is not None:
+            reason = f"worker pid {pid} answered no ping for {silent:.0f}s and was killed"
+        else:
+            reason = f"worker pid {pid} exited ({how(exitcode)})"
+        job = self._running.pop(job_id, None) if job_id is not None else None
+        # Probes and canaries are the daemon's own one-token requests: they never kill.
+        blamed = (
+            job is not None
+            and job.caller != PROBE_CALLER
+            and (silent is not None or crashed(exitcode))
+        )
+        if job is not None:
+            error: SidecarError
+            if blamed:
+                name = (job.ref or self.ref).name
+                what = (
+                    f"stalled a worker of model {name!r} (pid {pid} answered no ping for "
+                    f"{silent:.0f}s, server.hang_seconds, and was killed)"
+                    if silent is not None
+                    else f"crashed a worker of model {name!r} (pid {pid}, {how(exitcode)})"
+                )
+                error = self.poison.blame(job.task, job.caller, job.ref or self.ref, what)
+                log.warning(
+                    "model %s: a %s request from %s %s", name, job.task.kind, job.caller, what
+                )
+            else:
+                error = WorkerCrashed(f"{reason} during the request: retry")
+            self._finish(job, error)
         if slot not in self._slots:
             # A canary worker that never served, or an old one already replaced: the
             # swap or retirement that owned it handles the failure; nothing to restart.
             self._retiring.discard(slot)
+            return
+        if slot in self._idle:
+            self._idle.remove(slot)
+        self.detail = self.last_error = reason
+        if blamed:
+            # The request explains the death and cannot come back: a fresh worker now.
+            log.warning("model %s: %s; restarting it now", self.ref.name, reason)
+            self._spawn_replacement(slot, 0.0)
             return
         now = time.monotonic()
         # Backoff grows while workers keep dying young and resets once one has been
@@ -224,9 +282,6 @@ class ModelPool:
         else:
             self.backoff_s = min(self.backoff_s * 2, BACKOFF_MAX_S)
         log.warning("model %s: %s; restarting it in %.1fs", self.ref.name, reason, self.backoff_s)
-        if slot in self._idle:
-            self._idle.remove(slot)
-        self.detail = self.last_error = reason
         self._spawn_replacement(slot, self.backoff_s)
 
     def _spawn_replacement(self, old: Slot, delay: float) -> None:
@@ -284,7 +339,8 @@ class ModelPool:
                     slot.info.pid,
                     silent,
                 )
-                slot.kill()  # its death is reported like any crash, and it is replaced
+                self._hung[slot] = silent  # its death is then blamed on what it ran
+                slot.kill()
                 continue
             slot.ping()
             if ceiling and slot.info.state == "idle" and (slot.rss() or 0) > ceiling:

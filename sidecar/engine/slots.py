@@ -37,7 +37,8 @@ class Events(Protocol):
     def token(self, slot: Slot, job_id: int, text: str) -> None: ...
     def done(self, slot: Slot, job_id: int, result: Result) -> None: ...
     def failed(self, slot: Slot, job_id: int, error: SidecarError) -> None: ...
-    def died(self, slot: Slot, reason: str) -> None: ...
+    def died(self, slot: Slot, exitcode: int | None, job_id: int | None) -> None:
+        """The worker is gone (not by `stop`); `job_id` is what it was running, if anything."""
 
 
 @dataclass
@@ -215,12 +216,15 @@ class ProcessSlot:
         if self._proc is not None:
             self._proc.join(timeout=0.5)
         code = None if self._proc is None else self._proc.exitcode
-        reason = f"worker pid {self.info.pid} exited (code {code})"
-        if self.job_id is not None:
-            job_id, self.job_id = self.job_id, None
-            self.events.failed(self, job_id, WorkerCrashed(f"{reason} during the request: retry"))
+        job_id, self.job_id = self.job_id, None
         if not self._stopping:
-            self.events.died(self, reason)
+            self.events.died(self, code, job_id)  # the pool decides whom to blame
+        elif job_id is not None:  # stopped by us (drain timeout, shutdown): not the request
+            self.events.failed(
+                self,
+                job_id,
+                WorkerCrashed(f"worker pid {self.info.pid} was stopped during the request: retry"),
+            )
 
     async def stop(self) -> None:
         self._stopping = True

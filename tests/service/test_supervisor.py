@@ -112,7 +112,9 @@ async def test_a_stopped_worker_is_detected_as_hung_killed_and_replaced(
 
     outcomes = await under_load(s, stop_and_wait)
     assert outcomes["OK"] > 10
-    assert set(outcomes) <= {"OK", "UNAVAILABLE"}, outcomes
+    assert set(outcomes) <= {"OK", "UNAVAILABLE", "INVALID_ARGUMENT"}, outcomes
+    # A hang is blamed on the request the worker was running (see engine/poison.py).
+    assert outcomes["INVALID_ARGUMENT"] <= 1, outcomes
     assert (await s.client.status()).models[0].restarts == 1
 
 

@@ -47,3 +47,34 @@ def test_remove_frees_room_and_drops_empty_callers() -> None:
     assert not q.remove("1")
     q.put("c", "3")
     assert drain(q) == ["2", "3"]
+
+
+def test_background_work_waits_until_no_live_request_does() -> None:
+    q: FairQueue[str] = FairQueue(10)
+    q.put("builder", "b0", background=True)
+    q.put("builder", "b1", background=True)
+    q.put("app", "live0")
+    assert q.pop() == "live0"
+    q.put("other", "live1")
+    assert drain(q) == ["live1", "b0", "b1"]
+
+
+def test_a_full_background_lane_never_refuses_a_live_request() -> None:
+    q: FairQueue[str] = FairQueue(2, background_limit=2)
+    q.put("a", "b0", background=True)
+    q.put("b", "b1", background=True)
+    with pytest.raises(Overloaded, match="background"):
+        q.put("c", "b2", background=True)
+    q.put("app", "live0")
+    q.put("app", "live1")
+    assert len(q) == 4 and q.background == 2
+    assert q.remove("b1") and q.background == 1
+
+
+def test_pop_can_leave_background_work_waiting() -> None:
+    q: FairQueue[str] = FairQueue(10)
+    q.put("builder", "b0", background=True)
+    assert q.pop(background=False) is None
+    q.put("app", "live0")
+    assert q.pop(background=False) == "live0"
+    assert q.pop() == "b0"
