@@ -1,5 +1,12 @@
 """Cloud spending: cost from the usage the cloud reports, daily and monthly caps that
-survive restarts (a small JSON file, written atomically after every charge)."""
+survive restarts (a small JSON file, written atomically after every charge).
+
+Concurrent escalations must not overspend a cap: each call first reserves an upper bound
+of its cost (`reserve`), which counts against the caps at once, and settles to the cost
+the cloud reports when it is done (`settle`, also after a failure: a refused or failed
+call costs what was reported, usually nothing). A call is let through while spent plus
+reserved is under the cap, so the last call may still go over, as one call always could.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,16 @@ from pathlib import Path
 from sidecar.store import write_atomic
 
 log = logging.getLogger("sidecar.router")
+
+
+@dataclass(eq=False)
+class Reservation:
+    """Money held for one call in flight."""
+
+    amount: float
+    day: str
+    month: str
+    settled: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,6 +62,7 @@ class Budget:
         self.monthly_cap = monthly_cap
         self._clock = clock
         self.day, self.month, self.spent_day, self.spent_month = "", "", 0.0, 0.0
+        self.held: set[Reservation] = set()  # calls in flight
         self._load()
 
     def _load(self) -> None:
@@ -73,16 +91,55 @@ class Budget:
             self.month, self.spent_month = month, 0.0
 
     def spent(self) -> str | None:
-        """Which cap is used up ("daily", "monthly"), or None."""
+        """Which cap is used up ("daily", "monthly") by what is spent and held, or None."""
         self._roll()
-        if self.daily_cap and self.spent_day >= self.daily_cap:
+        day = sum(r.amount for r in self.held if r.day == self.day)
+        month = sum(r.amount for r in self.held if r.month == self.month)
+        if self.daily_cap and self.spent_day + day >= self.daily_cap:
             return "daily"
-        if self.monthly_cap and self.spent_month >= self.monthly_cap:
+        if self.monthly_cap and self.spent_month + month >= self.monthly_cap:
             return "monthly"
         return None
 
+    def reserve(self, prompt_tokens: int, completion_tokens: int) -> Reservation | str:
+        """Hold the cost of a call about to be made (token upper bounds); or the cap that
+        is used up. Check and hold happen without yielding, so no other call slips in."""
+        full = self.spent()
+        if full is not None:
+            return full
+        r = Reservation(self.prices.cost(prompt_tokens, completion_tokens), self.day, self.month)
+        # A call whose own worst case does not fit beside the calls in flight waits its turn
+        # (refused now), so one huge request cannot hold the room every other call needs;
+        # alone, it may go (the cap is then checked against what it really cost).
+        if self.held and self._over(r.amount):
+            return "daily" if self._over(r.amount, monthly=False) else "monthly"
+        self.held.add(r)
+        return r
+
+    def _over(self, amount: float, *, monthly: bool = True) -> bool:
+        day = sum(r.amount for r in self.held if r.day == self.day) + amount
+        month = sum(r.amount for r in self.held if r.month == self.month) + amount
+        if self.daily_cap and self.spent_day + day > self.daily_cap:
+            return True
+        return bool(monthly and self.monthly_cap and self.spent_month + month > self.monthly_cap)
+
+    def settle(
+        self, r: Reservation, prompt_tokens: int, completion_tokens: int, *, answered: int = 0
+    ) -> float:
+        """Release the hold and charge what the cloud reported (once). A server that answered
+        but reported no usage is charged the reservation: a cap must hold without `usage`."""
+        if r.settled:
+            return 0.0
+        r.settled = True
+        self.held.discard(r)
+        if prompt_tokens or completion_tokens:
+            return self.charge(prompt_tokens, completion_tokens)
+        return self._add(r.amount) if answered else 0.0
+
     def charge(self, prompt_tokens: int, completion_tokens: int) -> float:
-        cost = self.prices.cost(prompt_tokens, completion_tokens)
+        return self._add(self.prices.cost(prompt_tokens, completion_tokens))
+
+    def _add(self, cost: float) -> float:
         self._roll()
         self.spent_day += cost
         self.spent_month += cost

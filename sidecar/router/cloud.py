@@ -9,22 +9,35 @@ the endpoint's: no retry, and the breaker does not count it.
 Classify keeps its contract through the cloud: the answer must be one of the labels
 (matched exactly, then ignoring case and punctuation); an answer that is none of them is
 asked once more, then reported as invalid so the caller can keep the local answer.
+
+Every call goes through `chat`, and `chat` passes the payload through the gate
+(`outbound.Gate.check`) right before the SDK sees it: the last line of defence if
+anything upstream missed personal data. A `Meter` passed along sums the usage of every
+call that got an answer, so a retry or an answer rejected later is still paid for.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import openai
 
 from sidecar.router.breaker import Breaker
+from sidecar.router.outbound import (
+    CLASSIFY_MAX_TOKENS,
+    RETRY_LABEL,
+    Gate,
+    Outbound,
+    build,
+)
+from sidecar.router.privacy import Scanner
+from sidecar.types import ClassifyTask, ExtractTask
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,15 @@ class CloudError(Exception):
         self.message = message
 
 
+@dataclass
+class Meter:
+    """The usage of one escalation, summed over its calls."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    calls: int = 0
+
+
 @dataclass(frozen=True)
 class CloudReply:
     text: str
@@ -60,9 +82,16 @@ RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APIConnec
 
 
 class CloudClient:
-    def __init__(self, cfg: CloudConfig, breaker: Breaker, env: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        cfg: CloudConfig,
+        breaker: Breaker,
+        env: Mapping[str, str],
+        gate: Gate | None = None,
+    ) -> None:
         self.cfg = cfg
         self.breaker = breaker
+        self.gate = gate or Gate(Scanner(), redact=False)
         key = env.get(cfg.api_key_env, "") if cfg.api_key_env else ""
         self._client = openai.AsyncOpenAI(
             base_url=cfg.base_url,
@@ -81,7 +110,11 @@ class CloudClient:
         *,
         max_tokens: int | None = None,
         response_format: dict[str, Any] | None = None,
+        meter: Meter | None = None,
     ) -> CloudReply:
+        # The single point where a cloud request is built: nothing is sent past the gate
+        # (it raises SensitiveData, or returns the payload redacted).
+        messages, response_format = await self.gate.check_async(messages, response_format)
         if not self.breaker.allow():
             raise CloudError("breaker_open", "the cloud circuit breaker is open")
         started = time.perf_counter()
@@ -124,10 +157,16 @@ class CloudClient:
                 continue
             self.breaker.success()
             usage = getattr(resp, "usage", None)
+            prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
+            completion = int(getattr(usage, "completion_tokens", 0) or 0)
+            if meter is not None:
+                meter.prompt_tokens += prompt
+                meter.completion_tokens += completion
+                meter.calls += 1
             return CloudReply(
                 text=text,
-                prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-                completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+                prompt_tokens=prompt,
+                completion_tokens=completion,
                 latency_ms=(time.perf_counter() - started) * 1000,
                 attempts=attempt + 1,
                 finish_reason=_finish(resp),
@@ -141,36 +180,40 @@ class CloudClient:
         self, text: str, labels: Sequence[str], instruction: str = ""
     ) -> tuple[str | None, CloudReply]:
         """The label the cloud picked, or None if it named none of them twice."""
-        prompt = _classify_prompt(text, labels, instruction)
-        reply = await self.chat([{"role": "user", "content": prompt}], max_tokens=32)
-        label = match_label(reply.text, labels)
+        task = ClassifyTask(text, tuple(labels), instruction)
+        return await self.ask_label(build(task, labels))
+
+    async def ask_label(
+        self, out: Outbound, meter: Meter | None = None
+    ) -> tuple[str | None, CloudReply]:
+        """The caller's label the cloud picked (a redacted label is mapped back), or None
+        if it named none of them twice."""
+        messages = out.render()
+        reply = await self.chat(messages, max_tokens=CLASSIFY_MAX_TOKENS, meter=meter)
+        label = match_label(reply.text, out.labels)
         if label is None:
             again = [
-                {"role": "user", "content": prompt},
+                *messages,
                 {"role": "assistant", "content": reply.text},
-                {
-                    "role": "user",
-                    "content": "Answer with exactly one label from the list, nothing else.",
-                },
+                {"role": "user", "content": RETRY_LABEL},
             ]
-            reply = await self.chat(again, max_tokens=32)
-            label = match_label(reply.text, labels)
-        return label, reply
+            reply = await self.chat(again, max_tokens=CLASSIFY_MAX_TOKENS, meter=meter)
+            label = match_label(reply.text, out.labels)
+        return (None if label is None else out.label(label)), reply
 
     async def extract(self, text: str, schema: str, instruction: str = "") -> CloudReply:
-        """JSON text for the schema (the caller validates it: the contract is checked once).
+        return await self.ask_json(build(ExtractTask(text, schema, instruction)))
+
+    async def ask_json(self, out: Outbound, meter: Meter | None = None) -> CloudReply:
+        """JSON text for the schema (the caller validates it: the contract is checked once),
+        with any redacted schema keys and values put back.
 
         Servers differ in how they take a schema: OpenAI, vLLM and llama.cpp's C++ server
         take `json_schema`; llama-cpp-python's server takes `json_object` with a `schema`;
         others take neither. The first form this server accepts is remembered.
         """
-        parsed = json.loads(schema)
-        task = instruction or "Extract the fields as JSON."
-        messages = [
-            {"role": "system", "content": f"{task} Reply with JSON that matches this JSON "
-                                          f"Schema, and nothing else: {schema}"},
-            {"role": "user", "content": text},
-        ]  # fmt: skip
+        parsed = out.schema
+        messages = out.render()
         forms: dict[str, dict[str, Any] | None] = {
             "json_schema": {"type": "json_schema",
                             "json_schema": {"name": "extract", "schema": parsed}},
@@ -180,13 +223,15 @@ class CloudClient:
         order = [self._json_form, *(f for f in forms if f != self._json_form)]
         for form in order:
             try:
-                reply = await self.chat(messages, response_format=forms[form])
+                reply = await self.chat(
+                    messages, max_tokens=out.max_tokens, response_format=forms[form], meter=meter
+                )
             except CloudError as e:
                 if e.reason == "format_rejected":
                     continue
                 raise
             self._json_form = form
-            return reply
+            return replace(reply, text=out.restored(reply.text))
         raise CloudError("format_rejected", "the cloud refused every structured-output form")
 
 
@@ -221,12 +266,6 @@ def _reason(last: str) -> str:
     if "Connection" in last:
         return "connection"
     return "malformed"
-
-
-def _classify_prompt(text: str, labels: Sequence[str], instruction: str) -> str:
-    task = instruction or "Classify the text into exactly one of the labels."
-    listing = "\n".join(f"- {label}" for label in labels)
-    return f"{task}\n\nLabels:\n{listing}\n\nText: {text}\n\nAnswer with the label only."
 
 
 def _norm(s: str) -> str:

@@ -7,11 +7,18 @@ carries. Admin, the supervisor and updates keep talking to the local engine dire
 
 Streams are routed before they start (CLOUD_ONLY, pre-routing, or a local failure
 before the first token); once local tokens have been sent they are not escalated.
+
+Privacy: the request an escalation would send is built first (`outbound.build`), and
+the scan for personal data reads all of it (labels and schema included) for the
+decision; the cloud client checks the final payload once more before sending. Budget:
+each escalation reserves its worst-case cost before calling and settles after, so
+concurrent requests cannot spend past a cap.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncGenerator, Callable, Mapping
@@ -33,11 +40,11 @@ from sidecar.errors import (
 from sidecar.fewshot.service import FewShot
 from sidecar.router.breaker import Breaker
 from sidecar.router.budget import Budget, Prices
-from sidecar.router.cloud import CloudClient, CloudConfig, CloudError, CloudReply
-from sidecar.router.policy import Decision, LocalOutcome, Situation, decide
-from sidecar.router.privacy import Scanner, redact
+from sidecar.router.cloud import CloudClient, CloudConfig, CloudError, CloudReply, Meter
+from sidecar.router.outbound import Gate, Outbound, SensitiveData, build, estimate
+from sidecar.router.policy import Decision, FailKind, LocalOutcome, Situation, decide
+from sidecar.router.privacy import Scanner
 from sidecar.types import (
-    ChatMessage,
     ChatTask,
     Classification,
     ClassifyTask,
@@ -57,7 +64,7 @@ from sidecar.types import (
     TokenEvent,
     Usage,
 )
-from sidecar.validate import conforming_json
+from sidecar.validate import conforming_json_async
 
 log = logging.getLogger("sidecar.router")
 DEFAULT_ROUTE = RouteRequest()  # the configured default routing, not marked sensitive
@@ -99,6 +106,7 @@ class RouterEngine:
         self.on_route = on_route  # metrics hook: (result, reason code)
         self.breaker = Breaker(c.breaker_failures, c.breaker_cooldown_seconds)
         self.scanner = Scanner(c.sensitive, c.sensitive_patterns)
+        self.gate = Gate(self.scanner, c.redact)
         router_dir = config.store.path / "router"
         self.budget = Budget(
             router_dir / "budget.json",
@@ -119,6 +127,7 @@ class RouterEngine:
                 ),
                 self.breaker,
                 os.environ if env is None else env,
+                self.gate,
             )
         self.fewshot = FewShot(
             local.run,
@@ -167,12 +176,13 @@ class RouterEngine:
     ) -> Result:
         if isinstance(task, EmbedTask):  # vectors are model-specific: always local
             return await self._local(model, task, caller)
-        situation = self._situation(task, route)
+        self._check(model, task)
+        situation, out = await self._situation(task, route)
         first = decide(situation)
         if first.action == "fail":
             raise FAIL[first.fail or "unavailable"](first.reason)
         if first.action == "cloud":
-            return await self._cloud(task, first, None, None)
+            return await self._cloud(task, first, None, None, out)
         try:
             result = await self._local_within_budget(model, task, caller, situation)
         except SidecarError as e:
@@ -185,11 +195,11 @@ class RouterEngine:
             if second.action == "keep_local":  # LOCAL_ONLY: the error stands
                 raise
             log.info("escalating: %s", second.reason)
-            return await self._cloud(task, second, None, e)
+            return await self._cloud(task, second, None, e, out)
         outcome = self._outcome(task, result)
         second = decide(replace(situation, local=outcome))
         if second.action == "cloud":
-            return await self._cloud(task, second, result, None)
+            return await self._cloud(task, second, result, None, out)
         return self._finish(
             result, RouteInfo("local", second.reason, outcome.confidence, code=second.code)
         )
@@ -197,12 +207,13 @@ class RouterEngine:
     async def stream(
         self, model: str, task: StreamableTask, caller: str, route: RouteRequest = DEFAULT_ROUTE
     ) -> AsyncGenerator[TokenEvent | Generation, None]:
-        situation = self._situation(task, route)
+        self._check(model, task)
+        situation, out = await self._situation(task, route)
         first = decide(situation)
         if first.action == "fail":
             raise FAIL[first.fail or "unavailable"](first.reason)
         if first.action == "cloud":
-            result = await self._cloud(task, first, None, None)
+            result = await self._cloud(task, first, None, None, out)
             assert isinstance(result, Generation)
             yield TokenEvent(result.text)
             yield result
@@ -223,7 +234,7 @@ class RouterEngine:
             second = decide(replace(situation, local=LocalOutcome(failure=kind, detail=e.message)))
             if second.action != "cloud":
                 raise type(e)(second.reason or e.message) from None
-            result = await self._cloud(task, second, None, e)
+            result = await self._cloud(task, second, None, e, out)
             assert isinstance(result, Generation)
             yield TokenEvent(result.text)
             yield result
@@ -275,14 +286,35 @@ class RouterEngine:
 
     # ------------------------------------------------------------------ policy inputs
 
-    def _situation(self, task: Task, route: RouteRequest) -> Situation:
+    def _check(self, model: str, task: Task) -> None:
+        """Bound the request before anything is decided, so a CLOUD_ONLY request gets the
+        same INVALID_ARGUMENT as a local one, and nothing unbounded (a 500-deep schema, a
+        pattern RE2 refuses) reaches the outbound builder or the cloud. Few-shot Classify
+        is checked by its own path (it has no label list to check here)."""
+        if isinstance(task, ClassifyTask) and (task.examples or task.task):
+            return
+        with contextlib.suppress(ContextOverflow):  # too big here; a cloud model may take it
+            self.local.check(model, task)
+
+    async def _situation(
+        self, task: Task, route: RouteRequest
+    ) -> tuple[Situation, Outbound | None]:
+        """What decide() needs, and the request an escalation would send (None: not
+        known yet, e.g. the labels of a task still being prepared)."""
         routing = route.routing or self.settings.routing
         if self.cloud is None or routing == "LOCAL_ONLY":
             # Nothing can leave: scanning for personal data and pre-routing would be
             # request-path work whose answer decide() never reads.
-            return Situation(routing=routing, cloud=self.cloud is not None)  # type: ignore[arg-type]
+            return Situation(routing=routing, cloud=self.cloud is not None), None  # type: ignore[arg-type]
         texts = _texts(task)
-        kinds = tuple(self.scanner.kinds(texts))
+        try:
+            out: Outbound | None = self._outbound(task)
+        except FailedPrecondition:
+            out = None
+        # The scan reads the request as it would leave, every field of it.
+        kinds = tuple(
+            await self.gate.kinds_async(out) if out is not None else self.scanner.kinds(texts)
+        )
         return Situation(
             routing=routing,  # type: ignore[arg-type]
             sensitive=("marked", *kinds) if route.sensitive else kinds,
@@ -290,7 +322,12 @@ class RouterEngine:
             breaker_open=self.breaker.state == "open",
             spent=self.budget.spent(),
             pre_route=self._pre_route(task, texts),
-        )
+        ), out
+
+    def _outbound(self, task: Task) -> Outbound:
+        if isinstance(task, ClassifyTask):
+            return build(task, task.labels or tuple(self._labels_of(task)))
+        return build(task)
 
     def _pre_route(self, task: Task, texts: list[str]) -> str | None:
         c = self.settings
@@ -308,14 +345,34 @@ class RouterEngine:
     # ------------------------------------------------------------------ cloud
 
     async def _cloud(
-        self, task: Task, d: Decision, local: Result | None, local_error: SidecarError | None
+        self,
+        task: Task,
+        d: Decision,
+        local: Result | None,
+        local_error: SidecarError | None,
+        out: Outbound | None,
     ) -> Result:
         assert self.cloud is not None  # decide() never escalates without a cloud
-        if d.redact:
-            task = self._redacted(task)
         conf = self._outcome(task, local).confidence if local is not None else None
+        redact_it = d.redact
+        if out is None:  # not known when decide() ran: scan it now, by the same rule
+            out = self._outbound(task)
+            kinds = await self.gate.kinds_async(out)
+            if kinds and not self.settings.redact:
+                why = f"sensitive data ({', '.join(kinds)}) never leaves the machine"
+                return self._blocked(d, why, "failed_precondition", local, local_error, conf)
+            redact_it = bool(kinds)
+        if redact_it:
+            out = self.gate.redacted(out)
+        held = self.budget.reserve(*estimate(out))
+        if isinstance(held, str):  # calls in flight took the room since decide() ran
+            why = f"the {held} cloud budget is spent"
+            return self._blocked(d, why, "overloaded", local, local_error, conf)
+        meter = Meter()
         try:
-            result, reply = await self._ask(task)
+            result, reply = await self._ask(task, out, meter)
+        except SensitiveData as e:  # the client's last check: nothing was sent
+            return self._blocked(d, str(e), "failed_precondition", local, local_error, conf)
         except CloudError as e:
             why = f"{d.reason}; the cloud failed: {e.message}"
             log.warning("escalation failed: %s", why)
@@ -329,16 +386,36 @@ class RouterEngine:
             if local is not None:
                 return self._finish(local, RouteInfo("local", why, conf, code="cloud_invalid"))
             raise FailedPrecondition(why) from None
-        cost = self.budget.charge(reply.prompt_tokens, reply.completion_tokens)
+        finally:  # what the calls cost, whatever became of their answers
+            cost = self.budget.settle(
+                held, meter.prompt_tokens, meter.completion_tokens, answered=meter.calls
+            )
         self.cloud_calls += 1
         route = RouteInfo("cloud", d.reason, conf, reply.latency_ms, cost, d.code)
         return self._finish(result, route)
 
-    async def _ask(self, task: Task) -> tuple[Result, CloudReply]:
+    def _blocked(
+        self,
+        d: Decision,
+        why: str,
+        fail: FailKind,
+        local: Result | None,
+        local_error: SidecarError | None,
+        conf: float | None,
+    ) -> Result:
+        """Escalation found blocked at the last moment: as decide() would have ruled."""
+        reason = f"{d.reason}; escalation blocked: {why}" if d.reason else why
+        if local is not None:
+            return self._finish(local, RouteInfo("local", reason, conf, code="blocked"))
+        if local_error is not None:
+            raise type(local_error)(f"{local_error.message}; escalation blocked: {why}")
+        raise FAIL[fail](why)
+
+    async def _ask(self, task: Task, out: Outbound, meter: Meter) -> tuple[Result, CloudReply]:
         assert self.cloud is not None
         if isinstance(task, ClassifyTask):
-            labels = task.labels or tuple(self._labels_of(task))
-            label, reply = await self.cloud.classify(task.text, labels, task.instruction)
+            labels = out.originals
+            label, reply = await self.cloud.ask_label(out, meter)
             if label is None:
                 raise _InvalidCloudAnswer(
                     f"the cloud named none of the labels twice (last answer {reply.text[:80]!r})"
@@ -350,9 +427,9 @@ class RouterEngine:
                 Usage(reply.prompt_tokens, reply.completion_tokens),
             ), reply
         if isinstance(task, ExtractTask):
-            reply = await self.cloud.extract(task.text, task.schema, task.instruction)
+            reply = await self.cloud.ask_json(out, meter)
             try:
-                text = conforming_json(reply.text, task.schema)
+                text = await conforming_json_async(reply.text, task.schema)
             except SchemaViolation as e:
                 raise _InvalidCloudAnswer(
                     f"the cloud's JSON does not satisfy the schema: {e.message}"
@@ -361,11 +438,7 @@ class RouterEngine:
                 text, Usage(reply.prompt_tokens, reply.completion_tokens), TokenConfidence(0.0, 0.0)
             ), reply
         if isinstance(task, GenerateTask | ChatTask):
-            if isinstance(task, GenerateTask):
-                messages = [{"role": "user", "content": task.prompt}]
-            else:
-                messages = [{"role": m.role, "content": m.content} for m in task.messages]
-            reply = await self.cloud.chat(messages, max_tokens=task.max_tokens)
+            reply = await self.cloud.chat(out.render(), max_tokens=out.max_tokens, meter=meter)
             finish: FinishReason = "length" if reply.finish_reason == "length" else "stop"
             return Generation(
                 reply.text,
@@ -385,20 +458,6 @@ class RouterEngine:
             )
         return names
 
-    def _redacted(self, task: Task) -> Task:
-        def r(text: str) -> str:
-            return redact(text, self.scanner.find(text))
-
-        if isinstance(task, GenerateTask):
-            return replace(task, prompt=r(task.prompt))
-        if isinstance(task, ChatTask):
-            return replace(
-                task, messages=tuple(ChatMessage(m.role, r(m.content)) for m in task.messages)
-            )
-        if isinstance(task, ClassifyTask | ExtractTask):
-            return replace(task, text=r(task.text), instruction=r(task.instruction))
-        return task
-
     def _finish(self, result: Result, route: RouteInfo) -> Result:
         result.route = route
         self.on_route(result, route.code)
@@ -410,7 +469,7 @@ class _InvalidCloudAnswer(Exception):
 
 
 def _texts(task: Task) -> list[str]:
-    """Everything a request would send to the cloud, for the sensitivity scan."""
+    """The caller's own text in a request, for pre-routing (size and keywords)."""
     if isinstance(task, GenerateTask):
         return [task.prompt]
     if isinstance(task, ChatTask):
