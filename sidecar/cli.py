@@ -207,6 +207,8 @@ def status(
         click.echo(f"  last reload: {reply.last_reload}")
     if reply.shedding:
         click.echo(f"  SHEDDING LOAD: {reply.shedding}")
+    if reply.drop_watcher:
+        click.echo(f"  drop folder: {reply.drop_watcher}")
     for m in reply.models:
         mark = " (default)" if m.is_default else ""
         state = "ready" if m.ready else f"NOT READY: {m.detail}"
@@ -216,6 +218,8 @@ def status(
         )
         if m.last_error:
             click.echo(f"    last error: {m.last_error} (restart backoff {m.backoff_s:.1f}s)")
+        if m.update_fetch:
+            click.echo(f"    update in progress: {m.update_fetch}")
         for w in m.workers:
             click.echo(
                 f"    worker pid {w.pid}: {w.state}, {w.requests} requests, "

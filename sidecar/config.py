@@ -37,6 +37,7 @@ from typing import Any
 import platformdirs
 
 from sidecar.errors import ConfigError
+from sidecar.names import name_problem, shown
 from sidecar.router.privacy import Scanner  # the detectors own what a valid pattern is
 
 if sys.version_info >= (3, 11):
@@ -81,6 +82,16 @@ def _port(v: int) -> str | None:
     return None if 0 <= v <= 65535 else f"must be 0 (off) or a port 1-65535, got {v}"
 
 
+def _token(v: str) -> str | None:
+    """A bearer token: empty (none) or real. A blank one would pass for set while no caller
+    could send it: HTTP and gRPC strip the whitespace around header values."""
+    if v and not v.strip():
+        return "is blank (only whitespace): set a real token, or leave it empty for none"
+    if v != v.strip():
+        return "starts or ends with whitespace, which no Authorization header can carry"
+    return None
+
+
 SERVER_KEYS: dict[str, Key] = {
     "socket": Key(str, "", "Unix socket path. Default: <user runtime dir>/sidecar/sidecar.sock."),
     "socket_group_access": Key(
@@ -114,7 +125,9 @@ SERVER_KEYS: dict[str, Key] = {
     ),
     "tcp_port": Key(int, 0, "Optional TCP listener port on tcp_host; 0 = off.", _port),
     "tcp_host": Key(str, "127.0.0.1", "TCP listener address; loopback only.", _loopback),
-    "tcp_token": Key(str, "", "Bearer token required on TCP (prefer SIDECAR_SERVER_TCP_TOKEN)."),
+    "tcp_token": Key(
+        str, "", "Bearer token required on TCP (prefer SIDECAR_SERVER_TCP_TOKEN).", _token
+    ),
 }
 
 LOG_KEYS: dict[str, Key] = {
@@ -164,6 +177,7 @@ HTTP_KEYS: dict[str, Key] = {
         "",
         "Bearer token (the SDK's api_key) the HTTP API requires; required with http.port "
         "(prefer SIDECAR_HTTP_TOKEN).",
+        _token,
     ),
 }
 
@@ -213,6 +227,21 @@ UPDATE_KEYS: dict[str, Key] = {
     ),
     "retries": Key(
         int, 5, "Retries (resuming) of a failed download before giving up.", _at_least(0)
+    ),
+    "fetch_deadline_seconds": Key(
+        float,
+        0.0,
+        "Longest one download (retries included) may take before it is cut; its partial "
+        "file stays and the next apply resumes it. 0 = derived from the size: 60 s plus "
+        "the bytes still missing at fetch_min_bytes_per_second.",
+        _at_least(0),
+    ),
+    "fetch_min_bytes_per_second": Key(
+        int,
+        65536,
+        "Slowest origin accepted: a download that gets fewer bytes than this rate over "
+        "timeout_seconds is cut and retried (a trickling origin cannot hold it open).",
+        _at_least(1),
     ),
 }
 
@@ -395,6 +424,8 @@ class UpdateConfig:
     healthy_seconds: float
     timeout_seconds: float
     retries: int
+    fetch_deadline_seconds: float = 0.0
+    fetch_min_bytes_per_second: int = 65536
 
 
 @dataclass(frozen=True)
@@ -709,10 +740,14 @@ def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = Non
 
     models_raw: dict[str, dict[str, Any]] = {}
     for name, table in raw.get("models", {}).items():
+        if problem := name_problem(name):  # the name is a directory in the model store
+            raise ConfigError(f"models.{shown(name)}", problem)
         if not isinstance(table, dict):
             raise ConfigError(f"models.{name}", "must be a table")
         models_raw[name] = dict(table)
 
+    if top["default_model"] and (problem := name_problem(top["default_model"])):
+        raise ConfigError("default_model", problem)
     default_name = top["default_model"] or (next(iter(models_raw)) if models_raw else "")
     if o.model is not None:
         if o.model in models_raw:

@@ -2,8 +2,9 @@
 
     SidecarError
     ├── InvalidRequest        bad input the caller can fix        -> INVALID_ARGUMENT
-    │   └── OutOfRange        a size or count past a limit        -> OUT_OF_RANGE
-    │       └── ContextOverflow   does not fit the model's context window
+    │   ├── OutOfRange        a size or count past a limit        -> OUT_OF_RANGE
+    │   │   └── ContextOverflow   does not fit the model's context window
+    │   └── KilledWorker      this request crashed or hung a worker (never retried)
     ├── ModelNotFound         no model by that name               -> NOT_FOUND
     ├── Unavailable           loading, restarting, shutting down  -> UNAVAILABLE
     │   └── WorkerCrashed     the worker died during the request
@@ -38,6 +39,15 @@ class InvalidRequest(SidecarError):
 
 class OutOfRange(InvalidRequest):
     kind = "out_of_range"
+
+
+class KilledWorker(InvalidRequest):
+    """The request crashed or hung the worker running it, or repeats one that did.
+
+    The request itself is the cause, so it is neither retried nor escalated.
+    """
+
+    kind = "killed_worker"
 
 
 class ContextOverflow(OutOfRange):
@@ -103,6 +113,7 @@ KINDS: dict[str, type[SidecarError]] = {
         InvalidRequest,
         OutOfRange,
         ContextOverflow,
+        KilledWorker,
         ModelNotFound,
         Unavailable,
         WorkerCrashed,

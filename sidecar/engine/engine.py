@@ -29,6 +29,7 @@ from sidecar.errors import (
     SidecarError,
 )
 from sidecar.gguf_check import GGUFError
+from sidecar.names import shown
 from sidecar.store import ModelStore, startup_blob
 from sidecar.types import (
     Classification,
@@ -100,19 +101,29 @@ class PoolEngine:
         pool = self.pools.get(name)
         if pool is None:
             known = ", ".join(sorted(self.pools)) or "none"
-            raise ModelNotFound(f"no model named {name!r} is loaded (loaded: {known})")
+            raise ModelNotFound(f"no model named {shown(name)} is loaded (loaded: {known})")
         return pool
 
-    def _submit(self, model: str, task: Task, caller: str, stream: bool) -> tuple[ModelPool, Job]:
+    def check(self, model: str, task: Task) -> ModelPool:
+        """Refuse bad input against `model`'s limits, wherever the task will run: a request
+        bound for the cloud is bounded exactly like one for a worker."""
+        pool = self.pool(model)
+        s = self.config.server
+        check(task, Limits(pool.config.context, s.max_labels, s.max_embed_texts))
+        return pool
+
+    def _submit(
+        self, model: str, task: Task, caller: str, stream: bool, background: bool = False
+    ) -> tuple[ModelPool, Job]:
         pool = self.pool(model)
         if self.shed_reason:
             raise Overloaded(self.shed_reason)
-        s = self.config.server
-        check(task, Limits(pool.config.context, s.max_labels, s.max_embed_texts))
-        return pool, pool.submit(task, caller, stream)
+        self.check(model, task)
+        return pool, pool.submit(task, caller, stream, background)
 
-    async def run(self, model: str, task: Task, caller: str) -> Result:
-        pool, job = self._submit(model, task, caller, stream=False)
+    async def run(self, model: str, task: Task, caller: str, *, background: bool = False) -> Result:
+        """Run `task`; `background` work waits until no live request does (few-shot builds)."""
+        pool, job = self._submit(model, task, caller, stream=False, background=background)
         try:
             event = await job.events.get()
         except asyncio.CancelledError:
@@ -218,7 +229,11 @@ class PoolEngine:
                 raise SwapRefused("validating", e.message) from None
         if not version:
             raise InvalidRequest("name a version (NAME@VERSION) or a file to swap to")
-        return self.store.resolve(pool.config.name, version)
+        sha = self.store.resolve(pool.config.name, version)
+        # Stored, but loaded again now: make sure its bytes are still the ones hashed.
+        progress("verifying", f"{sha[:12]} in the store")
+        await asyncio.to_thread(self.store.verify, sha)
+        return sha
 
     def _refuse(self, name: str, sha: str, reason: str) -> Path:
         where = self.store.quarantine(self.store.blob(sha), reason, move=False)

@@ -22,21 +22,23 @@ from typing import Any
 from grpc import StatusCode
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from sidecar.errors import (
+    Cancelled,
     InternalError,
     InvalidRequest,
     ModelNotFound,
     SidecarError,
     Unauthenticated,
 )
+from sidecar.names import shown
 from sidecar.openai_api import wire
 from sidecar.router.engine import RouterEngine
 from sidecar.server.accounting import RequestLog
-from sidecar.server.interceptor import status_for
+from sidecar.server.interceptor import status_for, told
 from sidecar.types import (
     ChatTask,
     Embeddings,
@@ -65,6 +67,8 @@ HTTP_STATUS: dict[StatusCode, tuple[int, str]] = {
     StatusCode.INTERNAL: (500, "server_error"),
 }
 RETRYABLE = {StatusCode.RESOURCE_EXHAUSTED, StatusCode.UNAVAILABLE}
+# Bodies up to this size are parsed on the event loop (a thread hop costs more than that).
+INLINE_PARSE_BYTES = 64 * 1024
 
 
 class BodyTooLarge(InvalidRequest):
@@ -75,15 +79,15 @@ def error_body(message: str, kind: str, code: str | None = None) -> dict[str, An
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
-def error_response(e: SidecarError, rid: str) -> tuple[Response, StatusCode]:
-    code = status_for(e)
+def error_response(e: BaseException, rid: str, method: str) -> tuple[Response, StatusCode]:
+    code = status_for(e) if isinstance(e, SidecarError) else StatusCode.INTERNAL
     status, kind = HTTP_STATUS.get(code, (500, "server_error"))
     if isinstance(e, BodyTooLarge):
         status = 413
     headers = {"x-request-id": rid}
     if code in RETRYABLE:
         headers["retry-after"] = "1"
-    body = error_body(e.message, kind, code.name.lower())
+    body = error_body(told(e, rid, method), kind, code.name.lower())
     return JSONResponse(body, status_code=status, headers=headers), code
 
 
@@ -145,21 +149,11 @@ class OpenAIApp:
             try:
                 self._authenticate(request)
                 response = await handler(request, call)
-            except SidecarError as e:
-                response, code = error_response(e, call.rid)
-                call.done(code, response.status_code)
-                return response
             except asyncio.CancelledError:
                 call.done(StatusCode.CANCELLED, 499)
                 raise
-            except Exception:
-                log.exception("request %s %s failed", call.rid, call.method)
-                response, code = error_response(
-                    InternalError(
-                        f"internal error (request {call.rid}); the daemon log has the details"
-                    ),
-                    call.rid,
-                )
+            except Exception as e:  # SidecarError, or a bug: `told` keeps internals in the log
+                response, code = error_response(e, call.rid, call.method)
                 call.done(code, response.status_code)
                 return response
             response.headers["x-request-id"] = call.rid
@@ -183,15 +177,18 @@ class OpenAIApp:
         if declared.isdigit() and int(declared) > self._max_body:
             raise BodyTooLarge(f"the body is {declared} bytes; the limit is {self._max_body}")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self._max_body:
-                raise BodyTooLarge(f"the body is over the {self._max_body}-byte limit")
-            chunks.append(chunk)
         try:
-            return json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise InvalidRequest(f"the body is not valid JSON: {e}") from None
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self._max_body:
+                    raise BodyTooLarge(f"the body is over the {self._max_body}-byte limit")
+                chunks.append(chunk)
+        except ClientDisconnect:  # gone, or cut by the listener's body timeout
+            raise Cancelled("the connection closed before the whole body arrived") from None
+        data = b"".join(chunks)
+        if size <= INLINE_PARSE_BYTES:
+            return wire.parse_body(data)
+        return await asyncio.to_thread(wire.parse_body, data)  # ~0.1 s for 4 MB: off the loop
 
     @staticmethod
     def _caller(request: Request) -> str:
@@ -230,7 +227,9 @@ class OpenAIApp:
         call.model = name
         names = [s.model.name for s, _ in self.engine.status()]
         if name not in names:
-            raise ModelNotFound(f"no model named {name!r} is loaded (loaded: {', '.join(names)})")
+            raise ModelNotFound(
+                f"no model named {shown(name)} is loaded (loaded: {', '.join(names)})"
+            )
         return JSONResponse(wire.model_entry(name))
 
     async def chat(self, request: Request, call: Call) -> Response:
@@ -324,7 +323,7 @@ class OpenAIApp:
                 # Headers are gone; OpenAI's SDKs raise on an `error` event mid-stream.
                 code = status_for(e)
                 status, kind = HTTP_STATUS.get(code, (500, "server_error"))
-                yield sse(error_body(e.message, kind, code.name.lower()))
+                yield sse(error_body(told(e, call.rid, call.method), kind, code.name.lower()))
             except asyncio.CancelledError:  # the client went away: free the worker now
                 code, status = StatusCode.CANCELLED, 499
                 raise

@@ -44,7 +44,7 @@ ROUTING: dict[int, Routing] = {
 
 
 def _max_tokens(r: pb.GenerateRequest | pb.ChatRequest | pb.ExtractRequest) -> int | None:
-    return r.max_tokens if r.HasField("max_tokens") else None
+    return r.max_tokens or None  # unset and 0 both mean the server default (see the proto)
 
 
 def sampling(s: pb.Sampling) -> Sampling:
@@ -189,7 +189,11 @@ def embed_reply(e: Embeddings) -> pb.EmbedReply:
 
 
 def model_status(
-    s: PoolStatus, is_default: bool, probe_error: str | None = None, last_update: str = ""
+    s: PoolStatus,
+    is_default: bool,
+    probe_error: str | None = None,
+    last_update: str = "",
+    update_fetch: str = "",
 ) -> pb.ModelStatus:
     return pb.ModelStatus(
         model=_model(s.model),
@@ -210,6 +214,7 @@ def model_status(
         backoff_s=s.backoff_s,
         last_error=s.last_error or (probe_error or ""),
         last_update=last_update,
+        update_fetch=update_fetch,
     )
 
 

@@ -109,9 +109,8 @@ async def start(
     metrics.watch_router(router)
     pb_grpc.add_InferenceServicer_to_server(InferenceServicer(router), server)
     updater = Updater(engine, metrics, supervisor.probe_errors)
-    pb_grpc.add_AdminServicer_to_server(
-        AdminServicer(supervisor, s.socket, metrics, updater, router), server
-    )
+    admin = AdminServicer(supervisor, s.socket, metrics, updater, router)
+    pb_grpc.add_AdminServicer_to_server(admin, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (INFERENCE_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -176,8 +175,9 @@ async def start(
     # Config tasks embed their examples in the background: serving starts at once.
     running.preparing = asyncio.create_task(router.fewshot.prepare())
     if config.store.drop is not None:
-        running.drop = DropWatcher(engine, config.store.drop, config.store.auto_swap)
-        await running.drop.start()
+        drop = running.drop = DropWatcher(engine, config.store.drop, config.store.auto_swap)
+        admin.drop_watcher = lambda: drop.health
+        await drop.start()
     return running
 
 

@@ -4,8 +4,8 @@ Every RPC (ours, health, reflection) passes through `RequestInterceptor`, which
 - refuses TCP callers without the right bearer token (UNAUTHENTICATED),
 - turns a request that does not parse (e.g. invalid UTF-8 in a string field) into
   INVALID_ARGUMENT instead of gRPC's generic deserialisation failure,
-- maps `SidecarError` subclasses through `STATUS` and anything else to INTERNAL with a
-  logged traceback,
+- maps `SidecarError` subclasses through `STATUS` and anything else to INTERNAL; an
+  internal error's details go to the log, the caller gets only the request id (`told`),
 - writes one log line per request (id, method, model, status, milliseconds).
 """
 
@@ -47,6 +47,20 @@ def status_for(error: errors.SidecarError) -> StatusCode:
         if cls in STATUS:
             return STATUS[cls]
     return StatusCode.INTERNAL
+
+
+def told(error: BaseException, rid: str, method: str) -> str:
+    """What the caller is told about `error`. A bad request gets its message, which says what
+    to fix. An internal error (a bug, or a worker's unexpected exception with its traceback)
+    is logged in full under the request id, and the caller gets only that id: tracebacks,
+    paths and library internals are for the daemon's owner, not for every client."""
+    if isinstance(error, errors.SidecarError):
+        if status_for(error) is not StatusCode.INTERNAL:
+            return error.message
+        log.error("request %s %s failed: %s", rid, method, error.message)
+    else:
+        log.error("request %s %s failed", rid, method, exc_info=error)
+    return f"internal error (request {rid}); the daemon log has the details"
 
 
 class BadRequest:
@@ -163,15 +177,10 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return call
 
     def _fail(self, e: BaseException, rid: str, method: str) -> tuple[StatusCode, str]:
-        if isinstance(e, errors.SidecarError):
-            return status_for(e), e.message
         if isinstance(e, grpc.aio.AbortError):  # a handler aborted already; keep its status
             raise e
-        log.exception("request %s %s failed", rid, method)
-        return (
-            StatusCode.INTERNAL,
-            f"internal error (request {rid}); the daemon log has the details",
-        )
+        code = status_for(e) if isinstance(e, errors.SidecarError) else StatusCode.INTERNAL
+        return code, told(e, rid, method)
 
     def _log(self, rid: str, method: str, request: Any, code: StatusCode, started: float) -> None:
         model = getattr(request, "model", None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,6 +16,7 @@ import psutil
 
 from sidecar.errors import InternalError
 from sidecar.metrics import Metrics
+from sidecar.names import check_name
 from sidecar.router.engine import RouterEngine
 from sidecar.server import convert
 from sidecar.server.caller import caller_of
@@ -40,6 +41,11 @@ def _expect(result: object, kind: type[R]) -> R:
     if not isinstance(result, kind):  # pragma: no cover - an engine bug
         raise InternalError(f"engine returned {type(result).__name__}, expected {kind.__name__}")
     return result
+
+
+def _name(model: str) -> str:
+    """A model name an admin call will touch the store with: checked (empty = the default)."""
+    return check_name(model) if model else model
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -130,18 +136,23 @@ class AdminServicer(pb_grpc.AdminServicer):
         self.socket = socket
         self.metrics = metrics
         self.started = time.monotonic()
+        self.drop_watcher: Callable[[], str] = lambda: ""  # the daemon sets it once watching
 
     def _models(self) -> list[pb.ModelStatus]:
         errors = self.supervisor.probe_errors
         return [
             convert.model_status(
-                s, is_default, errors.get(s.model.name), self.updater.last.get(s.model.name, "")
+                s,
+                is_default,
+                errors.get(s.model.name),
+                self.updater.last.get(s.model.name, ""),
+                self.updater.fetching(s.model.name),
             )
             for s, is_default in self.engine.status()
         ]
 
     async def Status(self, request: pb.StatusRequest, context: Any) -> pb.StatusReply:
-        return convert.status_reply(
+        reply = convert.status_reply(
             pid=os.getpid(),
             uptime_s=time.monotonic() - self.started,
             socket=str(self.socket),
@@ -152,6 +163,8 @@ class AdminServicer(pb_grpc.AdminServicer):
             last_reload=self.supervisor.last_reload,
             cloud=convert.cloud_status(self.router) if self.router is not None else None,
         )
+        reply.drop_watcher = self.drop_watcher()
+        return reply
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsReply:
         return pb.ListModelsReply(models=self._models())
@@ -167,7 +180,7 @@ class AdminServicer(pb_grpc.AdminServicer):
         # The swap runs to its end even if this caller goes away: half a swap helps nobody.
         swap = asyncio.ensure_future(
             self.engine.swap(
-                request.model,
+                _name(request.model),
                 version=request.version,
                 path=Path(request.path) if request.path else None,
                 strategy=request.strategy,
@@ -195,7 +208,7 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     async def AddModel(self, request: pb.AddModelRequest, context: Any) -> pb.AddModelReply:
         store = self.engine.store
-        name = request.model or self.engine.default_model
+        name = _name(request.model) or self.engine.default_model
         sha = await asyncio.to_thread(store.add, Path(request.path), name)
         info = await asyncio.to_thread(store.info, name, sha)
         return pb.AddModelReply(version=convert.stored_version(info, False))
@@ -204,7 +217,7 @@ class AdminServicer(pb_grpc.AdminServicer):
         self, request: pb.RemoveVersionRequest, context: Any
     ) -> pb.RemoveVersionReply:
         store = self.engine.store
-        name = request.model or self.engine.default_model
+        name = _name(request.model) or self.engine.default_model
         sha = store.resolve(name, request.version)
         await asyncio.to_thread(store.remove, name, sha, self.engine.in_use())
         return pb.RemoveVersionReply()
@@ -228,12 +241,19 @@ class AdminServicer(pb_grpc.AdminServicer):
             ms = (time.monotonic() - started) * 1000
             updates.put_nowait(convert.update_progress(stage, detail, done, total, ms))
 
-        # Like a swap, the update runs to its end even if this caller goes away.
-        run = asyncio.ensure_future(self.updater.apply(request.model, progress))
-        while not run.done() or not updates.empty():
-            if updates.empty():
-                await asyncio.wait({run}, timeout=0.05)
-                continue
-            yield updates.get_nowait()
+        # A download nobody waits for is stopped when this caller goes away (its partial
+        # file stays for the next apply); from install on, like a swap, it runs to its end.
+        owner = object()
+        run = asyncio.ensure_future(self.updater.apply(request.model, progress, owner))
+        try:
+            while not run.done() or not updates.empty():
+                if updates.empty():
+                    await asyncio.wait({run}, timeout=0.05)
+                    continue
+                yield updates.get_nowait()
+        finally:
+            if not run.done():
+                self.updater.abandon(request.model, owner)
+                run.add_done_callback(lambda t: t.cancelled() or t.exception())
         outcome = run.result()  # a refusal raises here; the interceptor maps it
         yield convert.update_done(outcome, (time.monotonic() - started) * 1000)

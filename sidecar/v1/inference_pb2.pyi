@@ -283,7 +283,7 @@ class GenerateRequest(_message.Message):
     """empty = the configured default model"""
     prompt: _builtins.str
     max_tokens: _builtins.int
-    """unset = the server default (what fits, capped)"""
+    """unset or 0 = the server default (what fits, capped)"""
     routing: Global___Routing.ValueType
     sensitive: _builtins.bool
     """never send this request off the machine"""
@@ -632,7 +632,7 @@ class ExtractRequest(_message.Message):
     instruction: _builtins.str
     """optional task description for the prompt"""
     max_tokens: _builtins.int
-    """unset = the server default"""
+    """unset or 0 = the server default"""
     routing: Global___Routing.ValueType
     sensitive: _builtins.bool
     def __init__(

@@ -88,7 +88,7 @@ BAD_REQUESTS = [
     ),
     (
         "Generate",
-        pb.GenerateRequest(prompt="x", max_tokens=0),
+        pb.GenerateRequest(prompt="x", max_tokens=-1),  # 0 = the server default
         grpc.StatusCode.INVALID_ARGUMENT,
         "at least 1",
     ),

@@ -181,7 +181,7 @@ async def test_response_format_json_schema_runs_constrained_extract(api) -> None
         ({"logprobs": True}, "'logprobs' is not supported"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"temperature": 9}, "temperature"),
-        ({"max_tokens": 0}, "max_tokens must be at least 1"),
+        ({"max_tokens": -1}, "max_tokens must be at least 1"),  # 0 = the default
         ({"messages": []}, "'messages' is required"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "tool calling is not supported"),
         (
