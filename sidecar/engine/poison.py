@@ -6,11 +6,15 @@ anyone can tell. The pool fails that request with `KilledWorker` (never retried 
 another worker) and restarts the worker at once: backoff is for deaths nobody can
 explain. To stop the same request killing the fresh worker, its fingerprint (kind,
 model@version, a hash of the whole task) is remembered for `TTL_S` and an identical
-request is refused before it reaches a worker. A caller whose distinct requests killed
-`STRIKES` workers within `STRIKE_WINDOW_S` is refused for `BAN_S`: "caller" here is
-the principal (the uid on the socket, the token on TCP), not the process, since a new
-process is cheap. A death by SIGKILL or SIGTERM that the daemon did not send (the
-kernel's OOM killer, an operator) is not blamed on the request.
+request is refused before it reaches a worker. A caller whose distinct requests crashed
+`STRIKES` workers within `STRIKE_WINDOW_S` is refused for `BAN_S`: "caller" here is the
+uid the kernel reports on the Unix socket, not the process (a new process is cheap). Only
+that identity is banned: a bearer token or an `x-sidecar-caller` name is shared by many
+clients or chosen freely, so banning it would let one client lock out the others (or
+frame them); those callers are refused by fingerprint only. A stall is not a strike
+either: on a loaded machine a slow, legitimate request can go silent too. A death by
+SIGKILL or SIGTERM that the daemon did not send (the kernel's OOM killer, an operator)
+is not blamed on the request.
 """
 
 from __future__ import annotations
@@ -72,9 +76,10 @@ def fingerprint(task: Task, model: ModelRef) -> str:
     return h.hexdigest()
 
 
-def principal(caller: str) -> str:
-    """The part of a caller key a client cannot change at will: `uid:N`, `token:...`."""
-    return caller.split("/", 1)[0]
+def principal(caller: str) -> str | None:
+    """The identity the kernel vouches for (`uid:N`), or None when there is none."""
+    who = caller.split("/", 1)[0]
+    return who if who.startswith("uid:") else None
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,7 @@ class Poison:
         """Refuse a request that killed a worker before, or from a banned principal."""
         now = self._clock()
         who = principal(caller)
-        ban = self._live(self._banned, who, now)
+        ban = self._live(self._banned, who, now) if who is not None else None
         if ban is not None:
             raise KilledWorker(
                 f"refused for {ban.until - now:.0f} more seconds: {ban.why}; "
@@ -109,14 +114,25 @@ class Poison:
                 "more seconds: change the request (smaller input, schema or limits)"
             )
 
-    def blame(self, task: Task, caller: str, model: ModelRef, what: str) -> KilledWorker:
+    def blame(
+        self, task: Task, caller: str, model: ModelRef, what: str, *, strike: bool = True
+    ) -> KilledWorker:
         """Remember a request that killed its worker; the error to fail it with.
 
         `what` completes "this request ...": "crashed a worker of model 'x' (pid 7, SIGSEGV)".
+        `strike` counts it against the caller's uid (crashes, not stalls).
         """
         now = self._clock()
         _put(self._requests, fingerprint(task, model), _Blame(now, now + TTL_S, what))
         who = principal(caller)
+        if strike and who is not None:
+            self._strike(who, model, now)
+        return KilledWorker(
+            f"this request {what}; it is not retried, and an identical request is refused "
+            f"for {TTL_S:.0f} seconds: change it (smaller input, schema or limits)"
+        )
+
+    def _strike(self, who: str, model: ModelRef, now: float) -> None:
         strikes = self._strikes.pop(who, deque())
         strikes.append(now)
         while strikes and strikes[0] < now - STRIKE_WINDOW_S:
@@ -129,10 +145,6 @@ class Poison:
             )
             _put(self._banned, who, _Blame(now, now + BAN_S, why))
             strikes.clear()
-        return KilledWorker(
-            f"this request {what}; it is not retried, and an identical request is refused "
-            f"for {TTL_S:.0f} seconds: change it (smaller input, schema or limits)"
-        )
 
     @staticmethod
     def _live(table: OrderedDict[str, _Blame], key: str, now: float) -> _Blame | None:

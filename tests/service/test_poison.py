@@ -203,3 +203,49 @@ async def test_under_auto_a_request_that_crashed_its_worker_is_not_escalated(
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "refused without running" in (e.value.details() or "")
         assert script.received == []  # neither the crash nor the refusal went to the cloud
+
+
+async def test_copies_queued_before_the_first_one_killed_a_worker_never_run(
+    serve, tiny_model: Path
+) -> None:
+    s = await serve(tiny_model, slot_kind="process", workers=1, context=2048)
+    pid = await pid_of(s)
+    first = s.client.generate_stream(POISON, max_tokens=1500, timeout=30)
+    await first.read()  # running on the only worker
+    copies = [
+        asyncio.ensure_future(s.client.generate(POISON, max_tokens=1500, timeout=30))
+        for _ in range(3)
+    ]
+    while (await s.client.status()).models[0].queue_depth < 3:  # all three wait behind it
+        await asyncio.sleep(0.02)
+    os.kill(pid, signal.SIGSEGV)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        while await first.read() is not grpc.aio.EOF:
+            pass
+    assert "crashed a worker" in (e.value.details() or "")
+    for copy in copies:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await copy
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "refused without running" in (e.value.details() or "")
+    await wait_ready(s)
+    m = (await s.client.status()).models[0]
+    assert m.restarts == 1  # the copies killed no fresh worker
+
+
+async def test_many_different_killer_requests_slow_the_restarts_down(
+    serve, tiny_model: Path
+) -> None:
+    from sidecar.engine.pool import BACKOFF_START_S, BLAMED_FREE
+
+    s = await serve(tiny_model, slot_kind="process", workers=1, context=2048, server=FAST)
+    backoffs = []
+    for i in range(BLAMED_FREE + 1):  # stalls: not strikes, so no caller is banned
+        await wait_ready(s)
+        code, details, reached = await send_and_kill(s, s.client, f"{POISON} {i}", signal.SIGSTOP)
+        assert reached and code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+        backoffs.append((await s.client.status()).models[0].backoff_s)
+    assert backoffs[:BLAMED_FREE] == [pytest.approx(BACKOFF_START_S)] * BLAMED_FREE
+    assert backoffs[-1] > BACKOFF_START_S  # past the free ones, a crash loop slows down
+    await wait_ready(s)
+    assert (await s.client.generate("still here", max_tokens=2)).usage.completion_tokens >= 1

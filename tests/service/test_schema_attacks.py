@@ -191,3 +191,27 @@ async def test_cloud_only_extract_bounds_the_schema_before_anything_leaves(
         for part in says:
             assert part in msg, (str(schema)[:80], msg)
     assert script.received == []
+
+
+async def test_cloud_only_classify_by_examples_is_bounded_before_anything_leaves(
+    serve, tiny_model: Path, cloud: tuple[str, Script]
+) -> None:  # type: ignore[no-untyped-def]
+    """The few-shot path checks examples only when it runs: CLOUD_ONLY skips it."""
+    url, script = cloud
+    script.default = ok("a")
+    settings = {"base_url": url, "model": "m", "backoff_seconds": 0.01, "retries": 1}
+    s = await serve(tiny_model, cloud=settings)
+    bad = [
+        ([("x", "a"), ("", "b")], "examples[1].text is empty"),
+        ([("x", "a"), ("y", "b" * 5000)], "at most 200"),
+        ([(f"t{i}", "ab"[i % 2]) for i in range(2001)], "at most 2000"),
+        ([("x", "a"), ("y", "a")], "at least 2 distinct labels"),
+    ]
+    for examples, says in bad:
+        code, msg = await code_of(
+            s.client.classify("text", examples=examples, routing="CLOUD_ONLY", timeout=30)
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and says in msg, (says, code, msg)
+    assert script.received == []
+    r = await s.client.classify("text", examples=[("x", "a"), ("y", "b")], routing="CLOUD_ONLY")
+    assert r.label == "a" and r.route.served_by == "cloud"

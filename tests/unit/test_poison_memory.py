@@ -77,14 +77,33 @@ def test_strikes_older_than_the_window_do_not_count() -> None:
     clock = Clock()
     p = Poison(clock)
     for i in range(poison.STRIKES + 2):
-        p.blame(GenerateTask(f"bad {i}", 1), "token:abc", MODEL, "crashed")
+        p.blame(GenerateTask(f"bad {i}", 1), "uid:7/pid:1", MODEL, "crashed")
         clock.now += poison.STRIKE_WINDOW_S / (poison.STRIKES - 1) + 1
-    p.check(GenerateTask("fine", 1), "token:abc", MODEL)
+    p.check(GenerateTask("fine", 1), "uid:7/pid:1", MODEL)
 
 
-def test_principal_is_the_part_a_client_cannot_choose() -> None:
+def test_only_a_uid_the_kernel_vouches_for_is_ever_banned() -> None:
+    """A shared bearer token or a self-chosen app name: banning it would let one client
+    lock out every other one, or frame them. Those get refused by fingerprint only."""
+    for caller in ("token:abc", "app:victim", "peer:unix:"):
+        p = Poison(Clock())
+        for i in range(poison.STRIKES + 1):
+            p.blame(GenerateTask(f"bad {i}", 1), caller, MODEL, "crashed")
+        p.check(GenerateTask("fine", 1), caller, MODEL)
+        with pytest.raises(KilledWorker):
+            p.check(GenerateTask("bad 0", 1), caller, MODEL)
+
+
+def test_a_stall_is_not_a_strike() -> None:
+    p = Poison(Clock())
+    for i in range(poison.STRIKES + 1):
+        p.blame(GenerateTask(f"slow {i}", 1), "uid:8/pid:1", MODEL, "stalled", strike=False)
+    p.check(GenerateTask("fine", 1), "uid:8/pid:1", MODEL)
+
+
+def test_principal_is_the_uid_or_nothing() -> None:
     assert principal("uid:1000/pid:42") == principal("uid:1000/app:x") == "uid:1000"
-    assert principal("token:abcdef") == "token:abcdef"
+    assert principal("token:abcdef") is None and principal("app:x") is None
 
 
 def test_only_deaths_from_inside_the_worker_are_crashes() -> None:
