@@ -14,6 +14,7 @@ import logging
 import re
 import sys
 import time
+from typing import IO
 
 MAX_FIELD = 2000  # characters of one message or field; the rest is counted, not written
 
@@ -59,8 +60,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False)
 
 
-def configure(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def configure(level: str, fmt: str, stream: IO[str] | None = None) -> None:
+    """Log at `level` in format `fmt` ("text" or "json") to `stream` (default stderr)."""
+    handler = logging.StreamHandler(stream or sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -68,3 +70,10 @@ def configure(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def current() -> tuple[str, str]:
+    """This process's (level, format), for a worker process to log as the daemon does."""
+    root = logging.getLogger()
+    json_ = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
+    return logging.getLevelName(root.level).lower(), "json" if json_ else "text"

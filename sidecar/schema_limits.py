@@ -69,6 +69,29 @@ _UNROLLED = {"maxLength": (8, 0), "minLength": (8, 0), "maxItems": (24, 1), "min
 # keyword itself into rule names, only the names under it.
 _NAME_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
 
+# Keywords llama.cpp's converter ignores that decide which shapes an answer may have at all:
+# the grammar would let the model write what they forbid or leave out what they require, so
+# a local answer would pass only by chance. They are refused by name, with what to write
+# instead. The value checks it also ignores (minimum, maximum, multipleOf, uniqueItems,
+# format, minProperties, maxProperties) are accepted: every answer is checked against the
+# whole schema, and one that misses them is a schema violation.
+UNENFORCEABLE = {
+    "not": "describe what is allowed instead (type, enum, anyOf, pattern)",
+    "if": "use anyOf with one subschema per case",
+    "then": "use anyOf with one subschema per case",
+    "else": "use anyOf with one subschema per case",
+    "dependentRequired": "list the properties in `required`, or use anyOf with one subschema per case",
+    "dependentSchemas": "use anyOf with one subschema per case",
+    "dependencies": "list the properties in `required`, or use anyOf with one subschema per case",
+    "propertyNames": "list the names in `properties` with additionalProperties false",
+    "contains": "describe every item with `items` (an enum or anyOf)",
+    "minContains": "describe every item with `items` (an enum or anyOf)",
+    "maxContains": "describe every item with `items` (an enum or anyOf)",
+    "unevaluatedItems": "use `items` or `prefixItems`",
+}
+# Keywords whose values are data, not schemas: a property named "not" in a `const` is fine.
+_LITERALS = ("enum", "const", "default", "examples")
+
 _sre = importlib.import_module("re._parser" if sys.version_info >= (3, 11) else "sre_parse")
 _REPEATS = ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")
 
@@ -128,7 +151,33 @@ def _bounded(text: str) -> dict[str, Any]:
             "json_schema uses unevaluatedProperties together with patternProperties, which "
             "cannot be checked in linear time: use additionalProperties instead"
         )
+    _refuse_unenforceable(schema)
     return schema
+
+
+def _refuse_unenforceable(schema: dict[str, Any]) -> None:
+    """InvalidRequest naming the first UNENFORCEABLE keyword at a schema position. Depth
+    and size were bounded by the caller's walk."""
+    stack: list[tuple[Any, str]] = [(schema, "")]
+    while stack:
+        node, where = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        for key, value in node.items():
+            at = f"{where}/{_escape(key)}"
+            if key in UNENFORCEABLE:
+                raise InvalidRequest(
+                    f"json_schema {at}: `{key}` is not supported (the grammar that shapes "
+                    f"local answers cannot enforce it): {UNENFORCEABLE[key]}"
+                )
+            if key in _LITERALS:
+                continue
+            if key in _NAME_MAPS and isinstance(value, dict):
+                stack.extend((v, f"{at}/{_escape(k)}") for k, v in value.items())
+            elif isinstance(value, dict):
+                stack.append((value, at))
+            elif isinstance(value, list):
+                stack.extend((v, f"{at}/{i}") for i, v in enumerate(value))
 
 
 @dataclass
@@ -304,3 +353,39 @@ def _escape(key: str) -> str:
 
 def _short(pattern: str) -> str:
     return repr(pattern if len(pattern) <= 80 else pattern[:77] + "...")
+
+
+# llama.cpp's schema-to-grammar converter raises bare assertions and ValueErrors written for
+# its command-line tool (`--allow-fetch`), with the caller's schema dumped into them: its
+# known failures, by the start of its message, as what the caller can change.
+_CONVERTER = (
+    (
+        "Unrecognized schema",
+        "a subschema has nothing a grammar can be built from: give each one a `type` "
+        "(or `properties`, `items`, `enum`, `const`, `anyOf`)",
+    ),
+    (
+        "Pattern must start with",
+        "every `pattern` must be anchored for the grammar: start it with ^ and end it with $ "
+        "(for `abc` anywhere, write ^.*abc.*$)",
+    ),
+    (
+        "Unsupported pattern syntax",
+        "a `pattern` uses (?...) syntax (non-capturing groups, lookaround, flags), which the "
+        "grammar cannot express: use plain (...) groups",
+    ),
+    ("Unsupported ref", "a `$ref` is not a JSON pointer: write it as #/$defs/NAME"),
+    ("Error resolving ref", "a `$ref` points to nothing in the document"),
+    ("Fetching remote schemas", "only local references (#/...) are supported"),
+)
+
+
+def converter_refusal(error: Exception) -> InvalidRequest:
+    """The converter's `error` in the daemon's words (INVALID_ARGUMENT)."""
+    text = str(error)
+    for start, advice in _CONVERTER:
+        if text.startswith(start):
+            return InvalidRequest(f"json_schema cannot be turned into a grammar: {advice}")
+    return InvalidRequest(
+        f"json_schema cannot be turned into a grammar ({_short(text)}): simplify the schema"
+    )

@@ -18,11 +18,12 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import psutil
 
+from sidecar import logs
 from sidecar.errors import FailedPrecondition, SidecarError, WorkerCrashed, from_kind
 from sidecar.types import Result, Task
 from sidecar.worker.runner import ModelFacts, RunnerSpec
@@ -107,7 +108,9 @@ class ProcessSlot:
         ctx = mp.get_context("spawn")  # never fork a process that holds gRPC threads
         parent, child = ctx.Pipe()
         self._conn = parent
-        self._proc = ctx.Process(target=worker_main, args=(child, self.spec), daemon=True)
+        # The daemon's logging as it is now (a SIGHUP may have changed it since the spec).
+        spec = replace(self.spec, log=logs.current())
+        self._proc = ctx.Process(target=worker_main, args=(child, spec), daemon=True)
         await self._loop.run_in_executor(None, self._proc.start)
         child.close()
         self.info.pid = self._proc.pid

@@ -52,7 +52,10 @@ class Decision:
 def _cloud_blocked(s: Situation) -> tuple[str, FailKind] | None:
     """Why the cloud may not be used now, if it may not."""
     if not s.cloud:
-        return "no cloud configured", "failed_precondition"
+        return (
+            "no cloud configured (the daemon's [cloud] section): use routing AUTO or LOCAL_ONLY",
+            "failed_precondition",
+        )
     if "marked" in s.sensitive or (s.sensitive and not s.redact):
         return (
             f"sensitive data ({', '.join(s.sensitive)}) never leaves the machine",
@@ -77,6 +80,10 @@ def decide(s: Situation) -> Decision:
         if blocked:
             return Decision("fail", blocked[0], blocked[1], code="blocked")
         return _escalate(s, "routing CLOUD_ONLY", "cloud_only")
+    if not s.cloud:
+        # AUTO with nowhere to escalate to is LOCAL_ONLY: the local answer or error stands
+        # as it is, and nothing mentions escalation, which its caller cannot act on.
+        return Decision("local" if s.local is None else "keep_local", "")
 
     # AUTO: before running locally
     if s.local is None:

@@ -7,6 +7,7 @@ Messages out:         ("ready", facts, pid) | ("fatal", kind, message)
 
 The worker runs one job at a time. While decoding it polls the pipe between
 tokens, so a cancel (client gone, deadline passed) frees it within a token.
+Whatever it prints natively becomes log records in the daemon's format (`native_log`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from multiprocessing.connection import Connection
 
 from sidecar.errors import FailedPrecondition, SidecarError
 from sidecar.types import Task
+from sidecar.worker import native_log
 from sidecar.worker.runner import LlamaRunner, RunnerSpec, Stopped
 
 
@@ -25,6 +27,7 @@ def worker_main(conn: Connection, spec: RunnerSpec) -> None:
     # The daemon owns signal handling; a Ctrl-C in the terminal must not kill
     # workers mid-request before the daemon has drained them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    native_log.capture(*spec.log)
     try:
         runner = LlamaRunner(spec)
     except SidecarError as e:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from llama_cpp import _internals as internals
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
+from sidecar import logs
 from sidecar.errors import (
     ContextOverflow,
     FailedPrecondition,
@@ -32,7 +33,7 @@ from sidecar.errors import (
     OutOfRange,
     SchemaViolation,
 )
-from sidecar.schema_limits import MAX_GRAMMAR_BYTES, bounded_schema
+from sidecar.schema_limits import MAX_GRAMMAR_BYTES, bounded_schema, converter_refusal
 from sidecar.types import (
     ChatMessage,
     ChatTask,
@@ -78,6 +79,8 @@ class RunnerSpec:
     threads: int
     batch: int
     default_max_tokens: int = 256
+    # How the daemon logs when the spec is made, so that its workers log alike.
+    log: tuple[str, str] = field(default_factory=logs.current, compare=False)
 
 
 @dataclass(frozen=True)
@@ -436,9 +439,7 @@ def _grammar(schema: str) -> str:
     try:
         grammar = json_schema_to_gbnf(schema).replace(_LOOSE_CHAR, _STRICT_CHAR)
     except Exception as e:  # the converter raises plain exceptions for what it cannot do
-        raise InvalidRequest(
-            f"llama.cpp's JSON-Schema-to-grammar converter cannot handle this schema: {e}"
-        ) from None
+        raise converter_refusal(e) from None
     if len(grammar) > MAX_GRAMMAR_BYTES:
         raise InvalidRequest(
             f"the grammar made from json_schema is {len(grammar)} bytes; at most "

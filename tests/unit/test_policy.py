@@ -59,7 +59,10 @@ FULL = LocalOutcome(failure="overloaded")
             "sensitive data (card)",
             None,
         ),
-        (Situation("AUTO", local=UNSURE, cloud=False), "keep_local", "no cloud configured", None),
+        # ...but with no cloud configured AUTO is LOCAL_ONLY: nothing mentions escalation.
+        (Situation("AUTO", local=UNSURE, cloud=False), "keep_local", "", None),
+        (Situation("AUTO", local=DOWN, cloud=False), "keep_local", "", None),
+        (Situation("AUTO", pre_route="x", cloud=False), "local", "", None),
         # ...but with no local answer at all, the local failure is the error.
         (
             Situation("AUTO", local=DOWN, breaker_open=True),
