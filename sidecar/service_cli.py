@@ -1,6 +1,8 @@
 """`sidecar service ...`: parse, call sidecar.service, print, map failure to an exit code.
 
-Exit codes: 0 ok · 1 the install/uninstall failed (message printed) · 2 usage (click).
+Exit codes: 0 ok · 1 the install/uninstall failed, or install refused a unit whose paths the
+sandbox would hide from the service (message printed) · 2 usage (click) · 3 `status`: the
+service is not installed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from sidecar import service as svc
 from sidecar.errors import SidecarError
 
 EXIT_FAILED = 1
+EXIT_NOT_INSTALLED = 3
 NAMES = {"system": "systemd system unit", "user": "systemd user unit", "launchd": "launchd agent"}
 
 
@@ -72,6 +75,14 @@ def install(
         plan = svc.plan_install(user, root=root, env=os.environ, config=config, socket=socket)
     except SidecarError as e:
         _fail(e.message)
+    if plan.hidden and not dry_run:
+        # A unit that cannot start is worse than none: it fails later, in the journal.
+        for problem in plan.hidden:
+            click.echo(f"error: {problem}", err=True)
+        _fail(
+            f"nothing written to {plan.path}: the service could not start. "
+            "`--dry-run` prints the unit if you mean to edit it by hand"
+        )
     if not dry_run:
         try:
             svc.install(plan)
@@ -82,6 +93,8 @@ def install(
         click.echo(f"# would write {plan.path}", err=True)
     else:
         click.echo(f"wrote {NAMES[plan.kind]} {plan.path}")
+    for problem in plan.hidden:
+        click.echo(f"warning: {problem}", err=True)
     for note in plan.notes:
         click.echo(f"note: {note}", err=True)
     click.echo("next:", err=dry_run)
@@ -111,7 +124,9 @@ def uninstall(user: bool, root: Path) -> None:
 @service.command()
 @_common
 def status(user: bool, root: Path) -> None:
-    """Whether the unit is installed and what the service manager says about it."""
+    """Whether the unit is installed and what the service manager says about it.
+
+    Exits 0 when it is installed (whatever its state), 3 when it is not."""
     try:
         st = svc.status(user, root=root, env=os.environ)
     except SidecarError as e:
@@ -119,3 +134,16 @@ def status(user: bool, root: Path) -> None:
     click.echo(f"{NAMES[st.kind]}: {st.path} ({'installed' if st.installed else 'not installed'})")
     manager = "launchctl" if st.kind == "launchd" else "systemctl"
     click.echo(f"{manager}: {st.state if st.state is not None else 'not available here'}")
+    if st.installed:
+        return
+    how = {"system": "sudo sidecar service install", "user": "sidecar service install --user"}
+    click.echo(
+        f"not installed: `{how.get(st.kind, 'sidecar service install')}` writes it", err=True
+    )
+    if st.elsewhere is not None:
+        other, flag = ("system", "") if user else ("per-user", " --user")
+        click.echo(
+            f"a {other} unit is installed instead ({st.elsewhere}): `sidecar service status{flag}`",
+            err=True,
+        )
+    sys.exit(EXIT_NOT_INSTALLED)

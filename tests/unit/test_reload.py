@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from sidecar.config import Config, Overrides, load
-from sidecar.reload import diff, merge_live, summary
+from sidecar.config import Config, Overrides, documented_keys, load
+from sidecar.reload import LIVE, diff, merge_live, summary
 
 
 def config(tmp_path: Path, text: str) -> Config:
@@ -74,3 +75,119 @@ def test_no_changes(tmp_path: Path) -> None:
     c = config(tmp_path, BASE)
     assert diff(c, c) == []
     assert summary([]) == "no changes"
+
+
+# ---------------------------------------------------------------- every section, from the schema
+
+FULL = (
+    BASE
+    + """
+[store]
+drain_seconds = 30.0
+path = "/store"
+[cloud]
+classify_threshold = 0.7
+redact = false
+[tasks.t]
+file = "/t.csv"
+threshold = 0.5
+"""
+)
+
+
+@pytest.mark.parametrize(
+    ("edit", "key", "live"),
+    [
+        (("drain_seconds = 30.0", "drain_seconds = 5.0"), "store.drain_seconds", True),
+        (('path = "/store"', 'path = "/other"'), "store.path", False),
+        (
+            ("classify_threshold = 0.7", "classify_threshold = 0.9"),
+            "cloud.classify_threshold",
+            True,
+        ),
+        (("redact = false", "redact = true"), "cloud.redact", False),
+        (("threshold = 0.5", "threshold = 0.8"), "tasks.t.threshold", True),
+        (('file = "/t.csv"', 'file = "/u.csv"'), "tasks.t.file", False),
+    ],
+)
+def test_cloud_store_and_tasks_changes_are_reported(
+    tmp_path: Path, edit: tuple[str, str], key: str, live: bool
+) -> None:
+    old = config(tmp_path, FULL)
+    new = config(tmp_path, FULL.replace(*edit))
+    (change,) = diff(old, new)
+    assert (change.key, change.live) == (key, live)
+    merged = merge_live(old, new, [change])
+    section, *rest = key.split(".")
+    expected = new if live else old
+    if section == "tasks":
+        assert getattr(merged.tasks[0], rest[-1]) == getattr(expected.tasks[0], rest[-1])
+    else:
+        assert getattr(getattr(merged, section), rest[-1]) == getattr(
+            getattr(expected, section), rest[-1]
+        )
+    assert ("applied: " if live else "need a restart (not applied): ") + key in summary([change])
+
+
+def test_added_or_removed_task_needs_a_restart(tmp_path: Path) -> None:
+    old = config(tmp_path, FULL)
+    new = config(tmp_path, FULL + '[tasks.u]\nfile = "/u.csv"\n')
+    (change,) = diff(old, new)
+    assert change.key == "tasks.u" and not change.live
+    (change,) = diff(new, old)
+    assert change.key == "tasks.u" and not change.live
+
+
+def _other(value: object) -> object:
+    """A different value of the same kind, for any config field."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, tuple):
+        return (*value, "x")
+    return Path("/elsewhere")  # a Path, or None (an optional path that is off)
+
+
+def _with(cfg: Config, key: str) -> Config:
+    """cfg with the documented key `key` (models.NAME.x / tasks.NAME.x on the first entry) changed."""
+    parts = key.split(".")
+    if len(parts) == 1:
+        return replace(cfg, **{key: _other(getattr(cfg, key))})
+    if parts[1] == "NAME":
+        entries = getattr(cfg, parts[0])
+        first = replace(entries[0], **{parts[2]: _other(getattr(entries[0], parts[2]))})
+        return replace(cfg, **{parts[0]: (first, *entries[1:])})
+    section = getattr(cfg, parts[0])
+    return replace(
+        cfg, **{parts[0]: replace(section, **{parts[1]: _other(getattr(section, parts[1]))})}
+    )
+
+
+def test_every_documented_key_is_diffed_and_applied_or_named(tmp_path: Path) -> None:
+    # The schema (config.documented_keys) against diff: a key or section added to the config
+    # can never be missed by SIGHUP.
+    old = config(tmp_path, FULL)
+    for key, _spec in documented_keys():
+        new = _with(old, key)
+        changes = diff(old, new)
+        shown = key.replace("NAME", old.models[0].name if key.startswith("models") else "t")
+        assert [c.key for c in changes] == [shown], key
+        merged = merge_live(old, new, changes)
+        assert merged == (new if changes[0].live else old), key
+        assert shown in summary(changes)
+
+
+def test_live_keys_name_documented_keys() -> None:
+    documented = {k.replace("NAME", "*") for k, _ in documented_keys()}
+    assert not LIVE - documented, LIVE - documented
+
+
+def test_model_names_with_dots_keep_their_live_keys(tmp_path: Path) -> None:
+    text = BASE.replace("[models.a]", "[models.my.model]")
+    text = text.replace("[models.my.model]", '[models."my.model"]')
+    old = config(tmp_path, text)
+    (change,) = diff(old, config(tmp_path, text.replace("max_queue = 5", "max_queue = 9")))
+    assert change.key == "models.my.model.max_queue" and change.live
