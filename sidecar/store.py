@@ -6,6 +6,7 @@
     <root>/models/<name>/active         the sha256 serving <name>; written atomically
     <root>/models/<name>/previous       the one before, kept by gc for rollback
     <root>/quarantine/                  refused files (0600, dir 0700), each with a .reason
+                                        (a record alone when the file was not ours to copy)
 
 Every write is atomic (a *.partial file, fsync, verify, os.replace, fsync the directory),
 so after a kill -9 at any moment the store holds only complete, verified files and the
@@ -19,6 +20,12 @@ one recorded when it was last hashed, and a full sha256 when they differ.
 
 Names come from callers, so every path is built by `_model_dir`, which checks the name
 (sidecar.names) and refuses anything that would resolve outside `<root>/models`.
+
+What may be deleted: `remove` and `gc` never touch a version that a live worker maps (the
+caller passes those, read from the workers' real mappings), that is being swapped in
+(`hold`), or that any name's active or previous pointer names. `gc` also leaves alone the
+versions of a name that has never been activated: they were added on purpose and nothing
+has replaced them. The quarantine keeps only its newest entries (`quarantine_cleanup`).
 """
 
 from __future__ import annotations
@@ -31,7 +38,10 @@ import logging
 import os
 import re
 import stat
+import threading
 import time
+from collections import Counter
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +56,14 @@ FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int): share extents copy-on-wri
 _SHA = re.compile(r"[0-9a-f]{64}")
 _HEX = re.compile(r"[0-9a-fA-F]{1,64}")
 _QUARANTINE_NAME = 80  # characters of the refused file's name kept in the quarantine name
+# The quarantine is for looking at what was refused, not an archive: refused models are
+# gigabytes. Newest first, an entry stays while it is one of the newest QUARANTINE_KEEP,
+# younger than QUARANTINE_DAYS and, with the newer ones, within QUARANTINE_BYTES; the
+# newest entry always stays, being the one an operator is about to look at.
+QUARANTINE_KEEP = 10
+QUARANTINE_DAYS = 14
+QUARANTINE_BYTES = 2 << 30
+_STAMP = re.compile(r"(\d{8}T\d{6})-(\d{9})-")
 
 log = logging.getLogger("sidecar.store")
 
@@ -134,6 +152,13 @@ class ModelStore:
         os.chmod(self.quarantine_dir, 0o700)
         for stale in self.blobs.glob("*.partial"):  # left by a crash mid-copy
             stale.unlink(missing_ok=True)
+        # Admin calls and swaps reach the store from several threads: what gc decides to
+        # delete must not race an add or a hold of the same version.
+        self._lock = threading.RLock()
+        self._held: Counter[str] = Counter()
+        # hold/release run on the event loop: they take only this lock, never `_lock`, which
+        # file work (a gc, a quarantine copy) can hold for a while.
+        self._held_lock = threading.Lock()
 
     # ---------------------------------------------------------------- paths
 
@@ -208,12 +233,15 @@ class ModelStore:
 
     # ---------------------------------------------------------------- writing
 
-    def add(self, src: Path, name: str, *, expect_sha256: str | None = None) -> str:
+    def add(
+        self, src: Path, name: str, *, expect_sha256: str | None = None, hold: bool = False
+    ) -> str:
         """Copy a verified GGUF into the store under `name`; return its sha256.
 
         The caller's file is checked where it lies first (cheap: the header and tables), so
         a file that is not a model is never copied; the copy is then checked again, since
-        that copy, not the caller's file, is what will be served."""
+        that copy, not the caller's file, is what will be served. hold=True: the version
+        is held (see `hold`) from the moment it exists, so no gc can slip in between."""
         marker_dir = self._model_dir(name) / "versions"
         try:
             if not stat.S_ISREG(src.stat().st_mode):
@@ -223,13 +251,43 @@ class ModelStore:
             raise GGUFError(f"{src}: {e.message}") from None
         except OSError as e:
             raise InvalidRequest(f"cannot read {src}: {e.strerror or e}") from None
-        sha = self._import(src, expect_sha256)
-        marker_dir.mkdir(parents=True, exist_ok=True)
-        (marker_dir / sha).touch()
-        fsync_dir(marker_dir)
+        partial, sha = self._copy(src, expect_sha256)  # the slow part: outside the lock
+        try:
+            with self._lock:  # blob, marker and hold appear together for gc and remove
+                final = self.blob(sha)
+                if not final.is_file():
+                    os.chmod(partial, 0o444)  # our own copy: blobs are never written again
+                    os.replace(partial, final)
+                    fsync_dir(self.blobs)
+                    self._record(sha)
+                marker_dir.mkdir(parents=True, exist_ok=True)
+                (marker_dir / sha).touch()
+                fsync_dir(marker_dir)
+                if hold:
+                    self.hold(sha)
+        finally:
+            partial.unlink(missing_ok=True)
         return sha
 
-    def _import(self, src: Path, expect_sha256: str | None) -> str:
+    def hold(self, sha: str) -> None:
+        """Keep `sha` from `remove` and `gc` until `release`: a swap holds the version it
+        loads until the pointers name it, as no worker maps it before it has started."""
+        with self._held_lock:
+            self._held[sha] += 1
+
+    def release(self, sha: str) -> None:
+        with self._held_lock:
+            self._held[sha] -= 1
+            if self._held[sha] <= 0:
+                del self._held[sha]
+
+    def _held_now(self) -> set[str]:
+        with self._held_lock:
+            return set(self._held)
+
+    def _copy(self, src: Path, expect_sha256: str | None) -> tuple[Path, str]:
+        """A checked private copy of `src` (a partial file the caller publishes or
+        removes) and its sha256."""
         partial = self.blobs / f".{os.getpid()}-{time.monotonic_ns()}.partial"
         try:
             try:
@@ -243,15 +301,10 @@ class ModelStore:
             sha = copied or sha256_file(partial)
             if expect_sha256 and sha != expect_sha256:
                 raise InvalidRequest(f"{src} has sha256 {sha}, expected {expect_sha256}")
-            final = self.blob(sha)
-            if not final.is_file():
-                os.chmod(partial, 0o444)  # our own copy: blobs are never written again
-                os.replace(partial, final)
-                fsync_dir(self.blobs)
-                self._record(sha)
-            return sha
-        finally:
+        except BaseException:
             partial.unlink(missing_ok=True)
+            raise
+        return partial, sha
 
     def _record(self, sha: str) -> None:
         write_atomic(self.stamps / sha, _stamp(os.lstat(self.blob(sha))).encode())
@@ -308,43 +361,73 @@ class ModelStore:
 
     def activate(self, name: str, sha: str) -> None:
         """Point `name` at `sha` (which must be a version of it); the old one becomes previous."""
-        if sha not in self.versions(name):
-            raise ModelNotFound(f"{sha[:SHORT]} is not a version of {name!r}")
-        d = self._model_dir(name)
-        current = self.active(name)
-        if current == sha:
-            return
-        if current:
-            write_atomic(d / "previous", current.encode())
-        write_atomic(d / "active", sha.encode())
+        with self._lock:
+            if sha not in self.versions(name):
+                raise ModelNotFound(f"{sha[:SHORT]} is not a version of {name!r}")
+            d = self._model_dir(name)
+            current = self.active(name)
+            if current == sha:
+                return
+            if current:
+                write_atomic(d / "previous", current.encode())
+            write_atomic(d / "active", sha.encode())
 
-    def remove(self, name: str, sha: str, in_use: set[str]) -> None:
+    def remove(self, name: str, sha: str, in_use: Collection[str]) -> None:
+        """Remove one version of `name`. `in_use`: the sha256 of every blob a live worker
+        maps (a mapping may say, as its value, which worker)."""
         d = self._model_dir(name)
         self.blob(sha)  # refuses anything but a sha256 before it becomes part of a path
-        if sha == self.active(name):
-            raise FailedPrecondition(
-                f"{name}@{sha[:SHORT]} is active: activate another version first"
-            )
-        if sha in in_use:
-            raise FailedPrecondition(f"{name}@{sha[:SHORT]} is in use by a worker")
-        (d / "versions" / sha).unlink(missing_ok=True)
-        if self.previous(name) == sha:
-            (d / "previous").unlink(missing_ok=True)
-        self._drop_unreferenced(sha, in_use)
+        with self._lock:
+            if sha == self.active(name):
+                raise FailedPrecondition(
+                    f"{name}@{sha[:SHORT]} is active: activate another version first"
+                )
+            if sha in in_use:
+                who = in_use.get(sha) if isinstance(in_use, Mapping) else None
+                raise FailedPrecondition(
+                    f"{name}@{sha[:SHORT]} is in use by a worker"
+                    + (f" ({who})" if who else "")
+                    + ": try again once it has stopped"
+                )
+            if sha in self._held_now():
+                raise FailedPrecondition(
+                    f"{name}@{sha[:SHORT]} is being swapped in: try again when the swap is over"
+                )
+            (d / "versions" / sha).unlink(missing_ok=True)
+            if self.previous(name) == sha:
+                (d / "previous").unlink(missing_ok=True)
+            self._drop_unreferenced(sha, in_use)
 
-    def gc(self, in_use: set[str]) -> list[str]:
-        """Remove every version that is not active, previous or in use; return what went."""
+    def gc(self, in_use: Collection[str]) -> list[str]:
+        """Remove every version nothing needs, and apply the quarantine's bound; return
+        what went ("name@version", "quarantine/<entry>").
+
+        Kept: what a live worker maps (`in_use`), what is being swapped in, what any name's
+        active or previous pointer names (one blob may serve several names), and every
+        version of a name that has never been activated (added, and not yet replaced)."""
         removed = []
-        for name in self.names():
-            keep = {self.active(name), self.previous(name)} | in_use
-            for sha in self.versions(name):
-                if sha not in keep:
-                    self.remove(name, sha, in_use)
-                    removed.append(f"{name}@{sha[:SHORT]}")
-        return removed
+        with self._lock:
+            names = self.names()
+            pointed = {self.active(n) for n in names} | {self.previous(n) for n in names}
+            keep = pointed | set(in_use) | self._held_now()
+            for name in names:
+                if self.active(name) is None:
+                    continue
+                for sha in self.versions(name):
+                    if sha not in keep:
+                        try:
+                            self.remove(name, sha, in_use)
+                        except FailedPrecondition:  # held since `keep` was read: kept
+                            continue
+                        removed.append(f"{name}@{sha[:SHORT]}")
+        return removed + [f"quarantine/{e}" for e in self.quarantine_cleanup()]
 
-    def _drop_unreferenced(self, sha: str, in_use: set[str]) -> None:
-        if sha in in_use or any(sha in self.versions(n) for n in self.names()):
+    def _drop_unreferenced(self, sha: str, in_use: Collection[str]) -> None:
+        if (
+            sha in in_use
+            or sha in self._held_now()
+            or any(sha in self.versions(n) for n in self.names())
+        ):
             return
         self.blob(sha).unlink(missing_ok=True)
         (self.stamps / sha).unlink(missing_ok=True)
@@ -363,7 +446,9 @@ class ModelStore:
         that a caller merely named is never copied (it may be anything they can name,
         /etc/shadow included), nor is a symbolic link followed: only the reason is
         recorded, and that record is returned."""
-        stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{time.time_ns() % 1_000_000_000:09d}"
+        now = time.time_ns()  # one reading: the name sorts in the order entries were made
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(now // 1_000_000_000))
+        stamp += f"-{now % 1_000_000_000:09d}"
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", src.name)[-_QUARANTINE_NAME:]
         dest = self.quarantine_dir / f"{stamp}-{safe}"
         record = dest.with_name(dest.name + ".reason")
@@ -382,7 +467,46 @@ class ModelStore:
         fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(reason)
+        try:
+            self.quarantine_cleanup()
+        except OSError as e:  # a full disk must not turn a refusal into a crash
+            log.warning("could not trim the quarantine: %s", e)
         return dest
+
+    def quarantine_cleanup(self, *, empty: bool = False) -> list[str]:
+        """Apply the quarantine's bound (QUARANTINE_KEEP, _DAYS, _BYTES; the newest entry
+        is exempt from the size bound only), or with empty=True remove every entry; return
+        the entries removed, oldest first. An entry is a refused file and its .reason
+        record, or a record alone. Links are removed as links; directories are left."""
+        with self._lock:
+            groups: dict[str, list[tuple[Path, os.stat_result]]] = {}
+            for p in self.quarantine_dir.iterdir():
+                try:
+                    st = os.lstat(p)
+                except FileNotFoundError:
+                    continue
+                if not stat.S_ISDIR(st.st_mode):
+                    groups.setdefault(p.name.removesuffix(".reason"), []).append((p, st))
+            # Made time, then name: stamps differ in nanoseconds a float cannot hold.
+            newest_first = sorted(groups, key=lambda k: (_made(k, groups[k]), k), reverse=True)
+            cutoff = time.time() - QUARANTINE_DAYS * 86400
+            total = 0
+            doomed = []
+            for i, key in enumerate(newest_first):
+                total += sum(st.st_size for _, st in groups[key])
+                if (
+                    empty
+                    or i >= QUARANTINE_KEEP
+                    or _made(key, groups[key]) < cutoff
+                    or (i > 0 and total > QUARANTINE_BYTES)
+                ):
+                    doomed.append(key)
+            for key in doomed:
+                for p, _ in groups[key]:
+                    p.unlink(missing_ok=True)
+            if doomed:
+                fsync_dir(self.quarantine_dir)
+            return doomed[::-1]
 
     def _set_aside(self, src: Path, dest: Path, move: bool) -> None:
         if move:
@@ -397,6 +521,16 @@ class ModelStore:
         clone_or_copy(src, dest, 0o600)
         if move:
             src.unlink()
+
+
+def _made(key: str, files: list[tuple[Path, os.stat_result]]) -> float:
+    """When a quarantine entry was made: the stamp its name starts with (a moved file
+    keeps its own old mtime), else the newest mtime among its files."""
+    m = _STAMP.match(key)
+    if m:
+        with contextlib.suppress(ValueError, OverflowError):
+            return time.mktime(time.strptime(m[1], "%Y%m%dT%H%M%S")) + int(m[2]) / 1e9
+    return max(st.st_mtime for _, st in files)
 
 
 def _make_private(path: Path) -> None:

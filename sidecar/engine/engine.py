@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Protocol, TypeVar
 
 from sidecar.config import Config
 from sidecar.engine.fake import FakeSlot
+from sidecar.engine.mappings import open_files
 from sidecar.engine.pool import Job, ModelPool, PoolStatus
 from sidecar.engine.slots import ProcessSlot, SlotFactory, ThreadSlot
 from sidecar.engine.swap import STRATEGIES, Progress, SwapRefused, SwapResult, swap
@@ -182,29 +184,38 @@ class PoolEngine:
                 f"a swap of {pool.ref.name!r} is in progress: wait for it to finish"
             )
         async with pool.swap_lock:
+            # Held from here until the pointers name it: no gc between add and load.
             sha = await self._resolve(pool, version, path, progress, move_source)
-            if sha[:12] == pool.ref.version:
-                progress("done", f"{pool.ref.name} already serves {pool.ref.version}")
-                return SwapResult(pool.ref, pool.ref, strategy, 0.0)
-            s = self.config.store
+            held = True
             try:
-                result = await swap(
-                    pool,
-                    self.store.blob(sha),
-                    sha,
-                    strategy,
-                    progress,
-                    s.drain_seconds,
-                    s.swap_wait_seconds,
-                )
-            except SwapRefused as e:
-                where = await asyncio.to_thread(self._refuse, name, sha, e.reason)
-                pool.last_swap = (
-                    f"refused {sha[:12]} at {e.stage}: {e.reason} (quarantined as {where.name})"
-                )
-                progress("failed", pool.last_swap)
-                raise
-            await asyncio.to_thread(self.store.activate, name, sha)
+                if sha[:12] == pool.ref.version:
+                    progress("done", f"{pool.ref.name} already serves {pool.ref.version}")
+                    return SwapResult(pool.ref, pool.ref, strategy, 0.0)
+                s = self.config.store
+                try:
+                    result = await swap(
+                        pool,
+                        self.store.blob(sha),
+                        sha,
+                        strategy,
+                        progress,
+                        s.drain_seconds,
+                        s.swap_wait_seconds,
+                    )
+                except SwapRefused as e:
+                    self.store.release(sha)
+                    held = False
+                    in_use = self.in_use()
+                    where = await asyncio.to_thread(self._refuse, name, sha, e.reason, in_use)
+                    pool.last_swap = (
+                        f"refused {sha[:12]} at {e.stage}: {e.reason} (quarantined as {where.name})"
+                    )
+                    progress("failed", pool.last_swap)
+                    raise
+                await asyncio.to_thread(self.store.activate, name, sha)
+            finally:
+                if held:
+                    self.store.release(sha)
             pool.last_swap = f"{result.old.version} -> {result.new.version} ({result.strategy}, {result.seconds:.1f}s)"
             return result
 
@@ -219,7 +230,9 @@ class PoolEngine:
         if path is not None:
             progress("adding", f"{path} to the store")
             try:
-                return await asyncio.to_thread(self.store.add, path, pool.config.name)
+                return await asyncio.to_thread(
+                    functools.partial(self.store.add, path, pool.config.name, hold=True)
+                )
             except GGUFError as e:
                 where = await asyncio.to_thread(
                     self.store.quarantine, path, e.message, move=move_source
@@ -230,22 +243,41 @@ class PoolEngine:
         if not version:
             raise InvalidRequest("name a version (NAME@VERSION) or a file to swap to")
         sha = self.store.resolve(pool.config.name, version)
-        # Stored, but loaded again now: make sure its bytes are still the ones hashed.
-        progress("verifying", f"{sha[:12]} in the store")
-        await asyncio.to_thread(self.store.verify, sha)
+        self.store.hold(sha)
+        try:
+            # Stored, but loaded again now: make sure its bytes are still the ones hashed.
+            progress("verifying", f"{sha[:12]} in the store")
+            await asyncio.to_thread(self.store.verify, sha)
+        except BaseException:
+            self.store.release(sha)
+            raise
         return sha
 
-    def _refuse(self, name: str, sha: str, reason: str) -> Path:
+    def _refuse(self, name: str, sha: str, reason: str, in_use: dict[str, str]) -> Path:
         where = self.store.quarantine(self.store.blob(sha), reason, move=False)
         with contextlib.suppress(SidecarError):
-            self.store.remove(name, sha, self.in_use())
+            self.store.remove(name, sha, in_use)
         return where
 
-    def in_use(self) -> set[str]:
-        """sha256 of every file a worker maps (blobs are named by their sha256)."""
-        return {
-            s.spec.path.stem for p in self.pools.values() for s in [*p._slots, *p._retiring]
-        } | {p.config.path.stem for p in self.pools.values()}
+    def in_use(self) -> dict[str, str]:
+        """sha256 of every store blob a live worker maps or has open (draining ones
+        included) -> which worker: read from /proc where it can be, else the file the
+        worker was started on. Call it on the event loop: it reads the pools."""
+        blobs = self.store.blobs.resolve()
+        found: dict[str, str] = {}
+        for name, pool in self.pools.items():
+            for slot in pool.workers():
+                pid, state = slot.info.pid, slot.info.state
+                if state in ("dead", "stopped"):
+                    continue
+                files = open_files(pid) if pid is not None else None
+                if files is None or state == "starting":  # not yet open: its spec says
+                    files = (files or set()) | {slot.spec.path.resolve()}
+                for f in files:
+                    if f.parent == blobs and f.suffix == ".gguf":
+                        who = f"worker pid {pid} of model {name!r}" if pid else f"model {name!r}"
+                        found.setdefault(f.stem, who)
+        return found
 
     def status(self) -> list[tuple[PoolStatus, bool]]:
         return [(p.status(), name == self.default_model) for name, p in self.pools.items()]

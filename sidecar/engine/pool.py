@@ -413,6 +413,11 @@ class ModelPool:
         slot.submit(job.id, task, False)
         return await job.events.get()
 
+    def workers(self) -> list[Slot]:
+        """Every worker that may still map a model file: serving, and replaced but not
+        yet stopped (draining, or retiring once idle)."""
+        return [*self._slots, *self._retiring]
+
     def flip(self, slots: list[Slot], ref: ModelRef, spec: RunnerSpec) -> list[Slot]:
         """New requests go to `slots` from now on; the old workers finish what they run."""
         old = self._slots
@@ -459,7 +464,7 @@ class ModelPool:
     def status(self) -> PoolStatus:
         return PoolStatus(
             model=self.ref,
-            path=self.config.path,
+            path=self.spec.path,  # what the workers serve now, swaps included
             context=self.config.context,
             threads=self.config.threads,
             workers=tuple(SlotInfo(s.info.pid, s.info.state, s.info.requests) for s in self._slots),

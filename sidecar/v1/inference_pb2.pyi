@@ -1277,12 +1277,17 @@ Global___RemoveVersionReply: _TypeAlias = RemoveVersionReply  # noqa: Y015
 class CollectGarbageRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    EMPTY_QUARANTINE_FIELD_NUMBER: _builtins.int
+    empty_quarantine: _builtins.bool
+    """also remove every quarantined file (gc alone trims it to its bound)"""
     def __init__(
         self,
+        *,
+        empty_quarantine: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["empty_quarantine", b"empty_quarantine"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
