@@ -1,7 +1,11 @@
 """The `sidecar` command: parse, build config, call one function, map failure to an exit code.
 
 Exit codes: 0 ok · 1 the request failed (the daemon's status and message are printed)
-· 2 bad configuration or usage · 3 no daemon is answering on the socket.
+· 2 bad configuration or usage · 3 no daemon is answering on the socket · 4 detached: the
+client stopped waiting (--timeout) and the work goes on in the daemon (`sidecar status`
+follows it) · 5 stopped: the client stopped waiting and the daemon stopped the work (an
+update's download; the next apply resumes it) · 130 interrupted (Ctrl-C; swap and update
+apply first say which of 4 or 5 happened).
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ from sidecar.cli_support import (
     call,
     client_options,
     config_from,
+    config_option,
     connect,
     dump,
 )
-from sidecar.config import Config, Overrides, documented_keys, load
-from sidecar.errors import SidecarError
+from sidecar.config import Config, Overrides, documented_keys, load, load_client
+from sidecar.errors import ConfigError, SidecarError
 from sidecar.models_cli import models, swap
 from sidecar.service_cli import service
 from sidecar.update_cli import update
@@ -35,10 +40,24 @@ if TYPE_CHECKING:
     from sidecar.server.daemon import Running
 
 
-@click.group()
+class _Main(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        # click's own answer to Ctrl-C is "Aborted!" and exit 1, which reads like a failed
+        # request; an interrupt is 130, as in every shell.
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Main)
 @click.version_option(__version__, prog_name="sidecar")
 @click.option(
-    "--config", type=click.Path(path_type=Path), help="Config file (default: user config dir)."
+    "--config",
+    type=click.Path(path_type=Path),
+    help="Config file (default: the user config dir; clients then try /etc/sidecar/config.toml). "
+    "Also accepted after the subcommand.",
 )
 @click.pass_context
 def main(ctx: click.Context, config: Path | None) -> None:
@@ -74,6 +93,7 @@ def main(ctx: click.Context, config: Path | None) -> None:
     help="Run llama.cpp in daemon threads (debugging; no crash isolation).",
 )
 @click.option("--banner", is_flag=True, help="Print how to call the daemon once it is ready.")
+@config_option
 @click.pass_context
 def serve(ctx: click.Context, /, in_process: bool, banner: bool, **flags: Any) -> None:
     """Run the daemon in the foreground until SIGTERM/SIGINT."""
@@ -123,7 +143,8 @@ def _banner(config: Config, running: Running) -> str:
         "Try it from another terminal:",
         f"  .venv/bin/sidecar classify --socket {sock} 'I think someone stole my card' \\",
         "      -l lost_or_stolen_card -l card_arrival -l exchange_rate",
-        f"  .venv/bin/sidecar generate --socket {sock} --stream 'The capital of France is'",
+        f"  .venv/bin/sidecar generate --socket {sock} --stream --max-tokens 32 "
+        "--stop $'\\n' 'The capital of France is'",
         f"  .venv/bin/sidecar status --socket {sock}",
         f"  grpcurl -plaintext -unix {sock} list      # any gRPC tool, via reflection",
     ]
@@ -144,6 +165,7 @@ def _banner(config: Config, running: Running) -> str:
 
 @main.command("config")
 @click.option("--keys", is_flag=True, help="List every config key with its default and meaning.")
+@config_option
 @click.pass_context
 def showconfig_from(ctx: click.Context, keys: bool) -> None:
     """Show the effective configuration (defaults < TOML < env < flags)."""
@@ -154,6 +176,11 @@ def showconfig_from(ctx: click.Context, keys: bool) -> None:
     config = config_from(ctx)
     click.echo(f"source: {config.source or '(defaults and environment only)'}")
     click.echo(f"socket: {config.server.socket}")
+    try:  # a client with no user config reads the system one: say where `status` would look
+        view = load_client(Overrides(config=ctx.obj.get("config")))
+        click.echo(f"clients look at: {view.socket}" + (f" ({view.source})" if view.source else ""))
+    except ConfigError as e:
+        click.echo(f"clients: error: {e}")
     click.echo(f"default_model: {config.default_model or '(none)'}")
     for m in config.models:
         click.echo(
@@ -218,8 +245,12 @@ def status(
         )
         if m.last_error:
             click.echo(f"    last error: {m.last_error} (restart backoff {m.backoff_s:.1f}s)")
+        if m.last_swap:
+            click.echo(f"    last swap: {m.last_swap}")
         if m.update_fetch:
             click.echo(f"    update in progress: {m.update_fetch}")
+        if m.last_update:
+            click.echo(f"    last update: {m.last_update}")
         for w in m.workers:
             click.echo(
                 f"    worker pid {w.pid}: {w.state}, {w.requests} requests, "

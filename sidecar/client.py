@@ -1,26 +1,34 @@
 """Python clients for the daemon: `Client` (blocking) and `AsyncClient` (asyncio).
 
     from sidecar.client import Client
-    with Client() as c:                      # default socket; or Client("/path/to.sock")
+    with Client() as c:                      # found as the CLI finds it; or Client("/path/to.sock")
         reply = c.classify("I think someone stole my card",
                            ["lost_or_stolen_card", "card_arrival", "top_up_failed"])
         print(reply.label, reply.confidence.top_probability)
 
+With no socket, a client looks where the `sidecar` CLI looks (`find_daemon`):
+SIDECAR_SERVER_SOCKET, else server.socket in the config file (`config=PATH`, else
+SIDECAR_CONFIG, else the user config, else /etc/sidecar/config.toml), else the default
+socket path. Over `tcp=` with no `token`, server.tcp_token comes from the same places
+(`token=""` sends none).
+
 Replies are the typed protobuf messages of `sidecar.v1`. Failures raise
-`grpc.RpcError` with the daemon's status code and message.
+`grpc.RpcError` with the daemon's status code and message; a config file that cannot be
+read raises `sidecar.errors.ConfigError` naming the key.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sidecar.config import default_socket_path
+from sidecar.config import Overrides, load_client
 from sidecar.server.caller import CALLER_METADATA
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import inference_pb2_grpc as pb_grpc
@@ -29,10 +37,31 @@ Message = tuple[str, str] | Mapping[str, str]
 MAX_MESSAGE = 64 * 1024 * 1024
 
 
-def _target(socket: str | Path | None, tcp: str | None) -> str:
+@dataclass(frozen=True)
+class Daemon:
+    """Where a daemon answers: a gRPC target, the socket behind it, the token to send."""
+
+    target: str  # "unix:/path" or "host:port"
+    socket: Path | None  # None over TCP
+    token: str | None
+
+
+def find_daemon(
+    socket: str | Path | None = None,
+    *,
+    tcp: str | None = None,
+    token: str | None = None,
+    config: Path | None = None,
+) -> Daemon:
+    """The one way `Client`, `AsyncClient` and the CLI find the daemon: what the caller
+    gave, else the client view of the config (`sidecar.config.load_client`: env > config
+    file > default). The file is read only for what was not given."""
     if tcp:
-        return tcp
-    return f"unix:{Path(socket) if socket else default_socket_path()}"
+        if token is None:  # a TCP listener wants server.tcp_token; a Unix socket wants none
+            token = load_client(Overrides(config=config)).tcp_token or None
+        return Daemon(tcp, None, token)
+    path = Path(socket) if socket else load_client(Overrides(config=config)).socket
+    return Daemon(f"unix:{path}", path, token)
 
 
 def _metadata(token: str | None, caller: str | None) -> tuple[tuple[str, str], ...]:
@@ -117,10 +146,13 @@ def embed_request(
 
 class _Base:
     def __init__(self, socket: str | Path | None = None, *, tcp: str | None = None, token: str | None = None,
-                 timeout: float | None = None, caller: str | None = None) -> None:  # fmt: skip
-        self.target = _target(socket, tcp)
+                 timeout: float | None = None, caller: str | None = None,
+                 config: Path | None = None) -> None:  # fmt: skip
+        daemon = find_daemon(socket, tcp=tcp, token=token, config=config)
+        self.target = daemon.target
+        self.socket = daemon.socket
         self.timeout = timeout
-        self._md = _metadata(token, caller)
+        self._md = _metadata(daemon.token, caller)
         self._options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),

@@ -21,6 +21,13 @@ TOML layout (every key optional)::
 Environment: SIDECAR_CONFIG (file path), SIDECAR_<SECTION>_<KEY> for the server, log,
 metrics, store, http, update and cloud keys (lists comma-separated) (e.g. SIDECAR_SERVER_SOCKET, SIDECAR_HTTP_TOKEN), SIDECAR_DEFAULT_MODEL, and
 SIDECAR_MODEL_<KEY> for the default model's keys (e.g. SIDECAR_MODEL_PATH).
+
+Two views, one loader: `load()` is the daemon's whole Config; `load_client()` is what a
+client needs to find the daemon (server.socket, server.tcp_token), read from the same file
+and environment but without the daemon's cross-checks (a token kept in the service's
+environment, a model file only the service can read). With no --config and no
+SIDECAR_CONFIG, both read the user config file; a client with none falls back to the system
+service's /etc/sidecar/config.toml, so a plain `sidecar status` finds the packaged daemon.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import ipaddress
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -552,6 +559,12 @@ def default_config_path() -> Path:
     return Path(platformdirs.user_config_dir(APP)) / "config.toml"
 
 
+# The system service's config (the Debian package ships it; `sidecar service install` points
+# the system unit at it). Not platformdirs' site dir (/etc/xdg/sidecar): /etc/sidecar is
+# where a system daemon's config lives on Linux.
+SYSTEM_CONFIG = Path("/etc/sidecar/config.toml")
+
+
 def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
     """<runtime dir>/sidecar/sidecar.sock, the per-user runtime directory when there is one."""
     env = os.environ if env is None else env
@@ -608,6 +621,25 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(str(path), "config file not found") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(path), f"not valid TOML: {e}") from None
+    except OSError as e:  # e.g. a system config this user may not read
+        raise ConfigError(str(path), f"cannot read the config file: {e.strerror or e}") from None
+
+
+def _read_source(
+    o: Overrides, env: Mapping[str, str], defaults: Sequence[Path]
+) -> tuple[dict[str, Any], Path | None]:
+    """The TOML table and the file it came from: --config, else SIDECAR_CONFIG, else the
+    first of `defaults` that exists (None when none does, or when that one is empty)."""
+    path = o.config or (Path(env["SIDECAR_CONFIG"]) if env.get("SIDECAR_CONFIG") else None)
+    if path is not None:
+        return _read_toml(path), path
+    found = next((p for p in defaults if p.exists()), None)
+    raw = _read_toml(found) if found is not None else {}
+    return raw, found if raw else None
+
+
+def _socket_path(value: str, env: Mapping[str, str]) -> Path:
+    return Path(value).expanduser() if value else default_socket_path(env)
 
 
 def _env_layer(
@@ -687,11 +719,8 @@ def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = Non
     o = overrides or Overrides()
     env = os.environ if env is None else env
 
-    path = o.config or (Path(env["SIDECAR_CONFIG"]) if env.get("SIDECAR_CONFIG") else None)
-    explicit = path is not None
-    path = path or default_config_path()
-    raw: dict[str, Any] = _read_toml(path) if explicit or path.exists() else {}
-    source = path if raw or explicit else None
+    # Only the user's file: a daemon started by hand is the user's own, not the system one.
+    raw, source = _read_source(o, env, (default_config_path(),))
 
     unknown = sorted(set(raw) - {*TABLES, *TOP_KEYS})
     if unknown:
@@ -780,9 +809,7 @@ def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = Non
         raise ConfigError(
             "server.tcp_token", "required when server.tcp_port is set (TCP needs a bearer token)"
         )
-    server["socket"] = (
-        Path(server["socket"]).expanduser() if server["socket"] else default_socket_path(env)
-    )
+    server["socket"] = _socket_path(server["socket"], env)
 
     cloud = _cloud(raw.get("cloud", {}), env_sections["cloud"])
     tasks = _tasks(raw.get("tasks", {}), models_raw, source)
@@ -800,6 +827,42 @@ def load(overrides: Overrides | None = None, env: Mapping[str, str] | None = Non
         default_model=default_name,
         source=source,
     )
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """The client's view: where the daemon listens and the token its TCP listener wants."""
+
+    socket: Path
+    tcp_token: str
+    source: Path | None  # the TOML file read, if any
+
+
+CLIENT_KEYS = ("socket", "tcp_token")  # of [server]: all a client reads
+
+
+def load_client(
+    overrides: Overrides | None = None, env: Mapping[str, str] | None = None
+) -> ClientConfig:
+    """Build the client's view (only `overrides.config` and `.socket` count). The keys it
+    reads are checked as `load()` checks them, and an unknown [server] key is still an error
+    (a misspelt `socket` would send the client elsewhere); the rest of the file is the
+    daemon's business."""
+    o = overrides or Overrides()
+    env = os.environ if env is None else env
+    raw, source = _read_source(o, env, (default_config_path(), SYSTEM_CONFIG))
+    table = raw.get("server", {})
+    if not isinstance(table, dict):
+        raise ConfigError("server", "must be a table")
+    unknown = sorted(set(table) - set(SERVER_KEYS))
+    if unknown:
+        raise ConfigError(f"server.{unknown[0]}", f"unknown key (known: {', '.join(SERVER_KEYS)})")
+    given = {**table, **_env_layer(env)[0]["server"]}
+    if o.socket is not None:
+        given["socket"] = str(o.socket)
+    keys = {k: SERVER_KEYS[k] for k in CLIENT_KEYS}
+    fields = _section("server.", keys, {k: v for k, v in given.items() if k in keys})
+    return ClientConfig(_socket_path(fields["socket"], env), fields["tcp_token"], source)
 
 
 def documented_keys() -> list[tuple[str, Key]]:

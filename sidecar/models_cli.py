@@ -12,7 +12,17 @@ from typing import Any
 import click
 import grpc
 
-from sidecar.cli_support import EXIT_FAILED, call, client_options, connect, dump
+from sidecar.cli_support import (
+    EXIT_DETACHED,
+    EXIT_FAILED,
+    Left,
+    call,
+    client_options,
+    connect,
+    dump,
+    wait_limit,
+    waiting,
+)
 from sidecar.names import name_problem
 from sidecar.v1 import inference_pb2 as pb
 
@@ -36,6 +46,9 @@ def parse_target(target: str) -> tuple[str, str, str]:
     return _valid(name), version, ""
 
 
+DETACHED = "detached: the swap is still running on the daemon; follow it with `sidecar status`"
+
+
 @click.command()
 @click.argument("target")
 @click.option(
@@ -49,23 +62,37 @@ def swap(ctx: click.Context, target: str, strategy: str | None, socket: Path | N
          token: str | None, timeout: float, as_json: bool) -> None:  # fmt: skip
     """Hot-swap a model: NAME@VERSION (stored), PATH or NAME=PATH (a new file).
 
-    Progress is shown as it happens; exit code 0 when the new model serves, 1 when the swap
-    was refused (the old model keeps serving and the reason is printed).
+    Progress is shown as it happens. A swap, once started, runs to its end on the daemon,
+    whatever this command does: its outcome shows in `sidecar status` (last swap) and the
+    log. The command waits for that end unless --timeout is given.
+
+    \b
+    Exit codes:
+      0   the new model serves (or already did)
+      1   the daemon refused the swap: the old model keeps serving (the reason is printed)
+      4   detached: --timeout passed first; the swap goes on (see `sidecar status`)
+      130 Ctrl-C: detached the same way
     """
     name, version, path = parse_target(target)
     request = pb.SwapRequest(model=name, version=version, path=path, strategy=strategy or "")
     with connect(ctx, socket, tcp, token, timeout) as c:
+        progress = c.admin.Swap(request, metadata=c._md)
         try:
-            for step in c.admin.Swap(request, timeout=timeout, metadata=c._md):
-                if as_json:
-                    click.echo(dump(step))
-                elif step.finished:
-                    click.echo(f"ok: {step.new.name} {step.old.version} -> {step.new.version} "
-                               f"in {step.elapsed_ms / 1000:.1f}s")  # fmt: skip
-                else:
-                    click.echo(
-                        f"[{step.elapsed_ms / 1000:6.1f}s] {step.stage}: {step.detail}", err=True
-                    )
+            with waiting(progress, wait_limit(ctx, timeout)):
+                for step in progress:
+                    if as_json:
+                        click.echo(dump(step))
+                    elif step.finished:
+                        click.echo(f"ok: {step.new.name} {step.old.version} -> {step.new.version} "
+                                   f"in {step.elapsed_ms / 1000:.1f}s")  # fmt: skip
+                    else:
+                        click.echo(
+                            f"[{step.elapsed_ms / 1000:6.1f}s] {step.stage}: {step.detail}",
+                            err=True,
+                        )
+        except Left as left:
+            click.echo(DETACHED, err=True)
+            left.exit(EXIT_DETACHED)
         except grpc.RpcError as e:
             click.echo(f"refused: {e.code().name}: {e.details()}", err=True)
             raise SystemExit(EXIT_FAILED) from None
@@ -137,7 +164,7 @@ def add(ctx: click.Context, /, path: Path, name: str, **given: Any) -> None:
 @client_options
 @click.pass_context
 def activate(ctx: click.Context, /, target: str, strategy: str | None, **given: Any) -> None:
-    """Serve NAME@VERSION (a hot swap)."""
+    """Serve NAME@VERSION (a hot swap; waits and exits as `sidecar swap` does)."""
     opts = _opts(ctx, given)
     ctx.invoke(swap, target=target, strategy=strategy, **{**given, **opts})
 
@@ -147,7 +174,8 @@ def activate(ctx: click.Context, /, target: str, strategy: str | None, **given: 
 @client_options
 @click.pass_context
 def remove(ctx: click.Context, /, target: str, **given: Any) -> None:
-    """Remove NAME@VERSION (never the active one, never one a worker maps)."""
+    """Remove NAME@VERSION (never the active one, one a running worker maps or one a swap
+    is loading)."""
     name, _, version = target.partition("@")
     request = pb.RemoveVersionRequest(model=_valid(name), version=version)
     with _client(ctx, _opts(ctx, given)) as c:
@@ -156,10 +184,23 @@ def remove(ctx: click.Context, /, target: str, **given: Any) -> None:
 
 
 @models.command("gc")
+@click.option(
+    "--quarantine",
+    "empty_quarantine",
+    is_flag=True,
+    help="Also empty the quarantine (refused files and their reasons).",
+)
 @client_options
 @click.pass_context
-def gc(ctx: click.Context, /, **given: Any) -> None:
-    """Remove every version but the active and previous of each name."""
+def gc(ctx: click.Context, /, empty_quarantine: bool, **given: Any) -> None:
+    """Remove the versions nothing needs, and trim the quarantine.
+
+    Kept: any name's active and previous version, every version a running worker still
+    maps (a draining one included) or a swap is loading, and all versions of a name that
+    has never been activated. The quarantine keeps its 10 newest entries, none older than
+    14 days, within 2 GiB (the newest always); --quarantine empties it.
+    """
+    request = pb.CollectGarbageRequest(empty_quarantine=empty_quarantine)
     with _client(ctx, _opts(ctx, given)) as c:
-        reply = call(lambda: c.admin.CollectGarbage(pb.CollectGarbageRequest(), metadata=c._md))
+        reply = call(lambda: c.admin.CollectGarbage(request, metadata=c._md))
     click.echo("\n".join(f"removed {r}" for r in reply.removed) or "nothing to remove")

@@ -22,14 +22,16 @@ from pathlib import Path
 from typing import Literal
 from xml.sax.saxutils import escape
 
-from sidecar.config import default_config_path, default_socket_path
-from sidecar.errors import FailedPrecondition
+from sidecar.config import SYSTEM_CONFIG, Overrides, default_config_path, load_client
+from sidecar.errors import ConfigError, FailedPrecondition
 
 Kind = Literal["system", "user", "launchd"]
 LABEL = "dev.sidecar.daemon"
 UNIT = "sidecar.service"
+# Where the system daemon's socket goes: the unit's RuntimeDirectory. The unit passes no
+# --socket: server.socket in SYSTEM_CONFIG names it, the one place the daemon and a plain
+# `sidecar status` both read (the Debian package's config sets it).
 SYSTEM_SOCKET = Path("/run/sidecar/sidecar.sock")
-SYSTEM_CONFIG = Path("/etc/sidecar/config.toml")
 # A systemd or launchctl that hangs (no bus, no session) must not hang `sidecar service status`.
 PROBE_TIMEOUT_S = 5.0
 
@@ -40,7 +42,7 @@ class Paths:
 
     sidecar: str
     config: str
-    socket: str
+    socket: str  # "" = no --socket: the daemon and its clients take it from the config
     log: str = ""  # launchd only: systemd sends output to the journal
 
 
@@ -52,6 +54,9 @@ class Plan:
     next_steps: tuple[str, ...]
     notes: tuple[str, ...]
     make_dirs: tuple[Path, ...] = ()  # beside the file, e.g. the launchd log directory
+    # Paths the unit's sandbox hides from the service, so it could never start: `install`
+    # refuses to write such a unit, `--dry-run` prints it with these as warnings.
+    hidden: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,7 @@ class Status:
     path: Path
     installed: bool
     state: str | None  # the service manager's answer; None when it has no command here
+    elsewhere: Path | None = None  # the other scope's unit (system/user), when that one exists
 
 
 # ---------------------------------------------------------------- templates
@@ -100,8 +106,9 @@ KillMode=mixed
 _SYSTEM_BODY = """\
 User=sidecar
 Group=sidecar
-# /run/sidecar holds the socket and its lock file. 0750 lets members of group sidecar
-# reach the socket when server.socket_group_access = true (the socket is 0600 otherwise).
+# /run/sidecar holds the socket (server.socket in the config, where `sidecar status` looks
+# too) and its lock file. 0750 lets members of group sidecar reach the socket when
+# server.socket_group_access = true (the socket is 0600 otherwise).
 RuntimeDirectory=sidecar
 RuntimeDirectoryMode=0750
 # /var/lib/sidecar and /var/cache/sidecar stay writable under ProtectSystem=strict.
@@ -204,12 +211,7 @@ _PLIST = """\
   <string>{label}</string>
   <key>ProgramArguments</key>
   <array>
-    <string>{sidecar}</string>
-    <string>--config</string>
-    <string>{config}</string>
-    <string>serve</string>
-    <string>--socket</string>
-    <string>{socket}</string>
+{arguments}
   </array>
   <key>RunAtLoad</key>
   <true/>
@@ -234,17 +236,12 @@ _PLIST = """\
 
 
 def render(kind: Kind, paths: Paths) -> str:
+    args = [paths.sidecar, "--config", paths.config, "serve"]
+    args += ["--socket", paths.socket] if paths.socket else []
     if kind == "launchd":
-        fields = {
-            "label": LABEL,
-            "sidecar": paths.sidecar,
-            "config": paths.config,
-            "socket": paths.socket,
-            "log": paths.log,
-        }
-        return _PLIST.format(**{k: escape(v) for k, v in fields.items()})
+        arguments = "\n".join(f"    <string>{escape(a)}</string>" for a in args)
+        return _PLIST.format(label=escape(LABEL), arguments=arguments, log=escape(paths.log))
     user = kind == "user"
-    args = [paths.sidecar, "--config", paths.config, "serve", "--socket", paths.socket]
     head = _SYSTEMD_HEAD.format(
         scope="per-user" if user else "system",
         flag=" --user" if user else "",
@@ -258,14 +255,13 @@ def shipped_files() -> dict[str, str]:
     return {
         "systemd/sidecar.service": render(
             "system",
-            Paths("/opt/sidecar/venv/bin/sidecar", str(SYSTEM_CONFIG), str(SYSTEM_SOCKET)),
+            Paths("/opt/sidecar/venv/bin/sidecar", str(SYSTEM_CONFIG), ""),
         ),
         "systemd/sidecar-user.service": render(
-            "user",
-            Paths("%h/.local/bin/sidecar", "%E/sidecar/config.toml", "%t/sidecar/sidecar.sock"),
+            "user", Paths("%h/.local/bin/sidecar", "%E/sidecar/config.toml", "")
         ),
         "packaging/dev.sidecar.daemon.plist": render(
-            "launchd", Paths("@SIDECAR@", "@CONFIG@", "@SOCKET@", "@LOG@")
+            "launchd", Paths("@SIDECAR@", "@CONFIG@", "", "@LOG@")
         ),
     }
 
@@ -340,12 +336,12 @@ def plan_install(
     home = home or Path.home()
     script = sidecar_script(executable)
     config = (config or (SYSTEM_CONFIG if kind == "system" else default_config_path())).absolute()
-    notes = _notes(kind, script, config)
+    socket = socket.absolute() if socket else None
+    notes = _notes(config) + _socket_notes(kind, config, socket)
     path = file_path(kind, root, home, env)
     if kind == "launchd":
         log = home / "Library" / "Logs" / "sidecar" / "sidecar.log"
-        sock = (socket or default_socket_path(env)).absolute()
-        paths = Paths(str(script), str(config), str(sock), str(log))
+        paths = Paths(str(script), str(config), str(socket or ""), str(log))
         steps: tuple[str, ...] = (
             # bootstrap refuses a label that is already loaded, so a reinstall unloads first.
             f"launchctl bootout gui/$(id -u)/{LABEL} 2>/dev/null; "
@@ -356,7 +352,9 @@ def plan_install(
         dirs = (under(root, log.parent),)
         return Plan(kind, path, render(kind, paths), steps, notes, dirs)
     if kind == "system":
-        sock_arg = systemd_arg(str((socket or SYSTEM_SOCKET).absolute()))
+        sock = socket or SYSTEM_SOCKET
+        sock_arg = systemd_arg(str(socket)) if socket else ""
+        hidden = _hidden((script, config, sock))
         steps = (
             "id -u sidecar >/dev/null 2>&1 || useradd --system --user-group "
             "--home-dir /var/lib/sidecar --shell /usr/sbin/nologin sidecar",
@@ -364,31 +362,71 @@ def plan_install(
             "journalctl -u sidecar -f",
         )
     else:
-        sock_arg = systemd_arg(str(socket.absolute())) if socket else "%t/sidecar/sidecar.sock"
+        sock_arg = systemd_arg(str(socket)) if socket else ""
+        hidden = ()  # the user unit leaves the mount-namespace options commented out
         steps = (
             "systemctl --user daemon-reload && systemctl --user enable --now sidecar",
             "loginctl enable-linger $USER   # optional: keep it running after you log out",
             "journalctl --user -u sidecar -f",
         )
     paths = Paths(systemd_arg(str(script), command=True), systemd_arg(str(config)), sock_arg)
-    return Plan(kind, path, render(kind, paths), steps, notes)
+    return Plan(kind, path, render(kind, paths), steps, notes, hidden=hidden)
 
 
-def _notes(kind: Kind, script: Path, config: Path) -> tuple[str, ...]:
-    notes = []
-    if not config.exists():
-        notes.append(
-            f"{config} does not exist yet: the service needs it, with at least one "
-            "[models.NAME] table"
+def _socket_notes(kind: Kind, config: Path, socket: Path | None) -> tuple[str, ...]:
+    """Where the unit's daemon listens and where clients look must be the one config key."""
+    try:
+        named = load_client(Overrides(config=config), env={}).socket if config.exists() else None
+    except ConfigError as e:
+        return (f"{config}: {e}",)
+    if socket is not None:
+        if named == socket:
+            return ()
+        return (
+            f"the service gets --socket {socket}, which clients do not read: set "
+            f'socket = "{socket}" under [server] in {config} too, or `sidecar status` looks '
+            "elsewhere",
         )
-    if kind == "system":
-        hidden = [p for p in (script, config) if p.parts[1:2] in (("home",), ("root",))]
-        notes += [
-            f"{p} is in a home directory, which ProtectHome=yes hides from the service: "
-            "install under /opt (e.g. python -m venv /opt/sidecar/venv) and /etc/sidecar"
-            for p in hidden
-        ]
-    return tuple(notes)
+    if kind != "system" or (named is not None and named.parent == SYSTEM_SOCKET.parent):
+        return ()  # a user daemon's default socket is where its user's clients look
+    return (
+        f'{config} must set server.socket ([server] socket = "{SYSTEM_SOCKET}"): the '
+        f"system daemon can create its socket only in {SYSTEM_SOCKET.parent} (its "
+        "RuntimeDirectory), and `sidecar status` finds it there through that key",
+    )
+
+
+def _notes(config: Path) -> tuple[str, ...]:
+    if config.exists():
+        return ()
+    return (
+        f"{config} does not exist yet: the service needs it, with at least one [models.NAME] table",
+    )
+
+
+# Where the system unit's sandbox hides a path from the service, and the directive that does it.
+_HOME = "in a home directory, which ProtectHome=yes hides from the service"
+_TMP = "under /{0}, which PrivateTmp=yes hides from the service (it gets an empty private /{0})"
+_SANDBOXED = (
+    (("home",), _HOME),
+    (("root",), _HOME),
+    (("tmp",), _TMP.format("tmp")),
+    (("var", "tmp"), _TMP.format("var/tmp")),
+)
+
+
+def _hidden(paths: Sequence[Path]) -> tuple[str, ...]:
+    """Paths in ExecStart the system unit's service would not see (an ExecStart binary under
+    /tmp fails with 203/EXEC; a socket there is invisible to every client)."""
+    out = []
+    for p in paths:
+        why = next((w for parts, w in _SANDBOXED if p.parts[1 : 1 + len(parts)] == parts), None)
+        if why is not None:
+            out.append(
+                f"{p} is {why}: use /opt/sidecar/venv for the program, "
+                "/etc/sidecar for the config and /run/sidecar for the socket"
+            )
+    return tuple(out)
 
 
 def install(plan: Plan) -> None:
@@ -463,6 +501,9 @@ def status(
     path = file_path(kind, root, home or Path.home(), env)
     if kind == "launchd":
         state = probe(["launchctl", "print", f"gui/{os.getuid()}/{LABEL}"])
+        elsewhere = None
     else:
         state = probe(["systemctl", *(["--user"] if user else []), "is-active", "sidecar"])
-    return Status(kind, path, path.is_file(), state)
+        other = file_path("system" if user else "user", root, home or Path.home(), env)
+        elsewhere = other if other.is_file() else None
+    return Status(kind, path, path.is_file(), state, elsewhere)

@@ -3,13 +3,27 @@ through the running daemon (check, apply)."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 import grpc
 
-from sidecar.cli_support import EXIT_FAILED, call, client_options, connect, dump
+from sidecar.cli_support import (
+    EXIT_DETACHED,
+    EXIT_FAILED,
+    EXIT_STOPPED,
+    Left,
+    call,
+    client_options,
+    connect,
+    dump,
+    wait_limit,
+    waiting,
+)
+from sidecar.progress import Progress, mb
 from sidecar.v1 import inference_pb2 as pb
 
 
@@ -108,11 +122,20 @@ def check(ctx: click.Context, model: str, socket: Path | None, tcp: str | None,
         click.echo(dump(reply))
         return
     have = f"v{reply.installed_version}" if reply.installed_version else "an unpublished file"
-    if reply.update_available:
+    if reply.update_available and not reply.download_bytes:
+        click.echo(f"{reply.model}: v{reply.available_version} is in the store already (serving "
+                   f"{have}); `sidecar update apply` activates it")  # fmt: skip
+    elif reply.update_available:
         click.echo(f"{reply.model}: v{reply.available_version} available (serving {have}); "
                    f"would fetch {reply.plan}")  # fmt: skip
     else:
         click.echo(f"{reply.model}: {reply.detail}")
+
+
+STOPPED = "stopped: the download stops; the next `sidecar update apply` resumes it"
+DETACHED = "detached: installing on the daemon; follow it with `sidecar status`"
+# The stages of an apply before its install; from "installing" on it runs to its end.
+DOWNLOADING = frozenset({"", "checking", "fetching", "rebuilding"})
 
 
 @update.command()
@@ -124,38 +147,69 @@ def apply(ctx: click.Context, model: str, socket: Path | None, tcp: str | None,
     """Fetch, rebuild, verify and hot-swap MODEL's update, with progress.
 
     Waits as long as the daemon works on it (downloads have their own deadline,
-    update.fetch_deadline_seconds) unless --timeout is given. Leaving early (Ctrl-C, or
-    --timeout) stops the download; its partial file stays and the next apply resumes it.
+    update.fetch_deadline_seconds) unless --timeout is given. Leaving early (--timeout, or
+    Ctrl-C) during the download stops it: its partial file stays and the next apply
+    resumes it. Once the install has begun it runs to its end on the daemon, like a swap;
+    its outcome shows in `sidecar status` (last update).
 
-    Exit 0 when the new version serves (or nothing was to do), 1 when the update was
-    refused (the current model keeps serving; the reason is printed)."""
-    bar = _Bar()
-    # The generic 60 s default fits a quick RPC, not a download: leaving cancels it.
-    explicit = ctx.get_parameter_source("timeout") is not click.core.ParameterSource.DEFAULT
+    \b
+    Exit codes:
+      0   the new version serves (or nothing was to do)
+      1   the update was refused or failed: the current model keeps serving
+          (the reason is printed)
+      4   detached: left during the install, which goes on (see `sidecar status`)
+      5   stopped: left during the download, which stopped; the next apply resumes it
+      130 Ctrl-C, after saying which of the two happened
+    """
+    bar = Progress()
+    stage = ""
     with connect(ctx, socket, tcp, token, timeout) as c:
+        steps = c.admin.ApplyUpdate(pb.UpdateRequest(model=model), metadata=c._md)
         try:
-            for step in c.admin.ApplyUpdate(pb.UpdateRequest(model=model),
-                                            timeout=timeout if explicit else None,
-                                            metadata=c._md):  # fmt: skip
-                if as_json:
-                    click.echo(dump(step))
-                elif step.HasField("outcome"):
-                    bar.end()
-                    click.echo(_summary(step.outcome))
-                elif step.total_bytes:
-                    bar.show(step.stage, step.detail, step.done_bytes, step.total_bytes)
-                else:
-                    bar.end()
-                    click.echo(f"[{step.elapsed_ms / 1000:6.1f}s] {step.stage}: {step.detail}",
-                               err=True)  # fmt: skip
+            with waiting(steps, wait_limit(ctx, timeout)):
+                for step in steps:
+                    stage = step.stage
+                    if as_json:
+                        click.echo(dump(step))
+                    elif step.HasField("outcome"):
+                        bar.end()
+                        click.echo(_summary(step.outcome))
+                    elif step.total_bytes:
+                        bar.show(step.stage, step.detail, step.done_bytes, step.total_bytes)
+                    else:
+                        bar.end()
+                        click.echo(f"[{step.elapsed_ms / 1000:6.1f}s] {step.stage}: {step.detail}",
+                                   err=True)  # fmt: skip
+        except Left as left:
+            bar.end()
+            if _installing(c, model, stage):
+                click.echo(DETACHED, err=True)
+                left.exit(EXIT_DETACHED)
+            click.echo(STOPPED, err=True)
+            left.exit(EXIT_STOPPED)
         except grpc.RpcError as e:
             bar.end()
-            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                click.echo(f"gave up after --timeout {timeout:g}s: the daemon stops the "
-                           "download; the next `sidecar update apply` resumes it", err=True)  # fmt: skip
-            else:
-                click.echo(f"refused: {e.code().name}: {e.details()}", err=True)
+            click.echo(f"refused: {e.code().name}: {e.details()}", err=True)
             raise SystemExit(EXIT_FAILED) from None
+
+
+def _installing(c: Any, model: str, seen: str) -> bool:
+    """Whether the apply we left had begun its install (so it goes on). The last stage we
+    saw says so, unless the daemon moved on before our cancel reached it: its status, asked
+    after the cancel, has the last word."""
+    if seen not in DOWNLOADING:
+        return True
+    try:
+        reply = c.status(timeout=3.0)
+    except grpc.RpcError:
+        return False
+    for m in reply.models:
+        if m.model.name == model or (not model and m.is_default):
+            if not m.update_fetch:  # over already: finished (installed) or stopped
+                return bool(m.last_update.startswith("installed"))
+            stage = re.match(r"\w*", m.update_fetch)
+            return (stage.group() if stage else "") not in DOWNLOADING
+    return False
 
 
 def _summary(o: pb.UpdateOutcome) -> str:
@@ -164,36 +218,5 @@ def _summary(o: pb.UpdateOutcome) -> str:
     share = 100 * o.fetched_bytes / max(o.full_bytes, 1)
     return (
         f"ok: {o.model} v{o.from_version or '?'} -> v{o.to_version} ({o.new_version}) via {o.plan}; "
-        f"fetched {_mb(o.fetched_bytes)} of {_mb(o.full_bytes)} full size ({share:.2f}%)"
+        f"fetched {mb(o.fetched_bytes)} of {mb(o.full_bytes)} full size ({share:.2f}%)"
     )
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.2f} MB" if n >= 100_000 else f"{n} B"
-
-
-class _Bar:
-    """A one-line progress bar on stderr (only when it is a terminal)."""
-
-    def __init__(self) -> None:
-        self.tty = sys.stderr.isatty()
-        self.open = False
-        self.last = ""
-
-    def show(self, stage: str, detail: str, done: int, total: int) -> None:
-        width = 30
-        filled = int(width * done / total) if total else 0
-        line = (
-            f"{stage:10} [{'#' * filled}{'.' * (width - filled)}] {_mb(done)}/{_mb(total)} {detail}"
-        )
-        if self.tty:
-            click.echo("\r" + line[:120], nl=False, err=True)
-            self.open = True
-        elif stage != self.last:  # in logs, one line per stage is enough
-            click.echo(line, err=True)
-        self.last = stage
-
-    def end(self) -> None:
-        if self.open:
-            click.echo("", err=True)
-            self.open = False

@@ -3,15 +3,51 @@
 gRPC (the interceptor) and the OpenAI-compatible HTTP endpoint both end every request
 here, so dashboards and `sidecar status` count them in one vocabulary: the status is
 always a gRPC status code name, the `rpc` label names the method or HTTP route.
+
+A streamed admin call starts work that outlives it (a swap runs to its end even if its
+caller leaves; so does an update once it installs). Such a call's line carries the work's
+outcome, written when the work ends, not CANCELLED when the caller left: the log and the
+counters say what happened to the model. The servicer names that work with
+`outlives_call`; the interceptor, which opened the call's `Work` slot, reads it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from contextvars import ContextVar
+from typing import Any, TypeVar
 
 from sidecar.metrics import Metrics
 
 log = logging.getLogger("sidecar.request")
+T = TypeVar("T")
+
+
+class Work:
+    """The slot of one call for the work it started that outlives it (None: none)."""
+
+    future: asyncio.Future[Any] | None = None
+
+
+_work: ContextVar[Work | None] = ContextVar("sidecar_call_work", default=None)
+
+
+def open_work() -> Work:
+    """A fresh slot for the call running in this task (the interceptor, at its start). The
+    interceptor keeps the slot itself: its end of the call may run in another task."""
+    slot = Work()
+    _work.set(slot)
+    return slot
+
+
+def outlives_call(work: asyncio.Future[T]) -> asyncio.Future[T]:
+    """Name `work` as what this call does: it goes on if the caller leaves, and the call is
+    logged with its outcome when it ends."""
+    slot = _work.get()
+    if slot is not None:
+        slot.future = work
+    return work
 
 
 class RequestLog:

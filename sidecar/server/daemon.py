@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -135,6 +135,9 @@ async def start(
     finally:
         os.umask(old_umask)
     os.chmod(s.socket, s.socket_mode)
+    # One line per listener: under journald this is how an operator finds the daemon.
+    where = [f"unix:{s.socket}"] + ([f"{_host(s.tcp_host)}:{tcp_port}"] if tcp_port else [])
+    log.info("gRPC API on %s", ", ".join(where))
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await _publish(health_servicer, {m.name: False for m in config.models})
     running = Running(
@@ -163,6 +166,9 @@ async def start(
         running.metrics_server = MetricsServer(
             metrics.registry, m.host, m.port, Path(m.socket) if m.socket else None
         )
+        port = running.metrics_server.port
+        at = f"unix:{m.socket}" if m.socket else f"http://{_host(m.host)}:{port}/metrics"
+        log.info("Prometheus metrics on %s", at)
     try:
         await engine.start()
     except BaseException:
@@ -305,10 +311,20 @@ def reload_config(running: Running, current: Config, load: Callable[[], Config] 
     changes = reload.diff(current, new)
     merged = reload.merge_live(current, new, changes)
     configure_logs(merged.log.level, merged.log.format)
-    running.engine.config = merged
+    running.engine.config = merged  # swaps read store.* from here
     for m in merged.models:
-        running.engine.pools[m.name].reconfigure(m)
+        pool = running.engine.pools[m.name]
+        # The pool serves the file the store chose (a swap moves it); the config's path
+        # is only where the model came from at start.
+        pool.reconfigure(replace(m, path=pool.config.path))
     running.supervisor.server = merged.server
+    if running.router is not None:  # cloud.* and tasks.*.threshold are read per request
+        running.router.settings = merged.cloud
+        for t in merged.tasks:
+            if t.name in running.router.fewshot.tasks:
+                running.router.fewshot.tasks[t.name] = t
+    if running.drop is not None:
+        running.drop.auto_swap = merged.store.auto_swap
     running.supervisor.last_reload = reload.summary(changes)
     pending = [c for c in changes if not c.live]
     log.log(

@@ -6,7 +6,9 @@ Every RPC (ours, health, reflection) passes through `RequestInterceptor`, which
   INVALID_ARGUMENT instead of gRPC's generic deserialisation failure,
 - maps `SidecarError` subclasses through `STATUS` and anything else to INTERNAL; an
   internal error's details go to the log, the caller gets only the request id (`told`),
-- writes one log line per request (id, method, model, status, milliseconds).
+- writes one log line per request (id, method, model, status, milliseconds); a streamed
+  call whose caller left while its work goes on (a swap) is logged when that work ends,
+  with the work's outcome and `caller=left`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import grpc
 from grpc import StatusCode
 
 from sidecar import errors
-from sidecar.server.accounting import RequestLog
+from sidecar.server.accounting import RequestLog, open_work
 
 log = logging.getLogger("sidecar.request")
 
@@ -161,20 +163,40 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             rid, started = _begin(context)
             code = StatusCode.OK
+            work = open_work()
             try:
                 self._check(request, context, metadata)
                 async for item in inner(request, context):
                     yield item
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, GeneratorExit):  # the caller left mid-stream
                 code = StatusCode.CANCELLED
                 raise
             except Exception as e:
                 code, message = self._fail(e, rid, method)
                 await context.abort(code, message)
             finally:
-                self._log(rid, method, request, code, started)
+                if code is StatusCode.CANCELLED and work.future is not None:
+                    # The work goes on without its caller: log what became of it, once known.
+                    def ended(w: asyncio.Future[Any]) -> None:
+                        outcome = self._outcome(w, rid, method)
+                        self._log(rid, method, request, outcome, started, caller="left")
+
+                    work.future.add_done_callback(ended)
+                else:
+                    self._log(rid, method, request, code, started)
 
         return call
+
+    def _outcome(self, work: asyncio.Future[Any], rid: str, method: str) -> StatusCode:
+        if work.cancelled():
+            return StatusCode.CANCELLED
+        e = work.exception()
+        if e is None:
+            return StatusCode.OK
+        if isinstance(e, errors.SidecarError) and status_for(e) is not StatusCode.INTERNAL:
+            return status_for(e)
+        told(e, rid, method)  # logs an internal error's details, as for a caller who stayed
+        return StatusCode.INTERNAL
 
     def _fail(self, e: BaseException, rid: str, method: str) -> tuple[StatusCode, str]:
         if isinstance(e, grpc.aio.AbortError):  # a handler aborted already; keep its status
@@ -182,10 +204,13 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         code = status_for(e) if isinstance(e, errors.SidecarError) else StatusCode.INTERNAL
         return code, told(e, rid, method)
 
-    def _log(self, rid: str, method: str, request: Any, code: StatusCode, started: float) -> None:
+    def _log(self, rid: str, method: str, request: Any, code: StatusCode, started: float,
+             **extra: object) -> None:  # fmt: skip
         model = getattr(request, "model", None)
         rpc = method.rsplit("/", 1)[-1]
-        self._requests.record(rid, method, rpc, model, code.name, time.perf_counter() - started)
+        self._requests.record(
+            rid, method, rpc, model, code.name, time.perf_counter() - started, **extra
+        )
 
 
 def _begin(context: grpc.aio.ServicerContext) -> tuple[str, float]:

@@ -19,6 +19,7 @@ from sidecar.metrics import Metrics
 from sidecar.names import check_name
 from sidecar.router.engine import RouterEngine
 from sidecar.server import convert
+from sidecar.server.accounting import outlives_call
 from sidecar.server.caller import caller_of
 from sidecar.supervisor import Supervisor
 from sidecar.types import (
@@ -178,13 +179,15 @@ class AdminServicer(pb_grpc.AdminServicer):
             updates.put_nowait(pb.SwapProgress(stage=stage, detail=detail, elapsed_ms=ms))
 
         # The swap runs to its end even if this caller goes away: half a swap helps nobody.
-        swap = asyncio.ensure_future(
-            self.engine.swap(
-                _name(request.model),
-                version=request.version,
-                path=Path(request.path) if request.path else None,
-                strategy=request.strategy,
-                progress=progress,
+        swap = outlives_call(
+            asyncio.ensure_future(
+                self.engine.swap(
+                    _name(request.model),
+                    version=request.version,
+                    path=Path(request.path) if request.path else None,
+                    strategy=request.strategy,
+                    progress=progress,
+                )
             )
         )
         while not swap.done() or not updates.empty():
@@ -225,7 +228,11 @@ class AdminServicer(pb_grpc.AdminServicer):
     async def CollectGarbage(
         self, request: pb.CollectGarbageRequest, context: Any
     ) -> pb.CollectGarbageReply:
-        removed = await asyncio.to_thread(self.engine.store.gc, self.engine.in_use())
+        store = self.engine.store
+        removed = await asyncio.to_thread(store.gc, self.engine.in_use())
+        if request.empty_quarantine:
+            emptied = await asyncio.to_thread(store.quarantine_cleanup, empty=True)
+            removed += [f"quarantine/{e}" for e in emptied]
         return pb.CollectGarbageReply(removed=removed)
 
     async def CheckUpdate(self, request: pb.UpdateRequest, context: Any) -> pb.UpdateCheck:
@@ -244,7 +251,9 @@ class AdminServicer(pb_grpc.AdminServicer):
         # A download nobody waits for is stopped when this caller goes away (its partial
         # file stays for the next apply); from install on, like a swap, it runs to its end.
         owner = object()
-        run = asyncio.ensure_future(self.updater.apply(request.model, progress, owner))
+        run = outlives_call(
+            asyncio.ensure_future(self.updater.apply(request.model, progress, owner))
+        )
         try:
             while not run.done() or not updates.empty():
                 if updates.empty():

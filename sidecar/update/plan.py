@@ -16,7 +16,7 @@ from sidecar.update.manifest import DeltaEntry, Manifest
 @dataclass(frozen=True)
 class Plan:
     target_sha256: str
-    steps: tuple[DeltaEntry, ...]  # empty with full=True: download the full file
+    steps: tuple[DeltaEntry, ...]  # empty: the full file (full=True) or nothing (held)
     full: bool
     download_bytes: int
     full_bytes: int
@@ -28,6 +28,8 @@ class Plan:
     def describe(self) -> str:
         if self.full:
             return f"full file ({self.full_bytes} bytes)"
+        if not self.steps:  # the store holds the target (e.g. added, or swapped away from)
+            return "no download: the version is in the store already"
         chain = " -> ".join(
             [f"v{self.steps[0].from_version}", *(f"v{s.to_version}" for s in self.steps)]
         )

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -379,8 +380,11 @@ class Updater:
                 job.cancellable = False
             self._stage(name, "installing")
             progress("installing", f"adding v{manifest.version} to the store", 0, 0)
+            # Held until the swap has run, so a `gc` in between cannot take it.
             sha = await asyncio.to_thread(
-                self.engine.store.add, file, name, expect_sha256=manifest.sha256
+                functools.partial(
+                    self.engine.store.add, file, name, expect_sha256=manifest.sha256, hold=True
+                )
             )
             if file.parent == self.workdir(name):  # never a store blob we started from
                 file.unlink(missing_ok=True)
@@ -413,6 +417,8 @@ class Updater:
                 e.message,
             )
             raise
+        finally:
+            self.engine.store.release(sha)
         st = self.state(name)
         st.pending = ""
         st.installed_version, st.installed_sha256 = manifest.version, sha

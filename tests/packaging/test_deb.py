@@ -92,6 +92,12 @@ def test_config_skeleton_loads(unpacked: Path) -> None:
     cfg = load(Overrides(config=unpacked / "etc" / "sidecar" / "config.toml"), env={})
     assert cfg.server.socket_group_access and cfg.log.format == "json"
     assert cfg.models == ()  # the operator names the model; the unit refuses to start until then
+    # The socket is named here, not on the unit's command line: a plain `sidecar status`
+    # falls back to this file and looks where the daemon listens.
+    assert cfg.server.socket == Path("/run/sidecar/sidecar.sock")
+    unit = (unpacked / "lib" / "systemd" / "system" / "sidecar.service").read_text()
+    exec_start = next(ln for ln in unit.splitlines() if ln.startswith("ExecStart="))
+    assert exec_start.split()[1:] == ["--config", "/etc/sidecar/config.toml", "serve"]
 
 
 @pytest.mark.skipif(

@@ -26,6 +26,7 @@ from tiny_gguf import write_tiny_llama
 from trickle import TrickleOrigin
 
 from sidecar.cli import main
+from sidecar.cli_support import EXIT_STOPPED
 from sidecar.store import sha256_file
 from sidecar.update import delta as dmod
 from sidecar.update.delta import make_delta
@@ -203,7 +204,9 @@ async def test_a_cli_apply_that_gives_up_stops_the_fetch_and_frees_the_lock(
         cli = await asyncio.to_thread(
             CliRunner().invoke, main, ["update", "apply", "--socket", sock, "--timeout", "1.5"]
         )
-        assert cli.exit_code == 1 and "gave up after --timeout 1.5s" in cli.output, cli.output
+        assert cli.exit_code == EXIT_STOPPED and "stopped: the download stops" in cli.output, (
+            cli.output
+        )
 
         async def idle() -> bool:
             return (await model_status(s.client)).update_fetch == ""
@@ -214,7 +217,7 @@ async def test_a_cli_apply_that_gives_up_stops_the_fetch_and_frees_the_lock(
             CliRunner().invoke, main, ["update", "apply", "--socket", sock, "--timeout", "1.5"]
         )
         assert "already running" not in again.output, again.output
-        assert "gave up" in again.output
+        assert "stopped: the download stops" in again.output
 
 
 # ---------------------------------------------------------------- hostile deltas

@@ -70,3 +70,24 @@ def test_client_command_without_daemon_exits_3(tmp_path: Path) -> None:
         )
         assert out.exit_code == EXIT_NO_DAEMON, out.output
         assert "no sidecar daemon is answering" in out.output
+
+
+def test_ctrl_c_in_any_command_exits_130_not_aborted(monkeypatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import sidecar.cli as cli
+
+    def interrupted(*_a: object, **_k: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "connect", interrupted)
+    out = CliRunner().invoke(main, ["status", "--socket", str(tmp_path / "s.sock")])
+    assert out.exit_code == 130 and "Aborted" not in out.output
+
+
+def test_a_socket_the_user_may_not_reach_is_a_clear_error(monkeypatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    def denied(self: Path, *a: object, **k: object) -> bool:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "exists", denied)
+    out = CliRunner().invoke(main, ["status", "--socket", str(tmp_path / "d" / "s.sock")])
+    assert out.exit_code == EXIT_NO_DAEMON, out.output
+    assert "permission denied" in out.output and "group" in out.output

@@ -142,20 +142,17 @@ def test_system_unit_is_hardened() -> None:
     }
     assert {k: one(d, k) for k in expected} == expected
     argv = shlex.split(one(d, "ExecStart"))
-    assert argv[1:] == [
-        "--config",
-        "/etc/sidecar/config.toml",
-        "serve",
-        "--socket",
-        "/run/sidecar/sidecar.sock",
-    ]
+    # No --socket: server.socket in the config names it, where `sidecar status` looks too.
+    assert argv[1:] == ["--config", "/etc/sidecar/config.toml", "serve"]
     assert d["Install.WantedBy"] == ["multi-user.target"]
 
 
 def test_user_unit_uses_only_what_a_user_manager_can_apply() -> None:
     d = directives(USER_UNIT.read_text())
     assert shlex.split(one(d, "ExecStart"))[0] == "%h/.local/bin/sidecar"
-    assert "%t/sidecar/sidecar.sock" in one(d, "ExecStart")
+    # No --socket: the user's config or the default, %t/sidecar/sidecar.sock, as for clients.
+    assert "--socket" not in one(d, "ExecStart")
+    assert one(d, "RuntimeDirectory") == "sidecar"
     # These need a mount namespace (or hide the home directory the venv lives in).
     for key in ("User", "ProtectSystem", "ProtectHome", "PrivateTmp", "ProtectKernelTunables"):
         assert f"Service.{key}" not in d, key
@@ -179,8 +176,6 @@ def test_plist_is_a_keepalive_launch_agent() -> None:
         "--config",
         "@CONFIG@",
         "serve",
-        "--socket",
-        "@SOCKET@",
     ]
     assert p["RunAtLoad"] is True
     assert p["KeepAlive"] == {"SuccessfulExit": False}  # restart after a crash
@@ -208,8 +203,7 @@ def test_install_writes_the_system_unit_with_this_installations_paths(tmp_path: 
     assert "useradd --system" in output
     assert "/etc/sidecar/config.toml does not exist yet" in output
     exec_start = shlex.split(one(directives(unit.read_text()), "ExecStart"))
-    assert exec_start == [str(SIDECAR), "--config", "/etc/sidecar/config.toml", "serve",
-                          "--socket", "/run/sidecar/sidecar.sock"]  # fmt: skip
+    assert exec_start == [str(SIDECAR), "--config", "/etc/sidecar/config.toml", "serve"]
     assert stat.S_IMODE(unit.stat().st_mode) == 0o644
     # Everything but the binary is the shipped unit.
     assert unit.read_text() == shipped_with_real_binary(SYSTEM_UNIT)
@@ -229,8 +223,7 @@ def test_install_user_unit_into_the_users_config_dir(tmp_path: Path) -> None:
     assert "systemctl --user daemon-reload && systemctl --user enable --now sidecar" in output
     assert "does not exist" not in output
     exec_start = shlex.split(one(directives(unit.read_text()), "ExecStart"))
-    assert exec_start == [str(SIDECAR), "--config", str(config), "serve",
-                          "--socket", "%t/sidecar/sidecar.sock"]  # fmt: skip
+    assert exec_start == [str(SIDECAR), "--config", str(config), "serve"]
 
 
 @needs_analyze
@@ -285,7 +278,7 @@ def test_status_reports_the_file_and_never_needs_systemd(tmp_path: Path) -> None
     home = tmp_path / "home"
     unit = tmp_path / "etc/systemd/system/sidecar.service"
     code, output = run("status", "--root", str(tmp_path), home=home)
-    assert (code, f"{unit} (not installed)" in output) == (0, True), output
+    assert (code, f"{unit} (not installed)" in output) == (3, True), output
     assert run("install", "--root", str(tmp_path), home=home)[0] == 0
     code, output = run("status", "--root", str(tmp_path), home=home)
     assert (code, f"{unit} (installed)" in output) == (0, True), output
@@ -293,6 +286,54 @@ def test_status_reports_the_file_and_never_needs_systemd(tmp_path: Path) -> None
     empty_path = {"HOME": str(home), "PATH": str(tmp_path)}
     out = CliRunner().invoke(service, ["status", "--root", str(tmp_path)], env=empty_path)
     assert out.exit_code == 0 and "systemctl: not available here" in out.output
+
+
+def test_status_exits_3_saying_how_to_install_when_nothing_is_installed(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    code, output = run("status", "--root", str(tmp_path), home=home)
+    assert code == 3, output
+    assert "not installed: `sudo sidecar service install` writes it" in output
+    code, output = run("status", "--user", "--root", str(tmp_path), home=home)
+    assert code == 3 and "`sidecar service install --user` writes it" in output, output
+    # The other scope is installed: say so instead of leaving the user guessing.
+    assert run("install", "--user", "--root", str(tmp_path), home=home)[0] == 0
+    code, output = run("status", "--root", str(tmp_path), home=home)
+    assert code == 3 and "a per-user unit is installed" in output, output
+    assert "sidecar service status --user" in output
+    assert run("status", "--user", "--root", str(tmp_path), home=home)[0] == 0
+
+
+def test_dry_run_warns_that_private_tmp_hides_paths_under_tmp(tmp_path: Path) -> None:
+    code, output = run(
+        "install", "--dry-run", "--root", str(tmp_path), "--config", "/tmp/c.toml",
+        "--socket", "/var/tmp/s.sock", home=tmp_path,
+    )  # fmt: skip
+    assert code == 0, output
+    assert "warning: /tmp/c.toml is under /tmp, which PrivateTmp=yes" in output
+    assert "warning: /var/tmp/s.sock is under /var/tmp, which PrivateTmp=yes" in output
+    assert not any(tmp_path.iterdir())
+    # The binary itself: a venv under /tmp cannot be started at all.
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "sidecar").write_text("#!/bin/sh\n")
+    (venv / "sidecar").chmod(0o755)
+    plan = svc.plan_install(
+        False, root=tmp_path / "root", env={}, platform="linux", executable=str(venv / "python")
+    )
+    assert [h.split(" is ")[0] for h in plan.hidden] == [str(venv / "sidecar")]
+    user = svc.plan_install(True, root=tmp_path, env={}, platform="linux",
+                            executable=str(venv / "python"))  # fmt: skip
+    assert user.hidden == ()  # the user unit has no PrivateTmp
+
+
+def test_install_refuses_a_unit_whose_paths_the_sandbox_hides(tmp_path: Path) -> None:
+    code, output = run(
+        "install", "--root", str(tmp_path), "--config", "/tmp/c.toml", home=tmp_path / "home"
+    )
+    assert code == 1, output
+    assert "error: /tmp/c.toml is under /tmp, which PrivateTmp=yes" in output
+    assert "nothing written" in output and "--dry-run" in output
+    assert not (tmp_path / "etc/systemd/system/sidecar.service").exists()
 
 
 def test_probe_reports_what_the_manager_says() -> None:
