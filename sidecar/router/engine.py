@@ -66,7 +66,7 @@ from sidecar.types import (
     TokenEvent,
     Usage,
 )
-from sidecar.validate import MAX_LABEL_CHARS, conforming_json_async
+from sidecar.validate import MAX_LABEL_CHARS, checked_schema, conforming_json_async
 
 log = logging.getLogger("sidecar.router")
 DEFAULT_ROUTE = RouteRequest()  # the configured default routing, not marked sensitive
@@ -91,6 +91,10 @@ def failure_kind(e: SidecarError) -> str | None:
     if isinstance(e, SchemaViolation):
         return "schema"
     return None
+
+
+# Schemas up to this size are checked in microseconds; bigger new ones go to a thread.
+SCHEMA_OFF_LOOP_CHARS = 2048
 
 
 class RouterEngine:
@@ -178,7 +182,7 @@ class RouterEngine:
     ) -> Result:
         if isinstance(task, EmbedTask):  # vectors are model-specific: always local
             return await self._local(model, task, caller)
-        self._check(model, task)
+        await self._check(model, task)
         situation, out = await self._situation(task, route)
         first = decide(situation)
         if first.action == "fail":
@@ -209,7 +213,7 @@ class RouterEngine:
     async def stream(
         self, model: str, task: StreamableTask, caller: str, route: RouteRequest = DEFAULT_ROUTE
     ) -> AsyncGenerator[TokenEvent | Generation, None]:
-        self._check(model, task)
+        await self._check(model, task)
         situation, out = await self._situation(task, route)
         first = decide(situation)
         if first.action == "fail":
@@ -288,7 +292,7 @@ class RouterEngine:
 
     # ------------------------------------------------------------------ policy inputs
 
-    def _check(self, model: str, task: Task) -> None:
+    async def _check(self, model: str, task: Task) -> None:
         """Bound the request before anything is decided, so a CLOUD_ONLY request gets the
         same INVALID_ARGUMENT as a local one, and nothing unbounded (a 500-deep schema, a
         pattern RE2 refuses) reaches the outbound builder or the cloud. Classify by
@@ -296,6 +300,10 @@ class RouterEngine:
         the config was read)."""
         if isinstance(task, ClassifyTask) and task.task:
             return
+        if isinstance(task, ExtractTask) and len(task.schema) > SCHEMA_OFF_LOOP_CHARS:
+            # A new big schema costs up to ~0.2 s to bound and check: off the event loop.
+            # The result is cached, so the checks below (and the pool's) find it there.
+            await asyncio.to_thread(checked_schema, task.schema)
         if isinstance(task, ClassifyTask) and task.examples:
             examples = ExampleSet(
                 tuple(t for t, _ in task.examples), tuple(y for _, y in task.examples)

@@ -11,6 +11,7 @@ slows the answer nor stalls the daemon's event loop (the health check answers at
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -215,3 +216,27 @@ async def test_cloud_only_classify_by_examples_is_bounded_before_anything_leaves
     assert script.received == []
     r = await s.client.classify("text", examples=[("x", "a"), ("y", "b")], routing="CLOUD_ONLY")
     assert r.label == "a" and r.route.served_by == "cloud"
+
+
+async def test_a_big_new_schema_is_checked_off_the_event_loop(
+    serve, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    import sidecar.router.engine as router_engine
+    from sidecar.validate import checked_schema
+
+    threads: list[str] = []
+
+    def recording(text: str) -> Any:
+        threads.append(threading.current_thread().name)
+        return checked_schema(text)
+
+    monkeypatch.setattr(router_engine, "checked_schema", recording)
+    s = await serve(tiny_model)
+    props = {f"field_{i}": {"type": "string", "description": "x" * 40} for i in range(40)}
+    schema = {"type": "object", "properties": props}
+    assert len(json.dumps(schema)) > router_engine.SCHEMA_OFF_LOOP_CHARS
+    with contextlib.suppress(grpc.aio.AioRpcError):  # the fake engine's answer is not the point
+        await s.client.extract("x", schema, max_tokens=8, timeout=30)
+    assert threads and threading.main_thread().name not in threads
