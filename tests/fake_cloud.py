@@ -1,5 +1,5 @@
 """A scripted OpenAI-compatible cloud on loopback: a real HTTP server that replies what a
-test queues (good answers, 429/5xx, malformed bodies, hangs) and records every byte it
+test queues (good or slow answers, 429/5xx, malformed bodies, hangs) and records every byte it
 receives, so tests can prove what never left the machine."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ class Script:
     def __init__(self) -> None:
         self.replies: list[tuple[str, Any]] = []
         self.default: tuple[str, Any] = ok("default")
+        self.delay = 0.0  # seconds every reply waits before it is sent (calls overlap)
         self.received: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self.raw = bytearray()  # every byte received, headers included
@@ -61,6 +62,7 @@ def fake_cloud() -> Iterator[tuple[str, Script]]:
                 script.received.append(json.loads(body))
                 script.headers.append({k.lower(): v for k, v in self.headers.items()})
                 kind, arg = script.replies.pop(0) if script.replies else script.default
+            time.sleep(script.delay)
             try:
                 if kind == "hang":
                     time.sleep(arg)

@@ -34,10 +34,8 @@ from sidecar.router.outbound import (
     RETRY_LABEL,
     Gate,
     Outbound,
-    build,
 )
 from sidecar.router.privacy import Scanner
-from sidecar.types import ClassifyTask, ExtractTask
 
 
 @dataclass(frozen=True)
@@ -176,13 +174,6 @@ class CloudClient:
             _reason(last), f"the cloud failed after {self.cfg.retries + 1} attempt(s): {last}"
         )
 
-    async def classify(
-        self, text: str, labels: Sequence[str], instruction: str = ""
-    ) -> tuple[str | None, CloudReply]:
-        """The label the cloud picked, or None if it named none of them twice."""
-        task = ClassifyTask(text, tuple(labels), instruction)
-        return await self.ask_label(build(task, labels))
-
     async def ask_label(
         self, out: Outbound, meter: Meter | None = None
     ) -> tuple[str | None, CloudReply]:
@@ -200,9 +191,6 @@ class CloudClient:
             reply = await self.chat(again, max_tokens=CLASSIFY_MAX_TOKENS, meter=meter)
             label = match_label(reply.text, out.labels)
         return (None if label is None else out.label(label)), reply
-
-    async def extract(self, text: str, schema: str, instruction: str = "") -> CloudReply:
-        return await self.ask_json(build(ExtractTask(text, schema, instruction)))
 
     async def ask_json(self, out: Outbound, meter: Meter | None = None) -> CloudReply:
         """JSON text for the schema (the caller validates it: the contract is checked once),

@@ -5,17 +5,11 @@ requests cannot make more calls than the cap has room for (it let 7 through for 
 from __future__ import annotations
 
 import asyncio
-import http.server
-import json
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import grpc
 import pytest
-from fake_cloud import Script, _serve, fake_cloud, ok
+from fake_cloud import fake_cloud, ok
 
 LABELS = ["card_arrival", "exchange_rate"]
 PER_CALL = (100 * 1.0 + 2 * 2.0) / 1e6  # what the cloud reports each call used
@@ -28,38 +22,12 @@ def settings(url: str, **kw: Any) -> dict[str, Any]:
     return base | kw
 
 
-@contextmanager
-def slow_cloud(delay: float, reply: tuple[str, Any]) -> Iterator[tuple[str, Script]]:
-    """A loopback cloud that answers every call after `delay`: all calls overlap."""
-    script = Script()
-    lock = threading.Lock()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            with lock:
-                script.raw += body
-                script.received.append(json.loads(body))
-            time.sleep(delay)
-            data = json.dumps(reply[1]).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    with _serve(Handler) as url:
-        yield url, script
-
-
 async def test_concurrent_requests_never_call_past_the_daily_cap(serve, tiny_model) -> None:  # type: ignore[no-untyped-def]
     room = 3  # calls the cap lets through one after another (the last may go over)
     # About 300 bytes: the 100 tokens the cloud reports are a realistic count for it.
     text = "where is my card, it has not arrived yet and I need it for my trip " * 4
-    with slow_cloud(0.3, ok("card_arrival", prompt=100, completion=2)) as (url, script):
+    with fake_cloud() as (url, script):
+        script.default, script.delay = ok("card_arrival", prompt=100, completion=2), 0.3
         s = await serve(tiny_model, cloud=settings(url, daily_cap=PER_CALL * (room - 0.5)))
         calls = [s.client.classify(text, LABELS, routing="CLOUD_ONLY") for _ in range(40)]
         results = await asyncio.gather(*calls, return_exceptions=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +24,14 @@ import pytest
 from click.testing import CliRunner, Result
 from tiny_gguf import write_tiny_llama
 from trickle import TrickleOrigin
+from update_origin import Origin, make_origin, start
 
 import sidecar.client
 import sidecar.engine.engine
 from sidecar.cli import main
 from sidecar.cli_support import EXIT_DETACHED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_STOPPED
 from sidecar.store import sha256_file
-from sidecar.update.delta import make_delta
-from sidecar.update.manifest import generate_keypair, publish
+from sidecar.update.manifest import generate_keypair
 from sidecar.v1 import inference_pb2 as pb
 
 pytestmark = pytest.mark.asyncio
@@ -173,35 +173,9 @@ async def test_swap_help_documents_the_exit_codes() -> None:
 # ---------------------------------------------------------------- update apply
 
 
-@dataclass
-class Origin:
-    root: Path
-    key: Path
-    public: str
-    v1: Path
-    v2: Path
-
-
 @pytest.fixture
 def origin(tmp_path: Path, tiny_model: Path) -> Origin:
-    root = tmp_path / "origin"
-    (root / "deltas").mkdir(parents=True)
-    private, public = generate_keypair()
-    key = tmp_path / "signing.pem"
-    key.write_bytes(private)
-    v2 = write_tiny_llama(
-        tmp_path / "v2.gguf", seed=1, n_ctx=4096, chat_template="{{ messages }} v2"
-    )
-    publish(root, name="default", version=1, key_path=key, file=tiny_model)
-    make_delta(tiny_model, v2, root / "deltas" / "v1-v2.delta")
-    publish(root, name="default", version=2, key_path=key, file=v2)
-    return Origin(root, key, public, tiny_model, v2)
-
-
-async def start(serve, origin: Origin, url: str | None = None, **update: object):  # type: ignore[no-untyped-def]
-    keys = {"update_origin": url or str(origin.root), "update_key": origin.public}
-    return await serve(origin.v1, slot_kind="process", workers=1, model_keys=keys,
-                       update=update or None)  # fmt: skip
+    return make_origin(tmp_path, tiny_model)
 
 
 async def test_an_apply_left_during_the_download_says_it_stopped(serve, origin: Origin) -> None:  # type: ignore[no-untyped-def]
@@ -280,7 +254,7 @@ async def test_a_published_version_already_in_the_store_is_activated_not_interna
 async def test_status_text_shows_a_failed_update(serve, origin: Origin) -> None:  # type: ignore[no-untyped-def]
     s = await start(serve, origin)
     origin.key.write_bytes(generate_keypair()[0])  # a key the daemon does not trust
-    publish(origin.root, name="default", version=3, key_path=origin.key, file=origin.v2)
+    origin.publish(3, origin.v2)
     out = await cli("update", "apply", "--socket", str(s.socket))
     assert out.exit_code == EXIT_FAILED, out.output
     text = await cli("status", "--socket", str(s.socket))

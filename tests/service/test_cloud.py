@@ -11,6 +11,8 @@ from fake_cloud import Script, fake_cloud, ok
 
 from sidecar.router.breaker import Breaker
 from sidecar.router.cloud import CloudClient, CloudConfig, CloudError, match_label
+from sidecar.router.outbound import build
+from sidecar.types import ClassifyTask, ExtractTask
 
 
 @pytest.fixture
@@ -80,16 +82,16 @@ async def test_the_breaker_opens_after_failures_and_then_refuses_without_calling
 
 async def test_classify_maps_the_answer_and_asks_once_more(cloud) -> None:  # type: ignore[no-untyped-def]
     url, script = cloud
-    labels = ["lost_or_stolen_card", "card_arrival"]
+    labels = ("lost_or_stolen_card", "card_arrival")
     script.replies = [ok("Lost or stolen card.")]
     c = client(url)
-    label, _ = await c.classify("someone took my card", labels)
+    label, _ = await c.ask_label(build(ClassifyTask("someone took my card", labels), labels))
     assert label == "lost_or_stolen_card"
     script.replies = [ok("I am not sure"), ok("card_arrival")]
-    label, _ = await c.classify("where is my card", labels)
+    label, _ = await c.ask_label(build(ClassifyTask("where is my card", labels), labels))
     assert label == "card_arrival" and len(script.received) == 3
     script.replies = [ok("banana"), ok("still banana")]
-    label, _ = await c.classify("x", labels)
+    label, _ = await c.ask_label(build(ClassifyTask("x", labels), labels))
     assert label is None  # the caller keeps the local answer and says why
     await c.close()
 
@@ -118,13 +120,14 @@ async def test_extract_falls_back_to_the_structured_output_form_the_server_takes
     script.replies = [rejected, ok('{"a": 1}'), ok('{"a": 2}')]
     breaker = Breaker(1, 60)
     c = client(url, breaker)
-    r = await c.extract("a is 1", '{"type": "object"}')
+    r = await c.ask_json(build(ExtractTask("a is 1", '{"type": "object"}')))
     assert r.text == '{"a": 1}' and breaker.state == "closed"  # a refusal is not a failure
     forms = [m["response_format"]["type"] for m in script.received]
     assert (
         forms == ["json_schema", "json_object"]
         and "schema" in script.received[1]["response_format"]
     )
-    await c.extract("a is 2", '{"type": "object"}')  # remembered: asks the working form first
+    # Remembered: asks the working form first.
+    await c.ask_json(build(ExtractTask("a is 2", '{"type": "object"}')))
     assert script.received[2]["response_format"]["type"] == "json_object"
     await c.close()

@@ -22,6 +22,8 @@ import grpc
 import pytest
 from fake_cloud import Script, fake_cloud, ok
 
+from sidecar.router.outbound import _strings
+
 CARD = "4929 7351 8862 0448"  # passes Luhn
 EMAIL = "zoe.quint@maplehollow.org"
 IBAN = "DE89 3704 0044 0532 0130 00"
@@ -41,18 +43,6 @@ def settings(url: str, redact: bool) -> dict[str, Any]:
     return {"base_url": url, "model": "m", "backoff_seconds": 0.01, "retries": 0,
             "timeout_seconds": 2.0, "redact": redact, "classify_threshold": 0.999,
             "extract_mean_logprob": 0.0, "generate_mean_logprob": 0.0}  # fmt: skip
-
-
-def _strings(v: Any) -> Iterator[str]:
-    if isinstance(v, dict):
-        for k, x in v.items():
-            yield str(k)
-            yield from _strings(x)
-    elif isinstance(v, list):
-        for x in v:
-            yield from _strings(x)
-    elif isinstance(v, str | int | float):
-        yield str(v)
 
 
 def _fold(s: str) -> str:

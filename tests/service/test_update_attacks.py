@@ -15,91 +15,27 @@ import json
 import resource
 import struct
 import time
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
 import pytest
 import zstandard
 from click.testing import CliRunner
-from tiny_gguf import write_tiny_llama
 from trickle import TrickleOrigin
+from update_origin import Origin, apply, make_origin, start
 
 from sidecar.cli import main
 from sidecar.cli_support import EXIT_STOPPED
 from sidecar.store import sha256_file
 from sidecar.update import delta as dmod
-from sidecar.update.delta import make_delta
-from sidecar.update.manifest import (
-    Manifest,
-    generate_keypair,
-    load_private_key,
-    parse_public_key,
-    publish,
-    sign,
-    verify,
-)
 from sidecar.v1 import inference_pb2 as pb
 
 pytestmark = pytest.mark.asyncio
 
 
-@dataclass
-class Origin:
-    root: Path
-    key: Path
-    public: str
-    v1: Path
-    v2: Path
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.root / "default.manifest.json"
-
-    def manifest(self) -> Manifest:
-        return verify(self.manifest_path.read_bytes(), parse_public_key(self.public),
-                      name="default", installed_version=None)  # fmt: skip
-
-    def list_delta(self, data: bytes) -> str:
-        """Put `data` in place of the v1 -> v2 delta and sign the manifest that lists it
-        (what a stolen key, or a publisher bug, can do). Returns the delta's sha256."""
-        path = self.root / "deltas" / "hostile.delta"
-        path.write_bytes(data)
-        good = self.manifest()
-        entry = replace(good.deltas[0], path="deltas/hostile.delta",
-                        sha256=sha256_file(path), size=len(data))  # fmt: skip
-        self.manifest_path.write_bytes(
-            sign(replace(good, deltas=(entry,)), load_private_key(self.key))
-        )
-        return entry.sha256
-
-
 @pytest.fixture
 def origin(tmp_path: Path, tiny_model: Path) -> Origin:
-    root = tmp_path / "origin"
-    (root / "deltas").mkdir(parents=True)
-    private, public = generate_keypair()
-    key = tmp_path / "signing.pem"
-    key.write_bytes(private)
-    v2 = write_tiny_llama(
-        tmp_path / "v2.gguf", seed=1, n_ctx=4096, chat_template="{{ messages }} v2"
-    )
-    o = Origin(root, key, public, tiny_model, v2)
-    publish(root, name="default", version=1, key_path=key, file=tiny_model)
-    info = make_delta(tiny_model, v2, root / "deltas" / "v1-v2.delta")
-    assert info.target_size == v2.stat().st_size
-    publish(root, name="default", version=2, key_path=key, file=v2)
-    return o
-
-
-async def start(serve, origin: Origin, url: str | None = None, **update: object):  # type: ignore[no-untyped-def]
-    keys = {"update_origin": url or str(origin.root), "update_key": origin.public}
-    return await serve(origin.v1, slot_kind="process", workers=1, model_keys=keys,
-                       update=update or None)  # fmt: skip
-
-
-async def apply(client) -> list[pb.UpdateProgress]:  # type: ignore[no-untyped-def]
-    return [p async for p in client.admin.ApplyUpdate(pb.UpdateRequest())]
+    return make_origin(tmp_path, tiny_model)
 
 
 async def model_status(client) -> pb.ModelStatus:  # type: ignore[no-untyped-def]
