@@ -260,14 +260,28 @@ class ModelStore:
                     os.replace(partial, final)
                     fsync_dir(self.blobs)
                     self._record(sha)
-                marker_dir.mkdir(parents=True, exist_ok=True)
-                (marker_dir / sha).touch()
-                fsync_dir(marker_dir)
-                if hold:
-                    self.hold(sha)
+                self._mark(marker_dir, sha, hold)
         finally:
             partial.unlink(missing_ok=True)
         return sha
+
+    def adopt(self, name: str, sha: str, *, hold: bool = False) -> str:
+        """Make a blob the store already has a version of `name` too, without copying it
+        (an update to a version stored under another name, or swapped away from)."""
+        marker_dir = self._model_dir(name) / "versions"
+        self.verify(sha)
+        with self._lock:
+            if not self.blob(sha).is_file():  # set aside since it was verified
+                raise ModelNotFound(f"version {sha[:SHORT]} is not in the store")
+            self._mark(marker_dir, sha, hold)
+        return sha
+
+    def _mark(self, marker_dir: Path, sha: str, hold: bool) -> None:
+        marker_dir.mkdir(parents=True, exist_ok=True)
+        (marker_dir / sha).touch()
+        fsync_dir(marker_dir)
+        if hold:
+            self.hold(sha)
 
     def hold(self, sha: str) -> None:
         """Keep `sha` from `remove` and `gc` until `release`: a swap holds the version it

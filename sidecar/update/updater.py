@@ -381,11 +381,14 @@ class Updater:
             self._stage(name, "installing")
             progress("installing", f"adding v{manifest.version} to the store", 0, 0)
             # Held until the swap has run, so a `gc` in between cannot take it.
-            sha = await asyncio.to_thread(
-                functools.partial(
-                    self.engine.store.add, file, name, expect_sha256=manifest.sha256, hold=True
+            store = self.engine.store
+            if file == store.blob(manifest.sha256):  # stored already: no copy of a big file
+                add = functools.partial(store.adopt, name, manifest.sha256, hold=True)
+            else:
+                add = functools.partial(
+                    store.add, file, name, expect_sha256=manifest.sha256, hold=True
                 )
-            )
+            sha = await asyncio.to_thread(add)
             if file.parent == self.workdir(name):  # never a store blob we started from
                 file.unlink(missing_ok=True)
         except UpdateRejected as e:

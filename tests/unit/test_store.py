@@ -156,3 +156,19 @@ def test_quarantine_keeps_the_file_and_the_reason(tmp_path: Path, models: list[P
     assert not src.exists() and dest.exists()
     assert dest.with_name(dest.name + ".reason").read_text() == "canary failed: empty output"
     _ = os  # keep import for clarity of intent
+
+
+def test_adopting_a_stored_blob_under_another_name_copies_nothing(
+    tmp_path: Path, models: list[Path]
+) -> None:
+    store = ModelStore(tmp_path / "store")
+    sha = store.add(models[0], "a")
+    inode = os.stat(store.blob(sha)).st_ino
+    assert store.adopt("b", sha, hold=True) == sha
+    assert sha in store.versions("b") and sha in store.versions("a")
+    assert os.stat(store.blob(sha)).st_ino == inode  # the same file, not a copy
+    with pytest.raises(FailedPrecondition, match="being swapped in"):
+        store.remove("b", sha, set())
+    store.release(sha)
+    with pytest.raises(ModelNotFound):
+        store.adopt("c", "f" * 64)
