@@ -88,7 +88,16 @@ class SocketClaim:
 
 
 def _check_dir(d: Path) -> bool:
-    """Refuse a directory another user controls; True if it is a shared sticky one."""
+    """Refuse a directory another user controls, or one under a directory another user
+    controls (who could swap our directory for a link to anywhere); True if `d` itself
+    is a shared sticky one."""
+    real = d.resolve()
+    for above in reversed(real.parents):
+        _check_one(above)
+    return _check_one(real)
+
+
+def _check_one(d: Path) -> bool:
     st = os.stat(d)
     me = os.geteuid()
     if st.st_uid not in (me, 0):

@@ -509,3 +509,16 @@ async def test_a_drop_folder_that_cannot_be_watched_says_why(tmp_path: Path) -> 
     await watcher.start()  # the daemon goes on serving without it
     assert watcher.health.startswith(f"stopped: cannot watch {blocker / 'drop'}")
     await watcher.close()
+
+
+def test_a_directory_under_one_another_user_controls_is_refused(short_dir: Path) -> None:
+    # Ours and private, but its parent is theirs: they could rename ours away and put a
+    # link to any directory in its place between our check and our use.
+    theirs = short_dir / "theirs"
+    theirs.mkdir(mode=0o755)
+    mine = theirs / "mine"
+    mine.mkdir(mode=0o700)
+    os.chown(theirs, NOBODY, NOBODY)
+    with pytest.raises(SocketUnsafe, match="belongs to uid 65534"):
+        SocketClaim(mine / "s.sock").acquire()
+    assert not (mine / "s.sock.lock").exists()
