@@ -32,12 +32,17 @@ class ChatMessage:
     content: str
 
 
+MAX_TOP_LOGPROBS = 20  # as OpenAI
+
+
 @dataclass(frozen=True)
 class GenerateTask:
     prompt: str
     max_tokens: int | None  # None = the server default, capped to what fits
     sampling: Sampling = Sampling()
     kind: Kind = "generate"
+    logprobs: bool = False  # return each token's log-probability
+    top_logprobs: int = 0  # and this many alternatives per token (needs logprobs)
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,8 @@ class ChatTask:
     max_tokens: int | None
     sampling: Sampling = Sampling()
     kind: Kind = "chat"
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 @dataclass(frozen=True)
@@ -134,6 +141,23 @@ class TokenConfidence:
         return TokenConfidence(sum(logprobs) / len(logprobs), min(logprobs))
 
 
+@dataclass(frozen=True)
+class TopLogprob:
+    token: str  # the token's bytes decoded alone (may hold U+FFFD for a split character)
+    bytes: bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token: its text is the slice of the reply text it produced."""
+
+    token: str
+    bytes: bytes
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()  # most likely first
+
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -146,6 +170,7 @@ class Generation:
     model: ModelRef | None = None
     timings: Timings = field(default_factory=Timings)
     route: RouteInfo = RouteInfo()
+    logprobs: tuple[TokenLogprob, ...] = ()  # when asked, and a local model answered
 
 
 @dataclass(frozen=True)
@@ -201,3 +226,4 @@ class TokenEvent:
     """A streamed piece of text (already valid UTF-8, stop sequences held back)."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens whose text this piece releases

@@ -23,6 +23,7 @@ from jsonschema.exceptions import ValidationError
 from sidecar.errors import ContextOverflow, InvalidRequest, OutOfRange, SchemaViolation
 from sidecar.schema_limits import bounded_schema, compiled
 from sidecar.types import (
+    MAX_TOP_LOGPROBS,
     ChatTask,
     ClassifyTask,
     EmbedTask,
@@ -84,11 +85,22 @@ def _sampling(s: Sampling) -> None:
         )
 
 
+def check_logprobs(logprobs: bool, top_logprobs: int) -> None:
+    """Also called by the HTTP front end, whose fields have the same names."""
+    if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest(
+            f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {top_logprobs}"
+        )
+    if top_logprobs and not logprobs:
+        raise InvalidRequest("top_logprobs needs logprobs: set logprobs to true as well")
+
+
 def _generate(task: GenerateTask, limits: Limits) -> None:
     if not task.prompt:
         raise InvalidRequest("prompt is empty: send the text to continue")
     _max_tokens(task.max_tokens, limits)
     _sampling(task.sampling)
+    check_logprobs(task.logprobs, task.top_logprobs)
 
 
 def check_message_count(n: int) -> None:
@@ -111,6 +123,7 @@ def _chat(task: ChatTask, limits: Limits) -> None:
         raise InvalidRequest("every message is empty: send some content")
     _max_tokens(task.max_tokens, limits)
     _sampling(task.sampling)
+    check_logprobs(task.logprobs, task.top_logprobs)
 
 
 def _classify(task: ClassifyTask, limits: Limits) -> None:

@@ -29,6 +29,7 @@ from sidecar.types import (
     Result,
     Task,
     TokenConfidence,
+    TokenEvent,
     Usage,
 )
 from sidecar.worker.labels import normalise
@@ -87,7 +88,7 @@ class FakeSlot(Unsupervised):
                 first_ms = first_ms or max((time.perf_counter() - started) * 1000, 1e-3)
                 self.tokens_made += 1
                 if stream:
-                    self.events.token(self, job_id, w + " ")
+                    self.events.token(self, job_id, TokenEvent(w + " "))
             gen = Generation(
                 text=" ".join(out) + " ",
                 finish_reason="length",

@@ -219,12 +219,12 @@ class ModelPool:
 
     # ------------------------------------------------------------------ Events (from slots)
 
-    def token(self, slot: Slot, job_id: int, text: str) -> None:
+    def token(self, slot: Slot, job_id: int, event: TokenEvent) -> None:
         job = self._running.get(job_id)
         if job is not None and not job.done:
             if job.first_event is None:
                 job.first_event = time.perf_counter()
-            job.events.put_nowait(TokenEvent(text))
+            job.events.put_nowait(event)
 
     def done(self, slot: Slot, job_id: int, result: Result) -> None:
         self._settle(slot, job_id, result)

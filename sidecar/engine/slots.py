@@ -25,7 +25,7 @@ import psutil
 
 from sidecar import logs
 from sidecar.errors import FailedPrecondition, SidecarError, WorkerCrashed, from_kind
-from sidecar.types import Result, Task
+from sidecar.types import Result, Task, TokenEvent
 from sidecar.worker.runner import ModelFacts, RunnerSpec
 
 START_TIMEOUT_S = 120.0
@@ -35,7 +35,7 @@ STOP_TIMEOUT_S = 5.0
 class Events(Protocol):
     """Callbacks a slot makes on the event loop thread."""
 
-    def token(self, slot: Slot, job_id: int, text: str) -> None: ...
+    def token(self, slot: Slot, job_id: int, event: TokenEvent) -> None: ...
     def done(self, slot: Slot, job_id: int, result: Result) -> None: ...
     def failed(self, slot: Slot, job_id: int, error: SidecarError) -> None: ...
     def died(self, slot: Slot, exitcode: int | None, job_id: int | None) -> None:
@@ -278,8 +278,8 @@ class ThreadSlot(Unsupervised):
         self.info.requests += 1
         self._cancel.clear()
 
-        def emit(text: str) -> None:
-            loop.call_soon_threadsafe(self.events.token, self, job_id, text)
+        def emit(event: TokenEvent) -> None:
+            loop.call_soon_threadsafe(self.events.token, self, job_id, event)
 
         def work() -> None:
             from sidecar.worker.runner import Stopped

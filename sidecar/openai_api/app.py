@@ -235,7 +235,11 @@ class OpenAIApp:
     async def chat(self, request: Request, call: Call) -> Response:
         parsed = wire.chat_request(await self._json(request))
         call.model = parsed.model
-        reply = wire.Reply(call.rid, parsed.model or self.engine.default_model)
+        reply = wire.Reply(
+            call.rid,
+            parsed.model or self.engine.default_model,
+            logprobs=isinstance(parsed.task, ChatTask) and parsed.task.logprobs,
+        )
         caller = self._caller(request)
         if isinstance(parsed.task, ExtractTask):
             result = await self.engine.run(parsed.model, parsed.task, caller, parsed.route)
@@ -255,7 +259,7 @@ class OpenAIApp:
 
         def render(event: TokenEvent | Generation) -> list[dict[str, Any]]:
             if isinstance(event, TokenEvent):
-                return [reply.chat_chunk({"content": event.text})]
+                return [reply.chat_chunk({"content": event.text}, logprobs=event.logprobs)]
             out = [reply.chat_chunk({}, event.finish_reason, event.model)]
             return out + ([reply.usage_chunk("chat", event)] if parsed.include_usage else [])
 
@@ -265,7 +269,13 @@ class OpenAIApp:
     async def completions(self, request: Request, call: Call) -> Response:
         parsed = wire.completion_request(await self._json(request))
         call.model = parsed.model
-        reply = wire.Reply(call.rid, parsed.model or self.engine.default_model)
+        task = parsed.task
+        reply = wire.Reply(
+            call.rid,
+            parsed.model or self.engine.default_model,
+            logprobs=isinstance(task, GenerateTask) and task.logprobs,
+            text_offset=len(task.prompt) if isinstance(task, GenerateTask) else 0,
+        )
         caller = self._caller(request)
         if not parsed.stream:
             result = await self.engine.run(parsed.model, parsed.task, caller, parsed.route)
@@ -278,7 +288,7 @@ class OpenAIApp:
 
         def render(event: TokenEvent | Generation) -> list[dict[str, Any]]:
             if isinstance(event, TokenEvent):
-                return [reply.completion_chunk(event.text)]
+                return [reply.completion_chunk(event.text, logprobs=event.logprobs)]
             out = [reply.completion_chunk("", event.finish_reason, event.model)]
             return out + ([reply.usage_chunk("completion", event)] if parsed.include_usage else [])
 

@@ -6,8 +6,13 @@ scheduling and every later stage. Differences from OpenAI, all deliberate:
 - `response_format` (json_schema or json_object) runs Extract's grammar-constrained decoding;
   system/developer messages become its instruction, the other turns its text.
 - Embeddings are L2-normalised, as OpenAI's are.
-- What would silently change the meaning of a request (n > 1, tools, logprobs, penalties,
-  logit_bias, echo, suffix) is refused with 400 naming the parameter, never ignored.
+- What would silently change the meaning of a request (n > 1, tools, penalties, logit_bias,
+  echo, suffix, logprobs with response_format) is refused with 400 naming the parameter,
+  never ignored.
+- Log-probabilities are those of the model's own distribution (log-softmax of its logits,
+  before temperature, penalties or a grammar); a cloud-served reply has none (empty lists).
+  The legacy completions' `text_offset` counts from the start of the prompt, as without
+  `echo` in OpenAI's and llama.cpp's servers.
 """
 
 from __future__ import annotations
@@ -38,9 +43,12 @@ from sidecar.types import (
     Sampling,
     Timings,
     TokenConfidence,
+    TokenLogprob,
     Usage,
 )
-from sidecar.validate import check_message_count
+from sidecar.validate import check_logprobs, check_message_count
+
+MAX_LEGACY_LOGPROBS = 5  # /v1/completions' `logprobs: N`, as OpenAI
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 INSTRUCTION_ROLES = ("system",)
@@ -217,8 +225,6 @@ def _stop(body: Body) -> tuple[str, ...]:
 
 def _sampling(body: Body) -> Sampling:
     body.refuse("n", 1, "one choice per request (send separate requests)")
-    body.refuse("logprobs", False, "token log-probabilities are not returned")
-    body.refuse("top_logprobs", 0, "token log-probabilities are not returned")
     body.refuse("presence_penalty", 0, "use a repeat penalty via gRPC Sampling instead")
     body.refuse("frequency_penalty", 0, "use a repeat penalty via gRPC Sampling instead")
     body.refuse("logit_bias", None, "logit bias is not supported")
@@ -228,6 +234,24 @@ def _sampling(body: Body) -> Sampling:
         seed=body.get("seed", int, 0),
         stop=_stop(body),
     )
+
+
+def _chat_logprobs(body: Body) -> tuple[bool, int]:
+    logprobs = bool(body.get("logprobs", bool, False))
+    top = body.get("top_logprobs", int, 0)
+    check_logprobs(logprobs, top)
+    return logprobs, top
+
+
+def _legacy_logprobs(body: Body) -> tuple[bool, int]:
+    """/v1/completions: `logprobs: N` asks for the tokens' log-probabilities and N alternatives."""
+    body.refuse("top_logprobs", None, "on /v1/completions pass 'logprobs': N (0-5) instead")
+    n = body.get("logprobs", int)
+    if n is None:
+        return False, 0
+    if not 0 <= n <= MAX_LEGACY_LOGPROBS:
+        raise InvalidRequest(f"'logprobs' must be between 0 and {MAX_LEGACY_LOGPROBS}, got {n}")
+    return True, n
 
 
 def _stream(body: Body) -> tuple[bool, bool]:
@@ -312,10 +336,21 @@ def chat_request(raw: object) -> Parsed:
     sampling = _sampling(body)
     stream, include_usage = _stream(body)
     schema = _response_schema(body)
+    logprobs, top = _chat_logprobs(body)
     task: ChatTask | ExtractTask
     if schema is None:
-        task = ChatTask(messages=messages, max_tokens=_max_tokens(body), sampling=sampling)
+        task = ChatTask(
+            messages=messages,
+            max_tokens=_max_tokens(body),
+            sampling=sampling,
+            logprobs=logprobs,
+            top_logprobs=top,
+        )
     else:
+        if logprobs:
+            # Extract's reply is re-serialised JSON checked against the schema, not the
+            # tokens the model produced, so their log-probabilities would not match it.
+            raise InvalidRequest("'logprobs' is not supported with 'response_format'")
         task = ExtractTask(
             text="\n\n".join(m.content for m in messages if m.role not in INSTRUCTION_ROLES),
             schema=schema,
@@ -342,7 +377,14 @@ def completion_request(raw: object) -> Parsed:
         raise InvalidRequest("'prompt' is required")
     sampling = _sampling(body)
     stream, include_usage = _stream(body)
-    task = GenerateTask(prompt=prompt, max_tokens=_max_tokens(body), sampling=sampling)
+    logprobs, top = _legacy_logprobs(body)
+    task = GenerateTask(
+        prompt=prompt,
+        max_tokens=_max_tokens(body),
+        sampling=sampling,
+        logprobs=logprobs,
+        top_logprobs=top,
+    )
     return Parsed(_model(body), task, stream, include_usage, route=_route(body))
 
 
@@ -412,6 +454,23 @@ def _extension(
     return out
 
 
+def _chat_logprobs_json(items: tuple[TokenLogprob, ...]) -> Json:
+    return {
+        "content": [
+            {
+                "token": t.token,
+                "logprob": t.logprob,
+                "bytes": list(t.bytes),
+                "top_logprobs": [
+                    {"token": a.token, "logprob": a.logprob, "bytes": list(a.bytes)} for a in t.top
+                ],
+            }
+            for t in items
+        ],
+        "refusal": None,
+    }
+
+
 def _fingerprint(ref: ModelRef | None) -> str:
     return f"{ref.name}@{ref.version}" if ref else ""
 
@@ -419,10 +478,26 @@ def _fingerprint(ref: ModelRef | None) -> str:
 class Reply:
     """The envelope every reply of one request shares (id, created, model)."""
 
-    def __init__(self, rid: str, model: str) -> None:
+    def __init__(
+        self, rid: str, model: str, *, logprobs: bool = False, text_offset: int = 0
+    ) -> None:
         self.rid = rid
         self.model = model
         self.created = int(time.time())
+        self.logprobs = logprobs  # the request asked for them
+        self._offset = text_offset  # legacy completions: where the next token's text starts
+
+    def _legacy_logprobs(self, items: tuple[TokenLogprob, ...]) -> Json:
+        offsets = []
+        for t in items:
+            offsets.append(self._offset)
+            self._offset += len(t.token)
+        return {
+            "tokens": [t.token for t in items],
+            "token_logprobs": [t.logprob for t in items],
+            "top_logprobs": [{a.token: a.logprob for a in t.top} for t in items],
+            "text_offset": offsets,
+        }
 
     def _head(self, prefix: str, obj: str, ref: ModelRef | None) -> Json:
         return {
@@ -445,7 +520,11 @@ class Reply:
                     "index": 0,
                     "message": {"role": "assistant", "content": text},
                     "finish_reason": finish,
-                    "logprobs": None,
+                    "logprobs": (
+                        _chat_logprobs_json(result.logprobs)
+                        if self.logprobs and isinstance(result, Generation)
+                        else None
+                    ),
                 }
             ],
             "usage": _usage(result.usage),
@@ -453,10 +532,16 @@ class Reply:
         }
 
     def chat_chunk(
-        self, delta: Json, finish: str | None = None, ref: ModelRef | None = None
+        self,
+        delta: Json,
+        finish: str | None = None,
+        ref: ModelRef | None = None,
+        logprobs: tuple[TokenLogprob, ...] | None = None,
     ) -> Json:
+        """`logprobs`: those of the tokens whose text `delta` carries (None: not a text chunk)."""
+        lp = _chat_logprobs_json(logprobs) if self.logprobs and logprobs is not None else None
         return self._head("chatcmpl", "chat.completion.chunk", ref) | {
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": lp}]
         }
 
     def completion(self, result: Generation) -> Json:
@@ -466,7 +551,7 @@ class Reply:
                     "index": 0,
                     "text": result.text,
                     "finish_reason": result.finish_reason,
-                    "logprobs": None,
+                    "logprobs": self._legacy_logprobs(result.logprobs) if self.logprobs else None,
                 }
             ],
             "usage": _usage(result.usage),
@@ -474,10 +559,15 @@ class Reply:
         }
 
     def completion_chunk(
-        self, text: str, finish: str | None = None, ref: ModelRef | None = None
+        self,
+        text: str,
+        finish: str | None = None,
+        ref: ModelRef | None = None,
+        logprobs: tuple[TokenLogprob, ...] | None = None,
     ) -> Json:
+        lp = self._legacy_logprobs(logprobs) if self.logprobs and logprobs is not None else None
         return self._head("cmpl", "text_completion", ref) | {
-            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": lp}]
         }
 
     def usage_chunk(self, kind: str, result: Generation | Extraction) -> Json:

@@ -25,6 +25,8 @@ from sidecar.types import (
     Routing,
     Sampling,
     TokenConfidence,
+    TokenEvent,
+    TokenLogprob,
     Usage,
 )
 from sidecar.types import Timings as DomainTimings
@@ -59,7 +61,13 @@ def sampling(s: pb.Sampling) -> Sampling:
 
 
 def generate_task(r: pb.GenerateRequest) -> GenerateTask:
-    return GenerateTask(prompt=r.prompt, max_tokens=_max_tokens(r), sampling=sampling(r.sampling))
+    return GenerateTask(
+        prompt=r.prompt,
+        max_tokens=_max_tokens(r),
+        sampling=sampling(r.sampling),
+        logprobs=r.logprobs,
+        top_logprobs=r.top_logprobs,
+    )
 
 
 def chat_task(r: pb.ChatRequest) -> ChatTask:
@@ -67,6 +75,8 @@ def chat_task(r: pb.ChatRequest) -> ChatTask:
         messages=tuple(ChatMessage(m.role, m.content) for m in r.messages),
         max_tokens=_max_tokens(r),
         sampling=sampling(r.sampling),
+        logprobs=r.logprobs,
+        top_logprobs=r.top_logprobs,
     )
 
 
@@ -120,6 +130,20 @@ def _confidence(c: TokenConfidence) -> pb.TokenConfidence:
     return pb.TokenConfidence(mean_logprob=c.mean_logprob, min_logprob=c.min_logprob)
 
 
+def _logprobs(items: tuple[TokenLogprob, ...]) -> list[pb.TokenLogprob]:
+    return [
+        pb.TokenLogprob(
+            token=t.token,
+            bytes=t.bytes,
+            logprob=t.logprob,
+            top_logprobs=[
+                pb.TopLogprob(token=a.token, bytes=a.bytes, logprob=a.logprob) for a in t.top
+            ],
+        )
+        for t in items
+    ]
+
+
 def route(r: RouteInfo) -> pb.RouteInfo:
     out = pb.RouteInfo(
         served_by=r.served_by,
@@ -142,11 +166,12 @@ def generate_reply(g: Generation) -> pb.GenerateReply:
         timings=_timings(g.timings),
         confidence=_confidence(g.confidence),
         route=route(g.route),
+        logprobs=_logprobs(g.logprobs),
     )
 
 
-def chunk(text: str) -> pb.GenerateChunk:
-    return pb.GenerateChunk(text=text)
+def chunk(event: TokenEvent) -> pb.GenerateChunk:
+    return pb.GenerateChunk(text=event.text, logprobs=_logprobs(event.logprobs))
 
 
 def final_chunk(g: Generation) -> pb.GenerateChunk:

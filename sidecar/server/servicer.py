@@ -92,7 +92,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     ) -> AsyncIterator[pb.GenerateChunk]:
         async for event in self.engine.stream(model, task, caller_of(context), route):
             if isinstance(event, TokenEvent):
-                yield convert.chunk(event.text)
+                yield convert.chunk(event)
             else:
                 yield convert.final_chunk(event)
 

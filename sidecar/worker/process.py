@@ -2,7 +2,7 @@
 
 Messages in (tuples): ("run", job_id, task, stream) | ("cancel", job_id) | ("ping", n) | ("stop",)
 Messages out:         ("ready", facts, pid) | ("fatal", kind, message)
-                      ("token", job_id, text) | ("done", job_id, result)
+                      ("token", job_id, TokenEvent) | ("done", job_id, result)
                       ("error", job_id, kind, message) | ("pong", n)
 
 The worker runs one job at a time. While decoding it polls the pipe between
@@ -18,7 +18,7 @@ import traceback
 from multiprocessing.connection import Connection
 
 from sidecar.errors import FailedPrecondition, SidecarError
-from sidecar.types import Task
+from sidecar.types import Task, TokenEvent
 from sidecar.worker import native_log
 from sidecar.worker.runner import LlamaRunner, RunnerSpec, Stopped
 
@@ -75,8 +75,8 @@ def _run(conn: Connection, runner: LlamaRunner, job_id: int, task: Task, stream:
                 state["cancelled"] = state["stop"] = True
         return state["cancelled"]
 
-    def emit(text: str) -> None:
-        conn.send(("token", job_id, text))
+    def emit(event: TokenEvent) -> None:
+        conn.send(("token", job_id, event))
 
     try:
         result = runner.run(task, emit if stream else None, should_stop)

@@ -50,15 +50,18 @@ from sidecar.types import (
     Sampling,
     Task,
     TokenConfidence,
+    TokenEvent,
+    TopLogprob,
     Usage,
 )
 from sidecar.validate import conforming_json
 from sidecar.worker import prompts
 from sidecar.worker.labels import Row, common_prefix, log_softmax, normalise, score_sequences
+from sidecar.worker.logprobs import LogprobTrail, top_k
 from sidecar.worker.specials import SpecialTokens
 from sidecar.worker.text import TextAssembler
 
-Emit = Callable[[str], None]
+Emit = Callable[[TokenEvent], None]
 
 # llama-cpp-python's converter lets raw control characters into JSON strings, which
 # strict JSON parsers reject; llama.cpp's own converter excludes them, so do the same.
@@ -145,12 +148,15 @@ class LlamaRunner:
     # ------------------------------------------------------------------ dispatch
 
     def run(self, task: Task, emit: Emit | None, should_stop: ShouldStop) -> Result:
-        if isinstance(task, GenerateTask):
-            tokens = self._tokenize(task.prompt, add_bos=True)
-            return self._generate(tokens, task.max_tokens, task.sampling, None, emit, should_stop)
-        if isinstance(task, ChatTask):
-            tokens = self._chat_tokens(task.messages)
-            return self._generate(tokens, task.max_tokens, task.sampling, None, emit, should_stop)
+        if isinstance(task, GenerateTask | ChatTask):
+            if isinstance(task, GenerateTask):
+                tokens = self._tokenize(task.prompt, add_bos=True)
+            else:
+                tokens = self._chat_tokens(task.messages)
+            top = task.top_logprobs if task.logprobs else None
+            return self._generate(
+                tokens, task.max_tokens, task.sampling, None, emit, should_stop, top=top
+            )
         if isinstance(task, ClassifyTask):
             return self._classify(task, should_stop)
         if isinstance(task, ExtractTask):
@@ -298,12 +304,15 @@ class LlamaRunner:
         emit: Emit | None,
         should_stop: ShouldStop,
         prefix: int = 0,
+        top: int | None = None,
     ) -> Generation:
+        """`top`: None = no per-token log-probabilities; k = them, with k alternatives each."""
         limit = self._check_fits(len(prompt), max_tokens)
         started = time.perf_counter()
         first_ms = 0.0
         text = TextAssembler(sampling.stop)
         logprobs: list[float] = []
+        trail = LogprobTrail() if top is not None else None
         finish = "length"
         sampler = self._sampler(sampling, grammar)
         try:
@@ -316,14 +325,22 @@ class LlamaRunner:
                 token = int(sampler.sample(llm._ctx, -1))
                 if not logprobs:
                     first_ms = (time.perf_counter() - started) * 1000
-                logprobs.append(float(self._last_logprobs()[token]))
+                # The raw model distribution: the sampler works on a copy of the logits, so
+                # this is before penalties, temperature and any grammar mask.
+                row = self._last_logprobs()
+                logprobs.append(float(row[token]))
                 if llama_cpp.llama_vocab_is_eog(self._vocab, token):
                     logprobs.pop()  # the end marker is not part of the answer
                     finish = "stop"
                     break
-                piece = text.feed(llm.detokenize([token]))
+                data = llm.detokenize([token])
+                piece = text.feed(data)
+                if trail is not None:
+                    alternatives = self._alternatives(row, top) if top else ()
+                    trail.add(data, logprobs[-1], alternatives, len(text.text))
                 if piece and emit is not None:
-                    emit(piece)
+                    released = trail.released(text.text, text.released) if trail else ()
+                    emit(TokenEvent(piece, released))
                 if text.stopped:
                     finish = "stop"
                     break
@@ -333,8 +350,9 @@ class LlamaRunner:
         finally:
             sampler.close()
         tail = text.finish()
-        if tail and emit is not None:
-            emit(tail)
+        rest = trail.rest(text.text) if trail is not None else ()
+        if (tail or rest) and emit is not None:
+            emit(TokenEvent(tail, rest))
         result = Generation(
             text=text.text,
             finish_reason="stop" if finish == "stop" else "length",
@@ -342,9 +360,17 @@ class LlamaRunner:
                 len(prompt), len(logprobs) + (1 if finish == "stop" and not text.stopped else 0)
             ),
             confidence=TokenConfidence.of(logprobs),
+            logprobs=trail.all(text.text) if trail is not None else (),
         )
         result.timings.first_token_ms = first_ms
         return result
+
+    def _alternatives(self, row: Row, k: int) -> tuple[TopLogprob, ...]:
+        out = []
+        for token, logprob in top_k(row, k):
+            data = self.llm.detokenize([token])
+            out.append(TopLogprob(data.decode("utf-8", errors="replace"), data, logprob))
+        return tuple(out)
 
     # ------------------------------------------------------------------ classify
 

@@ -24,6 +24,11 @@ class TextAssembler:
     def text(self) -> str:
         return self._text
 
+    @property
+    def released(self) -> int:
+        """How much of `text` has been handed out (and can no longer change)."""
+        return self._released
+
     def feed(self, data: bytes) -> str:
         """Add a token's bytes; return the newly releasable text."""
         if self.stopped:

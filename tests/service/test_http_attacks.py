@@ -24,7 +24,7 @@ from sidecar.engine.fake import FakeSlot
 from sidecar.errors import InternalError
 from sidecar.openai_api import listener
 from sidecar.server.interceptor import told
-from sidecar.types import GenerateTask
+from sidecar.types import GenerateTask, TokenEvent
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.validate import MAX_CHAT_MESSAGES
 from sidecar.worker.runner import LlamaRunner
@@ -198,7 +198,7 @@ def broken_runner(monkeypatch: pytest.MonkeyPatch) -> str:
 
     def run(self: LlamaRunner, task: Any, emit: Any, should_stop: Any) -> Any:
         if emit is not None:
-            emit("first")
+            emit(TokenEvent("first"))
         raise RuntimeError(secret)
 
     monkeypatch.setattr(LlamaRunner, "run", run)

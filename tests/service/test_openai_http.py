@@ -178,7 +178,7 @@ async def test_response_format_json_schema_runs_constrained_extract(api) -> None
     [
         ({"n": 2}, "'n' is not supported"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool calling"),
-        ({"logprobs": True}, "'logprobs' is not supported"),
+        ({"logprobs": True, "top_logprobs": 21}, "between 0 and 20"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"temperature": 9}, "temperature"),
         ({"max_tokens": -1}, "max_tokens must be at least 1"),  # 0 = the default
