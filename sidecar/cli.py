@@ -230,12 +230,8 @@ def status(
         f"sidecar {reply.version} pid {reply.pid} up {reply.uptime_s:.0f}s on {reply.socket} "
         f"({health}); {reply.memory_available_bytes // mib} MiB memory available"
     )
-    if reply.last_reload:
-        click.echo(f"  last reload: {reply.last_reload}")
-    if reply.shedding:
-        click.echo(f"  SHEDDING LOAD: {reply.shedding}")
-    if reply.drop_watcher:
-        click.echo(f"  drop folder: {reply.drop_watcher}")
+    _lines("  ", ("last reload", reply.last_reload), ("SHEDDING LOAD", reply.shedding),
+           ("drop folder", reply.drop_watcher))  # fmt: skip
     for m in reply.models:
         mark = " (default)" if m.is_default else ""
         state = "ready" if m.ready else f"NOT READY: {m.detail}"
@@ -245,12 +241,8 @@ def status(
         )
         if m.last_error:
             click.echo(f"    last error: {m.last_error} (restart backoff {m.backoff_s:.1f}s)")
-        if m.last_swap:
-            click.echo(f"    last swap: {m.last_swap}")
-        if m.update_fetch:
-            click.echo(f"    update in progress: {m.update_fetch}")
-        if m.last_update:
-            click.echo(f"    last update: {m.last_update}")
+        _lines("    ", ("last swap", m.last_swap), ("update in progress", m.update_fetch),
+               ("last update", m.last_update))  # fmt: skip
         for w in m.workers:
             click.echo(
                 f"    worker pid {w.pid}: {w.state}, {w.requests} requests, "
@@ -399,6 +391,13 @@ main.add_command(service)
 main.add_command(swap)
 main.add_command(models)
 main.add_command(update)
+
+
+def _lines(indent: str, *fields: tuple[str, str]) -> None:
+    """`label: value` for each field that has a value (status shows only what is set)."""
+    for label, value in fields:
+        if value:
+            click.echo(f"{indent}{label}: {value}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -111,3 +111,14 @@ async def serve(short_dir: Path) -> AsyncIterator[ServeFactory]:
             await daemon.shutdown(
                 s.running, replace(s.config, server=replace(s.config.server, grace_seconds=0))
             )
+
+
+@pytest.fixture
+async def api(serve, tiny_model: Path, short_dir: Path):  # type: ignore[no-untyped-def]
+    """A daemon on tiny llama.cpp with the HTTP API on a Unix socket, and an SDK client."""
+    from openai_client import unix_client
+
+    served = await serve(tiny_model, slot_kind="thread", http={"socket": str(short_dir / "h.sock")})
+    client = unix_client(short_dir / "h.sock")
+    yield served, client
+    await client.close()

@@ -7,6 +7,9 @@ that key and fetches from the folder (or from `url`, e.g. a TrickleOrigin over i
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -96,3 +99,14 @@ async def start(serve, origin: Origin, url: str | None = None, **update: object)
 async def apply(client) -> list[pb.UpdateProgress]:  # type: ignore[no-untyped-def]
     """Every progress message of one ApplyUpdate, the outcome last."""
     return [p async for p in client.admin.ApplyUpdate(pb.UpdateRequest())]
+
+
+async def wait_for(what: Callable[[], Awaitable[Any]], timeout: float = 30) -> Any:
+    """Poll `what` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = await what()
+        if got:
+            return got
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not within {timeout}s")

@@ -14,8 +14,7 @@ loop keeps running):
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import pytest
 from click.testing import CliRunner, Result
 from tiny_gguf import write_tiny_llama
 from trickle import TrickleOrigin
-from update_origin import Origin, make_origin, start
+from update_origin import Origin, make_origin, start, wait_for
 
 import sidecar.client
 import sidecar.engine.engine
@@ -44,16 +43,6 @@ def second_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 async def cli(*args: str) -> Result:
     return await asyncio.to_thread(CliRunner().invoke, main, list(args))
-
-
-async def wait_for(what: Callable[[], Any], timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = await what()
-        if got:
-            return got
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"not within {timeout}s")
 
 
 @pytest.fixture

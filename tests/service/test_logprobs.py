@@ -8,7 +8,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from test_openai_http import unix_client  # type: ignore[import-not-found]
 
 from sidecar.v1 import inference_pb2 as pb
 
@@ -106,14 +105,6 @@ async def test_bad_logprob_requests_are_invalid_argument(served, logprobs, top, 
 
 
 # ---------------------------------------------------------------- the openai SDK
-
-
-@pytest.fixture
-async def api(serve, tiny_model: Path, short_dir: Path):  # type: ignore[no-untyped-def]
-    served = await serve(tiny_model, slot_kind="thread", http={"socket": str(short_dir / "h.sock")})
-    client = unix_client(short_dir / "h.sock")
-    yield served, client
-    await client.close()
 
 
 async def test_sdk_parses_chat_logprobs_unary_and_streamed(api) -> None:  # type: ignore[no-untyped-def]

@@ -17,6 +17,7 @@ import httpx2 as httpx
 import numpy as np
 import openai
 import pytest
+from openai_client import unix_client  # type: ignore[import-not-found]
 
 from sidecar.engine.fake import FakeSlot
 
@@ -29,26 +30,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def unix_client(path: Path, **kw: Any) -> openai.AsyncOpenAI:
-    transport = httpx.AsyncHTTPTransport(uds=str(path))
-    return openai.AsyncOpenAI(
-        api_key=kw.pop("api_key", "unused"),
-        base_url="http://sidecar/v1",
-        http_client=httpx.AsyncClient(transport=transport),
-        max_retries=0,
-        **kw,
-    )
-
-
-@pytest.fixture
-async def api(serve, tiny_model: Path, short_dir: Path):  # type: ignore[no-untyped-def]
-    """A daemon on tiny llama.cpp with the HTTP API on a Unix socket, and an SDK client."""
-    served = await serve(tiny_model, slot_kind="thread", http={"socket": str(short_dir / "h.sock")})
-    client = unix_client(short_dir / "h.sock")
-    yield served, client
-    await client.close()
 
 
 async def test_chat_completion_matches_grpc_chat_byte_for_byte(api) -> None:  # type: ignore[no-untyped-def]

@@ -221,7 +221,7 @@ def test_the_oracle_sees_obfuscated_forms() -> None:
 
 async def test_the_http_api_passes_the_same_gate(serve, tiny_model, cloud, short_dir) -> None:  # type: ignore[no-untyped-def]
     import openai
-    from test_openai_http import unix_client  # type: ignore[import-not-found]
+    from openai_client import unix_client  # type: ignore[import-not-found]
 
     url, script = cloud
     script.default = ok('{"to": "nobody"}')

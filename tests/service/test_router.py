@@ -401,7 +401,7 @@ async def test_the_http_api_routes_too_and_says_who_answered(
     serve, tiny_model, cloud, short_dir
 ) -> None:  # type: ignore[no-untyped-def]
     import openai
-    from test_openai_http import unix_client  # type: ignore[import-not-found]
+    from openai_client import unix_client  # type: ignore[import-not-found]
 
     url, script = cloud
     script.default = ok("from the cloud")

@@ -22,7 +22,7 @@ import pytest
 import zstandard
 from click.testing import CliRunner
 from trickle import TrickleOrigin
-from update_origin import Origin, apply, make_origin, start
+from update_origin import Origin, apply, make_origin, start, wait_for
 
 from sidecar.cli import main
 from sidecar.cli_support import EXIT_STOPPED
@@ -40,16 +40,6 @@ def origin(tmp_path: Path, tiny_model: Path) -> Origin:
 
 async def model_status(client) -> pb.ModelStatus:  # type: ignore[no-untyped-def]
     return (await client.status()).models[0]
-
-
-async def wait_for(what, timeout: float = 10):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = await what()
-        if got:
-            return got
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"not within {timeout}s")
 
 
 # ---------------------------------------------------------------- a trickling origin
