@@ -17,9 +17,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from sidecar.domain.types import ClassifyTask
 from sidecar.router.outbound import Gate, build
 from sidecar.router.privacy import Scanner
-from sidecar.types import ClassifyTask
 
 WORDS = (  # noqa: SIM905
     "the customer says their card has not arrived yet and they would like to know when "

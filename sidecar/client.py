@@ -14,7 +14,7 @@ socket path. Over `tcp=` with no `token`, server.tcp_token comes from the same p
 
 Replies are the typed protobuf messages of `sidecar.v1`. Failures raise
 `grpc.RpcError` with the daemon's status code and message; a config file that cannot be
-read raises `sidecar.errors.ConfigError` naming the key.
+read raises `sidecar.domain.errors.ConfigError` naming the key.
 """
 
 from __future__ import annotations

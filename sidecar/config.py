@@ -43,8 +43,8 @@ from typing import Any
 
 import platformdirs
 
-from sidecar.errors import ConfigError
-from sidecar.names import name_problem, shown
+from sidecar.domain.errors import ConfigError
+from sidecar.domain.names import name_problem, shown
 from sidecar.router.privacy import Scanner  # the detectors own what a valid pattern is
 
 if sys.version_info >= (3, 11):

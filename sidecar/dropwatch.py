@@ -26,9 +26,9 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from sidecar.engine.engine import PoolEngine
-from sidecar.errors import SidecarError
-from sidecar.names import name_problem
+from sidecar.domain.errors import SidecarError
+from sidecar.domain.names import name_problem
+from sidecar.engine.local import PoolEngine
 
 log = logging.getLogger("sidecar.drop")
 

@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from sidecar.errors import InvalidRequest
+from sidecar.domain.errors import InvalidRequest
 
 MAGIC = b"GGUF"
 MAX_STRING = 16 * 1024 * 1024  # a chat template is kilobytes; this bounds a corrupt length

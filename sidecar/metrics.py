@@ -22,8 +22,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import Collector
 
-from sidecar.engine.engine import PoolEngine
-from sidecar.types import Generation, Result
+from sidecar.domain.types import Generation, Result
+from sidecar.engine.local import PoolEngine
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 RATE_BUCKETS = (5, 10, 20, 30, 40, 60, 80, 100, 150, 200, 400)

@@ -27,7 +27,7 @@ from typing import Any
 
 import re2
 
-from sidecar.errors import InvalidRequest
+from sidecar.domain.errors import InvalidRequest
 
 # Each count the converter unrolls becomes that many nested optional groups. llama.cpp
 # refuses more than 1000 ("exceeds sane defaults") and overflows the worker's 8 MiB stack

@@ -19,7 +19,7 @@ re-verified before a stored version is loaded again (`verify`): a stat compared 
 one recorded when it was last hashed, and a full sha256 when they differ.
 
 Names come from callers, so every path is built by `_model_dir`, which checks the name
-(sidecar.names) and refuses anything that would resolve outside `<root>/models`.
+(sidecar.domain.names) and refuses anything that would resolve outside `<root>/models`.
 
 What may be deleted: `remove` and `gc` never touch a version that a live worker maps (the
 caller passes those, read from the workers' real mappings), that is being swapped in
@@ -45,10 +45,10 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidecar.errors import FailedPrecondition, InvalidRequest, ModelNotFound
+from sidecar.domain.errors import FailedPrecondition, InvalidRequest, ModelNotFound
+from sidecar.domain.names import check_name, name_problem, shown
 from sidecar.gguf_check import GGUFError
 from sidecar.gguf_check import check as check_gguf
-from sidecar.names import check_name, name_problem, shown
 
 CHUNK = 1 << 20
 SHORT = 12  # the version prefix replies show

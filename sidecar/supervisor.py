@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 import psutil
 
 from sidecar.config import ServerConfig
-from sidecar.engine.engine import PoolEngine
+from sidecar.engine.local import PoolEngine
 
 log = logging.getLogger("sidecar.supervisor")
 

@@ -20,9 +20,8 @@ import jsonschema
 import referencing.exceptions
 from jsonschema.exceptions import ValidationError
 
-from sidecar.errors import ContextOverflow, InvalidRequest, OutOfRange, SchemaViolation
-from sidecar.schema_limits import bounded_schema, compiled
-from sidecar.types import (
+from sidecar.domain.errors import ContextOverflow, InvalidRequest, OutOfRange, SchemaViolation
+from sidecar.domain.types import (
     MAX_TOP_LOGPROBS,
     ChatTask,
     ClassifyTask,
@@ -32,6 +31,7 @@ from sidecar.types import (
     Sampling,
     Task,
 )
+from sidecar.schema_limits import bounded_schema, compiled
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP_SEQUENCES = 8

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from typing import Generic, TypeVar
 
-from sidecar.errors import Overloaded
+from sidecar.domain.errors import Overloaded
 
 T = TypeVar("T")
 

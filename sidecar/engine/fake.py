@@ -13,9 +13,8 @@ import json
 import time
 from typing import Any
 
-from sidecar.engine.slots import Events, SlotInfo, Unsupervised
-from sidecar.errors import Cancelled
-from sidecar.types import (
+from sidecar.domain.errors import Cancelled
+from sidecar.domain.types import (
     ChatTask,
     Classification,
     ClassifyTask,
@@ -32,6 +31,7 @@ from sidecar.types import (
     TokenEvent,
     Usage,
 )
+from sidecar.engine.slots import Events, SlotInfo, Unsupervised
 from sidecar.worker.labels import normalise
 from sidecar.worker.runner import ModelFacts, RunnerSpec
 

@@ -27,8 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from sidecar.errors import KilledWorker
-from sidecar.types import ModelRef, Task
+from sidecar.domain.errors import KilledWorker
+from sidecar.domain.types import ModelRef, Task
 
 TTL_S = 600.0
 MAX_REMEMBERED = 1024  # fingerprints (and principals) kept; the oldest go first

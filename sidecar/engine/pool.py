@@ -23,10 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.config import ModelConfig
-from sidecar.engine.fair_queue import FairQueue
-from sidecar.engine.poison import Poison, crashed, how
-from sidecar.engine.slots import Slot, SlotFactory, SlotInfo
-from sidecar.errors import (
+from sidecar.domain.errors import (
     FailedPrecondition,
     KilledWorker,
     Overloaded,
@@ -34,7 +31,10 @@ from sidecar.errors import (
     Unavailable,
     WorkerCrashed,
 )
-from sidecar.types import GenerateTask, ModelRef, Result, Task, TokenEvent
+from sidecar.domain.types import GenerateTask, ModelRef, Result, Task, TokenEvent
+from sidecar.engine.fair_queue import FairQueue
+from sidecar.engine.poison import Poison, crashed, how
+from sidecar.engine.slots import Slot, SlotFactory, SlotInfo
 from sidecar.worker.runner import ModelFacts, RunnerSpec
 
 log = logging.getLogger("sidecar.pool")

@@ -24,8 +24,8 @@ from typing import Any, Protocol
 import psutil
 
 from sidecar import logs
-from sidecar.errors import FailedPrecondition, SidecarError, WorkerCrashed, from_kind
-from sidecar.types import Result, Task, TokenEvent
+from sidecar.domain.errors import FailedPrecondition, SidecarError, WorkerCrashed, from_kind
+from sidecar.domain.types import Result, Task, TokenEvent
 from sidecar.worker.runner import ModelFacts, RunnerSpec
 
 START_TIMEOUT_S = 120.0

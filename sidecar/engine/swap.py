@@ -26,11 +26,11 @@ from pathlib import Path
 import psutil
 
 from sidecar.config import ModelConfig
+from sidecar.domain.errors import FailedPrecondition, SidecarError
+from sidecar.domain.types import GenerateTask, Generation, ModelRef
 from sidecar.engine.pool import ModelPool
 from sidecar.engine.slots import Slot
-from sidecar.errors import FailedPrecondition, SidecarError
 from sidecar.gguf_check import GGUFInfo, check
-from sidecar.types import GenerateTask, Generation, ModelRef
 from sidecar.worker.runner import RunnerSpec
 
 STRATEGIES = ("side_by_side", "replace")

@@ -7,7 +7,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidecar.errors import FailedPrecondition, InvalidRequest
+from sidecar.domain.errors import FailedPrecondition, InvalidRequest
 
 
 @dataclass(frozen=True)

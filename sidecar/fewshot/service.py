@@ -38,12 +38,22 @@ import numpy as np
 import numpy.typing as npt
 
 from sidecar.config import TaskConfig
-from sidecar.errors import (
+from sidecar.domain.errors import (
     FailedPrecondition,
     InvalidRequest,
     Overloaded,
     SidecarError,
     Unavailable,
+)
+from sidecar.domain.types import (
+    Classification,
+    ClassifyTask,
+    Embeddings,
+    EmbedTask,
+    LabelScore,
+    Result,
+    Task,
+    Usage,
 )
 from sidecar.fewshot import fit as fitting
 from sidecar.fewshot.classifier import (
@@ -56,16 +66,6 @@ from sidecar.fewshot.classifier import (
 )
 from sidecar.fewshot.examples import ExampleSet, check, load_csv
 from sidecar.fewshot.pacing import Pacer, size, take
-from sidecar.types import (
-    Classification,
-    ClassifyTask,
-    Embeddings,
-    EmbedTask,
-    LabelScore,
-    Result,
-    Task,
-    Usage,
-)
 
 log = logging.getLogger("sidecar.fewshot")
 

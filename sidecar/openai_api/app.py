@@ -26,7 +26,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from sidecar.errors import (
+from sidecar.domain.errors import (
     Cancelled,
     InternalError,
     InvalidRequest,
@@ -34,12 +34,8 @@ from sidecar.errors import (
     SidecarError,
     Unauthenticated,
 )
-from sidecar.names import shown
-from sidecar.openai_api import wire
-from sidecar.router.engine import RouterEngine
-from sidecar.server.accounting import RequestLog
-from sidecar.server.interceptor import status_for, told
-from sidecar.types import (
+from sidecar.domain.names import shown
+from sidecar.domain.types import (
     ChatTask,
     Embeddings,
     Extraction,
@@ -48,6 +44,10 @@ from sidecar.types import (
     Generation,
     TokenEvent,
 )
+from sidecar.openai_api import wire
+from sidecar.router.engine import RouterEngine
+from sidecar.server.accounting import RequestLog
+from sidecar.server.interceptor import status_for, told
 
 log = logging.getLogger("sidecar.http")
 

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from sidecar.errors import InvalidRequest
-from sidecar.types import (
+from sidecar.domain.errors import InvalidRequest
+from sidecar.domain.types import (
     ChatMessage,
     ChatTask,
     Embeddings,

@@ -25,9 +25,7 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import replace
 
 from sidecar.config import Config
-from sidecar.engine.engine import PoolEngine
-from sidecar.engine.pool import PoolStatus
-from sidecar.errors import (
+from sidecar.domain.errors import (
     ContextOverflow,
     DeadlineExceeded,
     FailedPrecondition,
@@ -37,16 +35,7 @@ from sidecar.errors import (
     SidecarError,
     Unavailable,
 )
-from sidecar.fewshot.examples import ExampleSet
-from sidecar.fewshot.examples import check as check_examples
-from sidecar.fewshot.service import MAX_REQUEST_EXAMPLES, FewShot
-from sidecar.router.breaker import Breaker
-from sidecar.router.budget import Budget, Prices
-from sidecar.router.cloud import CloudClient, CloudConfig, CloudError, CloudReply, Meter
-from sidecar.router.outbound import Gate, Outbound, SensitiveData, build, estimate
-from sidecar.router.policy import Decision, FailKind, LocalOutcome, Situation, decide
-from sidecar.router.privacy import Scanner
-from sidecar.types import (
+from sidecar.domain.types import (
     ChatTask,
     Classification,
     ClassifyTask,
@@ -66,6 +55,17 @@ from sidecar.types import (
     TokenEvent,
     Usage,
 )
+from sidecar.engine.local import PoolEngine
+from sidecar.engine.pool import PoolStatus
+from sidecar.fewshot.examples import ExampleSet
+from sidecar.fewshot.examples import check as check_examples
+from sidecar.fewshot.service import MAX_REQUEST_EXAMPLES, FewShot
+from sidecar.router.breaker import Breaker
+from sidecar.router.budget import Budget, Prices
+from sidecar.router.cloud import CloudClient, CloudConfig, CloudError, CloudReply, Meter
+from sidecar.router.outbound import Gate, Outbound, SensitiveData, build, estimate
+from sidecar.router.policy import Decision, FailKind, LocalOutcome, Situation, decide
+from sidecar.router.privacy import Scanner
 from sidecar.validate import MAX_LABEL_CHARS, checked_schema, conforming_json_async
 
 log = logging.getLogger("sidecar.router")

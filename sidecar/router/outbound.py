@@ -21,8 +21,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from sidecar.domain.types import (
+    ChatMessage,
+    ChatTask,
+    ClassifyTask,
+    ExtractTask,
+    GenerateTask,
+    Task,
+)
 from sidecar.router.privacy import Scanner
-from sidecar.types import ChatMessage, ChatTask, ClassifyTask, ExtractTask, GenerateTask, Task
 
 RETRY_LABEL = "Answer with exactly one label from the list, nothing else."
 CLASSIFY_MAX_TOKENS = 32

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 from sidecar import __version__
-from sidecar.engine.pool import PoolStatus
-from sidecar.engine.swap import SwapResult
-from sidecar.errors import InvalidRequest
-from sidecar.router.engine import RouterEngine
-from sidecar.store import VersionInfo
-from sidecar.types import (
+from sidecar.domain.errors import InvalidRequest
+from sidecar.domain.types import (
     ChatMessage,
     ChatTask,
     Classification,
@@ -29,7 +25,11 @@ from sidecar.types import (
     TokenLogprob,
     Usage,
 )
-from sidecar.types import Timings as DomainTimings
+from sidecar.domain.types import Timings as DomainTimings
+from sidecar.engine.pool import PoolStatus
+from sidecar.engine.swap import SwapResult
+from sidecar.router.engine import RouterEngine
+from sidecar.store import VersionInfo
 from sidecar.update.updater import Check, Outcome
 from sidecar.v1 import inference_pb2 as pb
 

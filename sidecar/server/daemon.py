@@ -24,9 +24,9 @@ from grpc_reflection.v1alpha import reflection
 
 from sidecar import reload
 from sidecar.config import Config
+from sidecar.domain.errors import ConfigError
 from sidecar.dropwatch import DropWatcher
-from sidecar.engine.engine import PoolEngine
-from sidecar.errors import ConfigError
+from sidecar.engine.local import PoolEngine
 from sidecar.logs import configure as configure_logs
 from sidecar.metrics import Metrics, MetricsServer
 from sidecar.notify import Notifier

@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 from grpc import StatusCode
 
-from sidecar import errors
+from sidecar.domain import errors
 from sidecar.server.accounting import RequestLog, open_work
 
 log = logging.getLogger("sidecar.request")

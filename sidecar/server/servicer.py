@@ -14,15 +14,9 @@ from typing import Any, TypeVar
 
 import psutil
 
-from sidecar.errors import InternalError
-from sidecar.metrics import Metrics
-from sidecar.names import check_name
-from sidecar.router.engine import RouterEngine
-from sidecar.server import convert
-from sidecar.server.accounting import outlives_call
-from sidecar.server.caller import caller_of
-from sidecar.supervisor import Supervisor
-from sidecar.types import (
+from sidecar.domain.errors import InternalError
+from sidecar.domain.names import check_name
+from sidecar.domain.types import (
     Classification,
     Embeddings,
     Extraction,
@@ -31,6 +25,12 @@ from sidecar.types import (
     StreamableTask,
     TokenEvent,
 )
+from sidecar.metrics import Metrics
+from sidecar.router.engine import RouterEngine
+from sidecar.server import convert
+from sidecar.server.accounting import outlives_call
+from sidecar.server.caller import caller_of
+from sidecar.supervisor import Supervisor
 from sidecar.update.updater import Updater
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import inference_pb2_grpc as pb_grpc

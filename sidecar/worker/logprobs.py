@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sidecar.types import TokenLogprob, TopLogprob
+from sidecar.domain.types import TokenLogprob, TopLogprob
 from sidecar.worker.labels import Row
 
 

@@ -17,8 +17,8 @@ import signal
 import traceback
 from multiprocessing.connection import Connection
 
-from sidecar.errors import FailedPrecondition, SidecarError
-from sidecar.types import Task, TokenEvent
+from sidecar.domain.errors import FailedPrecondition, SidecarError
+from sidecar.domain.types import Task, TokenEvent
 from sidecar.worker import native_log
 from sidecar.worker.runner import LlamaRunner, RunnerSpec, Stopped
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sidecar.types import ChatMessage
+from sidecar.domain.types import ChatMessage
 
 CLASSIFY_SYSTEM = (
     "You are a text classifier. Read the user's message and answer with exactly one "

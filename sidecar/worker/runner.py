@@ -25,7 +25,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from sidecar import logs
-from sidecar.errors import (
+from sidecar.domain.errors import (
     ContextOverflow,
     FailedPrecondition,
     InternalError,
@@ -33,8 +33,7 @@ from sidecar.errors import (
     OutOfRange,
     SchemaViolation,
 )
-from sidecar.schema_limits import MAX_GRAMMAR_BYTES, bounded_schema, converter_refusal
-from sidecar.types import (
+from sidecar.domain.types import (
     ChatMessage,
     ChatTask,
     Classification,
@@ -54,6 +53,7 @@ from sidecar.types import (
     TopLogprob,
     Usage,
 )
+from sidecar.schema_limits import MAX_GRAMMAR_BYTES, bounded_schema, converter_refusal
 from sidecar.validate import conforming_json
 from sidecar.worker import prompts
 from sidecar.worker.labels import Row, common_prefix, log_softmax, normalise, score_sequences

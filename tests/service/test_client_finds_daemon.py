@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from sidecar import config as cfgmod
-from sidecar.cli import main
+from sidecar.cli.commands import main
 from sidecar.client import AsyncClient, Client
 
 

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from fake_cloud import Script, fake_cloud, ok
 
+from sidecar.domain.types import ClassifyTask, ExtractTask
 from sidecar.router.breaker import Breaker
 from sidecar.router.cloud import CloudClient, CloudConfig, CloudError, match_label
 from sidecar.router.outbound import build
-from sidecar.types import ClassifyTask, ExtractTask
 
 
 @pytest.fixture

@@ -171,7 +171,7 @@ async def test_the_drop_watcher_survives_bad_files_and_reports_its_health(
 ) -> None:
     from conftest import make_config
 
-    from sidecar.cli import main
+    from sidecar.cli.commands import main
     from sidecar.server import daemon
 
     drop = short_dir / "drop"

@@ -106,7 +106,7 @@ async def test_a_draining_worker_keeps_its_version_until_it_has_finished(
 async def test_gc_bounds_the_quarantine_and_gc_quarantine_empties_it(
     serve, tiny_model: Path, short_dir: Path
 ) -> None:
-    from sidecar.cli import main
+    from sidecar.cli.commands import main
 
     s = await serve(tiny_model)
     q = s.running.engine.store.quarantine_dir

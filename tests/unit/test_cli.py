@@ -4,8 +4,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from sidecar.cli import main
-from sidecar.cli_support import EXIT_CONFIG, EXIT_NO_DAEMON
+from sidecar.cli.commands import main
+from sidecar.cli.support import EXIT_CONFIG, EXIT_NO_DAEMON
 
 
 def test_config_keys_lists_every_key() -> None:
@@ -73,7 +73,7 @@ def test_client_command_without_daemon_exits_3(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_in_any_command_exits_130_not_aborted(monkeypatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    import sidecar.cli as cli
+    import sidecar.cli.commands as cli
 
     def interrupted(*_a: object, **_k: object) -> None:
         raise KeyboardInterrupt

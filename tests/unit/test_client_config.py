@@ -10,12 +10,12 @@ import pytest
 from click.testing import CliRunner
 
 from sidecar import config as cfgmod
-from sidecar import service as svc
-from sidecar.cli import main
-from sidecar.cli_support import EXIT_CONFIG, EXIT_NO_DAEMON
+from sidecar import service_units as svc
+from sidecar.cli.commands import main
+from sidecar.cli.support import EXIT_CONFIG, EXIT_NO_DAEMON
 from sidecar.client import AsyncClient, Client
 from sidecar.config import Overrides, load, load_client
-from sidecar.errors import ConfigError
+from sidecar.domain.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGED_CONFIG = REPO / "packaging" / "deb" / "config.toml"

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.config import Overrides, documented_keys, load
-from sidecar.errors import ConfigError
+from sidecar.domain.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 

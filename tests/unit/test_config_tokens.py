@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.config import Overrides, load
-from sidecar.errors import ConfigError
+from sidecar.domain.errors import ConfigError
 
 
 def write(tmp_path: Path, text: str) -> Path:

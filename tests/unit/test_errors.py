@@ -3,7 +3,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from sidecar import errors
+from sidecar.domain import errors
 from sidecar.server.interceptor import STATUS, status_for
 
 

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
+from sidecar.domain.errors import Overloaded
 from sidecar.engine.fair_queue import FairQueue
-from sidecar.errors import Overloaded
 
 
 def drain(q: FairQueue[str]) -> list[str]:

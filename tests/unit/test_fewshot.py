@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sidecar.errors import FailedPrecondition, InvalidRequest
+from sidecar.domain.errors import FailedPrecondition, InvalidRequest
 from sidecar.fewshot.classifier import ExampleClassifier, expected_calibration_error, fit_weights
 from sidecar.fewshot.examples import ExampleSet, check, load_csv
 from sidecar.fewshot.fit import fit

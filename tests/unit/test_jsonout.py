@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from sidecar.cli_support import dump
+from sidecar.cli.support import dump
 from sidecar.jsonout import to_dict
 from sidecar.v1 import inference_pb2 as pb
 

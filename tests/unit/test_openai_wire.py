@@ -9,9 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sidecar.errors import InvalidRequest
-from sidecar.openai_api import wire
-from sidecar.types import (
+from sidecar.domain.errors import InvalidRequest
+from sidecar.domain.types import (
     ChatMessage,
     ChatTask,
     Embeddings,
@@ -23,6 +22,7 @@ from sidecar.types import (
     TokenConfidence,
     Usage,
 )
+from sidecar.openai_api import wire
 
 USER = [{"role": "user", "content": "hi"}]
 

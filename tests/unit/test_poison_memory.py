@@ -6,11 +6,18 @@ import signal
 
 import pytest
 
+from sidecar.domain.errors import InvalidRequest, KilledWorker
+from sidecar.domain.types import (
+    ChatMessage,
+    ChatTask,
+    EmbedTask,
+    ExtractTask,
+    GenerateTask,
+    ModelRef,
+)
 from sidecar.engine import poison
 from sidecar.engine.poison import Poison, crashed, fingerprint, principal
-from sidecar.errors import InvalidRequest, KilledWorker
 from sidecar.router.engine import failure_kind
-from sidecar.types import ChatMessage, ChatTask, EmbedTask, ExtractTask, GenerateTask, ModelRef
 
 MODEL = ModelRef("demo", "abc123")
 

@@ -114,7 +114,7 @@ def test_each_escalation_has_a_fixed_code_for_metrics(outcome: LocalOutcome, cod
 
 
 def test_local_errors_map_to_escalation_triggers_by_class() -> None:
-    from sidecar import errors
+    from sidecar.domain import errors
     from sidecar.router.engine import failure_kind
 
     cases = {

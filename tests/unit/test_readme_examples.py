@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 from click.testing import CliRunner
 
-from sidecar.cli import _banner, main
+from sidecar.cli.commands import _banner, main
 from sidecar.config import Overrides, load
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,7 +60,7 @@ def test_openai_unix_socket_example_sends_the_token() -> None:
 
 
 def test_update_apply_example_is_what_apply_prints() -> None:
-    from sidecar.update_cli import _summary
+    from sidecar.cli.update import _summary
     from sidecar.v1 import inference_pb2 as pb
 
     plan = "delta v1 -> v2 (508 of 98362464 bytes)"

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from sidecar.errors import InvalidRequest
+from sidecar.domain.errors import InvalidRequest
+from sidecar.domain.types import ExtractTask
 from sidecar.schema_limits import UNENFORCEABLE, converter_refusal
-from sidecar.types import ExtractTask
 from sidecar.validate import Limits, check
 from sidecar.worker.runner import _grammar
 

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from sidecar import schema_limits, validate
-from sidecar.errors import InvalidRequest, SchemaViolation
-from sidecar.types import ExtractTask
+from sidecar.domain.errors import InvalidRequest, SchemaViolation
+from sidecar.domain.types import ExtractTask
 from sidecar.validate import Limits, check, conforming_json, conforming_json_async
 
 LIMITS = Limits(context=2048, max_labels=256, max_embed_texts=16)

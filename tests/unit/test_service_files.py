@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from sidecar import service as svc
-from sidecar.cli import main
-from sidecar.errors import FailedPrecondition
-from sidecar.service_cli import service
+from sidecar import service_units as svc
+from sidecar.cli.commands import main
+from sidecar.cli.service import service
+from sidecar.domain.errors import FailedPrecondition
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEM_UNIT = REPO / "systemd" / "sidecar.service"
@@ -93,7 +93,7 @@ def test_shipped_files_are_what_service_install_renders() -> None:
     for rel, text in svc.shipped_files().items():
         assert (REPO / rel).read_text() == text, (
             f"{rel} is stale: regenerate with .venv/bin/python -c 'from pathlib import Path; "
-            "from sidecar.service import shipped_files; "
+            "from sidecar.service_units import shipped_files; "
             "[Path(p).write_text(t) for p, t in shipped_files().items()]'"
         )
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.errors import FailedPrecondition, InvalidRequest, ModelNotFound
+from sidecar.domain.errors import FailedPrecondition, InvalidRequest, ModelNotFound
 from sidecar.gguf_check import GGUFError, check
 from sidecar.store import ModelStore
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.domain.errors import FailedPrecondition
 from sidecar.engine.mappings import open_files
-from sidecar.errors import FailedPrecondition
 from sidecar.store import ModelStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 from sidecar import store as store_module
-from sidecar.errors import InvalidRequest
+from sidecar.domain.errors import InvalidRequest
+from sidecar.domain.names import check_name, name_problem, shown
 from sidecar.gguf_check import MAX_STRING_ARRAY, GGUFError, check
 from sidecar.logs import JsonFormatter, TextFormatter
-from sidecar.names import check_name, name_problem, shown
 from sidecar.server.socket_claim import SocketClaim, SocketUnsafe
 from sidecar.store import BlobChanged, ModelStore, startup_blob
 
@@ -476,7 +476,7 @@ def test_the_cli_refuses_bad_names_before_it_connects(
 ) -> None:
     from click.testing import CliRunner
 
-    from sidecar.cli import main
+    from sidecar.cli.commands import main
 
     argv = [a.replace("{model}", str(model)) for a in args]
     out = CliRunner().invoke(main, [*argv, "--socket", str(short_dir / "none.sock")])
@@ -489,7 +489,7 @@ def test_config_refuses_model_names_the_store_cannot_hold(
     name: str, model: Path, tmp_path: Path
 ) -> None:
     from sidecar.config import Overrides, load
-    from sidecar.errors import ConfigError
+    from sidecar.domain.errors import ConfigError
 
     toml = tmp_path / "c.toml"
     toml.write_text(f'[models."{name}"]\npath = "{model}"\n')

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from sidecar.errors import InvalidRequest, OutOfRange
-from sidecar.types import (
+from sidecar.domain.errors import InvalidRequest, OutOfRange
+from sidecar.domain.types import (
     ChatMessage,
     ChatTask,
     ClassifyTask,

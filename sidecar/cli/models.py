@@ -12,7 +12,7 @@ from typing import Any
 import click
 import grpc
 
-from sidecar.cli_support import (
+from sidecar.cli.support import (
     EXIT_DETACHED,
     EXIT_FAILED,
     Left,
@@ -23,7 +23,7 @@ from sidecar.cli_support import (
     wait_limit,
     waiting,
 )
-from sidecar.names import name_problem
+from sidecar.domain.names import name_problem
 from sidecar.v1 import inference_pb2 as pb
 
 

@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from sidecar import __version__
-from sidecar.cli_support import (
+from sidecar.cli.models import models, swap
+from sidecar.cli.service import service
+from sidecar.cli.support import (
     EXIT_CONFIG,
     EXIT_FAILED,
     call,
@@ -30,11 +32,9 @@ from sidecar.cli_support import (
     connect,
     dump,
 )
+from sidecar.cli.update import update
 from sidecar.config import Config, Overrides, documented_keys, load, load_client
-from sidecar.errors import ConfigError, SidecarError
-from sidecar.models_cli import models, swap
-from sidecar.service_cli import service
-from sidecar.update_cli import update
+from sidecar.domain.errors import ConfigError, SidecarError
 
 if TYPE_CHECKING:
     from sidecar.server.daemon import Running

@@ -17,12 +17,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from sidecar.config import Config
-from sidecar.engine.fake import FakeSlot
-from sidecar.engine.mappings import open_files
-from sidecar.engine.pool import Job, ModelPool, PoolStatus
-from sidecar.engine.slots import ProcessSlot, SlotFactory, ThreadSlot
-from sidecar.engine.swap import STRATEGIES, Progress, SwapRefused, SwapResult, swap
-from sidecar.errors import (
+from sidecar.domain.errors import (
     FailedPrecondition,
     InternalError,
     InvalidRequest,
@@ -30,10 +25,8 @@ from sidecar.errors import (
     Overloaded,
     SidecarError,
 )
-from sidecar.gguf_check import GGUFError
-from sidecar.names import shown
-from sidecar.store import ModelStore, startup_blob
-from sidecar.types import (
+from sidecar.domain.names import shown
+from sidecar.domain.types import (
     Classification,
     Embeddings,
     Extraction,
@@ -44,6 +37,13 @@ from sidecar.types import (
     Timings,
     TokenEvent,
 )
+from sidecar.engine.fake import FakeSlot
+from sidecar.engine.mappings import open_files
+from sidecar.engine.pool import Job, ModelPool, PoolStatus
+from sidecar.engine.slots import ProcessSlot, SlotFactory, ThreadSlot
+from sidecar.engine.swap import STRATEGIES, Progress, SwapRefused, SwapResult, swap
+from sidecar.gguf_check import GGUFError
+from sidecar.store import ModelStore, startup_blob
 from sidecar.validate import Limits, check
 
 SLOT_KINDS: dict[str, SlotFactory] = {
@@ -69,7 +69,11 @@ class Engine(Protocol):
 
 class PoolEngine:
     def __init__(
-        self, config: Config, slot_kind: str = "process", make_slot: SlotFactory | None = None
+        self,
+        config: Config,
+        slot_kind: str = "process",
+        make_slot: SlotFactory | None = None,
+        store: ModelStore | None = None,
     ) -> None:
         self.config = config
         factory = make_slot or SLOT_KINDS[slot_kind]
@@ -77,7 +81,7 @@ class PoolEngine:
             m.name: ModelPool(m, factory, config.server.default_max_tokens) for m in config.models
         }
         self.default_model = config.default_model
-        self.store = ModelStore(config.store.path)
+        self.store = store or ModelStore(config.store.path)
         self.shed_reason: str | None = None  # set by the supervisor under memory pressure
         self.on_result: Callable[[Result], None] = lambda _r: None  # metrics hook
 

@@ -23,7 +23,7 @@ from typing import Literal
 from xml.sax.saxutils import escape
 
 from sidecar.config import SYSTEM_CONFIG, Overrides, default_config_path, load_client
-from sidecar.errors import ConfigError, FailedPrecondition
+from sidecar.domain.errors import ConfigError, FailedPrecondition
 
 Kind = Literal["system", "user", "launchd"]
 LABEL = "dev.sidecar.daemon"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from sidecar.errors import InvalidRequest
+from sidecar.domain.errors import InvalidRequest
 
 MAX_NAME = 64
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")

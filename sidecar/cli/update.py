@@ -11,7 +11,7 @@ from typing import Any
 import click
 import grpc
 
-from sidecar.cli_support import (
+from sidecar.cli.support import (
     EXIT_DETACHED,
     EXIT_FAILED,
     EXIT_STOPPED,

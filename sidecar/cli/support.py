@@ -16,7 +16,7 @@ from google.protobuf.message import Message
 
 from sidecar import jsonout
 from sidecar.config import Config, Overrides, load
-from sidecar.errors import ConfigError
+from sidecar.domain.errors import ConfigError
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_NO_DAEMON, EXIT_DETACHED, EXIT_STOPPED = 1, 2, 3, 4, 5
 EXIT_INTERRUPTED = 130  # Ctrl-C: what shells expect (128 + SIGINT)

@@ -15,8 +15,8 @@ from typing import Any, NoReturn
 
 import click
 
-from sidecar import service as svc
-from sidecar.errors import SidecarError
+from sidecar import service_units as svc
+from sidecar.domain.errors import SidecarError
 
 EXIT_FAILED = 1
 EXIT_NOT_INSTALLED = 3

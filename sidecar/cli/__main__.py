@@ -1,0 +1,3 @@
+from sidecar.cli.commands import main
+
+main()
