@@ -23,7 +23,7 @@ from sidecar.cli.support import (
     wait_limit,
     waiting,
 )
-from sidecar.progress import Progress, mb
+from sidecar.cli.progress import Progress, mb
 from sidecar.v1 import inference_pb2 as pb
 
 

@@ -131,3 +131,12 @@ KINDS: dict[str, type[SidecarError]] = {
 def from_kind(kind: str, message: str) -> SidecarError:
     """Rebuild an error that crossed a process boundary as (kind, message)."""
     return KINDS.get(kind, InternalError)(message)
+
+
+class SwapRefused(FailedPrecondition):
+    """The new model was not proven; the old one still serves. `stage` says where it stopped."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(f"swap refused at {stage}: {message}")
+        self.stage = stage
+        self.reason = message

@@ -14,6 +14,8 @@ import time
 from typing import Any
 
 from sidecar.domain.errors import Cancelled
+from sidecar.domain.specs import ModelFacts, RunnerSpec
+from sidecar.domain.status import SlotInfo
 from sidecar.domain.types import (
     ChatTask,
     Classification,
@@ -31,9 +33,8 @@ from sidecar.domain.types import (
     TokenEvent,
     Usage,
 )
-from sidecar.engine.slots import Events, SlotInfo, Unsupervised
+from sidecar.engine.slots import Events, Unsupervised
 from sidecar.worker.labels import normalise
-from sidecar.worker.runner import ModelFacts, RunnerSpec
 
 FAKE_FACTS = ModelFacts(n_ctx=2048, n_vocab=256, n_embd=8, chat_template=False)
 

@@ -24,8 +24,10 @@ from sidecar.domain.errors import (
     ModelNotFound,
     Overloaded,
     SidecarError,
+    SwapRefused,
 )
 from sidecar.domain.names import shown
+from sidecar.domain.status import PoolStatus, SwapResult
 from sidecar.domain.types import (
     Classification,
     Embeddings,
@@ -39,9 +41,9 @@ from sidecar.domain.types import (
 )
 from sidecar.engine.fake import FakeSlot
 from sidecar.engine.mappings import open_files
-from sidecar.engine.pool import Job, ModelPool, PoolStatus
+from sidecar.engine.pool import Job, ModelPool
 from sidecar.engine.slots import ProcessSlot, SlotFactory, ThreadSlot
-from sidecar.engine.swap import STRATEGIES, Progress, SwapRefused, SwapResult, swap
+from sidecar.engine.swap import STRATEGIES, Progress, swap
 from sidecar.gguf_check import GGUFError
 from sidecar.store import ModelStore, startup_blob
 from sidecar.validate import Limits, check

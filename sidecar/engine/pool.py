@@ -31,11 +31,12 @@ from sidecar.domain.errors import (
     Unavailable,
     WorkerCrashed,
 )
+from sidecar.domain.specs import ModelFacts, RunnerSpec
+from sidecar.domain.status import PoolStatus, SlotInfo
 from sidecar.domain.types import GenerateTask, ModelRef, Result, Task, TokenEvent
 from sidecar.engine.fair_queue import FairQueue
 from sidecar.engine.poison import Poison, crashed, how
-from sidecar.engine.slots import Slot, SlotFactory, SlotInfo
-from sidecar.worker.runner import ModelFacts, RunnerSpec
+from sidecar.engine.slots import Slot, SlotFactory
 
 log = logging.getLogger("sidecar.pool")
 
@@ -68,24 +69,6 @@ class Job:
     ref: ModelRef | None = None  # the version that ran it, fixed at dispatch
     done: bool = False
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
-
-
-@dataclass(frozen=True)
-class PoolStatus:
-    model: ModelRef
-    path: Path
-    context: int
-    threads: int
-    workers: tuple[SlotInfo, ...]
-    queue_depth: int
-    queue_limit: int
-    ready: bool
-    detail: str
-    restarts: int
-    backoff_s: float
-    last_error: str
-    last_swap: str
-    rss: tuple[int | None, ...]
 
 
 class ModelPool:

@@ -18,15 +18,16 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Protocol
 
 import psutil
 
 from sidecar import logs
 from sidecar.domain.errors import FailedPrecondition, SidecarError, WorkerCrashed, from_kind
+from sidecar.domain.specs import ModelFacts, RunnerSpec
+from sidecar.domain.status import SlotInfo
 from sidecar.domain.types import Result, Task, TokenEvent
-from sidecar.worker.runner import ModelFacts, RunnerSpec
 
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 5.0
@@ -40,13 +41,6 @@ class Events(Protocol):
     def failed(self, slot: Slot, job_id: int, error: SidecarError) -> None: ...
     def died(self, slot: Slot, exitcode: int | None, job_id: int | None) -> None:
         """The worker is gone (not by `stop`); `job_id` is what it was running, if anything."""
-
-
-@dataclass
-class SlotInfo:
-    pid: int | None
-    state: str  # starting | idle | busy | dead | stopped
-    requests: int
 
 
 class Slot(Protocol):

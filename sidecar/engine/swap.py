@@ -20,40 +20,24 @@ import contextlib
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
 
 from sidecar.config import ModelConfig
-from sidecar.domain.errors import FailedPrecondition, SidecarError
+from sidecar.domain.errors import SidecarError, SwapRefused
+from sidecar.domain.specs import RunnerSpec
+from sidecar.domain.status import SwapResult
 from sidecar.domain.types import GenerateTask, Generation, ModelRef
 from sidecar.engine.pool import ModelPool
 from sidecar.engine.slots import Slot
 from sidecar.gguf_check import GGUFInfo, check
-from sidecar.worker.runner import RunnerSpec
 
 STRATEGIES = ("side_by_side", "replace")
 CANARY_TIMEOUT_S = 120.0  # a worker that cannot answer one short prompt in this is not fit
 MiB = 1024 * 1024
 Progress = Callable[[str, str], None]
-
-
-class SwapRefused(FailedPrecondition):
-    """The new model was not proven; the old one still serves. `stage` says where it stopped."""
-
-    def __init__(self, stage: str, message: str) -> None:
-        super().__init__(f"swap refused at {stage}: {message}")
-        self.stage = stage
-        self.reason = message
-
-
-@dataclass(frozen=True)
-class SwapResult:
-    old: ModelRef
-    new: ModelRef
-    strategy: str
-    seconds: float
 
 
 def footprint(info: GGUFInfo, context: int, workers: int) -> int:

@@ -35,6 +35,7 @@ from sidecar.domain.errors import (
     SidecarError,
     Unavailable,
 )
+from sidecar.domain.status import PoolStatus
 from sidecar.domain.types import (
     ChatTask,
     Classification,
@@ -56,7 +57,6 @@ from sidecar.domain.types import (
     Usage,
 )
 from sidecar.engine.local import PoolEngine
-from sidecar.engine.pool import PoolStatus
 from sidecar.fewshot.examples import ExampleSet
 from sidecar.fewshot.examples import check as check_examples
 from sidecar.fewshot.service import MAX_REQUEST_EXAMPLES, FewShot

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sidecar import __version__
 from sidecar.domain.errors import InvalidRequest
+from sidecar.domain.status import PoolStatus, SwapResult
 from sidecar.domain.types import (
     ChatMessage,
     ChatTask,
@@ -26,8 +27,6 @@ from sidecar.domain.types import (
     Usage,
 )
 from sidecar.domain.types import Timings as DomainTimings
-from sidecar.engine.pool import PoolStatus
-from sidecar.engine.swap import SwapResult
 from sidecar.router.engine import RouterEngine
 from sidecar.store import VersionInfo
 from sidecar.update.updater import Check, Outcome

@@ -45,9 +45,14 @@ from typing import Any, TypeVar
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from sidecar.config import ModelConfig
-from sidecar.domain.errors import Cancelled, FailedPrecondition, SidecarError, Unavailable
+from sidecar.domain.errors import (
+    Cancelled,
+    FailedPrecondition,
+    SidecarError,
+    SwapRefused,
+    Unavailable,
+)
 from sidecar.engine.local import PoolEngine
-from sidecar.engine.swap import SwapRefused
 from sidecar.metrics import Metrics
 from sidecar.store import write_atomic
 from sidecar.update import delta, fetch

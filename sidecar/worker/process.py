@@ -18,9 +18,10 @@ import traceback
 from multiprocessing.connection import Connection
 
 from sidecar.domain.errors import FailedPrecondition, SidecarError
+from sidecar.domain.specs import RunnerSpec
 from sidecar.domain.types import Task, TokenEvent
 from sidecar.worker import native_log
-from sidecar.worker.runner import LlamaRunner, RunnerSpec, Stopped
+from sidecar.worker.runner import LlamaRunner, Stopped
 
 
 def worker_main(conn: Connection, spec: RunnerSpec) -> None:

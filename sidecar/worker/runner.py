@@ -14,8 +14,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import llama_cpp
@@ -24,7 +22,6 @@ from llama_cpp import _internals as internals
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-from sidecar import logs
 from sidecar.domain.errors import (
     ContextOverflow,
     FailedPrecondition,
@@ -33,6 +30,7 @@ from sidecar.domain.errors import (
     OutOfRange,
     SchemaViolation,
 )
+from sidecar.domain.specs import ModelFacts, RunnerSpec
 from sidecar.domain.types import (
     ChatMessage,
     ChatTask,
@@ -73,25 +71,6 @@ ShouldStop = Callable[[], bool]
 
 class Stopped(Exception):
     """The caller cancelled or its deadline passed; the worker is free again."""
-
-
-@dataclass(frozen=True)
-class RunnerSpec:
-    path: Path
-    context: int
-    threads: int
-    batch: int
-    default_max_tokens: int = 256
-    # How the daemon logs when the spec is made, so that its workers log alike.
-    log: tuple[str, str] = field(default_factory=logs.current, compare=False)
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    n_ctx: int
-    n_vocab: int
-    n_embd: int
-    chat_template: bool
 
 
 class LlamaRunner:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from sidecar.progress import EVERY_S, Progress
+from sidecar.cli.progress import EVERY_S, Progress
 
 
 class Terminal(io.StringIO):

@@ -1,0 +1,30 @@
+"""What the daemon tells a worker to load, and what the worker reports back.
+
+Plain data that crosses the process boundary (pickled through spawn), so the daemon can
+speak of workers without importing llama.cpp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    path: Path
+    context: int
+    threads: int
+    batch: int
+    default_max_tokens: int = 256
+    # How the daemon logs (format, level); a slot stamps the current one as it starts a
+    # worker, so that its workers log alike.
+    log: tuple[str, str] = field(default=("text", "info"), compare=False)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    n_ctx: int
+    n_vocab: int
+    n_embd: int
+    chat_template: bool
