@@ -9,14 +9,16 @@ as a table and as JSON, with the CPU model (only figures from one run compare)."
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from benchmarks.common import RESULTS, cpu_model
+from benchmarks.procs import run
+from benchmarks.report import Col, Table, write_json
+from benchmarks.stats import percentile
 from sidecar.domain.types import ClassifyTask
 from sidecar.router.outbound import Gate, build
 from sidecar.router.privacy import Scanner
@@ -38,39 +40,33 @@ def prose(n: int, rng: random.Random) -> str:
 
 
 def timed(f: Callable[[], object], runs: int) -> dict[str, float]:
-    """Median and p99 of `runs` calls, in microseconds."""
+    """Median and p99 of `runs` calls (after one untimed), in microseconds."""
     f()
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
         f()
         times.append((time.perf_counter() - t0) * 1e6)
-    times.sort()
-    p99 = times[min(len(times) - 1, round(0.99 * (len(times) - 1)))]
-    return {"median_us": statistics.median(times), "p99_us": p99, "runs": runs}
+    return {"median_us": statistics.median(times), "p99_us": percentile(times, 99), "runs": runs}
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="scripts/bench-privacy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--out", type=Path, default=RESULTS / "bench-privacy.json")
+    return ap
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", type=Path, default=Path("bench-results/bench-privacy.json"))
-    args = ap.parse_args()
-    rng = random.Random(1)
+def cases(rng: random.Random) -> dict[str, Callable[[], object]]:
     scanner = Scanner()
     gate = Gate(scanner, redact=False)
     labels = ("card_arrival", "exchange_rate", "pin_blocked", "lost_card", "refund")
     task = ClassifyTask(prose(400, rng), labels, "Classify the customer's intent.")
     out = build(task, labels)
-    cases: dict[str, Callable[[], object]] = {
+    found: dict[str, Callable[[], object]] = {
         "Classify, 400 chars + 5 labels: decision scan": lambda: gate.kinds(out),
         "Classify, 400 chars + 5 labels: final check": lambda: gate.check(out.render(), None),
     }
@@ -82,20 +78,26 @@ def main() -> None:
         "1 MB English prose (scanned off the event loop)": prose(1_000_000, rng),
     }
     for name, text in texts.items():
-        cases[name] = lambda t=text: scanner.kinds([t])  # type: ignore[misc]
+        found[name] = lambda t=text: scanner.kinds([t])  # type: ignore[misc]
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     rows = {}
-    for name, f in cases.items():
+    for name, f in cases(random.Random(1)).items():
         runs = 20 if name.startswith("1 MB") else 300 if name.startswith("10 KB") else 2000
         rows[name] = timed(f, runs)
-    cpu = cpu_model()
-    print(f"privacy scan cost on {cpu}")
-    print(f"{'case':52} {'median':>12} {'p99':>12}")
+    table = Table(Col(52), Col(12, ">", gap=1), Col(12, ">", gap=1))
+    table.line(f"privacy scan cost on {cpu_model()}")
+    table.row("case", "median", "p99")
     for name, r in rows.items():
-        print(f"{name:52} {r['median_us']:>9.0f} µs {r['p99_us']:>9.0f} µs")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"cpu": cpu, "cases": rows}, indent=2) + "\n")
+        table.row(name, f"{r['median_us']:>9.0f} µs", f"{r['p99_us']:>9.0f} µs")
+    print(table.render())
+    write_json(args.out, {"cases": rows})
     print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run(main))

@@ -1,48 +1,42 @@
-"""Soak run: mixed traffic for a fixed time, worker kills on a schedule, daemon RSS tracked.
+"""Soak run: the real daemon on the demo model under mixed traffic from several clients for a
+fixed time, with a worker killed on a schedule and the daemon's RSS tracked.
 
-Prints a table and writes JSON: requests served, errors by status code, calls slower than
-the hang threshold, worker restarts, and the daemon's RSS at start and end.
+    scripts/soak [--minutes 10] [--clients 4] [--kill-every 30] [--out bench-results/soak.json]
+
+Prints a table and writes JSON: requests served, outcomes by status code, calls slower than
+the hang threshold, worker kills and restarts, the daemon's RSS at start, end and peak, and
+its exit code after SIGTERM (0: it drained and stopped cleanly).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
+import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from benchmarks.common import RESULTS, SMOL
+from benchmarks.daemon import Daemon
+from benchmarks.procs import Children, run
+from benchmarks.report import Col, Table, write_json
 from sidecar.client import Client
 
-ROOT = Path(__file__).resolve().parent.parent
 LABELS = ["lost_or_stolen_card", "card_arrival", "exchange_rate", "top_up_failed", "pin_blocked"]
 SCHEMA = {
     "type": "object",
     "properties": {"vendor": {"type": "string"}, "total": {"type": "number"}},
 }
 HUNG_S = 60.0
-
-
-def model_path() -> str:
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "scripts/fetch_models.py"), "--path", "smollm2"],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return out.stdout.strip()
 
 
 def client_loop(
@@ -76,59 +70,40 @@ def client_loop(
                 slow.append(took)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="scripts/soak",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--minutes", type=float, default=10)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--kill-every", type=float, default=30)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench-results/soak.json")
-    args = ap.parse_args()
+    ap.add_argument("--model", type=Path, default=SMOL)
+    ap.add_argument("--out", type=Path, default=RESULTS / "soak.json")
+    return ap
 
-    tmp = Path(tempfile.mkdtemp(prefix="sc-soak-", dir="/tmp"))
-    sock = tmp / "s.sock"
-    log = (tmp / "daemon.log").open("w")
-    daemon = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sidecar.cli",
-            "serve",
-            "--socket",
-            str(sock),
-            "--model",
-            model_path(),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
+
+def soak(daemon: Daemon, args: argparse.Namespace) -> dict[str, Any]:
+    proc = psutil.Process(daemon.proc.pid)
+    rss_start = proc.memory_info().rss
+    outcomes: Counter[str] = Counter()
+    slow: list[float] = []
+    stop = threading.Event()
+    threads = [
+        threading.Thread(
+            target=client_loop, args=(daemon.socket, stop, outcomes, slow, i), daemon=True
+        )
+        for i in range(args.clients)
+    ]
+    for t in threads:
+        t.start()
+    end = time.monotonic() + args.minutes * 60
+    kills = 0
+    rss_samples = [rss_start]
+    next_kill = time.monotonic() + args.kill_every
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with Client(sock, timeout=2) as c:
-                    if c.health("sidecar.v1.Inference") == "SERVING":
-                        break
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline or daemon.poll() is not None:
-                raise SystemExit("daemon did not become ready")
-            time.sleep(0.2)
-        proc = psutil.Process(daemon.pid)
-        rss_start = proc.memory_info().rss
-        outcomes: Counter[str] = Counter()
-        slow: list[float] = []
-        stop = threading.Event()
-        threads = [
-            threading.Thread(target=client_loop, args=(sock, stop, outcomes, slow, i), daemon=True)
-            for i in range(args.clients)
-        ]
-        for t in threads:
-            t.start()
-        end = time.monotonic() + args.minutes * 60
-        kills = 0
-        rss_samples = []
-        next_kill = time.monotonic() + args.kill_every
-        with Client(sock) as admin:
+        with Client(daemon.socket) as admin:
             while time.monotonic() < end:
                 time.sleep(1)
                 rss_samples.append(proc.memory_info().rss)
@@ -146,37 +121,46 @@ def main() -> int:
             for t in threads:
                 t.join(timeout=HUNG_S + 5)
             status = admin.status()
-        rss_end = proc.memory_info().rss
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        code = daemon.wait(60)
-        log.close()
-
-    served = sum(outcomes.values())
-    result = {
+        stop.set()
+    return {
         "minutes": args.minutes,
         "clients": args.clients,
         "worker_kills": kills,
         "worker_restarts": status.models[0].restarts,
-        "requests": served,
+        "requests": sum(outcomes.values()),
         "outcomes": dict(outcomes),
         "hung_calls": len(slow),
         "daemon_rss_start_mb": round(rss_start / 2**20, 1),
-        "daemon_rss_end_mb": round(rss_end / 2**20, 1),
+        "daemon_rss_end_mb": round(proc.memory_info().rss / 2**20, 1),
         "daemon_rss_max_mb": round(max(rss_samples) / 2**20, 1),
-        "daemon_exit_code": code,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"{'metric':<24}{'value':>12}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="sc-soak-", dir="/tmp"))  # short socket path
+    with Children() as children:
+        daemon = Daemon(children, tmp, model=args.model)
+        try:
+            daemon.wait_ready(timeout=120)
+            result = soak(daemon, args)
+        finally:
+            code = daemon.stop(grace=60)
+    result["daemon_exit_code"] = code
+    write_json(args.out, result)
+    table = Table(Col(24), Col(12, ">"))
+    table.row("metric", "value")
     for k, v in result.items():
         if k != "outcomes":
-            print(f"{k:<24}{v!s:>12}")
-    for k, v in sorted(outcomes.items()):
-        print(f"  {k:<22}{v:>12}")
+            table.row(k, v)
+    for k, n in sorted(result["outcomes"].items()):
+        table.row(f"  {k}", n)
+    print(table.render())
     print(f"JSON: {args.out}")
+    shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run(main))

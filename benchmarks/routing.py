@@ -1,0 +1,266 @@
+"""Routing benchmark: how much of Banking77 the demo model can keep local, and how fast.
+
+    scripts/bench-routing                  # all 3,080 test rows (~5 min after the first run)
+    scripts/bench-routing --quick          # 400 test rows
+    scripts/bench-routing --label-scoring  # also score the 5 shortlisted labels with the model
+    scripts/bench-routing --no-cascade     # run the model for every request
+    scripts/bench-routing --out PATH       # JSON elsewhere (default bench-results/bench-routing.json)
+
+The daemon runs as a subprocess on SmolLM2-135M (2 workers x 1 thread) with one config task,
+`banking77`, whose examples are ../shared/data/banking77/train.csv. Everything the
+classifier is tuned or calibrated on comes from train.csv (leave-one-out on a held-out
+sample of it); test.csv is only classified. Each test row is one Classify(task=banking77,
+routing=LOCAL_ONLY) over all 77 intents.
+
+Reported: local accuracy; the accuracy of the requests kept local when the confidence
+threshold keeps 50/70/80/90% of them (and the threshold that does it); expected
+calibration error (15 equal-width bins); requests/s and p50/p99 latency at 1 and 8
+concurrent clients; and the coverage and accuracy the configured default threshold
+(cloud.classify_threshold) gives.
+
+The first run embeds the 10k training examples (~6 min on 2 cores); the vectors are cached
+in ~/.cache/sidecar/bench-routing-store, so later runs start in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from benchmarks.common import BANKING77, CACHE, RESULTS, SMOL, Log, machine
+from benchmarks.daemon import Daemon
+from benchmarks.procs import Children, run
+from benchmarks.report import Col, Table, write_json
+from benchmarks.stats import percentile
+from sidecar.client import Client
+from sidecar.config import Overrides, load
+from sidecar.fewshot.classifier import expected_calibration_error
+
+STORE = CACHE / "bench-routing-store"
+TASK = "banking77"
+COVERAGES = (0.5, 0.7, 0.8, 0.9)
+TARGETS = {"accuracy": 0.75, "acc@50": 0.95, "acc@80": 0.85, "ece": 0.05, "rps@8": 15.0}
+
+log = Log("bench-routing")
+
+
+def load_rows(data: Path, name: str) -> list[tuple[str, str]]:
+    with (data / name).open(newline="") as f:
+        return [(r["text"], r["category"]) for r in csv.DictReader(f)]
+
+
+def config_text(data: Path, model: Path, label_scoring: bool, cascade: bool) -> str:
+    return f"""
+[models.demo]
+path = "{model}"
+workers = 2
+threads = 1
+
+[tasks.{TASK}]
+file = "{data / "train.csv"}"
+text_column = "text"
+label_column = "category"
+label_scoring = {"true" if label_scoring else "false"}
+cascade = {"true" if cascade else "false"}
+"""
+
+
+def wait_task(daemon: Daemon, timeout: float = 3600) -> float:
+    """Wait until the task's examples are embedded and tuned; seconds it took."""
+    started = time.monotonic()
+    last = ""
+    while time.monotonic() - started < timeout:
+        if not daemon.running():
+            raise RuntimeError(f"daemon exited {daemon.proc.returncode}:\n{daemon.tail()}")
+        if daemon.socket.exists():
+            try:
+                with Client(daemon.socket, timeout=5) as c:
+                    state = c.status().cloud.tasks.get(TASK, "")
+            except grpc.RpcError:
+                state = last
+            if state != last:
+                log(f"task {TASK}: {state}")
+                last = state
+            if state == "ready":
+                return time.monotonic() - started
+            if state.startswith("failed"):
+                raise RuntimeError(state)
+        time.sleep(1)
+    raise RuntimeError("task not ready in time")
+
+
+def classify_all(
+    sock: Path, rows: list[tuple[str, str]], clients: int
+) -> tuple[list[dict[str, Any]], float]:
+    """Classify every row from `clients` threads; (one record per row, wall seconds)."""
+    out: list[dict[str, Any] | None] = [None] * len(rows)
+    nxt = iter(range(len(rows)))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        with Client(sock, caller="bench-routing") as c:
+            while True:
+                with lock:
+                    i = next(nxt, None)
+                if i is None:
+                    return
+                text, gold = rows[i]
+                t0 = time.perf_counter()
+                r = c.classify(text, task=TASK, routing="LOCAL_ONLY", timeout=120)
+                ms = (time.perf_counter() - t0) * 1000
+                out[i] = {"gold": gold, "label": r.label, "p": r.confidence.top_probability,
+                          "ms": ms, "model": r.usage.prompt_tokens > 0}  # fmt: skip
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    return [r for r in out if r is not None], wall
+
+
+def curve(p: npt.NDArray[np.float64], ok: npt.NDArray[np.bool_]) -> list[dict[str, float]]:
+    """Accuracy of the most confident 50/70/80/90%, and the threshold that keeps them."""
+    order = np.argsort(-p, kind="stable")
+    rows = []
+    for cov in COVERAGES:
+        n = round(cov * len(p))
+        rows.append({"coverage": cov, "accuracy": float(ok[order[:n]].mean()),
+                     "threshold": float(p[order[n - 1]])})  # fmt: skip
+    return rows
+
+
+def latency(res: list[dict[str, Any]], wall: float) -> dict[str, float]:
+    ms = [r["ms"] for r in res]
+    return {"rps": len(res) / wall, "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99)}
+
+
+def summarise(
+    res8: list[dict[str, Any]],
+    wall8: float,
+    res1: list[dict[str, Any]],
+    wall1: float,
+    default_t: float,
+) -> dict[str, Any]:
+    p = np.array([r["p"] for r in res8], dtype=np.float64)
+    ok = np.array([r["label"] == r["gold"] for r in res8], dtype=np.bool_)
+    kept = p >= default_t
+    return {
+        "rows": len(res8),
+        "accuracy": float(ok.mean()),
+        "curve": curve(p, ok),
+        "ece": expected_calibration_error(p, ok),
+        "answered_without_model": float(np.mean([not r["model"] for r in res8])),
+        "thresholds": [
+            {
+                "threshold": t,
+                "coverage": float((p >= t).mean()),
+                "accuracy": float(ok[p >= t].mean()) if (p >= t).any() else 0.0,
+            }
+            for t in (0.5, 0.6, 0.7, 0.8, 0.9)
+        ],
+        "per_row": [
+            {"p": round(r["p"], 5), "ok": r["label"] == r["gold"], "model": r["model"]}
+            for r in res8
+        ],
+        "default_threshold": {
+            "threshold": default_t,
+            "coverage": float(kept.mean()),
+            "accuracy": float(ok[kept].mean()) if kept.any() else 0.0,
+        },
+        "clients": {"1": latency(res1, wall1), "8": latency(res8, wall8)},
+        "targets": TARGETS,
+    }
+
+
+def table(r: dict[str, Any]) -> str:
+    t = Table(Col(38), Col(12, ">"), Col(0, gap=3))
+    t.line()
+    t.line(f"Banking77 test, {r['rows']} rows, 77 labels, SmolLM2-135M (label scoring "
+           f"{'on' if r['label_scoring'] else 'off'}, cascade {'on' if r['cascade'] else 'off'})")  # fmt: skip
+    t.row("metric", "value", "target")
+    t.row("local accuracy", f"{r['accuracy']:.3f}", ">= 0.75")
+    for c in r["curve"]:
+        target = {0.5: ">= 0.95", 0.8: ">= 0.85"}.get(c["coverage"], "")
+        t.row(f"accuracy kept local @ {c['coverage']:.0%} (t={c['threshold']:.3f})",
+              f"{c['accuracy']:.3f}", target)  # fmt: skip
+    t.row("expected calibration error", f"{r['ece']:.3f}", "<= 0.05")
+    t.row("answered from the words alone (cascade)", f"{r['answered_without_model']:.3f}", "")
+    for th in r["thresholds"]:
+        t.row(f"threshold {th['threshold']}: coverage / accuracy",
+              f"{th['coverage']:.3f} / {th['accuracy']:.3f}", "")  # fmt: skip
+    d = r["default_threshold"]
+    t.row(f"default threshold {d['threshold']}: coverage", f"{d['coverage']:.3f}", "")
+    t.row(f"default threshold {d['threshold']}: accuracy", f"{d['accuracy']:.3f}", "")
+    for n, c in r["clients"].items():
+        t.row(f"{n} client(s): requests/s", f"{c['rps']:.1f}", ">= 15" if n == "8" else "")
+        t.row(f"{n} client(s): p50 / p99 ms", f"{c['p50_ms']:.0f} / {c['p99_ms']:.0f}", "")
+    return t.render()
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="scripts/bench-routing",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--quick", action="store_true", help="400 of the test rows")
+    ap.add_argument("--label-scoring", action="store_true")
+    ap.add_argument("--no-cascade", action="store_true", help="run the model for every request")
+    ap.add_argument("--out", type=Path, default=RESULTS / "bench-routing.json")
+    ap.add_argument("--data", type=Path, default=BANKING77, help="Banking77 train.csv, test.csv")
+    ap.add_argument("--model", type=Path, default=SMOL)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    test = load_rows(args.data, "test.csv")
+    if args.quick:
+        test = test[:: max(1, len(test) // 400)][:400]
+    tmp = Path(tempfile.mkdtemp(prefix="sc-brouting-", dir="/tmp"))  # short socket path
+    # Absolute: the daemon resolves relative paths in its config against the config's folder.
+    data, model = args.data.resolve(), args.model.resolve()
+    config = config_text(data, model, args.label_scoring, not args.no_cascade)
+    # The threshold the daemon uses is whatever this config gives it: read it the same way.
+    (tmp / "effective.toml").write_text(config)
+    default_t = load(Overrides(config=tmp / "effective.toml"), env={}).cloud.classify_threshold
+    with Children() as children:
+        d = Daemon(children, tmp, config=config, store=STORE)
+        try:
+            prep_s = wait_task(d)
+            log(f"task ready after {prep_s:.0f}s; classifying {len(test)} test rows, 8 clients")
+            res8, wall8 = classify_all(d.socket, test, 8)
+            n1 = min(len(test), 300)
+            log(f"1 client, {n1} rows")
+            res1, wall1 = classify_all(d.socket, test[:n1], 1)
+        finally:
+            d.stop()
+    report = {
+        "machine": machine(),
+        "label_scoring": args.label_scoring,
+        "cascade": not args.no_cascade,
+        "task_prepare_s": round(prep_s, 1),
+        **summarise(res8, wall8, res1, wall1, default_t),
+    }
+    print(table(report))
+    write_json(args.out, report)
+    log(f"wrote {args.out}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(main))

@@ -1,0 +1,54 @@
+"""What `scripts/bench` asks every backend to do: the prompts, labels and sizes."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+LABELS = (
+    "lost_or_stolen_card",
+    "card_arrival",
+    "exchange_rate",
+    "top_up_failed",
+    "pin_blocked",
+    "declined_transfer",
+)
+# A raw prompt SmolLM2 continues for well over 128 tokens under greedy decoding (the bare
+# instruction "Write a short story about a lighthouse keeper." gets an immediate EOS).
+STORY = "Write a short story about a lighthouse keeper.\n\nThe lighthouse keeper"
+DECODE_TOKENS = 128
+SHORT_TOKENS = 16
+BATCH = 512  # the daemon's default `batch` (n_batch = n_ubatch)
+
+
+def banking_texts(path: Path, per_label: int) -> list[tuple[str, str]]:
+    """(text, category) rows of the six labels, interleaved, `per_label` of each."""
+    by: dict[str, list[str]] = {lab: [] for lab in LABELS}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            cat = row.get("category") or row.get("label") or ""
+            if cat in by and len(by[cat]) < per_label:
+                by[cat].append(row["text"])
+    rows = []
+    for i in range(per_label):
+        for lab in LABELS:
+            if i < len(by[lab]):
+                rows.append((by[lab][i], lab))
+    return rows
+
+
+def short_prompts(path: Path, n: int) -> list[str]:
+    """Distinct short prompts (so no backend gets a free ride from prompt-prefix caching)."""
+    out = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            out.append(f"Customer message: {row['text']}\nReply:")
+            if len(out) >= n:
+                break
+    return out
+
+
+def rotate(xs: list[str], i: int) -> list[str]:
+    """`xs` starting at its (i mod n)-th item: who goes first changes every round."""
+    k = i % len(xs)
+    return xs[k:] + xs[:k]
