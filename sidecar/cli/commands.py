@@ -33,7 +33,8 @@ from sidecar.cli.support import (
     dump,
 )
 from sidecar.cli.update import update
-from sidecar.config import Config, Overrides, documented_keys, load, load_client
+from sidecar.config import Config, Overrides, load, load_client, schema
+from sidecar.config.reference import key_line
 from sidecar.domain.errors import ConfigError, SidecarError
 
 if TYPE_CHECKING:
@@ -170,8 +171,8 @@ def _banner(config: Config, running: Running) -> str:
 def showconfig_from(ctx: click.Context, keys: bool) -> None:
     """Show the effective configuration (defaults < TOML < env < flags)."""
     if keys:
-        for name, key in documented_keys():
-            click.echo(f"{name} ({key.type.__name__}, default {key.default!r}): {key.doc}")
+        for spec in schema.each_key():
+            click.echo(key_line(spec))
         return
     config = config_from(ctx)
     click.echo(f"source: {config.source or '(defaults and environment only)'}")

@@ -94,6 +94,8 @@ class ModelRef:
 
 
 Routing = Literal["", "AUTO", "LOCAL_ONLY", "CLOUD_ONLY"]  # "" = the configured default
+# What `cloud.routing` may be set to: the default a request with routing "" gets.
+ConfiguredRouting = Literal["AUTO", "LOCAL_ONLY", "CLOUD_ONLY"]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Routing = Literal["AUTO", "LOCAL_ONLY", "CLOUD_ONLY"]
+from sidecar.domain.types import ConfiguredRouting as Routing
+
 Action = Literal["local", "cloud", "keep_local", "fail"]
 # The error a "fail" maps to (the domain error tree's kinds).
 FailKind = Literal["unavailable", "overloaded", "failed_precondition"]

@@ -37,6 +37,7 @@ workers = 1
 [cloud]
 routing = "AUTO"
 redact = false
+retries = 2
 [tasks.t]
 file = "t.csv"
 threshold = 0.5
@@ -60,6 +61,7 @@ threshold = 0.5
             .replace("threshold = 0.5", "threshold = 0.8")
             .replace(f'path = "{short_dir / "store"}"', f'path = "{short_dir / "other"}"')
             .replace("redact = false", "redact = true")
+            .replace("retries = 2", "retries = 3")
             .replace('file = "t.csv"', 'file = "t.csv"\nlabel_scoring = true')
         )
         os.kill(os.getpid(), signal.SIGHUP)
@@ -70,9 +72,9 @@ threshold = 0.5
             await asyncio.sleep(0.05)
         applied, _, pending = note.partition("; need a restart (not applied): ")
         assert applied.startswith("applied: "), note
-        for key in ("store.drain_seconds", "cloud.routing", "tasks.t.threshold"):
+        for key in ("store.drain_seconds", "cloud.routing", "cloud.redact", "tasks.t.threshold"):
             assert key in applied, note
-        for key in ("store.path", "cloud.redact", "tasks.t.label_scoring"):
+        for key in ("store.path", "cloud.retries", "tasks.t.label_scoring"):
             assert key in pending, note
         # The live values reach what reads them: the request path now routes CLOUD_ONLY,
         # which with no cloud configured is refused.
@@ -82,7 +84,6 @@ threshold = 0.5
         assert running.engine.config.store.drain_seconds == 5.0  # read by the next swap
         assert running.router is not None
         assert running.router.fewshot.tasks["t"].threshold == 0.8
-        assert running.router.settings.redact is False  # the gate was built with the old one
         assert running.engine.config.store.path == short_dir / "store"
     finally:
         await client.close()

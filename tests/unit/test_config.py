@@ -1,14 +1,11 @@
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 
-from sidecar.config import Overrides, documented_keys, load
+from sidecar.config import Overrides, load
 from sidecar.domain.errors import ConfigError
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -161,11 +158,3 @@ def test_config_is_frozen(tmp_path: Path) -> None:
     cfg = load(Overrides(config=write(tmp_path, "")), env={})
     with pytest.raises(AttributeError):
         cfg.server.socket = Path("/elsewhere")  # type: ignore[misc]
-
-
-def test_readme_documents_every_key() -> None:
-    readme = (REPO / "README.md").read_text()
-    missing = [
-        name for name, _ in documented_keys() if not re.search(rf"`{re.escape(name)}`", readme)
-    ]
-    assert not missing, f"README.md does not document: {missing}"

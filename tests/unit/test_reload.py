@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.config import Config, Overrides, documented_keys, load
-from sidecar.reload import LIVE, diff, merge_live, summary
+from sidecar.config import Config, Overrides, load, schema
+from sidecar.reload import diff, merge_live, summary
 
 
 def config(tmp_path: Path, text: str) -> Config:
@@ -88,6 +88,7 @@ path = "/store"
 [cloud]
 classify_threshold = 0.7
 redact = false
+retries = 2
 [tasks.t]
 file = "/t.csv"
 threshold = 0.5
@@ -105,7 +106,8 @@ threshold = 0.5
             "cloud.classify_threshold",
             True,
         ),
-        (("redact = false", "redact = true"), "cloud.redact", False),
+        (("redact = false", "redact = true"), "cloud.redact", True),
+        (("retries = 2", "retries = 4"), "cloud.retries", False),
         (("threshold = 0.5", "threshold = 0.8"), "tasks.t.threshold", True),
         (('file = "/t.csv"', 'file = "/u.csv"'), "tasks.t.file", False),
     ],
@@ -167,22 +169,70 @@ def _with(cfg: Config, key: str) -> Config:
 
 
 def test_every_documented_key_is_diffed_and_applied_or_named(tmp_path: Path) -> None:
-    # The schema (config.documented_keys) against diff: a key or section added to the config
-    # can never be missed by SIGHUP.
+    # The schema against diff: a key or section added to the config can never be missed by SIGHUP.
     old = config(tmp_path, FULL)
-    for key, _spec in documented_keys():
+    for key in (k.name for k in schema.each_key()):
         new = _with(old, key)
         changes = diff(old, new)
         shown = key.replace("NAME", old.models[0].name if key.startswith("models") else "t")
         assert [c.key for c in changes] == [shown], key
+        assert changes[0].live is schema.key(key).live, key  # as the key declares it
         merged = merge_live(old, new, changes)
         assert merged == (new if changes[0].live else old), key
         assert shown in summary(changes)
 
 
-def test_live_keys_name_documented_keys() -> None:
-    documented = {k.replace("NAME", "*") for k, _ in documented_keys()}
-    assert not LIVE - documented, LIVE - documented
+def test_live_keys_are_todays_plus_the_cloud_caps_prices_and_privacy_gate() -> None:
+    # Live is declared per key (setting(..., live=True)); this pins the set, so making a key
+    # live (the daemon must then apply it) or no longer live is a visible decision.
+    live = {k.name for k in schema.each_key() if k.live}
+    assert live == LIVE
+
+
+LIVE = {
+    "log.format",
+    "log.level",
+    "server.default_max_tokens",
+    "server.max_labels",
+    "server.max_embed_texts",
+    "server.grace_seconds",
+    "server.ping_interval_seconds",
+    "server.hang_seconds",
+    "server.probe_interval_seconds",
+    "server.min_available_mb",
+    "models.NAME.max_queue",
+    "models.NAME.max_rss_mb",
+    "models.NAME.update_origin",
+    "models.NAME.update_key",
+    "update.interval_seconds",
+    "update.healthy_seconds",
+    "update.timeout_seconds",
+    "update.retries",
+    "update.fetch_deadline_seconds",
+    "update.fetch_min_bytes_per_second",
+    "store.auto_swap",
+    "store.swap_strategy",
+    "store.drain_seconds",
+    "store.swap_wait_seconds",
+    "cloud.routing",
+    "cloud.local_timeout_seconds",
+    "cloud.classify_threshold",
+    "cloud.classify_margin",
+    "cloud.extract_mean_logprob",
+    "cloud.generate_mean_logprob",
+    "cloud.generate_min_logprob",
+    "cloud.pre_route_max_chars",
+    "cloud.pre_route_keywords",
+    "cloud.pre_route_tasks",
+    "cloud.daily_cap",
+    "cloud.monthly_cap",
+    "cloud.prompt_price_per_mtok",
+    "cloud.completion_price_per_mtok",
+    "cloud.sensitive",
+    "cloud.sensitive_patterns",
+    "cloud.redact",
+    "tasks.NAME.threshold",
+}
 
 
 def test_model_names_with_dots_keep_their_live_keys(tmp_path: Path) -> None:
