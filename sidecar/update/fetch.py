@@ -16,7 +16,6 @@ partial file stays and the next attempt resumes it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.client
 import os
 import random
@@ -30,6 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from sidecar.fileio import sha256_file
 from sidecar.update.manifest import UpdateRejected
 
 CHUNK = 1 << 20
@@ -264,7 +264,7 @@ def fetch_file(
                 # Jitter keeps a fleet that lost the origin at once from returning at once.
                 control.sleep(backoff * (2 ** (attempt - 1)) * random.uniform(0.5, 1.5))
         control.check()
-    digest = _sha256(partial)
+    digest = sha256_file(partial)
     if digest != sha256:
         partial.unlink(missing_ok=True)  # resuming a wrong file would only stay wrong
         raise UpdateRejected(
@@ -384,11 +384,3 @@ def _copy_local(
             control.check()  # a hung network mount is as slow as a trickling server
         out.flush()
         os.fsync(out.fileno())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()

@@ -34,7 +34,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from sidecar.store import fsync_dir, sha256_file, write_atomic
+from sidecar.fileio import fsync_dir, sha256_file, write_atomic
 
 log = logging.getLogger("sidecar.update")
 

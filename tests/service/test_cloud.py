@@ -11,7 +11,7 @@ from fake_cloud import Script, fake_cloud, ok
 
 from sidecar.domain.types import ClassifyTask, ExtractTask
 from sidecar.router.breaker import Breaker
-from sidecar.router.cloud import CloudClient, CloudConfig, CloudError, match_label
+from sidecar.router.cloud import CloudClient, CloudEndpoint, CloudError, match_label
 from sidecar.router.outbound import build
 
 
@@ -22,7 +22,7 @@ def cloud() -> Iterator[tuple[str, Script]]:
 
 
 def client(url: str, breaker: Breaker | None = None, **kw: Any) -> CloudClient:
-    cfg = CloudConfig(base_url=url, model="m", api_key_env="CLOUD_KEY", retries=kw.pop("retries", 2),
+    cfg = CloudEndpoint(base_url=url, model="m", api_key_env="CLOUD_KEY", retries=kw.pop("retries", 2),
                       backoff_s=0.01, timeout_s=kw.pop("timeout_s", 2.0))  # fmt: skip
     return CloudClient(cfg, breaker or Breaker(3, 60), {"CLOUD_KEY": "sk-test"})
 

@@ -3,7 +3,6 @@ download's total deadline, its rate floor and its cancel switch, on real loopbac
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 from trickle import TrickleOrigin
 
+from sidecar.fileio import sha256_file
 from sidecar.update.fetch import Aborted, Control, FetchError, fetch_bytes, fetch_file
 
 SIZE = 10_000
@@ -27,7 +27,7 @@ def root(tmp_path: Path) -> Path:
 
 
 def sha(root: Path) -> str:
-    return hashlib.sha256((root / "blob.bin").read_bytes()).hexdigest()
+    return sha256_file(root / "blob.bin")
 
 
 @pytest.fixture

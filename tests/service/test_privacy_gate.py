@@ -276,7 +276,7 @@ async def test_the_client_refuses_a_payload_the_decision_missed(serve, tiny_mode
     r = await s.client.classify(text, LABELS, routing="AUTO")
     assert r.route.served_by == "local" and r.route.reason_code == "blocked"
     assert not script.raw
-    gate.redact = True  # with redaction on, the last check redacts what is left instead
+    gate.update(gate.scanner, redact=True)  # with redaction on, the last check redacts instead
     r = await s.client.classify(text, LABELS, routing="CLOUD_ONLY")
     assert r.route.served_by == "cloud" and script.seen("[EMAIL]")
     assert not leaked(script, EMAIL)
@@ -284,12 +284,12 @@ async def test_the_client_refuses_a_payload_the_decision_missed(serve, tiny_mode
 
 async def test_the_cloud_client_alone_never_sends_sensitive_data(cloud) -> None:  # type: ignore[no-untyped-def]
     from sidecar.router.breaker import Breaker
-    from sidecar.router.cloud import CloudClient, CloudConfig
+    from sidecar.router.cloud import CloudClient, CloudEndpoint
     from sidecar.router.outbound import Gate, SensitiveData
     from sidecar.router.privacy import Scanner
 
     url, script = cloud
-    cfg = CloudConfig(base_url=url, model="m", retries=0)
+    cfg = CloudEndpoint(base_url=url, model="m", retries=0)
     c = CloudClient(cfg, Breaker(3, 60), {})
     schema = {"type": "object", "properties": {"to": {"enum": [EMAIL]}}}
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}

@@ -15,7 +15,7 @@ import pytest
 from tiny_gguf import write_tiny_llama
 from update_origin import Origin, apply, make_origin, start
 
-from sidecar.store import sha256_file
+from sidecar.fileio import sha256_file
 from sidecar.update.manifest import generate_keypair
 from sidecar.v1 import inference_pb2 as pb
 

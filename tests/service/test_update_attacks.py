@@ -26,7 +26,7 @@ from update_origin import Origin, apply, make_origin, start, wait_for
 
 from sidecar.cli.commands import main
 from sidecar.cli.support import EXIT_STOPPED
-from sidecar.store import sha256_file
+from sidecar.fileio import sha256_file
 from sidecar.update import delta as dmod
 from sidecar.v1 import inference_pb2 as pb
 

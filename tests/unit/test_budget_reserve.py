@@ -78,3 +78,18 @@ def test_an_answer_without_usage_is_charged_its_reservation(tmp_path: Path) -> N
     failed = b.reserve(1000, 0)
     assert isinstance(failed, Reservation)
     assert b.settle(failed, 0, 0) == 0.0  # no answer: released, nothing charged
+
+
+def test_new_caps_and_prices_apply_live_and_keep_what_was_spent(tmp_path: Path) -> None:
+    b = Budget(tmp_path / "b.json", PRICES, daily_cap=0.003, clock=Day())
+    in_flight = b.reserve(1000, 0)
+    assert isinstance(in_flight, Reservation)
+    b.charge(2000, 0)  # 0.002 spent, 0.001 held: the cap is reached
+    assert b.spent() == "daily"
+    b.set_limits(Prices(prompt_per_mtok=2.0, completion_per_mtok=0.0), 0.01, 0.0)
+    assert b.spent_day == pytest.approx(0.002) and b.spent() is None  # spending kept
+    assert b.charge(1000, 0) == pytest.approx(0.002)  # the new price
+    assert b.settle(in_flight, 1000, 0) == pytest.approx(0.002)  # held at the old, paid at the new
+    b.set_limits(PRICES, daily_cap=0.005, monthly_cap=0.0)  # lowered below the spending
+    assert b.spent_day == pytest.approx(0.006) and b.spent() == "daily"
+    assert b.reserve(1, 0) == "daily"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 from pathlib import Path
@@ -11,13 +10,10 @@ import pytest
 from gguf_variants import one_tensor_changed, sparse_edits, tensors_reordered
 from tiny_gguf import write_tiny_llama
 
+from sidecar.fileio import sha256_file
 from sidecar.gguf_check import check
 from sidecar.update import delta as dmod
 from sidecar.update.delta import DeltaError, apply_delta, make_delta, read_delta_info
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def round_trip(old: Path, new: Path, tmp: Path) -> int:
@@ -25,9 +21,9 @@ def round_trip(old: Path, new: Path, tmp: Path) -> int:
     info = make_delta(old, new, d)
     out = tmp / "out.partial"
     got = apply_delta(old, d, out)
-    assert got == sha(new) == info.target_sha256
+    assert got == sha256_file(new) == info.target_sha256
     assert out.read_bytes() == new.read_bytes()
-    assert read_delta_info(d).base_sha256 == sha(old)
+    assert read_delta_info(d).base_sha256 == sha256_file(old)
     return d.stat().st_size
 
 
@@ -135,7 +131,7 @@ def test_apply_works_in_bounded_pieces(base: Path, tmp_path: Path, monkeypatch) 
         return real(f, n)
 
     monkeypatch.setattr(dmod, "_exact", spy)
-    assert apply_delta(base, d, tmp_path / "o") == sha(new)
+    assert apply_delta(base, d, tmp_path / "o") == sha256_file(new)
     # Payloads and source reads never exceed a piece; the one exception is the old
     # header, the dictionary for the new one (its size is the vocabulary's, not the model's).
     header = check(base).data_start

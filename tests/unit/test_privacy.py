@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from sidecar.router.outbound import Gate, SensitiveData
 from sidecar.router.privacy import Scanner, iban_ok, luhn, redact
 
 
@@ -51,3 +52,18 @@ def test_redaction_replaces_every_span() -> None:
     out = redact(text, s.find(text))
     assert out == "Jane ([EMAIL]) paid with [CARD]."
     assert s.kinds([out]) == []
+
+
+def test_a_gate_update_enforces_new_patterns_and_redaction_at_once() -> None:
+    gate = Gate(Scanner(("email",)), redact=False)
+    ticket = [{"role": "user", "content": "ticket ACME-4411 from a@b.io"}]
+    with pytest.raises(SensitiveData, match="email"):
+        gate.check(ticket, None)
+    gate.update(Scanner((), [r"ACME-\d+"]), redact=False)  # email off, a custom pattern on
+    plain = [{"role": "user", "content": "mail a@b.io"}]
+    assert gate.check(plain, None) == (plain, None)
+    with pytest.raises(SensitiveData, match="custom0"):
+        gate.check(ticket, None)
+    gate.update(gate.scanner, redact=True)
+    msgs, _ = gate.check(ticket, None)
+    assert "ACME-4411" not in msgs[0]["content"] and gate.redact

@@ -70,7 +70,7 @@ def entry(q: Path, stamp: str, name: str, size: int = 1, copied: bool = True) ->
 def test_quarantine_keeps_the_newest_entries_within_age_count_and_size(
     tmp_path: Path, models: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sidecar.store as store_mod
+    from sidecar.store import quarantine
 
     store = ModelStore(tmp_path / "store")
     q = store.quarantine_dir
@@ -80,7 +80,7 @@ def test_quarantine_keeps_the_newest_entries_within_age_count_and_size(
     assert store.quarantine_cleanup() == sorted([ancient.name, reason_only.name])
     assert list(q.iterdir()) == []
     # Count: only the newest QUARANTINE_KEEP entries stay, each with its reason.
-    monkeypatch.setattr(store_mod, "QUARANTINE_KEEP", 3)
+    monkeypatch.setattr(quarantine, "QUARANTINE_KEEP", 3)
     for i in range(5):
         store.quarantine(models[0], f"refused {i}", move=False)  # not ours: reason only
     reasons = sorted(p.read_text() for p in q.iterdir())
@@ -89,7 +89,7 @@ def test_quarantine_keeps_the_newest_entries_within_age_count_and_size(
     )
     # Size: older entries go once the newer ones fill the byte bound; the newest stays
     # even alone over it (it is the one an operator is about to look at).
-    monkeypatch.setattr(store_mod, "QUARANTINE_BYTES", 10)
+    monkeypatch.setattr(quarantine, "QUARANTINE_BYTES", 10)
     dropped = tmp_path / "dropped.gguf"
     dropped.write_bytes(b"y" * 50)
     where = store.quarantine(dropped, "not a model")

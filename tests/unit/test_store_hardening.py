@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sidecar import store as store_module
+from sidecar import fileio
 from sidecar.domain.errors import InvalidRequest
 from sidecar.domain.names import check_name, name_problem, shown
 from sidecar.gguf_check import MAX_STRING_ARRAY, GGUFError, check
 from sidecar.logs import JsonFormatter, TextFormatter
 from sidecar.server.socket_claim import SocketClaim, SocketUnsafe
-from sidecar.store import BlobChanged, ModelStore, startup_blob
+from sidecar.store import BlobChanged, ModelStore, model_store, startup_blob
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_gguf import write_tiny_llama
@@ -180,22 +180,22 @@ def test_reflink_is_tried_first_and_a_copy_follows(
         calls.append(request)
         raise OSError(95, "Operation not supported")
 
-    monkeypatch.setattr(store_module.fcntl, "ioctl", ioctl)
-    store_module.clone_or_copy(model, tmp_path / "copy.gguf")
-    assert calls == [store_module.FICLONE]
+    monkeypatch.setattr(fileio.fcntl, "ioctl", ioctl)
+    fileio.clone_or_copy(model, tmp_path / "copy.gguf")
+    assert calls == [fileio.FICLONE]
     assert (tmp_path / "copy.gguf").read_bytes() == model.read_bytes()
     assert stat.S_IMODE((tmp_path / "copy.gguf").stat().st_mode) == 0o600
 
 
 def count_hashes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     hashed: list[Path] = []
-    real = store_module.sha256_file
+    real = model_store.sha256_file
 
     def spy(path: Path) -> str:
         hashed.append(path)
         return real(path)
 
-    monkeypatch.setattr(store_module, "sha256_file", spy)
+    monkeypatch.setattr(model_store, "sha256_file", spy)
     return hashed
 
 

@@ -1,39 +1,11 @@
-"""The model store: named models, versions addressed by sha256, an atomic "active" pointer.
+"""Named models, versions addressed by sha256, an atomic "active" pointer per name.
 
-    <root>/blobs/<sha256>.gguf          immutable, verified model files (the store's own inodes)
-    <root>/verified/<sha256>            size, mtime, inode and ctime of the blob when last hashed
-    <root>/models/<name>/versions/<sha> membership markers (a blob may serve several names)
-    <root>/models/<name>/active         the sha256 serving <name>; written atomically
-    <root>/models/<name>/previous       the one before, kept by gc for rollback
-    <root>/quarantine/                  refused files (0600, dir 0700), each with a .reason
-                                        (a record alone when the file was not ours to copy)
-
-Every write is atomic (a *.partial file, fsync, verify, os.replace, fsync the directory),
-so after a kill -9 at any moment the store holds only complete, verified files and the
-pointers name one of them. Partial files are never read as models and are swept on open.
-
-The store owns its bytes. An import copies (or reflinks, which is copy-on-write) and never
-hardlinks: a shared inode would let whoever writes the original file rewrite a blob under
-its old version label. The caller's file is only read, never moved or chmodded. A blob is
-re-verified before a stored version is loaded again (`verify`): a stat compared with the
-one recorded when it was last hashed, and a full sha256 when they differ.
-
-Names come from callers, so every path is built by `_model_dir`, which checks the name
-(sidecar.domain.names) and refuses anything that would resolve outside `<root>/models`.
-
-What may be deleted: `remove` and `gc` never touch a version that a live worker maps (the
-caller passes those, read from the workers' real mappings), that is being swapped in
-(`hold`), or that any name's active or previous pointer names. `gc` also leaves alone the
-versions of a name that has never been activated: they were added on purpose and nothing
-has replaced them. The quarantine keeps only its newest entries (`quarantine_cleanup`).
+The layout on disk and what may be deleted are described in `sidecar.store`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
-import hashlib
 import logging
 import os
 import re
@@ -42,28 +14,18 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from sidecar.domain.errors import FailedPrecondition, InvalidRequest, ModelNotFound
 from sidecar.domain.names import check_name, name_problem, shown
+from sidecar.domain.versions import SHORT, VersionInfo
+from sidecar.fileio import clone_or_copy, fsync_dir, sha256_file, write_atomic
 from sidecar.gguf_check import GGUFError
 from sidecar.gguf_check import check as check_gguf
+from sidecar.store.quarantine import Quarantine
 
-CHUNK = 1 << 20
-SHORT = 12  # the version prefix replies show
-FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int): share extents copy-on-write
 _SHA = re.compile(r"[0-9a-f]{64}")
 _HEX = re.compile(r"[0-9a-fA-F]{1,64}")
-_QUARANTINE_NAME = 80  # characters of the refused file's name kept in the quarantine name
-# The quarantine is for looking at what was refused, not an archive: refused models are
-# gigabytes. Newest first, an entry stays while it is one of the newest QUARANTINE_KEEP,
-# younger than QUARANTINE_DAYS and, with the newer ones, within QUARANTINE_BYTES; the
-# newest entry always stays, being the one an operator is about to look at.
-QUARANTINE_KEEP = 10
-QUARANTINE_DAYS = 14
-QUARANTINE_BYTES = 2 << 30
-_STAMP = re.compile(r"(\d{8}T\d{6})-(\d{9})-")
 
 log = logging.getLogger("sidecar.store")
 
@@ -72,71 +34,9 @@ class BlobChanged(FailedPrecondition):
     """A stored blob no longer has the bytes its name promises; it was set aside."""
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def clone_or_copy(src: Path, dst: Path, mode: int = 0o600) -> str | None:
-    """Write `dst` (which must not exist) with the bytes of `src` in a new inode of our own:
-    a reflink where the filesystem offers one (btrfs, xfs: instant, copy-on-write), else a
-    copy. Never a hardlink. `dst` is fsynced. Returns the sha256 of what a copy wrote
-    (hashed on the way, saving a second read), None after a reflink."""
-    with src.open("rb") as fin:
-        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-        with os.fdopen(fd, "wb") as fout:
-            try:
-                fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
-                sha = None
-            except OSError:  # EOPNOTSUPP, EXDEV, EINVAL, ENOTTY...: no reflink here
-                h = hashlib.sha256()
-                while chunk := fin.read(CHUNK):
-                    h.update(chunk)
-                    fout.write(chunk)
-                sha = h.hexdigest()
-            fout.flush()
-            os.fsync(fout.fileno())
-    return sha
-
-
 def _stamp(st: os.stat_result) -> str:
     # ctime cannot be set by a user: any write, chmod or relink of the blob changes it.
     return f"{st.st_size} {st.st_mtime_ns} {st.st_ino} {st.st_ctime_ns}"
-
-
-@dataclass(frozen=True)
-class VersionInfo:
-    name: str
-    sha256: str
-    size: int
-    added: float
-    active: bool
-    previous: bool
-
-    @property
-    def short(self) -> str:
-        return self.sha256[:SHORT]
 
 
 class ModelStore:
@@ -145,11 +45,8 @@ class ModelStore:
         self.blobs = root / "blobs"
         self.models = root / "models"
         self.stamps = root / "verified"
-        self.quarantine_dir = root / "quarantine"
-        for d in (self.blobs, self.models, self.stamps, self.quarantine_dir):
+        for d in (self.blobs, self.models, self.stamps):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # Refused files may be anything a caller pointed at: only we may read them.
-        os.chmod(self.quarantine_dir, 0o700)
         for stale in self.blobs.glob("*.partial"):  # left by a crash mid-copy
             stale.unlink(missing_ok=True)
         # Admin calls and swaps reach the store from several threads: what gc decides to
@@ -159,6 +56,8 @@ class ModelStore:
         # hold/release run on the event loop: they take only this lock, never `_lock`, which
         # file work (a gc, a quarantine copy) can hold for a while.
         self._held_lock = threading.Lock()
+        self._quarantine = Quarantine(root / "quarantine", self._lock, self._owns)
+        self.quarantine_dir = self._quarantine.dir
 
     # ---------------------------------------------------------------- paths
 
@@ -453,138 +352,9 @@ class ModelStore:
             return False
 
     def quarantine(self, src: Path, reason: str, *, move: bool = True) -> Path:
-        """Set a refused file aside with its reason, readable by us only; return where.
-
-        move=True: a file handed over to us (a drop) or one of our blobs is moved there.
-        move=False: a blob other names may still use is copied. A file outside the store
-        that a caller merely named is never copied (it may be anything they can name,
-        /etc/shadow included), nor is a symbolic link followed: only the reason is
-        recorded, and that record is returned."""
-        now = time.time_ns()  # one reading: the name sorts in the order entries were made
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(now // 1_000_000_000))
-        stamp += f"-{now % 1_000_000_000:09d}"
-        safe = re.sub(r"[^A-Za-z0-9._-]", "_", src.name)[-_QUARANTINE_NAME:]
-        dest = self.quarantine_dir / f"{stamp}-{safe}"
-        record = dest.with_name(dest.name + ".reason")
-        if src.is_symlink():  # a dropped link: removed, never followed
-            with contextlib.suppress(OSError):
-                reason = f"{reason}\n(a symbolic link to {os.readlink(src)}: removed)"
-            if move:
-                src.unlink(missing_ok=True)
-            dest = record
-        elif not move and not self._owns(src):
-            reason = f"{reason}\n(not copied: {src} is not the store's file)"
-            dest = record
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                self._set_aside(src, dest, move)
-        fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(reason)
-        try:
-            self.quarantine_cleanup()
-        except OSError as e:  # a full disk must not turn a refusal into a crash
-            log.warning("could not trim the quarantine: %s", e)
-        return dest
+        """Set a refused file aside with its reason (see `Quarantine.put`); return where."""
+        return self._quarantine.put(src, reason, move=move)
 
     def quarantine_cleanup(self, *, empty: bool = False) -> list[str]:
-        """Apply the quarantine's bound (QUARANTINE_KEEP, _DAYS, _BYTES; the newest entry
-        is exempt from the size bound only), or with empty=True remove every entry; return
-        the entries removed, oldest first. An entry is a refused file and its .reason
-        record, or a record alone. Links are removed as links; directories are left."""
-        with self._lock:
-            groups: dict[str, list[tuple[Path, os.stat_result]]] = {}
-            for p in self.quarantine_dir.iterdir():
-                try:
-                    st = os.lstat(p)
-                except FileNotFoundError:
-                    continue
-                if not stat.S_ISDIR(st.st_mode):
-                    groups.setdefault(p.name.removesuffix(".reason"), []).append((p, st))
-            # Made time, then name: stamps differ in nanoseconds a float cannot hold.
-            newest_first = sorted(groups, key=lambda k: (_made(k, groups[k]), k), reverse=True)
-            cutoff = time.time() - QUARANTINE_DAYS * 86400
-            total = 0
-            doomed = []
-            for i, key in enumerate(newest_first):
-                total += sum(st.st_size for _, st in groups[key])
-                if (
-                    empty
-                    or i >= QUARANTINE_KEEP
-                    or _made(key, groups[key]) < cutoff
-                    or (i > 0 and total > QUARANTINE_BYTES)
-                ):
-                    doomed.append(key)
-            for key in doomed:
-                for p, _ in groups[key]:
-                    p.unlink(missing_ok=True)
-            if doomed:
-                fsync_dir(self.quarantine_dir)
-            return doomed[::-1]
-
-    def _set_aside(self, src: Path, dest: Path, move: bool) -> None:
-        if move:
-            try:
-                os.replace(src, dest)
-            except OSError as e:
-                if e.errno != errno.EXDEV:
-                    raise
-            else:
-                _make_private(dest)
-                return
-        clone_or_copy(src, dest, 0o600)
-        if move:
-            src.unlink()
-
-
-def _made(key: str, files: list[tuple[Path, os.stat_result]]) -> float:
-    """When a quarantine entry was made: the stamp its name starts with (a moved file
-    keeps its own old mtime), else the newest mtime among its files."""
-    m = _STAMP.match(key)
-    if m:
-        with contextlib.suppress(ValueError, OverflowError):
-            return time.mktime(time.strptime(m[1], "%Y%m%dT%H%M%S")) + int(m[2]) / 1e9
-    return max(st.st_mtime for _, st in files)
-
-
-def _make_private(path: Path) -> None:
-    # By descriptor and without following links: the name may have been swapped for a
-    # link to someone else's file since it was checked.
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        if e.errno != errno.ELOOP:
-            raise
-        path.unlink()
-        return
-    try:
-        os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
-
-
-def startup_blob(store: ModelStore, name: str, configured: Path) -> Path:
-    """The file to serve `name` from at start: the store's active version, unless the
-    configured path is new or changed since it last seeded the store (then it is imported
-    and activated). So swaps survive restarts, and editing the config still wins. A
-    configured file that does not exist is an error, never a silent fallback. The active
-    blob is verified first; one that changed on disk is set aside and the configured file
-    is imported again."""
-    seed_file = store._model_dir(name) / "seed"
-    try:
-        st = configured.stat()
-    except FileNotFoundError:
-        raise FailedPrecondition(f"model {name!r}: no file at {configured}") from None
-    seed = f"{configured.resolve()}\t{st.st_size}\t{st.st_mtime_ns}"
-    active = store.active(name)
-    old_seed = seed_file.read_text() if seed_file.exists() else None
-    if active and seed == old_seed:
-        try:
-            store.verify(active)
-            return store.blob(active)
-        except BlobChanged as e:
-            log.warning("model %r: %s; importing %s again", name, e.message, configured)
-    sha = store.add(configured, name)
-    store.activate(name, sha)
-    write_atomic(seed_file, seed.encode())
-    return store.blob(sha)
+        """Apply the quarantine's bound, or empty it; the entries removed, oldest first."""
+        return self._quarantine.cleanup(empty=empty)

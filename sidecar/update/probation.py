@@ -1,0 +1,80 @@
+"""After an install: watch the new version for `update.healthy_seconds`; if a worker of it
+dies or a readiness probe fails, swap the previous version back and keep the reason
+(step 6 of an update). What is on probation is kept in the state, so it survives a
+restart."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from sidecar.domain.errors import SidecarError
+from sidecar.update.context import UpdateContext
+from sidecar.update.state import State
+
+log = logging.getLogger("sidecar.update")
+
+
+class Probation:
+    def __init__(self, ctx: UpdateContext, probe_errors: dict[str, str | None]) -> None:
+        self._ctx = ctx
+        self._probe_errors = probe_errors
+        # Worker restarts and probe error when probation began: later changes are trouble.
+        self._baseline: dict[str, tuple[int, str | None]] = {}
+
+    def _health_marks(self, name: str) -> tuple[int, str | None]:
+        return self._ctx.engine.pool(name).status().restarts, self._probe_errors.get(name)
+
+    def begin(self, name: str) -> None:
+        """The new version of `name` serves from now on: remember how healthy things are."""
+        self._baseline[name] = self._health_marks(name)
+
+    async def watch(self) -> None:
+        """One pass over every model on probation."""
+        ctx = self._ctx
+        for name in list(ctx.engine.pools):
+            path = ctx.state_path(name)
+            if not path.exists():
+                continue
+            st = State.load(path)
+            p = st.probation
+            if not p:
+                continue
+            serving = ctx.engine.pool(name).ref.version
+            if not serving or not p["sha256"].startswith(serving):
+                st.probation = {}
+                st.save(path)
+                continue
+            baseline = self._baseline.setdefault(name, self._health_marks(name))
+            restarts, probe_error = self._health_marks(name)
+            trouble = ""
+            if restarts > baseline[0]:
+                trouble = f"{restarts - baseline[0]} worker restart(s)"
+            elif probe_error and probe_error != baseline[1]:
+                trouble = f"readiness probe failed: {probe_error}"
+            if trouble:
+                await self._roll_back(name, st, trouble)
+            elif time.time() >= p["until"]:
+                st.probation = {}
+                st.save(path)
+                self._baseline.pop(name, None)
+                ctx.record(name, f"v{p['version']} served healthily for the probation period")
+
+    async def _roll_back(self, name: str, st: State, trouble: str) -> None:
+        ctx = self._ctx
+        p = st.probation
+        why = f"unhealthy within {ctx.engine.config.update.healthy_seconds:.0f}s: {trouble}"
+        log.error("update %s: v%s %s; rolling back to %s", name, p["version"], why, p["previous"])
+        try:
+            await ctx.engine.swap(name, version=p["previous"])
+        except SidecarError as e:
+            ctx.record(name, f"rollback to {p['previous']} failed: {e.message}", logging.ERROR)
+            return
+        st = ctx.state(name)
+        st.probation = {}
+        st.failed[p["sha256"]] = why
+        st.installed_version = int(p.get("previous_version") or 0)
+        st.installed_sha256 = ""
+        st.save(ctx.state_path(name))
+        self._baseline.pop(name, None)
+        ctx.reject(name, "unhealthy", f"v{p['version']} rolled back to {p['previous']}: {why}")
