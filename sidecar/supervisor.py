@@ -1,10 +1,15 @@
 """The supervisor: the daemon's slow loop beside the request path.
 
-Each tick it kills workers that stopped answering pings (their pools replace them
-with backoff), retires workers over their RSS ceiling between requests, sheds new
-load when the system runs short of memory, re-proves readiness with a one-token
-generation now and then, publishes readiness to the health service, and pets the
-systemd watchdog. Signal handlers never do any of this; they only set events.
+Each tick it kills workers that stopped answering pings, retires workers over their RSS
+ceiling between requests, sheds new load when the system runs short of memory, re-proves
+readiness with a one-token generation now and then, publishes readiness to the health
+service, and pets the systemd watchdog. Signal handlers never do any of this; they only
+set events.
+
+What the tick does not do is restart dead workers: a death arrives as an event (the
+worker's pipe closes), and the pool that saw it, the only part that knows which request
+the worker ran, replaces it when the restart policy says (engine/restarts.py), at once for
+a death a request explains, with backoff otherwise, without waiting for a tick.
 """
 
 from __future__ import annotations

@@ -1,50 +1,43 @@
-"""The Engine interface the server programs against, and its pool-backed implementation.
+"""The local engine: the named models of this machine, each run by a pool of workers.
 
-`PoolEngine` runs each named model in a `ModelPool`; what a pool runs jobs on is a
-slot kind: "process" (spawned workers, the default), "thread" (in-process, for
-debugging) or "fake" (no llama.cpp, for fast service tests). Scheduling, validation,
-timings and model resolution are the same code for all three.
+`PoolEngine` implements the `Engine` seam (sidecar.domain.seam) over one `ModelPool` per
+named model; what a pool runs jobs on is a slot kind: "process" (spawned workers, the
+default), "thread" (in-process, for debugging) or "fake" (no llama.cpp, for fast service
+tests). Scheduling, validation, timings and model resolution are the same code for all
+three. Swaps are the `Swapper`'s (engine/swap.py); the engine only names the pool.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import time
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 from sidecar.config import Config
-from sidecar.domain.errors import (
-    FailedPrecondition,
-    InternalError,
-    InvalidRequest,
-    ModelNotFound,
-    Overloaded,
-    SidecarError,
-    SwapRefused,
-)
+from sidecar.domain.errors import InternalError, ModelNotFound, Overloaded, SidecarError
 from sidecar.domain.names import shown
+from sidecar.domain.progress import Progress, ignore
+from sidecar.domain.seam import DEFAULT_ROUTE
 from sidecar.domain.status import PoolStatus, SwapResult
 from sidecar.domain.types import (
     Classification,
     Embeddings,
     Extraction,
     Generation,
+    ModelRef,
     Result,
+    RouteRequest,
     StreamableTask,
     Task,
     Timings,
     TokenEvent,
 )
 from sidecar.engine.fake import FakeSlot
-from sidecar.engine.mappings import open_files
 from sidecar.engine.pool import Job, ModelPool
 from sidecar.engine.slots import ProcessSlot, SlotFactory, ThreadSlot
-from sidecar.engine.swap import STRATEGIES, Progress, swap
-from sidecar.gguf_check import GGUFError
+from sidecar.engine.swap import Swapper
 from sidecar.store import ModelStore, startup_blob
 from sidecar.validate import Limits, check
 
@@ -53,20 +46,6 @@ SLOT_KINDS: dict[str, SlotFactory] = {
     "thread": ThreadSlot,
     "fake": FakeSlot,
 }
-
-
-class Engine(Protocol):
-    default_model: str
-
-    async def start(self) -> None: ...
-    async def close(self) -> None: ...
-    async def run(self, model: str, task: Task, caller: str) -> Result: ...
-    def stream(
-        self, model: str, task: StreamableTask, caller: str
-    ) -> AsyncGenerator[TokenEvent | Generation, None]: ...
-    def status(self) -> list[tuple[PoolStatus, bool]]: ...
-    @property
-    def ready(self) -> bool: ...
 
 
 class PoolEngine:
@@ -86,6 +65,7 @@ class PoolEngine:
         self.store = store or ModelStore(config.store.path)
         self.shed_reason: str | None = None  # set by the supervisor under memory pressure
         self.on_result: Callable[[Result], None] = lambda _r: None  # metrics hook
+        self.swapper = Swapper(self.pools, self.store, lambda: self.config.store)
 
     async def start(self) -> None:
         try:
@@ -112,13 +92,15 @@ class PoolEngine:
             raise ModelNotFound(f"no model named {shown(name)} is loaded (loaded: {known})")
         return pool
 
-    def check(self, model: str, task: Task) -> ModelPool:
+    def ref(self, model: str) -> ModelRef:
+        return self.pool(model).ref
+
+    def check(self, model: str, task: Task) -> None:
         """Refuse bad input against `model`'s limits, wherever the task will run: a request
         bound for the cloud is bounded exactly like one for a worker."""
         pool = self.pool(model)
         s = self.config.server
         check(task, Limits(pool.config.context, s.max_labels, s.max_embed_texts))
-        return pool
 
     def _submit(
         self, model: str, task: Task, caller: str, stream: bool, background: bool = False
@@ -129,8 +111,17 @@ class PoolEngine:
         self.check(model, task)
         return pool, pool.submit(task, caller, stream, background)
 
-    async def run(self, model: str, task: Task, caller: str, *, background: bool = False) -> Result:
-        """Run `task`; `background` work waits until no live request does (few-shot builds)."""
+    async def run(
+        self,
+        model: str,
+        task: Task,
+        caller: str,
+        *,
+        route: RouteRequest = DEFAULT_ROUTE,
+        background: bool = False,
+    ) -> Result:
+        """Run `task`; `background` work waits until no live request does (few-shot builds).
+        `route` is the router's business: everything here runs locally."""
         pool, job = self._submit(model, task, caller, stream=False, background=background)
         try:
             event = await job.events.get()
@@ -146,7 +137,12 @@ class PoolEngine:
         return result
 
     async def stream(
-        self, model: str, task: StreamableTask, caller: str
+        self,
+        model: str,
+        task: StreamableTask,
+        caller: str,
+        *,
+        route: RouteRequest = DEFAULT_ROUTE,
     ) -> AsyncGenerator[TokenEvent | Generation, None]:
         pool, job = self._submit(model, task, caller, stream=True)
         try:
@@ -174,119 +170,28 @@ class PoolEngine:
         version: str = "",
         path: Path | None = None,
         strategy: str = "",
-        progress: Progress = lambda _stage, _detail: None,
+        progress: Progress = ignore,
         move_source: bool = False,
     ) -> SwapResult:
-        """Swap `name` to a stored version or a new file. Refused swaps quarantine the file."""
-        pool = self.pool(name)
-        name = pool.config.name
-        strategy = strategy or self.config.store.swap_strategy
-        if strategy not in STRATEGIES:
-            raise InvalidRequest(
-                f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}"
-            )
-        if pool.swap_lock.locked():
-            raise FailedPrecondition(
-                f"a swap of {pool.ref.name!r} is in progress: wait for it to finish"
-            )
-        async with pool.swap_lock:
-            # Held from here until the pointers name it: no gc between add and load.
-            sha = await self._resolve(pool, version, path, progress, move_source)
-            held = True
-            try:
-                if sha[:12] == pool.ref.version:
-                    progress("done", f"{pool.ref.name} already serves {pool.ref.version}")
-                    return SwapResult(pool.ref, pool.ref, strategy, 0.0)
-                s = self.config.store
-                try:
-                    result = await swap(
-                        pool,
-                        self.store.blob(sha),
-                        sha,
-                        strategy,
-                        progress,
-                        s.drain_seconds,
-                        s.swap_wait_seconds,
-                    )
-                except SwapRefused as e:
-                    self.store.release(sha)
-                    held = False
-                    in_use = self.in_use()
-                    where = await asyncio.to_thread(self._refuse, name, sha, e.reason, in_use)
-                    pool.last_swap = (
-                        f"refused {sha[:12]} at {e.stage}: {e.reason} (quarantined as {where.name})"
-                    )
-                    progress("failed", pool.last_swap)
-                    raise
-                await asyncio.to_thread(self.store.activate, name, sha)
-            finally:
-                if held:
-                    self.store.release(sha)
-            pool.last_swap = f"{result.old.version} -> {result.new.version} ({result.strategy}, {result.seconds:.1f}s)"
-            return result
-
-    async def _resolve(
-        self,
-        pool: ModelPool,
-        version: str,
-        path: Path | None,
-        progress: Progress,
-        move_source: bool,
-    ) -> str:
-        if path is not None:
-            progress("adding", f"{path} to the store")
-            try:
-                return await asyncio.to_thread(
-                    functools.partial(self.store.add, path, pool.config.name, hold=True)
-                )
-            except GGUFError as e:
-                where = await asyncio.to_thread(
-                    self.store.quarantine, path, e.message, move=move_source
-                )
-                pool.last_swap = f"refused {path.name}: {e.message} (quarantined as {where.name})"
-                progress("failed", pool.last_swap)
-                raise SwapRefused("validating", e.message) from None
-        if not version:
-            raise InvalidRequest("name a version (NAME@VERSION) or a file to swap to")
-        sha = self.store.resolve(pool.config.name, version)
-        self.store.hold(sha)
-        try:
-            # Stored, but loaded again now: make sure its bytes are still the ones hashed.
-            progress("verifying", f"{sha[:12]} in the store")
-            await asyncio.to_thread(self.store.verify, sha)
-        except BaseException:
-            self.store.release(sha)
-            raise
-        return sha
-
-    def _refuse(self, name: str, sha: str, reason: str, in_use: dict[str, str]) -> Path:
-        where = self.store.quarantine(self.store.blob(sha), reason, move=False)
-        with contextlib.suppress(SidecarError):
-            self.store.remove(name, sha, in_use)
-        return where
+        """Swap `name` to a stored version or a new file (see `Swapper.swap`)."""
+        return await self.swapper.swap(
+            self.pool(name),
+            version=version,
+            path=path,
+            strategy=strategy,
+            progress=progress,
+            move_source=move_source,
+        )
 
     def in_use(self) -> dict[str, str]:
-        """sha256 of every store blob a live worker maps or has open (draining ones
-        included) -> which worker: read from /proc where it can be, else the file the
-        worker was started on. Call it on the event loop: it reads the pools."""
-        blobs = self.store.blobs.resolve()
-        found: dict[str, str] = {}
-        for name, pool in self.pools.items():
-            for slot in pool.workers():
-                pid, state = slot.info.pid, slot.info.state
-                if state in ("dead", "stopped"):
-                    continue
-                files = open_files(pid) if pid is not None else None
-                if files is None or state == "starting":  # not yet open: its spec says
-                    files = (files or set()) | {slot.spec.path.resolve()}
-                for f in files:
-                    if f.parent == blobs and f.suffix == ".gguf":
-                        who = f"worker pid {pid} of model {name!r}" if pid else f"model {name!r}"
-                        found.setdefault(f.stem, who)
-        return found
+        """sha256 of every store blob a live worker maps -> which worker (see `Swapper`)."""
+        return self.swapper.in_use()
 
     def status(self) -> list[tuple[PoolStatus, bool]]:
-        return [(p.status(), name == self.default_model) for name, p in self.pools.items()]
+        return [
+            (p.status(self.swapper.last_swap(name)), name == self.default_model)
+            for name, p in self.pools.items()
+        ]
 
 
 R = TypeVar("R", bound=Generation | Classification | Extraction | Embeddings)

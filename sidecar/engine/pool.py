@@ -4,9 +4,11 @@ Everything here runs on the event loop; slots do the blocking work elsewhere and
 report back through the `Events` callbacks. A worker that dies is replaced; the job it
 was running fails at once and is never retried. A death the running request explains
 (a crash signal, or a hang the supervisor killed) fails that request with
-`KilledWorker`, remembers it (see `poison`) and restarts the worker at once; any other
-death fails the job with UNAVAILABLE and restarts with exponential backoff, so a crash
-loop slows down without one bad request slowing every caller's recovery.
+`KilledWorker` and remembers it (see `poison`); any other death fails the job with
+UNAVAILABLE. When the replacement starts is the restart policy's call (`restarts`).
+
+The swap sequence (`swap`) drives a pool through its public methods only: `start_slot`,
+`run_on` (the canary), `route_to` (the flip), `drain`, `pause`/`resume` and `workers`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import contextlib
 import itertools
 import logging
 import time
-from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,19 +37,13 @@ from sidecar.domain.status import PoolStatus, SlotInfo
 from sidecar.domain.types import GenerateTask, ModelRef, Result, Task, TokenEvent
 from sidecar.engine.fair_queue import FairQueue
 from sidecar.engine.poison import Poison, crashed, how
+from sidecar.engine.restarts import RestartPolicy
 from sidecar.engine.slots import Slot, SlotFactory
 
 log = logging.getLogger("sidecar.pool")
 
 VERSION_CHARS = 12
-BACKOFF_START_S = 0.5
-BACKOFF_MAX_S = 30.0
-HEALTHY_RESET_S = 60.0
-# Deaths blamed on requests restart at once, up to this many per window; past that the
-# usual backoff applies, so a stream of different killer requests cannot keep a model
-# reloading in a loop.
-BLAMED_FREE = 3
-BLAMED_WINDOW_S = 60.0
+EXPIRE_EVERY_S = 0.1  # how often a paused pool fails requests that waited too long
 PROBE_CALLER = "sidecar:probe"
 
 Event = TokenEvent | Result | SidecarError
@@ -73,7 +68,11 @@ class Job:
 
 class ModelPool:
     def __init__(
-        self, config: ModelConfig, make_slot: SlotFactory, default_max_tokens: int
+        self,
+        config: ModelConfig,
+        make_slot: SlotFactory,
+        default_max_tokens: int,
+        restart_policy: RestartPolicy | None = None,
     ) -> None:
         self.config = config
         self.spec = RunnerSpec(
@@ -95,14 +94,11 @@ class ModelPool:
         self.facts: ModelFacts | None = None
         self.detail = "starting"
         self.restarts = 0
-        self.backoff_s = BACKOFF_START_S
+        self.restart_policy = restart_policy or RestartPolicy()
         self.last_error = ""
         self.poison = Poison()
-        self._blamed: deque[float] = deque()  # when deaths blamed on requests happened
         self._hung: dict[Slot, float] = {}  # slots the supervisor killed -> seconds silent
-        self.paused = False  # a replace-strategy swap holds new requests in the queue
-        self.swap_lock = asyncio.Lock()
-        self.last_swap = ""
+        self._paused: asyncio.Task[None] | None = None  # expires waiting jobs while paused
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -139,7 +135,7 @@ class ModelPool:
 
     async def close(self) -> None:
         self._closing = True
-        for t in list(self._tasks):
+        for t in [*self._tasks, *([self._paused] if self._paused else [])]:
             t.cancel()
         while (job := self._queue.pop()) is not None:
             self._finish(job, Unavailable("the daemon is shutting down"))
@@ -149,6 +145,11 @@ class ModelPool:
     @property
     def ready(self) -> bool:
         return any(s.info.state in ("idle", "busy") for s in self._slots)
+
+    @property
+    def paused(self) -> bool:
+        """New requests wait in the queue (a replace-strategy swap has no worker yet)."""
+        return self._paused is not None
 
     # ------------------------------------------------------------------ jobs
 
@@ -267,30 +268,15 @@ class ModelPool:
         if slot in self._idle:
             self._idle.remove(slot)
         self.detail = self.last_error = reason
-        now = time.monotonic()
-        if blamed:
-            while self._blamed and self._blamed[0] < now - BLAMED_WINDOW_S:
-                self._blamed.popleft()
-            self._blamed.append(now)
-            if len(self._blamed) <= BLAMED_FREE:
-                # The request explains the death and cannot come back: a fresh worker now.
-                log.warning("model %s: %s; restarting it now", self.ref.name, reason)
-                self._spawn_replacement(slot, 0.0)
-                return
-            # Many different requests killing workers (variants of one, callers without
-            # a uid to ban): restarts slow down like any crash loop.
-        # Backoff grows while workers keep dying young and resets once one has been
-        # healthy for a while, so a crash loop slows down but a rare crash restarts fast.
-        if now - slot.started_at > HEALTHY_RESET_S:
-            self.backoff_s = BACKOFF_START_S
-        else:
-            self.backoff_s = min(self.backoff_s * 2, BACKOFF_MAX_S)
-        log.warning("model %s: %s; restarting it in %.1fs", self.ref.name, reason, self.backoff_s)
-        self._spawn_replacement(slot, self.backoff_s)
-
-    def _spawn_replacement(self, old: Slot, delay: float) -> None:
+        delay = self.restart_policy.after_death(time.monotonic(), slot.started_at, blamed)
+        log.warning(
+            "model %s: %s; restarting it %s",
+            self.ref.name,
+            reason,
+            f"in {delay:.1f}s" if delay else "now",
+        )
         if not self._closing:
-            self._background(self._replace(old, delay))
+            self._background(self._respawn(slot, delay))
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         """Run `work` beside the request path, kept referenced (and cancelled on close)."""
@@ -298,23 +284,21 @@ class ModelPool:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _replace(self, old: Slot, delay: float) -> None:
+    async def _respawn(self, dead: Slot, delay: float) -> None:
+        """Put a fresh worker where `dead` served, after `delay`, trying until one starts."""
         while not self._closing:
             await asyncio.sleep(delay)
-            fresh = self._make_slot(self.spec, self)
             try:
-                await fresh.start()
+                fresh = await self.start_slot(self.spec)
             except Exception as e:
-                self.backoff_s = delay = min(max(delay, BACKOFF_START_S) * 2, BACKOFF_MAX_S)
+                delay = self.restart_policy.after_failed_start(delay)
                 self.detail = self.last_error = f"worker restart failed: {e}"
                 log.warning("model %s: %s; next try in %.1fs", self.ref.name, self.detail, delay)
-                with contextlib.suppress(Exception):
-                    await fresh.stop()
                 continue
             if self._closing:
                 await fresh.stop()
                 return
-            self._slots[self._slots.index(old)] = fresh
+            self._slots[self._slots.index(dead)] = fresh
             self._idle.append(fresh)
             self.restarts += 1
             if self.ready:
@@ -360,14 +344,11 @@ class ModelPool:
         self.last_error = reason
 
         async def succeed() -> None:
-            fresh = self._make_slot(self.spec, self)
             try:
-                await fresh.start()
+                fresh = await self.start_slot(self.spec)
             except Exception as e:
                 self._retiring.discard(slot)
                 log.warning("model %s: replacement worker failed to start: %s", self.ref.name, e)
-                with contextlib.suppress(Exception):
-                    await fresh.stop()
                 return
             if self._closing or slot not in self._slots:
                 await fresh.stop()
@@ -386,7 +367,19 @@ class ModelPool:
         self._retiring.discard(slot)
         await slot.stop()
 
-    # ------------------------------------------------------------------ swap primitives
+    # ------------------------------------------------------------------ what a swap drives
+
+    async def start_slot(self, spec: RunnerSpec) -> Slot:
+        """A new worker on `spec`, started and reporting its facts, serving nothing yet
+        (see `route_to`). A worker that fails to start is stopped and its error raised."""
+        slot = self._make_slot(spec, self)
+        try:
+            await slot.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await slot.stop()
+            raise
+        return slot
 
     async def run_on(self, slot: Slot, task: Task) -> Event:
         """Run one job on a specific slot outside the queue (canaries on unflipped workers)."""
@@ -401,8 +394,10 @@ class ModelPool:
         yet stopped (draining, or retiring once idle)."""
         return [*self._slots, *self._retiring]
 
-    def flip(self, slots: list[Slot], ref: ModelRef, spec: RunnerSpec) -> list[Slot]:
-        """New requests go to `slots` from now on; the old workers finish what they run."""
+    def route_to(self, slots: list[Slot], ref: ModelRef, spec: RunnerSpec) -> list[Slot]:
+        """The flip: new requests go to `slots` (serving `ref`, started on `spec`) from now
+        on; the workers that served until now finish what they run and are returned, to be
+        drained. With no slots, new requests wait (see `pause`)."""
         old = self._slots
         self._slots = list(slots)
         self._idle = [s for s in slots if s.info.state == "idle"]
@@ -421,15 +416,31 @@ class ModelPool:
             await asyncio.sleep(0.05)
         await asyncio.gather(*(self._stop_retired(s) for s in old), return_exceptions=True)
 
-    def expire_waiting(self, older_than_s: float) -> None:
-        """While paused, fail jobs that waited too long, with retry advice."""
-        now = time.perf_counter()
-        for job in [j for j in self._queue.items() if now - j.enqueued > older_than_s]:
-            self._queue.remove(job)
-            self._finish(
-                job,
-                Unavailable(f"model {self.ref.name!r} is being replaced; retry in a few seconds"),
-            )
+    def pause(self, wait_s: float) -> None:
+        """Hold new requests in the queue instead of refusing them while no worker serves;
+        one that waits longer than `wait_s` fails with retry advice."""
+        if self._paused is None:
+            self._paused = asyncio.get_running_loop().create_task(self._expire(wait_s))
+
+    def resume(self) -> None:
+        """Undo `pause`: what waited goes to the workers now serving."""
+        if self._paused is not None:
+            self._paused.cancel()
+            self._paused = None
+        self._dispatch()
+
+    async def _expire(self, wait_s: float) -> None:
+        while True:
+            now = time.perf_counter()
+            for job in [j for j in self._queue.items() if now - j.enqueued > wait_s]:
+                self._queue.remove(job)
+                self._finish(
+                    job,
+                    Unavailable(
+                        f"model {self.ref.name!r} is being replaced; retry in a few seconds"
+                    ),
+                )
+            await asyncio.sleep(EXPIRE_EVERY_S)
 
     async def probe(self) -> str | None:
         """A one-token generation through the queue: None if it answered, else why not."""
@@ -444,7 +455,8 @@ class ModelPool:
 
     # ------------------------------------------------------------------ status
 
-    def status(self) -> PoolStatus:
+    def status(self, last_swap: str = "") -> PoolStatus:
+        """What `sidecar status` shows; `last_swap` is the swap sequence's own record."""
         return PoolStatus(
             model=self.ref,
             path=self.spec.path,  # what the workers serve now, swaps included
@@ -456,8 +468,8 @@ class ModelPool:
             ready=self.ready,
             detail=self.detail,
             restarts=self.restarts,
-            backoff_s=self.backoff_s,
+            backoff_s=self.restart_policy.backoff_s,
             last_error=self.last_error,
-            last_swap=self.last_swap,
+            last_swap=last_swap,
             rss=tuple(s.rss() for s in self._slots),
         )

@@ -1,43 +1,204 @@
 """Hot swap: replace the model behind a name with zero failed requests.
 
-The one sequence to get right (ARCHITECTURE.md):
-1. validate the file (GGUF structure; the engine had the store re-verify its hash),
+The one sequence to get right (ARCHITECTURE.md), all of it here:
+0. resolve what to swap to: a stored version (its bytes re-verified) or a new file (added
+   to the store, which checks its hash); either is held in the store until it serves,
+1. validate the file (GGUF structure, and for side-by-side, the memory it needs),
 2. start new workers on it and prove them with a canary,
 3. flip: new requests go to the new workers; running ones finish on the old,
-4. drain the old workers (bounded), then stop them.
-Any failure before step 3 leaves the old model serving and raises `SwapRefused`.
+4. drain the old workers (bounded), then stop them; the store's active pointer moves.
+Any failure before step 3 leaves the old model serving, raises `SwapRefused`, records the
+reason (`last_swap`, shown by `sidecar status`) and quarantines the file.
 
 Two strategies: "side_by_side" (default; needs memory for both models at once, checked
 first) and "replace" (drain, stop, then load: new requests wait in the queue up to
 `swap_wait_seconds`, then get UNAVAILABLE with retry advice; if the new model fails,
 the old one is started again).
+
+A pool is driven through its public methods only (see `pool`); one swap per model at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
 import psutil
 
-from sidecar.config import ModelConfig
-from sidecar.domain.errors import SidecarError, SwapRefused
+from sidecar.config import ModelConfig, StoreConfig
+from sidecar.domain.errors import (
+    FailedPrecondition,
+    InvalidRequest,
+    SidecarError,
+    SwapRefused,
+)
+from sidecar.domain.progress import Progress, ignore
 from sidecar.domain.specs import RunnerSpec
 from sidecar.domain.status import SwapResult
 from sidecar.domain.types import GenerateTask, Generation, ModelRef
-from sidecar.engine.pool import ModelPool
+from sidecar.engine.mappings import open_files
+from sidecar.engine.pool import VERSION_CHARS, ModelPool
 from sidecar.engine.slots import Slot
-from sidecar.gguf_check import GGUFInfo, check
+from sidecar.gguf_check import GGUFError, GGUFInfo, check
+from sidecar.store import ModelStore
 
 STRATEGIES = ("side_by_side", "replace")
 CANARY_TIMEOUT_S = 120.0  # a worker that cannot answer one short prompt in this is not fit
 MiB = 1024 * 1024
-Progress = Callable[[str, str], None]
+
+
+class Swapper:
+    """Swaps the models of a set of pools, one swap per model at a time, with the store
+    as the source of files; remembers how each model's last swap ended."""
+
+    def __init__(
+        self,
+        pools: Mapping[str, ModelPool],
+        store: ModelStore,
+        settings: Callable[[], StoreConfig],
+    ) -> None:
+        self.pools = pools
+        self.store = store
+        self._settings = settings  # read per swap: a SIGHUP may change store.*
+        self._locks = {name: asyncio.Lock() for name in pools}
+        self._last: dict[str, str] = {}
+
+    def busy(self, name: str) -> bool:
+        """A swap of `name` is under way."""
+        return self._locks[name].locked()
+
+    def last_swap(self, name: str) -> str:
+        """How the last swap of `name` ended ("" = none since start), for status."""
+        return self._last.get(name, "")
+
+    async def swap(
+        self,
+        pool: ModelPool,
+        *,
+        version: str = "",
+        path: Path | None = None,
+        strategy: str = "",
+        progress: Progress = ignore,
+        move_source: bool = False,
+    ) -> SwapResult:
+        """Swap `pool` to a stored version or a new file. Refused swaps quarantine the file."""
+        name = pool.config.name
+        settings = self._settings()
+        strategy = strategy or settings.swap_strategy
+        if strategy not in STRATEGIES:
+            raise InvalidRequest(
+                f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}"
+            )
+        if self.busy(name):
+            raise FailedPrecondition(
+                f"a swap of {pool.ref.name!r} is in progress: wait for it to finish"
+            )
+        async with self._locks[name]:
+            # Held from here until the pointers name it: no gc between add and load.
+            sha = await self._resolve(pool, version, path, progress, move_source)
+            held = True
+            try:
+                if sha[:VERSION_CHARS] == pool.ref.version:
+                    progress("done", f"{pool.ref.name} already serves {pool.ref.version}")
+                    return SwapResult(pool.ref, pool.ref, strategy, 0.0)
+                try:
+                    result = await switch(
+                        pool,
+                        self.store.blob(sha),
+                        sha,
+                        strategy,
+                        progress,
+                        settings.drain_seconds,
+                        settings.swap_wait_seconds,
+                    )
+                except SwapRefused as e:
+                    self.store.release(sha)
+                    held = False
+                    in_use = self.in_use()
+                    where = await asyncio.to_thread(self._refuse, name, sha, e.reason, in_use)
+                    self._last[name] = (
+                        f"refused {sha[:VERSION_CHARS]} at {e.stage}: {e.reason} "
+                        f"(quarantined as {where.name})"
+                    )
+                    progress("failed", self._last[name])
+                    raise
+                await asyncio.to_thread(self.store.activate, name, sha)
+            finally:
+                if held:
+                    self.store.release(sha)
+            self._last[name] = (
+                f"{result.old.version} -> {result.new.version} "
+                f"({result.strategy}, {result.seconds:.1f}s)"
+            )
+            return result
+
+    async def _resolve(
+        self,
+        pool: ModelPool,
+        version: str,
+        path: Path | None,
+        progress: Progress,
+        move_source: bool,
+    ) -> str:
+        """The sha256 to swap to, held in the store (the caller releases it)."""
+        name = pool.config.name
+        if path is not None:
+            progress("adding", f"{path} to the store")
+            try:
+                return await asyncio.to_thread(
+                    functools.partial(self.store.add, path, name, hold=True)
+                )
+            except GGUFError as e:
+                where = await asyncio.to_thread(
+                    self.store.quarantine, path, e.message, move=move_source
+                )
+                self._last[name] = f"refused {path.name}: {e.message} (quarantined as {where.name})"
+                progress("failed", self._last[name])
+                raise SwapRefused("validating", e.message) from None
+        if not version:
+            raise InvalidRequest("name a version (NAME@VERSION) or a file to swap to")
+        sha = self.store.resolve(name, version)
+        self.store.hold(sha)
+        try:
+            # Stored, but loaded again now: make sure its bytes are still the ones hashed.
+            progress("verifying", f"{sha[:VERSION_CHARS]} in the store")
+            await asyncio.to_thread(self.store.verify, sha)
+        except BaseException:
+            self.store.release(sha)
+            raise
+        return sha
+
+    def _refuse(self, name: str, sha: str, reason: str, in_use: dict[str, str]) -> Path:
+        where = self.store.quarantine(self.store.blob(sha), reason, move=False)
+        with contextlib.suppress(SidecarError):
+            self.store.remove(name, sha, in_use)
+        return where
+
+    def in_use(self) -> dict[str, str]:
+        """sha256 of every store blob a live worker maps or has open (draining ones
+        included) -> which worker: read from /proc where it can be, else the file the
+        worker was started on. Call it on the event loop: it reads the pools."""
+        blobs = self.store.blobs.resolve()
+        found: dict[str, str] = {}
+        for name, pool in self.pools.items():
+            for slot in pool.workers():
+                pid, state = slot.info.pid, slot.info.state
+                if state in ("dead", "stopped"):
+                    continue
+                files = open_files(pid) if pid is not None else None
+                if files is None or state == "starting":  # not yet open: its spec says
+                    files = (files or set()) | {slot.spec.path.resolve()}
+                for f in files:
+                    if f.parent == blobs and f.suffix == ".gguf":
+                        who = f"worker pid {pid} of model {name!r}" if pid else f"model {name!r}"
+                        found.setdefault(f.stem, who)
+        return found
 
 
 def footprint(info: GGUFInfo, context: int, workers: int) -> int:
@@ -71,7 +232,7 @@ def check_canary(config: ModelConfig, event: object, ms: float) -> str | None:
     return None
 
 
-async def swap(
+async def switch(
     pool: ModelPool,
     path: Path,
     version: str,
@@ -80,9 +241,10 @@ async def swap(
     drain_s: float,
     wait_s: float,
 ) -> SwapResult:
+    """Steps 1 to 4 for a file already in the store: validate, prove, flip, drain."""
     started = time.monotonic()
     old_ref = pool.ref
-    new_ref = ModelRef(pool.config.name, version[:12])
+    new_ref = ModelRef(pool.config.name, version[:VERSION_CHARS])
     progress("validating", str(path))
     try:
         info = await asyncio.to_thread(check, path)
@@ -103,7 +265,7 @@ async def swap(
     else:
         slots = await _prove(pool, spec, progress)
         progress("flipping", f"{old_ref.version} -> {new_ref.version}")
-        old = pool.flip(slots, new_ref, spec)
+        old = pool.route_to(slots, new_ref, spec)
         progress("draining", f"{len(old)} old worker(s), up to {drain_s:.0f}s")
         await pool.drain(old, drain_s)
     seconds = time.monotonic() - started
@@ -114,8 +276,10 @@ async def swap(
 async def _prove(pool: ModelPool, spec: RunnerSpec, progress: Progress) -> list[Slot]:
     """Start the new workers and run the canary on each; stop them all on any failure."""
     progress("loading", f"{pool.config.workers} worker(s)")
-    slots = [pool._make_slot(spec, pool) for _ in range(pool.config.workers)]
-    results = await asyncio.gather(*(s.start() for s in slots), return_exceptions=True)
+    results = await asyncio.gather(
+        *(pool.start_slot(spec) for _ in range(pool.config.workers)), return_exceptions=True
+    )
+    slots = [r for r in results if not isinstance(r, BaseException)]
     failure = next((r for r in results if isinstance(r, BaseException)), None)
     if failure is not None:
         await _stop_all(slots)
@@ -148,11 +312,10 @@ async def _replace_in_place(
     wait_s: float,
 ) -> None:
     progress("pausing", f"new requests wait up to {wait_s:.0f}s")
-    pool.paused = True
-    expiry = asyncio.create_task(_expire(pool, wait_s))
+    pool.pause(wait_s)
     try:
         old_spec = pool.spec
-        old = pool.flip([], pool.ref, old_spec)
+        old = pool.route_to([], pool.ref, old_spec)  # no worker: new requests wait
         progress("draining", f"{len(old)} worker(s), up to {drain_s:.0f}s")
         await pool.drain(old, drain_s)
         try:
@@ -160,20 +323,12 @@ async def _replace_in_place(
         except SwapRefused:
             progress("rolling back", "restarting the previous model")
             back = await _prove(pool, old_spec, progress)
-            pool.flip(back, pool.ref, old_spec)
+            pool.route_to(back, pool.ref, old_spec)
             raise
         progress("flipping", f"-> {new_ref.version}")
-        pool.flip(slots, new_ref, spec)
+        pool.route_to(slots, new_ref, spec)
     finally:
-        expiry.cancel()
-        pool.paused = False
-        pool._dispatch()
-
-
-async def _expire(pool: ModelPool, wait_s: float) -> None:
-    while True:
-        pool.expire_waiting(wait_s)
-        await asyncio.sleep(0.1)
+        pool.resume()
 
 
 async def _stop_all(slots: list[Slot]) -> None:

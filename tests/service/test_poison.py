@@ -168,7 +168,7 @@ async def test_a_build_whose_embed_job_crashed_the_worker_is_not_retried(
         await asyncio.sleep(0.01)
     else:
         pytest.fail("the build never reached the worker")
-    os.kill(pool._slots[0].info.pid, signal.SIGSEGV)
+    os.kill(pool.workers()[0].info.pid, signal.SIGSEGV)
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await call
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
@@ -193,7 +193,7 @@ async def test_under_auto_a_request_that_crashed_its_worker_is_not_escalated(
             if any(j.task.kind == "generate" for j in pool._running.values()):
                 break
             await asyncio.sleep(0.01)
-        os.kill(pool._slots[0].info.pid, signal.SIGSEGV)
+        os.kill(pool.workers()[0].info.pid, signal.SIGSEGV)
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await call
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
@@ -236,7 +236,7 @@ async def test_copies_queued_before_the_first_one_killed_a_worker_never_run(
 async def test_many_different_killer_requests_slow_the_restarts_down(
     serve, tiny_model: Path
 ) -> None:
-    from sidecar.engine.pool import BACKOFF_START_S, BLAMED_FREE
+    from sidecar.engine.restarts import BACKOFF_START_S, BLAMED_FREE
 
     s = await serve(tiny_model, slot_kind="process", workers=1, context=2048, server=FAST)
     backoffs = []

@@ -121,8 +121,7 @@ async def test_a_second_swap_during_a_swap_gets_a_clear_answer(
 ) -> None:
     s = await serve(tiny_model, slot_kind="process", workers=1, context=1024)
     first = asyncio.ensure_future(swap(s.client, path=str(second_model)))
-    pool = s.running.engine.pools["default"]
-    while not pool.swap_lock.locked():
+    while not s.running.engine.swapper.busy("default"):
         await asyncio.sleep(0.005)
     details = await refused(s.client, path=str(tiny_model))
     assert "in progress" in details
