@@ -40,10 +40,10 @@ async def test_abandoned_builds_do_not_clog_the_queue(serve, tiny_model: Path) -
         assert time.monotonic() - t0 < 8.0  # loose: five tiny requests
         # Nobody waits for the builds any more: their work leaves the queue.
         for _ in range(100):
-            if pool._queue.background == 0 and not s.running.router.fewshot._building:
+            if pool._queue.background == 0 and not s.running.router.fewshot.builds.in_flight:
                 break
             await asyncio.sleep(0.05)
-        assert pool._queue.background == 0 and not s.running.router.fewshot._building
+        assert pool._queue.background == 0 and not s.running.router.fewshot.builds.in_flight
     finally:
         for c in clients:
             await c.close()
@@ -53,7 +53,7 @@ async def test_builds_per_caller_are_bounded_and_live_requests_go_first(
     serve, tiny_model: Path
 ) -> None:
     from sidecar.engine.fake import FakeSlot
-    from sidecar.fewshot import service
+    from sidecar.fewshot.builds import MAX_BUILDS_PER_CALLER
 
     s = await serve(tiny_model, workers=2)
     FakeSlot.token_delay_s = 0.3  # each embed job holds its worker a while
@@ -62,13 +62,13 @@ async def test_builds_per_caller_are_bounded_and_live_requests_go_first(
             asyncio.ensure_future(
                 s.client.classify("x", examples=example_set(f"s{i}", 400), timeout=30)
             )
-            for i in range(service.MAX_BUILDS_PER_CALLER)
+            for i in range(MAX_BUILDS_PER_CALLER)
         ]
         await asyncio.sleep(0.5)
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await s.client.classify("x", examples=example_set("one too many", 400))
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert f"at most {service.MAX_BUILDS_PER_CALLER} at once" in (e.value.details() or "")
+        assert f"at most {MAX_BUILDS_PER_CALLER} at once" in (e.value.details() or "")
         # Build work never holds both workers: a live request starts at once.
         other = AsyncClient(s.socket, caller="other")
         try:
@@ -92,13 +92,13 @@ async def test_the_vector_cache_stays_under_its_cap(
     cache = short_dir / "store/router/examples"
     await s.client.classify("x", examples=example_set("first", 100))
     one_set = sum(p.stat().st_size for p in cache.iterdir())
-    fewshot.cache_max_bytes = int(one_set * 2.5)
+    fewshot.builds.cache.max_bytes = int(one_set * 2.5)
     for i in range(4):
         await s.client.classify("x", examples=example_set(f"more{i}", 100))
-        assert sum(p.stat().st_size for p in cache.iterdir()) <= fewshot.cache_max_bytes
+        assert sum(p.stat().st_size for p in cache.iterdir()) <= fewshot.builds.cache.max_bytes
     assert len(list(cache.glob("*.npy"))) == 2  # the two most recent sets
     # An evicted set is simply embedded again.
-    fewshot._built.clear()
+    fewshot.builds._built.clear()
     r = await s.client.classify("first example 3", examples=example_set("first", 100))
     assert r.label.startswith("label")
 
@@ -120,7 +120,7 @@ async def test_an_abandoned_build_resumes_where_it_stopped(serve, tiny_model: Pa
         first = pool._slots[0].info.requests
         await asyncio.sleep(0.3)
         assert pool._slots[0].info.requests == first  # nobody waits: the build stopped
-        (partial,) = fewshot._partial.values()
+        (partial,) = fewshot.embedder._partial.values()
         had = int(partial.have.sum())
         assert 0 < had < len(examples)  # ... part way, and kept what it had
         await s.client.classify("x", examples=examples, timeout=30)

@@ -389,7 +389,7 @@ async def test_a_damaged_vector_cache_is_recomputed(serve, tiny_model, short_dir
     await s.client.classify("my card has still not arrived", examples=ROWS)
     (npy,) = (short_dir / "store/router/examples").glob("*.npy")
     npy.write_bytes(b"garbage")
-    s.running.router.fewshot._built.clear()
+    s.running.router.fewshot.builds._built.clear()
     r = await s.client.classify("my card has still not arrived", examples=ROWS)
     assert r.label == "card_arrival"
     import numpy as np
