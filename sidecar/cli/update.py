@@ -11,6 +11,7 @@ from typing import Any
 import click
 import grpc
 
+from sidecar.cli.progress import Progress, mb
 from sidecar.cli.support import (
     EXIT_DETACHED,
     EXIT_FAILED,
@@ -23,7 +24,6 @@ from sidecar.cli.support import (
     wait_limit,
     waiting,
 )
-from sidecar.cli.progress import Progress, mb
 from sidecar.v1 import inference_pb2 as pb
 
 

@@ -1,17 +1,23 @@
-"""The Engine seam: the one interface front ends call and engines implement.
+"""The seams front ends call: `Engine` for inference, `Admin` for running the daemon.
 
 Engines wrap engines, as httpx transports wrap transports: the router (cloud escalation)
 wraps few-shot (Classify by examples) which wraps the local pool of workers. A front end
 (gRPC servicer, OpenAI-compatible HTTP) holds an `Engine` and knows nothing of what is
 below it; tests hand it a real stack over fake workers.
+
+`Admin` is the other half of what a front end may see: reports, swaps, the store and
+updates, implemented once (`sidecar.admin.DaemonAdmin`) over the parts that do the work.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Protocol
 
-from sidecar.domain.status import PoolStatus
+from sidecar.domain.admin import ModelReport, StatusReport, StoredVersion, StoreListing
+from sidecar.domain.progress import Progress
+from sidecar.domain.status import PoolStatus, SwapResult
 from sidecar.domain.types import (
     Generation,
     ModelRef,
@@ -21,6 +27,7 @@ from sidecar.domain.types import (
     Task,
     TokenEvent,
 )
+from sidecar.domain.updates import Check, Outcome
 
 DEFAULT_ROUTE = RouteRequest()
 
@@ -71,4 +78,52 @@ class Engine(Protocol):
 
     def status(self) -> list[tuple[PoolStatus, bool]]:
         """Each model's pool and whether it is the default."""
+        ...
+
+
+class Admin(Protocol):
+    """What the Admin service asks of the daemon: reports, swaps, the store, updates.
+
+    A model name "" means the default model; names are checked here, not by the caller.
+    Store and file work runs off the event loop. Errors are domain errors (ModelNotFound,
+    FailedPrecondition, SwapRefused...), mapped to status codes by the front end.
+    """
+
+    def status(self) -> StatusReport: ...
+
+    def models(self) -> list[ModelReport]:
+        """Every model's report (the `models` of `status()`, without the rest)."""
+        ...
+
+    async def swap(
+        self, model: str, version: str, path: Path | None, strategy: str, progress: Progress
+    ) -> SwapResult:
+        """Swap `model` to a stored `version` or the file at `path`; "" strategy = the
+        configured one. Raises SwapRefused (the old model keeps serving)."""
+        ...
+
+    async def versions(self) -> StoreListing: ...
+
+    async def add_model(self, model: str, path: Path) -> StoredVersion:
+        """Copy the file at `path` into the store under `model`, verified; serves nothing."""
+        ...
+
+    async def remove_version(self, model: str, version: str) -> None:
+        """Refused (FailedPrecondition) while a worker maps it or it is active."""
+        ...
+
+    async def collect_garbage(self, empty_quarantine: bool) -> list[str]:
+        """Delete what no name and no worker uses; the paths removed, relative to the store."""
+        ...
+
+    async def check_update(self, model: str) -> Check: ...
+
+    async def apply_update(self, model: str, progress: Progress, owner: object) -> Outcome:
+        """Fetch, rebuild, verify and install the update `model`'s origin offers. `owner`
+        names the caller, so only it can `abandon_update` this run."""
+        ...
+
+    def abandon_update(self, model: str, owner: object) -> bool:
+        """Stop `owner`'s update of `model` unless it reached install (its partial files stay
+        for the next apply). False: nothing of `owner`'s was running, or it went too far."""
         ...

@@ -10,8 +10,6 @@ table) -> HTTP status here, with the error body the OpenAI SDKs parse.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
 import time
@@ -26,15 +24,16 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from sidecar.callers import CALLER_HEADER, Bearer, caller_key
 from sidecar.domain.errors import (
     Cancelled,
     InternalError,
     InvalidRequest,
     ModelNotFound,
     SidecarError,
-    Unauthenticated,
 )
 from sidecar.domain.names import shown
+from sidecar.domain.seam import Engine
 from sidecar.domain.types import (
     ChatTask,
     Embeddings,
@@ -45,13 +44,10 @@ from sidecar.domain.types import (
     TokenEvent,
 )
 from sidecar.openai_api import wire
-from sidecar.router.engine import RouterEngine
 from sidecar.server.accounting import RequestLog
 from sidecar.server.interceptor import status_for, told
 
 log = logging.getLogger("sidecar.http")
-
-CALLER_HEADER = "x-sidecar-caller"
 
 # gRPC status -> (HTTP status, OpenAI error type). Anything unlisted is a 500.
 HTTP_STATUS: dict[StatusCode, tuple[int, str]] = {
@@ -122,12 +118,12 @@ Handler = Callable[[Request, Call], Awaitable[Response]]
 
 
 class OpenAIApp:
-    def __init__(
-        self, engine: RouterEngine, requests: RequestLog, token: str, max_body: int
-    ) -> None:
+    def __init__(self, engine: Engine, requests: RequestLog, token: str, max_body: int) -> None:
         self.engine = engine
         self.requests = requests
-        self._token = token.encode()
+        self._bearer = Bearer(
+            token, "send 'Authorization: Bearer <http.token>' (the OpenAI SDKs' api_key)"
+        )
         self._max_body = max_body
 
     def asgi(self) -> Starlette:
@@ -164,13 +160,7 @@ class OpenAIApp:
         return endpoint
 
     def _authenticate(self, request: Request) -> None:
-        if not self._token:
-            return
-        given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, b"Bearer " + self._token):
-            raise Unauthenticated(
-                "send 'Authorization: Bearer <http.token>' (the OpenAI SDKs' api_key)"
-            )
+        self._bearer.check(request.headers.get("authorization", ""))
 
     async def _json(self, request: Request) -> object:
         declared = request.headers.get("content-length", "")
@@ -193,13 +183,9 @@ class OpenAIApp:
     @staticmethod
     def _caller(request: Request) -> str:
         """The fair queue's key, as gRPC's: the token, else a named app, else the peer."""
-        token = request.headers.get("authorization")
-        if token:
-            return "token:" + hashlib.sha256(token.encode()).hexdigest()[:12]
-        named = request.headers.get(CALLER_HEADER)
-        if named:
-            return f"app:{named}"
-        return f"http:{request.client.host}" if request.client else "http:unix"
+        peer = f"http:{request.client.host}" if request.client else "http:unix"
+        h = request.headers
+        return caller_key(h.get("authorization"), h.get(CALLER_HEADER), peer)
 
     async def _http_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -242,20 +228,20 @@ class OpenAIApp:
         )
         caller = self._caller(request)
         if isinstance(parsed.task, ExtractTask):
-            result = await self.engine.run(parsed.model, parsed.task, caller, parsed.route)
+            result = await self.engine.run(parsed.model, parsed.task, caller, route=parsed.route)
             if not isinstance(result, Extraction):  # pragma: no cover - an engine bug
                 raise InternalError("Extract returned no extraction")
             if not parsed.stream:
                 return JSONResponse(reply.chat(result))
             return self._replay(call, reply, result, parsed.include_usage)
         if not parsed.stream:
-            result = await self.engine.run(parsed.model, parsed.task, caller, parsed.route)
+            result = await self.engine.run(parsed.model, parsed.task, caller, route=parsed.route)
             if not isinstance(result, Generation):  # pragma: no cover
                 raise InternalError("Chat returned no generation")
             return JSONResponse(reply.chat(result))
         if not isinstance(parsed.task, ChatTask):  # pragma: no cover - wire's contract
             raise InternalError("a chat request parsed to a non-chat task")
-        events = self.engine.stream(parsed.model, parsed.task, caller, parsed.route)
+        events = self.engine.stream(parsed.model, parsed.task, caller, route=parsed.route)
 
         def render(event: TokenEvent | Generation) -> list[dict[str, Any]]:
             if isinstance(event, TokenEvent):
@@ -278,13 +264,13 @@ class OpenAIApp:
         )
         caller = self._caller(request)
         if not parsed.stream:
-            result = await self.engine.run(parsed.model, parsed.task, caller, parsed.route)
+            result = await self.engine.run(parsed.model, parsed.task, caller, route=parsed.route)
             if not isinstance(result, Generation):  # pragma: no cover
                 raise InternalError("Generate returned no generation")
             return JSONResponse(reply.completion(result))
         if not isinstance(parsed.task, GenerateTask):  # pragma: no cover - wire's contract
             raise InternalError("a completion request parsed to a non-generate task")
-        events = self.engine.stream(parsed.model, parsed.task, caller, parsed.route)
+        events = self.engine.stream(parsed.model, parsed.task, caller, route=parsed.route)
 
         def render(event: TokenEvent | Generation) -> list[dict[str, Any]]:
             if isinstance(event, TokenEvent):
@@ -308,7 +294,7 @@ class OpenAIApp:
     async def _stream(
         self,
         call: Call,
-        events: AsyncGenerator[TokenEvent | Generation, None],
+        events: AsyncIterator[TokenEvent | Generation],
         opening: list[dict[str, Any]],
         render: Callable[[TokenEvent | Generation], list[dict[str, Any]]],
     ) -> Response:
@@ -317,7 +303,7 @@ class OpenAIApp:
         try:
             first = await anext(events)
         except BaseException:
-            await events.aclose()
+            await _close(events)
             raise
 
         async def body() -> AsyncIterator[bytes]:
@@ -338,7 +324,7 @@ class OpenAIApp:
                 code, status = StatusCode.CANCELLED, 499
                 raise
             finally:
-                await events.aclose()
+                await _close(events)
                 call.done(code, status)
 
         return StreamingResponse(body(), media_type="text/event-stream", headers=_SSE_HEADERS)
@@ -368,3 +354,9 @@ class OpenAIApp:
 
 
 _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+async def _close(events: AsyncIterator[Any]) -> None:
+    """End an engine's stream now, not when it is collected: closing it frees its worker."""
+    if isinstance(events, AsyncGenerator):
+        await events.aclose()

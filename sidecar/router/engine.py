@@ -1,9 +1,11 @@
 """RouterEngine: the Engine the front ends call. Local first, the cloud when it pays.
 
-It wraps the local engine (workers) and adds, per request: example-based Classify
-(`sidecar.fewshot`), the routing decision (`policy.decide`, pure), the cloud call
+It wraps an inner engine (in the daemon: few-shot Classify over the local pool) and
+adds, per request: the routing decision (`policy.decide`, pure), the cloud call
 (`cloud.CloudClient`) within the breaker and budget, and the `RouteInfo` every reply
-carries. Admin, the supervisor and updates keep talking to the local engine directly.
+carries. It sees the inner engine through the `Engine` seam only, and config tasks
+(their thresholds and labels) through `TaskInfo`. Admin, the supervisor and updates
+keep talking to the local engine directly.
 
 Streams are routed before they start (CLOUD_ONLY, pre-routing, or a local failure
 before the first token); once local tokens have been sent they are not escalated.
@@ -23,8 +25,10 @@ import logging
 import os
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import replace
+from typing import Protocol
 
-from sidecar.config import Config
+from sidecar.config import Config, TaskConfig
+from sidecar.domain.admin import CloudReport
 from sidecar.domain.errors import (
     ContextOverflow,
     DeadlineExceeded,
@@ -35,6 +39,7 @@ from sidecar.domain.errors import (
     SidecarError,
     Unavailable,
 )
+from sidecar.domain.seam import Engine
 from sidecar.domain.status import PoolStatus
 from sidecar.domain.types import (
     ChatTask,
@@ -47,6 +52,7 @@ from sidecar.domain.types import (
     GenerateTask,
     Generation,
     LabelScore,
+    ModelRef,
     Result,
     RouteInfo,
     RouteRequest,
@@ -56,17 +62,13 @@ from sidecar.domain.types import (
     TokenEvent,
     Usage,
 )
-from sidecar.engine.local import PoolEngine
-from sidecar.fewshot.examples import ExampleSet
-from sidecar.fewshot.examples import check as check_examples
-from sidecar.fewshot.service import MAX_REQUEST_EXAMPLES, FewShot
 from sidecar.router.breaker import Breaker
 from sidecar.router.budget import Budget, Prices
-from sidecar.router.cloud import CloudClient, CloudConfig, CloudError, CloudReply, Meter
+from sidecar.router.cloud import CloudClient, CloudEndpoint, CloudError, CloudReply, Meter
 from sidecar.router.outbound import Gate, Outbound, SensitiveData, build, estimate
 from sidecar.router.policy import Decision, FailKind, LocalOutcome, Situation, decide
 from sidecar.router.privacy import Scanner
-from sidecar.validate import MAX_LABEL_CHARS, checked_schema, conforming_json_async
+from sidecar.validate import checked_schema, conforming_json_async
 
 log = logging.getLogger("sidecar.router")
 DEFAULT_ROUTE = RouteRequest()  # the configured default routing, not marked sensitive
@@ -97,15 +99,54 @@ def failure_kind(e: SidecarError) -> str | None:
 SCHEMA_OFF_LOOP_CHARS = 2048
 
 
+class TaskInfo(Protocol):
+    """What the router reads about the config tasks a Classify may name."""
+
+    @property
+    def progress(self) -> Mapping[str, str]:
+        """Task name -> how far preparing it has got (for `sidecar status`)."""
+        ...
+
+    def threshold(self, task: str) -> float | None:
+        """The task's own confidence threshold; None: use cloud.classify_threshold."""
+        ...
+
+    def label_names(self, task: str) -> list[str]:
+        """The task's labels; empty while they are not known yet."""
+        ...
+
+    def retune(self, tasks: tuple[TaskConfig, ...]) -> None:
+        """SIGHUP: take the new thresholds."""
+        ...
+
+
+class NoTasks:
+    """TaskInfo when nothing below the router answers Classify by task."""
+
+    progress: Mapping[str, str] = {}
+
+    def threshold(self, task: str) -> float | None:
+        return None
+
+    def label_names(self, task: str) -> list[str]:
+        return []
+
+    def retune(self, tasks: tuple[TaskConfig, ...]) -> None:
+        pass
+
+
 class RouterEngine:
     def __init__(
         self,
-        local: PoolEngine,
+        inner: Engine,
         config: Config,
         env: Mapping[str, str] | None = None,
         on_route: Callable[[Result, str], None] = lambda _r, _c: None,
+        *,
+        tasks: TaskInfo | None = None,
     ) -> None:
-        self.local = local
+        self.inner = inner
+        self.tasks: TaskInfo = tasks if tasks is not None else NoTasks()
         self.config = config
         c = config.cloud
         self.settings = c
@@ -123,7 +164,7 @@ class RouterEngine:
         self.cloud: CloudClient | None = None
         if c.enabled:
             self.cloud = CloudClient(
-                CloudConfig(
+                CloudEndpoint(
                     c.base_url,
                     c.model,
                     c.api_key_env,
@@ -135,14 +176,6 @@ class RouterEngine:
                 os.environ if env is None else env,
                 self.gate,
             )
-        self.fewshot = FewShot(
-            local.run,
-            lambda m: local.pool(m).ref.version,
-            router_dir / "examples",
-            config.tasks,
-            config.default_model,
-        )
-        self.default_model = local.default_model
         self.cloud_calls = 0
 
     # ------------------------------------------------------------------ status
@@ -160,25 +193,46 @@ class RouterEngine:
         self.budget.spent()  # rolls the periods over
         return self.budget.spent_day, self.budget.spent_month
 
+    @property
+    def fewshot(self) -> TaskInfo:
+        """The config tasks by their old name, for the daemon's reload and status."""
+        return self.tasks
+
     # ------------------------------------------------------------------ Engine
 
+    @property
+    def default_model(self) -> str:
+        return self.inner.default_model
+
     async def start(self) -> None:
-        await self.local.start()
+        await self.inner.start()
 
     async def close(self) -> None:
         if self.cloud is not None:
             await self.cloud.close()
-        await self.local.close()
+        await self.inner.close()
 
     def status(self) -> list[tuple[PoolStatus, bool]]:
-        return self.local.status()
+        return self.inner.status()
 
     @property
     def ready(self) -> bool:
-        return self.local.ready
+        return self.inner.ready
+
+    def ref(self, model: str) -> ModelRef:
+        return self.inner.ref(model)
+
+    def check(self, model: str, task: Task) -> None:
+        self.inner.check(model, task)
 
     async def run(
-        self, model: str, task: Task, caller: str, route: RouteRequest = DEFAULT_ROUTE
+        self,
+        model: str,
+        task: Task,
+        caller: str,
+        route: RouteRequest = DEFAULT_ROUTE,
+        *,
+        background: bool = False,  # nothing routed is background work: accepted for the seam
     ) -> Result:
         if isinstance(task, EmbedTask):  # vectors are model-specific: always local
             return await self._local(model, task, caller)
@@ -226,7 +280,7 @@ class RouterEngine:
             return
         started = False
         try:
-            async for event in self.local.stream(model, task, caller):
+            async for event in self.inner.stream(model, task, caller):
                 started = True
                 if isinstance(event, Generation):
                     conf = self._outcome(task, event).confidence
@@ -262,20 +316,15 @@ class RouterEngine:
             ) from None
 
     async def _local(self, model: str, task: Task, caller: str) -> Result:
-        if isinstance(task, ClassifyTask) and (task.examples or task.task):
-            if not task.text:
-                raise InvalidRequest("text is empty: send the text to classify")
-            return await self.fewshot.classify(model, task, caller)
-        return await self.local.run(model, task, caller)
+        return await self.inner.run(model, task, caller)
 
     def _outcome(self, task: Task, result: Result) -> LocalOutcome:
         c = self.settings
         if isinstance(result, Classification):
             threshold = c.classify_threshold
             if isinstance(task, ClassifyTask) and task.task:
-                spec = self.fewshot.tasks.get(task.task)
-                if spec is not None and spec.threshold >= 0:
-                    threshold = spec.threshold
+                own = self.tasks.threshold(task.task)
+                threshold = c.classify_threshold if own is None else own
             if c.classify_margin and result.margin < c.classify_margin:
                 return LocalOutcome(None, result.margin, c.classify_margin, "margin")
             return LocalOutcome(None, result.top_probability, threshold, "top probability")
@@ -296,28 +345,13 @@ class RouterEngine:
         """Bound the request before anything is decided, so a CLOUD_ONLY request gets the
         same INVALID_ARGUMENT as a local one, and nothing unbounded (a 500-deep schema, a
         pattern RE2 refuses) reaches the outbound builder or the cloud. Classify by
-        examples is checked as its few-shot path checks it (a config task was checked when
-        the config was read)."""
-        if isinstance(task, ClassifyTask) and task.task:
-            return
+        examples or by task is checked by the engine that answers it."""
         if isinstance(task, ExtractTask) and len(task.schema) > SCHEMA_OFF_LOOP_CHARS:
             # A new big schema costs up to ~0.2 s to bound and check: off the event loop.
             # The result is cached, so the checks below (and the pool's) find it there.
             await asyncio.to_thread(checked_schema, task.schema)
-        if isinstance(task, ClassifyTask) and task.examples:
-            examples = ExampleSet(
-                tuple(t for t, _ in task.examples), tuple(y for _, y in task.examples)
-            )
-            check_examples(examples, MAX_REQUEST_EXAMPLES)
-            for label in examples.label_names:
-                if len(label) > MAX_LABEL_CHARS:
-                    raise InvalidRequest(
-                        f"example label {label[:40]!r}... is {len(label)} characters; "
-                        f"at most {MAX_LABEL_CHARS}"
-                    )
-            return
         with contextlib.suppress(ContextOverflow):  # too big here; a cloud model may take it
-            self.local.check(model, task)
+            self.inner.check(model, task)
 
     async def _situation(
         self, task: Task, route: RouteRequest
@@ -328,7 +362,7 @@ class RouterEngine:
         if self.cloud is None or routing == "LOCAL_ONLY":
             # Nothing can leave: scanning for personal data and pre-routing would be
             # request-path work whose answer decide() never reads.
-            return Situation(routing=routing, cloud=self.cloud is not None), None  # type: ignore[arg-type]
+            return Situation(routing=routing, cloud=self.cloud is not None), None
         texts = _texts(task)
         try:
             out: Outbound | None = self._outbound(task)
@@ -339,7 +373,7 @@ class RouterEngine:
             await self.gate.kinds_async(out) if out is not None else self.scanner.kinds(texts)
         )
         return Situation(
-            routing=routing,  # type: ignore[arg-type]
+            routing=routing,
             sensitive=("marked", *kinds) if route.sensitive else kinds,
             redact=self.settings.redact,
             breaker_open=self.breaker.state == "open",
@@ -474,7 +508,7 @@ class RouterEngine:
     def _labels_of(self, task: ClassifyTask) -> list[str]:
         if task.examples:
             return list(dict.fromkeys(y for _, y in task.examples))
-        names = self.fewshot.label_names(task.task)
+        names = self.tasks.label_names(task.task)
         if not names:
             raise FailedPrecondition(
                 f"task {task.task!r} is not loaded yet, so its labels are not known"
@@ -485,6 +519,24 @@ class RouterEngine:
         result.route = route
         self.on_route(result, route.code)
         return result
+
+    def cloud_report(self) -> CloudReport:
+        """The cloud's settings and state, for `sidecar status`."""
+        c, b = self.settings, self.budget
+        spent_day, spent_month = self.spent
+        return CloudReport(
+            configured=self.cloud is not None,
+            base_url=c.base_url,
+            model=c.model,
+            routing=c.routing,
+            breaker=self.breaker.state,
+            spent_day=spent_day,
+            spent_month=spent_month,
+            daily_cap=b.daily_cap,
+            monthly_cap=b.monthly_cap,
+            calls=self.cloud_calls,
+            tasks=dict(self.tasks.progress),
+        )
 
 
 class _InvalidCloudAnswer(Exception):

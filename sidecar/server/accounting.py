@@ -16,9 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextvars import ContextVar
-from typing import Any, TypeVar
-
-from sidecar.metrics import Metrics
+from typing import Any, Protocol, TypeVar
 
 log = logging.getLogger("sidecar.request")
 T = TypeVar("T")
@@ -50,8 +48,14 @@ def outlives_call(work: asyncio.Future[T]) -> asyncio.Future[T]:
     return work
 
 
+class RequestCounter(Protocol):
+    """Where a request's sample goes (the daemon's `Metrics`)."""
+
+    def request(self, rpc: str, model: str, status: str, seconds: float) -> None: ...
+
+
 class RequestLog:
-    def __init__(self, metrics: Metrics, default_model: str, models: frozenset[str]) -> None:
+    def __init__(self, metrics: RequestCounter, default_model: str, models: frozenset[str]) -> None:
         self.metrics = metrics
         self._default_model = default_model
         self._models = models

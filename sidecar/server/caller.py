@@ -1,13 +1,11 @@
-"""Who is calling: the key the fair queue uses to take turns between applications."""
+"""Who is calling over gRPC: the key the fair queue uses to take turns between applications."""
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
+from sidecar.callers import CALLER_HEADER, caller_key
 from sidecar.server.peercred import parse_peer
-
-CALLER_METADATA = "x-sidecar-caller"
 
 
 def caller_of(context: Any) -> str:
@@ -17,16 +15,14 @@ def caller_of(context: Any) -> str:
     `peercred`), so one busy process cannot starve another. Processes of one uid that
     want to be treated as one application (or one process hosting several) can add
     `x-sidecar-caller` metadata, which refines the key but never crosses uids. On TCP
-    the bearer token identifies the caller.
+    the bearer token identifies the caller, as on the HTTP endpoint (`sidecar.callers`).
     """
     metadata = dict(context.invocation_metadata() or ())
-    named = metadata.get(CALLER_METADATA)
+    named = metadata.get(CALLER_HEADER)
     peer = str(context.peer())
     creds = parse_peer(peer)
     if creds is not None:
         uid, pid = creds
         return f"uid:{uid}/app:{named}" if named else f"uid:{uid}/pid:{pid}"
     token = metadata.get("authorization")
-    if token:
-        return "token:" + hashlib.sha256(str(token).encode()).hexdigest()[:12]
-    return f"app:{named}" if named else f"peer:{peer}"
+    return caller_key(str(token) if token else None, named, f"peer:{peer}")

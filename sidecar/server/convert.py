@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 from sidecar import __version__
+from sidecar.domain.admin import (
+    CloudReport,
+    ModelReport,
+    StatusReport,
+    StoredVersion,
+    StoreListing,
+)
 from sidecar.domain.errors import InvalidRequest
-from sidecar.domain.status import PoolStatus, SwapResult
+from sidecar.domain.status import SwapResult
 from sidecar.domain.types import (
     ChatMessage,
     ChatTask,
@@ -27,9 +34,7 @@ from sidecar.domain.types import (
     Usage,
 )
 from sidecar.domain.types import Timings as DomainTimings
-from sidecar.router.engine import RouterEngine
-from sidecar.store import VersionInfo
-from sidecar.update.updater import Check, Outcome
+from sidecar.domain.updates import Check, Outcome
 from sidecar.v1 import inference_pb2 as pb
 
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
@@ -212,13 +217,8 @@ def embed_reply(e: Embeddings) -> pb.EmbedReply:
     )
 
 
-def model_status(
-    s: PoolStatus,
-    is_default: bool,
-    probe_error: str | None = None,
-    last_update: str = "",
-    update_fetch: str = "",
-) -> pb.ModelStatus:
+def model_status(m: ModelReport) -> pb.ModelStatus:
+    s, probe_error = m.pool, m.probe_error
     return pb.ModelStatus(
         model=_model(s.model),
         path=str(s.path),
@@ -232,40 +232,36 @@ def model_status(
         queue_limit=s.queue_limit,
         ready=s.ready and not probe_error,
         detail=s.detail or (probe_error or ""),
-        is_default=is_default,
+        is_default=m.is_default,
         restarts=s.restarts,
         last_swap=s.last_swap,
         backoff_s=s.backoff_s,
         last_error=s.last_error or (probe_error or ""),
-        last_update=last_update,
-        update_fetch=update_fetch,
+        last_update=m.last_update,
+        update_fetch=m.update_fetch,
     )
 
 
-def status_reply(
-    *,
-    pid: int,
-    uptime_s: float,
-    socket: str,
-    models: list[pb.ModelStatus],
-    counters: dict[str, int],
-    memory_available: int,
-    shedding: str,
-    last_reload: str,
-    cloud: pb.CloudStatus | None = None,
-) -> pb.StatusReply:
+def status_reply(r: StatusReport) -> pb.StatusReply:
     return pb.StatusReply(
-        cloud=cloud,
-        last_reload=last_reload,
-        memory_available_bytes=memory_available,
-        shedding=shedding,
+        cloud=cloud_status(r.cloud) if r.cloud is not None else None,
+        last_reload=r.last_reload,
+        memory_available_bytes=r.memory_available,
+        shedding=r.shedding,
         version=__version__,
-        pid=pid,
-        uptime_s=uptime_s,
-        socket=socket,
-        models=models,
-        counters=counters,
+        pid=r.pid,
+        uptime_s=r.uptime_s,
+        socket=r.socket,
+        models=[model_status(m) for m in r.models],
+        counters=r.counters,
+        drop_watcher=r.drop_watcher,
     )
+
+
+def swap_progress(
+    stage: str, detail: str, done: int, total: int, elapsed_ms: float
+) -> pb.SwapProgress:
+    return pb.SwapProgress(stage=stage, detail=detail, elapsed_ms=elapsed_ms)
 
 
 def swap_done(result: SwapResult, elapsed_ms: float) -> pb.SwapProgress:
@@ -281,15 +277,14 @@ def swap_done(result: SwapResult, elapsed_ms: float) -> pb.SwapProgress:
 
 
 def update_check(c: Check) -> pb.UpdateCheck:
-    plan = c.plan
     return pb.UpdateCheck(
         model=c.model,
         installed_version=c.installed_version,
-        available_version=c.manifest.version,
-        update_available=plan is not None,
-        plan=plan.describe() if plan else "",
-        download_bytes=plan.download_bytes if plan else 0,
-        full_bytes=c.manifest.size,
+        available_version=c.available_version,
+        update_available=c.update_available,
+        plan=c.plan_text,
+        download_bytes=c.download_bytes,
+        full_bytes=c.full_bytes,
         detail=c.detail,
     )
 
@@ -321,31 +316,34 @@ def update_done(o: Outcome, elapsed_ms: float) -> pb.UpdateProgress:
     )
 
 
-def stored_version(v: VersionInfo, serving: bool) -> pb.StoredVersion:
+def stored_version(v: StoredVersion) -> pb.StoredVersion:
     return pb.StoredVersion(
-        model=v.name,
-        sha256=v.sha256,
-        size=v.size,
-        active=v.active,
-        previous=v.previous,
-        serving=serving,
+        model=v.info.name,
+        sha256=v.info.sha256,
+        size=v.info.size,
+        active=v.info.active,
+        previous=v.info.previous,
+        serving=v.serving,
     )
 
 
-def cloud_status(router: RouterEngine) -> pb.CloudStatus:
-    c = router.settings
-    b = router.budget
-    spent_day, spent_month = router.spent
+def versions_reply(listing: StoreListing) -> pb.ListVersionsReply:
+    return pb.ListVersionsReply(
+        versions=[stored_version(v) for v in listing.versions], store=str(listing.root)
+    )
+
+
+def cloud_status(c: CloudReport) -> pb.CloudStatus:
     return pb.CloudStatus(
-        configured=router.cloud is not None,
+        configured=c.configured,
         base_url=c.base_url,
         model=c.model,
         routing=c.routing,
-        breaker=router.breaker.state,
-        spent_day=spent_day,
-        spent_month=spent_month,
-        daily_cap=b.daily_cap,
-        monthly_cap=b.monthly_cap,
-        calls=router.cloud_calls,
-        tasks=dict(router.fewshot.progress),
+        breaker=c.breaker,
+        spent_day=c.spent_day,
+        spent_month=c.spent_month,
+        daily_cap=c.daily_cap,
+        monthly_cap=c.monthly_cap,
+        calls=c.calls,
+        tasks=c.tasks,
     )

@@ -23,10 +23,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sidecar import reload
+from sidecar.admin import DaemonAdmin
 from sidecar.config import Config
 from sidecar.domain.errors import ConfigError
 from sidecar.dropwatch import DropWatcher
 from sidecar.engine.local import PoolEngine
+from sidecar.fewshot.wrapper import FewShotEngine
 from sidecar.logs import configure as configure_logs
 from sidecar.metrics import Metrics, MetricsServer
 from sidecar.notify import Notifier
@@ -75,6 +77,7 @@ class Running:
     preparing: asyncio.Task[None] | None = None
     halt: asyncio.Event = field(default_factory=asyncio.Event)  # stops the supervisor loop
     supervising: asyncio.Task[None] | None = None
+    admin: DaemonAdmin | None = None
 
 
 async def start(
@@ -105,12 +108,15 @@ async def start(
     supervisor = Supervisor(
         engine, s, lambda ready: _publish(health_servicer, ready), heartbeat=heartbeat
     )
-    router = RouterEngine(engine, config, on_route=metrics.route)
+    fewshot = FewShotEngine(engine, config.store.path / "router" / "examples", config.tasks)
+    router = RouterEngine(fewshot, config, on_route=metrics.route, tasks=fewshot)
     metrics.watch_router(router)
     pb_grpc.add_InferenceServicer_to_server(InferenceServicer(router), server)
     updater = Updater(engine, metrics, supervisor.probe_errors)
-    admin = AdminServicer(supervisor, s.socket, metrics, updater, router)
-    pb_grpc.add_AdminServicer_to_server(admin, server)
+    admin = DaemonAdmin(
+        engine, engine.store, supervisor, updater, metrics, s.socket, router.cloud_report
+    )
+    pb_grpc.add_AdminServicer_to_server(AdminServicer(admin), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (INFERENCE_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -177,9 +183,10 @@ async def start(
     await supervisor.publish()
     running.supervising = asyncio.create_task(supervisor.run(running.halt))
     running.updater = updater
+    running.admin = admin
     running.updating = asyncio.create_task(updater.run(running.halt))
     # Config tasks embed their examples in the background: serving starts at once.
-    running.preparing = asyncio.create_task(router.fewshot.prepare())
+    running.preparing = asyncio.create_task(fewshot.prepare())
     if config.store.drop is not None:
         drop = running.drop = DropWatcher(engine, config.store.drop, config.store.auto_swap)
         admin.drop_watcher = lambda: drop.health
@@ -320,9 +327,7 @@ def reload_config(running: Running, current: Config, load: Callable[[], Config] 
     running.supervisor.server = merged.server
     if running.router is not None:  # cloud.* and tasks.*.threshold are read per request
         running.router.settings = merged.cloud
-        for t in merged.tasks:
-            if t.name in running.router.fewshot.tasks:
-                running.router.fewshot.tasks[t.name] = t
+        running.router.tasks.retune(merged.tasks)
     if running.drop is not None:
         running.drop.auto_swap = merged.store.auto_swap
     running.supervisor.last_reload = reload.summary(changes)

@@ -14,7 +14,7 @@ Every RPC (ours, health, reflection) passes through `RequestInterceptor`, which
 from __future__ import annotations
 
 import asyncio
-import hmac
+import contextlib
 import inspect
 import logging
 import time
@@ -25,10 +25,12 @@ from typing import Any
 import grpc
 from grpc import StatusCode
 
+from sidecar.callers import Bearer
 from sidecar.domain import errors
 from sidecar.server.accounting import RequestLog, open_work
 
 log = logging.getLogger("sidecar.request")
+Metadata = dict[str, Any]
 
 STATUS: dict[type[errors.SidecarError], StatusCode] = {
     errors.InvalidRequest: StatusCode.INVALID_ARGUMENT,
@@ -93,7 +95,9 @@ def is_tcp(peer: str) -> bool:
 
 class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, requests: RequestLog, tcp_token: str = "") -> None:
-        self._token = tcp_token.encode()
+        self._bearer = Bearer(
+            tcp_token, "TCP callers must send metadata 'authorization: Bearer <server.tcp_token>'"
+        )
         self._requests = requests
 
     async def intercept_service(
@@ -129,61 +133,52 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     # ---------------------------------------------------------------- wrappers
 
-    def _check(
-        self, request: Any, context: grpc.aio.ServicerContext, metadata: dict[str, Any]
-    ) -> None:
-        if self._token and is_tcp(context.peer()):
-            given = str(metadata.get("authorization", ""))
-            if not hmac.compare_digest(given.encode(), b"Bearer " + self._token):
-                raise errors.Unauthenticated(
-                    "TCP callers must send metadata 'authorization: Bearer <server.tcp_token>'"
-                )
+    @contextlib.asynccontextmanager
+    async def _call(
+        self, request: Any, context: grpc.aio.ServicerContext, method: str, metadata: Metadata
+    ) -> AsyncIterator[None]:
+        """One call, unary or streamed: check it, map its error, log it once."""
+        rid, started = _begin(context)
+        code = StatusCode.OK
+        work = open_work()
+        try:
+            self._check(request, context, metadata)
+            yield
+        except (asyncio.CancelledError, GeneratorExit):  # the caller left (mid-stream)
+            code = StatusCode.CANCELLED
+            raise
+        except Exception as e:
+            code, message = self._fail(e, rid, method)
+            await context.abort(code, message)
+        finally:
+            if code is StatusCode.CANCELLED and work.future is not None:
+                # The work goes on without its caller: log what became of it, once known.
+                def ended(w: asyncio.Future[Any]) -> None:
+                    outcome = self._outcome(w, rid, method)
+                    self._log(rid, method, request, outcome, started, caller="left")
+
+                work.future.add_done_callback(ended)
+            else:
+                self._log(rid, method, request, code, started)
+
+    def _check(self, request: Any, context: grpc.aio.ServicerContext, metadata: Metadata) -> None:
+        if self._bearer.required and is_tcp(context.peer()):
+            self._bearer.check(str(metadata.get("authorization", "")))
         if isinstance(request, BadRequest):
             raise errors.InvalidRequest(request.reason)
 
-    def _wrap_unary(self, inner: Any, method: str, metadata: dict[str, Any]) -> Any:
+    def _wrap_unary(self, inner: Any, method: str, metadata: Metadata) -> Any:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            rid, started = _begin(context)
-            code = StatusCode.OK
-            try:
-                self._check(request, context, metadata)
+            async with self._call(request, context, method, metadata):
                 return await inner(request, context)
-            except asyncio.CancelledError:
-                code = StatusCode.CANCELLED
-                raise
-            except Exception as e:
-                code, message = self._fail(e, rid, method)
-                await context.abort(code, message)
-            finally:
-                self._log(rid, method, request, code, started)
 
         return call
 
-    def _wrap_stream(self, inner: Any, method: str, metadata: dict[str, Any]) -> Any:
+    def _wrap_stream(self, inner: Any, method: str, metadata: Metadata) -> Any:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            rid, started = _begin(context)
-            code = StatusCode.OK
-            work = open_work()
-            try:
-                self._check(request, context, metadata)
+            async with self._call(request, context, method, metadata):
                 async for item in inner(request, context):
                     yield item
-            except (asyncio.CancelledError, GeneratorExit):  # the caller left mid-stream
-                code = StatusCode.CANCELLED
-                raise
-            except Exception as e:
-                code, message = self._fail(e, rid, method)
-                await context.abort(code, message)
-            finally:
-                if code is StatusCode.CANCELLED and work.future is not None:
-                    # The work goes on without its caller: log what became of it, once known.
-                    def ended(w: asyncio.Future[Any]) -> None:
-                        outcome = self._outcome(w, rid, method)
-                        self._log(rid, method, request, outcome, started, caller="left")
-
-                    work.future.add_done_callback(ended)
-                else:
-                    self._log(rid, method, request, code, started)
 
         return call
 

@@ -26,10 +26,10 @@ from trickle import TrickleOrigin
 from update_origin import Origin, make_origin, start, wait_for
 
 import sidecar.client
-import sidecar.engine.local
+import sidecar.engine.swap
 from sidecar.cli.commands import main
 from sidecar.cli.support import EXIT_DETACHED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_STOPPED
-from sidecar.store import sha256_file
+from sidecar.fileio import sha256_file
 from sidecar.update.manifest import generate_keypair
 from sidecar.v1 import inference_pb2 as pb
 
@@ -49,13 +49,13 @@ async def cli(*args: str) -> Result:
 def gate(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
     """Holds every swap sequence (after its first progress) until the test opens it."""
     opened = asyncio.Event()
-    real = sidecar.engine.local.swap
+    real = sidecar.engine.swap.switch
 
     async def held(*args: Any, **kw: Any) -> Any:
         await opened.wait()
         return await real(*args, **kw)
 
-    monkeypatch.setattr(sidecar.engine.local, "swap", held)
+    monkeypatch.setattr(sidecar.engine.swap, "switch", held)
     return opened
 
 

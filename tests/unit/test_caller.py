@@ -2,6 +2,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
+from sidecar.callers import Bearer, caller_key, token_caller
+from sidecar.domain.errors import Unauthenticated
 from sidecar.server.caller import caller_of
 from sidecar.server.peercred import parse_peer
 
@@ -47,3 +51,27 @@ def test_tcp_callers_are_told_apart_by_token() -> None:
     a = caller_of(Ctx("ipv4:127.0.0.1:1", (("authorization", "Bearer a"),)))
     b = caller_of(Ctx("ipv4:127.0.0.1:2", (("authorization", "Bearer b"),)))
     assert a != b and a.startswith("token:")
+
+
+def test_a_bearer_check_takes_the_exact_token_only() -> None:
+    check = Bearer("s3cret", "send it").check
+    check("Bearer s3cret")
+    for wrong in (
+        "",
+        "s3cret",
+        "Bearer s3cre",
+        "Bearer s3cretX",
+        "bearer s3cret",
+        "Bearer  s3cret",
+    ):
+        with pytest.raises(Unauthenticated, match="send it"):
+            check(wrong)
+    Bearer("", "unused").check("anything")  # no token configured: nothing is asked
+
+
+def test_without_kernel_credentials_the_token_outranks_a_declared_name() -> None:
+    assert caller_key("Bearer a", "billing", "peer:x") == token_caller("Bearer a")
+    assert caller_key(None, "billing", "peer:x") == "app:billing"
+    assert caller_key("", None, "peer:x") == "peer:x"
+    tcp = Ctx("ipv4:127.0.0.1:1", (("authorization", "Bearer a"), ("x-sidecar-caller", "b")))
+    assert caller_of(tcp) == token_caller("Bearer a")

@@ -1,4 +1,4 @@
-"""The README's runnable examples say what the code does (checked where it is cheap)."""
+"""Runnable examples in the README and docs/ say what the code does (checked where it is cheap)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,20 @@ from sidecar.cli.commands import _banner, main
 from sidecar.config import Overrides, load
 
 REPO = Path(__file__).resolve().parents[2]
-README = (REPO / "README.md").read_text()
+FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+PAGES = {f.relative_to(REPO).as_posix(): f.read_text() for f in FILES}
+TEXT = "\n".join(PAGES.values())
+
+
+def page_with(marker: str) -> str:
+    """The one page that holds `marker`: an example lives in one place."""
+    (text,) = [text for text in PAGES.values() if marker in text]
+    return text
 
 
 def shell_lines() -> list[str]:
-    """Every command in the README's ```sh blocks, continuation lines joined."""
-    blocks = re.findall(r"```sh\n(.*?)```", README, re.S)
+    """Every command in the ```sh blocks of the README and docs/, continuation lines joined."""
+    blocks = re.findall(r"```sh\n(.*?)```", TEXT, re.S)
     text = "\n".join(blocks).replace("\\\n", " ")
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
 
@@ -53,7 +61,8 @@ def test_socket_examples_work_without_xdg_runtime_dir(tmp_path: Path) -> None:
 
 def test_openai_unix_socket_example_sends_the_token() -> None:
     # The HTTP API checks http.token on the Unix socket too: a placeholder key is a 401.
-    example = README[README.index("# On the Unix socket instead") :]
+    page = page_with("# On the Unix socket instead")
+    example = page[page.index("# On the Unix socket instead") :]
     example = example[: example.index("```")]
     assert 'api_key="-"' not in example
     assert 'api_key="change-me"' in example and "http.token" in example
@@ -68,5 +77,6 @@ def test_update_apply_example_is_what_apply_prints() -> None:
         model="classifier", installed=True, from_version=1, to_version=2,
         new_version="3cd5bbee9a2f", plan=plan, fetched_bytes=508, full_bytes=98362464,
     )  # fmt: skip
-    assert f"# {_summary(outcome)}\n" in README
-    assert f"# classifier: v2 available (serving v1); would fetch {plan}\n" in README
+    page = page_with("sidecar update apply classifier")
+    assert f"# {_summary(outcome)}\n" in page
+    assert f"# classifier: v2 available (serving v1); would fetch {plan}\n" in page

@@ -1,0 +1,140 @@
+"""The Admin seam (`sidecar.domain.seam.Admin`) over the parts that do the work.
+
+Reports, swaps, the store and updates, as the Admin service offers them, each written
+once here so that a front end only translates. Built by the daemon from its parts: the
+local pool engine, the store, the supervisor, the updater, the metrics, and two callables
+for what may not exist (the cloud report, the drop folder watcher's health).
+
+Store work reads and writes files (a gc hashes nothing but may delete gigabytes): it runs
+in a thread. What is in use is read on the event loop, where the pools live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+from sidecar.domain.admin import (
+    CloudReport,
+    ModelReport,
+    StatusReport,
+    StoredVersion,
+    StoreListing,
+)
+from sidecar.domain.names import check_name
+from sidecar.domain.progress import Progress
+from sidecar.domain.status import SwapResult
+from sidecar.domain.updates import Check, Outcome
+from sidecar.engine.local import PoolEngine
+from sidecar.metrics import Metrics
+from sidecar.store import ModelStore
+from sidecar.supervisor import Supervisor
+from sidecar.update.updater import Updater
+
+
+def _name(model: str) -> str:
+    """A model name an admin call will touch the store with: checked (empty = the default)."""
+    return check_name(model) if model else model
+
+
+class DaemonAdmin:
+    def __init__(
+        self,
+        engine: PoolEngine,
+        store: ModelStore,
+        supervisor: Supervisor,
+        updater: Updater,
+        metrics: Metrics,
+        socket: Path,
+        cloud: Callable[[], CloudReport | None] = lambda: None,
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.supervisor = supervisor
+        self.updater = updater
+        self.metrics = metrics
+        self.socket = socket
+        self.cloud = cloud
+        self.drop_watcher: Callable[[], str] = lambda: ""  # set once a drop folder is watched
+        self.started = time.monotonic()
+
+    # ---------------------------------------------------------------- reports
+
+    def models(self) -> list[ModelReport]:
+        errors = self.supervisor.probe_errors
+        return [
+            ModelReport(
+                pool,
+                is_default,
+                errors.get(pool.model.name),
+                self.updater.last.get(pool.model.name, ""),
+                self.updater.fetching(pool.model.name),
+            )
+            for pool, is_default in self.engine.status()
+        ]
+
+    def status(self) -> StatusReport:
+        return StatusReport(
+            pid=os.getpid(),
+            uptime_s=time.monotonic() - self.started,
+            socket=str(self.socket),
+            models=tuple(self.models()),
+            counters=self.metrics.counts(),
+            memory_available=psutil.virtual_memory().available,
+            shedding=self.engine.shed_reason or "",
+            last_reload=self.supervisor.last_reload,
+            cloud=self.cloud(),
+            drop_watcher=self.drop_watcher(),
+        )
+
+    # ---------------------------------------------------------------- swap
+
+    async def swap(
+        self, model: str, version: str, path: Path | None, strategy: str, progress: Progress
+    ) -> SwapResult:
+        return await self.engine.swap(
+            _name(model), version=version, path=path, strategy=strategy, progress=progress
+        )
+
+    # ---------------------------------------------------------------- store
+
+    async def versions(self) -> StoreListing:
+        serving = {(s.model.name, s.model.version) for s, _ in self.engine.status()}
+        stored = await asyncio.to_thread(self.store.all_versions)
+        return StoreListing(
+            self.store.root,
+            tuple(StoredVersion(v, (v.name, v.short) in serving) for v in stored),
+        )
+
+    async def add_model(self, model: str, path: Path) -> StoredVersion:
+        name = _name(model) or self.engine.default_model
+        sha = await asyncio.to_thread(self.store.add, path, name)
+        return StoredVersion(await asyncio.to_thread(self.store.info, name, sha), serving=False)
+
+    async def remove_version(self, model: str, version: str) -> None:
+        name = _name(model) or self.engine.default_model
+        sha = self.store.resolve(name, version)
+        await asyncio.to_thread(self.store.remove, name, sha, self.engine.in_use())
+
+    async def collect_garbage(self, empty_quarantine: bool) -> list[str]:
+        removed = await asyncio.to_thread(self.store.gc, self.engine.in_use())
+        if empty_quarantine:
+            emptied = await asyncio.to_thread(self.store.quarantine_cleanup, empty=True)
+            removed += [f"quarantine/{e}" for e in emptied]
+        return removed
+
+    # ---------------------------------------------------------------- updates
+
+    async def check_update(self, model: str) -> Check:
+        return await self.updater.check(model)
+
+    async def apply_update(self, model: str, progress: Progress, owner: object) -> Outcome:
+        return await self.updater.apply(model, progress, owner)
+
+    def abandon_update(self, model: str, owner: object) -> bool:
+        return self.updater.abandon(model, owner)

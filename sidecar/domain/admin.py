@@ -1,0 +1,70 @@
+"""What the Admin service reports: plain data the daemon fills and a front end renders.
+
+The admin seam (`sidecar.domain.seam.Admin`) returns these; the gRPC servicer turns them
+into protobuf, and nothing below the seam knows protobuf exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sidecar.domain.status import PoolStatus
+from sidecar.domain.versions import VersionInfo
+
+
+@dataclass(frozen=True)
+class ModelReport:
+    """One model as `sidecar status` shows it: its pool, plus what the supervisor's probe
+    and the updater know about it."""
+
+    pool: PoolStatus
+    is_default: bool
+    probe_error: str | None = None  # the last real (one-token) probe's failure, if any
+    last_update: str = ""  # the last update's outcome
+    update_fetch: str = ""  # the update in flight ("" when none)
+
+
+@dataclass(frozen=True)
+class CloudReport:
+    """The cloud escalation's settings and state (the router fills it)."""
+
+    configured: bool
+    base_url: str
+    model: str
+    routing: str
+    breaker: str
+    spent_day: float
+    spent_month: float
+    daily_cap: float
+    monthly_cap: float
+    calls: int
+    tasks: dict[str, str] = field(default_factory=dict)  # few-shot task -> preparation stage
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    pid: int
+    uptime_s: float
+    socket: str
+    models: tuple[ModelReport, ...]
+    counters: dict[str, int]  # requests by "<rpc>.<status>"
+    memory_available: int
+    shedding: str  # why new work is refused under memory pressure ("" = it is not)
+    last_reload: str
+    cloud: CloudReport | None
+    drop_watcher: str  # the drop folder watcher's health ("" = no drop folder configured)
+
+
+@dataclass(frozen=True)
+class StoredVersion:
+    """A stored version and whether a pool serves it now."""
+
+    info: VersionInfo
+    serving: bool
+
+
+@dataclass(frozen=True)
+class StoreListing:
+    root: Path
+    versions: tuple[StoredVersion, ...]
