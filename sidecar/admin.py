@@ -52,6 +52,9 @@ class DaemonAdmin:
         metrics: Metrics,
         socket: Path,
         cloud: Callable[[], CloudReport | None] = lambda: None,
+        *,
+        last_reload: Callable[[], str] = lambda: "",
+        drop_watcher: Callable[[], str] = lambda: "",
     ) -> None:
         self.engine = engine
         self.store = store
@@ -60,7 +63,8 @@ class DaemonAdmin:
         self.metrics = metrics
         self.socket = socket
         self.cloud = cloud
-        self.drop_watcher: Callable[[], str] = lambda: ""  # set once a drop folder is watched
+        self.last_reload = last_reload  # how the last SIGHUP ended
+        self.drop_watcher = drop_watcher  # the drop folder's health ("" = none watched)
         self.started = time.monotonic()
 
     # ---------------------------------------------------------------- reports
@@ -87,7 +91,7 @@ class DaemonAdmin:
             counters=self.metrics.counts(),
             memory_available=psutil.virtual_memory().available,
             shedding=self.engine.shed_reason or "",
-            last_reload=self.supervisor.last_reload,
+            last_reload=self.last_reload(),
             cloud=self.cloud(),
             drop_watcher=self.drop_watcher(),
         )

@@ -47,7 +47,6 @@ class Supervisor:
         self._published: dict[str, bool] | None = None
         self._probing: asyncio.Task[None] | None = None
         self.ticks = 0
-        self.last_reload = ""  # the outcome of the last SIGHUP, for status
 
     async def run(self, stop: asyncio.Event) -> None:
         next_probe = time.monotonic() + self.server.probe_interval_seconds

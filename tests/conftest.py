@@ -59,7 +59,7 @@ def make_config(
 
 @dataclass
 class Served:
-    running: Any  # sidecar.server.daemon.Running
+    running: Any  # sidecar.app.App
     config: Config
     client: Any  # sidecar.client.AsyncClient
 
@@ -71,15 +71,23 @@ class Served:
 ServeFactory = Callable[..., Any]
 
 
+async def start_app(config: Config, slot_kind: str = "process") -> Any:
+    """A started daemon (`sidecar.app.App`) in this event loop; stop it with `await app.stop()`."""
+    from sidecar.app import App
+
+    app = App(config, slot_kind=slot_kind)
+    await app.start()
+    return app
+
+
 @pytest.fixture
 async def serve(short_dir: Path) -> AsyncIterator[ServeFactory]:
     """Start a real gRPC daemon in this event loop: `served = await serve(model, slot_kind=...)`."""
     from sidecar.client import AsyncClient
-    from sidecar.server import daemon
 
     started: list[Served] = []
 
-    async def start(model: Path, slot_kind: str = "fake", engine: Any = None, server: dict[str, Any] | None = None,
+    async def start(model: Path, slot_kind: str = "fake", server: dict[str, Any] | None = None,
                     metrics: dict[str, Any] | None = None, http: dict[str, Any] | None = None,
                     update: dict[str, Any] | None = None, model_keys: dict[str, Any] | None = None,
                     cloud: dict[str, Any] | None = None, tasks: tuple[Any, ...] = (),
@@ -99,7 +107,7 @@ async def serve(short_dir: Path) -> AsyncIterator[ServeFactory]:
             config = replace(config, server=replace(config.server, **server))
         if metrics:
             config = replace(config, metrics=replace(config.metrics, **metrics))
-        running = await daemon.start(config, engine=engine, slot_kind=slot_kind)
+        running = await start_app(config, slot_kind=slot_kind)
         served = Served(running, config, AsyncClient(config.server.socket))
         started.append(served)
         return served
@@ -107,10 +115,8 @@ async def serve(short_dir: Path) -> AsyncIterator[ServeFactory]:
     yield start
     for s in started:
         await s.client.close()
-        if s.running.claim._fd is not None:
-            await daemon.shutdown(
-                s.running, replace(s.config, server=replace(s.config.server, grace_seconds=0))
-            )
+        if s.running.listening:
+            await s.running.stop(grace=0)
 
 
 @pytest.fixture

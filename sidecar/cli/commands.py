@@ -38,7 +38,7 @@ from sidecar.config.reference import key_line
 from sidecar.domain.errors import ConfigError, SidecarError
 
 if TYPE_CHECKING:
-    from sidecar.server.daemon import Running
+    from sidecar.app import App
 
 
 class _Main(click.Group):
@@ -98,9 +98,9 @@ def main(ctx: click.Context, config: Path | None) -> None:
 @click.pass_context
 def serve(ctx: click.Context, /, in_process: bool, banner: bool, **flags: Any) -> None:
     """Run the daemon in the foreground until SIGTERM/SIGINT."""
+    from sidecar.app import serve as run_daemon
     from sidecar.logs import configure
     from sidecar.notify import Notifier
-    from sidecar.server.daemon import serve as run_daemon
     from sidecar.server.socket_claim import SocketBusy
 
     config = config_from(ctx, **flags)
@@ -111,7 +111,7 @@ def serve(ctx: click.Context, /, in_process: bool, banner: bool, **flags: Any) -
         )
         sys.exit(EXIT_CONFIG)
 
-    def ready(running: Running) -> None:
+    def ready(running: App) -> None:
         if banner:
             click.echo(_banner(config, running), err=True)
 
@@ -135,7 +135,7 @@ def serve(ctx: click.Context, /, in_process: bool, banner: bool, **flags: Any) -
     sys.exit(code)
 
 
-def _banner(config: Config, running: Running) -> str:
+def _banner(config: Config, running: App) -> str:
     sock = config.server.socket
     names = ", ".join(m.name for m in config.models)
     lines = [
@@ -149,8 +149,8 @@ def _banner(config: Config, running: Running) -> str:
         f"  .venv/bin/sidecar status --socket {sock}",
         f"  grpcurl -plaintext -unix {sock} list      # any gRPC tool, via reflection",
     ]
-    if running.tcp_port:
-        lines.append(f"  (also on 127.0.0.1:{running.tcp_port}, bearer token required)")
+    if running.grpc.tcp_port:
+        lines.append(f"  (also on 127.0.0.1:{running.grpc.tcp_port}, bearer token required)")
     if running.http is not None:
         if running.http.socket:
             lines.append(

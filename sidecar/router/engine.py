@@ -22,12 +22,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import replace
 from typing import Protocol
 
-from sidecar.config import Config, TaskConfig
+from sidecar.config import CloudConfig, TaskConfig
 from sidecar.domain.admin import CloudReport
 from sidecar.domain.errors import (
     ContextOverflow,
@@ -63,11 +62,10 @@ from sidecar.domain.types import (
     Usage,
 )
 from sidecar.router.breaker import Breaker
-from sidecar.router.budget import Budget, Prices
-from sidecar.router.cloud import CloudClient, CloudEndpoint, CloudError, CloudReply, Meter
+from sidecar.router.budget import Budget
+from sidecar.router.cloud import CloudClient, CloudError, CloudReply, Meter
 from sidecar.router.outbound import Gate, Outbound, SensitiveData, build, estimate
 from sidecar.router.policy import Decision, FailKind, LocalOutcome, Situation, decide
-from sidecar.router.privacy import Scanner
 from sidecar.validate import checked_schema, conforming_json_async
 
 log = logging.getLogger("sidecar.router")
@@ -136,46 +134,29 @@ class NoTasks:
 
 
 class RouterEngine:
+    """Local first, the cloud when it pays: an engine wrapping `inner`. Its parts (breaker,
+    budget, privacy gate, cloud client) are built by the composition root and handed in."""
+
     def __init__(
         self,
         inner: Engine,
-        config: Config,
-        env: Mapping[str, str] | None = None,
-        on_route: Callable[[Result, str], None] = lambda _r, _c: None,
+        settings: CloudConfig,
         *,
+        breaker: Breaker,
+        budget: Budget,
+        gate: Gate,
+        cloud: CloudClient | None,
         tasks: TaskInfo | None = None,
+        on_route: Callable[[Result, str], None] = lambda _r, _c: None,
     ) -> None:
         self.inner = inner
         self.tasks: TaskInfo = tasks if tasks is not None else NoTasks()
-        self.config = config
-        c = config.cloud
-        self.settings = c
+        self.settings = settings  # read per request: SIGHUP replaces it
         self.on_route = on_route  # metrics hook: (result, reason code)
-        self.breaker = Breaker(c.breaker_failures, c.breaker_cooldown_seconds)
-        self.scanner = Scanner(c.sensitive, c.sensitive_patterns)
-        self.gate = Gate(self.scanner, c.redact)
-        router_dir = config.store.path / "router"
-        self.budget = Budget(
-            router_dir / "budget.json",
-            Prices(c.prompt_price_per_mtok, c.completion_price_per_mtok),
-            c.daily_cap,
-            c.monthly_cap,
-        )
-        self.cloud: CloudClient | None = None
-        if c.enabled:
-            self.cloud = CloudClient(
-                CloudEndpoint(
-                    c.base_url,
-                    c.model,
-                    c.api_key_env,
-                    c.timeout_seconds,
-                    c.retries,
-                    c.backoff_seconds,
-                ),
-                self.breaker,
-                os.environ if env is None else env,
-                self.gate,
-            )
+        self.breaker = breaker
+        self.budget = budget
+        self.gate = gate  # shared with the cloud client: every outbound request passes it
+        self.cloud = cloud
         self.cloud_calls = 0
 
     # ------------------------------------------------------------------ status
@@ -192,11 +173,6 @@ class RouterEngine:
     def spent(self) -> tuple[float, float]:
         self.budget.spent()  # rolls the periods over
         return self.budget.spent_day, self.budget.spent_month
-
-    @property
-    def fewshot(self) -> TaskInfo:
-        """The config tasks by their old name, for the daemon's reload and status."""
-        return self.tasks
 
     # ------------------------------------------------------------------ Engine
 
@@ -370,12 +346,12 @@ class RouterEngine:
             out = None
         # The scan reads the request as it would leave, every field of it.
         kinds = tuple(
-            await self.gate.kinds_async(out) if out is not None else self.scanner.kinds(texts)
+            await self.gate.kinds_async(out) if out is not None else self.gate.scanner.kinds(texts)
         )
         return Situation(
             routing=routing,
             sensitive=("marked", *kinds) if route.sensitive else kinds,
-            redact=self.settings.redact,
+            redact=self.gate.redact,
             breaker_open=self.breaker.state == "open",
             spent=self.budget.spent(),
             pre_route=self._pre_route(task, texts),
@@ -415,7 +391,7 @@ class RouterEngine:
         if out is None:  # not known when decide() ran: scan it now, by the same rule
             out = self._outbound(task)
             kinds = await self.gate.kinds_async(out)
-            if kinds and not self.settings.redact:
+            if kinds and not self.gate.redact:
                 why = f"sensitive data ({', '.join(kinds)}) never leaves the machine"
                 return self._blocked(d, why, "failed_precondition", local, local_error, conf)
             redact_it = bool(kinds)

@@ -41,7 +41,7 @@ async def test_a_swap_reports_progress_in_the_domain_shape_and_status_follows(
     assert after.pool.model == result.new and "->" in after.pool.last_swap
     listing = await admin.versions()
     serving = [v.info.short for v in listing.versions if v.serving]
-    assert serving == [result.new.version] and listing.root == s.running.engine.store.root
+    assert serving == [result.new.version] and listing.root == s.running.local.store.root
 
 
 async def test_the_store_through_the_seam_keeps_what_serves(

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import start_app
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from sidecar.client import AsyncClient
 from sidecar.engine.fake import FakeSlot
-from sidecar.server import daemon
 from sidecar.server.socket_claim import SocketBusy
 from sidecar.v1 import inference_pb2 as pb
 
@@ -184,7 +184,7 @@ async def test_full_queue_answers_resource_exhausted_at_once(
 ) -> None:
     monkeypatch.setattr(FakeSlot, "token_delay_s", 0.05)
     s = await serve(tiny_model, workers=1)
-    pool = s.running.engine.pools["default"]  # type: ignore[attr-defined]
+    pool = s.running.local.pools["default"]  # type: ignore[attr-defined]
     pool._queue.limit = 2
     busy = [asyncio.ensure_future(s.client.generate("a", max_tokens=20)) for _ in range(3)]
     for _ in range(200):
@@ -223,7 +223,7 @@ async def test_callers_are_served_round_robin(serve, tiny_model: Path, monkeypat
 async def test_cancelled_stream_frees_the_worker(serve, tiny_model: Path, monkeypatch) -> None:
     monkeypatch.setattr(FakeSlot, "token_delay_s", 0.01)
     s = await serve(tiny_model, workers=1)
-    pool = s.running.engine.pools["default"]  # type: ignore[attr-defined]
+    pool = s.running.local.pools["default"]  # type: ignore[attr-defined]
     call = s.client.generate_stream("w", max_tokens=512)
     seen = 0
     async for _ in call:
@@ -243,7 +243,7 @@ async def test_deadline_stops_the_work_and_answers_deadline_exceeded(
 ) -> None:
     monkeypatch.setattr(FakeSlot, "token_delay_s", 0.01)
     s = await serve(tiny_model, workers=1)
-    pool = s.running.engine.pools["default"]  # type: ignore[attr-defined]
+    pool = s.running.local.pools["default"]  # type: ignore[attr-defined]
     got, _ = await code_of(s.client.generate("w", max_tokens=1000, timeout=0.2))
     assert got == grpc.StatusCode.DEADLINE_EXCEEDED
     await asyncio.sleep(0.1)
@@ -296,13 +296,13 @@ def free_port() -> int:
 
 async def test_tcp_is_off_by_default(serve, tiny_model: Path) -> None:
     s = await serve(tiny_model)
-    assert s.running.tcp_port is None
+    assert s.running.grpc.tcp_port is None
 
 
 async def test_tcp_listener_needs_the_bearer_token(serve, tiny_model: Path) -> None:
     port = free_port()
     s = await serve(tiny_model, server={"tcp_port": port, "tcp_token": "s3cret"})
-    assert s.running.tcp_port == port
+    assert s.running.grpc.tcp_port == port
     for token in ("", "wrong"):  # "" sends none (None would read the config)
         c = AsyncClient(tcp=f"127.0.0.1:{port}", token=token)
         got, details = await code_of(c.generate("x", max_tokens=1))
@@ -329,7 +329,7 @@ async def test_socket_group_access_gives_0660(serve, tiny_model: Path) -> None:
 async def test_second_daemon_on_the_same_socket_is_refused(serve, tiny_model: Path) -> None:
     s = await serve(tiny_model)
     with pytest.raises(SocketBusy, match="already serving"):
-        await daemon.start(s.config, slot_kind="fake")
+        await start_app(s.config, slot_kind="fake")
     assert (await s.client.generate("ok", max_tokens=1)).text == "ok "
 
 
@@ -354,7 +354,7 @@ async def test_shutdown_finishes_inflight_refuses_new_and_removes_socket(
     stream = s.client.generate_stream("w", max_tokens=40)
     first = await stream.read()
     assert first.text
-    stopping = asyncio.ensure_future(daemon.shutdown(s.running, s.config))
+    stopping = asyncio.ensure_future(s.running.stop())
     await asyncio.sleep(0.05)
     rest = await read_rest(stream)
     assert rest[-1].HasField("summary")
@@ -372,9 +372,9 @@ async def test_health_goes_not_serving_while_draining(serve, tiny_model: Path, m
     s = await serve(tiny_model, workers=1)
     stream = s.client.generate_stream("w", max_tokens=30)
     await stream.read()
-    stopping = asyncio.ensure_future(daemon.shutdown(s.running, s.config))
+    stopping = asyncio.ensure_future(s.running.stop())
     await asyncio.sleep(0.05)
-    reply = await s.running.health.Check(
+    reply = await s.running.grpc.health.Check(
         health_pb2.HealthCheckRequest(service="sidecar.v1.Inference"), None
     )
     assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -398,7 +398,7 @@ async def test_processes_are_told_apart_by_kernel_credentials(
 
     monkeypatch.setattr(FakeSlot, "token_delay_s", 0.03)
     s = await serve(tiny_model, workers=1)
-    pool = s.running.engine.pools["default"]  # type: ignore[attr-defined]
+    pool = s.running.local.pools["default"]  # type: ignore[attr-defined]
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", BURST, str(s.socket))
     for _ in range(500):
         if len(pool._queue) >= 4:

@@ -132,7 +132,7 @@ async def test_ctrl_c_during_a_swap_detaches_exits_130_and_a_refusal_is_logged_a
 ) -> None:  # type: ignore[no-untyped-def]
     s = await serve(tiny_model, slot_kind="process", workers=1, context=1024)
     old = (await s.client.status()).models[0].model.version
-    pool = s.running.engine.pools["default"]
+    pool = s.running.local.pools["default"]
     pool.config = replace(pool.config, canary_prompt="Say hello", canary_expect=r"^\d{40}$")
     ctrl_c(monkeypatch, "Swap", {"adding"})
     out = await cli("swap", str(second_model), "--socket", str(s.socket))

@@ -22,7 +22,7 @@ def example_set(tag: str, n: int) -> list[tuple[str, str]]:
 async def test_abandoned_builds_do_not_clog_the_queue(serve, tiny_model: Path) -> None:
     s = await serve(tiny_model, slot_kind="process", workers=1, context=2048,
                     model_keys={"max_queue": 16})  # fmt: skip
-    (pool,) = s.running.engine.pools.values()
+    (pool,) = s.running.local.pools.values()
     clients = [AsyncClient(s.socket, caller=f"builder{i}") for i in range(17)]
     try:
         calls = [
@@ -40,10 +40,10 @@ async def test_abandoned_builds_do_not_clog_the_queue(serve, tiny_model: Path) -
         assert time.monotonic() - t0 < 8.0  # loose: five tiny requests
         # Nobody waits for the builds any more: their work leaves the queue.
         for _ in range(100):
-            if pool._queue.background == 0 and not s.running.router.fewshot.builds.in_flight:
+            if pool._queue.background == 0 and not s.running.fewshot.builds.in_flight:
                 break
             await asyncio.sleep(0.05)
-        assert pool._queue.background == 0 and not s.running.router.fewshot.builds.in_flight
+        assert pool._queue.background == 0 and not s.running.fewshot.builds.in_flight
     finally:
         for c in clients:
             await c.close()
@@ -88,7 +88,7 @@ async def test_the_vector_cache_stays_under_its_cap(
     serve, tiny_model: Path, short_dir: Path
 ) -> None:
     s = await serve(tiny_model, workers=1)
-    fewshot = s.running.router.fewshot
+    fewshot = s.running.fewshot
     cache = short_dir / "store/router/examples"
     await s.client.classify("x", examples=example_set("first", 100))
     one_set = sum(p.stat().st_size for p in cache.iterdir())
@@ -108,8 +108,8 @@ async def test_an_abandoned_build_resumes_where_it_stopped(serve, tiny_model: Pa
     from sidecar.fewshot.pacing import MAX_TEXTS
 
     s = await serve(tiny_model, workers=1)
-    (pool,) = s.running.engine.pools.values()
-    fewshot = s.running.router.fewshot
+    (pool,) = s.running.local.pools.values()
+    fewshot = s.running.fewshot
     examples = example_set("resume", 800)
     FakeSlot.token_delay_s = 0.02  # per embed job: ~1 s for the whole set
     try:

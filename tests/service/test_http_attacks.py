@@ -54,7 +54,7 @@ def http_client(short_dir: Path) -> httpx.AsyncClient:
 
 def jobs_run(served: Any) -> int:
     """How many jobs reached any worker (slot) of the default model."""
-    pool = served.running.engine.pools["default"]
+    pool = served.running.local.pools["default"]
     return sum(s.info.requests for s in pool._slots)
 
 
@@ -255,7 +255,7 @@ async def test_a_worker_process_traceback_reaches_the_log_not_the_caller(
     """The spawned worker sends an unexpected exception's traceback over its pipe; the front
     ends' one mapping (`told`) logs it and tells the caller only the request id."""
     served = await serve(tiny_model, slot_kind="process", workers=1)
-    engine = served.running.engine
+    engine = served.running.local
     with pytest.raises(InternalError) as e:  # a lone surrogate the front ends now refuse
         await engine.run("", GenerateTask(prompt="\ud800", max_tokens=1), "test")
     assert "Traceback" in e.value.message and "UnicodeEncodeError" in e.value.message

@@ -38,7 +38,7 @@ async def test_start_up_log_names_every_listener(
     )
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("sidecar")]
     assert any(f"unix:{s.socket}" in x and "gRPC" in x for x in lines), lines
-    tcp = s.running.tcp_port
+    tcp = s.running.grpc.tcp_port
     assert tcp and any(f"127.0.0.1:{tcp}" in x and "gRPC" in x for x in lines), lines
     assert any(f"unix:{metrics}" in x and "metrics" in x for x in lines), lines
 

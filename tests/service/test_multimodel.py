@@ -6,11 +6,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import start_app
 from tiny_gguf import write_tiny_llama
 
 from sidecar.client import AsyncClient
 from sidecar.config import Overrides, load
-from sidecar.server import daemon
 
 pytestmark = pytest.mark.asyncio
 
@@ -37,7 +37,7 @@ context = 1024
 """
     )
     config = load(Overrides(config=cfg), env={})
-    running = await daemon.start(config)
+    running = await start_app(config)
     client = AsyncClient(config.server.socket)
     try:
         st = {m.model.name: m for m in (await client.status()).models}
@@ -58,4 +58,4 @@ context = 1024
         assert "loaded: chat, classifier" in (e.value.details() or "")
     finally:
         await client.close()
-        await daemon.shutdown(running, config)
+        await running.stop()

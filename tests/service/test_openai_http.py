@@ -263,7 +263,7 @@ async def test_full_queue_is_429_with_retry_after(
 ) -> None:
     monkeypatch.setattr(FakeSlot, "token_delay_s", 0.05)
     served = await serve(tiny_model, workers=1, http={"socket": str(short_dir / "h.sock")})
-    pool = served.running.engine.pools["default"]
+    pool = served.running.local.pools["default"]
     pool._queue.limit = 1
     client = unix_client(short_dir / "h.sock")
     busy = [
@@ -286,7 +286,7 @@ async def test_closing_a_stream_frees_the_worker(
 ) -> None:
     monkeypatch.setattr(FakeSlot, "token_delay_s", 0.01)
     served = await serve(tiny_model, workers=1, http={"socket": str(short_dir / "h.sock")})
-    pool = served.running.engine.pools["default"]
+    pool = served.running.local.pools["default"]
     client = unix_client(short_dir / "h.sock")
     stream = await client.completions.create(model="", prompt="w", max_tokens=512, stream=True)
     seen = 0
@@ -308,15 +308,11 @@ async def test_closing_a_stream_frees_the_worker(
 async def test_http_socket_is_private_and_removed_on_shutdown(
     serve, tiny_model: Path, short_dir: Path
 ) -> None:
-    from dataclasses import replace
-
-    from sidecar.server import daemon
 
     path = short_dir / "h.sock"
     served = await serve(tiny_model, http={"socket": str(path)})
     assert path.stat().st_mode & 0o777 == 0o600
-    config = replace(served.config, server=replace(served.config.server, grace_seconds=0))
-    await daemon.shutdown(served.running, config)
+    await served.running.stop(grace=0)
     assert not path.exists()
 
 

@@ -158,7 +158,7 @@ async def test_a_build_whose_embed_job_crashed_the_worker_is_not_retried(
     serve, tiny_model: Path
 ) -> None:
     s = await serve(tiny_model, slot_kind="process", workers=1, context=2048)
-    (pool,) = s.running.engine.pools.values()
+    (pool,) = s.running.local.pools.values()
     examples = [(f"example text number {i} " * 3, f"label{i % 4}") for i in range(2000)]
     call = asyncio.ensure_future(s.client.classify("what is it", examples=examples, timeout=60))
     for _ in range(500):  # wait until an embed job of the build runs
@@ -187,7 +187,7 @@ async def test_under_auto_a_request_that_crashed_its_worker_is_not_escalated(
         script.default = ok("the cloud took over")
         cloud = {"base_url": url, "model": "m", "retries": 0, "timeout_seconds": 2.0}
         s = await serve(tiny_model, slot_kind="process", workers=1, context=2048, cloud=cloud)
-        (pool,) = s.running.engine.pools.values()
+        (pool,) = s.running.local.pools.values()
         call = asyncio.ensure_future(s.client.generate(POISON, max_tokens=1500))
         for _ in range(500):  # wait until the worker runs it
             if any(j.task.kind == "generate" for j in pool._running.values()):

@@ -16,7 +16,6 @@ import grpc
 import pytest
 from fake_cloud import Script, fake_cloud, ok
 
-from sidecar.server import daemon
 from sidecar.v1 import inference_pb2 as pb
 
 LABELS = ["card_arrival", "exchange_rate"]
@@ -47,7 +46,7 @@ async def code_of(call: Any) -> tuple[grpc.StatusCode, str]:
 
 async def shedding(served: Any) -> None:
     for _ in range(200):
-        if served.running.engine.shed_reason:
+        if served.running.local.shed_reason:
             return
         await asyncio.sleep(0.02)
     raise AssertionError("the supervisor never started shedding")
@@ -177,9 +176,7 @@ async def test_a_spent_budget_stays_spent_across_a_restart(
     assert r.route.served_by == "local" and "daily cloud budget is spent" in r.route.reason
     st = (await s.client.status()).cloud
     assert st.spent_day == pytest.approx(0.002) and st.daily_cap == 0.0015
-    await daemon.shutdown(
-        s.running, replace(s.config, server=replace(s.config.server, grace_seconds=0))
-    )
+    await s.running.stop(grace=0)
     assert (short_dir / "store/router/budget.json").is_file()
     s2 = await serve(tiny_model, cloud=cfg)
     code, msg = await code_of(s2.client.classify("x y", LABELS, routing="CLOUD_ONLY"))
@@ -363,7 +360,7 @@ async def test_classify_by_examples_and_by_a_config_task_with_a_disk_cache(
     assert r.label == "exchange_rate" and r.route.served_by == "local"
     # Same examples, same model version: the vectors came from the cache, not re-embedded.
     assert len(list(cache.glob("*.npy"))) == 1
-    embeds = sum(sl.info.requests for p in s2.running.engine.pools.values() for sl in p._slots)
+    embeds = sum(sl.info.requests for p in s2.running.local.pools.values() for sl in p._slots)
     assert embeds <= 1  # at most the request's own text
 
 
@@ -389,7 +386,7 @@ async def test_a_damaged_vector_cache_is_recomputed(serve, tiny_model, short_dir
     await s.client.classify("my card has still not arrived", examples=ROWS)
     (npy,) = (short_dir / "store/router/examples").glob("*.npy")
     npy.write_bytes(b"garbage")
-    s.running.router.fewshot.builds._built.clear()
+    s.running.fewshot.builds._built.clear()
     r = await s.client.classify("my card has still not arrived", examples=ROWS)
     assert r.label == "card_arrival"
     import numpy as np
@@ -460,7 +457,7 @@ async def test_a_worker_that_dies_mid_request_is_escalated(serve, tiny_model, cl
     script.default = ok("the cloud took over")
     s = await serve(tiny_model, slot_kind="process", cloud=settings(url), model_keys={"workers": 1})
     call = asyncio.ensure_future(s.client.generate("once upon a time", max_tokens=1900))
-    (pool,) = s.running.engine.pools.values()
+    (pool,) = s.running.local.pools.values()
     for _ in range(200):  # wait until the worker is busy with it
         if any(sl.info.state == "busy" for sl in pool._slots):
             break

@@ -12,9 +12,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from sidecar import app as daemon
 from sidecar.client import AsyncClient
 from sidecar.config import Config, Overrides, load
-from sidecar.server import daemon
 
 pytestmark = pytest.mark.asyncio
 
@@ -47,7 +47,7 @@ threshold = 0.5
     def read() -> Config:
         return load(Overrides(config=cfg), env={})
 
-    started: asyncio.Future[daemon.Running] = asyncio.get_running_loop().create_future()
+    started: asyncio.Future[daemon.App] = asyncio.get_running_loop().create_future()
     serving = asyncio.create_task(
         daemon.serve(read(), slot_kind="fake", on_ready=started.set_result, reload=read)
     )
@@ -81,22 +81,22 @@ threshold = 0.5
         with pytest.raises(grpc.RpcError) as e:
             await client.generate("Hello", max_tokens=2)
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert running.engine.config.store.drain_seconds == 5.0  # read by the next swap
+        assert running.local.config.store.drain_seconds == 5.0  # read by the next swap
         assert running.router is not None
-        assert running.router.fewshot.tasks["t"].threshold == 0.8
-        assert running.engine.config.store.path == short_dir / "store"
+        assert running.fewshot.threshold("t") == 0.8
+        assert running.local.config.store.path == short_dir / "store"
     finally:
         await client.close()
-        running.stop.set()
+        running.stopping.set()
         assert await serving == 0
 
 
 async def test_reload_keeps_the_file_a_swap_chose(serve, short_dir: Path, tiny_model: Path) -> None:
     served = await serve(tiny_model)
-    pool = served.running.engine.pools[served.config.default_model]
+    pool = served.running.local.pools[served.config.default_model]
     swapped = short_dir / "store" / "blobs" / "newer"
     pool.use_file(swapped)  # what a swap leaves behind
     new = replace(served.config, models=(replace(served.config.models[0], max_queue=9),))
-    daemon.reload_config(served.running, served.config, lambda: new)
-    assert served.running.supervisor.last_reload == "applied: models.default.max_queue"
+    served.running.reload(lambda: new)
+    assert served.running.last_reload == "applied: models.default.max_queue"
     assert (pool.config.path, pool.config.max_queue) == (swapped, 9)

@@ -78,7 +78,7 @@ async def test_remove_version_cannot_reach_outside_the_store(
     serve, tiny_model: Path, short_dir: Path
 ) -> None:
     s = await serve(tiny_model)
-    store = s.running.engine.store
+    store = s.running.local.store
     sha = store.active("default")
     # <store>/models/../../../victim is <short_dir>/../victim: plant it one level lower.
     victim = store.models / ".." / ".." / "victim" / "versions"
@@ -114,7 +114,7 @@ async def test_names_with_newlines_or_a_megabyte_are_refused_or_echoed_short(
 
 
 def store_names(s: object) -> list[str]:
-    return s.running.engine.store.names()  # type: ignore[attr-defined, no-any-return]
+    return s.running.local.store.names()  # type: ignore[attr-defined, no-any-return]
 
 
 async def test_a_swap_to_a_named_secret_file_copies_nothing(
@@ -126,7 +126,7 @@ async def test_a_swap_to_a_named_secret_file_copies_nothing(
     secret.chmod(0o600)
     e = await rpc_error(lambda: s.client.admin.Swap(pb.SwapRequest(path=str(secret))))
     assert e.code() == grpc.StatusCode.FAILED_PRECONDITION
-    q = s.running.engine.store.quarantine_dir
+    q = s.running.local.store.quarantine_dir
     assert stat.S_IMODE(q.stat().st_mode) == 0o700
     for p in q.iterdir():
         assert "very-secret" not in p.read_text(errors="replace"), p
@@ -145,7 +145,7 @@ async def test_the_users_file_is_copied_not_linked_and_a_changed_blob_is_never_s
     sha = reply.version.sha256
     assert stat.S_IMODE(user.stat().st_mode) == 0o644 and user.stat().st_nlink == 1
     user.write_bytes(b"the user reuses their file")
-    blob = s.running.engine.store.blob(sha)
+    blob = s.running.local.store.blob(sha)
     assert blob.stat().st_size == reply.version.size  # the store kept its bytes
     # Someone who can write the store changes the blob: a swap to it must not go ahead.
     blob.chmod(0o644)
@@ -169,15 +169,14 @@ async def wait_for(check: Callable[[], bool], seconds: float = 20) -> None:
 async def test_the_drop_watcher_survives_bad_files_and_reports_its_health(
     tiny_model: Path, short_dir: Path
 ) -> None:
-    from conftest import make_config
+    from conftest import make_config, start_app
 
     from sidecar.cli.commands import main
-    from sidecar.server import daemon
 
     drop = short_dir / "drop"
     config = make_config(short_dir, tiny_model)
     config = replace(config, store=replace(config.store, drop=drop, auto_swap=True))
-    running = await daemon.start(config, slot_kind="fake")
+    running = await start_app(config, slot_kind="fake")
     client = AsyncClient(config.server.socket)
     try:
         assert running.drop is not None
@@ -214,9 +213,7 @@ async def test_the_drop_watcher_survives_bad_files_and_reports_its_health(
         assert (await client.status()).drop_watcher == "stopped: cannot watch it"
     finally:
         await client.close()
-        await daemon.shutdown(
-            running, replace(config, server=replace(config.server, grace_seconds=0))
-        )
+        await running.stop(grace=0)
 
 
 async def test_a_bug_while_taking_one_file_refuses_that_file_only(
@@ -225,7 +222,7 @@ async def test_a_bug_while_taking_one_file_refuses_that_file_only(
     from sidecar.dropwatch import DropWatcher
 
     s = await serve(tiny_model)
-    store = s.running.engine.store
+    store = s.running.local.store
     real_add = store.add
 
     def add(src: Path, name: str, **kw: object) -> str:
@@ -235,7 +232,7 @@ async def test_a_bug_while_taking_one_file_refuses_that_file_only(
 
     monkeypatch.setattr(store, "add", add)
     drop = short_dir / "drop"
-    watcher = DropWatcher(s.running.engine, drop, auto_swap=False)
+    watcher = DropWatcher(s.running.local, drop, auto_swap=False)
     await watcher.start()
     try:
         write_tiny_llama(short_dir / "boom.tmp", seed=7).rename(drop / "boom.gguf")

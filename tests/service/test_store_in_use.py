@@ -32,7 +32,7 @@ async def remove(client: AsyncClient, version: str, model: str = "default") -> N
 
 
 def new_version(s) -> str:  # type: ignore[no-untyped-def]
-    return str(s.running.engine.pools["default"].ref.version)
+    return str(s.running.local.pools["default"].ref.version)
 
 
 def mapped(pid: int) -> str:
@@ -44,7 +44,7 @@ async def test_after_a_swap_status_shows_the_served_file_and_the_old_version_can
 ) -> None:
     second = write_tiny_llama(short_dir / "second.gguf", seed=21, n_ctx=4096)
     s = await serve(tiny_model, slot_kind="process", workers=1, context=1024)
-    store = s.running.engine.store
+    store = s.running.local.store
     old = (await s.client.status()).models[0].model.version
     new = await swap(s.client, path=str(second))
     model = (await s.client.status()).models[0]
@@ -71,7 +71,7 @@ async def test_gc_keeps_what_is_mapped_or_pointed_at_and_a_version_added_under_a
     # The start-up version is neither active nor previous and no worker maps it; the one
     # just added under "other" is all that name has and must survive.
     assert list(reply.removed) == [f"default@{first}"]
-    store = s.running.engine.store
+    store = s.running.local.store
     assert store.versions("other") == [added.version.sha256]
     assert len(store.versions("default")) == 2
 
@@ -82,7 +82,7 @@ async def test_a_draining_worker_keeps_its_version_until_it_has_finished(
     monkeypatch.setattr(FakeSlot, "token_delay_s", 0.02)
     second = write_tiny_llama(short_dir / "second.gguf", seed=22, n_ctx=4096)
     s = await serve(tiny_model, workers=1)
-    engine = s.running.engine
+    engine = s.running.local
     engine.config = replace(engine.config, store=replace(engine.config.store, drain_seconds=60.0))
     old = (await s.client.status()).models[0].model.version
     stream = s.client.generate_stream("one two three", max_tokens=400)
@@ -109,7 +109,7 @@ async def test_gc_bounds_the_quarantine_and_gc_quarantine_empties_it(
     from sidecar.cli.commands import main
 
     s = await serve(tiny_model)
-    q = s.running.engine.store.quarantine_dir
+    q = s.running.local.store.quarantine_dir
     bad = short_dir / "bad.gguf"
     bad.write_bytes(b"this is not a model\n" * 100)
     with pytest.raises(grpc.aio.AioRpcError):
@@ -134,12 +134,12 @@ async def test_what_a_worker_really_maps_is_kept_whatever_the_pointers_and_its_s
 ) -> None:
     files = [write_tiny_llama(short_dir / f"w{i}.gguf", seed=50 + i, n_ctx=4096) for i in range(2)]
     s = await serve(tiny_model, slot_kind="process", workers=1, context=1024)
-    store = s.running.engine.store
+    store = s.running.local.store
     served = store.active("default")
     a, b = (store.add(f, "default") for f in files)
     store.activate("default", a)
     store.activate("default", b)  # the pointers no longer name what the worker serves
-    (slot,) = s.running.engine.pools["default"]._slots
+    (slot,) = s.running.local.pools["default"]._slots
     slot.spec = replace(slot.spec, path=store.blob(a))  # nor does its spec
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await remove(s.client, served[:12])

@@ -188,7 +188,7 @@ async def test_worker_over_its_rss_ceiling_is_replaced_between_requests(
     serve, tiny_model: Path
 ) -> None:
     s = await serve(tiny_model, slot_kind="process", workers=1, context=1024, server=FAST)
-    pool = s.running.engine.pools["default"]
+    pool = s.running.local.pools["default"]
     pool.config = replace(pool.config, max_rss_mb=1)  # any real worker is over 1 MiB
     first = (await pids(s))[0]
     for i in range(20):

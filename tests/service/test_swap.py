@@ -56,7 +56,7 @@ async def test_swap_to_a_new_file_proves_it_flips_and_persists(
     new = steps[-1].new.version
     assert new != old and await version(s.client) == new
     assert (await s.client.generate("hi", max_tokens=2)).model.version == new
-    store = s.running.engine.store
+    store = s.running.local.store
     assert store.active("default").startswith(new) and store.previous("default").startswith(old)
     # and back, by version this time
     steps = await swap(s.client, version=old)
@@ -91,7 +91,7 @@ async def test_bad_files_are_refused_quarantined_and_never_served(
     assert "swap refused at validating" in details and says in details
     assert await version(s.client) == old
     assert (await s.client.generate("still", max_tokens=1)).model.version == old
-    store = s.running.engine.store
+    store = s.running.local.store
     # A file the caller merely named is neither copied nor taken: only the reason is kept.
     assert not list(store.quarantine_dir.glob(f"*{how}.gguf"))
     records = list(store.quarantine_dir.glob(f"*{how}.gguf.reason"))
@@ -105,12 +105,12 @@ async def test_a_model_failing_its_canary_is_refused_and_quarantined(
 ) -> None:
     s = await serve(tiny_model, slot_kind="process", workers=1, context=1024)
     old = await version(s.client)
-    pool = s.running.engine.pools["default"]
+    pool = s.running.local.pools["default"]
     pool.config = replace(pool.config, canary_prompt="Say hello", canary_expect=r"^\d{40}$")
     details = await refused(s.client, path=str(second_model))
     assert "swap refused at canary" in details and "does not match" in details
     assert await version(s.client) == old
-    store = s.running.engine.store
+    store = s.running.local.store
     assert len(store.versions("default")) == 1  # the refused version left the store
     assert list(store.quarantine_dir.glob("*.gguf"))
     assert (await s.client.status()).models[0].workers[0].state == "idle"  # canary workers stopped
@@ -121,7 +121,7 @@ async def test_a_second_swap_during_a_swap_gets_a_clear_answer(
 ) -> None:
     s = await serve(tiny_model, slot_kind="process", workers=1, context=1024)
     first = asyncio.ensure_future(swap(s.client, path=str(second_model)))
-    while not s.running.engine.swapper.busy("default"):
+    while not s.running.local.swapper.busy("default"):
         await asyncio.sleep(0.005)
     details = await refused(s.client, path=str(tiny_model))
     assert "in progress" in details
@@ -199,7 +199,7 @@ async def test_drop_folder_takes_complete_files_only_and_swaps(
     drop = short_dir / "drop"
     s0 = await serve(tiny_model, slot_kind="process", workers=1, context=1024)
     old = await version(s0.client)
-    watcher = DropWatcher(s0.running.engine, drop, auto_swap=True)
+    watcher = DropWatcher(s0.running.local, drop, auto_swap=True)
     await watcher.start()
     try:
         # A copy in progress: a temporary name, then a rename into place.
@@ -219,7 +219,7 @@ async def test_drop_folder_takes_complete_files_only_and_swaps(
         await wait_until(lambda: len(watcher.results) == 2)
         assert "refused" in watcher.results[1]
         assert not (drop / "default" / "bad.gguf").exists()
-        assert list(s0.running.engine.store.quarantine_dir.glob("*bad.gguf"))
+        assert list(s0.running.local.store.quarantine_dir.glob("*bad.gguf"))
     finally:
         await watcher.close()
 
@@ -227,14 +227,12 @@ async def test_drop_folder_takes_complete_files_only_and_swaps(
 async def test_daemon_watches_the_configured_drop_folder(
     tiny_model: Path, second_model: Path, short_dir: Path
 ) -> None:
-    from conftest import make_config
-
-    from sidecar.server import daemon
+    from conftest import make_config, start_app
 
     drop = short_dir / "drop"
     config = make_config(short_dir, tiny_model, workers=1, context=1024)
     config = replace(config, store=replace(config.store, drop=drop, auto_swap=True))
-    running = await daemon.start(config)
+    running = await start_app(config)
     client = AsyncClient(config.server.socket)
     try:
         old = await version(client)
@@ -245,4 +243,4 @@ async def test_daemon_watches_the_configured_drop_folder(
         assert await version(client) != old
     finally:
         await client.close()
-        await daemon.shutdown(running, config)
+        await running.stop()

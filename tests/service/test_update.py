@@ -65,7 +65,7 @@ async def test_a_metadata_delta_is_fetched_rebuilt_verified_and_swapped_in(serve
     status = (await s.client.status()).models[0]
     assert "installed v2" in status.last_update
     # No partial file is left behind, and a second run has nothing to do.
-    workdir = s.running.engine.store.root / "updates" / "default"
+    workdir = s.running.local.store.root / "updates" / "default"
     assert sorted(p.name for p in workdir.iterdir()) == ["state.json"]
     again = await apply(s.client)
     assert not again[-1].outcome.installed and "up to date" in again[-1].outcome.plan
@@ -128,7 +128,7 @@ async def test_each_attack_is_refused_and_the_model_keeps_serving(
     assert (await s.client.generate("still here", max_tokens=1)).model.version == before
     assert rejections(s, reason) == 1
     assert reason in (await s.client.status()).models[0].last_update
-    assert not [p for p in s.running.engine.store.root.rglob("*.partial")]
+    assert not [p for p in s.running.local.store.root.rglob("*.partial")]
 
 
 async def test_an_older_version_is_a_rollback_attack(serve, origin, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -210,6 +210,6 @@ async def test_a_hostile_signed_delta_is_refused_remembered_and_the_full_file_in
     rebuilt = [p for p in steps if p.stage == "rebuilding"]
     assert all(p.done_bytes <= declared and p.total_bytes == declared for p in rebuilt)
     # The delta is remembered as bad: the next plan does not pick it again.
-    state = json.loads((s.running.engine.store.root / "updates" / "default" / "state.json")
+    state = json.loads((s.running.local.store.root / "updates" / "default" / "state.json")
                        .read_text())  # fmt: skip
     assert bad in state["bad_deltas"]

@@ -175,7 +175,7 @@ async def test_task_prefix_cache_hits_and_keeps_replies_byte_identical(
 ) -> None:
     s = await serve(tiny_model, slot_kind="thread", workers=1, context=1024)
     c = s.client
-    runner = s.running.engine.pools["default"].workers()[0]._runner
+    runner = s.running.local.pools["default"].workers()[0]._runner
     labels = ["north", "south", "east", "west"]
     fresh = without_timings(await c.classify("which way", labels))
     again = without_timings(await c.classify("which way", labels))

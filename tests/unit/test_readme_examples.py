@@ -38,7 +38,7 @@ def test_raw_generate_examples_bound_their_length() -> None:
     for line in generates:
         assert "--max-tokens" in line, line
     config = load(Overrides(config=Path("/dev/null"), socket=Path("/s.sock")), env={})
-    banner = _banner(config, SimpleNamespace(tcp_port=None, http=None))  # type: ignore[arg-type]
+    banner = _banner(config, SimpleNamespace(grpc=SimpleNamespace(tcp_port=None), http=None))  # type: ignore[arg-type]
     (line,) = [ln for ln in banner.splitlines() if "sidecar generate" in ln]
     assert "--max-tokens" in line
 
