@@ -32,6 +32,7 @@ from pathlib import Path
 
 from sidecar import reload as reloading
 from sidecar.admin import DaemonAdmin
+from sidecar.calls.accounting import RequestLog
 from sidecar.config import Config
 from sidecar.domain.errors import ConfigError
 from sidecar.domain.seam import Engine
@@ -50,7 +51,6 @@ from sidecar.router.cloud import CloudClient, CloudEndpoint
 from sidecar.router.engine import RouterEngine
 from sidecar.router.outbound import Gate
 from sidecar.router.privacy import Scanner
-from sidecar.server.accounting import RequestLog
 from sidecar.server.grpc_listener import GrpcListener, bracketed
 from sidecar.store import ModelStore
 from sidecar.supervisor import Supervisor

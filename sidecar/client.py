@@ -28,7 +28,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sidecar.callers import CALLER_HEADER as CALLER_METADATA
+from sidecar.calls.callers import CALLER_HEADER as CALLER_METADATA
 from sidecar.config import Overrides, load_client
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import inference_pb2_grpc as pb_grpc

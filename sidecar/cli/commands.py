@@ -101,7 +101,7 @@ def serve(ctx: click.Context, /, in_process: bool, banner: bool, **flags: Any) -
     from sidecar.app import serve as run_daemon
     from sidecar.logs import configure
     from sidecar.notify import Notifier
-    from sidecar.server.socket_claim import SocketBusy
+    from sidecar.socket_claim import SocketBusy
 
     config = config_from(ctx, **flags)
     configure(config.log.level, config.log.format)

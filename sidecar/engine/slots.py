@@ -28,6 +28,7 @@ from sidecar.domain.errors import FailedPrecondition, SidecarError, WorkerCrashe
 from sidecar.domain.specs import ModelFacts, RunnerSpec
 from sidecar.domain.status import SlotInfo
 from sidecar.domain.types import Result, Task, TokenEvent
+from sidecar.worker.entry import worker_main
 
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 5.0
@@ -96,8 +97,6 @@ class ProcessSlot:
         self.started_at = time.monotonic()
 
     async def start(self) -> ModelFacts:
-        from sidecar.worker.process import worker_main
-
         self._loop = asyncio.get_running_loop()
         ctx = mp.get_context("spawn")  # never fork a process that holds gRPC threads
         parent, child = ctx.Pipe()

@@ -24,7 +24,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from sidecar.callers import CALLER_HEADER, Bearer, caller_key
+from sidecar.calls.accounting import RequestLog
+from sidecar.calls.callers import CALLER_HEADER, Bearer, caller_key
+from sidecar.calls.outcome import status_for, told
 from sidecar.domain.errors import (
     Cancelled,
     InternalError,
@@ -44,8 +46,6 @@ from sidecar.domain.types import (
     TokenEvent,
 )
 from sidecar.openai_api import wire
-from sidecar.server.accounting import RequestLog
-from sidecar.server.interceptor import status_for, told
 
 log = logging.getLogger("sidecar.http")
 

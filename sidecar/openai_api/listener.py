@@ -30,7 +30,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from sidecar.config import HttpConfig
 from sidecar.openai_api.app import error_body
-from sidecar.server.socket_claim import SocketClaim
+from sidecar.socket_claim import SocketClaim
 
 log = logging.getLogger("sidecar.http")
 

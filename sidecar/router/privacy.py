@@ -373,8 +373,12 @@ def _key(kind: str, value: str) -> str:
 
 class Scanner:
     def __init__(self, kinds: Iterable[str] = DETECTORS, custom: Iterable[str] = ()) -> None:
+        kinds, custom = tuple(kinds), tuple(custom)
         if problem := unknown_detectors(kinds):  # the names the config checks against
             raise ValueError(problem)
+        # What it was built from, as cloud.sensitive / cloud.sensitive_patterns give them.
+        self.detector_names: tuple[str, ...] = kinds
+        self.patterns: tuple[str, ...] = custom
         self.detectors = [BUILTIN[k] for k in kinds]
         self.custom: list[Detector] = [
             Detector(f"custom{i}", _pattern(compile_pattern(rx))) for i, rx in enumerate(custom)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sidecar.callers import CALLER_HEADER, caller_key
+from sidecar.calls.callers import CALLER_HEADER, caller_key
 from sidecar.server.peercred import parse_peer
 
 

@@ -17,13 +17,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from sidecar.calls.accounting import RequestLog
 from sidecar.config import ServerConfig
 from sidecar.domain.seam import Admin, Engine
-from sidecar.server.accounting import RequestLog
 from sidecar.server.interceptor import RequestInterceptor
 from sidecar.server.peercred import PeerCredRelay
 from sidecar.server.servicer import AdminServicer, InferenceServicer
-from sidecar.server.socket_claim import SocketClaim
+from sidecar.socket_claim import SocketClaim
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import inference_pb2_grpc as pb_grpc
 

@@ -4,8 +4,9 @@ Every RPC (ours, health, reflection) passes through `RequestInterceptor`, which
 - refuses TCP callers without the right bearer token (UNAUTHENTICATED),
 - turns a request that does not parse (e.g. invalid UTF-8 in a string field) into
   INVALID_ARGUMENT instead of gRPC's generic deserialisation failure,
-- maps `SidecarError` subclasses through `STATUS` and anything else to INTERNAL; an
-  internal error's details go to the log, the caller gets only the request id (`told`),
+- maps `SidecarError` subclasses through `calls.outcome.STATUS` and anything else to
+  INTERNAL; an internal error's details go to the log, the caller gets only the request id
+  (`told`),
 - writes one log line per request (id, method, model, status, milliseconds); a streamed
   call whose caller left while its work goes on (a swap) is logged when that work ends,
   with the work's outcome and `caller=left`.
@@ -25,46 +26,13 @@ from typing import Any
 import grpc
 from grpc import StatusCode
 
-from sidecar.callers import Bearer
+from sidecar.calls.accounting import RequestLog, open_work
+from sidecar.calls.callers import Bearer
+from sidecar.calls.outcome import status_for, told
 from sidecar.domain import errors
-from sidecar.server.accounting import RequestLog, open_work
 
 log = logging.getLogger("sidecar.request")
 Metadata = dict[str, Any]
-
-STATUS: dict[type[errors.SidecarError], StatusCode] = {
-    errors.InvalidRequest: StatusCode.INVALID_ARGUMENT,
-    errors.OutOfRange: StatusCode.OUT_OF_RANGE,
-    errors.ModelNotFound: StatusCode.NOT_FOUND,
-    errors.Unavailable: StatusCode.UNAVAILABLE,
-    errors.Overloaded: StatusCode.RESOURCE_EXHAUSTED,
-    errors.FailedPrecondition: StatusCode.FAILED_PRECONDITION,
-    errors.Unauthenticated: StatusCode.UNAUTHENTICATED,
-    errors.Cancelled: StatusCode.CANCELLED,
-    errors.DeadlineExceeded: StatusCode.DEADLINE_EXCEEDED,
-    errors.InternalError: StatusCode.INTERNAL,
-}
-
-
-def status_for(error: errors.SidecarError) -> StatusCode:
-    for cls in type(error).__mro__:
-        if cls in STATUS:
-            return STATUS[cls]
-    return StatusCode.INTERNAL
-
-
-def told(error: BaseException, rid: str, method: str) -> str:
-    """What the caller is told about `error`. A bad request gets its message, which says what
-    to fix. An internal error (a bug, or a worker's unexpected exception with its traceback)
-    is logged in full under the request id, and the caller gets only that id: tracebacks,
-    paths and library internals are for the daemon's owner, not for every client."""
-    if isinstance(error, errors.SidecarError):
-        if status_for(error) is not StatusCode.INTERNAL:
-            return error.message
-        log.error("request %s %s failed: %s", rid, method, error.message)
-    else:
-        log.error("request %s %s failed", rid, method, exc_info=error)
-    return f"internal error (request {rid}); the daemon log has the details"
 
 
 class BadRequest:

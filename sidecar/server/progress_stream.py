@@ -13,8 +13,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
+from sidecar.calls.accounting import outlives_call
 from sidecar.domain.progress import Progress
-from sidecar.server.accounting import outlives_call
 
 T = TypeVar("T")
 M = TypeVar("M")

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from sidecar.client import AsyncClient
 from sidecar.engine.fake import FakeSlot
-from sidecar.server.socket_claim import SocketBusy
+from sidecar.socket_claim import SocketBusy
 from sidecar.v1 import inference_pb2 as pb
 
 pytestmark = pytest.mark.asyncio

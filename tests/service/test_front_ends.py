@@ -14,6 +14,7 @@ import grpc
 import httpx2 as httpx
 import pytest
 
+from sidecar.calls.accounting import RequestLog
 from sidecar.domain.seam import DEFAULT_ROUTE, Engine
 from sidecar.domain.status import PoolStatus
 from sidecar.domain.types import (
@@ -28,7 +29,6 @@ from sidecar.domain.types import (
     Usage,
 )
 from sidecar.openai_api.app import OpenAIApp
-from sidecar.server.accounting import RequestLog
 from sidecar.server.interceptor import RequestInterceptor
 from sidecar.server.servicer import InferenceServicer
 from sidecar.v1 import inference_pb2 as pb

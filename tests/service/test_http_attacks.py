@@ -20,11 +20,11 @@ import grpc
 import httpx2 as httpx
 import pytest
 
+from sidecar.calls.outcome import told
 from sidecar.domain.errors import InternalError
 from sidecar.domain.types import GenerateTask, TokenEvent
 from sidecar.engine.fake import FakeSlot
 from sidecar.openai_api import listener
-from sidecar.server.interceptor import told
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.validate import MAX_CHAT_MESSAGES
 from sidecar.worker.runner import LlamaRunner

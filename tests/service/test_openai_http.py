@@ -319,7 +319,7 @@ async def test_http_socket_is_private_and_removed_on_shutdown(
 async def test_a_busy_http_socket_refuses_the_start_and_leaves_it_alone(
     serve, tiny_model: Path, short_dir: Path
 ) -> None:
-    from sidecar.server.socket_claim import SocketBusy
+    from sidecar.socket_claim import SocketBusy
 
     path = short_dir / "h.sock"
     await serve(tiny_model, http={"socket": str(path)})

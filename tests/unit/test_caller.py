@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.callers import Bearer, caller_key, token_caller
+from sidecar.calls.callers import Bearer, caller_key, token_caller
 from sidecar.domain.errors import Unauthenticated
 from sidecar.server.caller import caller_of
 from sidecar.server.peercred import parse_peer

@@ -3,8 +3,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from sidecar.calls.outcome import STATUS, status_for
 from sidecar.domain import errors
-from sidecar.server.interceptor import STATUS, status_for
 
 
 def all_error_classes() -> list[type[errors.SidecarError]]:

@@ -22,7 +22,7 @@ from sidecar.domain.errors import InvalidRequest
 from sidecar.domain.names import check_name, name_problem, shown
 from sidecar.gguf_check import MAX_STRING_ARRAY, GGUFError, check
 from sidecar.logs import JsonFormatter, TextFormatter
-from sidecar.server.socket_claim import SocketClaim, SocketUnsafe
+from sidecar.socket_claim import SocketClaim, SocketUnsafe
 from sidecar.store import BlobChanged, ModelStore, model_store, startup_blob
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
