@@ -180,7 +180,7 @@ class App:
         # Both front ends drain at once, each bounded by the grace period.
         stopping = [self.grpc.stop(grace)]
         if self.http is not None:
-            stopping.append(self.http.close())
+            stopping.append(self.http.close(grace))
         await asyncio.gather(*stopping)
         if self.metrics_server is not None:
             self.metrics_server.close()

@@ -64,9 +64,9 @@ class ServerConfig:
     )
     default_max_tokens: int = setting(
         256,
-        "max_tokens when a request leaves it 0 (capped to what fits the context).",
+        "max_tokens when a request leaves it 0 (capped to what fits the context); the "
+        "workers take it at start.",
         minimum=1,
-        live=True,
     )
     max_labels: int = setting(256, "Most labels one Classify may carry.", minimum=2, live=True)
     max_embed_texts: int = setting(256, "Most texts one Embed may carry.", minimum=1, live=True)

@@ -170,9 +170,12 @@ class HttpListener:
         where += [f"http://{self._config.host}:{self.port}"] if self.port else []
         log.info("OpenAI-compatible HTTP API on %s", ", ".join(where))
 
-    async def close(self) -> None:
-        """Stop accepting, let in-flight requests finish (bounded by the grace), release."""
+    async def close(self, grace_seconds: float | None = None) -> None:
+        """Stop accepting, let in-flight requests finish (bounded by the grace: the one
+        given, else the one at start), release."""
         if self._server is not None and self._task is not None:
+            if grace_seconds is not None:  # a SIGHUP may have changed it since start
+                self._server.config.timeout_graceful_shutdown = max(int(grace_seconds), 1)
             self._server.should_exit = True
             await self._task
         self._release()

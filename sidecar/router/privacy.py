@@ -373,15 +373,15 @@ def _key(kind: str, value: str) -> str:
 
 class Scanner:
     def __init__(self, kinds: Iterable[str] = DETECTORS, custom: Iterable[str] = ()) -> None:
-        kinds, custom = tuple(kinds), tuple(custom)
-        if problem := unknown_detectors(kinds):  # the names the config checks against
-            raise ValueError(problem)
         # What it was built from, as cloud.sensitive / cloud.sensitive_patterns give them.
-        self.detector_names: tuple[str, ...] = kinds
-        self.patterns: tuple[str, ...] = custom
-        self.detectors = [BUILTIN[k] for k in kinds]
+        self.detector_names = tuple(kinds)
+        self.patterns = tuple(custom)
+        if problem := unknown_detectors(self.detector_names):  # the names the config checks
+            raise ValueError(problem)
+        self.detectors = [BUILTIN[k] for k in self.detector_names]
         self.custom: list[Detector] = [
-            Detector(f"custom{i}", _pattern(compile_pattern(rx))) for i, rx in enumerate(custom)
+            Detector(f"custom{i}", _pattern(compile_pattern(rx)))
+            for i, rx in enumerate(self.patterns)
         ]
 
     def find(self, text: str) -> list[Match]:

@@ -192,7 +192,6 @@ def test_live_keys_are_todays_plus_the_cloud_caps_prices_and_privacy_gate() -> N
 LIVE = {
     "log.format",
     "log.level",
-    "server.default_max_tokens",
     "server.max_labels",
     "server.max_embed_texts",
     "server.grace_seconds",
