@@ -20,7 +20,7 @@ STEP = 0.10  # of the stage's total
 EVERY_S = 5.0
 
 
-class Progress:
+class ProgressDisplay:
     def __init__(
         self, stream: IO[str] | None = None, clock: Callable[[], float] = time.monotonic
     ) -> None:

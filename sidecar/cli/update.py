@@ -11,7 +11,7 @@ from typing import Any
 import click
 import grpc
 
-from sidecar.cli.progress import Progress, mb
+from sidecar.cli.progress import ProgressDisplay, mb
 from sidecar.cli.support import (
     EXIT_DETACHED,
     EXIT_FAILED,
@@ -21,6 +21,7 @@ from sidecar.cli.support import (
     client_options,
     connect,
     dump,
+    dump_line,
     wait_limit,
     waiting,
 )
@@ -161,7 +162,7 @@ def apply(ctx: click.Context, model: str, socket: Path | None, tcp: str | None,
       5   stopped: left during the download, which stopped; the next apply resumes it
       130 Ctrl-C, after saying which of the two happened
     """
-    bar = Progress()
+    bar = ProgressDisplay()
     stage = ""
     with connect(ctx, socket, tcp, token, timeout) as c:
         steps = c.admin.ApplyUpdate(pb.UpdateRequest(model=model), metadata=c._md)
@@ -170,7 +171,7 @@ def apply(ctx: click.Context, model: str, socket: Path | None, tcp: str | None,
                 for step in steps:
                     stage = step.stage
                     if as_json:
-                        click.echo(dump(step))
+                        click.echo(dump_line(step))
                     elif step.HasField("outcome"):
                         bar.end()
                         click.echo(_summary(step.outcome))

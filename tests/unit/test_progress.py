@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from sidecar.cli.progress import EVERY_S, Progress
+from sidecar.cli.progress import EVERY_S, ProgressDisplay
 
 
 class Terminal(io.StringIO):
@@ -35,7 +35,7 @@ def screen(output: str) -> list[str]:
 
 def test_off_a_terminal_progress_is_plain_lines_every_tenth() -> None:
     out = io.StringIO()
-    p = Progress(out, clock=lambda: 0.0)
+    p = ProgressDisplay(out, clock=lambda: 0.0)
     for done in range(0, 1_000_001, 1000):
         p.show("rebuilding", "", done, 1_000_000)
     p.end()
@@ -49,7 +49,7 @@ def test_off_a_terminal_progress_is_plain_lines_every_tenth() -> None:
 def test_off_a_terminal_a_slow_stage_still_says_something_every_few_seconds() -> None:
     out = io.StringIO()
     now = [0.0]
-    p = Progress(out, clock=lambda: now[0])
+    p = ProgressDisplay(out, clock=lambda: now[0])
     for done in range(5):  # 0.5 % per step: never another tenth
         p.show("fetching", "", done * 5000, 1_000_000)
         now[0] += EVERY_S
@@ -58,7 +58,7 @@ def test_off_a_terminal_a_slow_stage_still_says_something_every_few_seconds() ->
 
 def test_on_a_terminal_a_shorter_line_leaves_nothing_of_a_longer_one() -> None:
     term = Terminal()
-    p = Progress(term)
+    p = ProgressDisplay(term)
     p.show("fetching", "from https://updates.example.com/very/long/path/model.gguf", 10, 10**9)
     p.show("fetching", "", 10**9, 10**9)
     p.end()
