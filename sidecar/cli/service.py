@@ -1,4 +1,4 @@
-"""`sidecar service ...`: parse, call sidecar.service, print, map failure to an exit code.
+"""`sidecar service ...`: parse, call sidecar.service_units, print, map failure to an exit code.
 
 Exit codes: 0 ok · 1 the install/uninstall failed, or install refused a unit whose paths the
 sandbox would hide from the service (message printed) · 2 usage (click) · 3 `status`: the

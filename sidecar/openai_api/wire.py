@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from sidecar.domain.errors import InvalidRequest
+from sidecar.domain.seam import DEFAULT_ROUTE  # the daemon's configured routing
 from sidecar.domain.types import (
     ChatMessage,
     ChatTask,
@@ -55,7 +56,6 @@ INSTRUCTION_ROLES = ("system",)
 ANY_OBJECT_SCHEMA = json.dumps({"type": "object"})
 
 Json = dict[str, Any]
-DEFAULT_ROUTE = RouteRequest()  # the daemon's configured routing
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from sidecar.domain.errors import (
     SidecarError,
     Unavailable,
 )
-from sidecar.domain.seam import Engine
+from sidecar.domain.seam import DEFAULT_ROUTE, Engine
 from sidecar.domain.status import PoolStatus
 from sidecar.domain.types import (
     ChatTask,
@@ -69,7 +69,6 @@ from sidecar.router.policy import Decision, FailKind, LocalOutcome, Situation, d
 from sidecar.validate import checked_schema, conforming_json_async
 
 log = logging.getLogger("sidecar.router")
-DEFAULT_ROUTE = RouteRequest()  # the configured default routing, not marked sensitive
 
 FAIL = {
     "unavailable": Unavailable,

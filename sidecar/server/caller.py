@@ -15,7 +15,7 @@ def caller_of(context: Any) -> str:
     `peercred`), so one busy process cannot starve another. Processes of one uid that
     want to be treated as one application (or one process hosting several) can add
     `x-sidecar-caller` metadata, which refines the key but never crosses uids. On TCP
-    the bearer token identifies the caller, as on the HTTP endpoint (`sidecar.callers`).
+    the bearer token identifies the caller, as on the HTTP endpoint (`sidecar.calls.callers`).
     """
     metadata = dict(context.invocation_metadata() or ())
     named = metadata.get(CALLER_HEADER)

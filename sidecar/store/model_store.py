@@ -47,8 +47,6 @@ class ModelStore:
         self.stamps = root / "verified"
         for d in (self.blobs, self.models, self.stamps):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for stale in self.blobs.glob("*.partial"):  # left by a crash mid-copy
-            stale.unlink(missing_ok=True)
         # Admin calls and swaps reach the store from several threads: what gc decides to
         # delete must not race an add or a hold of the same version.
         self._lock = threading.RLock()
@@ -58,6 +56,12 @@ class ModelStore:
         self._held_lock = threading.Lock()
         self._quarantine = Quarantine(root / "quarantine", self._lock, self._owns)
         self.quarantine_dir = self._quarantine.dir
+
+    def sweep(self) -> None:
+        """Delete the partial copies a crash left behind. Only the store's one owner (the
+        daemon holding the socket) may: another's copies in flight look the same."""
+        for stale in self.blobs.glob("*.partial"):
+            stale.unlink(missing_ok=True)
 
     # ---------------------------------------------------------------- paths
 

@@ -328,8 +328,37 @@ async def test_socket_group_access_gives_0660(serve, tiny_model: Path) -> None:
 
 async def test_second_daemon_on_the_same_socket_is_refused(serve, tiny_model: Path) -> None:
     s = await serve(tiny_model)
+    # A copy into the store in flight (`models add`, a drop, an update install) looks like
+    # what a crash leaves: only the daemon holding the socket may sweep it.
+    in_flight = s.config.store.path / "blobs" / ".4242-1.partial"
+    in_flight.write_bytes(b"half a model")
     with pytest.raises(SocketBusy, match="already serving"):
         await start_app(s.config, slot_kind="fake")
+    assert in_flight.read_bytes() == b"half a model"
+    assert (await s.client.generate("ok", max_tokens=1)).text == "ok "
+
+
+async def test_a_restarted_daemon_sweeps_the_partial_copies_a_crash_left(
+    serve, tiny_model: Path
+) -> None:
+    s = await serve(tiny_model)
+    left = s.config.store.path / "blobs" / ".4242-1.partial"
+    left.write_bytes(b"half a model")
+    await s.running.stop(grace=0)
+    await serve(tiny_model)
+    assert not left.exists()
+
+
+async def test_an_http_listener_that_cannot_start_leaves_nothing_listening(
+    serve, tiny_model: Path, short_dir: Path
+) -> None:
+    blocker = short_dir / "h.sock"
+    blocker.mkdir()  # the HTTP socket's path is taken by a directory: it cannot bind
+    with pytest.raises(Exception):  # noqa: B017 - whatever the bind raises; the state matters
+        await serve(tiny_model, http={"socket": str(blocker)})
+    assert not (short_dir / "s.sock").exists()  # the gRPC socket was released too
+    blocker.rmdir()
+    s = await serve(tiny_model)  # and the next start claims it as its own
     assert (await s.client.generate("ok", max_tokens=1)).text == "ok "
 
 

@@ -232,9 +232,13 @@ async def test_daemon_watches_the_configured_drop_folder(
     drop = short_dir / "drop"
     config = make_config(short_dir, tiny_model, workers=1, context=1024)
     config = replace(config, store=replace(config.store, drop=drop, auto_swap=True))
+    from sidecar.app import App
+
+    assert App(config).admin.drop_watcher() == ""  # not watching before it starts
     running = await start_app(config)
     client = AsyncClient(config.server.socket)
     try:
+        assert (await client.status()).drop_watcher.startswith("watching")
         old = await version(client)
         (drop / "incoming.gguf.tmp").write_bytes(second_model.read_bytes())
         (drop / "incoming.gguf.tmp").rename(drop / "incoming.gguf")

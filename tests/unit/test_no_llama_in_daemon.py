@@ -16,7 +16,7 @@ WORKER_ONLY = {
     "sidecar.worker.native_log": "routes llama.cpp's log inside a worker (llama_log_set)",
 }
 # Importing these runs a program instead of defining one.
-ENTRY_POINTS = {"sidecar.__main__", "sidecar.cli.__main__"}
+ENTRY_POINTS = {"sidecar.cli.__main__"}
 
 
 def daemon_modules() -> list[str]:
