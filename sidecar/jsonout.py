@@ -11,7 +11,12 @@ enum values as their full names. Scripts want the opposite, so here:
   (`FINISH_REASON_STOP` is `"stop"`), as the HTTP API and `served_by` write them;
 - a non-finite float (a label the cloud did not pick has logprob -inf) is `null`: JSON
   has no infinity, and a string in a number field breaks typed readers;
+- `bytes` fields (a token's raw bytes) are lists of byte values (`[72, 105]`), as the
+  OpenAI API writes a logprob's bytes;
 - field names are the proto's (`completion_tokens`), as in the docs.
+
+A command prints one object (`dumps`, indented), or for a stream of progress messages one
+object per line (`dumps_line`, JSON Lines). docs/client.md lists each command's shape.
 """
 
 from __future__ import annotations
@@ -45,8 +50,16 @@ def to_dict(message: Message) -> dict[str, Any]:
     return _message(message, raw)
 
 
-def dumps(message: Message) -> str:
-    return json.dumps(to_dict(message), indent=2, ensure_ascii=False, allow_nan=False)
+def dumps(message: Message | dict[str, Any]) -> str:
+    """One JSON document, indented (a plain dict is written as it is)."""
+    data = message if isinstance(message, dict) else to_dict(message)
+    return json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False)
+
+
+def dumps_line(message: Message | dict[str, Any]) -> str:
+    """One JSON document on one line, for JSON Lines output (a stream of progress)."""
+    data = message if isinstance(message, dict) else to_dict(message)
+    return json.dumps(data, ensure_ascii=False, allow_nan=False)
 
 
 def _message(message: Message, raw: dict[str, Any]) -> dict[str, Any]:
@@ -80,6 +93,8 @@ def _value(f: Any, live: Any, raw: Any) -> Any:
         return raw if isinstance(raw, int | float) and math.isfinite(raw) else None
     if f.type == FieldDescriptor.TYPE_ENUM:
         return _enum_name(f.enum_type, raw)
+    if f.type == FieldDescriptor.TYPE_BYTES:
+        return list(live)
     return raw
 
 

@@ -20,6 +20,7 @@ from sidecar.cli.support import (
     client_options,
     connect,
     dump,
+    dump_line,
     wait_limit,
     waiting,
 )
@@ -81,7 +82,7 @@ def swap(ctx: click.Context, target: str, strategy: str | None, socket: Path | N
             with waiting(progress, wait_limit(ctx, timeout)):
                 for step in progress:
                     if as_json:
-                        click.echo(dump(step))
+                        click.echo(dump_line(step))
                     elif step.finished:
                         click.echo(f"ok: {step.new.name} {step.old.version} -> {step.new.version} "
                                    f"in {step.elapsed_ms / 1000:.1f}s")  # fmt: skip
@@ -153,8 +154,12 @@ def list_versions(ctx: click.Context, /, **given: Any) -> None:
 def add(ctx: click.Context, /, path: Path, name: str, **given: Any) -> None:
     """Verify a GGUF file and add it to the store (it does not start serving)."""
     request = pb.AddModelRequest(model=name, path=str(path.resolve()))
-    with _client(ctx, _opts(ctx, given)) as c:
+    opts = _opts(ctx, given)
+    with _client(ctx, opts) as c:
         reply = call(lambda: c.admin.AddModel(request, metadata=c._md))
+    if opts.get("as_json"):
+        click.echo(dump(reply))
+        return
     click.echo(f"added {reply.version.model}@{reply.version.sha256[:12]}")
 
 
@@ -178,8 +183,12 @@ def remove(ctx: click.Context, /, target: str, **given: Any) -> None:
     is loading)."""
     name, _, version = target.partition("@")
     request = pb.RemoveVersionRequest(model=_valid(name), version=version)
-    with _client(ctx, _opts(ctx, given)) as c:
+    opts = _opts(ctx, given)
+    with _client(ctx, opts) as c:
         call(lambda: c.admin.RemoveVersion(request, metadata=c._md))
+    if opts.get("as_json"):  # the reply is empty: say what was removed
+        click.echo(dump({"model": request.model, "version": request.version}))
+        return
     click.echo(f"removed {target}")
 
 
@@ -201,6 +210,10 @@ def gc(ctx: click.Context, /, empty_quarantine: bool, **given: Any) -> None:
     14 days, within 2 GiB (the newest always); --quarantine empties it.
     """
     request = pb.CollectGarbageRequest(empty_quarantine=empty_quarantine)
-    with _client(ctx, _opts(ctx, given)) as c:
+    opts = _opts(ctx, given)
+    with _client(ctx, opts) as c:
         reply = call(lambda: c.admin.CollectGarbage(request, metadata=c._md))
+    if opts.get("as_json"):
+        click.echo(dump(reply))
+        return
     click.echo("\n".join(f"removed {r}" for r in reply.removed) or "nothing to remove")

@@ -110,9 +110,15 @@ def call(fn: Callable[[], T]) -> T:
         sys.exit(EXIT_FAILED)
 
 
-def dump(message: Message) -> str:
+def dump(message: Message | dict[str, Any]) -> str:
     """What every `--json` prints: the stable shape documented in `sidecar.jsonout`."""
     return jsonout.dumps(message)
+
+
+def dump_line(message: Message | dict[str, Any]) -> str:
+    """What `--json` prints per message of a stream (swap, update apply, logs): one line
+    each (JSON Lines), so a program reads them as they come."""
+    return jsonout.dumps_line(message)
 
 
 class Left(Exception):

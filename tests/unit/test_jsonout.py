@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from sidecar.cli.support import dump
+from sidecar.cli.support import dump, dump_line
 from sidecar.jsonout import to_dict
 from sidecar.v1 import inference_pb2 as pb
 
@@ -46,3 +46,15 @@ def test_non_finite_floats_are_null_so_the_output_is_strict_json() -> None:
     data = json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
     assert [s["logprob"] for s in data["scores"]] == [0.0, None]
     assert all(isinstance(s["probability"], float) for s in data["scores"])
+
+
+def test_token_bytes_are_lists_of_byte_values_and_progress_is_one_line_each() -> None:
+    reply = pb.GenerateReply(text="é")
+    reply.logprobs.add(token="é", bytes="é".encode(), logprob=-0.25)
+    data = to_dict(reply)
+    assert data["logprobs"][0]["bytes"] == [0xC3, 0xA9]
+    assert data["logprobs"][0]["top_logprobs"] == []
+    step = pb.UpdateProgress(stage="fetching", done_bytes=2**33, total_bytes=2**34)
+    line = dump_line(step)
+    assert "\n" not in line and json.loads(line)["done_bytes"] == 2**33
+    assert json.loads(line)["outcome"] is None
