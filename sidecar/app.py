@@ -41,7 +41,7 @@ from sidecar.engine.local import PoolEngine
 from sidecar.engine.slots import SlotFactory
 from sidecar.fewshot.wrapper import FewShotEngine
 from sidecar.logs import configure as configure_logs
-from sidecar.metrics import Metrics, MetricsServer
+from sidecar.metrics import CallLabels, Metrics, MetricsServer
 from sidecar.notify import Notifier
 from sidecar.openai_api.app import OpenAIApp
 from sidecar.openai_api.listener import HttpListener
@@ -76,16 +76,19 @@ class App:
         self.metrics = Metrics()
         self.metrics.watch(self.local)
         self.local.on_result = self.metrics.result
+        self.local.on_swap = self.metrics.swapped
         self.fewshot = FewShotEngine(
             self.local, config.store.path / "router" / "examples", config.tasks
         )
         self.router = _router(config, self.fewshot, os.environ if env is None else env)
         self.router.on_route = self.metrics.route
         self.metrics.watch_router(self.router)
-        self.engine: Engine = self.router  # what the front ends are handed
+        # What the front ends are handed: the router, its calls labelled for the token counters.
+        self.engine: Engine = CallLabels(self.router, [m.name for m in config.models])
         self.supervisor = Supervisor(
             self.local, s, lambda ready: self.grpc.publish(ready), heartbeat=heartbeat
         )
+        self.metrics.watch_readiness(self.supervisor)
         self.updater = Updater(self.local, self.metrics, self.supervisor.probe_errors)
         self.drop: DropWatcher | None = None
         if config.store.drop is not None:
@@ -100,7 +103,7 @@ class App:
             s.socket,
             self.router.cloud_report,
             last_reload=lambda: self.last_reload,
-            drop_watcher=lambda: self.drop.health if self.drop is not None else "",
+            drop_watcher=lambda: self.drop.health if self._watching and self.drop else "",
         )
         requests = RequestLog(
             self.metrics, config.default_model, frozenset(m.name for m in config.models)
@@ -116,6 +119,8 @@ class App:
         self._supervising: asyncio.Task[None] | None = None
         self._cancelled_at_stop: list[asyncio.Task[None]] = []
         self._listening = False
+        self._watching = False  # the drop watcher has started: status shows its health
+        self._http_up = False
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -124,9 +129,13 @@ class App:
         either way nothing is left listening."""
         await self.grpc.start(m.name for m in self.config.models)
         self._listening = True
+        # Only now, holding the socket, is this daemon the store's owner (a second
+        # `sidecar serve` must not touch a running daemon's copies in flight).
+        await asyncio.to_thread(self.store.sweep)
         try:
             if self.http is not None:
-                await self.http.start()
+                await self.http.start()  # a listener that fails here has released itself
+                self._http_up = True
             self._serve_metrics()
             await self.engine.start()
         except BaseException:
@@ -141,6 +150,7 @@ class App:
             self._cancelled_at_stop.append(asyncio.create_task(work))
         if self.drop is not None:
             await self.drop.start()
+            self._watching = True
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain and stop everything; `grace` defaults to server.grace_seconds."""
@@ -179,8 +189,9 @@ class App:
     async def _stop_listening(self, grace: float) -> None:
         # Both front ends drain at once, each bounded by the grace period.
         stopping = [self.grpc.stop(grace)]
-        if self.http is not None:
+        if self.http is not None and self._http_up:
             stopping.append(self.http.close(grace))
+            self._http_up = False
         await asyncio.gather(*stopping)
         if self.metrics_server is not None:
             self.metrics_server.close()
