@@ -3,7 +3,8 @@
 Each tick it kills workers that stopped answering pings, retires workers over their RSS
 ceiling between requests, sheds new load when the system runs short of memory, re-proves
 readiness with a one-token generation now and then, publishes readiness to the health
-service, and pets the systemd watchdog. Signal handlers never do any of this; they only
+service, unloads on-demand models idle past their keep_alive, and pets the systemd
+watchdog. Signal handlers never do any of this; they only
 set events.
 
 What the tick does not do is restart dead workers: a death arrives as an event (the
@@ -24,6 +25,7 @@ import psutil
 
 from sidecar.config import ServerConfig
 from sidecar.engine.local import PoolEngine
+from sidecar.engine.residency import LOADED
 
 log = logging.getLogger("sidecar.supervisor")
 
@@ -71,6 +73,7 @@ class Supervisor:
         for pool in self.engine.pools.values():
             pool.supervise(now, self.server.hang_seconds)
         self.engine.shed_reason = self._memory_pressure()
+        self.engine.unload_idle(now)
 
     def _memory_pressure(self) -> str | None:
         floor = self.server.min_available_mb * MiB
@@ -105,8 +108,10 @@ class Supervisor:
         await self.publish()
 
     def readiness(self) -> dict[str, bool]:
+        """Per model. An on-demand model that is not loaded counts as ready: a request
+        loads it (its state shows in status); a failed load fails those requests."""
         return {
-            name: pool.ready and not self.probe_errors.get(name)
+            name: (pool.ready or pool.residency != LOADED) and not self.probe_errors.get(name)
             for name, pool in self.engine.pools.items()
         }
 

@@ -31,6 +31,13 @@ class PoolStatus:
     last_error: str
     last_swap: str
     rss: tuple[int | None, ...]
+    # Residency (load on demand, keep-alive): loaded | loading | unloading | unloaded.
+    state: str = "loaded"
+    on_demand: bool = False
+    in_flight: int = 0  # requests queued or running
+    idle_s: float = 0.0  # since the last request ended (0 while one runs or unloaded)
+    unload_in_s: float = -1.0  # until idleness unloads it; -1 = not scheduled
+    footprint: int = 0  # bytes it takes loaded, as the memory budget estimates it
 
 
 @dataclass(frozen=True)

@@ -5,18 +5,34 @@ named model; what a pool runs jobs on is a slot kind: "process" (spawned workers
 default), "thread" (in-process, for debugging) or "fake" (no llama.cpp, for fast service
 tests). Scheduling, validation, timings and model resolution are the same code for all
 three. Swaps are the `Swapper`'s (engine/swap.py); the engine only names the pool.
+
+Residency (load on demand, keep-alive, the memory budget) is decided by `residency` and
+applied here: one load, unload or swap of a model at a time (a per-model lock), and one
+decision about room in the budget at a time (so two loads never both count on the same
+free memory). A swap of an unloaded model proves the new file on new workers, as any
+swap does, and leaves it loaded; keep_alive then unloads it like any other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import TypeVar
 
 from sidecar.config import Config
-from sidecar.domain.errors import InternalError, ModelNotFound, Overloaded, SidecarError
+from sidecar.domain.errors import (
+    FailedPrecondition,
+    InternalError,
+    ModelNotFound,
+    Overloaded,
+    SidecarError,
+    SwapRefused,
+    Unavailable,
+)
 from sidecar.domain.names import shown
 from sidecar.domain.progress import Progress, ignore
 from sidecar.domain.seam import DEFAULT_ROUTE
@@ -34,12 +50,16 @@ from sidecar.domain.types import (
     Timings,
     TokenEvent,
 )
+from sidecar.engine import residency
 from sidecar.engine.fake import FakeSlot
-from sidecar.engine.pool import Job, ModelPool
+from sidecar.engine.pool import VERSION_CHARS, Job, ModelPool
 from sidecar.engine.slots import ProcessSlot, SlotFactory, ThreadSlot
-from sidecar.engine.swap import Swapper
+from sidecar.engine.swap import Swapper, footprint
+from sidecar.gguf_check import check as check_gguf
 from sidecar.store import ModelStore, startup_blob
 from sidecar.validate import Limits, check
+
+log = logging.getLogger("sidecar.residency")
 
 SLOT_KINDS: dict[str, SlotFactory] = {
     "process": ProcessSlot,
@@ -65,24 +85,157 @@ class PoolEngine:
         self.store = store or ModelStore(config.store.path)
         self.shed_reason: str | None = None  # set by the supervisor under memory pressure
         self.on_result: Callable[[Result], None] = lambda _r: None  # metrics hook
+        # metrics hook: (model, outcome "swapped" | "unchanged" | "refused", refusing stage)
+        self.on_swap: Callable[[str, str, str], None] = lambda _m, _o, _s: None
         self.swapper = Swapper(self.pools, self.store, lambda: self.config.store)
+        self._locks = {name: asyncio.Lock() for name in self.pools}  # load/unload/swap
+        self._room = asyncio.Lock()  # one budget decision at a time
+        self._loads: dict[str, asyncio.Task[None]] = {}
+        self._unloads: set[asyncio.Task[None]] = set()
+        for name, pool in self.pools.items():
+            pool.wake = lambda name=name: self._wake(name)  # type: ignore[misc]
 
     async def start(self) -> None:
         try:
             for name, pool in self.pools.items():
                 blob = await asyncio.to_thread(startup_blob, self.store, name, pool.config.path)
                 pool.use_file(blob)
-            await asyncio.gather(*(p.start(p.config.path.stem) for p in self.pools.values()))
+                pool.footprint = await asyncio.to_thread(self._footprint, pool)
+                if pool.config.load == "on_demand":
+                    pool.residency = residency.UNLOADED
+                    pool.ref = ModelRef(name, blob.stem[:VERSION_CHARS])
+            now_ = [p for p in self.pools.values() if p.residency == residency.LOADED]
+            await asyncio.gather(*(p.start(p.config.path.stem) for p in now_))
         except BaseException:
             await self.close()
             raise
 
     async def close(self) -> None:
+        for t in [*self._loads.values(), *self._unloads]:
+            t.cancel()
         await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
 
     @property
     def ready(self) -> bool:
-        return bool(self.pools) and all(p.ready for p in self.pools.values())
+        """Every model that is loaded has a live worker; an on-demand model that is not
+        loaded counts as ready (a request loads it)."""
+        return bool(self.pools) and all(
+            p.ready or p.residency != residency.LOADED for p in self.pools.values()
+        )
+
+    # ------------------------------------------------------------------ residency
+
+    def _footprint(self, pool: ModelPool) -> int:
+        """Bytes `pool` takes loaded: weights plus KV cache per worker (`swap.footprint`);
+        the file size when the header cannot be read (the load will say why)."""
+        path = pool.spec.path
+        try:
+            return footprint(check_gguf(path), pool.config.context, pool.config.workers)
+        except (SidecarError, OSError):
+            return path.stat().st_size if path.is_file() else 0
+
+    def _verify(self, pool: ModelPool) -> None:
+        """Before a stored file is loaded again: still the bytes it was stored as (one stat,
+        unless it was touched; see `ModelStore.verify`)? A changed one is set aside."""
+        path = pool.spec.path
+        if path.parent != self.store.blobs:
+            return
+        try:
+            self.store.verify(path.stem)
+        except ModelNotFound:
+            raise FailedPrecondition(f"model {pool.config.name!r}: no file at {path}") from None
+
+    def _wake(self, name: str) -> None:
+        """A request found `name` unloaded: load it (once), failing what waits if it cannot."""
+        running = self._loads.get(name)
+        if running is None or running.done():
+            self._loads[name] = asyncio.get_running_loop().create_task(self._load_waiting(name))
+
+    async def _load_waiting(self, name: str) -> None:
+        pool = self.pools[name]
+        try:
+            await self.load(name)
+        except SidecarError as e:
+            log.warning("model %s: on-demand load failed: %s", name, e.message)
+            pool.fail_waiting(e)
+        except Exception as e:
+            log.exception("model %s: on-demand load failed", name)
+            pool.fail_waiting(Unavailable(f"model {name!r} could not be loaded: {e}"))
+
+    def residents(self) -> list[residency.Resident]:
+        return [p.resident(self._locks[n].locked()) for n, p in self.pools.items()]
+
+    async def load(self, model: str) -> bool:
+        """Load `model` ("" = the default) unless it is; False if it already was. Makes room
+        in the memory budget first. Raises what the load or the budget refused."""
+        pool = self.pool(model)
+        name = pool.config.name
+        async with self._locks[name]:
+            if pool.residency == residency.LOADED:
+                return False
+            pool.residency = residency.LOADING
+            started = time.monotonic()
+            try:
+                async with self._room:
+                    pool.footprint = await asyncio.to_thread(self._footprint, pool)
+                    victims = residency.make_room(
+                        self.residents(),
+                        name,
+                        pool.footprint,
+                        self.config.server.max_model_memory_mb,
+                    )
+                    for victim in victims:
+                        log.info(
+                            "model %s: unloading idle %s to fit server.max_model_memory_mb",
+                            name,
+                            victim,
+                        )
+                        await self._unload_now(self.pools[victim])
+                await asyncio.to_thread(self._verify, pool)
+                pool.use_file(pool.spec.path)
+                await pool.start(pool.spec.path.stem)
+            except BaseException:
+                pool.residency = residency.UNLOADED
+                raise
+            log.info("model %s loaded on demand in %.2fs", name, time.monotonic() - started)
+            return True
+
+    async def _unload_now(self, pool: ModelPool) -> None:
+        """Unload an idle `pool` under its own lock (free: the policy skips busy models)."""
+        async with self._locks[pool.config.name]:
+            if pool.residency == residency.LOADED and not pool.in_flight:
+                await pool.unload()
+
+    async def unload(self, model: str) -> bool:
+        """Unload `model` ("" = the default): its workers stop and their memory returns to
+        the system; the next request loads it again. False if it was not loaded. Refused
+        (FailedPrecondition) while requests are in flight."""
+        pool = self.pool(model)
+        async with self._locks[pool.config.name]:
+            if pool.residency != residency.LOADED:
+                return False
+            if pool.in_flight:
+                raise FailedPrecondition(
+                    f"model {pool.config.name!r} has {pool.in_flight} request(s) in flight: "
+                    "unload it once they finish"
+                )
+            await pool.unload()
+            return True
+
+    def unload_idle(self, now: float) -> list[str]:
+        """The supervisor's tick: unload (in the background) the on-demand models idle past
+        their keep_alive; the names it started on."""
+        due = residency.expired(self.residents(), now)
+        for name in due:
+            log.info("model %s idle for %.0fs: unloading", name, self.pools[name].config.keep_alive)
+            task = asyncio.get_running_loop().create_task(self._unload_idle(name))
+            self._unloads.add(task)
+            task.add_done_callback(self._unloads.discard)
+        return due
+
+    async def _unload_idle(self, name: str) -> None:
+        with contextlib.suppress(FailedPrecondition):  # a request came in meanwhile: stay
+            await self.unload(name)
 
     def pool(self, model: str) -> ModelPool:
         name = model or self.default_model
@@ -174,14 +327,26 @@ class PoolEngine:
         move_source: bool = False,
     ) -> SwapResult:
         """Swap `name` to a stored version or a new file (see `Swapper.swap`)."""
-        return await self.swapper.swap(
-            self.pool(name),
-            version=version,
-            path=path,
-            strategy=strategy,
-            progress=progress,
-            move_source=move_source,
-        )
+        pool = self.pool(name)
+        # Not beside a load or unload of it; a second swap is refused by the swapper at once.
+        try:
+            async with contextlib.AsyncExitStack() as held:
+                if not self.swapper.busy(pool.config.name):
+                    await held.enter_async_context(self._locks[pool.config.name])
+                result = await self.swapper.swap(
+                    pool,
+                    version=version,
+                    path=path,
+                    strategy=strategy,
+                    progress=progress,
+                    move_source=move_source,
+                )
+        except SwapRefused as e:
+            self.on_swap(pool.config.name, "refused", e.stage)
+            raise
+        outcome = "unchanged" if result.new == result.old else "swapped"
+        self.on_swap(pool.config.name, outcome, "")
+        return result
 
     def in_use(self) -> dict[str, str]:
         """sha256 of every store blob a live worker maps -> which worker (see `Swapper`)."""

@@ -18,7 +18,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from sidecar.domain.status import PoolStatus, SlotInfo
 from sidecar.domain.types import GenerateTask, ModelRef, Result, Task, TokenEvent
 from sidecar.engine.fair_queue import FairQueue
 from sidecar.engine.poison import Poison, crashed, how
+from sidecar.engine.residency import LOADED, UNLOADED, UNLOADING, Resident, idle_s, unload_in
 from sidecar.engine.restarts import RestartPolicy
 from sidecar.engine.slots import Slot, SlotFactory
 
@@ -99,6 +100,12 @@ class ModelPool:
         self.poison = Poison()
         self._hung: dict[Slot, float] = {}  # slots the supervisor killed -> seconds silent
         self._paused: asyncio.Task[None] | None = None  # expires waiting jobs while paused
+        # Residency (see `residency`): the engine loads and unloads; a request that finds
+        # the pool unloaded waits in the queue and calls `wake` (the engine's load).
+        self.residency = LOADED
+        self.last_used = time.monotonic()
+        self.footprint = 0  # bytes it takes loaded (the engine's estimate)
+        self.wake: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -125,12 +132,54 @@ class ModelPool:
             err = next(r for r in results if isinstance(r, BaseException))
             raise err if isinstance(err, SidecarError) else FailedPrecondition(str(err))
         self.detail = ""
+        self.residency = LOADED
         log.info(
             "model %s@%s ready: %d worker(s), context %d",
             self.ref.name,
             self.ref.version,
             len(self._slots),
             self.config.context,
+        )
+        self._dispatch()  # what waited for an on-demand load
+
+    async def unload(self) -> None:
+        """Stop every worker (their memory goes back to the system); the file stays chosen
+        for the next `start`. The engine calls it only with nothing in flight; a request
+        that arrives meanwhile waits in the queue and wakes a load."""
+        self.residency = UNLOADING
+        slots = [*self._slots, *self._retiring]
+        self._slots, self._idle = [], []
+        self._retiring.clear()
+        self._hung.clear()
+        await asyncio.gather(*(s.stop() for s in slots), return_exceptions=True)
+        self.residency = UNLOADED
+        self.detail = ""
+        log.info("model %s@%s unloaded", self.ref.name, self.ref.version)
+        if len(self._queue):  # arrived while the workers stopped
+            self.wake()
+
+    def fail_waiting(self, error: SidecarError) -> None:
+        """A load failed: what waited for it fails with its reason."""
+        self.last_error = error.message
+        while (job := self._queue.pop()) is not None:
+            self._finish(job, error)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests queued or running (the daemon's own probes included)."""
+        return len(self._queue) + len(self._running)
+
+    def resident(self, busy: bool = False) -> Resident:
+        """This pool as the residency policy sees it."""
+        return Resident(
+            name=self.config.name,
+            state=self.residency,
+            on_demand=self.config.load == "on_demand",
+            keep_alive_s=self.config.keep_alive,
+            last_used=self.last_used,
+            in_flight=self.in_flight,
+            footprint=self.footprint,
+            busy=busy,
         )
 
     async def close(self) -> None:
@@ -157,12 +206,16 @@ class ModelPool:
         if self._closing:
             raise Unavailable("the daemon is shutting down")
         self.poison.check(task, caller, self.ref)
-        if not self.ready and not self.paused:
+        if not self.ready and not self.paused and self.residency == LOADED:
             raise Unavailable(
                 f"model {self.ref.name!r} has no live worker ({self.detail}); retry shortly"
             )
         job = Job(task, caller, stream, background)
         self._queue.put(caller, job, background=background)
+        if caller != PROBE_CALLER:
+            self.last_used = time.monotonic()
+        if self.residency != LOADED:
+            self.wake()  # the job waits in the queue for the load (its queue_ms shows it)
         self._dispatch()
         return job
 
@@ -220,6 +273,8 @@ class ModelPool:
         job = self._running.pop(job_id, None)
         if job is not None:
             self._finish(job, event)
+            if job.caller != PROBE_CALLER:
+                self.last_used = time.monotonic()  # idle counts from the end of the last one
         if slot.info.state == "idle" and slot not in self._idle:
             if slot in self._slots:
                 self._idle.append(slot)
@@ -295,7 +350,7 @@ class ModelPool:
                 self.detail = self.last_error = f"worker restart failed: {e}"
                 log.warning("model %s: %s; next try in %.1fs", self.ref.name, self.detail, delay)
                 continue
-            if self._closing:
+            if self._closing or dead not in self._slots:  # unloaded meanwhile
                 await fresh.stop()
                 return
             self._slots[self._slots.index(dead)] = fresh
@@ -401,6 +456,9 @@ class ModelPool:
         old = self._slots
         self._slots = list(slots)
         self._idle = [s for s in slots if s.info.state == "idle"]
+        if slots:  # a swap of an unloaded model leaves the proven new one loaded
+            self.residency = LOADED
+            self.last_used = time.monotonic()
         self.ref, self.spec = ref, spec
         self.facts = slots[0].facts if slots else self.facts
         for s in old:
@@ -443,7 +501,10 @@ class ModelPool:
             await asyncio.sleep(EXPIRE_EVERY_S)
 
     async def probe(self) -> str | None:
-        """A one-token generation through the queue: None if it answered, else why not."""
+        """A one-token generation through the queue: None if it answered, else why not.
+        A model that is not loaded is not loaded for a probe: nothing to prove."""
+        if self.residency != LOADED:
+            return None
         try:
             job = self.submit(GenerateTask("Hello", 1), PROBE_CALLER, stream=False)
         except Overloaded:
@@ -457,6 +518,7 @@ class ModelPool:
 
     def status(self, last_swap: str = "") -> PoolStatus:
         """What `sidecar status` shows; `last_swap` is the swap sequence's own record."""
+        now, resident = time.monotonic(), self.resident()
         return PoolStatus(
             model=self.ref,
             path=self.spec.path,  # what the workers serve now, swaps included
@@ -465,11 +527,17 @@ class ModelPool:
             workers=tuple(SlotInfo(s.info.pid, s.info.state, s.info.requests) for s in self._slots),
             queue_depth=len(self._queue),
             queue_limit=self._queue.limit,
-            ready=self.ready,
+            ready=self.ready or self.residency != LOADED,  # an unloaded one loads on use
             detail=self.detail,
             restarts=self.restarts,
             backoff_s=self.restart_policy.backoff_s,
             last_error=self.last_error,
             last_swap=last_swap,
             rss=tuple(s.rss() for s in self._slots),
+            state=self.residency,
+            on_demand=resident.on_demand,
+            in_flight=resident.in_flight,
+            idle_s=idle_s(resident, now),
+            unload_in_s=unload_in(resident, now),
+            footprint=self.footprint,
         )
