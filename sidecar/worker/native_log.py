@@ -67,7 +67,9 @@ class _LlamaLog:
 def capture(level: str, fmt: str) -> None:
     """Set up this worker's logging and take over its native output, once per process."""
     stderr = os.dup(2)
-    logs.configure(level, fmt, os.fdopen(stderr, "w", buffering=1, errors="replace"))
+    logs.configure(
+        level, fmt, os.fdopen(stderr, "w", buffering=1, errors="replace"), keep_recent=False
+    )
     worker = os.getpid()
     read_end, write_end = os.pipe()
     if os.fork() == 0:
