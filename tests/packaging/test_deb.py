@@ -71,6 +71,8 @@ def test_contents_paths_and_owners(deb: Path) -> None:
         "./lib/systemd/system/sidecar.service",
         "./usr/bin/sidecar",
         "./usr/share/doc/sidecar/copyright",
+        "./usr/share/sidecar/grafana/sidecar-dashboard.json",
+        "./usr/share/sidecar/prometheus/sidecar-alerts.yml",
     ):
         assert want in paths, want
     wheels = [p for p in paths if p.startswith("./opt/sidecar/wheels/")]
@@ -86,6 +88,20 @@ def test_maintainer_scripts_parse_and_conffile_is_the_config(unpacked: Path) -> 
         subprocess.run(["sh", "-n", str(path)], check=True)
         assert "set -e" in path.read_text()
     assert (unpacked / "DEBIAN" / "conffiles").read_text().split() == ["/etc/sidecar/config.toml"]
+
+
+def test_the_dashboard_and_alerting_rules_ship_as_in_the_repository(unpacked: Path) -> None:
+    for shipped, source in (
+        (
+            "usr/share/sidecar/grafana/sidecar-dashboard.json",
+            "packaging/grafana/sidecar-dashboard.json",
+        ),
+        (
+            "usr/share/sidecar/prometheus/sidecar-alerts.yml",
+            "packaging/prometheus/sidecar-alerts.yml",
+        ),
+    ):
+        assert (unpacked / shipped).read_bytes() == (REPO / source).read_bytes(), shipped
 
 
 def test_config_skeleton_loads(unpacked: Path) -> None:
