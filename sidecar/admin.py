@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import psutil
@@ -22,15 +22,18 @@ import psutil
 from sidecar.domain.admin import (
     CloudReport,
     ModelReport,
+    ResidencyChange,
     StatusReport,
     StoredVersion,
     StoreListing,
 )
+from sidecar.domain.errors import FailedPrecondition
 from sidecar.domain.names import check_name
 from sidecar.domain.progress import Progress
 from sidecar.domain.status import SwapResult
 from sidecar.domain.updates import Check, Outcome
 from sidecar.engine.local import PoolEngine
+from sidecar.logs import recent
 from sidecar.metrics import Metrics
 from sidecar.store import ModelStore
 from sidecar.supervisor import Supervisor
@@ -142,3 +145,37 @@ class DaemonAdmin:
 
     def abandon_update(self, model: str, owner: object) -> bool:
         return self.updater.abandon(model, owner)
+
+    # ---------------------------------------------------------------- logs
+
+    async def logs(self, lines: int, follow: bool) -> AsyncIterator[tuple[str, int]]:
+        buffer = recent()
+        if buffer is None:
+            raise FailedPrecondition(
+                "this daemon keeps no recent log lines (its logging was not set up by "
+                "`sidecar serve`)"
+            )
+        if not follow:
+            kept, _ = buffer.tail(lines)
+            for text in kept:
+                yield text, 0
+            return
+        async for line in buffer.follow(lines):
+            yield line
+
+    # ---------------------------------------------------------------- residency
+
+    async def load(self, model: str) -> ResidencyChange:
+        return await self._residency(model, self.engine.load)
+
+    async def unload(self, model: str) -> ResidencyChange:
+        return await self._residency(model, self.engine.unload)
+
+    async def _residency(
+        self, model: str, change: Callable[[str], Awaitable[bool]]
+    ) -> ResidencyChange:
+        name = self.engine.pool(_name(model)).config.name
+        started = time.monotonic()
+        changed = await change(name)
+        report = next(m for m in self.models() if m.pool.model.name == name)
+        return ResidencyChange(report, changed, time.monotonic() - started)

@@ -20,7 +20,12 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from sidecar import __version__
+from sidecar.cli.chat import run
+from sidecar.cli.logs import logs
 from sidecar.cli.models import models, swap
+from sidecar.cli.ps import ps
+from sidecar.cli.pull import pull, show
+from sidecar.cli.residency import load_model, unload_model
 from sidecar.cli.service import service
 from sidecar.cli.support import (
     EXIT_CONFIG,
@@ -392,6 +397,13 @@ main.add_command(service)
 main.add_command(swap)
 main.add_command(models)
 main.add_command(update)
+main.add_command(load_model)
+main.add_command(unload_model)
+main.add_command(pull)
+main.add_command(show)
+main.add_command(run)
+main.add_command(ps)
+main.add_command(logs)
 
 
 def _lines(indent: str, *fields: tuple[str, str]) -> None:

@@ -41,6 +41,7 @@ from sidecar.domain.types import ConfiguredRouting
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 SwapStrategy = Literal["side_by_side", "replace"]
+LoadPolicy = Literal["at_start", "on_demand"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,13 @@ class ServerConfig:
         256,
         "Below this much available system memory new requests get RESOURCE_EXHAUSTED (with a "
         "retry hint) instead of risking the OOM killer; 0 = off.",
+        minimum=0,
+        live=True,
+    )
+    max_model_memory_mb: int = setting(
+        0,
+        "Memory budget for loaded models (weights + KV cache, estimated from the GGUF): "
+        "loading one unloads the least recently used idle models until it fits; 0 = no budget.",
         minimum=0,
         live=True,
     )
@@ -241,6 +249,18 @@ class UpdateConfig:
         minimum=1,
         live=True,
     )
+    catalog_origin: str = setting(
+        "",
+        "Where `sidecar pull NAME` finds NAME.manifest.json (https://, http:// or a folder) "
+        "for a NAME without its own models.NAME.update_origin. Read by the CLI per pull.",
+        live=True,
+    )
+    catalog_key: str = setting(
+        "",
+        "The Ed25519 public key the catalog's manifests must be signed with ('ed25519:<base64>' "
+        "or a file holding it).",
+        live=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -379,6 +399,17 @@ class ModelConfig:
         64,
         "Requests that may wait for a worker; beyond: RESOURCE_EXHAUSTED.",
         minimum=1,
+        live=True,
+    )
+    load: LoadPolicy = setting(
+        "at_start",
+        "at_start: loaded when the daemon starts; on_demand: loaded by the first request "
+        "(which waits for it) and unloaded after keep_alive seconds idle.",
+    )
+    keep_alive: float = setting(
+        300.0,
+        "Seconds an on_demand model stays loaded with no request; 0 = until unloaded by hand.",
+        minimum=0,
         live=True,
     )
     update_origin: str = setting(

@@ -26,6 +26,16 @@ class ModelReport:
 
 
 @dataclass(frozen=True)
+class ResidencyChange:
+    """What `sidecar load` / `sidecar unload` did: the model after it, whether anything
+    changed, and how long it took."""
+
+    model: ModelReport
+    changed: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
 class CloudReport:
     """The cloud escalation's settings and state (the router fills it)."""
 

@@ -15,7 +15,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Protocol
 
-from sidecar.domain.admin import ModelReport, StatusReport, StoredVersion, StoreListing
+from sidecar.domain.admin import (
+    ModelReport,
+    ResidencyChange,
+    StatusReport,
+    StoredVersion,
+    StoreListing,
+)
 from sidecar.domain.progress import Progress
 from sidecar.domain.status import PoolStatus, SwapResult
 from sidecar.domain.types import (
@@ -126,4 +132,20 @@ class Admin(Protocol):
     def abandon_update(self, model: str, owner: object) -> bool:
         """Stop `owner`'s update of `model` unless it reached install (its partial files stay
         for the next apply). False: nothing of `owner`'s was running, or it went too far."""
+        ...
+
+    def logs(self, lines: int, follow: bool) -> AsyncIterator[tuple[str, int]]:
+        """The daemon's last `lines` log lines (0 = all it keeps) as it formats them, then,
+        with `follow`, each new one until the caller leaves: (text, lines lost before it)."""
+        ...
+
+    async def load(self, model: str) -> ResidencyChange:
+        """Load `model` now (making room in the memory budget first). Raises what the load
+        refused: FailedPrecondition (no file, never fits), Overloaded (budget held by busy
+        models), the worker's start error."""
+        ...
+
+    async def unload(self, model: str) -> ResidencyChange:
+        """Stop `model`'s workers; the next request loads it again. FailedPrecondition while
+        requests are in flight."""
         ...

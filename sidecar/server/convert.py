@@ -6,6 +6,7 @@ from sidecar import __version__
 from sidecar.domain.admin import (
     CloudReport,
     ModelReport,
+    ResidencyChange,
     StatusReport,
     StoredVersion,
     StoreListing,
@@ -239,7 +240,17 @@ def model_status(m: ModelReport) -> pb.ModelStatus:
         last_error=s.last_error or (probe_error or ""),
         last_update=m.last_update,
         update_fetch=m.update_fetch,
+        state=s.state,
+        on_demand=s.on_demand,
+        in_flight=s.in_flight,
+        idle_s=s.idle_s,
+        unload_in_s=s.unload_in_s,
+        footprint_bytes=s.footprint,
     )
+
+
+def residency_reply(r: ResidencyChange) -> pb.ResidencyReply:
+    return pb.ResidencyReply(model=model_status(r.model), changed=r.changed, seconds=r.seconds)
 
 
 def status_reply(r: StatusReport) -> pb.StatusReply:
@@ -314,6 +325,11 @@ def update_done(o: Outcome, elapsed_ms: float) -> pb.UpdateProgress:
             installed=o.installed,
         ),
     )
+
+
+def log_line(line: tuple[str, int]) -> pb.LogLine:
+    text, dropped = line
+    return pb.LogLine(text=text, dropped=dropped)
 
 
 def stored_version(v: StoredVersion) -> pb.StoredVersion:

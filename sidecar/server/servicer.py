@@ -114,6 +114,12 @@ class AdminServicer(pb_grpc.AdminServicer):
     def __init__(self, admin: Admin) -> None:
         self.admin = admin
 
+    async def Load(self, request: pb.ResidencyRequest, context: Any) -> pb.ResidencyReply:
+        return convert.residency_reply(await self.admin.load(request.model))
+
+    async def Unload(self, request: pb.ResidencyRequest, context: Any) -> pb.ResidencyReply:
+        return convert.residency_reply(await self.admin.unload(request.model))
+
     async def Status(self, request: pb.StatusRequest, context: Any) -> pb.StatusReply:
         return convert.status_reply(self.admin.status())
 
@@ -170,3 +176,8 @@ class AdminServicer(pb_grpc.AdminServicer):
             apply, convert.update_progress, convert.update_done, on_leave=leave
         ):
             yield message
+
+    async def Logs(self, request: pb.LogsRequest, context: Any) -> AsyncIterator[pb.LogLine]:
+        # A follower leaves by cancelling: the generator is closed and stops waiting.
+        async for line in self.admin.logs(request.lines, request.follow):
+            yield convert.log_line(line)

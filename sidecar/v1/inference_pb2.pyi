@@ -939,6 +939,12 @@ class ModelStatus(_message.Message):
     LAST_SWAP_FIELD_NUMBER: _builtins.int
     LAST_UPDATE_FIELD_NUMBER: _builtins.int
     UPDATE_FETCH_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ON_DEMAND_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    IDLE_S_FIELD_NUMBER: _builtins.int
+    UNLOAD_IN_S_FIELD_NUMBER: _builtins.int
+    FOOTPRINT_BYTES_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     context: _builtins.int
     threads: _builtins.int
@@ -960,6 +966,18 @@ class ModelStatus(_message.Message):
     """the outcome of the last update check or install"""
     update_fetch: _builtins.str
     """an update download in progress: bytes so far, age, deadline"""
+    state: _builtins.str
+    """loaded | loading | unloading | unloaded (load on demand)"""
+    on_demand: _builtins.bool
+    """models.NAME.load = "on_demand" """
+    in_flight: _builtins.int
+    """requests queued or running"""
+    idle_s: _builtins.float
+    """since the last request ended (0 while one runs, or unloaded)"""
+    unload_in_s: _builtins.float
+    """until keep_alive unloads it; -1 = not scheduled"""
+    footprint_bytes: _builtins.int
+    """what it takes loaded, as the memory budget estimates it"""
     @_builtins.property
     def model(self) -> Global___ModelRef: ...
     @_builtins.property
@@ -983,10 +1001,16 @@ class ModelStatus(_message.Message):
         last_swap: _builtins.str = ...,
         last_update: _builtins.str = ...,
         update_fetch: _builtins.str = ...,
+        state: _builtins.str = ...,
+        on_demand: _builtins.bool = ...,
+        in_flight: _builtins.int = ...,
+        idle_s: _builtins.float = ...,
+        unload_in_s: _builtins.float = ...,
+        footprint_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_s", b"backoff_s", "context", b"context", "detail", b"detail", "is_default", b"is_default", "last_error", b"last_error", "last_swap", b"last_swap", "last_update", b"last_update", "model", b"model", "path", b"path", "queue_depth", b"queue_depth", "queue_limit", b"queue_limit", "ready", b"ready", "restarts", b"restarts", "threads", b"threads", "update_fetch", b"update_fetch", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_s", b"backoff_s", "context", b"context", "detail", b"detail", "footprint_bytes", b"footprint_bytes", "idle_s", b"idle_s", "in_flight", b"in_flight", "is_default", b"is_default", "last_error", b"last_error", "last_swap", b"last_swap", "last_update", b"last_update", "model", b"model", "on_demand", b"on_demand", "path", b"path", "queue_depth", b"queue_depth", "queue_limit", b"queue_limit", "ready", b"ready", "restarts", b"restarts", "state", b"state", "threads", b"threads", "unload_in_s", b"unload_in_s", "update_fetch", b"update_fetch", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1589,3 +1613,105 @@ class UpdateOutcome(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateOutcome: _TypeAlias = UpdateOutcome  # noqa: Y015
+
+@_typing.final
+class LogsRequest(_message.Message):
+    """---------------------------------------------------------------- logs"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINES_FIELD_NUMBER: _builtins.int
+    FOLLOW_FIELD_NUMBER: _builtins.int
+    lines: _builtins.int
+    """the last N lines kept; 0 = all the buffer holds"""
+    follow: _builtins.bool
+    """then keep sending new lines until the caller cancels"""
+    def __init__(
+        self,
+        *,
+        lines: _builtins.int = ...,
+        follow: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "lines", b"lines"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogsRequest: _TypeAlias = LogsRequest  # noqa: Y015
+
+@_typing.final
+class LogLine(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """one record as the daemon's log formats it (text or JSON)"""
+    dropped: _builtins.int
+    """lines lost before this one (a follower too slow for the log)"""
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        dropped: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogLine: _TypeAlias = LogLine  # noqa: Y015
+
+@_typing.final
+class ResidencyRequest(_message.Message):
+    """---------------------------------------------------------------- residency"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """empty = the default model"""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResidencyRequest: _TypeAlias = ResidencyRequest  # noqa: Y015
+
+@_typing.final
+class ResidencyReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    changed: _builtins.bool
+    """false: it already was loaded (Load) or not loaded (Unload)"""
+    seconds: _builtins.float
+    """how long the call took (a load: starting and proving workers)"""
+    @_builtins.property
+    def model(self) -> Global___ModelStatus:
+        """its state after the call"""
+
+    def __init__(
+        self,
+        *,
+        model: Global___ModelStatus | None = ...,
+        changed: _builtins.bool = ...,
+        seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "model", b"model", "seconds", b"seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResidencyReply: _TypeAlias = ResidencyReply  # noqa: Y015

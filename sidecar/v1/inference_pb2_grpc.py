@@ -420,6 +420,21 @@ class AdminStub:
                 request_serializer=sidecar_dot_v1_dot_inference__pb2.UpdateRequest.SerializeToString,
                 response_deserializer=sidecar_dot_v1_dot_inference__pb2.UpdateProgress.FromString,
                 _registered_method=True)
+        self.Load = channel.unary_unary(
+                '/sidecar.v1.Admin/Load',
+                request_serializer=sidecar_dot_v1_dot_inference__pb2.ResidencyRequest.SerializeToString,
+                response_deserializer=sidecar_dot_v1_dot_inference__pb2.ResidencyReply.FromString,
+                _registered_method=True)
+        self.Unload = channel.unary_unary(
+                '/sidecar.v1.Admin/Unload',
+                request_serializer=sidecar_dot_v1_dot_inference__pb2.ResidencyRequest.SerializeToString,
+                response_deserializer=sidecar_dot_v1_dot_inference__pb2.ResidencyReply.FromString,
+                _registered_method=True)
+        self.Logs = channel.unary_stream(
+                '/sidecar.v1.Admin/Logs',
+                request_serializer=sidecar_dot_v1_dot_inference__pb2.LogsRequest.SerializeToString,
+                response_deserializer=sidecar_dot_v1_dot_inference__pb2.LogLine.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -486,6 +501,29 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Load(self, request, context):
+        """Load a model now (making room in server.max_model_memory_mb first), or unload it: its
+        workers stop and their memory returns to the system; the next request loads it again.
+        Unload is refused (FAILED_PRECONDITION) while requests are in flight.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unload(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Logs(self, request, context):
+        """The daemon's recent log lines, as it formats them (a bounded buffer); `follow` keeps
+        the stream open and sends each new line as it is logged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -533,6 +571,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ApplyUpdate,
                     request_deserializer=sidecar_dot_v1_dot_inference__pb2.UpdateRequest.FromString,
                     response_serializer=sidecar_dot_v1_dot_inference__pb2.UpdateProgress.SerializeToString,
+            ),
+            'Load': grpc.unary_unary_rpc_method_handler(
+                    servicer.Load,
+                    request_deserializer=sidecar_dot_v1_dot_inference__pb2.ResidencyRequest.FromString,
+                    response_serializer=sidecar_dot_v1_dot_inference__pb2.ResidencyReply.SerializeToString,
+            ),
+            'Unload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unload,
+                    request_deserializer=sidecar_dot_v1_dot_inference__pb2.ResidencyRequest.FromString,
+                    response_serializer=sidecar_dot_v1_dot_inference__pb2.ResidencyReply.SerializeToString,
+            ),
+            'Logs': grpc.unary_stream_rpc_method_handler(
+                    servicer.Logs,
+                    request_deserializer=sidecar_dot_v1_dot_inference__pb2.LogsRequest.FromString,
+                    response_serializer=sidecar_dot_v1_dot_inference__pb2.LogLine.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -779,6 +832,87 @@ class Admin:
             '/sidecar.v1.Admin/ApplyUpdate',
             sidecar_dot_v1_dot_inference__pb2.UpdateRequest.SerializeToString,
             sidecar_dot_v1_dot_inference__pb2.UpdateProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Load(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sidecar.v1.Admin/Load',
+            sidecar_dot_v1_dot_inference__pb2.ResidencyRequest.SerializeToString,
+            sidecar_dot_v1_dot_inference__pb2.ResidencyReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sidecar.v1.Admin/Unload',
+            sidecar_dot_v1_dot_inference__pb2.ResidencyRequest.SerializeToString,
+            sidecar_dot_v1_dot_inference__pb2.ResidencyReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Logs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sidecar.v1.Admin/Logs',
+            sidecar_dot_v1_dot_inference__pb2.LogsRequest.SerializeToString,
+            sidecar_dot_v1_dot_inference__pb2.LogLine.FromString,
             options,
             channel_credentials,
             insecure,

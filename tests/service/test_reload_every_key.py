@@ -86,6 +86,8 @@ UPDATE_SETTINGS = (
     "retries",
     "fetch_deadline_seconds",
     "fetch_min_bytes_per_second",
+    "catalog_origin",  # read by `sidecar pull` (a client), held in the running config
+    "catalog_key",
 )
 SWAP_SETTINGS = ("swap_strategy", "drain_seconds", "swap_wait_seconds")
 ROUTING_SETTINGS = (
@@ -119,9 +121,13 @@ READERS: dict[str, Callable[[App], Any]] = {
     "server.hang_seconds": lambda app: app.supervisor.server.hang_seconds,
     "server.probe_interval_seconds": lambda app: app.supervisor.server.probe_interval_seconds,
     "server.min_available_mb": lambda app: app.supervisor.server.min_available_mb,
+    # The engine reads its budget per load (it takes the reloaded config).
+    "server.max_model_memory_mb": lambda app: app.local.config.server.max_model_memory_mb,
     # The pool: the bound of its fair queue, and the RSS ceiling its supervise() reads.
     "models.NAME.max_queue": lambda app: _pool(app).status().queue_limit,
     "models.NAME.max_rss_mb": lambda app: _pool(app).config.max_rss_mb,
+    # The residency policy reads the pool's config each supervisor tick.
+    "models.NAME.keep_alive": lambda app: _pool(app).resident().keep_alive_s,
     "models.NAME.update_origin": lambda app: _updater_model(app).update_origin,
     "models.NAME.update_key": lambda app: _updater_model(app).update_key,
     **{f"update.{f}": _update_setting(f) for f in UPDATE_SETTINGS},
