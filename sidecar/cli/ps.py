@@ -56,7 +56,7 @@ def row(m: Any) -> tuple[str, ...]:
         f"{m.queue_depth}/{m.queue_limit}",
         str(in_flight if in_flight is not None else busy),
         _seconds(idle) if idle is not None and (in_flight or busy) == 0 else "-",
-        _seconds(unload) if unload else "-",
+        _seconds(unload) if unload is not None and unload >= 0 else "-",
     )
 
 

@@ -35,6 +35,7 @@ from sidecar.cli.support import (
 )
 from sidecar.config import Config
 from sidecar.domain.names import name_problem
+from sidecar.fileio import sha256_file
 
 MANIFEST_MAX_BYTES = 1 << 20
 
@@ -102,6 +103,10 @@ def _download(src: Source, manifest: Any, into: Path, config: Config) -> Path:
 
     into.mkdir(parents=True, exist_ok=True)
     partial = into / f"{manifest.name}-{manifest.sha256[:16]}.gguf.partial"
+    done = partial.with_name(partial.name.removesuffix(".partial"))
+    if done.is_file() and sha256_file(done) == manifest.sha256:
+        click.echo(f"using the download already in {done}", err=True)
+        return done  # a pull whose add failed (say, the daemon could not read it) left it
     url = fetch.origin_url(src.origin, manifest.full.path)
     bar = ProgressDisplay()
     had = partial.stat().st_size if partial.exists() else 0
@@ -130,7 +135,6 @@ def _download(src: Source, manifest: Any, into: Path, config: Config) -> Path:
         bar.end()
         _fail(f"{e}; the partial download stays in {partial} and the next pull resumes it")
     bar.end()
-    done = partial.with_name(partial.name.removesuffix(".partial"))
     partial.replace(done)
     return done
 
@@ -193,8 +197,11 @@ def pull(ctx: click.Context, name: str, serve_it: bool, into: Path | None, socke
                 file = _download(src, manifest, into or _cache_dir(), config)
                 try:
                     c.add_model(file, name=name)
-                finally:
-                    file.unlink(missing_ok=True)  # the store holds its own copy
+                except grpc.RpcError:
+                    # Kept, verified: the next pull adds it without downloading again.
+                    click.echo(f"the download stays in {file}", err=True)
+                    raise
+                file.unlink(missing_ok=True)  # the store holds its own copy
         except grpc.RpcError as e:
             hint = ""
             if "ermission denied" in (e.details() or ""):

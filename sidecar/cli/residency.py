@@ -23,7 +23,7 @@ def _run(ctx: click.Context, rpc: str, name: str, socket: Path | None, tcp: str 
          token: str | None, timeout: float, as_json: bool) -> None:  # fmt: skip
     with connect(ctx, socket, tcp, token, timeout) as c:
         method: Any = getattr(c.admin, rpc)
-        reply = call(lambda: method(pb.ResidencyRequest(model=name), metadata=c._md))
+        reply = call(lambda: method(pb.ResidencyRequest(model=name), **c._kw(None)))
     if as_json:
         click.echo(dump(reply))
         return

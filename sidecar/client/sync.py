@@ -286,7 +286,10 @@ class Client(Connection):
              timeout: float | None = None) -> Stream[pb.LogLine]:  # fmt: skip
         """The daemon's last `lines` log lines (0: all it keeps, about a thousand), as it
         formats them; `follow`: then each new line as it is logged, until `cancel()`."""
-        return self._stream(self.admin.Logs, pb.LogsRequest(lines=lines, follow=follow), timeout)
+        request = pb.LogsRequest(lines=lines, follow=follow)
+        if follow and timeout is None:  # a follower has no deadline: it ends on cancel()
+            return Stream(lambda: self.admin.Logs(request, metadata=self._md), self.retry)
+        return self._stream(self.admin.Logs, request, timeout)
 
     def load(self, model: str = "", *, timeout: float | None = None) -> pb.ResidencyReply:
         """Load `model` ("" = the default) now, making room in server.max_model_memory_mb

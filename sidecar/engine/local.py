@@ -19,9 +19,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sidecar.config import Config
 from sidecar.domain.errors import (
@@ -154,7 +154,7 @@ class PoolEngine:
     async def _load_waiting(self, name: str) -> None:
         pool = self.pools[name]
         try:
-            await self.load(name)
+            await self._load(name)
         except SidecarError as e:
             log.warning("model %s: on-demand load failed: %s", name, e.message)
             pool.fail_waiting(e)
@@ -167,7 +167,12 @@ class PoolEngine:
 
     async def load(self, model: str) -> bool:
         """Load `model` ("" = the default) unless it is; False if it already was. Makes room
-        in the memory budget first. Raises what the load or the budget refused."""
+        in the memory budget first. Raises what the load or the budget refused. A caller
+        that goes away (a deadline, Ctrl-C) does not stop the load half way: workers already
+        spawned would be left running outside the pool's count."""
+        return await _outliving(self._load(model))
+
+    async def _load(self, model: str) -> bool:
         pool = self.pool(model)
         name = pool.config.name
         async with self._locks[name]:
@@ -178,13 +183,19 @@ class PoolEngine:
             try:
                 async with self._room:
                     pool.footprint = await asyncio.to_thread(self._footprint, pool)
-                    victims = residency.make_room(
+                    # One victim at a time, from a fresh snapshot each time: while one
+                    # unloads, another may start loading or unloading (its lock taken).
+                    # Waiting for that lock while holding `_room` could deadlock with its
+                    # own load waiting for `_room`; the next snapshot sees it busy instead.
+                    while victims := residency.make_room(
                         self.residents(),
                         name,
                         pool.footprint,
                         self.config.server.max_model_memory_mb,
-                    )
-                    for victim in victims:
+                    ):
+                        victim = victims[0]
+                        if self._locks[victim].locked():
+                            continue
                         log.info(
                             "model %s: unloading idle %s to fit server.max_model_memory_mb",
                             name,
@@ -201,7 +212,8 @@ class PoolEngine:
             return True
 
     async def _unload_now(self, pool: ModelPool) -> None:
-        """Unload an idle `pool` under its own lock (free: the policy skips busy models)."""
+        """Unload an idle `pool` under its own lock (free: the caller checked, with no await
+        between, so taking it does not wait)."""
         async with self._locks[pool.config.name]:
             if pool.residency == residency.LOADED and not pool.in_flight:
                 await pool.unload()
@@ -209,7 +221,11 @@ class PoolEngine:
     async def unload(self, model: str) -> bool:
         """Unload `model` ("" = the default): its workers stop and their memory returns to
         the system; the next request loads it again. False if it was not loaded. Refused
-        (FailedPrecondition) while requests are in flight."""
+        (FailedPrecondition) while requests are in flight. Like a load, it runs to its end
+        even if its caller goes away (a half-stopped model would stay "unloading")."""
+        return await _outliving(self._unload(model))
+
+    async def _unload(self, model: str) -> bool:
         pool = self.pool(model)
         async with self._locks[pool.config.name]:
             if pool.residency != residency.LOADED:
@@ -344,6 +360,8 @@ class PoolEngine:
         except SwapRefused as e:
             self.on_swap(pool.config.name, "refused", e.stage)
             raise
+        if result.new != result.old:  # the budget counts the new file's size from now on
+            pool.footprint = await asyncio.to_thread(self._footprint, pool)
         outcome = "unchanged" if result.new == result.old else "swapped"
         self.on_swap(pool.config.name, outcome, "")
         return result
@@ -360,6 +378,7 @@ class PoolEngine:
 
 
 R = TypeVar("R", bound=Generation | Classification | Extraction | Embeddings)
+T = TypeVar("T")
 
 
 def _stamp(result: R, pool: ModelPool, job: Job) -> R:
@@ -376,3 +395,12 @@ def _stamp(result: R, pool: ModelPool, job: Job) -> R:
     result.model = job.ref or pool.ref
     result.timings = Timings(queue_ms=queue_ms, first_token_ms=first_ms, total_ms=total_ms)
     return result
+
+
+async def _outliving(work: Coroutine[Any, Any, T]) -> T:
+    """Run `work` to its end even if the awaiting caller is cancelled. A failure nobody
+    awaits any more is already logged where it happened; retrieving it here keeps asyncio
+    from reporting it again."""
+    task = asyncio.ensure_future(work)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return await asyncio.shield(task)

@@ -188,6 +188,26 @@ async def test_load_and_unload_by_hand(daemon: Daemon) -> None:
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_a_load_whose_caller_leaves_runs_to_its_end_and_its_workers_are_counted(
+    daemon: Daemon,
+) -> None:
+    app, client = await daemon()
+    leaving = asyncio.ensure_future(app.local.load("a"))
+    await asyncio.sleep(LOAD_S / 3)  # the worker is spawned and starting
+    leaving.cancel()  # the Load RPC's caller hit its deadline, or pressed Ctrl-C
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    await until(lambda: _state_is(client, "a", "loaded"))
+    st = (await states(client))["a"]
+    assert len(st.workers) == 1 and st.workers[0].state == "idle"
+    gone = await residency(client, "Unload", "a")  # the pool owns them: unload stops them
+    assert gone.changed and not gone.model.workers
+
+
+async def _state_is(client: AsyncClient, name: str, state: str) -> bool:
+    return (await states(client))[name].state == state
+
+
 async def test_unload_is_refused_while_requests_are_in_flight(
     daemon: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
