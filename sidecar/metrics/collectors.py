@@ -86,7 +86,9 @@ class EngineCollector(Collector):
             "sidecar_worker_restarts", "Workers replaced.", labels=["model"]
         )
         ready = GaugeMetricFamily(
-            "sidecar_model_ready", "1 when the model has a live worker.", labels=["model"]
+            "sidecar_model_ready",
+            "1 when the model has a live worker, or is on demand and unloaded (it loads on use).",
+            labels=["model"],
         )
         rss = GaugeMetricFamily(
             "sidecar_worker_rss_bytes",

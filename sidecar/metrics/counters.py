@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 
 from sidecar.domain.types import Generation, Result
 from sidecar.engine.local import PoolEngine
@@ -70,6 +70,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # process_start_time_seconds: a daemon restarted (a crash, the systemd watchdog)
+        # shows as a new start time; CPU, memory and open files beside it.
+        ProcessCollector(registry=r)
         labels = ["rpc", "model", "status", "tier"]
         self.requests = Counter(
             "sidecar_requests", "Requests by RPC, model, status and tier.", labels, registry=r
