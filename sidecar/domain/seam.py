@@ -87,6 +87,54 @@ class Engine(Protocol):
         ...
 
 
+class EngineWrapper:
+    """An engine that passes everything to `inner`: a wrapper overrides only what it adds
+    (the router its escalation, few-shot its Classify by examples, the metrics their call
+    labels), so the seam's plumbing is written once."""
+
+    def __init__(self, inner: Engine) -> None:
+        self.inner = inner
+
+    @property
+    def default_model(self) -> str:
+        return self.inner.default_model
+
+    @property
+    def ready(self) -> bool:
+        return self.inner.ready
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    def ref(self, model: str) -> ModelRef:
+        return self.inner.ref(model)
+
+    def check(self, model: str, task: Task) -> None:
+        self.inner.check(model, task)
+
+    async def run(
+        self,
+        model: str,
+        task: Task,
+        caller: str,
+        *,
+        route: RouteRequest = DEFAULT_ROUTE,
+        background: bool = False,
+    ) -> Result:
+        return await self.inner.run(model, task, caller, route=route, background=background)
+
+    def stream(
+        self, model: str, task: StreamableTask, caller: str, *, route: RouteRequest = DEFAULT_ROUTE
+    ) -> AsyncIterator[TokenEvent | Generation]:
+        return self.inner.stream(model, task, caller, route=route)
+
+    def status(self) -> list[tuple[PoolStatus, bool]]:
+        return self.inner.status()
+
+
 class Admin(Protocol):
     """What the Admin service asks of the daemon: reports, swaps, the store, updates.
 

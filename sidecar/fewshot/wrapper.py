@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 import types
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,20 +28,15 @@ import numpy as np
 
 from sidecar.config import TaskConfig
 from sidecar.domain.errors import InvalidRequest, SidecarError
-from sidecar.domain.seam import DEFAULT_ROUTE, Engine
-from sidecar.domain.status import PoolStatus
+from sidecar.domain.seam import DEFAULT_ROUTE, Engine, EngineWrapper
 from sidecar.domain.types import (
     Classification,
     ClassifyTask,
-    Generation,
     LabelScore,
-    ModelRef,
     Result,
     RouteRequest,
-    StreamableTask,
     Task,
     Timings,
-    TokenEvent,
     Usage,
 )
 from sidecar.fewshot.builds import Builds
@@ -61,7 +56,7 @@ def by_examples(task: Task) -> bool:
     return isinstance(task, ClassifyTask) and bool(task.examples or task.task)
 
 
-class FewShotEngine:
+class FewShotEngine(EngineWrapper):
     def __init__(
         self,
         inner: Engine,
@@ -70,30 +65,13 @@ class FewShotEngine:
         *,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self._tasks = {t.name: t for t in tasks}
         self._clock = clock
         self.embedder = Embedder(inner)
         self.builds = Builds(inner, self.embedder, VectorCache(cache_dir))
 
     # ------------------------------------------------------------------ the seam
-
-    @property
-    def default_model(self) -> str:
-        return self.inner.default_model
-
-    @property
-    def ready(self) -> bool:
-        return self.inner.ready
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-    def ref(self, model: str) -> ModelRef:
-        return self.inner.ref(model)
 
     def check(self, model: str, task: Task) -> None:
         """A config task was checked when the config was read; request examples here."""
@@ -116,14 +94,6 @@ class FewShotEngine:
                 raise InvalidRequest("text is empty: send the text to classify")
             return await self._classify(model, task, caller)
         return await self.inner.run(model, task, caller, route=route, background=background)
-
-    def stream(
-        self, model: str, task: StreamableTask, caller: str, *, route: RouteRequest = DEFAULT_ROUTE
-    ) -> AsyncIterator[TokenEvent | Generation]:
-        return self.inner.stream(model, task, caller, route=route)
-
-    def status(self) -> list[tuple[PoolStatus, bool]]:
-        return self.inner.status()
 
     # ------------------------------------------------------------------ config tasks
 

@@ -20,11 +20,9 @@ from collections.abc import AsyncIterator, Collection
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-from sidecar.domain.seam import DEFAULT_ROUTE, Engine
-from sidecar.domain.status import PoolStatus
+from sidecar.domain.seam import DEFAULT_ROUTE, Engine, EngineWrapper
 from sidecar.domain.types import (
     Generation,
-    ModelRef,
     Result,
     RouteRequest,
     StreamableTask,
@@ -60,39 +58,16 @@ def current() -> Call | None:
     return _current.get()
 
 
-class CallLabels:
+class CallLabels(EngineWrapper):
     """An `Engine` over `inner` that labels the work of each call (see the module doc)."""
 
     def __init__(self, inner: Engine, models: Collection[str]) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self._models = frozenset(models)
 
     def _call(self, model: str, caller: str) -> Call:
         name = model or self.inner.default_model
         return Call(name if name in self._models else "unknown", caller_class(caller))
-
-    @property
-    def default_model(self) -> str:
-        return self.inner.default_model
-
-    @property
-    def ready(self) -> bool:
-        return self.inner.ready
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-    def ref(self, model: str) -> ModelRef:
-        return self.inner.ref(model)
-
-    def check(self, model: str, task: Task) -> None:
-        self.inner.check(model, task)
-
-    def status(self) -> list[tuple[PoolStatus, bool]]:
-        return self.inner.status()
 
     async def run(
         self,

@@ -38,8 +38,7 @@ from sidecar.domain.errors import (
     SidecarError,
     Unavailable,
 )
-from sidecar.domain.seam import DEFAULT_ROUTE, Engine
-from sidecar.domain.status import PoolStatus
+from sidecar.domain.seam import DEFAULT_ROUTE, Engine, EngineWrapper
 from sidecar.domain.types import (
     ChatTask,
     Classification,
@@ -51,7 +50,6 @@ from sidecar.domain.types import (
     GenerateTask,
     Generation,
     LabelScore,
-    ModelRef,
     Result,
     RouteInfo,
     RouteRequest,
@@ -132,7 +130,7 @@ class NoTasks:
         pass
 
 
-class RouterEngine:
+class RouterEngine(EngineWrapper):
     """Local first, the cloud when it pays: an engine wrapping `inner`. Its parts (breaker,
     budget, privacy gate, cloud client) are built by the composition root and handed in."""
 
@@ -148,7 +146,7 @@ class RouterEngine:
         tasks: TaskInfo | None = None,
         on_route: Callable[[Result, str], None] = lambda _r, _c: None,
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.tasks: TaskInfo = tasks if tasks is not None else NoTasks()
         self.settings = settings  # read per request: SIGHUP replaces it
         self.on_route = on_route  # metrics hook: (result, reason code)
@@ -175,30 +173,10 @@ class RouterEngine:
 
     # ------------------------------------------------------------------ Engine
 
-    @property
-    def default_model(self) -> str:
-        return self.inner.default_model
-
-    async def start(self) -> None:
-        await self.inner.start()
-
     async def close(self) -> None:
         if self.cloud is not None:
             await self.cloud.close()
         await self.inner.close()
-
-    def status(self) -> list[tuple[PoolStatus, bool]]:
-        return self.inner.status()
-
-    @property
-    def ready(self) -> bool:
-        return self.inner.ready
-
-    def ref(self, model: str) -> ModelRef:
-        return self.inner.ref(model)
-
-    def check(self, model: str, task: Task) -> None:
-        self.inner.check(model, task)
 
     async def run(
         self,
