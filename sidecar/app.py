@@ -103,7 +103,7 @@ class App:
             s.socket,
             self.router.cloud_report,
             last_reload=lambda: self.last_reload,
-            drop_watcher=lambda: self.drop.health if self._watching and self.drop else "",
+            drop_watcher=lambda: self.drop.health if self.drop is not None else "",
         )
         requests = RequestLog(
             self.metrics, config.default_model, frozenset(m.name for m in config.models)
@@ -119,8 +119,6 @@ class App:
         self._supervising: asyncio.Task[None] | None = None
         self._cancelled_at_stop: list[asyncio.Task[None]] = []
         self._listening = False
-        self._watching = False  # the drop watcher has started: status shows its health
-        self._http_up = False
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -135,7 +133,6 @@ class App:
         try:
             if self.http is not None:
                 await self.http.start()  # a listener that fails here has released itself
-                self._http_up = True
             self._serve_metrics()
             await self.engine.start()
         except BaseException:
@@ -150,7 +147,6 @@ class App:
             self._cancelled_at_stop.append(asyncio.create_task(work))
         if self.drop is not None:
             await self.drop.start()
-            self._watching = True
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain and stop everything; `grace` defaults to server.grace_seconds."""
@@ -189,9 +185,8 @@ class App:
     async def _stop_listening(self, grace: float) -> None:
         # Both front ends drain at once, each bounded by the grace period.
         stopping = [self.grpc.stop(grace)]
-        if self.http is not None and self._http_up:
+        if self.http is not None:
             stopping.append(self.http.close(grace))
-            self._http_up = False
         await asyncio.gather(*stopping)
         if self.metrics_server is not None:
             self.metrics_server.close()

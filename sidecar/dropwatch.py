@@ -76,10 +76,13 @@ class DropWatcher:
 
     @property
     def health(self) -> str:
-        """ "watching DIR" (with the last outcome), or why the watcher stopped."""
+        """ "watching DIR" (with the last outcome), why the watcher stopped, or "" before it
+        has started (a daemon still loading its models is not watching yet)."""
         if self._stopped is not None:
             return f"stopped: {self._stopped}"
-        if self._observer is not None and not self._observer.is_alive():
+        if self._observer is None:
+            return ""
+        if not self._observer.is_alive():
             return f"stopped: the observer of {self.folder} died (restart the daemon)"
         last = f"; last: {self.results[-1]}" if self.results else ""
         return f"watching {self.folder}{last}"

@@ -162,8 +162,10 @@ class HttpListener:
         self._task = asyncio.create_task(self._server.serve(sockets=socks))
         while not self._server.started:
             if self._task.done():
+                # Left as if never started: a close() after this has nothing to stop.
+                failed, self._task, self._server = self._task, None, None
                 self._release()
-                self._task.result()  # raises what failed
+                failed.result()  # raises what failed
                 raise RuntimeError("the HTTP listener stopped during start")
             await asyncio.sleep(0.01)
         where = [f"unix:{self.socket}"] if self.socket else []
