@@ -7,10 +7,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from deb_package import built_deb
 from tiny_gguf import write_tiny_llama
 
 from sidecar.config import Overrides, load
@@ -25,12 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("deb")
-    env = dict(os.environ, PYTHON=sys.executable)
-    done = subprocess.run([str(REPO / "packaging" / "deb" / "build"), str(out)], env=env,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return Path(done.stdout.strip().splitlines()[-1])
+    return built_deb(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

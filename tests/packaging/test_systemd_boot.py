@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from deb_package import built_deb
 
 pytestmark = [pytest.mark.packaging, pytest.mark.timeout(900)]
 
@@ -127,12 +128,7 @@ class Container:
 
 @pytest.fixture(scope="module")
 def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("deb")
-    env = dict(os.environ, PYTHON=sys.executable)
-    done = subprocess.run([str(REPO / "packaging" / "deb" / "build"), str(out)], env=env,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return Path(done.stdout.strip().splitlines()[-1])
+    return built_deb(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
