@@ -7,6 +7,7 @@ identity on both, and a wrong one is refused by both before the engine is reache
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -151,3 +152,42 @@ async def test_routing_reaches_the_engine_from_both(front_ends) -> None:  # type
         RouteRequest(),
         RouteRequest("CLOUD_ONLY", True),
     ]
+
+
+async def test_each_call_is_judged_by_its_own_metadata(front_ends) -> None:  # type: ignore[no-untyped-def]
+    # The interceptor wraps a method's handler once and reuses it: nothing of one call
+    # (its token) may stick to the next call of the same method.
+    engine, stub, _ = front_ends
+    for token, accepted in (("wrong", False), (TOKEN, True), ("wrong", False), (TOKEN, True)):
+        md = (("authorization", bearer(token)),)
+        request = pb.GenerateRequest(prompt="x")
+        if accepted:
+            assert (await stub.Generate(request, metadata=md)).text == "ok"
+            chunks = [c async for c in stub.GenerateStream(request, metadata=md)]
+            assert chunks[-1].summary.text == "ok"
+            continue
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.Generate(request, metadata=md)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            async for _ in stub.GenerateStream(request, metadata=md):
+                pass
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert len(engine.calls) == 4
+
+
+async def test_every_call_is_counted_once_with_its_status(front_ends, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # The sample (and log line) is written after the reply, on the loop's next turn: still
+    # exactly one per call, with the call's own status.
+    seen: list[tuple[str, str]] = []
+    monkeypatch.setattr(
+        Samples, "request", lambda _s, rpc, _m, status, _t: seen.append((rpc, status))
+    )
+    _, stub, _ = front_ends
+    md = (("authorization", bearer(TOKEN)),)
+    await stub.Generate(pb.GenerateRequest(prompt="x"), metadata=md)
+    [c async for c in stub.GenerateStream(pb.GenerateRequest(prompt="x"), metadata=md)]
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.Generate(pb.GenerateRequest(prompt="x"))
+    await asyncio.sleep(0)
+    assert seen == [("Generate", "OK"), ("GenerateStream", "OK"), ("Generate", "UNAUTHENTICATED")]
