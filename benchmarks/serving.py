@@ -1,8 +1,14 @@
-"""Benchmark the sidecar daemon against llama-cpp-python, side by side, on the demo model.
+"""Benchmark the sidecar daemon against llama-cpp-python and llama.cpp's `llama-server`,
+side by side, on the demo model.
 
-    scripts/bench              # the full run (~5-10 minutes on 2 cores)
-    scripts/bench --quick      # a ~2-minute smoke run
+    scripts/bench              # the full run (~10-15 minutes on 2 cores)
+    scripts/bench --quick      # a ~4-minute smoke run
+    scripts/bench --only peer  # one part (or several: --only peer,transport)
     scripts/bench --out PATH   # JSON somewhere else (default: bench-results/bench.json)
+
+Parts: side (below), peer (the daemon vs llama-server: benchmarks/peer_bench.py), threads
+(the threads question), cancel (tokens decoded after a cancel), transport (the daemon's
+overhead around a request), zero_shot (Classify over 77 labels).
 
 Three backends, one process tree, one at a time (so they never compete with each other):
 
@@ -16,6 +22,9 @@ Measured: decode tokens/s and time to first token for a 128-token greedy generat
 Classify p50/p99 (6 Banking77 labels), requests/s at 1/4/16 concurrent clients for a
 16-token generation, daemon threads=1,workers=2 vs threads=2,workers=1 (idle and beside
 a CPU hog), and how many tokens a worker decodes after a cancelled stream.
+
+llama-server is built once by scripts/build-llama-server (cached outside the repository);
+where it cannot be built, its column is skipped with the reason (--no-build-peer: never build).
 
 Every subprocess is stopped on exit, Ctrl-C or error. Only loopback addresses are used.
 """
@@ -38,6 +47,8 @@ from typing import TYPE_CHECKING, Any
 from benchmarks.common import BANKING77, RESULTS, SMOL, Log, loadavg, machine
 from benchmarks.cpu import CpuMeter, busy_pct
 from benchmarks.daemon import Daemon
+from benchmarks.peer_bench import run_peer
+from benchmarks.peer_report import conclude_peer, peer_table
 from benchmarks.procs import Children, run
 from benchmarks.report import write_json
 from benchmarks.serving_backends import (
@@ -55,7 +66,8 @@ from benchmarks.serving_measure import (
     summarise_decode,
     two_streams,
 )
-from benchmarks.serving_report import conclude, table
+from benchmarks.serving_report import conclude, daemon_only_lines, table
+from benchmarks.serving_transport import run_transport
 from benchmarks.serving_workload import (
     BATCH,
     DECODE_TOKENS,
@@ -66,6 +78,7 @@ from benchmarks.serving_workload import (
     rotate,
     short_prompts,
 )
+from benchmarks.serving_zero_shot import run_zero_shot
 from benchmarks.stats import dist, median_ci
 from sidecar.client import Client
 
@@ -74,6 +87,7 @@ if TYPE_CHECKING:  # llama_cpp loads only when the in-process backend starts
 
 now = time.perf_counter
 log = Log("bench")
+PARTS = ("side", "peer", "threads", "cancel", "transport", "zero_shot")
 
 
 class Bench:
@@ -113,12 +127,13 @@ class Bench:
             "loadavg": {"start": loadavg()},
             "background_cpu_busy_pct_before_start": busy_pct(),
         }
-        self._daemon: tuple[tuple[int, int], Daemon] | None = None
+        self._daemon: tuple[tuple[int | None, int | None], Daemon] | None = None
         self.daemon_startup_s = 0.0
         self.cpu = CpuMeter()
 
-    def daemon(self, workers: int, threads: int) -> Daemon:
-        """The daemon with this shape, started (and any other one stopped) if need be."""
+    def daemon(self, workers: int | None, threads: int | None) -> Daemon:
+        """The daemon with this shape (None: the daemon's default), started (and any other
+        one stopped) if need be."""
         if self._daemon is not None:
             shape, d = self._daemon
             if shape == (workers, threads) and d.running():
@@ -128,11 +143,12 @@ class Bench:
         d = Daemon(self.children, self.tmp, model=self.a.model, tag=f"w{workers}t{threads}",
                    workers=workers, threads=threads, context=self.a.context)  # fmt: skip
         self.daemon_startup_s = d.wait_ready()
-        log(f"daemon workers={workers} threads={threads} ready in {self.daemon_startup_s:.1f}s")
+        what = "defaults" if workers is None else f"workers={workers} threads={threads}"
+        log(f"daemon {what} ready in {self.daemon_startup_s:.1f}s")
         self._daemon = ((workers, threads), d)
         return d
 
-    def shape(self) -> tuple[int, int] | None:
+    def shape(self) -> tuple[int | None, int | None] | None:
         return None if self._daemon is None else self._daemon[0]
 
     def mark(self, section: str) -> None:
@@ -456,7 +472,13 @@ class Bench:
         self.cpu.mark(None)
         self.res["cpu_by_section"] = self.cpu.sections
         conclude(self.res)
-        print(table(self.res, self.stream_budget_s), flush=True)
+        if "peer" in self.res:
+            conclude_peer(self.res["peer"])
+        if "in_process" in self.res:
+            print(table(self.res, self.stream_budget_s), flush=True)
+        if "peer" in self.res:
+            print(peer_table(self.res), flush=True)
+        print(daemon_only_lines(self.res), flush=True)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -479,7 +501,28 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--workers", type=int, default=2, help="daemon workers for the main comparison")
     ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument(
+        "--only",
+        type=parts,
+        default=PARTS,
+        metavar="PART[,PART]",
+        help=f"run only these parts, in this order (default: all): {','.join(PARTS)}",
+    )
+    ap.add_argument(
+        "--no-build-peer",
+        dest="build_peer",
+        action="store_false",
+        help="skip the llama-server column rather than build it (scripts/build-llama-server)",
+    )
     return ap
+
+
+def parts(text: str) -> tuple[str, ...]:
+    chosen = tuple(x.strip() for x in text.split(",") if x.strip())
+    unknown = [x for x in chosen if x not in PARTS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"parts are {', '.join(PARTS)} (got {text!r})")
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -493,16 +536,23 @@ def main(argv: list[str] | None = None) -> int:
     failed = True
     with Children() as children:
         bench = Bench(args, children, tmp)
+        steps: dict[str, Callable[[], None]] = {
+            "side": bench.side_by_side,
+            "peer": lambda: run_peer(bench),
+            "threads": bench.threads_question,
+            "cancel": bench.cancellation,
+            "transport": lambda: run_transport(bench),
+            "zero_shot": lambda: run_zero_shot(bench),
+        }
         try:
-            bench.side_by_side()
-            bench.threads_question()
-            bench.cancellation()
+            for part in args.only:
+                steps[part]()
             failed = False
         finally:
             children.close()  # the daemon, the HTTP server, any CPU hog
             bench.res["wall_s"] = round(now() - t0, 1)
             bench.res["completed"] = not failed
-            if "in_process" in bench.res or "daemon" in bench.res:
+            if set(bench.res) & {"in_process", "daemon", "peer", "transport", "zero_shot_77"}:
                 with suppress(Exception):
                     bench.finish()
                 write_json(args.out, bench.res)

@@ -72,6 +72,10 @@ def conclude(r: dict[str, Any]) -> None:
         "classify_client_minus_daemon_reported_p50_ms",
         g(dm, "classify", "client_minus_daemon_reported_ms", "p50"),
     )
+    gc = g(sv, "classify_grammar", "latency_ms", "p50")
+    if dc and gc:
+        put("classify_p50_daemon_over_llama_cpp_server_grammar", dc / gc, 3)
+        put("classify_vs_grammar_target_le_0.75_met", dc / gc <= 0.75)
     for n in ("1", "4", "16"):
         a_, b_ = g(dm, "load", n, "req_s"), g(sv, "load", n, "req_s")
         if a_ and b_:
@@ -101,7 +105,8 @@ def table(r: dict[str, Any], stream_budget_s: float) -> str:
     c = r["config"]
     t.line()
     t.line(
-        f"sidecar bench: {Path(c['model']).name}, threads={c['threads']} "
+        f"sidecar bench: {r['machine']['cpu_model']}, {r['machine']['cpus']} CPUs; "
+        f"{Path(c['model']).name}, threads={c['threads']} "
         f"workers={c['workers']} ctx={c['context']}{' (QUICK)' if c['quick'] else ''}; "
         f"loadavg start {r['loadavg']['start']} end {r['loadavg'].get('end')}; background CPU "
         f"busy before start {r.get('background_cpu_busy_pct_before_start')}%"
@@ -194,6 +199,8 @@ def _classify_rows(t: Table, ip: Any, dm: Any, sv: Any) -> None:
         "",
         "ms: socket + gRPC + client",
     )
+    gr = ratio(g(dm, "classify", "latency_ms", "p50"), cs, 2) if cs else "n/a"
+    t.row("  p50 daemon / llama_cpp.server grammar*", "", "", "", f"{gr}x (<=0.75)")
     t.row(
         "Classify accuracy",
         f(g(ip, "classify", "accuracy"), 3),
@@ -280,3 +287,25 @@ def _notes(t: Table, r: dict[str, Any], stream_budget_s: float) -> None:
     if "classify_daemon_agrees_with_in_process" in r:
         agree = r["classify_daemon_agrees_with_in_process"]
         t.line(f"Classify labels, daemon == in-process: {agree:.0%}")
+
+
+def daemon_only_lines(r: dict[str, Any]) -> str:
+    """The daemon-only parts: transport overhead and 77-label zero-shot Classify."""
+    lines = []
+    tr = r.get("transport")
+    if tr:
+        o = tr["overhead_ms"]
+        lines.append(
+            f"transport overhead (client latency - daemon's own total, {tr['call']}): "
+            f"p50 {f(o['p50'], 2)} ms, p99 {f(o['p99'], 2)} ms (target p50 <= "
+            f"{f(tr['target_p50_ms'])} ms; daemon total p50 {f(tr['daemon_total_ms']['p50'], 2)} ms)"
+        )
+    zs = r.get("zero_shot_77")
+    if zs:
+        lat = zs["latency_ms"]
+        lines.append(
+            f"Classify zero-shot, {zs['labels']} labels (daemon): p50 {f(lat['p50'], 0)} ms, "
+            f"p99 {f(lat['p99'], 0)} ms, n={lat['n']}, accuracy {f(zs['accuracy'], 2)} "
+            f"(target p50 <= {f(zs['target_p50_ms'], 0)} ms)"
+        )
+    return "\n".join(["", *lines]) if lines else ""
