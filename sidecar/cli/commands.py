@@ -79,7 +79,9 @@ def main(ctx: click.Context, config: Path | None) -> None:
 @click.option("--socket", type=click.Path(path_type=Path), help="Unix socket path.")
 @click.option("--model", help="GGUF path, or the name of a configured model, to serve by default.")
 @click.option("--workers", type=int, help="Worker processes for the default model.")
-@click.option("--threads", type=int, help="llama.cpp threads per worker.")
+@click.option(
+    "--threads", type=int, help="Most llama.cpp threads per worker (0 = every usable CPU)."
+)
 @click.option("--context", type=int, help="Context window (tokens) of the default model.")
 @click.option("--tcp-port", type=int, help="Also listen on loopback TCP (needs server.tcp_token).")
 @click.option("--store", type=click.Path(path_type=Path), help="Model store directory.")

@@ -376,11 +376,21 @@ class ModelConfig:
         2, "Worker processes for this model; they share the mmapped weights.", minimum=1
     )
     threads: int = setting(
-        1, "llama.cpp threads per worker (1 holds up beside busy apps).", minimum=1
+        0,
+        "Most llama.cpp threads per worker; 0 = every usable CPU. Each decode step uses only"
+        " as many as there are cores other processes leave idle (never fewer than 1).",
+        minimum=0,
     )
     context: int = setting(2048, "Context window in tokens (prompt + generation).", minimum=64)
     batch: int = setting(
         512, "Prompt-processing batch in tokens; also the longest text Embed takes.", minimum=1
+    )
+    parallel: int = setting(
+        1,
+        "Requests each worker decodes together (continuous batching); each gets the full "
+        "context window, so the KV cache grows with it. Above 1, greedy replies may differ "
+        "slightly from the same request run alone.",
+        minimum=1,
     )
     max_rss_mb: int = setting(
         0,

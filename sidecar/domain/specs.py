@@ -17,9 +17,16 @@ class RunnerSpec:
     threads: int
     batch: int
     default_max_tokens: int = 256
+    parallel: int = 1  # sequences one worker decodes together (its job capacity)
     # How the daemon logs (format, level); a slot stamps the current one as it starts a
     # worker, so that its workers log alike.
     log: tuple[str, str] = field(default=("text", "info"), compare=False)
+
+    @property
+    def kv_cells(self) -> int:
+        """KV cache cells a worker allocates: a full window per sequence slot, plus one
+        spare window for shared prefixes and whole jobs (Classify) between steps."""
+        return self.context * (self.parallel + 1)
 
 
 @dataclass(frozen=True)

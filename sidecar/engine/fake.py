@@ -41,14 +41,15 @@ FAKE_FACTS = ModelFacts(n_ctx=2048, n_vocab=256, n_embd=8, chat_template=False)
 
 class FakeSlot(Unsupervised):
     token_delay_s = 0.0  # tests raise it to make work observable
+    capacity = 1  # jobs at once; tests raise it to play a batching worker
 
     def __init__(self, spec: RunnerSpec, events: Events) -> None:
         self.spec = spec
         self.events = events
         self.info = SlotInfo(None, "starting", 0)
         self.facts: ModelFacts | None = None
-        self.job_id: int | None = None
-        self._task: asyncio.Task[None] | None = None
+        self.job_ids: set[int] = set()
+        self._tasks: dict[int, asyncio.Task[None]] = {}
         self.tokens_made = 0
 
     async def start(self) -> ModelFacts:
@@ -57,24 +58,28 @@ class FakeSlot(Unsupervised):
         return FAKE_FACTS
 
     def submit(self, job_id: int, task: Task, stream: bool) -> None:
-        self.job_id = job_id
+        self.job_ids.add(job_id)
         self.info.state = "busy"
         self.info.requests += 1
-        self._task = asyncio.get_running_loop().create_task(self._run(job_id, task, stream))
+        self._tasks[job_id] = asyncio.get_running_loop().create_task(
+            self._run(job_id, task, stream)
+        )
 
     async def _run(self, job_id: int, task: Task, stream: bool) -> None:
         try:
             result = await self._answer(job_id, task, stream)
         except asyncio.CancelledError:
-            self._settle()
+            self._settle(job_id)
             self.events.failed(self, job_id, Cancelled("cancelled by the caller"))
             return
-        self._settle()
+        self._settle(job_id)
         self.events.done(self, job_id, result)
 
-    def _settle(self) -> None:
-        self.job_id = None
-        self.info.state = "idle"
+    def _settle(self, job_id: int) -> None:
+        self.job_ids.discard(job_id)
+        self._tasks.pop(job_id, None)
+        if not self.job_ids:
+            self.info.state = "idle"
 
     async def _answer(self, job_id: int, task: Task, stream: bool) -> Result:
         if isinstance(task, GenerateTask | ChatTask):
@@ -126,12 +131,13 @@ class FakeSlot(Unsupervised):
         raise AssertionError(task)  # pragma: no cover
 
     def cancel(self, job_id: int) -> None:
-        if self.job_id == job_id and self._task is not None:
-            self._task.cancel()
+        task = self._tasks.get(job_id)
+        if task is not None:
+            task.cancel()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks.values():
+            task.cancel()
         self.info.state = "stopped"
 
 

@@ -130,7 +130,7 @@ class PoolEngine:
         the file size when the header cannot be read (the load will say why)."""
         path = pool.spec.path
         try:
-            return footprint(check_gguf(path), pool.config.context, pool.config.workers)
+            return footprint(check_gguf(path), pool.spec.kv_cells, pool.config.workers)
         except (SidecarError, OSError):
             return path.stat().st_size if path.is_file() else 0
 

@@ -1,11 +1,15 @@
 """ModelPool: the workers of one model, its fair queue, and the dispatch between them.
 
 Everything here runs on the event loop; slots do the blocking work elsewhere and
-report back through the `Events` callbacks. A worker that dies is replaced; the job it
-was running fails at once and is never retried. A death the running request explains
-(a crash signal, or a hang the supervisor killed) fails that request with
-`KilledWorker` and remembers it (see `poison`); any other death fails the job with
-UNAVAILABLE. When the replacement starts is the restart policy's call (`restarts`).
+report back through the `Events` callbacks. Each worker takes up to `capacity` jobs
+(its batch's sequence slots); the fair queue decides who gets the next free one, and
+the least loaded worker takes it. A worker that dies is replaced; the jobs it was
+running fail at once and are never retried. A death one request explains (a crash
+signal, or a hang the supervisor killed, while it was the only request of a caller
+on that worker) fails it with `KilledWorker` and remembers it (see `poison`); when
+several requests shared the batch nobody can tell which one it was, so, as for any
+other death, they all fail with UNAVAILABLE (retry). When the replacement starts is
+the restart policy's call (`restarts`).
 
 The swap sequence (`swap`) drives a pool through its public methods only: `start_slot`,
 `run_on` (the canary), `route_to` (the flip), `drain`, `pause`/`resume` and `workers`.
@@ -82,10 +86,10 @@ class ModelPool:
             threads=config.threads,
             batch=config.batch,
             default_max_tokens=default_max_tokens,
+            parallel=config.parallel,
         )
         self._make_slot = make_slot
         self._slots: list[Slot] = []
-        self._idle: list[Slot] = []
         self._queue: FairQueue[Job] = FairQueue(config.max_queue)
         self._running: dict[int, Job] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -127,7 +131,6 @@ class ModelPool:
                 continue
             self.facts = res
             self._slots.append(slot)
-            self._idle.append(slot)
         if not self._slots:
             err = next(r for r in results if isinstance(r, BaseException))
             raise err if isinstance(err, SidecarError) else FailedPrecondition(str(err))
@@ -148,7 +151,7 @@ class ModelPool:
         that arrives meanwhile waits in the queue and wakes a load."""
         self.residency = UNLOADING
         slots = [*self._slots, *self._retiring]
-        self._slots, self._idle = [], []
+        self._slots = []
         self._retiring.clear()
         self._hung.clear()
         await asyncio.gather(*(s.stop() for s in slots), return_exceptions=True)
@@ -228,11 +231,21 @@ class ModelPool:
         else:
             job.slot.cancel(job.id)
 
+    def _free(self) -> Slot | None:
+        """The serving worker with a free sequence slot that runs the fewest jobs."""
+        free = [
+            s
+            for s in self._slots
+            if s.info.state in ("idle", "busy") and len(s.job_ids) < s.capacity
+        ]
+        return min(free, key=lambda s: len(s.job_ids)) if free else None
+
     def _dispatch(self) -> None:
-        # Background work never holds every worker of a pool that has more than one, so a
-        # live request finds one free instead of waiting for a background job to end.
-        room = max(1, len(self._slots) - 1) - sum(j.background for j in self._running.values())
-        while self._idle and len(self._queue) and not self.paused:
+        # Background work never holds every sequence slot of a pool that has more than one,
+        # so a live request finds one free instead of waiting for a background job to end.
+        total = sum(s.capacity for s in self._slots)
+        room = max(1, total - 1) - sum(j.background for j in self._running.values())
+        while len(self._queue) and not self.paused and (slot := self._free()) is not None:
             job = self._queue.pop(background=room > 0)
             if job is None:
                 return
@@ -242,7 +255,6 @@ class ModelPool:
                 self._finish(job, e)
                 continue
             room -= job.background
-            slot = self._idle.pop()
             job.slot = slot
             job.ref = self.ref
             job.dispatched = time.perf_counter()
@@ -275,30 +287,26 @@ class ModelPool:
             self._finish(job, event)
             if job.caller != PROBE_CALLER:
                 self.last_used = time.monotonic()  # idle counts from the end of the last one
-        if slot.info.state == "idle" and slot not in self._idle:
-            if slot in self._slots:
-                self._idle.append(slot)
-            elif slot in self._retiring:  # replaced while it finished this job
-                self._background(self._stop_retired(slot))
+        if slot.info.state == "idle" and slot in self._retiring and slot not in self._slots:
+            self._background(self._stop_retired(slot))  # replaced while it finished its jobs
         self._dispatch()
 
-    def died(self, slot: Slot, exitcode: int | None, job_id: int | None) -> None:
+    def died(self, slot: Slot, exitcode: int | None, job_ids: set[int]) -> None:
         silent = self._hung.pop(slot, None)
         pid = slot.info.pid
         if silent is not None:
             reason = f"worker pid {pid} answered no ping for {silent:.0f}s and was killed"
         else:
             reason = f"worker pid {pid} exited ({how(exitcode)})"
-        job = self._running.pop(job_id, None) if job_id is not None else None
-        # Probes and canaries are the daemon's own one-token requests: they never kill.
-        blamed = (
-            job is not None
-            and job.caller != PROBE_CALLER
-            and (silent is not None or crashed(exitcode))
-        )
-        if job is not None:
+        jobs = [j for i in sorted(job_ids) if (j := self._running.pop(i, None)) is not None]
+        # Probes and canaries are the daemon's own one-token requests: they never kill. Of
+        # several requests in one batch, none can be told to be the one that did.
+        suspects = [j for j in jobs if j.caller != PROBE_CALLER]
+        culprit = suspects[0] if len(suspects) == 1 else None
+        blamed = culprit is not None and (silent is not None or crashed(exitcode))
+        for job in jobs:
             error: SidecarError
-            if blamed:
+            if blamed and job is culprit:
                 name = (job.ref or self.ref).name
                 what = (
                     f"stalled a worker of model {name!r} (pid {pid} answered no ping for "
@@ -315,13 +323,17 @@ class ModelPool:
             else:
                 error = WorkerCrashed(f"{reason} during the request: retry")
             self._finish(job, error)
+        if jobs and not blamed and len(suspects) > 1 and crashed(exitcode):
+            log.warning(
+                "model %s: a worker crashed running %d requests at once; none is blamed",
+                self.ref.name,
+                len(suspects),
+            )
         if slot not in self._slots:
             # A canary worker that never served, or an old one already replaced: the
             # swap or retirement that owned it handles the failure; nothing to restart.
             self._retiring.discard(slot)
             return
-        if slot in self._idle:
-            self._idle.remove(slot)
         self.detail = self.last_error = reason
         delay = self.restart_policy.after_death(time.monotonic(), slot.started_at, blamed)
         log.warning(
@@ -354,7 +366,6 @@ class ModelPool:
                 await fresh.stop()
                 return
             self._slots[self._slots.index(dead)] = fresh
-            self._idle.append(fresh)
             self.restarts += 1
             if self.ready:
                 self.detail = ""
@@ -409,10 +420,8 @@ class ModelPool:
                 await fresh.stop()
                 return
             self._slots[self._slots.index(slot)] = fresh
-            self._idle.append(fresh)
             self.restarts += 1
-            if slot in self._idle:
-                self._idle.remove(slot)
+            if not slot.job_ids:
                 await self._stop_retired(slot)
             self._dispatch()
 
@@ -455,7 +464,6 @@ class ModelPool:
         drained. With no slots, new requests wait (see `pause`)."""
         old = self._slots
         self._slots = list(slots)
-        self._idle = [s for s in slots if s.info.state == "idle"]
         if slots:  # a swap of an unloaded model leaves the proven new one loaded
             self.residency = LOADED
             self.last_used = time.monotonic()

@@ -1,9 +1,10 @@
-"""Slots: where a model pool runs jobs. One slot runs one job at a time.
+"""Slots: where a model pool runs jobs. A slot runs up to `capacity` jobs at a time.
 
-- `ProcessSlot`: a spawned worker process (the normal case). A crash inside
-  llama.cpp kills the worker, not the daemon; the pipe's EOF tells us.
-- `ThreadSlot`: a LlamaRunner in a thread of the daemon, for debugging
-  (`sidecar serve --in-process`) and profiling; no crash isolation.
+- `ProcessSlot`: a spawned worker process (the normal case), `parallel` jobs decoded
+  together in one batch. A crash inside llama.cpp kills the worker, not the daemon;
+  the pipe's EOF tells us.
+- `ThreadSlot`: a LlamaRunner in a thread of the daemon, one job at a time, for
+  debugging (`sidecar serve --in-process`) and profiling; no crash isolation.
 
 Both report back on the event loop through `Events`; the pool does the scheduling.
 """
@@ -40,15 +41,16 @@ class Events(Protocol):
     def token(self, slot: Slot, job_id: int, event: TokenEvent) -> None: ...
     def done(self, slot: Slot, job_id: int, result: Result) -> None: ...
     def failed(self, slot: Slot, job_id: int, error: SidecarError) -> None: ...
-    def died(self, slot: Slot, exitcode: int | None, job_id: int | None) -> None:
-        """The worker is gone (not by `stop`); `job_id` is what it was running, if anything."""
+    def died(self, slot: Slot, exitcode: int | None, job_ids: set[int]) -> None:
+        """The worker is gone (not by `stop`); `job_ids` is what it was running."""
 
 
 class Slot(Protocol):
     spec: RunnerSpec
     info: SlotInfo
     facts: ModelFacts | None
-    job_id: int | None
+    job_ids: set[int]  # running now; "busy" while not empty
+    capacity: int  # jobs it takes at once
 
     started_at: float
 
@@ -86,7 +88,8 @@ class ProcessSlot:
         self.events = events
         self.info = SlotInfo(None, "starting", 0)
         self.facts: ModelFacts | None = None
-        self.job_id: int | None = None
+        self.job_ids: set[int] = set()
+        self.capacity = spec.parallel
         self._proc: Any = None
         self._conn: Any = None
         self._outbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
@@ -138,7 +141,7 @@ class ProcessSlot:
         )
 
     def submit(self, job_id: int, task: Task, stream: bool) -> None:
-        self.job_id = job_id
+        self.job_ids.add(job_id)
         self.info.state = "busy"
         self.info.requests += 1
         self._outbox.put(("run", job_id, task, stream))
@@ -146,7 +149,7 @@ class ProcessSlot:
     def cancel(self, job_id: int) -> None:
         self._outbox.put(("cancel", job_id))
 
-    # Liveness: the worker answers pings between tokens and prompt batches, from the
+    # Liveness: the worker answers pings between decode steps and prompt blocks, from the
     # thread that runs llama.cpp, so one stuck in native code (or SIGSTOPped) goes quiet.
     def ping(self) -> None:
         if self._ping_sent is None and self.info.state in ("idle", "busy"):
@@ -199,10 +202,9 @@ class ProcessSlot:
             self.events.failed(self, job_id, from_kind(msg[2], msg[3]))
 
     def _finish(self, job_id: int) -> None:
-        if self.job_id == job_id:
-            self.job_id = None
-            if self.info.state == "busy":
-                self.info.state = "idle"
+        self.job_ids.discard(job_id)
+        if not self.job_ids and self.info.state == "busy":
+            self.info.state = "idle"
 
     def _died(self) -> None:
         if self.info.state in ("dead", "stopped"):
@@ -212,10 +214,11 @@ class ProcessSlot:
         if self._proc is not None:
             self._proc.join(timeout=0.5)
         code = None if self._proc is None else self._proc.exitcode
-        job_id, self.job_id = self.job_id, None
+        job_ids, self.job_ids = self.job_ids, set()
         if not self._stopping:
-            self.events.died(self, code, job_id)  # the pool decides whom to blame
-        elif job_id is not None:  # stopped by us (drain timeout, shutdown): not the request
+            self.events.died(self, code, job_ids)  # the pool decides whom to blame
+            return
+        for job_id in sorted(job_ids):  # stopped by us (drain timeout, shutdown): not theirs
             self.events.failed(
                 self,
                 job_id,
@@ -248,7 +251,8 @@ class ThreadSlot(Unsupervised):
         self.events = events
         self.info = SlotInfo(None, "starting", 0)
         self.facts: ModelFacts | None = None
-        self.job_id: int | None = None
+        self.job_ids: set[int] = set()
+        self.capacity = 1
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runner")
         self._runner: Any = None
         self._cancel = threading.Event()
@@ -266,7 +270,7 @@ class ThreadSlot(Unsupervised):
     def submit(self, job_id: int, task: Task, stream: bool) -> None:
         assert self._loop is not None
         loop = self._loop
-        self.job_id = job_id
+        self.job_ids = {job_id}
         self.info.state = "busy"
         self.info.requests += 1
         self._cancel.clear()
@@ -294,7 +298,7 @@ class ThreadSlot(Unsupervised):
         self._pool.submit(work)
 
     def _settle(self, job_id: int, result: Result | None, error: SidecarError | None) -> None:
-        self.job_id = None
+        self.job_ids.discard(job_id)
         self.info.state = "idle"
         if error is not None:
             self.events.failed(self, job_id, error)
@@ -303,7 +307,7 @@ class ThreadSlot(Unsupervised):
             self.events.done(self, job_id, result)
 
     def cancel(self, job_id: int) -> None:
-        if self.job_id == job_id:
+        if job_id in self.job_ids:
             self._cancel.set()
 
     async def stop(self) -> None:

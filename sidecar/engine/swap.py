@@ -202,7 +202,8 @@ class Swapper:
 
 
 def footprint(info: GGUFInfo, context: int, workers: int) -> int:
-    """Bytes the new model needs: weights once (shared mmap) + f16 KV cache per worker."""
+    """Bytes the new model needs: weights once (shared mmap) + f16 KV cache per worker;
+    `context`: KV cells per worker (`RunnerSpec.kv_cells`: every sequence slot's window)."""
     arch = info.architecture
     meta = info.metadata
 
@@ -250,7 +251,7 @@ async def switch(
         info = await asyncio.to_thread(check, path)
     except SidecarError as e:
         raise SwapRefused("validating", e.message) from None
-    need = footprint(info, pool.config.context, pool.config.workers)
+    need = footprint(info, pool.spec.kv_cells, pool.config.workers)
     available = psutil.virtual_memory().available
     progress("memory", f"needs ~{need // MiB} MiB, {available // MiB} MiB available")
     if strategy == "side_by_side" and need > available:

@@ -3,8 +3,8 @@
 A classifier is keyed by the content hash of its examples and the version of the model
 that embeds them (a hot swap changes the version, so the new model re-embeds). Its
 vectors and tuned parameters come from the disk cache (`vectors`) when they can,
-otherwise from paced background Embed jobs (`embedding`) and a fit on held-out
-examples (`fit`, `scoring`).
+otherwise from paced background Embed jobs (`embedding`, resuming what a stopped build
+had saved) and a fit on held-out examples (`fit`, `scoring`).
 
 Building is background work and must never crowd out live requests: a caller may have
 `MAX_BUILDS_PER_CALLER` request builds in flight and everyone together `MAX_BUILDS`;
@@ -30,7 +30,7 @@ from sidecar.domain.seam import Engine
 from sidecar.domain.types import ModelRef
 from sidecar.fewshot import fit as fitting
 from sidecar.fewshot.classifier import ExampleClassifier
-from sidecar.fewshot.embedding import Embedder
+from sidecar.fewshot.embedding import Embedder, Partial
 from sidecar.fewshot.examples import ExampleSet, load_csv
 from sidecar.fewshot.scoring import fit_label_scoring
 from sidecar.fewshot.vectors import LABEL_SCORING, VectorCache
@@ -188,8 +188,18 @@ class Builds:
                 if name:
                     self.progress[name] = f"embedded {n} of {total} examples"
 
-            vectors = await self._embedder.all(model, list(examples.texts), caller, key, progress)
+            stored = await asyncio.to_thread(cache.load_partial, key, total)
+            resume = Partial.of(*stored) if stored is not None else None
+
+            async def checkpoint(done: Partial) -> None:
+                if done.vectors is not None:
+                    await asyncio.to_thread(cache.save_partial, key, done.vectors, done.have)
+
+            vectors = await self._embedder.all(
+                model, list(examples.texts), caller, key, progress, resume, checkpoint
+            )
             await asyncio.to_thread(cache.save_vectors, key, vectors)
+            await asyncio.to_thread(cache.drop_partial, key)
         clf = await asyncio.to_thread(ExampleClassifier, examples.labels, vectors, examples.texts)
         if not await asyncio.to_thread(cache.load_params, key, clf):
             if name:

@@ -5,6 +5,12 @@ fitted parameters also on whether label scoring takes part and on how fitting wo
 (`<key>.<PARAMS_VERSION>.npz`). A damaged file is recomputed, never trusted. Past
 `max_bytes` the least recently used files go first; the files of config tasks are never
 evicted. Every method blocks on the disk: call them off the event loop.
+
+A build that is still embedding writes what it has so far (`<key>.partial.npz`: the rows
+and which of them are done), so a daemon stopped or killed mid-build continues where it
+stopped when it next builds the same set with the same model version. Embedding a text
+gives the same vector whatever it was batched with, so the resumed vectors are exactly
+those an uninterrupted build would have made.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from sidecar.fewshot.classifier import F32, ExampleClassifier, Params
 
@@ -56,6 +63,33 @@ class VectorCache:
         tmp.replace(path)
         self._prune(path)
 
+    def load_partial(self, key: str, n: int) -> tuple[F32, npt.NDArray[np.bool_]] | None:
+        """The vectors a stopped build of this set had made, and which rows they are."""
+        path = self._partial_file(key)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                vectors, have = z["vectors"].astype(np.float32), z["have"].astype(bool)
+        except (OSError, ValueError, KeyError, EOFError):
+            return None
+        if vectors.ndim != 2 or vectors.shape[0] != n or have.shape != (n,):
+            return None
+        return vectors, have
+
+    def save_partial(self, key: str, vectors: F32, have: npt.NDArray[np.bool_]) -> None:
+        path = self._partial_file(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        with tmp.open("wb") as f:
+            np.savez(f, vectors=vectors, have=have)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+        self._prune(path)
+
+    def drop_partial(self, key: str) -> None:
+        with contextlib.suppress(OSError):
+            self._partial_file(key).unlink()
+
     def load_params(self, key: str, clf: ExampleClassifier) -> bool:
         """Restore fitted parameters and probe; False (refit) if missing or damaged."""
         path = self._params_file(key)
@@ -86,6 +120,9 @@ class VectorCache:
     def _vectors_file(self, key: str) -> Path:
         return self.folder / f"{key.removesuffix(LABEL_SCORING)}.npy"
 
+    def _partial_file(self, key: str) -> Path:
+        return self.folder / f"{key.removesuffix(LABEL_SCORING)}.partial.npz"
+
     def _params_file(self, key: str) -> Path:
         return self.folder / f"{key}.{PARAMS_VERSION}.npz"
 
@@ -93,7 +130,11 @@ class VectorCache:
         """Remove the least recently used files until the folder fits in max_bytes."""
         keep = {just_written.name}
         for key in set(self._keep):  # a copy: the event loop may add keys meanwhile
-            keep |= {self._vectors_file(key).name, self._params_file(key).name}
+            keep |= {
+                self._vectors_file(key).name,
+                self._params_file(key).name,
+                self._partial_file(key).name,
+            }
         entries = []
         for p in self.folder.iterdir():
             try:

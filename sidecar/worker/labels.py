@@ -5,11 +5,15 @@ log-probabilities of its tokens (ending with the end-of-turn token, so "card" ca
 win by being a prefix of "card_arrival"). Labels are visited in token order so that
 a label sharing a token prefix with the previous one only decodes what differs: the
 cache is truncated back to the shared prefix, never to the start of the prompt.
+
+`score_trie` gives the same sums with every label decoded at once (label_batch.py
+decodes the trie for it); `score_sequences` stays as the reference it is tested against.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -66,3 +70,116 @@ def normalise(logprobs: Sequence[float]) -> list[float]:
     arr = np.asarray(logprobs, dtype=np.float64)
     arr = np.exp(arr - arr.max())
     return [float(x) for x in arr / arr.sum()]
+
+
+# ---------------------------------------------------------------------- in one batch
+#
+# The same scores, with every label decoded at once: the label continuations form a
+# trie over the prompt, each node (a distinct token prefix) is decoded once, at position
+# prompt_len + depth, in the sequence of every label that passes through it. A node's
+# row predicts its children; the scores are summed exactly as `score_sequences` sums them.
+
+
+@dataclass(frozen=True)
+class TrieNode:
+    token: int
+    depth: int  # 0: the first label token, right after the prompt
+    labels: tuple[int, ...]  # positions in the group of the labels through it, ascending
+    children: tuple[int, ...]  # the tokens its row is read at
+
+
+class NoRoom(Exception):
+    """The cache has no cells free for this many label tokens at once."""
+
+
+class TrieDecoder(Protocol):
+    def decode_trie(self, prompt_len: int, nodes: Sequence[TrieNode], n_labels: int) -> list[Row]:
+        """Decode the nodes (a group of n_labels labels) after the prompt; for each node,
+        its log-probabilities at its children's tokens (in that order). Leaves the cache
+        holding exactly the prompt. Raises NoRoom when the cells do not fit."""
+
+
+def label_trie(seqs: Sequence[Sequence[int]]) -> tuple[list[TrieNode], list[list[int]]]:
+    """The trie of `seqs` (each continuation without its last token, which predicts
+    nothing) in depth-first order, and for each seq the node of each of its tokens but
+    the first. Depth-first keeps the nodes of each label's first sequence id together in
+    the batch, the layout llama.cpp's batches are built for."""
+    prefixes: dict[tuple[int, ...], list[int]] = {}
+    for k, seq in enumerate(seqs):
+        for d in range(1, len(seq)):
+            prefixes.setdefault(tuple(seq[:d]), []).append(k)
+    order = sorted(prefixes)  # lexicographic = depth-first, children in token order
+    index = {p: i for i, p in enumerate(order)}
+    children: list[list[int]] = [[] for _ in order]
+    for seq in seqs:
+        for d in range(1, len(seq)):
+            kids = children[index[tuple(seq[:d])]]
+            if seq[d] not in kids:
+                kids.append(seq[d])
+    nodes = [
+        TrieNode(p[-1], len(p) - 1, tuple(prefixes[p]), tuple(children[i]))
+        for i, p in enumerate(order)
+    ]
+    paths = [[index[tuple(seq[:d])] for d in range(1, len(seq))] for seq in seqs]
+    return nodes, paths
+
+
+def label_groups(seqs: Sequence[Sequence[int]], max_labels: int, max_nodes: int) -> list[list[int]]:
+    """Label indices in token order, cut into runs of at most max_labels labels and
+    max_nodes trie nodes: one decode each. Runs keep shared prefixes together."""
+    groups: list[list[int]] = []
+    nodes = 0
+    prev: Sequence[int] = ()
+    for k in sorted(range(len(seqs)), key=lambda i: list(seqs[i])):
+        seq = seqs[k]
+        shared = min(common_prefix(prev, seq), len(prev) - 1) if prev else 0
+        new = max(0, len(seq) - 1 - shared)
+        if not groups or len(groups[-1]) >= max_labels or nodes + new > max_nodes:
+            groups.append([])
+            new = max(0, len(seq) - 1)
+            nodes = 0
+        groups[-1].append(k)
+        nodes += new
+        prev = seq
+    return groups
+
+
+def score_trie(
+    decoder: TrieDecoder,
+    prompt_len: int,
+    first_row: Row,
+    seqs: Sequence[Sequence[int]],
+    max_labels: int,
+    max_nodes: int,
+    between: Callable[[], None] = lambda: None,
+) -> tuple[list[float], int]:
+    """What `score_sequences` returns, decoding each group of labels in one call; also
+    the number of label tokens decoded. `between` runs before every group but the first
+    (to notice cancellation); a group the cache has no room for is halved."""
+    scores = [0.0] * len(seqs)
+    decoded = 0
+    pending = label_groups(seqs, max_labels, max_nodes)
+    first = True
+    while pending:
+        group = pending.pop(0)
+        if not first:
+            between()
+        first = False
+        nodes, paths = label_trie([seqs[k] for k in group])
+        try:
+            picks = decoder.decode_trie(prompt_len, nodes, len(group))
+        except NoRoom:
+            if len(group) == 1:
+                raise
+            half = len(group) // 2
+            pending[:0] = [group[:half], group[half:]]
+            continue
+        decoded += len(nodes)
+        for k, path in zip(group, paths, strict=True):
+            seq = seqs[k]
+            # terms[j] = log P(seq[j] | prompt + seq[:j]), as score_sequences reads them
+            terms = [first_row[seq[0]]]
+            for j, n in enumerate(path, start=1):
+                terms.append(picks[n][nodes[n].children.index(seq[j])])
+            scores[k] = float(sum(terms))
+    return scores, decoded

@@ -4,16 +4,19 @@ It owns its `Llama` objects and frees them deterministically in `close()`. It ru
 in a worker process (the normal case) or in a thread of the daemon (the in-process
 engine, for debugging); never on an event loop.
 
-Every request starts from an empty KV cache: replies then depend only on the
-request and the model file, which is what makes greedy decoding byte-identical
-across requests, workers and restarts.
+Generations run in the batch (`batch.BatchDecoder`, one context with a sequence slot
+per concurrent request); each sequence starts from an empty KV cache (or a shared
+prefix computed exactly as it would be alone): replies then depend only on the request
+and the model file, which is what makes greedy decoding byte-identical across requests,
+neighbours, workers and restarts. Classify and Embed run as whole jobs between steps.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from contextlib import ExitStack
+from dataclasses import replace
 from typing import Any
 
 import llama_cpp
@@ -28,7 +31,9 @@ from sidecar.domain.errors import (
     InternalError,
     InvalidRequest,
     OutOfRange,
+    Overloaded,
     SchemaViolation,
+    SidecarError,
 )
 from sidecar.domain.specs import ModelFacts, RunnerSpec
 from sidecar.domain.types import (
@@ -46,18 +51,19 @@ from sidecar.domain.types import (
     Result,
     Sampling,
     Task,
-    TokenConfidence,
     TokenEvent,
-    TopLogprob,
     Usage,
 )
 from sidecar.schema_limits import MAX_GRAMMAR_BYTES, bounded_schema, converter_refusal
 from sidecar.validate import conforming_json
 from sidecar.worker import prompts
-from sidecar.worker.labels import Row, common_prefix, log_softmax, normalise, score_sequences
-from sidecar.worker.logprobs import LogprobTrail, top_k
+from sidecar.worker.batch import BatchDecoder, Stopped
+from sidecar.worker.cores import resolve_max_threads
+from sidecar.worker.embed import BatchEmbedder
+from sidecar.worker.label_batch import LlamaTrieDecoder
+from sidecar.worker.labels import NoRoom, Row, common_prefix, log_softmax, normalise, score_trie
+from sidecar.worker.sequence import Sequence
 from sidecar.worker.specials import SpecialTokens
-from sidecar.worker.text import TextAssembler
 
 Emit = Callable[[TokenEvent], None]
 
@@ -67,25 +73,30 @@ _LOOSE_CHAR = 'char ::= [^"\\\\]'
 _STRICT_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F]'
 
 ShouldStop = Callable[[], bool]
-
-
-class Stopped(Exception):
-    """The caller cancelled or its deadline passed; the worker is free again."""
+__all__ = ["LlamaRunner", "Stopped"]
 
 
 class LlamaRunner:
     def __init__(self, spec: RunnerSpec) -> None:
+        # `threads` is a ceiling (0 = every usable CPU); each decode step asks the governor.
+        spec = replace(spec, threads=resolve_max_threads(spec.threads))
         self.spec = spec
         self._stack = ExitStack()
         try:
             self.llm = self._open(embedding=False)
+            # The batch's context replaces the one Llama made (which has one sequence):
+            # Classify decodes on it too, on sequence ids above the generation slots.
+            self.batch = BatchDecoder(self.llm._model, spec, self._piece)
+            own, self.llm._ctx = self.llm._ctx, self.batch.ctx
+            own.close()
+            self._stack.callback(self.batch.close)
         except ValueError as e:  # llama-cpp-python's way of saying the file did not load
             self._stack.close()
             raise FailedPrecondition(f"cannot load model {spec.path}: {e}") from None
-        self._embedder: llama_cpp.Llama | None = None
+        # Whole jobs' sequence (Classify's prompt; its label branches may use the ids above).
+        self.classify_seq = self.batch.free_seq
+        self._embedder: BatchEmbedder | None = None
         self._specials: SpecialTokens | None = None
-        self._cached_prefix: list[int] = []  # tokens whose KV the context holds as a block
-        self.prefix_hits = 0
         # Per instruction set: the prompt tokens that come before the user's text.
         self._fixed: dict[tuple[ChatMessage, ...], list[int]] = {}
         self._vocab = self.llm._model.vocab
@@ -109,7 +120,8 @@ class LlamaRunner:
             extra = {"embedding": True, "pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN}
         llm = llama_cpp.Llama(
             model_path=str(s.path),
-            n_ctx=s.context,
+            # Generation: a small context, replaced by the batch's; embedding: its own.
+            n_ctx=s.context if embedding else s.batch,
             n_batch=s.batch,
             n_ubatch=s.batch,
             n_threads=s.threads,
@@ -124,22 +136,51 @@ class LlamaRunner:
     def close(self) -> None:
         self._stack.close()
 
+    @property
+    def prefix_hits(self) -> int:
+        return self.batch.prefix_hits
+
+    def _piece(self, token: int) -> bytes:
+        return bytes(self.llm.detokenize([token]))
+
     # ------------------------------------------------------------------ dispatch
 
     def run(self, task: Task, emit: Emit | None, should_stop: ShouldStop) -> Result:
+        """Run one job to its end (the in-process slot; whole jobs of a worker)."""
+        seq = self.sequence(0, task, emit)
+        if seq is None:
+            return self.run_whole(task, should_stop)
+        self.batch.add(seq)
+        while True:
+            if should_stop():
+                self.batch.cancel(seq.key)
+            for _, outcome in self.batch.step():
+                if outcome is None:
+                    raise Stopped()
+                if isinstance(outcome, SidecarError):
+                    raise outcome
+                return outcome
+
+    def sequence(self, key: int, task: Task, emit: Emit | None) -> Sequence | None:
+        """A generation job as a sequence for the batch; None for a whole job."""
         if isinstance(task, GenerateTask | ChatTask):
             if isinstance(task, GenerateTask):
                 tokens = self._tokenize(task.prompt, add_bos=True)
             else:
                 tokens = self._chat_tokens(task.messages)
             top = task.top_logprobs if task.logprobs else None
-            return self._generate(
-                tokens, task.max_tokens, task.sampling, None, emit, should_stop, top=top
-            )
-        if isinstance(task, ClassifyTask):
-            return self._classify(task, should_stop)
+            return self._generate(key, tokens, task.max_tokens, task.sampling, None, emit, top=top)
         if isinstance(task, ExtractTask):
-            return self._extract(task, should_stop)
+            return self._extract(key, task)
+        return None
+
+    def run_whole(self, task: Task, should_stop: ShouldStop) -> Result:
+        """Classify and Embed: run between batch steps, start to end."""
+        if isinstance(task, ClassifyTask):
+            try:
+                return self._classify(task, should_stop)
+            finally:
+                self.batch.clear(self.classify_seq)
         if isinstance(task, EmbedTask):
             return self._embed(task)
         raise InternalError(f"unknown task {type(task).__name__}")
@@ -227,35 +268,11 @@ class LlamaRunner:
         return sampler
 
     def _eval_prompt(self, tokens: list[int], should_stop: ShouldStop, prefix: int = 0) -> None:
-        """Decode the prompt, one batch per call.
-
-        The first `prefix` tokens (a task's fixed instructions: the labels, the schema)
-        are always decoded as a block of their own, starting from an empty cache. So when
-        the next request has the same prefix its cached KV is exactly what a fresh decode
-        would compute, and reusing it keeps replies byte-identical while skipping most of
-        the prompt. Everything else starts from an empty cache.
-
-        Between batches the worker answers pings and notices cancellation, so a long
-        prompt neither looks like a hang nor outlives its caller.
-        """
-        llm = self.llm
-        if prefix and self._cached_prefix == tokens[:prefix]:
-            self.prefix_hits += 1
-            llm.n_tokens = prefix  # eval() drops the cache beyond this point
-        else:
-            llm.reset()
-            self._cached_prefix = []
-            self._decode_batches(tokens[:prefix], should_stop)
-            self._cached_prefix = tokens[:prefix]
-        self._decode_batches(tokens[prefix:], should_stop)
-
-    def _decode_batches(self, tokens: list[int], should_stop: ShouldStop) -> None:
-        step = self.spec.batch
-        for start in range(0, len(tokens), step):
-            if start and should_stop():
-                self._cached_prefix = []
-                raise Stopped()
-            self.llm.eval(tokens[start : start + step])
+        """Decode a whole job's prompt into its own sequence (`classify_seq`), between batch
+        steps, with the same prefix blocks (and shared prefix cache) as a generation.
+        Between blocks the worker answers pings and notices cancellation."""
+        self.batch.decode_prompt(self.classify_seq, tokens, prefix, should_stop)
+        self.llm.n_tokens = len(tokens)
 
     def _task_prompt(self, messages: tuple[ChatMessage, ...]) -> tuple[list[int], int]:
         """Tokens of a (system, user) prompt and how many of them do not depend on the user text."""
@@ -276,80 +293,23 @@ class LlamaRunner:
 
     def _generate(
         self,
+        key: int,
         prompt: list[int],
         max_tokens: int | None,
         sampling: Sampling,
         grammar: str | None,
         emit: Emit | None,
-        should_stop: ShouldStop,
         prefix: int = 0,
         top: int | None = None,
-    ) -> Generation:
+        finish: Callable[[Generation], Result] | None = None,
+    ) -> Sequence:
         """`top`: None = no per-token log-probabilities; k = them, with k alternatives each."""
         limit = self._check_fits(len(prompt), max_tokens)
-        started = time.perf_counter()
-        first_ms = 0.0
-        text = TextAssembler(sampling.stop)
-        logprobs: list[float] = []
-        trail = LogprobTrail() if top is not None else None
-        finish = "length"
         sampler = self._sampler(sampling, grammar)
-        try:
-            llm = self.llm
-            self._eval_prompt(prompt, should_stop, prefix)
-            pending: list[int] = []
-            for _ in range(limit):
-                if pending:
-                    llm.eval(pending)
-                token = int(sampler.sample(llm._ctx, -1))
-                if not logprobs:
-                    first_ms = (time.perf_counter() - started) * 1000
-                # The raw model distribution: the sampler works on a copy of the logits, so
-                # this is before penalties, temperature and any grammar mask.
-                row = self._last_logprobs()
-                logprobs.append(float(row[token]))
-                if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                    logprobs.pop()  # the end marker is not part of the answer
-                    finish = "stop"
-                    break
-                data = llm.detokenize([token])
-                piece = text.feed(data)
-                if trail is not None:
-                    alternatives = self._alternatives(row, top) if top else ()
-                    trail.add(data, logprobs[-1], alternatives, len(text.text))
-                if piece and emit is not None:
-                    released = trail.released(text.text, text.released) if trail else ()
-                    emit(TokenEvent(piece, released))
-                if text.stopped:
-                    finish = "stop"
-                    break
-                if should_stop():
-                    raise Stopped()
-                pending = [token]
-        finally:
-            sampler.close()
-        tail = text.finish()
-        rest = trail.rest(text.text) if trail is not None else ()
-        if (tail or rest) and emit is not None:
-            emit(TokenEvent(tail, rest))
-        result = Generation(
-            text=text.text,
-            finish_reason="stop" if finish == "stop" else "length",
-            usage=Usage(
-                len(prompt), len(logprobs) + (1 if finish == "stop" and not text.stopped else 0)
-            ),
-            confidence=TokenConfidence.of(logprobs),
-            logprobs=trail.all(text.text) if trail is not None else (),
-        )
-        result.timings.first_token_ms = first_ms
-        return result
-
-    def _alternatives(self, row: Row, k: int) -> tuple[TopLogprob, ...]:
-        out = []
-        for token, logprob in top_k(row, k):
-            data = self.llm.detokenize([token])
-            out.append(TopLogprob(data.decode("utf-8", errors="replace"), data, logprob))
-        return tuple(out)
+        seq = Sequence(key, prompt, prefix, limit, sampler, emit, top, sampling.stop)
+        if finish is not None:
+            seq.finish = finish
+        return seq
 
     # ------------------------------------------------------------------ classify
 
@@ -367,8 +327,28 @@ class LlamaRunner:
         self._eval_prompt(prompt, should_stop, prefix)
         if should_stop():
             raise Stopped()
-        decoder = _LlamaPrefixDecoder(self)
-        logps = score_sequences(decoder, len(prompt), self._last_logprobs(), seqs)
+
+        def between() -> None:
+            if should_stop():
+                raise Stopped()
+
+        # All labels at once (a group per decode when they outnumber the free sequence
+        # ids or the batch): the same scores as `_LlamaPrefixDecoder` one by one.
+        decoder = LlamaTrieDecoder(self.llm._ctx.ctx, self.classify_seq, self.n_vocab)
+        try:
+            logps, decoded = score_trie(
+                decoder,
+                len(prompt),
+                self._last_logprobs(),
+                seqs,
+                decoder.max_labels,
+                decoder.max_nodes,
+                between,
+            )
+        except NoRoom:
+            raise Overloaded(
+                "the worker's KV cache has no room for the labels now: retry"
+            ) from None
         probs = normalise(logps)
         scores = sorted(
             (
@@ -380,60 +360,58 @@ class LlamaRunner:
         return Classification(
             label=scores[0].label,
             scores=tuple(scores),
-            usage=Usage(len(prompt), decoder.decoded),
+            usage=Usage(len(prompt), decoded),
         )
 
     # ------------------------------------------------------------------ extract
 
-    def _extract(self, task: ExtractTask, should_stop: ShouldStop) -> Extraction:
+    def _extract(self, key: int, task: ExtractTask) -> Sequence:
         grammar = _grammar(task.schema)
         prompt, prefix = self._task_prompt(
             prompts.extract_messages(task.text, task.schema, task.instruction)
         )
-        gen = self._generate(
-            prompt, task.max_tokens, Sampling(), grammar, None, should_stop, prefix
+
+        def finish(gen: Generation) -> Result:
+            return _extraction(task, gen)
+
+        return self._generate(
+            key, prompt, task.max_tokens, Sampling(), grammar, None, prefix, finish=finish
         )
-        if gen.finish_reason == "length":
-            raise OutOfRange(
-                f"the JSON was not complete after {gen.usage.completion_tokens} tokens: raise max_tokens"
-            )
-        try:
-            answer = conforming_json(gen.text, task.schema)
-        except SchemaViolation as e:
-            raise SchemaViolation(
-                f"the model's JSON does not satisfy the schema (the grammar cannot enforce every "
-                f"JSON Schema keyword): {e.message}"
-            ) from None
-        result = Extraction(
-            json=answer,
-            usage=gen.usage,
-            confidence=gen.confidence,
-        )
-        result.timings.first_token_ms = gen.timings.first_token_ms
-        return result
 
     # ------------------------------------------------------------------ embed
 
     def _embed(self, task: EmbedTask) -> Embeddings:
+        (result,) = self.embed_many([task])
+        if isinstance(result, OutOfRange):
+            raise result
+        return result
+
+    def embed_many(self, tasks: Seq[EmbedTask]) -> list[Embeddings | OutOfRange]:
+        """Several Embed jobs' texts decoded together; a job's error stays its own."""
         if self._embedder is None:
-            # A second context on the same mmapped weights: embedding mode changes
-            # how llama.cpp lays out outputs, so it cannot share the generation context.
-            self._embedder = self._open(embedding=True)
-        counts = []
-        for i, text in enumerate(task.texts):
-            # Counted as Llama.embed tokenizes (special strings are text there), which is
-            # also linear in the text: parsing specials is quadratic in their number.
-            n = len(self._embedder.tokenize(text.encode("utf-8"), add_bos=True, special=False))
-            if n > self.spec.batch:
-                raise OutOfRange(
-                    f"texts[{i}] is {n} tokens; an embedded text may be at most {self.spec.batch} "
-                    "(the model's `batch` setting)"
-                )
-            counts.append(n)
-        vectors = self._embedder.embed(list(task.texts), normalize=task.normalize, truncate=False)
-        return Embeddings(
-            vectors=[list(map(float, v)) for v in vectors], usage=Usage(sum(counts), 0)
+            # Its own context on the same model: embedding mode changes how llama.cpp
+            # lays out outputs, so it cannot share the generation context.
+            self._embedder = BatchEmbedder(self.llm._model, self.spec, self.batch.governor)
+            self._stack.callback(self._embedder.close)
+        return self._embedder.embed_many(tasks)
+
+
+def _extraction(task: ExtractTask, gen: Generation) -> Extraction:
+    """The finished grammar-constrained generation as an Extract answer."""
+    if gen.finish_reason == "length":
+        raise OutOfRange(
+            f"the JSON was not complete after {gen.usage.completion_tokens} tokens: raise max_tokens"
         )
+    try:
+        answer = conforming_json(gen.text, task.schema)
+    except SchemaViolation as e:
+        raise SchemaViolation(
+            f"the model's JSON does not satisfy the schema (the grammar cannot enforce every "
+            f"JSON Schema keyword): {e.message}"
+        ) from None
+    result = Extraction(json=answer, usage=gen.usage, confidence=gen.confidence)
+    result.timings.first_token_ms = gen.timings.first_token_ms
+    return result
 
 
 def _grammar(schema: str) -> str:
@@ -454,20 +432,26 @@ def _grammar(schema: str) -> str:
 
 
 class _LlamaPrefixDecoder:
-    """PrefixDecoder over the runner's context: decodes label tokens with logits for each."""
+    """PrefixDecoder over the runner's context: decodes label tokens with logits for each.
+
+    The sequential scorer (`labels.score_sequences`): Classify decodes its labels in one
+    batch instead, and tests/e2e/test_classify_batch.py holds it to this one's scores."""
 
     def __init__(self, runner: LlamaRunner) -> None:
         self._r = runner
         self.decoded = 0
 
+    # The context is shared with the batch's sequences: only touch `classify_seq`.
     def truncate(self, n_tokens: int) -> None:
         llm = self._r.llm
         llm.n_tokens = n_tokens
-        llm._ctx.kv_cache_seq_rm(-1, n_tokens, -1)
+        self._r.batch.clear(self._r.classify_seq, n_tokens)
 
-    def decode(self, tokens: Sequence[int]) -> list[Row]:
+    def decode(self, tokens: Seq[int]) -> list[Row]:
         llm = self._r.llm
         llm._batch.set_batch(batch=list(tokens), n_past=llm.n_tokens, logits_all=True)
+        for i in range(len(tokens)):
+            llm._batch.batch.seq_id[i][0] = self._r.classify_seq
         llm._ctx.decode(llm._batch)
         llm.n_tokens += len(tokens)
         self.decoded += len(tokens)

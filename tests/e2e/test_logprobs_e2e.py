@@ -32,9 +32,16 @@ def daemon(smollm2: Path) -> Iterator[Daemon]:
 
 def reference(model: Path, n: int) -> list[tuple[bytes, np.ndarray]]:
     """Greedy decoding with the raw llama.cpp API: (token bytes, log-softmax row) per step."""
-    # The daemon's defaults: context 2048, batch 512, one thread.
+    # The daemon's defaults: context 2048, batch 512, one thread, flash attention (the
+    # batch decodes with it: see sidecar/worker/batch.py).
     llm = llama_cpp.Llama(
-        model_path=str(model), n_ctx=2048, n_batch=512, n_ubatch=512, n_threads=1, verbose=False
+        model_path=str(model),
+        n_ctx=2048,
+        n_batch=512,
+        n_ubatch=512,
+        n_threads=1,
+        flash_attn=True,
+        verbose=False,
     )
     try:
         llm.eval(llm.tokenize(PROMPT.encode(), add_bos=True, special=False))

@@ -128,3 +128,93 @@ async def test_an_abandoned_build_resumes_where_it_stopped(serve, tiny_model: Pa
         assert jobs <= -(-(len(examples) - had) // MAX_TEXTS) + 2  # the rest, + the text
     finally:
         FakeSlot.token_delay_s = 0.0
+
+
+def write_task(folder: Path, n: int) -> object:
+    import csv
+
+    from sidecar.config import TaskConfig
+
+    path = folder / "big.csv"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows(example_set("restart", n))
+    return TaskConfig("big", path, "text", "label", "", "", -1.0, False, cascade=False)
+
+
+async def test_a_daemon_stopped_mid_build_resumes_it_with_the_same_vectors(
+    short_dir: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import replace
+
+    import numpy as np
+    from conftest import make_config, start_app
+
+    from sidecar.fewshot import embedding, pacing
+
+    monkeypatch.setattr(embedding, "CHECKPOINT_S", 0.0)  # save after every job
+    monkeypatch.setattr(pacing, "MAX_TEXTS", 4)  # many small jobs: time to stop part way
+    n = 400
+    task = write_task(short_dir, n)
+    embedded: list[int] = []
+    job = embedding.Embedder._job
+
+    async def counting(self: embedding.Embedder, model: str, batch: tuple[str, ...], caller: str):  # type: ignore[no-untyped-def]
+        embedded.append(len(batch))
+        return await job(self, model, batch, caller)
+
+    monkeypatch.setattr(embedding.Embedder, "_job", counting)
+
+    def config(store: str):  # type: ignore[no-untyped-def]
+        c = make_config(short_dir, tiny_model, store=short_dir / store, workers=1, context=2048)
+        return replace(c, tasks=(task,))
+
+    async def built(app) -> np.ndarray:  # type: ignore[no-untyped-def]
+        for _ in range(1200):
+            if app.fewshot.builds.progress.get("big") == "ready":
+                (vectors,) = Path(app.config.store.path, "router/examples").glob("*.npy")
+                return np.load(vectors)
+            await asyncio.sleep(0.05)
+        raise AssertionError("the task was never ready")
+
+    # First start: stop the daemon once part of the set is saved.
+    app = await start_app(config("store"), slot_kind="process")
+    examples = Path(app.config.store.path, "router/examples")
+    try:
+        for _ in range(1200):
+            saved = list(examples.glob("*.partial.npz"))
+            if saved:
+                with np.load(saved[0]) as z:
+                    if z["have"].sum() >= 40:
+                        break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("no partial build was saved")
+    finally:
+        await app.stop(grace=0)
+    (saved,) = examples.glob("*.partial.npz")
+    with np.load(saved) as z:
+        had = int(z["have"].sum())
+    assert 0 < had < n, had
+    assert not list(examples.glob("*.npy"))  # not finished
+
+    # Second start, same store: only the rest is embedded.
+    embedded.clear()
+    app = await start_app(config("store"), slot_kind="process")
+    try:
+        resumed = await built(app)
+    finally:
+        await app.stop(grace=0)
+    assert sum(embedded) == n - had
+    assert not list(examples.glob("*.partial.npz"))  # finished: the partial file is gone
+
+    # A build from scratch makes exactly the same vectors.
+    embedded.clear()
+    app = await start_app(config("fresh"), slot_kind="process")
+    try:
+        fresh = await built(app)
+    finally:
+        await app.stop(grace=0)
+    assert sum(embedded) == n
+    assert np.array_equal(resumed, fresh)

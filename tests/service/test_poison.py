@@ -22,6 +22,9 @@ pytestmark = pytest.mark.asyncio
 
 FAST = {"ping_interval_seconds": 0.1, "hang_seconds": 1.5, "probe_interval_seconds": 0.5}
 POISON = "the request that crashes llama.cpp " * 4
+# One sequence slot per worker, so the crashing request runs alone: with several requests
+# in one batch a crash blames none of them (they all fail with UNAVAILABLE, retry).
+ALONE = {"parallel": 1}
 
 
 async def pid_of(s) -> int:  # type: ignore[no-untyped-def]
@@ -64,7 +67,7 @@ async def send_and_kill(
 async def test_a_request_that_crashes_its_worker_is_refused_after_one_restart(
     serve, tiny_model: Path
 ) -> None:
-    s = await serve(tiny_model, slot_kind="process", workers=1, context=2048)
+    s = await serve(tiny_model, slot_kind="process", workers=1, context=2048, model_keys=ALONE)
     attacker = AsyncClient(s.socket, caller="attacker")
     victim = AsyncClient(s.socket, caller="victim")
     down_since: float | None = None
@@ -114,7 +117,9 @@ async def test_a_request_that_crashes_its_worker_is_refused_after_one_restart(
 async def test_a_request_that_hangs_its_worker_is_killed_blamed_and_refused(
     serve, tiny_model: Path
 ) -> None:
-    s = await serve(tiny_model, slot_kind="process", workers=1, context=2048, server=FAST)
+    s = await serve(
+        tiny_model, slot_kind="process", workers=1, context=2048, model_keys=ALONE, server=FAST
+    )
     code, details, reached = await send_and_kill(s, s.client, POISON, signal.SIGSTOP)
     assert reached and code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
     assert "stalled a worker" in details and "hang_seconds" in details
@@ -131,7 +136,7 @@ async def test_a_worker_killed_from_outside_is_not_blamed_on_its_request(
     serve, tiny_model: Path
 ) -> None:
     """SIGKILL comes from the OOM killer or an operator: the request may run again."""
-    s = await serve(tiny_model, slot_kind="process", workers=1, context=2048)
+    s = await serve(tiny_model, slot_kind="process", workers=1, context=2048, model_keys=ALONE)
     code, details, reached = await send_and_kill(s, s.client, POISON, signal.SIGKILL)
     assert reached and code == grpc.StatusCode.UNAVAILABLE and "retry" in details
     await wait_ready(s)
@@ -142,7 +147,7 @@ async def test_a_worker_killed_from_outside_is_not_blamed_on_its_request(
 async def test_distinct_requests_that_keep_killing_workers_get_their_caller_refused(
     serve, tiny_model: Path
 ) -> None:
-    s = await serve(tiny_model, slot_kind="process", workers=1, context=2048)
+    s = await serve(tiny_model, slot_kind="process", workers=1, context=2048, model_keys=ALONE)
     for i in range(3):
         await wait_ready(s)
         code, details, reached = await send_and_kill(s, s.client, f"{POISON} {i}", signal.SIGSEGV)
@@ -157,7 +162,7 @@ async def test_distinct_requests_that_keep_killing_workers_get_their_caller_refu
 async def test_a_build_whose_embed_job_crashed_the_worker_is_not_retried(
     serve, tiny_model: Path
 ) -> None:
-    s = await serve(tiny_model, slot_kind="process", workers=1, context=2048)
+    s = await serve(tiny_model, slot_kind="process", workers=1, context=2048, model_keys=ALONE)
     (pool,) = s.running.local.pools.values()
     examples = [(f"example text number {i} " * 3, f"label{i % 4}") for i in range(2000)]
     call = asyncio.ensure_future(s.client.classify("what is it", examples=examples, timeout=60))
@@ -186,7 +191,9 @@ async def test_under_auto_a_request_that_crashed_its_worker_is_not_escalated(
     with fake_cloud() as (url, script):
         script.default = ok("the cloud took over")
         cloud = {"base_url": url, "model": "m", "retries": 0, "timeout_seconds": 2.0}
-        s = await serve(tiny_model, slot_kind="process", workers=1, context=2048, cloud=cloud)
+        s = await serve(
+            tiny_model, slot_kind="process", workers=1, context=2048, model_keys=ALONE, cloud=cloud
+        )
         (pool,) = s.running.local.pools.values()
         call = asyncio.ensure_future(s.client.generate(POISON, max_tokens=1500))
         for _ in range(500):  # wait until the worker runs it
@@ -208,7 +215,7 @@ async def test_under_auto_a_request_that_crashed_its_worker_is_not_escalated(
 async def test_copies_queued_before_the_first_one_killed_a_worker_never_run(
     serve, tiny_model: Path
 ) -> None:
-    s = await serve(tiny_model, slot_kind="process", workers=1, context=2048)
+    s = await serve(tiny_model, slot_kind="process", workers=1, context=2048, model_keys=ALONE)
     pid = await pid_of(s)
     first = s.client.generate_stream(POISON, max_tokens=1500, timeout=30)
     await first.read()  # running on the only worker
@@ -238,7 +245,9 @@ async def test_many_different_killer_requests_slow_the_restarts_down(
 ) -> None:
     from sidecar.engine.restarts import BACKOFF_START_S, BLAMED_FREE
 
-    s = await serve(tiny_model, slot_kind="process", workers=1, context=2048, server=FAST)
+    s = await serve(
+        tiny_model, slot_kind="process", workers=1, context=2048, model_keys=ALONE, server=FAST
+    )
     backoffs = []
     for i in range(BLAMED_FREE + 1):  # stalls: not strikes, so no caller is banned
         await wait_ready(s)

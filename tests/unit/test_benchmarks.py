@@ -31,9 +31,11 @@ from benchmarks.stats import dist, median_ci, percentile  # noqa: E402
 ENTRY_POINTS = {
     "bench": "serving",
     "bench-delta": "delta",
+    "bench-cores": "cores",
     "bench-privacy": "privacy",
     "bench-routing": "routing",
     "bench-swap": "swap",
+    "bench-transport": "transport",
     "soak": "soak",
 }
 

@@ -14,6 +14,10 @@ WORKER_ONLY = {
     "sidecar.worker.runner": "LlamaRunner: the one llama_cpp.Llama a worker owns",
     "sidecar.worker.process": "worker_main, the entry point of a spawned worker",
     "sidecar.worker.native_log": "routes llama.cpp's log inside a worker (llama_log_set)",
+    "sidecar.worker.batch": "BatchDecoder: the runner's llama.cpp context and decode steps",
+    "sidecar.worker.sequence": "one generation in the batch (llama.cpp sampler, vocab)",
+    "sidecar.worker.embed": "BatchEmbedder: the embedding context of a worker",
+    "sidecar.worker.label_batch": "LlamaTrieDecoder: Classify's labels decoded on the worker's context",
 }
 # Importing these runs a program instead of defining one.
 ENTRY_POINTS = {"sidecar.cli.__main__"}
