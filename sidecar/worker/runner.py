@@ -17,7 +17,6 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from contextlib import ExitStack
 from dataclasses import replace
-from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -83,7 +82,7 @@ class LlamaRunner:
         self.spec = spec
         self._stack = ExitStack()
         try:
-            self.llm = self._open(embedding=False)
+            self.llm = self._open()
             # The batch's context replaces the one Llama made (which has one sequence):
             # Classify decodes on it too, on sequence ids above the generation slots.
             self.batch = BatchDecoder(self.llm._model, spec, self._piece)
@@ -113,22 +112,18 @@ class LlamaRunner:
             chat_template=self._formatter is not None,
         )
 
-    def _open(self, *, embedding: bool) -> llama_cpp.Llama:
+    def _open(self) -> llama_cpp.Llama:
         s = self.spec
-        extra: dict[str, Any] = {}
-        if embedding:
-            extra = {"embedding": True, "pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN}
         llm = llama_cpp.Llama(
             model_path=str(s.path),
-            # Generation: a small context, replaced by the batch's; embedding: its own.
-            n_ctx=s.context if embedding else s.batch,
+            # A small context: the batch's replaces it (Embed has a context of its own).
+            n_ctx=s.batch,
             n_batch=s.batch,
             n_ubatch=s.batch,
             n_threads=s.threads,
             n_threads_batch=s.threads,
             seed=0,
             verbose=False,
-            **extra,
         )
         self._stack.callback(llm.close)
         return llm
@@ -333,7 +328,7 @@ class LlamaRunner:
                 raise Stopped()
 
         # All labels at once (a group per decode when they outnumber the free sequence
-        # ids or the batch): the same scores as `_LlamaPrefixDecoder` one by one.
+        # ids or the batch): the same scores as the sequential scorer (`labels.score_sequences`).
         decoder = LlamaTrieDecoder(self.llm._ctx.ctx, self.classify_seq, self.n_vocab)
         try:
             logps, decoded = score_trie(
@@ -429,32 +424,3 @@ def _grammar(schema: str) -> str:
             f"{MAX_GRAMMAR_BYTES}: use smaller repetition counts or fewer properties"
         )
     return grammar
-
-
-class _LlamaPrefixDecoder:
-    """PrefixDecoder over the runner's context: decodes label tokens with logits for each.
-
-    The sequential scorer (`labels.score_sequences`): Classify decodes its labels in one
-    batch instead, and tests/e2e/test_classify_batch.py holds it to this one's scores."""
-
-    def __init__(self, runner: LlamaRunner) -> None:
-        self._r = runner
-        self.decoded = 0
-
-    # The context is shared with the batch's sequences: only touch `classify_seq`.
-    def truncate(self, n_tokens: int) -> None:
-        llm = self._r.llm
-        llm.n_tokens = n_tokens
-        self._r.batch.clear(self._r.classify_seq, n_tokens)
-
-    def decode(self, tokens: Seq[int]) -> list[Row]:
-        llm = self._r.llm
-        llm._batch.set_batch(batch=list(tokens), n_past=llm.n_tokens, logits_all=True)
-        for i in range(len(tokens)):
-            llm._batch.batch.seq_id[i][0] = self._r.classify_seq
-        llm._ctx.decode(llm._batch)
-        llm.n_tokens += len(tokens)
-        self.decoded += len(tokens)
-        logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(tokens), self._r.n_vocab))
-        rows = log_softmax(logits)
-        return [rows[i] for i in range(len(tokens))]

@@ -13,17 +13,18 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 import pytest
 
 from sidecar.domain.specs import RunnerSpec
 from sidecar.domain.types import Classification, ClassifyTask
 from sidecar.worker import prompts
-from sidecar.worker.labels import normalise, score_sequences
-from sidecar.worker.runner import LlamaRunner, _LlamaPrefixDecoder
+from sidecar.worker.labels import Row, log_softmax, normalise, score_sequences
+from sidecar.worker.runner import LlamaRunner
 
 pytestmark = pytest.mark.e2e
 
@@ -63,6 +64,33 @@ def runner(request: pytest.FixtureRequest) -> Iterator[LlamaRunner]:
     r = LlamaRunner(RunnerSpec(path=path, context=2048, threads=1, batch=512))
     yield r
     r.close()
+
+
+class _LlamaPrefixDecoder:
+    """PrefixDecoder over the runner's context for the sequential scorer that Classify used
+    before (`labels.score_sequences`): decodes label tokens with logits for each."""
+
+    def __init__(self, runner: LlamaRunner) -> None:
+        self._r = runner
+        self.decoded = 0
+
+    # The context is shared with the batch's sequences: only touch `classify_seq`.
+    def truncate(self, n_tokens: int) -> None:
+        llm = self._r.llm
+        llm.n_tokens = n_tokens
+        self._r.batch.clear(self._r.classify_seq, n_tokens)
+
+    def decode(self, tokens: Sequence[int]) -> list[Row]:
+        llm = self._r.llm
+        llm._batch.set_batch(batch=list(tokens), n_past=llm.n_tokens, logits_all=True)
+        for i in range(len(tokens)):
+            llm._batch.batch.seq_id[i][0] = self._r.classify_seq
+        llm._ctx.decode(llm._batch)
+        llm.n_tokens += len(tokens)
+        self.decoded += len(tokens)
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(tokens), self._r.n_vocab))
+        rows = log_softmax(logits)
+        return [rows[i] for i in range(len(tokens))]
 
 
 def sequential(r: LlamaRunner, task: ClassifyTask) -> tuple[dict[str, float], int]:
