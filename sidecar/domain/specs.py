@@ -18,9 +18,9 @@ class RunnerSpec:
     batch: int
     default_max_tokens: int = 256
     parallel: int = 1  # sequences one worker decodes together (its job capacity)
-    # How the daemon logs (format, level); a slot stamps the current one as it starts a
-    # worker, so that its workers log alike.
-    log: tuple[str, str] = field(default=("text", "info"), compare=False)
+    # How the daemon logs (level, format), in `logs.current()`'s order; a slot stamps the
+    # current one as it starts a worker, so that its workers log alike.
+    log: tuple[str, str] = field(default=("info", "text"), compare=False)
 
     @property
     def kv_cells(self) -> int:
