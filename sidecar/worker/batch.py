@@ -17,10 +17,18 @@ of one row runs on one thread (`_set_threads`). scripts/setup also builds llama.
 its llamafile kernels, which multiplied two rows or more differently from one (the demo
 model's Q8_0 output layer), so a logit differed in its last bits between a sequence decoded
 alone and beside others. With all that, the mixed-request test (tests/e2e/test_batching.py)
-passed 1 of 3 runs here under load from other work (each failure one near-tie); the
-suspect left is the unified cache's cell order (flash attention sums a sequence's cells in
-cell order, and a long-running batch reuses freed cells out of position order), not yet
-verified. Until it is, `parallel` defaults to 1, which keeps replies identical.
+passed 1 of 3 runs here under load from other work. What is left is the unified cache's
+cell order, measured directly (a sequence decoded alone, then again after a filler
+sequence was removed from the cells below it): when a sequence's later tokens land in cells
+before its earlier ones, its logits change (by up to 0.75 here, and the greedy reply with
+them); when they land after, they stay bit-identical, filler or not. llama.cpp puts new
+tokens at the cache's head, and removing a sequence moves the head back to its first freed
+cell, so in a batch a finished or cancelled neighbour, a Classify job or an evicted prefix
+lets a running sequence's next tokens land below its earlier ones. The fix needs cells
+freed only where no running sequence can land below its own (e.g. finished sequences kept
+as garbage until the batch drains, prefixes re-decoded at the bottom after a drain); until
+then `parallel` defaults to 1, which keeps replies identical (there, only a prefix evicted
+from the cache can still reorder one: after more than PREFIXES distinct task prompts).
 
 Shared prefixes: a task's fixed instructions are decoded once into a prefix sequence
 (ids parallel..parallel+PREFIXES-1) and copied to each request that starts with them,
