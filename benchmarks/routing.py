@@ -4,6 +4,7 @@
     scripts/bench-routing --quick          # 400 test rows
     scripts/bench-routing --label-scoring  # also score the 5 shortlisted labels with the model
     scripts/bench-routing --no-cascade     # run the model for every request
+    scripts/bench-routing --draws 0        # skip the out-of-scope part (default: 3 draws)
     scripts/bench-routing --out PATH       # JSON elsewhere (default bench-results/bench-routing.json)
 
 The daemon runs as a subprocess on SmolLM2-135M (2 workers x 1 thread) with one config task,
@@ -17,6 +18,13 @@ threshold keeps 50/70/80/90% of them (and the threshold that does it); expected
 calibration error (15 equal-width bins); requests/s and p50/p99 latency at 1 and 8
 concurrent clients; and the coverage and accuracy the configured default threshold
 (cloud.classify_threshold) gives.
+
+Out of scope (`routing_scope`): per draw, 10 intents are left out of the examples and the
+test rows of 5 of them are classified as out-of-scope queries, by a task without and a
+task with out-of-scope examples (training rows of the other 5, as `none_label` rows).
+Reported at the default threshold: out-of-scope rows kept local, in-scope rows kept local
+and their accuracy, ECE on in-scope rows, and the AUROC of the novelty signal. The draws'
+examples are subsets of train.csv, so their vectors come from the cache (no re-embedding).
 
 The first run embeds the 10k training examples (~6 min on 2 cores); the vectors are cached
 in ~/.cache/sidecar/bench-routing-store, so later runs start in seconds.
@@ -37,6 +45,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
+from benchmarks import routing_scope as scope
 from benchmarks.common import BANKING77, CACHE, RESULTS, SMOL, Log, machine
 from benchmarks.daemon import Daemon
 from benchmarks.procs import Children, run
@@ -75,7 +84,7 @@ cascade = {"true" if cascade else "false"}
 """
 
 
-def wait_task(daemon: Daemon, timeout: float = 3600) -> float:
+def wait_task(daemon: Daemon, task: str = TASK, timeout: float = 3600) -> float:
     """Wait until the task's examples are embedded and tuned; seconds it took."""
     started = time.monotonic()
     last = ""
@@ -85,11 +94,11 @@ def wait_task(daemon: Daemon, timeout: float = 3600) -> float:
         if daemon.socket.exists():
             try:
                 with Client(daemon.socket, timeout=5) as c:
-                    state = c.status().cloud.tasks.get(TASK, "")
+                    state = c.status().cloud.tasks.get(task, "")
             except grpc.RpcError:
                 state = last
             if state != last:
-                log(f"task {TASK}: {state}")
+                log(f"task {task}: {state}")
                 last = state
             if state == "ready":
                 return time.monotonic() - started
@@ -100,7 +109,7 @@ def wait_task(daemon: Daemon, timeout: float = 3600) -> float:
 
 
 def classify_all(
-    sock: Path, rows: list[tuple[str, str]], clients: int
+    sock: Path, rows: list[tuple[str, str]], clients: int, task: str = TASK
 ) -> tuple[list[dict[str, Any]], float]:
     """Classify every row from `clients` threads; (one record per row, wall seconds)."""
     out: list[dict[str, Any] | None] = [None] * len(rows)
@@ -116,10 +125,12 @@ def classify_all(
                     return
                 text, gold = rows[i]
                 t0 = time.perf_counter()
-                r = c.classify(text, task=TASK, routing="LOCAL_ONLY", timeout=120)
+                r = c.classify(text, task=task, routing="LOCAL_ONLY", timeout=120)
                 ms = (time.perf_counter() - t0) * 1000
                 out[i] = {"gold": gold, "label": r.label, "p": r.confidence.top_probability,
-                          "ms": ms, "model": r.usage.prompt_tokens > 0}  # fmt: skip
+                          "ms": ms, "model": r.usage.prompt_tokens > 0,
+                          "novelty": r.novelty if r.HasField("novelty") else None,
+                          "oos": r.out_of_scope}  # fmt: skip
 
     started = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(clients)]
@@ -163,6 +174,8 @@ def summarise(
         "curve": curve(p, ok),
         "ece": expected_calibration_error(p, ok),
         "answered_without_model": float(np.mean([not r["model"] for r in res8])),
+        # All 77 intents are in scope here: the share the novelty cut loses.
+        "flagged_out_of_scope": float(np.mean([r["oos"] for r in res8])),
         "thresholds": [
             {
                 "threshold": t,
@@ -198,6 +211,7 @@ def table(r: dict[str, Any]) -> str:
               f"{c['accuracy']:.3f}", target)  # fmt: skip
     t.row("expected calibration error", f"{r['ece']:.3f}", "<= 0.05")
     t.row("answered from the words alone (cascade)", f"{r['answered_without_model']:.3f}", "")
+    t.row("in-scope rows flagged out_of_scope", f"{r['flagged_out_of_scope']:.3f}", "")
     for th in r["thresholds"]:
         t.row(f"threshold {th['threshold']}: coverage / accuracy",
               f"{th['coverage']:.3f} / {th['accuracy']:.3f}", "")  # fmt: skip
@@ -210,6 +224,27 @@ def table(r: dict[str, Any]) -> str:
     return t.render()
 
 
+def run_draws(
+    d: Daemon,
+    draws: list[scope.Draw],
+    test: list[tuple[str, str]],
+    in_scope: int,
+    threshold: float,
+) -> list[dict[str, Any]]:
+    """Each draw's two tasks (without, with none examples) over the same queries."""
+    out = []
+    for draw in draws:
+        rows = scope.queries(test, draw, in_scope)
+        one: dict[str, Any] = {"scored": draw.scored, "none": draw.none}
+        for with_none in (False, True):
+            name = draw.task(with_none)
+            log(f"draw {draw.index}: {name}, {len(rows)} rows")
+            res, _ = classify_all(d.socket, rows, 8, name)
+            one["with_none" if with_none else "without_none"] = scope.summarise(res, threshold)
+        out.append(one)
+    return out
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="scripts/bench-routing",
@@ -219,6 +254,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="400 of the test rows")
     ap.add_argument("--label-scoring", action="store_true")
     ap.add_argument("--no-cascade", action="store_true", help="run the model for every request")
+    ap.add_argument(
+        "--draws", type=int, default=3, help="out-of-scope draws (intents left out); 0 = skip"
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "bench-routing.json")
     ap.add_argument("--data", type=Path, default=BANKING77, help="Banking77 train.csv, test.csv")
     ap.add_argument("--model", type=Path, default=SMOL)
@@ -234,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     # Absolute: the daemon resolves relative paths in its config against the config's folder.
     data, model = args.data.resolve(), args.model.resolve()
     config = config_text(data, model, args.label_scoring, not args.no_cascade)
+    train = load_rows(data, "train.csv")
+    draws = scope.draws(sorted({y for _, y in train}), args.draws)
+    for draw in draws:  # after banking77: their vectors are its vectors
+        config += scope.write_tasks(tmp, train, draw, not args.no_cascade)[0]
     # The threshold the daemon uses is whatever this config gives it: read it the same way.
     (tmp / "effective.toml").write_text(config)
     default_t = load(Overrides(config=tmp / "effective.toml"), env={}).cloud.classify_threshold
@@ -241,11 +283,16 @@ def main(argv: list[str] | None = None) -> int:
         d = Daemon(children, tmp, config=config, store=STORE)
         try:
             prep_s = wait_task(d)
+            for draw in draws:  # fitted before anything is timed: no background work then
+                for with_none in (False, True):
+                    wait_task(d, draw.task(with_none))
             log(f"task ready after {prep_s:.0f}s; classifying {len(test)} test rows, 8 clients")
             res8, wall8 = classify_all(d.socket, test, 8)
             n1 = min(len(test), 300)
             log(f"1 client, {n1} rows")
             res1, wall1 = classify_all(d.socket, test[:n1], 1)
+            in_scope = 400 if args.quick else 10**6
+            oos = run_draws(d, draws, load_rows(data, "test.csv"), in_scope, default_t)
         finally:
             d.stop()
     report = {
@@ -255,7 +302,17 @@ def main(argv: list[str] | None = None) -> int:
         "task_prepare_s": round(prep_s, 1),
         **summarise(res8, wall8, res1, wall1, default_t),
     }
+    if draws:
+        report["out_of_scope"] = {
+            "threshold": default_t,
+            "draws": oos,
+            "without_none": scope.average([o["without_none"] for o in oos]),
+            "with_none": scope.average([o["with_none"] for o in oos]),
+            "targets": scope.TARGETS,
+        }
     print(table(report))
+    if draws:
+        print(scope.table(report["out_of_scope"]))
     write_json(args.out, report)
     log(f"wrote {args.out}")
     shutil.rmtree(tmp, ignore_errors=True)

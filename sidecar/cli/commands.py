@@ -333,23 +333,34 @@ ROUTINGS = ("AUTO", "LOCAL_ONLY", "CLOUD_ONLY")
 @click.option(
     "--routing", type=click.Choice(ROUTINGS), default=None, help="Default: cloud.routing."
 )
+@click.option(
+    "--allow-none",
+    is_flag=True,
+    help="Accept 'none of these': a text like none of the labels gets no label.",
+)
 @click.option("--instruction", default="")
 @click.option("--model", default="")
 @client_options
 @click.pass_context
 def classify(ctx: click.Context, text: str, labels: tuple[str, ...], task: str, routing: str | None,
-             instruction: str, model: str, socket: Path | None, tcp: str | None, token: str | None,
-             timeout: float, as_json: bool) -> None:  # fmt: skip
-    """Pick exactly one of the given labels (or of a task's labels) for TEXT."""
+             allow_none: bool, instruction: str, model: str, socket: Path | None, tcp: str | None,
+             token: str | None, timeout: float, as_json: bool) -> None:  # fmt: skip
+    """Pick exactly one of the given labels (or of a task's labels) for TEXT; with
+    --allow-none, possibly none (an empty line, and "out of scope")."""
     with connect(ctx, socket, tcp, token, timeout) as c:
         reply = call(lambda: c.classify(text, labels, instruction=instruction, model=model,
-                                        task=task, routing=routing or ""))  # fmt: skip
+                                        task=task, routing=routing or "",
+                                        allow_none=allow_none))  # fmt: skip
     if as_json:
         click.echo(dump(reply))
         return
     click.echo(reply.label)
     for s in reply.scores[:10]:
         click.echo(f"  {s.probability:6.3f}  {s.label}", err=True)
+    if reply.out_of_scope or reply.HasField("novelty"):
+        novelty = f"novelty {reply.novelty:.3f}" if reply.HasField("novelty") else "novelty unset"
+        scope = "out of scope" if reply.out_of_scope else "in scope"
+        click.echo(f"  {scope} ({novelty})", err=True)
     if reply.route.served_by == "cloud" or reply.route.reason:
         click.echo(f"  answered by {reply.route.served_by}: {reply.route.reason}", err=True)
 

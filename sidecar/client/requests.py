@@ -69,12 +69,12 @@ def chat_request(messages: Iterable[Message], *, model: str = "", max_tokens: in
 def classify_request(
     text: str, labels: Sequence[str] = (), *, instruction: str = "", model: str = "",
     examples: Iterable[tuple[str, str]] = (), task: str = "", routing: Routing = "",
-    sensitive: bool = False,
+    sensitive: bool = False, allow_none: bool = False,
 ) -> pb.ClassifyRequest:  # fmt: skip
     return pb.ClassifyRequest(
         model=model, text=text, labels=list(labels), instruction=instruction,
         examples=[pb.Example(text=t, label=y) for t, y in examples], task=task,
-        routing=_routing(routing), sensitive=sensitive,
+        routing=_routing(routing), sensitive=sensitive, allow_none=allow_none,
     )  # fmt: skip
 
 

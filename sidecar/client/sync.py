@@ -179,14 +179,16 @@ class Client(Connection):
 
     def classify(self, text: str, labels: Sequence[str] = (), *, instruction: str = "",
                  model: str = "", examples: Iterable[tuple[str, str]] = (), task: str = "",
-                 routing: Routing = "", sensitive: bool = False,
+                 routing: Routing = "", sensitive: bool = False, allow_none: bool = False,
                  timeout: float | None = None) -> pb.ClassifyReply:  # fmt: skip
         """Exactly one of `labels` for `text`: by label scoring, or by labelled `examples`
         ((text, label) pairs), or by a configured `task`; with those, `labels` narrows the
-        answer. `reply.label`, `reply.scores` (best first), `reply.confidence`."""
+        answer. `reply.label`, `reply.scores` (best first), `reply.confidence`;
+        `reply.novelty` (set when measured) and `reply.out_of_scope`. With `allow_none`, a
+        text like none of the labels gets `reply.label == ""`."""
         request = rq.classify_request(text, labels, instruction=instruction, model=model,
                                       examples=examples, task=task, routing=routing,
-                                      sensitive=sensitive)  # fmt: skip
+                                      sensitive=sensitive, allow_none=allow_none)  # fmt: skip
         return self._unary(self.inference.Classify, request, timeout)
 
     def extract(self, text: str, schema: str | Mapping[str, Any], *, instruction: str = "",

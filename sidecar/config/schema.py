@@ -330,6 +330,14 @@ class CloudConfig:
         check=checks.probability,
         live=True,
     )
+    classify_none_novelty: float = setting(
+        0.8,
+        "A Classify by labels alone (no examples, no task) whose novelty (0-1, from the label "
+        "mass) is at least this is out of scope: no label with allow_none, and AUTO "
+        "escalates it; 0 = off. 0.8 called 8% of in-scope Banking77 questions out of scope.",
+        check=checks.probability,
+        live=True,
+    )
     extract_mean_logprob: float = setting(
         -1.0,
         "AUTO escalates an Extract whose mean token log-probability is below this.",
@@ -463,6 +471,24 @@ class TaskConfig:
         True,
         "Answer from the words alone where held-out examples show the model would not change "
         "the answer; false = run the model for every request.",
+    )
+    none_label: str = setting(
+        "",
+        "Rows with this label are out-of-scope examples (questions none of the labels "
+        "cover), never a label; empty = none.",
+    )
+    none_file: Path | None = setting(
+        "",
+        "Optional CSV of out-of-scope texts (same text column; relative to the config file).",
+        relative=True,
+    )
+    scope_alpha: float = setting(
+        0.05,
+        "A text is out of scope when its conformal p-value (how typical it is of held-out "
+        "examples) is below this; about this share of in-scope texts is lost; 0 = off "
+        "(none examples still count).",
+        check=checks.probability,
+        live=True,
     )
 
 

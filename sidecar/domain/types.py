@@ -65,6 +65,8 @@ class ClassifyTask:
     # daemon turns these into plain label tasks before a worker sees them.
     examples: tuple[tuple[str, str], ...] = ()
     task: str = ""
+    # The caller accepts "none of these": an out-of-scope text then gets no label.
+    allow_none: bool = False
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,11 @@ class Classification:
     model: ModelRef | None = None
     timings: Timings = field(default_factory=Timings)
     route: RouteInfo = RouteInfo()
+    # Out-of-scope detection: `novelty` in [0, 1] (higher = less like anything the labels
+    # cover; None = not measured), and whether it crossed the task's cut. With the
+    # request's allow_none, an out-of-scope answer has label "".
+    novelty: float | None = None
+    out_of_scope: bool = False
 
     @property
     def top_probability(self) -> float:

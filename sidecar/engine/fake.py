@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import time
 from typing import Any
 
@@ -34,6 +35,7 @@ from sidecar.domain.types import (
     Usage,
 )
 from sidecar.engine.slots import Events, Unsupervised
+from sidecar.worker import label_scope
 from sidecar.worker.labels import normalise
 
 FAKE_FACTS = ModelFacts(n_ctx=2048, n_vocab=256, n_embd=8, chat_template=False)
@@ -114,8 +116,15 @@ class FakeSlot(Unsupervised):
                 ),
                 key=lambda s: -s.probability,
             )
+            # A made-up novelty in [0, 0.5] (the spread of the made-up scores), so that tests
+            # can put a cut on either side of it.
+            spread = label_scope.features([math.log(max(p, 1e-300)) for p in probs]).entropy
+            novelty = 0.5 * spread
             return Classification(
-                scores[0].label, tuple(scores), Usage(len(task.text), len(task.labels))
+                scores[0].label,
+                tuple(scores),
+                Usage(len(task.text), len(task.labels)),
+                novelty=novelty,
             )
         if isinstance(task, ExtractTask):
             return Extraction(

@@ -4,7 +4,9 @@ A classifier is keyed by the content hash of its examples and the version of the
 that embeds them (a hot swap changes the version, so the new model re-embeds). Its
 vectors and tuned parameters come from the disk cache (`vectors`) when they can,
 otherwise from paced background Embed jobs (`embedding`, resuming what a stopped build
-had saved) and a fit on held-out examples (`fit`, `scoring`).
+had saved and reusing the vectors of texts other cached sets hold) and a fit on held-out
+examples (`fit`, `scoring`, and the out-of-scope calibration, `novelty`). A task's
+out-of-scope examples are embedded with its set and kept apart from the labels.
 
 Building is background work and must never crowd out live requests: a caller may have
 `MAX_BUILDS_PER_CALLER` request builds in flight and everyone together `MAX_BUILDS`;
@@ -22,7 +24,10 @@ import logging
 from collections import OrderedDict
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from sidecar.config import TaskConfig
 from sidecar.domain.errors import Overloaded, Unavailable
@@ -31,7 +36,7 @@ from sidecar.domain.types import ModelRef
 from sidecar.fewshot import fit as fitting
 from sidecar.fewshot.classifier import ExampleClassifier
 from sidecar.fewshot.embedding import Embedder, Partial
-from sidecar.fewshot.examples import ExampleSet, load_csv
+from sidecar.fewshot.examples import NONE, ExampleSet, load_task
 from sidecar.fewshot.scoring import fit_label_scoring
 from sidecar.fewshot.vectors import LABEL_SCORING, VectorCache
 
@@ -68,7 +73,7 @@ class Builds:
         self._building: dict[str, _Build] = {}
         self.progress: dict[str, str] = {}  # task name -> what preparing it has reached
         self._labels: dict[str, tuple[str, ...]] = {}  # task name -> its labels, once read
-        self._task_keys: dict[str, tuple[tuple[str, int, int], str]] = {}  # name -> (stamp, key)
+        self._task_keys: dict[str, tuple[tuple[str | int, ...], str]] = {}  # name -> (stamp, key)
 
     @property
     def in_flight(self) -> int:
@@ -84,15 +89,18 @@ class Builds:
         ref = self._engine.ref(model)
         # Re-reading a 10k-row CSV per request would cost more than classifying: the file
         # is read again only when it (or the model version) changes.
-        try:
-            st = spec.file.stat()
-            stamp = (ref.version, st.st_mtime_ns, st.st_size)
-        except OSError:
-            stamp = (ref.version, -1, -1)
+        stamp = (ref.version, *_file_stamp(spec.file), *_file_stamp(spec.none_file))
         known = self._task_keys.get(spec.name)
         if known is not None and known[0] == stamp and known[1] in self._built:
             return self._built[known[1]]
-        examples = await asyncio.to_thread(load_csv, spec.file, spec.text_column, spec.label_column)
+        examples = await asyncio.to_thread(
+            load_task,
+            spec.file,
+            spec.text_column,
+            spec.label_column,
+            spec.none_label,
+            spec.none_file,
+        )
         key = examples.digest(ref.version) + (LABEL_SCORING if spec.label_scoring else "")
         self._task_keys[spec.name] = (stamp, key)
         self.cache.keep(key)
@@ -181,7 +189,11 @@ class Builds:
         name = task.name if task is not None else ""
         cache = self.cache
         vectors = await asyncio.to_thread(cache.load_vectors, key, len(examples.texts))
-        if vectors is None:
+        if vectors is not None:  # cached before sets recorded their texts: record them now
+            await asyncio.to_thread(
+                cache.save_texts, key, ref.version, examples.texts, if_missing=True
+            )
+        else:
             total = len(examples.texts)
 
             def progress(n: int) -> None:
@@ -189,6 +201,8 @@ class Builds:
                     self.progress[name] = f"embedded {n} of {total} examples"
 
             stored = await asyncio.to_thread(cache.load_partial, key, total)
+            if stored is None:  # texts other sets of this model version hold: not again
+                stored = await asyncio.to_thread(cache.seed, key, ref.version, examples.texts)
             resume = Partial.of(*stored) if stored is not None else None
 
             async def checkpoint(done: Partial) -> None:
@@ -199,15 +213,26 @@ class Builds:
                 model, list(examples.texts), caller, key, progress, resume, checkpoint
             )
             await asyncio.to_thread(cache.save_vectors, key, vectors)
+            await asyncio.to_thread(cache.save_texts, key, ref.version, examples.texts)
             await asyncio.to_thread(cache.drop_partial, key)
-        clf = await asyncio.to_thread(ExampleClassifier, examples.labels, vectors, examples.texts)
+        labelled = examples.in_scope()
+        scoped = np.array([y != NONE for y in examples.labels])
+        none = vectors[~scoped] if not scoped.all() else None
+        clf = await asyncio.to_thread(
+            ExampleClassifier,
+            labelled.labels,
+            vectors[scoped],
+            labelled.texts,
+            none,
+            examples.none_texts,
+        )
         if not await asyncio.to_thread(cache.load_params, key, clf):
             if name:
                 self.progress[name] = "tuning on held-out examples"
-            idx, ev = await asyncio.to_thread(fitting.fit, clf, list(examples.texts))
+            idx, ev = await asyncio.to_thread(fitting.fit, clf, list(labelled.texts))
             if task is not None and task.label_scoring:
                 await fit_label_scoring(
-                    self._engine, model, clf, examples, task.instruction, idx, ev, caller
+                    self._engine, model, clf, labelled, task.instruction, idx, ev, caller
                 )
             await asyncio.to_thread(cache.save_params, key, clf)
         if name:
@@ -216,3 +241,14 @@ class Builds:
         while len(self._built) > BUILT_KEEP:
             self._built.popitem(last=False)
         return built
+
+
+def _file_stamp(path: Path | None) -> tuple[int, int]:
+    """(mtime, size) of a task's file: re-read only when it changes; (-1, -1) unreadable."""
+    if not path:  # None, or "" in a TaskConfig built directly
+        return (0, 0)
+    try:
+        st = path.stat()
+    except OSError:
+        return (-1, -1)
+    return (st.st_mtime_ns, st.st_size)

@@ -18,11 +18,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
+from sidecar.fewshot.gauss import Gaussians
 from sidecar.fewshot.lexical import LexicalIndex
+
+if TYPE_CHECKING:
+    from sidecar.fewshot.novelty import Scope
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -48,7 +53,14 @@ def center(vectors: F32, mean: F32) -> F32:
 
 
 class ExampleClassifier:
-    def __init__(self, labels: Sequence[str], vectors: F32, texts: Sequence[str]) -> None:
+    def __init__(
+        self,
+        labels: Sequence[str],
+        vectors: F32,
+        texts: Sequence[str],
+        none_vectors: F32 | None = None,
+        none_texts: Sequence[str] = (),
+    ) -> None:
         self.names = tuple(dict.fromkeys(labels))
         index = {n: i for i, n in enumerate(self.names)}
         self.y = np.array([index[label] for label in labels], np.int64)
@@ -57,6 +69,14 @@ class ExampleClassifier:
         self.lexical = LexicalIndex(texts)
         self.params = Params(k=min(10, len(labels) - 1))
         self.probe: tuple[F32, F32] | None = None  # (W, b) over centred embeddings
+        # Out-of-scope examples (never a label) and the calibration of the novelty signal.
+        self.none_vectors: F32 | None = None
+        self.none_lexical: LexicalIndex | None = None
+        if none_vectors is not None and len(none_texts):
+            self.none_vectors = center(none_vectors.astype(np.float32), self.mean)
+            self.none_lexical = LexicalIndex(none_texts)
+        self.gauss = Gaussians(self.vectors, self.y)  # the relative Mahalanobis distance
+        self.scope: Scope | None = None
 
     @property
     def n_labels(self) -> int:
@@ -76,12 +96,24 @@ class ExampleClassifier:
         out: F64 = np.log(p)
         return out
 
+    def similarities(self, vector: F32) -> tuple[F32, F32]:
+        """(the centred query, its cosine to every example) in the embedding view."""
+        x = center(vector.astype(np.float32), self.mean)
+        emb: F32 = self.vectors @ x
+        return x, emb
+
     def evidence(
-        self, vector: F32, text: str, exclude: int | None = None, lex: F32 | None = None
+        self,
+        vector: F32,
+        text: str,
+        exclude: int | None = None,
+        lex: F32 | None = None,
+        emb: F32 | None = None,
     ) -> F64:
         """Per view, log P(label): shape (3, n_labels) (the probe row is 0 without a probe)."""
         x = center(vector.astype(np.float32), self.mean)
-        emb: F32 = self.vectors @ x
+        if emb is None:
+            emb = self.vectors @ x
         if lex is None:
             lex = self.lexical.similarities(text)
         p = self.params

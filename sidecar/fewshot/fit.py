@@ -20,6 +20,7 @@ from sidecar.fewshot.classifier import (
     probe_logp,
     train_probe,
 )
+from sidecar.fewshot.novelty import calibrate
 
 FOLDS = 5
 
@@ -90,8 +91,8 @@ def probe_evidence(clf: ExampleClassifier, idx: npt.NDArray[np.int64]) -> F64:
 def fit(
     clf: ExampleClassifier, texts: list[str], size: int = 2000
 ) -> tuple[npt.NDArray[np.int64], F64]:
-    """Set the classifier's bandwidths, probe and weights; returns the held-out rows and
-    their (n, 3, labels) evidence."""
+    """Set the classifier's bandwidths, probe, weights and out-of-scope calibration
+    (`novelty`); returns the held-out rows and their (n, 3, labels) evidence."""
     idx = holdout(len(texts), size)
     emb, lex = similarity_rows(clf, idx, texts)
     clf.params = replace(
@@ -108,6 +109,10 @@ def fit(
         clf.params, weights=fit_weights(ev, y), lex_alone=fit_weights(ev[:, 1:2, :], y)[0]
     )
     clf.params = replace(clf.params, gate=choose_gate(clf, ev, y))
+    w = np.asarray(clf.params.weights)
+    full = softmax_rows(np.einsum("v,nvl->nl", w[:3], ev[:, :3, :]))
+    alone = softmax_rows(clf.params.lex_alone * ev[:, 1, :])
+    clf.scope = calibrate(clf, texts, idx, emb, lex, full, alone)
     return idx, ev
 
 

@@ -9,9 +9,14 @@ embedded the text (or the examples, when the words alone answered) and its timin
 `queue_ms` is what this request's own jobs waited for a worker, and a classification
 being one answer, `first_token_ms` is `total_ms`.
 
+Every reply also says how novel the text is (`novelty`, 1 - a conformal p-value against
+held-out examples, see `novelty`) and whether that makes it out of scope (p below the
+task's `scope_alpha`; request examples use the default). When the request allows "none
+of these" (`allow_none`), an out-of-scope reply has no label (the scores stay listed).
+
 Config tasks are embedded in the background after start (`prepare`); what preparing
-each has reached is in `progress` (shown by `sidecar status`). A task's threshold is
-live on SIGHUP (`retune`); anything else changed in a task needs a restart.
+each has reached is in `progress` (shown by `sidecar status`). A task's threshold and
+scope_alpha are live on SIGHUP (`retune`); anything else changed in a task needs a restart.
 """
 
 from __future__ import annotations
@@ -40,8 +45,10 @@ from sidecar.domain.types import (
     Usage,
 )
 from sidecar.fewshot.builds import Builds
+from sidecar.fewshot.classifier import F32, F64, ExampleClassifier
 from sidecar.fewshot.embedding import Embedder
 from sidecar.fewshot.examples import ExampleSet, check
+from sidecar.fewshot.novelty import DEFAULT_ALPHA, novelty_of
 from sidecar.fewshot.scoring import combine
 from sidecar.fewshot.vectors import VectorCache
 from sidecar.validate import MAX_LABEL_CHARS
@@ -115,11 +122,19 @@ class FewShotEngine(EngineWrapper):
         spec = self._tasks.get(task)
         return spec.threshold if spec is not None and spec.threshold >= 0 else None
 
+    def scope_alpha(self, task: str) -> float | None:
+        """The task's out-of-scope cut; None: no such task."""
+        spec = self._tasks.get(task)
+        return spec.scope_alpha if spec is not None else None
+
     def retune(self, tasks: tuple[TaskConfig, ...]) -> None:
-        """SIGHUP: thresholds are read per request; the rest of a task needs a restart."""
+        """SIGHUP: thresholds and scope cuts are read per request; the rest of a task
+        needs a restart."""
         for t in tasks:
             if t.name in self._tasks:
-                self._tasks[t.name] = replace(self._tasks[t.name], threshold=t.threshold)
+                self._tasks[t.name] = replace(
+                    self._tasks[t.name], threshold=t.threshold, scope_alpha=t.scope_alpha
+                )
 
     async def prepare(self) -> None:
         """Build every config task's classifier (a background task after start)."""
@@ -144,11 +159,11 @@ class FewShotEngine(EngineWrapper):
             model = spec.model or model
             built = await self.builds.for_task(spec, wait=False)
             instruction = task.instruction or spec.instruction
-            scoring, cascade = spec.label_scoring, spec.cascade
+            scoring, cascade, alpha = spec.label_scoring, spec.cascade, spec.scope_alpha
         else:
             examples = _check_examples(task)
             built = await self.builds.for_examples(model, examples, caller)
-            instruction, scoring, cascade = task.instruction, False, True
+            instruction, scoring, cascade, alpha = task.instruction, False, True, DEFAULT_ALPHA
         clf = built.clf
         if task.labels:
             unknown = sorted(set(task.labels) - set(clf.names))
@@ -168,13 +183,18 @@ class FewShotEngine(EngineWrapper):
             emb, embedded = await self.embedder.one(model, task.text, caller)
             usage = Usage(embedded.usage.prompt_tokens, 0)  # 0 = answered without the model
             ref, queue_ms = embedded.model or ref, embedded.timings.queue_ms
-            evidence = await asyncio.to_thread(clf.evidence, emb[0], task.text, None, lex)
+            x, sims, evidence = await asyncio.to_thread(_evidence, clf, emb[0], task.text, lex)
             probs, scored = await combine(
                 self.inner, model, task.text, clf, evidence, scoring, instruction, caller
             )
             if scored is not None:
                 usage.prompt_tokens += scored.usage.prompt_tokens
                 queue_ms += scored.timings.queue_ms
+            verdict = novelty_of(clf, task.text, lex, probs=probs, x=x, emb=sims)
+        else:
+            verdict = novelty_of(clf, task.text, lex, lex_probs=probs)
+        out_of_scope = verdict is not None and verdict.out_of_scope(alpha)
+        novelty = verdict.novelty if verdict is not None else None
         allowed = (
             [clf.names.index(label) for label in task.labels]
             if task.labels
@@ -189,12 +209,29 @@ class FewShotEngine(EngineWrapper):
         )
         total_ms = (self._clock() - started) * 1000
         timings = Timings(queue_ms=queue_ms, first_token_ms=total_ms, total_ms=total_ms)
-        return Classification(scores[0].label, scores, usage, model=ref, timings=timings)
+        label = "" if out_of_scope and task.allow_none else scores[0].label
+        return Classification(
+            label,
+            scores,
+            usage,
+            model=ref,
+            timings=timings,
+            novelty=novelty,
+            out_of_scope=out_of_scope,
+        )
+
+
+def _evidence(clf: ExampleClassifier, vector: F32, text: str, lex: F32) -> tuple[F32, F32, F64]:
+    """(the centred query, its similarity to each example, the views' evidence)."""
+    x, sims = clf.similarities(vector)
+    return x, sims, clf.evidence(vector, text, None, lex, sims)
 
 
 def _check_examples(task: ClassifyTask) -> ExampleSet:
     """Bound a request's examples before anything is embedded (or sent to the cloud)."""
     examples = ExampleSet(tuple(t for t, _ in task.examples), tuple(y for _, y in task.examples))
+    if any("\x00" in y for y in examples.labels):
+        raise InvalidRequest("an example label may not contain the character NUL (\\x00)")
     check(examples, MAX_REQUEST_EXAMPLES)
     for label in examples.label_names:
         if len(label) > MAX_LABEL_CHARS:

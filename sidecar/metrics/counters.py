@@ -28,9 +28,10 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 RATE_BUCKETS = (5, 10, 20, 30, 40, 60, 80, 100, 150, 200, 400)
 
 ROUTES = ("local", "cloud")
-# Escalation reason codes (router/policy.py): low_confidence, local_<failure> for each way a
-# local attempt fails (router/engine.py failure_kind), pre_route, cloud_only.
+# Escalation reason codes (router/policy.py): out_of_scope, low_confidence, local_<failure>
+# for each way a local attempt fails (router/engine.py failure_kind), pre_route, cloud_only.
 ESCALATION_REASONS = (
+    "out_of_scope",
     "low_confidence",
     "local_unavailable",
     "local_overloaded",

@@ -7,8 +7,9 @@ attempt is seen by the circuit breaker. A 4xx other than 429 is the request's fa
 the endpoint's: no retry, and the breaker does not count it.
 
 Classify keeps its contract through the cloud: the answer must be one of the labels
-(matched exactly, then ignoring case and punctuation); an answer that is none of them is
-asked once more, then reported as invalid so the caller can keep the local answer.
+(matched exactly, then ignoring case and punctuation), or "none of these" when the caller
+allows it (`allow_none`); any other answer is asked once more, then reported as invalid
+so the caller can keep the local answer.
 
 Every call goes through `chat`, and `chat` passes the payload through the gate
 (`outbound.Gate.check`) right before the SDK sees it: the last line of defence if
@@ -31,11 +32,16 @@ import openai
 from sidecar.router.breaker import Breaker
 from sidecar.router.outbound import (
     CLASSIFY_MAX_TOKENS,
+    NONE_ANSWER,
     RETRY_LABEL,
+    RETRY_LABEL_OR_NONE,
     Gate,
     Outbound,
 )
 from sidecar.router.privacy import Scanner
+
+# What `ask_label` and `match_label` return for "none of these" (labels are never empty).
+NONE = ""
 
 
 @dataclass(frozen=True)
@@ -179,20 +185,23 @@ class CloudClient:
     async def ask_label(
         self, out: Outbound, meter: Meter | None = None
     ) -> tuple[str | None, CloudReply]:
-        """The caller's label the cloud picked (a redacted label is mapped back), or None
-        if it named none of them twice."""
+        """The caller's label the cloud picked (a redacted label is mapped back), NONE for
+        "none of these" (only when `out.allow_none`), or None if it named none of them
+        twice."""
         messages = out.render()
         reply = await self.chat(messages, max_tokens=CLASSIFY_MAX_TOKENS, meter=meter)
-        label = match_label(reply.text, out.labels)
+        label = match_label(reply.text, out.labels, allow_none=out.allow_none)
         if label is None:
             again = [
                 *messages,
                 {"role": "assistant", "content": reply.text},
-                {"role": "user", "content": RETRY_LABEL},
+                {"role": "user", "content": RETRY_LABEL_OR_NONE if out.allow_none else RETRY_LABEL},
             ]
             reply = await self.chat(again, max_tokens=CLASSIFY_MAX_TOKENS, meter=meter)
-            label = match_label(reply.text, out.labels)
-        return (None if label is None else out.label(label)), reply
+            label = match_label(reply.text, out.labels, allow_none=out.allow_none)
+        if label is None or label == NONE:
+            return label, reply
+        return out.label(label), reply
 
     async def ask_json(self, out: Outbound, meter: Meter | None = None) -> CloudReply:
         """JSON text for the schema (the caller validates it: the contract is checked once),
@@ -262,15 +271,17 @@ def _norm(s: str) -> str:
     return re.sub(r"[^a-z0-9]+", " ", s.lower()).strip()
 
 
-def match_label(answer: str, labels: Sequence[str]) -> str | None:
-    """Map a free-text answer to one label: exact, then normalised, then the one label the
-    answer contains (if exactly one)."""
+def match_label(answer: str, labels: Sequence[str], *, allow_none: bool = False) -> str | None:
+    """Map a free-text answer to one label: exact, then normalised, then (with allow_none)
+    "none of these" as NONE, then the one label the answer contains (if exactly one)."""
     a = answer.strip().strip("`'\".").strip()
     if a in labels:
         return a
     by_norm = {_norm(label): label for label in labels}
     if _norm(a) in by_norm:
         return by_norm[_norm(a)]
+    if allow_none and _norm(a) in (_norm(NONE_ANSWER), "none"):
+        return NONE
     inside = [
         label for n, label in by_norm.items() if n and re.search(rf"\b{re.escape(n)}\b", _norm(a))
     ]

@@ -61,7 +61,7 @@ from sidecar.domain.types import (
 )
 from sidecar.router.breaker import Breaker
 from sidecar.router.budget import Budget
-from sidecar.router.cloud import CloudClient, CloudError, CloudReply, Meter
+from sidecar.router.cloud import NONE, CloudClient, CloudError, CloudReply, Meter
 from sidecar.router.outbound import Gate, Outbound, SensitiveData, build, estimate
 from sidecar.router.policy import Decision, FailKind, LocalOutcome, Situation, decide
 from sidecar.validate import checked_schema, conforming_json_async
@@ -209,6 +209,7 @@ class RouterEngine(EngineWrapper):
                 raise
             log.info("escalating: %s", second.reason)
             return await self._cloud(task, second, None, e, out)
+        self._scope(task, result)
         outcome = self._outcome(task, result)
         second = decide(replace(situation, local=outcome))
         if second.action == "cloud":
@@ -271,6 +272,19 @@ class RouterEngine(EngineWrapper):
     async def _local(self, model: str, task: Task, caller: str) -> Result:
         return await self.inner.run(model, task, caller)
 
+    def _scope(self, task: Task, result: Result) -> None:
+        """A zero-shot Classify (labels alone) is out of scope past cloud.classify_none_novelty
+        (by examples or by task, the engine that answered set it by its own calibration);
+        with allow_none an out-of-scope answer names no label."""
+        if not isinstance(result, Classification) or not isinstance(task, ClassifyTask):
+            return
+        cut = self.settings.classify_none_novelty
+        zero_shot = not (task.examples or task.task)
+        if zero_shot and cut and result.novelty is not None and result.novelty >= cut:
+            result.out_of_scope = True
+        if task.allow_none and result.out_of_scope:
+            result.label = ""
+
     def _outcome(self, task: Task, result: Result) -> LocalOutcome:
         c = self.settings
         if isinstance(result, Classification):
@@ -278,9 +292,17 @@ class RouterEngine(EngineWrapper):
             if isinstance(task, ClassifyTask) and task.task:
                 own = self.tasks.threshold(task.task)
                 threshold = c.classify_threshold if own is None else own
+            scope = LocalOutcome(out_of_scope=result.out_of_scope, novelty=result.novelty)
             if c.classify_margin and result.margin < c.classify_margin:
-                return LocalOutcome(None, result.margin, c.classify_margin, "margin")
-            return LocalOutcome(None, result.top_probability, threshold, "top probability")
+                return replace(
+                    scope, confidence=result.margin, threshold=c.classify_margin, measure="margin"
+                )
+            return replace(
+                scope,
+                confidence=result.top_probability,
+                threshold=threshold,
+                measure="top probability",
+            )
         if isinstance(result, Extraction):
             return LocalOutcome(
                 None, result.confidence.mean_logprob, c.extract_mean_logprob, "mean logprob"
@@ -430,12 +452,12 @@ class RouterEngine(EngineWrapper):
                 raise _InvalidCloudAnswer(
                     f"the cloud named none of the labels twice (last answer {reply.text[:80]!r})"
                 )
+            usage = Usage(reply.prompt_tokens, reply.completion_tokens)
+            if label == NONE:  # "none of these", offered only with allow_none
+                none = tuple(LabelScore(x, 0.0, float("-inf")) for x in labels)
+                return Classification("", none, usage, out_of_scope=True), reply
             others = [LabelScore(x, 0.0, float("-inf")) for x in labels if x != label]
-            return Classification(
-                label,
-                (LabelScore(label, 1.0, 0.0), *others),
-                Usage(reply.prompt_tokens, reply.completion_tokens),
-            ), reply
+            return Classification(label, (LabelScore(label, 1.0, 0.0), *others), usage), reply
         if isinstance(task, ExtractTask):
             reply = await self.cloud.ask_json(out, meter)
             try:

@@ -32,6 +32,11 @@ from sidecar.domain.types import (
 from sidecar.router.privacy import Scanner
 
 RETRY_LABEL = "Answer with exactly one label from the list, nothing else."
+# With allow_none the cloud gets the same way out as the local answer: "none of these".
+NONE_ANSWER = "none of these"
+RETRY_LABEL_OR_NONE = (
+    f"Answer with exactly one label from the list, or {NONE_ANSWER}, nothing else."
+)
 CLASSIFY_MAX_TOKENS = 32
 # What a call without max_tokens is assumed to produce, for the budget's reservation.
 DEFAULT_COMPLETION_TOKENS = 1024
@@ -61,6 +66,7 @@ class Outbound:
     schema: Any = None  # Extract: the parsed schema, as sent
     restore: tuple[tuple[str, str], ...] = ()  # schema string as sent -> as the caller wrote it
     max_tokens: int | None = None
+    allow_none: bool = False  # Classify: "none of these" is an answer
 
     def render(self) -> list[dict[str, str]]:
         """The messages exactly as the cloud gets them."""
@@ -132,7 +138,8 @@ def build(task: Task, labels: Sequence[str] = ()) -> Outbound:
     """The request a task sends (Classify: with `labels`, the label names it resolves to)."""
     if isinstance(task, ClassifyTask):
         return Outbound("classify", text=task.text, instruction=task.instruction,
-                        labels=tuple(labels), originals=tuple(labels))  # fmt: skip
+                        labels=tuple(labels), originals=tuple(labels),
+                        allow_none=task.allow_none)  # fmt: skip
     if isinstance(task, ExtractTask):
         return Outbound("extract", text=task.text, instruction=task.instruction,
                         schema=json.loads(task.schema), max_tokens=task.max_tokens)  # fmt: skip
@@ -146,6 +153,11 @@ def build(task: Task, labels: Sequence[str] = ()) -> Outbound:
 def classify_prompt(out: Outbound) -> str:
     task = out.instruction or "Classify the text into exactly one of the labels."
     listing = "\n".join(f"- {label}" for label in out.labels)
+    if out.allow_none:
+        return (
+            f"{task}\n\nLabels:\n{listing}\n\nText: {out.text}\n\nAnswer with the label only; "
+            f"if the text belongs to none of the labels, answer {NONE_ANSWER}."
+        )
     return f"{task}\n\nLabels:\n{listing}\n\nText: {out.text}\n\nAnswer with the label only."
 
 

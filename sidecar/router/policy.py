@@ -2,7 +2,7 @@
 
 `decide` is called twice per AUTO request: before running locally (pre-routing, and
 whether the cloud may be used at all) and after, with the local outcome (keep it, or
-escalate and why). LOCAL_ONLY never leaves the machine; CLOUD_ONLY never runs locally.
+escalate and why: a local failure, a Classify answer out of scope, low confidence). LOCAL_ONLY never leaves the machine; CLOUD_ONLY never runs locally.
 Sensitive data never leaves unless redaction is on, and then only redacted.
 """
 
@@ -27,6 +27,9 @@ class LocalOutcome:
     threshold: float = 0.0
     measure: str = "confidence"  # what was compared: "top probability", "mean logprob", ...
     detail: str = ""  # the local error's message, for the reply's reason
+    # Classify: the text is like none of the labels (its novelty passed the cut)
+    out_of_scope: bool = False
+    novelty: float | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,16 @@ def decide(s: Situation) -> Decision:
                 "fail", f"{why}; escalation blocked: {blocked[0]}", "unavailable", code="blocked"
             )
         return _escalate(s, why, f"local_{out.failure}")
+    if out.out_of_scope:
+        # A confident label for a text none of the labels cover is still wrong: asked
+        # first, before the confidence, whose "sure" means "sure among these labels".
+        novelty = "" if out.novelty is None else f": novelty {out.novelty:.3f}"
+        why = f"out of scope{novelty}"
+        if blocked:
+            return Decision(
+                "keep_local", f"{why}; escalation blocked: {blocked[0]}", code="blocked"
+            )
+        return _escalate(s, why, "out_of_scope")
     if out.confidence is not None and out.confidence < out.threshold:
         why = f"low local confidence: {out.measure} {out.confidence:.3f} < {out.threshold:.3f}"
         if blocked:

@@ -92,6 +92,7 @@ def classify_task(r: pb.ClassifyRequest) -> ClassifyTask:
         instruction=r.instruction,
         examples=tuple((e.text, e.label) for e in r.examples),
         task=r.task,
+        allow_none=r.allow_none,
     )
 
 
@@ -195,6 +196,8 @@ def classify_reply(c: Classification) -> pb.ClassifyReply:
         usage=_usage(c.usage),
         timings=_timings(c.timings),
         route=route(c.route),
+        out_of_scope=c.out_of_scope,
+        novelty=c.novelty,
     )
 
 

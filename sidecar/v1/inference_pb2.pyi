@@ -549,6 +549,7 @@ class ClassifyRequest(_message.Message):
     TASK_FIELD_NUMBER: _builtins.int
     ROUTING_FIELD_NUMBER: _builtins.int
     SENSITIVE_FIELD_NUMBER: _builtins.int
+    ALLOW_NONE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     text: _builtins.str
     instruction: _builtins.str
@@ -557,6 +558,10 @@ class ClassifyRequest(_message.Message):
     """... or by a task defined in the daemon's config ([tasks.NAME], examples in a CSV)."""
     routing: Global___Routing.ValueType
     sensitive: _builtins.bool
+    allow_none: _builtins.bool
+    """The caller accepts "none of these": a text the labels do not cover then gets no
+    label (label empty, out_of_scope true). Without it every answer names a label.
+    """
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """2..max_labels distinct, non-empty labels. With examples or a task: optional, and
@@ -580,10 +585,11 @@ class ClassifyRequest(_message.Message):
         task: _builtins.str = ...,
         routing: Global___Routing.ValueType = ...,
         sensitive: _builtins.bool = ...,
+        allow_none: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["examples", b"examples", "instruction", b"instruction", "labels", b"labels", "model", b"model", "routing", b"routing", "sensitive", b"sensitive", "task", b"task", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_none", b"allow_none", "examples", b"examples", "instruction", b"instruction", "labels", b"labels", "model", b"model", "routing", b"routing", "sensitive", b"sensitive", "task", b"task", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -672,7 +678,17 @@ class ClassifyReply(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
     ROUTE_FIELD_NUMBER: _builtins.int
+    OUT_OF_SCOPE_FIELD_NUMBER: _builtins.int
+    NOVELTY_FIELD_NUMBER: _builtins.int
     label: _builtins.str
+    out_of_scope: _builtins.bool
+    """The text is like nothing the labels cover (novelty past the cut). With the request's
+    allow_none the label is then empty; without it the best label is still given.
+    """
+    novelty: _builtins.float
+    """How unlike the labels' scope the text is, in [0, 1] (higher = stranger); unset = not
+    measured (e.g. a cloud answer).
+    """
     @_builtins.property
     def scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelScore]:
         """every given label, best first"""
@@ -699,12 +715,16 @@ class ClassifyReply(_message.Message):
         usage: Global___Usage | None = ...,
         timings: Global___Timings | None = ...,
         route: Global___RouteInfo | None = ...,
+        out_of_scope: _builtins.bool = ...,
+        novelty: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "model", b"model", "route", b"route", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_novelty", b"_novelty", "confidence", b"confidence", "model", b"model", "novelty", b"novelty", "route", b"route", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "label", b"label", "model", b"model", "route", b"route", "scores", b"scores", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_novelty", b"_novelty", "confidence", b"confidence", "label", b"label", "model", b"model", "novelty", b"novelty", "out_of_scope", b"out_of_scope", "route", b"route", "scores", b"scores", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__novelty: _TypeAlias = _typing.Literal["novelty"]  # noqa: Y015
+    _WhichOneofArgType__novelty: _TypeAlias = _typing.Literal["_novelty", b"_novelty"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__novelty) -> _WhichOneofReturnType__novelty | None: ...
 
 Global___ClassifyReply: _TypeAlias = ClassifyReply  # noqa: Y015
 

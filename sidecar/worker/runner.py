@@ -55,7 +55,7 @@ from sidecar.domain.types import (
 )
 from sidecar.schema_limits import MAX_GRAMMAR_BYTES, bounded_schema, converter_refusal
 from sidecar.validate import conforming_json
-from sidecar.worker import prompts
+from sidecar.worker import label_scope, prompts
 from sidecar.worker.batch import BatchDecoder, Stopped
 from sidecar.worker.cores import resolve_max_threads
 from sidecar.worker.embed import BatchEmbedder
@@ -356,6 +356,7 @@ class LlamaRunner:
             label=scores[0].label,
             scores=tuple(scores),
             usage=Usage(len(prompt), decoded),
+            novelty=label_scope.novelty(logps, [len(seq) for seq in seqs]),
         )
 
     # ------------------------------------------------------------------ extract

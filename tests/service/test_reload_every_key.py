@@ -95,6 +95,7 @@ ROUTING_SETTINGS = (
     "local_timeout_seconds",
     "classify_threshold",
     "classify_margin",
+    "classify_none_novelty",
     "extract_mean_logprob",
     "generate_mean_logprob",
     "generate_min_logprob",
@@ -145,6 +146,8 @@ READERS: dict[str, Callable[[App], Any]] = {
     "cloud.redact": lambda app: app.router.gate.redact,
     # The router asks its TaskInfo (the few-shot engine) for a task's own threshold.
     "tasks.NAME.threshold": lambda app: _or_off(app.router.tasks.threshold(TASK)),
+    # The few-shot engine reads a task's out-of-scope cut per request.
+    "tasks.NAME.scope_alpha": lambda app: app.fewshot.scope_alpha(TASK),
 }
 
 # Restart-only keys whose running value is cheap to see: it must stay the old one.
@@ -270,6 +273,7 @@ SPECIAL: dict[str, Callable[[Site], Value]] = {
     "models.NAME.path": lambda s: Value(_copy(s, s.model, "tiny2.gguf")),
     "tasks.NAME.file": lambda s: Value(_copy(s, s.dir / "t.csv", "t2.csv")),
     "tasks.NAME.model": lambda s: Value(OTHER),
+    "tasks.NAME.none_file": lambda s: Value(_copy(s, s.dir / "t.csv", "none.csv")),
 }
 
 

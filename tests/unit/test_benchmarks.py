@@ -36,6 +36,7 @@ ENTRY_POINTS = {
     "bench-routing": "routing",
     "bench-swap": "swap",
     "bench-transport": "transport",
+    "bench-zero-shot-scope": "zero_shot_scope",
     "soak": "soak",
 }
 

@@ -69,6 +69,7 @@ SAMPLES = {
     "cloud.pre_route_tasks": "chat, extract",
     "cloud.classify_threshold": "0.5",
     "cloud.classify_margin": "0.25",
+    "cloud.classify_none_novelty": "0.5",
     "tasks.NAME.threshold": "0.5",
     "server.tcp_token": "secret",
     "http.token": "secret",

@@ -160,6 +160,10 @@ async def test_request_examples_are_checked_here_not_by_the_inner_engine(tmp_pat
     one_label = ClassifyTask("t", (), examples=(("a", "x"), ("b", "x")))
     with pytest.raises(InvalidRequest, match="2 distinct labels"):
         fs.check("m", one_label)
+    # NUL marks out-of-scope examples inside a set: no request label may carry it.
+    nul = ClassifyTask("t", (), examples=(("a", "x\x00none"), ("b", "y"), ("c", "z")))
+    with pytest.raises(InvalidRequest, match="NUL"):
+        fs.check("m", nul)
     fs.check("m", ClassifyTask("t", (), task="anything"))  # config tasks were checked at load
     assert inner.checked == []
     with pytest.raises(InvalidRequest, match="text is empty"):
@@ -197,8 +201,11 @@ def test_thresholds_are_live_and_the_rest_of_a_task_is_not(tmp_path: Path) -> No
     assert fs.threshold("intents") is None  # -1: the cloud's classify_threshold applies
     assert fs.threshold("set") == 0.7
     assert fs.threshold("unknown") is None
-    changed = task_config(tmp_path, threshold=0.9, label_scoring=True, cascade=True)
+    assert fs.scope_alpha("intents") == 0.05 and fs.scope_alpha("unknown") is None
+    changed = task_config(tmp_path, threshold=0.9, label_scoring=True, cascade=True,
+                          scope_alpha=0.1, none_label="other")  # fmt: skip
     fs.retune((changed, task_config(tmp_path, name="new", threshold=0.5)))
-    assert fs.threshold("intents") == 0.9
-    assert fs.tasks["intents"] == replace(unset, threshold=0.9)  # only the threshold
+    assert fs.threshold("intents") == 0.9 and fs.scope_alpha("intents") == 0.1
+    # Only the threshold and the out-of-scope cut.
+    assert fs.tasks["intents"] == replace(unset, threshold=0.9, scope_alpha=0.1)
     assert fs.threshold("new") is None and "new" not in fs.tasks  # a new task needs a restart

@@ -10,6 +10,8 @@ SURE = LocalOutcome(confidence=0.9, threshold=0.6)
 UNSURE = LocalOutcome(confidence=0.4, threshold=0.6)
 DOWN = LocalOutcome(failure="unavailable")
 FULL = LocalOutcome(failure="overloaded")
+# A confident local label for a text none of the labels cover.
+STRANGE = LocalOutcome(confidence=0.95, threshold=0.6, out_of_scope=True, novelty=0.97)
 
 
 @pytest.mark.parametrize(
@@ -59,6 +61,29 @@ FULL = LocalOutcome(failure="overloaded")
             "sensitive data (card)",
             None,
         ),
+        # Out of scope escalates whatever the confidence, naming the novelty...
+        (Situation("AUTO", local=STRANGE), "cloud", "out of scope: novelty 0.970", None),
+        # ...and when the cloud is blocked the local answer stands, saying why.
+        (
+            Situation("AUTO", local=STRANGE, breaker_open=True),
+            "keep_local",
+            "out of scope: novelty 0.970; escalation blocked: the cloud circuit breaker",
+            None,
+        ),
+        (
+            Situation("AUTO", local=STRANGE, spent="daily"),
+            "keep_local",
+            "out of scope: novelty 0.970; escalation blocked: the daily cloud budget",
+            None,
+        ),
+        (
+            Situation("AUTO", local=STRANGE, sensitive=("marked",)),
+            "keep_local",
+            "out of scope: novelty 0.970; escalation blocked: sensitive data (marked)",
+            None,
+        ),
+        (Situation("AUTO", local=STRANGE, cloud=False), "keep_local", "", None),
+        (Situation("LOCAL_ONLY", local=STRANGE), "keep_local", "", None),
         # ...but with no cloud configured AUTO is LOCAL_ONLY: nothing mentions escalation.
         (Situation("AUTO", local=UNSURE, cloud=False), "keep_local", "", None),
         (Situation("AUTO", local=DOWN, cloud=False), "keep_local", "", None),
@@ -107,7 +132,12 @@ def test_a_request_marked_sensitive_never_leaves_even_with_redaction() -> None:
 
 @pytest.mark.parametrize(
     ("outcome", "code"),
-    [(UNSURE, "low_confidence"), (DOWN, "local_unavailable"), (FULL, "local_overloaded")],
+    [
+        (UNSURE, "low_confidence"),
+        (DOWN, "local_unavailable"),
+        (FULL, "local_overloaded"),
+        (STRANGE, "out_of_scope"),
+    ],
 )
 def test_each_escalation_has_a_fixed_code_for_metrics(outcome: LocalOutcome, code: str) -> None:
     assert decide(Situation("AUTO", local=outcome)).code == code
@@ -133,3 +163,15 @@ def test_local_errors_map_to_escalation_triggers_by_class() -> None:
         # The same class survives the worker pipe (errors cross it as kind + message).
         again = errors.from_kind(error.kind, error.message)
         assert type(again) is type(error) and failure_kind(again) == kind
+
+
+def test_out_of_scope_blocked_is_counted_as_blocked_and_redacts_when_allowed() -> None:
+    blocked = decide(Situation("AUTO", local=STRANGE, breaker_open=True))
+    assert blocked.code == "blocked"
+    d = decide(Situation("AUTO", local=STRANGE, sensitive=("email",), redact=True))
+    assert d == Decision("cloud", "out of scope: novelty 0.970", redact=True, code="out_of_scope")
+
+
+def test_out_of_scope_without_a_measured_novelty_still_names_the_reason() -> None:
+    d = decide(Situation("AUTO", local=LocalOutcome(confidence=0.9, out_of_scope=True)))
+    assert (d.action, d.reason, d.code) == ("cloud", "out of scope", "out_of_scope")

@@ -222,6 +222,7 @@ LIVE = {
     "cloud.local_timeout_seconds",
     "cloud.classify_threshold",
     "cloud.classify_margin",
+    "cloud.classify_none_novelty",
     "cloud.extract_mean_logprob",
     "cloud.generate_mean_logprob",
     "cloud.generate_min_logprob",
@@ -236,6 +237,7 @@ LIVE = {
     "cloud.sensitive_patterns",
     "cloud.redact",
     "tasks.NAME.threshold",
+    "tasks.NAME.scope_alpha",
 }
 
 
