@@ -43,6 +43,8 @@ threads = 1
 """
 SOCKET = "/run/sidecar/sidecar.sock"
 # What `apt purge` may leave: logs, apt's and dpkg's own records, systemd's state.
+# /var/backups is dpkg's daily copy of its database (dpkg-db-backup.timer), which the booted
+# container may fire at any moment during the test.
 PRUNED = (
     "/proc",
     "/sys",
@@ -54,6 +56,7 @@ PRUNED = (
     "/var/lib/apt",
     "/var/cache/apt",
     "/var/lib/dpkg",
+    "/var/backups",
     "/var/cache/debconf",
     "/var/lib/systemd",
 )
