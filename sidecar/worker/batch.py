@@ -7,7 +7,7 @@ between steps on sequence ids of their own (`free_seq`).
 
 Each `step` is one `llama_decode`: one token for every sequence that is generating,
 plus the next prompt block of sequences still reading their prompt. New requests join
-between steps; a cancelled one leaves between steps and its cells are freed at once.
+between steps; a cancelled one leaves between steps (its cells are retired at once).
 
 Determinism (measured on SmolLM2, CPU): flash attention is required (without it the
 softmax runs over every cell of the cache and batched replies drift at once); calls of 64
@@ -17,18 +17,17 @@ of one row runs on one thread (`_set_threads`). scripts/setup also builds llama.
 its llamafile kernels, which multiplied two rows or more differently from one (the demo
 model's Q8_0 output layer), so a logit differed in its last bits between a sequence decoded
 alone and beside others. With all that, the mixed-request test (tests/e2e/test_batching.py)
-passed 1 of 3 runs here under load from other work. What is left is the unified cache's
-cell order, measured directly (a sequence decoded alone, then again after a filler
-sequence was removed from the cells below it): when a sequence's later tokens land in cells
+passed 1 of 3 runs here under load from other work. The last cause was the unified cache's
+cell order (tests/e2e/test_cell_order.py): when a sequence's later tokens land in cells
 before its earlier ones, its logits change (by up to 0.75 here, and the greedy reply with
-them); when they land after, they stay bit-identical, filler or not. llama.cpp puts new
-tokens at the cache's head, and removing a sequence moves the head back to its first freed
-cell, so in a batch a finished or cancelled neighbour, a Classify job or an evicted prefix
-lets a running sequence's next tokens land below its earlier ones. The fix needs cells
-freed only where no running sequence can land below its own (e.g. finished sequences kept
-as garbage until the batch drains, prefixes re-decoded at the bottom after a drain); until
-then `parallel` defaults to 1, which keeps replies identical (there, only a prefix evicted
-from the cache can still reorder one: after more than PREFIXES distinct task prompts).
+them). llama.cpp puts new tokens at the cache's head and moves the head back to the first
+cell a removal frees, so a finished or cancelled neighbour, a Classify job or an evicted
+prefix would let a running sequence's next tokens land below its own. So cells are never
+freed while anything runs (`cells`): removed sequences are retagged to a garbage id, the
+head only moves up, and the whole cache is emptied when the batch is idle and more than
+half full, or when the next request's worst case (prompt + max_tokens) does not fit beside
+the running ones' (then it waits for them: admission stays in order). A whole job that does
+not fit raises NeedsRoom, and the worker holds admission until the batch drains.
 
 Shared prefixes: a task's fixed instructions are decoded once into a prefix sequence
 (ids parallel..parallel+PREFIXES-1) and copied to each request that starts with them,
@@ -48,6 +47,7 @@ from llama_cpp import _internals as internals
 from sidecar.domain.errors import InternalError, SidecarError
 from sidecar.domain.specs import RunnerSpec
 from sidecar.domain.types import Result
+from sidecar.worker.cells import CellLedger
 from sidecar.worker.cores import CoreGovernor
 from sidecar.worker.labels import log_softmax
 from sidecar.worker.sequence import Detokenize, Sequence
@@ -62,6 +62,11 @@ Outcome = tuple[Sequence, Result | SidecarError | None]  # None: cancelled
 
 class Stopped(Exception):
     """The caller cancelled or its deadline passed; the worker is free again."""
+
+
+class NeedsRoom(Exception):
+    """A whole job's worst case does not fit beside the running sequences' now: it waits
+    until the batch has drained (`hold`), then runs on an empty cache."""
 
 
 @dataclass(eq=False)
@@ -79,7 +84,8 @@ class BatchDecoder:
         self.parallel = spec.parallel
         # llama.cpp caps a call at the cache's size, and its output buffer at n_seq_max
         # rows: both must agree with what we ask, or it aborts building the graph.
-        self.n_batch = min(max(spec.batch, MIX_ROWS, spec.parallel + PREFIXES + 1), spec.kv_cells)
+        # Ids: slots, prefixes, a whole job's prompt, one label branch at least, garbage.
+        self.n_batch = min(max(spec.batch, MIX_ROWS, spec.parallel + PREFIXES + 3), spec.kv_cells)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = spec.kv_cells
         params.n_batch = params.n_ubatch = self.n_batch
@@ -95,6 +101,10 @@ class BatchDecoder:
         self.n_seq_max = params.n_seq_max
         self.free_seq = spec.parallel + PREFIXES  # the first id whole jobs may use
         self._mem = llama_cpp.llama_get_memory(self.ctx.ctx)
+        # The last id holds removed cells until the batch drains (see `cells`).
+        size = min(spec.kv_cells, int(llama_cpp.llama_n_ctx(self.ctx.ctx)))
+        self.cells = CellLedger(self.ctx.ctx, size, garbage=self.n_seq_max - 1)
+        self.hold = False  # admit nothing new: a whole job waits for the batch to drain
         self._vocab = model.vocab
         self._n_vocab = model.n_vocab()
         self._detokenize = detokenize
@@ -129,11 +139,15 @@ class BatchDecoder:
                 s.cancelled = True
 
     def _admit(self) -> None:
-        while self.waiting and self._slots:
-            s = self.waiting.popleft()
+        while self.waiting and self._slots and not self.hold:
+            s = self.waiting[0]
             if s.cancelled:
-                self.waiting.appendleft(s)
                 return  # reported by `step`
+            if not self._fits(len(s.prompt) + s.limit):
+                if self.active:
+                    return  # in order: it waits for the running ones to finish
+                self._drain()
+            self.waiting.popleft()
             s.seq = self._slots.pop()
             self._rm(s.seq)
             if 0 < s.prefix < len(s.prompt):
@@ -182,7 +196,28 @@ class BatchDecoder:
             self._rm(entry.seq)
 
     def _rm(self, seq: int, p0: int = -1) -> None:
-        llama_cpp.llama_memory_seq_rm(self._mem, seq, p0, -1)
+        self.cells.remove(seq, p0)
+
+    # ------------------------------------------------------------------ room
+
+    def _fits(self, cells: int) -> bool:
+        """Whether `cells` more fit beside the worst case of every running sequence."""
+        left = sum(max(0, len(s.prompt) + s.limit - s.fed) for s in self.active)
+        return self.cells.used + left + cells <= self.cells.size
+
+    def _drain(self) -> None:
+        assert not self.active
+        self.cells.drain()
+        self._prefixes.clear()  # their cells are gone: the next user decodes them again
+
+    def make_room(self, cells: int) -> None:
+        """Before a whole job of at most `cells` cells: drain an idle cache that lacks the
+        room, or raise NeedsRoom while sequences run."""
+        if self._fits(cells):
+            return
+        if self.active:
+            raise NeedsRoom()
+        self._drain()
 
     # ------------------------------------------------------------------ one step
 
@@ -197,6 +232,8 @@ class BatchDecoder:
                 out.append((s, None))
         self._admit()
         if not self.active:
+            if not self.waiting and self.cells.used > self.cells.size // 2:
+                self._drain()  # idle: start the next burst on an empty cache
             return out
         for fill in self._plan():
             self._batch.batch.n_tokens = 0
@@ -292,6 +329,7 @@ class BatchDecoder:
 
     def _decode(self) -> None:
         self._set_threads(self._batch.n_tokens())
+        self.cells.take(self._batch.n_tokens())
         rc = llama_cpp.llama_decode(self.ctx.ctx, self._batch.batch)
         if rc != 0:
             raise InternalError(

@@ -4,8 +4,9 @@ The prompt sits in one sequence of a unified KV cache. Each label of a group get
 sequence id of its own (`first_label_seq` on); copying the prompt to it only tags the
 prompt's cells with one more id. Every trie node goes in the batch once, tagged with
 the ids of all labels through it, so a node attends to the prompt and its ancestors and
-to nothing of the other branches. Afterwards the label sequences are removed: the cache
-holds the prompt alone again, as the sequential scorer leaves it.
+to nothing of the other branches. Afterwards the label sequences are removed (their cells
+kept by the batch's garbage sequence, see `cells`): the prompt's sequence is alone again,
+as the sequential scorer leaves it.
 
 The rows are the sequential scorer's to the bit on SmolLM2 (tests/e2e/test_classify_batch.py):
 with flash attention a row depends only on the cells its mask keeps, in cell order, and
@@ -28,6 +29,7 @@ import llama_cpp
 import numpy as np
 
 from sidecar.domain.errors import InternalError
+from sidecar.worker.cells import CellLedger
 from sidecar.worker.labels import NoRoom, Row, TrieNode, log_softmax
 
 # ggml-cpu's GGML_FA_TILE_Q: a ubatch of this many tokens takes the tiled kernel.
@@ -37,14 +39,17 @@ FA_TILE_ROWS = 64
 class LlamaTrieDecoder:
     """TrieDecoder over a llama.cpp context whose prompt is in `prompt_seq`."""
 
-    def __init__(self, ctx: llama_cpp.llama_context_p, prompt_seq: int, n_vocab: int) -> None:
+    def __init__(
+        self, ctx: llama_cpp.llama_context_p, prompt_seq: int, n_vocab: int, cells: CellLedger
+    ) -> None:
         self._ctx = ctx
         self._mem = llama_cpp.llama_get_memory(ctx)
+        self._cells = cells
         self._prompt_seq = prompt_seq
         self._n_vocab = n_vocab
         self.first_label_seq = prompt_seq + 1
         # How much one decode can take: label ids left above the prompt's, batch rows.
-        self.max_labels = int(llama_cpp.llama_n_seq_max(ctx)) - self.first_label_seq
+        self.max_labels = cells.garbage - self.first_label_seq
         self.max_nodes = int(llama_cpp.llama_n_batch(ctx))
         if self.max_labels < 1:
             raise InternalError(f"no sequence id left above {prompt_seq} for label branches")
@@ -64,6 +69,9 @@ class LlamaTrieDecoder:
             for start in range(0, len(nodes), step):
                 chunk = nodes[start : start + step]
                 self._fill(batch, prompt_len, chunk)
+                if self._cells.free < len(chunk):
+                    raise NoRoom(f"no KV cells for {len(nodes)} label tokens")
+                self._cells.take(len(chunk))
                 rc = llama_cpp.llama_decode(self._ctx, batch)
                 if rc == 1:
                     raise NoRoom(f"no KV cells for {len(nodes)} label tokens")
@@ -73,7 +81,7 @@ class LlamaTrieDecoder:
             return picks
         finally:
             for seq in seqs:
-                llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
+                self._cells.remove(seq)
             llama_cpp.llama_batch_free(batch)
 
     def _fill(self, batch: Any, prompt_len: int, nodes: Sequence[TrieNode]) -> None:

@@ -26,7 +26,7 @@ from sidecar.domain.errors import FailedPrecondition, SidecarError
 from sidecar.domain.specs import RunnerSpec
 from sidecar.domain.types import EmbedTask, Result, TokenEvent
 from sidecar.worker import native_log
-from sidecar.worker.runner import LlamaRunner, Stopped
+from sidecar.worker.runner import LlamaRunner, NeedsRoom, Stopped
 
 
 def worker_main(conn: Connection, spec: RunnerSpec) -> None:
@@ -54,6 +54,8 @@ class _Worker:
         self.conn = conn
         self.runner = runner
         self.inbox: deque[tuple[Any, ...]] = deque()  # read while a whole job ran
+        # Whole jobs waiting for the batch to drain (their worst case did not fit beside it).
+        self.deferred: deque[tuple[Any, ...]] = deque()
         self.cancelled: set[int] = set()  # jobs not in the batch: running whole, or queued
         self.whole: int | None = None  # the whole job running
         self.stopping = False
@@ -61,6 +63,10 @@ class _Worker:
     def serve(self) -> None:
         batch = self.runner.batch
         while not self.stopping:
+            if self.deferred and not batch.active:  # drained: their turn, first
+                self.inbox.extendleft(reversed(self.deferred))
+                self.deferred.clear()
+            batch.hold = bool(self.deferred)
             if not batch.busy and not self.inbox:
                 try:
                     self.conn.poll(None)  # idle: sleep until the daemon speaks
@@ -87,7 +93,8 @@ class _Worker:
                     self.conn.send(("pong", msg[1]))
                 elif msg[0] == "cancel":
                     job_id = msg[1]
-                    if job_id == self.whole or any(m[1] == job_id for m in self.inbox):
+                    queued = (*self.inbox, *self.deferred)
+                    if job_id == self.whole or any(m[1] == job_id for m in queued):
                         self.cancelled.add(job_id)
                     self.runner.batch.cancel(job_id)
                 elif msg[0] == "stop":
@@ -122,6 +129,9 @@ class _Worker:
                 self.whole = None
                 self.cancelled.discard(job_id)
             self._report(job_id, result)
+        except NeedsRoom:
+            self.deferred.append(msg)
+            self.runner.batch.hold = True
         except Stopped:
             self._report(job_id, None)
         except SidecarError as e:

@@ -56,7 +56,7 @@ from sidecar.domain.types import (
 from sidecar.schema_limits import MAX_GRAMMAR_BYTES, bounded_schema, converter_refusal
 from sidecar.validate import conforming_json
 from sidecar.worker import label_scope, prompts
-from sidecar.worker.batch import BatchDecoder, Stopped
+from sidecar.worker.batch import BatchDecoder, NeedsRoom, Stopped
 from sidecar.worker.cores import resolve_max_threads
 from sidecar.worker.embed import BatchEmbedder
 from sidecar.worker.label_batch import LlamaTrieDecoder
@@ -72,7 +72,7 @@ _LOOSE_CHAR = 'char ::= [^"\\\\]'
 _STRICT_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F]'
 
 ShouldStop = Callable[[], bool]
-__all__ = ["LlamaRunner", "Stopped"]
+__all__ = ["LlamaRunner", "NeedsRoom", "Stopped"]
 
 
 class LlamaRunner:
@@ -319,6 +319,8 @@ class LlamaRunner:
                 f"a label is {longest - 1} tokens; labels may be at most {self.spec.batch - 1}"
             )
         self._check_fits(len(prompt), longest)
+        # Its worst case: the prompt and every label token (a trie shares some).
+        self.batch.make_room(len(prompt) + sum(len(s) - 1 for s in seqs))
         self._eval_prompt(prompt, should_stop, prefix)
         if should_stop():
             raise Stopped()
@@ -329,7 +331,9 @@ class LlamaRunner:
 
         # All labels at once (a group per decode when they outnumber the free sequence
         # ids or the batch): the same scores as the sequential scorer (`labels.score_sequences`).
-        decoder = LlamaTrieDecoder(self.llm._ctx.ctx, self.classify_seq, self.n_vocab)
+        decoder = LlamaTrieDecoder(
+            self.llm._ctx.ctx, self.classify_seq, self.n_vocab, self.batch.cells
+        )
         try:
             logps, decoded = score_trie(
                 decoder,

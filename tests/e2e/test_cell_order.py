@@ -4,9 +4,10 @@ A sequence is decoded alone, then again beside a filler sequence that is removed
 freed) partway. When the freed cells lie after the sequence's own, its later tokens still
 land after its earlier ones and every step's logits are bit-identical to alone. When they
 lie before, llama.cpp's head moves back into them, the later tokens land below the earlier
-ones, and the logits change: why `models.NAME.parallel` still defaults to 1 (see
-sidecar/worker/batch.py). If a llama.cpp upgrade makes that case identical too, the strict
-xfail turns red as a signal to revisit the default.
+ones, and the logits change: why the batch never frees cells while anything runs
+(sidecar/worker/cells.py; tests/unit/test_cells.py checks the batch itself). If a llama.cpp
+upgrade makes that case identical too, the strict xfail turns red as a signal that the
+garbage sequence and its drains are no longer needed.
 """
 
 from __future__ import annotations

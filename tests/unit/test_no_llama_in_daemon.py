@@ -18,6 +18,7 @@ WORKER_ONLY = {
     "sidecar.worker.sequence": "one generation in the batch (llama.cpp sampler, vocab)",
     "sidecar.worker.embed": "BatchEmbedder: the embedding context of a worker",
     "sidecar.worker.label_batch": "LlamaTrieDecoder: Classify's labels decoded on the worker's context",
+    "sidecar.worker.cells": "CellLedger: the batch context's KV cells (llama_memory calls)",
 }
 # Importing these runs a program instead of defining one.
 ENTRY_POINTS = {"sidecar.cli.__main__"}

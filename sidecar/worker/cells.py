@@ -1,0 +1,45 @@
+"""The batch's KV cells: taken from the bottom up, and freed only all at once.
+
+In one unified llama.cpp cache a sequence's logits depend on the order of its cells: when
+its later tokens land in cells below its earlier ones, they change (tests/e2e/test_cell_order.py).
+llama.cpp puts new tokens at the cache's head and moves the head back to the first cell a
+removal frees, so freeing the cells of a finished neighbour below a running sequence would
+let that sequence's next tokens land below its own. Here nothing is freed while anything
+runs: a removed sequence's cells are handed to a reserved garbage sequence (which no token
+attends to), so every cell below the head stays taken and the head only moves up. The
+cache is emptied whole (`drain`) when nothing runs; until then `used` counts every cell
+taken since the last drain, and the batch admits work only when its worst case fits.
+"""
+
+from __future__ import annotations
+
+import llama_cpp
+
+
+class CellLedger:
+    def __init__(self, ctx: llama_cpp.llama_context_p, size: int, garbage: int) -> None:
+        self._mem = llama_cpp.llama_get_memory(ctx)
+        self.size = size
+        self.garbage = garbage  # the sequence id that holds removed cells until a drain
+        self.used = 0
+        self.drains = 0
+
+    @property
+    def free(self) -> int:
+        return self.size - self.used
+
+    def take(self, n: int) -> None:
+        """n tokens were decoded: each took one cell (a token shared by several
+        sequences is one cell)."""
+        self.used += n
+
+    def remove(self, seq: int, p0: int = -1) -> None:
+        """Take sequence `seq`'s cells from position p0 on away from it (not freeing them)."""
+        llama_cpp.llama_memory_seq_cp(self._mem, seq, self.garbage, p0, -1)
+        llama_cpp.llama_memory_seq_rm(self._mem, seq, p0, -1)
+
+    def drain(self) -> None:
+        """Empty the whole cache (every sequence, shared prefixes too): only when nothing runs."""
+        llama_cpp.llama_memory_clear(self._mem, False)
+        self.used = 0
+        self.drains += 1

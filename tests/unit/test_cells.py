@@ -1,0 +1,139 @@
+"""The batch's KV cells on a tiny random GGUF: a finished or cancelled neighbour's cells are
+never freed under a running sequence (its logits stay those it has alone), admission waits
+while the worst case does not fit, the cache drains when idle, and a whole job that does
+not fit beside the running sequences waits for them and then runs."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.domain.specs import RunnerSpec
+from sidecar.domain.types import Classification, ClassifyTask, Generation, Sampling
+from sidecar.worker.batch import NeedsRoom
+from sidecar.worker.process import _Worker
+from sidecar.worker.runner import LlamaRunner
+from sidecar.worker.sequence import Sequence
+
+LONG = [1, *range(20, 60)]  # a prompt, then greedy tokens of the random model
+
+
+@pytest.fixture
+def runner(tiny_model: Path) -> Iterator[LlamaRunner]:
+    r = LlamaRunner(RunnerSpec(tiny_model, 256, 1, 64, parallel=3))
+    yield r
+    r.close()
+
+
+def seq(r: LlamaRunner, key: int, tokens: list[int], n: int) -> Sequence:
+    return r._generate(key, tokens, n, Sampling(), None, None)
+
+
+def run(r: LlamaRunner, *seqs: Sequence, cancel_after: dict[int, int] | None = None) -> None:
+    for s in seqs:
+        r.batch.add(s)
+    steps = 0
+    while r.batch.busy:
+        r.batch.step()
+        steps += 1
+        for key, at in (cancel_after or {}).items():
+            if steps == at:
+                r.batch.cancel(key)
+
+
+@pytest.mark.parametrize("leaves", ["finishes", "is cancelled"])
+def test_a_neighbour_leaving_below_a_running_sequence_leaves_its_logits_as_alone(
+    runner: LlamaRunner, leaves: str
+) -> None:
+    alone = seq(runner, 1, LONG, 60)
+    run(runner, alone)
+    runner.batch._drain()
+    # The neighbour is admitted first, so its cells lie below the long sequence's; once it
+    # leaves, llama.cpp would put the long sequence's next tokens in them if they were freed.
+    neighbour = seq(runner, 2, [1, 7, 8, 9] * 20, 4 if leaves == "finishes" else 150)
+    beside = seq(runner, 1, LONG, 60)
+    run(runner, neighbour, beside, cancel_after={2: 3} if leaves == "is cancelled" else None)
+    assert len(beside.logprobs) == len(alone.logprobs) == 60
+    assert beside.logprobs == alone.logprobs  # bit for bit
+    assert beside.text.text == alone.text.text
+
+
+def test_cells_are_not_freed_until_the_idle_cache_drains(runner: LlamaRunner) -> None:
+    cells = runner.batch.cells
+    run(runner, seq(runner, 1, [1, 5, 6], 5))
+    assert cells.used == 3 + 4  # the prompt, then each generated token but the last
+    run(runner, seq(runner, 2, [1, 5, 6], 5))
+    assert cells.used == 14  # the first one's cells are still taken (by the garbage id)
+    drains = cells.drains
+    while cells.used <= cells.size // 2:
+        run(runner, seq(runner, 3, LONG, 60))
+    runner.batch.step()  # idle, past half full: emptied
+    assert (cells.used, cells.drains) == (0, drains + 1)
+
+
+def test_a_sequence_whose_worst_case_does_not_fit_waits_for_the_batch_to_drain(
+    runner: LlamaRunner,
+) -> None:
+    cells = runner.batch.cells
+    size = cells.size
+    a = seq(runner, 1, LONG, 200)
+    b = seq(runner, 2, LONG, 200)
+    runner.batch.add(a)
+    runner.batch.add(b)
+    runner.batch.step()
+    assert len(runner.batch.active) == 2
+    cells.take(size - cells.used - 2 * (len(LONG) + 200) + len(LONG) + 1)  # as if garbage
+    c = seq(runner, 3, LONG, 200)  # a third slot is free, but not the cells: it waits
+    runner.batch.add(c)
+    runner.batch.step()
+    assert c not in runner.batch.active and c.seq == -1
+    drains = cells.drains
+    run(runner)
+    assert cells.drains == drains + 1  # admitted after the two finished, on an empty cache
+    assert all(len(s.logprobs) == 200 for s in (a, b, c))
+    alone = seq(runner, 4, LONG, 200)
+    runner.batch._drain()
+    run(runner, alone)
+    assert c.logprobs == alone.logprobs
+
+
+def test_a_whole_job_that_does_not_fit_beside_running_sequences_waits_then_runs(
+    runner: LlamaRunner,
+) -> None:
+    task = ClassifyTask("what a lovely day", ("happy", "sad", "neutral"))
+    alone = runner.run_whole(task, lambda: False)
+    assert isinstance(alone, Classification)
+    runner.batch._drain()
+    long = seq(runner, 1, LONG, 150)
+    runner.batch.add(long)
+    runner.batch.step()
+    cells = runner.batch.cells
+    cells.take(cells.size - cells.used - (len(LONG) + 150))  # nothing left beside it
+    with pytest.raises(NeedsRoom):
+        runner.run_whole(task, lambda: False)
+
+    daemon, pipe = mp.Pipe()
+    for msg in (("run", 7, task, False), ("run", 8, task, False), ("cancel", 8)):
+        daemon.send(msg)
+    worker = _Worker(pipe, runner)
+    thread = threading.Thread(target=worker.serve)
+    thread.start()
+    order: list[tuple[Any, ...]] = []
+    while len(order) < 3:
+        m = daemon.recv()
+        if m[0] in ("done", "error"):
+            order.append(m)
+    daemon.send(("stop",))
+    thread.join(timeout=30)
+    got = {m[1]: m for m in order}
+    # The batch ran on, admitting nothing; once it was empty the job ran, on a drained cache.
+    assert [m[1] for m in order if m[1] != 8] == [1, 7]
+    assert isinstance(got[1][2], Generation) and len(long.logprobs) == 150
+    assert got[7][0] == "done" and got[7][2].scores == alone.scores
+    assert got[8][:3] == ("error", 8, "cancelled")
+    assert not runner.batch.hold
