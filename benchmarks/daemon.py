@@ -29,7 +29,7 @@ class Daemon:
         children: Children,
         tmp: Path,
         *,
-        model: Path | None = None,
+        model: Path | str | None = None,  # a GGUF path, or a configured model's name
         tag: str = "d",
         config: str = "",
         store: Path | None = None,

@@ -69,12 +69,39 @@ def run_peer(bench: Bench) -> None:
                 out["llama_server"][f"np{np}"] = {"startup_s": round(s.startup_s, 2)}
         c = stack.enter_context(d.client())
         makers: dict[str, Make] = {"daemon": _daemon_maker(d, stack)}
+        extras = _extra_daemons(bench, out, stack)
+        makers |= {name: _daemon_maker(x, stack) for name, x in extras.items()}
         makers |= {name: _server_maker(s, stack) for name, s in servers.items()}
         for make in makers.values():  # warm-up: every worker and slot has run
             load_test(make, 4, 1.0, bench.prompts)
         _load(bench, makers, out)
         _decode(bench, c, servers.get("np1"), out)
-        _same(bench, d, servers.get(f"np{SLOTS[-1]}"), out, stack)
+        _same(bench, {"daemon": d, **extras}, servers.get(f"np{SLOTS[-1]}"), out, stack)
+
+
+def _extra_daemons(bench: Bench, out: dict[str, Any], stack: ExitStack) -> dict[str, Daemon]:
+    """The daemon again with other `parallel` settings (--peer-parallel), beside the default."""
+    from benchmarks.daemon import Daemon
+
+    extras: dict[str, Daemon] = {}
+    for n in bench.a.peer_parallel:
+        config = f'[models.demo]\npath = "{bench.a.model}"\nparallel = {n}\n'
+        x = Daemon(bench.children, bench.tmp, model="demo", tag=f"p{n}", config=config,
+                   context=bench.a.context)  # fmt: skip
+        stack.callback(x.stop)
+        x.wait_ready()
+        extras[f"daemon_p{n}"] = x
+        out.setdefault("daemons", {})[f"daemon_p{n}"] = {"shape": {"parallel": n}}
+    return extras
+
+
+def where(out: dict[str, Any], name: str) -> dict[str, Any]:
+    """A backend's results: the default daemon's, another daemon shape's, or llama-server's."""
+    if name == "daemon":
+        return out["daemon"]  # type: ignore[no-any-return]
+    if name.startswith("daemon_"):
+        return out["daemons"][name]  # type: ignore[no-any-return]
+    return out["llama_server"][name]  # type: ignore[no-any-return]
 
 
 def daemon_defaults() -> dict[str, Any]:
@@ -92,8 +119,7 @@ def _load(bench: Bench, makers: dict[str, Make], out: dict[str, Any]) -> None:
         with cpu_hog(bench.children, key.endswith("hog")):
             for name in rotate(list(makers), level):
                 r = load_test(makers[name], n, bench.load_seconds, bench.prompts)
-                where = out["daemon"] if name == "daemon" else out["llama_server"][name]
-                where.setdefault("load", {})[key] = r
+                where(out, name).setdefault("load", {})[key] = r
                 log(f"peer {name} {key} clients: {r.get('req_s')} req/s")
 
 
@@ -136,23 +162,29 @@ def _decode(bench: Bench, c: Client, s: LlamaCppServer | None, out: dict[str, An
         for name, rs in runs.items():
             summary = summarise_decode(rs)
             summary.pop("_text", None)
-            where = out["daemon"] if name == "daemon" else out["llama_server"][name]
-            where.setdefault("decode", {})[cond] = summary
+            where(out, name).setdefault("decode", {})[cond] = summary
             log(f"peer {name} decode {cond}: {summary['decode_tok_s']['p50']} tok/s")
 
 
 def _same(
-    bench: Bench, d: Daemon, s: LlamaCppServer | None, out: dict[str, Any], stack: ExitStack
+    bench: Bench,
+    daemons: dict[str, Daemon],
+    s: LlamaCppServer | None,
+    out: dict[str, Any],
+    stack: ExitStack,
 ) -> None:
     """Greedy replies of N prompts, each alone and then all N concurrently: how many agree."""
     bench.mark("peer: alone vs batched")
     prompts = bench.prompts[100 : 100 + (12 if bench.a.quick else 22)]
 
-    def daemon_gen(_i: int) -> Callable[[str], str]:
-        cl = stack.enter_context(d.client())
-        return lambda p: str(cl.generate(p, max_tokens=SAME_TOKENS).text)
+    def daemon_gen(d: Daemon) -> Callable[[int], Callable[[str], str]]:
+        def make(_i: int) -> Callable[[str], str]:
+            cl = stack.enter_context(d.client())
+            return lambda p: str(cl.generate(p, max_tokens=SAME_TOKENS).text)
 
-    gens: dict[str, Callable[[int], Callable[[str], str]]] = {"daemon": daemon_gen}
+        return make
+
+    gens = {name: daemon_gen(d) for name, d in daemons.items()}
     if s is not None:
 
         def server_gen(_i: int, s: LlamaCppServer = s) -> Callable[[str], str]:
@@ -166,8 +198,7 @@ def _same(
         alone = [one(p) for p in prompts]
         batched = _all_at_once([make(i) for i in range(len(prompts))], prompts)
         same = sum(x == y for x, y in zip(alone, batched, strict=True))
-        where = out["daemon"] if name == "daemon" else out["llama_server"][name]
-        where["alone_vs_batched"] = {
+        where(out, name)["alone_vs_batched"] = {
             "identical": same,
             "of": len(prompts),
             "tokens": SAME_TOKENS,

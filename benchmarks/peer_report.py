@@ -58,6 +58,14 @@ def conclude_peer(p: dict[str, Any]) -> None:
     if idle and hog:
         ratios["daemon_decode_hog_over_idle"] = round(hog / idle, 3)
         ratios["daemon_decode_hog_target_ge_0.9_met"] = hog / idle >= 0.9
+    for name, x in p.get("daemons", {}).items():  # other daemon shapes (--peer-parallel)
+        for key in CLIENTS:
+            ours, (top, theirs) = g(x, "load", key, "req_s"), best(ls, "load", key, "req_s")
+            if ours and theirs:
+                ratios[f"req_s_{key}_clients_{name}_over_best"] = round(ours / theirs, 3)
+            main = g(dm, "load", key, "req_s")
+            if ours and main:
+                ratios[f"req_s_{key}_clients_{name}_over_daemon"] = round(ours / main, 3)
     p["ratios"] = ratios
 
 
@@ -118,6 +126,28 @@ def peer_table(r: dict[str, Any]) -> str:
     t.line(f"daemon decode beside the hog / idle: {f(hr, 2)} (target >= 0.9)")
     for name, d in (("daemon", dm), *((f"llama-server -np {np[2:]}", ls.get(np)) for np in NPS)):
         s = g(d, "alone_vs_batched")
+        if s:
+            t.line(
+                f"greedy {s['tokens']}-token replies identical alone and batched, {name}: "
+                f"{s['identical']} of {s['of']}"
+            )
+    for name, x in p.get("daemons", {}).items():
+        rates = " / ".join(f(g(x, "load", key, "req_s"), 2) for key in CLIENTS)
+        over = " / ".join(
+            f(ratios.get(f"req_s_{key}_clients_{name}_over_best"), 2) for key in CLIENTS
+        )
+        vs = " / ".join(
+            f(ratios.get(f"req_s_{key}_clients_{name}_over_daemon"), 2) for key in CLIENTS
+        )
+        t.line(
+            f"{name} (parallel={x['shape']['parallel']}), req/s at {' / '.join(CLIENTS)} "
+            f"clients: {rates}; over best ls: {over}; over the default daemon: {vs}"
+        )
+        for key in CLIENTS:
+            a_, b_ = g(x, "load", key, "latency_ms", "p50"), g(x, "load", key, "latency_ms", "p99")
+            if a_ is not None:
+                t.line(f"  {key} clients latency p50/p99 ms: {f(a_, 0)}/{f(b_, 0)}")
+        s = g(x, "alone_vs_batched")
         if s:
             t.line(
                 f"greedy {s['tokens']}-token replies identical alone and batched, {name}: "

@@ -4,6 +4,7 @@ side by side, on the demo model.
     scripts/bench              # the full run (~10-15 minutes on 2 cores)
     scripts/bench --quick      # a ~4-minute smoke run
     scripts/bench --only peer  # one part (or several: --only peer,transport)
+    scripts/bench --only peer --peer-parallel 1,4  # also the daemon with parallel 1 and 4
     scripts/bench --out PATH   # JSON somewhere else (default: bench-results/bench.json)
 
 Parts: side (below), peer (the daemon vs llama-server: benchmarks/peer_bench.py), threads
@@ -509,12 +510,29 @@ def parser() -> argparse.ArgumentParser:
         help=f"run only these parts, in this order (default: all): {','.join(PARTS)}",
     )
     ap.add_argument(
+        "--peer-parallel",
+        type=counts,
+        default=(),
+        metavar="N[,N]",
+        help="peer part: also the daemon with models.NAME.parallel = N, beside its defaults",
+    )
+    ap.add_argument(
         "--no-build-peer",
         dest="build_peer",
         action="store_false",
         help="skip the llama-server column rather than build it (scripts/build-llama-server)",
     )
     return ap
+
+
+def counts(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,4 (got {text!r})")
+    return values
 
 
 def parts(text: str) -> tuple[str, ...]:

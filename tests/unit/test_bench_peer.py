@@ -16,7 +16,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.peer import find_binary  # noqa: E402
 from benchmarks.peer_report import conclude_peer, peer_table  # noqa: E402
-from benchmarks.serving import PARTS, parts  # noqa: E402
+from benchmarks.serving import PARTS, counts, parts  # noqa: E402
 
 
 def load(req_s: float, p50: float) -> dict[str, Any]:
@@ -70,6 +70,32 @@ def test_peer_table_shows_each_configuration_and_the_ratio_to_the_best() -> None
     assert four.split()[3:7] == ["8.00", "4.00", "10.00", "n/a"]
     assert "0.80x vs np4 (>=1.2)" in four
     assert "daemon: 12 of 12" in text
+
+
+def test_other_daemon_shapes_are_compared_with_the_best_llama_server_and_the_default() -> None:
+    p = peer_results()
+    p["daemons"] = {
+        "daemon_p4": {
+            "shape": {"parallel": 4},
+            "load": {k: load(12.0, 300.0) for k in ("1", "4", "16", "4+hog")},
+            "alone_vs_batched": {"identical": 11, "of": 12, "tokens": 32},
+        }
+    }
+    conclude_peer(p)
+    r = p["ratios"]
+    assert r["req_s_4_clients_daemon_p4_over_best"] == 1.2  # np4's 10.0
+    assert r["req_s_4_clients_daemon_p4_over_daemon"] == 1.5
+    text = peer_table({"peer": p, "machine": {"cpu_model": "x"}})
+    line = next(x for x in text.splitlines() if x.startswith("daemon_p4 (parallel=4)"))
+    assert "12.00 / 12.00 / 12.00 / 12.00" in line and "1.50 / 1.50 / 1.50 / 1.50" in line
+    assert "daemon_p4: 11 of 12" in text
+
+
+def test_peer_parallel_takes_positive_counts() -> None:
+    assert counts("1,4") == (1, 4)
+    for bad in ("", "0", "x", "4,-1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            counts(bad)
 
 
 def test_peer_table_says_why_the_llama_server_column_was_skipped() -> None:
