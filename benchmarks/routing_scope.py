@@ -37,6 +37,9 @@ LEFT_OUT = 10  # intents left out per draw
 NONE_PER = 30  # training rows of each "none" intent given as out-of-scope examples
 NONE_LABEL = "__none__"
 TARGETS = {"oos_kept": 0.05, "in_kept": 0.85, "in_kept_accuracy": 0.95, "ece": 0.05}
+# Other operating points, from the same replies (novelty = 1 - p, out of scope when p < alpha).
+SWEEP_THRESHOLDS = (0.5, 0.6, 0.7, 0.8)
+SWEEP_ALPHAS = (0.05, 0.1, 0.2, 0.3)
 
 
 @dataclass(frozen=True)
@@ -128,12 +131,40 @@ def summarise(records: list[dict[str, Any]], threshold: float) -> dict[str, Any]
         "ece": expected_calibration_error(p[inside], ok[inside]),
         "auroc": auroc(nov[inside], nov[outside]),
         "auroc_confidence": auroc(-p[inside], -p[outside]),
+        "sweep": sweep(p, nov, oos, ok, outside),
     }
 
 
-def average(parts: list[dict[str, Any]]) -> dict[str, float]:
+def sweep(
+    p: np.ndarray, nov: np.ndarray, oos: np.ndarray, ok: np.ndarray, outside: np.ndarray
+) -> dict[str, dict[str, float]]:
+    """Kept local and its accuracy at other (classify_threshold, scope_alpha) pairs. A
+    larger alpha flags every row the default flags (its none-example rule included) and
+    those whose novelty passes 1 - alpha."""
+    out = {}
+    inside = ~outside
+    for t in SWEEP_THRESHOLDS:
+        for a in SWEEP_ALPHAS:
+            kept = (p >= t) & ~(oos | (np.nan_to_num(nov, nan=0.0) > 1 - a))
+            out[f"t{t}_a{a}"] = {
+                "oos_kept": float(kept[outside].mean()),
+                "in_kept": float(kept[inside].mean()),
+                "in_kept_accuracy": float(ok[inside & kept].mean())
+                if (inside & kept).any()
+                else 0.0,
+            }
+    return out
+
+
+def average(parts: list[dict[str, Any]]) -> dict[str, Any]:
     keys = [k for k, v in parts[0].items() if isinstance(v, float)]
-    return {k: float(np.mean([p[k] for p in parts])) for k in keys}
+    out: dict[str, Any] = {k: float(np.mean([p[k] for p in parts])) for k in keys}
+    if all("sweep" in p for p in parts):
+        out["sweep"] = {
+            point: {k: float(np.mean([p["sweep"][point][k] for p in parts])) for k in v}
+            for point, v in parts[0]["sweep"].items()
+        }
+    return out
 
 
 def table(r: dict[str, Any]) -> str:
@@ -160,4 +191,15 @@ def table(r: dict[str, Any]) -> str:
     a, b = r["without_none"], r["with_none"]
     for name, key, target in rows:
         t.row(name, f"{a[key]:.3f}", f"{b[key]:.3f}", target)
+    if "sweep" in a:
+        t.line("other operating points (without none examples): out-of-scope kept / in-scope "
+               "kept / accuracy of in-scope kept")  # fmt: skip
+        for th in SWEEP_THRESHOLDS:
+            cells = []
+            for al in SWEEP_ALPHAS:
+                x = a["sweep"][f"t{th}_a{al}"]
+                cells.append(
+                    f"a={al}: {x['oos_kept']:.2f}/{x['in_kept']:.2f}/{x['in_kept_accuracy']:.2f}"
+                )
+            t.line(f"  threshold {th}  " + "  ".join(cells))
     return t.render()

@@ -67,3 +67,18 @@ def test_the_figures_at_the_threshold() -> None:
     assert r["in_kept"] == 0.5 and r["in_kept_accuracy"] == 0.5 and r["in_flagged"] == 0.25
     # novelty: in-scope (0.1, 0.2, 0.3, 0.97) vs out (0.99, 0.5): 7 of 8 pairs ordered.
     assert r["auroc"] == pytest.approx(7 / 8)
+    # Other operating points from the same replies: alpha 0.3 also flags novelty > 0.7
+    # (nothing more here: 0.5 stays kept); threshold 0.5 keeps the 0.5 row.
+    assert r["sweep"]["t0.7_a0.05"]["oos_kept"] == r["oos_kept"]
+    assert r["sweep"]["t0.7_a0.3"]["oos_kept"] == 0.5
+    assert r["sweep"]["t0.5_a0.05"]["in_kept"] == 0.75
+    assert r["sweep"]["t0.8_a0.05"]["in_kept"] == 0.5
+    both = scope.average([r, r])
+    assert both["sweep"]["t0.5_a0.05"]["in_kept"] == 0.75 and both["oos_kept"] == 0.5
+    assert "threshold 0.5" in scope.table(
+        {"draws": [0, 1], "threshold": 0.7, "without_none": both, "with_none": both}
+    )
+    near = scope.summarise([rec("", "a", 0.9, 0.85, False), rec("a", "a", 0.9, 0.1, False)], 0.7)
+    assert near["sweep"]["t0.7_a0.05"]["oos_kept"] == 1.0
+    assert near["sweep"]["t0.7_a0.2"]["oos_kept"] == 0.0  # novelty 0.85 > 1 - 0.2
+    assert near["sweep"]["t0.7_a0.2"]["in_kept"] == 1.0
