@@ -42,6 +42,7 @@ LogFormat = Literal["text", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 SwapStrategy = Literal["side_by_side", "replace"]
 LoadPolicy = Literal["at_start", "on_demand"]
+KvCache = Literal["f16", "q8_0"]
 
 
 @dataclass(frozen=True)
@@ -399,6 +400,13 @@ class ModelConfig:
         "context window, so the KV cache grows with it. Above 1, greedy replies may differ "
         "slightly from the same request run alone.",
         minimum=1,
+    )
+    kv_cache: KvCache = setting(
+        "f16",
+        "How the KV cache stores keys and values. q8_0 takes about half the memory, and a "
+        "step that decodes one token may then use every idle core (with f16 it stays on one "
+        "thread, as llama.cpp's attention would otherwise round differently per thread "
+        "count); its logits differ slightly from f16's.",
     )
     max_rss_mb: int = setting(
         0,

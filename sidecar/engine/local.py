@@ -130,7 +130,8 @@ class PoolEngine:
         the file size when the header cannot be read (the load will say why)."""
         path = pool.spec.path
         try:
-            return footprint(check_gguf(path), pool.spec.kv_cells, pool.config.workers)
+            spec = pool.spec
+            return footprint(check_gguf(path), spec.kv_cells, pool.config.workers, spec.kv_bytes)
         except (SidecarError, OSError):
             return path.stat().st_size if path.is_file() else 0
 

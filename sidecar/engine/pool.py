@@ -87,6 +87,7 @@ class ModelPool:
             batch=config.batch,
             default_max_tokens=default_max_tokens,
             parallel=config.parallel,
+            kv_cache=config.kv_cache,
         )
         self._make_slot = make_slot
         self._slots: list[Slot] = []

@@ -201,9 +201,10 @@ class Swapper:
         return found
 
 
-def footprint(info: GGUFInfo, context: int, workers: int) -> int:
-    """Bytes the new model needs: weights once (shared mmap) + f16 KV cache per worker;
-    `context`: KV cells per worker (`RunnerSpec.kv_cells`: every sequence slot's window)."""
+def footprint(info: GGUFInfo, context: int, workers: int, kv_bytes: float = 2.0) -> int:
+    """Bytes the new model needs: weights once (shared mmap) + KV cache per worker;
+    `context`: KV cells per worker (`RunnerSpec.kv_cells`: every sequence slot's window);
+    `kv_bytes`: bytes per cached element (`RunnerSpec.kv_bytes`)."""
     arch = info.architecture
     meta = info.metadata
 
@@ -214,7 +215,7 @@ def footprint(info: GGUFInfo, context: int, workers: int) -> int:
     layers, embd = num("block_count"), num("embedding_length")
     heads = num("attention.head_count", 1) or 1
     kv_heads = num("attention.head_count_kv", heads) or heads
-    kv = 2 * layers * context * (embd * kv_heads // heads) * 2
+    kv = int(2 * layers * context * (embd * kv_heads // heads) * kv_bytes)
     return info.file_size + kv * workers
 
 
@@ -251,7 +252,7 @@ async def switch(
         info = await asyncio.to_thread(check, path)
     except SidecarError as e:
         raise SwapRefused("validating", e.message) from None
-    need = footprint(info, pool.spec.kv_cells, pool.config.workers)
+    need = footprint(info, pool.spec.kv_cells, pool.config.workers, pool.spec.kv_bytes)
     available = psutil.virtual_memory().available
     progress("memory", f"needs ~{need // MiB} MiB, {available // MiB} MiB available")
     if strategy == "side_by_side" and need > available:

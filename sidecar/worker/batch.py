@@ -22,12 +22,19 @@ cell order (tests/e2e/test_cell_order.py): when a sequence's later tokens land i
 before its earlier ones, its logits change (by up to 0.75 here, and the greedy reply with
 them). llama.cpp puts new tokens at the cache's head and moves the head back to the first
 cell a removal frees, so a finished or cancelled neighbour, a Classify job or an evicted
-prefix would let a running sequence's next tokens land below its own. So cells are never
-freed while anything runs (`cells`): removed sequences are retagged to a garbage id, the
-head only moves up, and the whole cache is emptied when the batch is idle and more than
-half full, or when the next request's worst case (prompt + max_tokens) does not fit beside
-the running ones' (then it waits for them: admission stays in order). A whole job that does
-not fit raises NeedsRoom, and the worker holds admission until the batch drains.
+prefix would let a running sequence's next tokens land below its own. So with more than
+one slot, cells are never freed while anything runs (`cells`): removed sequences are
+retagged to a garbage id, the head only moves up, and the whole cache is emptied when the
+batch is idle and more than half full, or when the next request's worst case (prompt +
+max_tokens) does not fit beside the running ones' (then it waits for them: admission stays
+in order). A whole job that does not fit raises NeedsRoom, and the worker holds admission
+until the batch drains. With one slot, cells are freed as llama.cpp frees them: a request
+then lands where it would alone, which kept cells would not give it, because with an f16
+cache two kernels depend on where the cells lie (the tiled one for calls of 64 rows or
+more, and the split one for a one-row call over 512 cells or more: tests/service/
+test_workers.py failed 1 run in 3 with kept cells at one slot). For the same reason a long
+prompt block beside other sequences can still round differently from alone at parallel > 1
+with f16; a q8_0 cache (models.NAME.kv_cache) takes neither kernel.
 
 Shared prefixes: a task's fixed instructions are decoded once into a prefix sequence
 (ids parallel..parallel+PREFIXES-1) and copied to each request that starts with them,
@@ -44,7 +51,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals as internals
 
-from sidecar.domain.errors import InternalError, SidecarError
+from sidecar.domain.errors import FailedPrecondition, InternalError, SidecarError
 from sidecar.domain.specs import RunnerSpec
 from sidecar.domain.types import Result
 from sidecar.worker.cells import CellLedger
@@ -56,6 +63,7 @@ PREFIXES = 4  # shared prefixes kept (LRU)
 MIX_ROWS = 32  # rows a shared decode call stays below (see `_plan`)
 BIG_BLOCKS_PER_STEP = 1
 SPARE_SEQS = 128  # sequence ids above the slots and prefixes, for whole jobs (Classify)
+KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 ShouldStop = Callable[[], bool]
 Outcome = tuple[Sequence, Result | SidecarError | None]  # None: cancelled
 
@@ -96,14 +104,28 @@ class BatchDecoder:
         )
         params.kv_unified = True
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        params.type_k = params.type_v = KV_TYPES[spec.kv_cache]
+        # ggml's CPU attention takes its split-cache and tiled paths only for f16/f32 caches.
+        self._split_kv = spec.kv_cache == "f16"
         params.n_threads = params.n_threads_batch = spec.threads
-        self.ctx = internals.LlamaContext(model=model, params=params, verbose=False)
+        try:
+            self.ctx = internals.LlamaContext(model=model, params=params, verbose=False)
+        except ValueError:
+            if spec.kv_cache == "f16":
+                raise
+            raise FailedPrecondition(
+                f"llama.cpp could not make a {spec.kv_cache} KV cache for this model (it stores "
+                "keys and values in blocks of 32, so each attention head must be a multiple of "
+                'that wide): set this model\'s kv_cache = "f16"'
+            ) from None
         self.n_seq_max = params.n_seq_max
         self.free_seq = spec.parallel + PREFIXES  # the first id whole jobs may use
         self._mem = llama_cpp.llama_get_memory(self.ctx.ctx)
         # The last id holds removed cells until the batch drains (see `cells`).
         size = min(spec.kv_cells, int(llama_cpp.llama_n_ctx(self.ctx.ctx)))
-        self.cells = CellLedger(self.ctx.ctx, size, garbage=self.n_seq_max - 1)
+        self.cells = CellLedger(
+            self.ctx.ctx, size, garbage=self.n_seq_max - 1, keep=spec.parallel > 1
+        )
         self.hold = False  # admit nothing new: a whole job waits for the batch to drain
         self._vocab = model.vocab
         self._n_vocab = model.n_vocab()
@@ -338,11 +360,12 @@ class BatchDecoder:
 
     def _set_threads(self, rows: int) -> None:
         # Each step uses the cores other processes leave idle, up to `threads` (see `cores`),
-        # except a call of one row: for it ggml's CPU flash attention splits the cache
-        # between the threads once it holds 512 cells, and the partial sums then round
-        # differently for each thread count. One thread keeps such a step bit-identical
-        # to the same sequence decoded beside others (rows >= 2 never take that path).
-        threads = 1 if rows == 1 else self.governor.threads()
+        # except a call of one row on an f16 cache: for it ggml's CPU flash attention splits
+        # the cache between the threads once it holds 512 cells, and the partial sums then
+        # round differently for each thread count. One thread keeps such a step bit-identical
+        # to the same sequence decoded beside others (rows >= 2 never take that path; a
+        # q8_0 cache never does, and each head's row is then one thread's whatever the count).
+        threads = 1 if rows == 1 and self._split_kv else self.governor.threads()
         if threads != self._threads:
             llama_cpp.llama_set_n_threads(self.ctx.ctx, threads, threads)
             self._threads = threads

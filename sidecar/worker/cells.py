@@ -17,8 +17,14 @@ import llama_cpp
 
 
 class CellLedger:
-    def __init__(self, ctx: llama_cpp.llama_context_p, size: int, garbage: int) -> None:
+    def __init__(
+        self, ctx: llama_cpp.llama_context_p, size: int, garbage: int, keep: bool = True
+    ) -> None:
         self._mem = llama_cpp.llama_get_memory(ctx)
+        # keep=False (one generation slot): cells are freed as llama.cpp does, which keeps
+        # each request's cells where the same request alone would put them; nothing else
+        # runs beside a sequence then but whole jobs, whose cells lie above it.
+        self.keep = keep
         self.size = size
         self.garbage = garbage  # the sequence id that holds removed cells until a drain
         self.used = 0
@@ -31,11 +37,13 @@ class CellLedger:
     def take(self, n: int) -> None:
         """n tokens were decoded: each took one cell (a token shared by several
         sequences is one cell)."""
-        self.used += n
+        if self.keep:
+            self.used += n
 
     def remove(self, seq: int, p0: int = -1) -> None:
         """Take sequence `seq`'s cells from position p0 on away from it (not freeing them)."""
-        llama_cpp.llama_memory_seq_cp(self._mem, seq, self.garbage, p0, -1)
+        if self.keep:
+            llama_cpp.llama_memory_seq_cp(self._mem, seq, self.garbage, p0, -1)
         llama_cpp.llama_memory_seq_rm(self._mem, seq, p0, -1)
 
     def drain(self) -> None:

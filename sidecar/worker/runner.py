@@ -89,6 +89,9 @@ class LlamaRunner:
             own, self.llm._ctx = self.llm._ctx, self.batch.ctx
             own.close()
             self._stack.callback(self.batch.close)
+        except SidecarError:
+            self._stack.close()
+            raise
         except ValueError as e:  # llama-cpp-python's way of saying the file did not load
             self._stack.close()
             raise FailedPrecondition(f"cannot load model {spec.path}: {e}") from None

@@ -159,6 +159,7 @@ STILL_RUNNING: dict[str, Callable[[App], Any]] = {
     "models.NAME.threads": lambda app: _pool(app).spec.threads,
     "models.NAME.batch": lambda app: _pool(app).spec.batch,
     "models.NAME.parallel": lambda app: _pool(app).spec.parallel,
+    "models.NAME.kv_cache": lambda app: _pool(app).spec.kv_cache,
     "default_model": lambda app: app.local.default_model,
     "store.path": lambda app: app.store.root,
 }

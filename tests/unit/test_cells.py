@@ -11,8 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
 import pytest
+from tiny_gguf import write_tiny_llama
 
+from sidecar.domain.errors import FailedPrecondition
 from sidecar.domain.specs import RunnerSpec
 from sidecar.domain.types import Classification, ClassifyTask, Generation, Sampling
 from sidecar.worker.batch import NeedsRoom
@@ -21,6 +24,12 @@ from sidecar.worker.runner import LlamaRunner
 from sidecar.worker.sequence import Sequence
 
 LONG = [1, *range(20, 60)]  # a prompt, then greedy tokens of the random model
+
+
+@pytest.fixture(scope="module")
+def wide_heads(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model whose heads are 32 wide: a q8_0 cache needs a multiple of 32."""
+    return write_tiny_llama(tmp_path_factory.mktemp("m") / "wide.gguf", seed=3, n_head=2)
 
 
 @pytest.fixture
@@ -46,10 +55,19 @@ def run(r: LlamaRunner, *seqs: Sequence, cancel_after: dict[int, int] | None = N
                 r.batch.cancel(key)
 
 
+@pytest.mark.parametrize("kv", ["f16", "q8_0"])
 @pytest.mark.parametrize("leaves", ["finishes", "is cancelled"])
 def test_a_neighbour_leaving_below_a_running_sequence_leaves_its_logits_as_alone(
-    runner: LlamaRunner, leaves: str
+    wide_heads: Path, leaves: str, kv: str
 ) -> None:
+    runner = LlamaRunner(RunnerSpec(wide_heads, 256, 1, 64, parallel=3, kv_cache=kv))
+    try:
+        _neighbour_leaves(runner, leaves)
+    finally:
+        runner.close()
+
+
+def _neighbour_leaves(runner: LlamaRunner, leaves: str) -> None:
     alone = seq(runner, 1, LONG, 60)
     run(runner, alone)
     runner.batch._drain()
@@ -74,6 +92,18 @@ def test_cells_are_not_freed_until_the_idle_cache_drains(runner: LlamaRunner) ->
         run(runner, seq(runner, 3, LONG, 60))
     runner.batch.step()  # idle, past half full: emptied
     assert (cells.used, cells.drains) == (0, drains + 1)
+
+
+def test_with_one_slot_cells_are_freed_as_llama_cpp_frees_them(tiny_model: Path) -> None:
+    r = LlamaRunner(RunnerSpec(tiny_model, 256, 1, 64, parallel=1))
+    try:
+        mem = llama_cpp.llama_get_memory(r.batch.ctx.ctx)
+        for key in (1, 2):
+            run(r, seq(r, key, LONG, 20))
+            assert r.batch.cells.used == 0
+            assert llama_cpp.llama_memory_seq_pos_max(mem, r.batch.cells.garbage) == -1
+    finally:
+        r.close()
 
 
 def test_a_sequence_whose_worst_case_does_not_fit_waits_for_the_batch_to_drain(
@@ -137,3 +167,30 @@ def test_a_whole_job_that_does_not_fit_beside_running_sequences_waits_then_runs(
     assert got[7][0] == "done" and got[7][2].scores == alone.scores
     assert got[8][:3] == ("error", 8, "cancelled")
     assert not runner.batch.hold
+
+
+@pytest.mark.parametrize(("kv", "threads"), [("f16", 1), ("q8_0", 2)])
+def test_a_one_token_step_uses_the_idle_cores_only_on_a_q8_0_cache(
+    wide_heads: Path, kv: str, threads: int
+) -> None:
+    r = LlamaRunner(RunnerSpec(wide_heads, 256, 2, 64, parallel=2, kv_cache=kv))
+    try:
+        r.batch.governor.threads = lambda: 2  # type: ignore[method-assign]  # both cores idle
+        run(r, seq(r, 1, LONG, 8))  # the prompt, then one-token steps
+        assert r.batch._threads == threads
+    finally:
+        r.close()
+
+
+def test_a_q8_0_cache_is_counted_at_its_size_in_the_memory_footprint() -> None:
+    from sidecar.domain.specs import RunnerSpec as Spec
+
+    f16, q8 = Spec(Path("m"), 1024, 1, 64), Spec(Path("m"), 1024, 1, 64, kv_cache="q8_0")
+    assert f16.kv_bytes == 2.0 and q8.kv_bytes == 34 / 32
+
+
+def test_a_model_whose_heads_a_q8_0_cache_cannot_hold_is_refused_with_the_fix(
+    tiny_model: Path,
+) -> None:
+    with pytest.raises(FailedPrecondition, match='kv_cache = "f16"'):
+        LlamaRunner(RunnerSpec(tiny_model, 256, 1, 64, kv_cache="q8_0"))  # heads 16 wide
