@@ -124,14 +124,17 @@ def peer_table(r: dict[str, Any]) -> str:
         t.line(f"  (decodes cut short, tokens per rep: {'; '.join(short)})")
     hr = ratios.get("daemon_decode_hog_over_idle")
     t.line(f"daemon decode beside the hog / idle: {f(hr, 2)} (target >= 0.9)")
-    for name, d in (("daemon", dm), *((f"llama-server -np {np[2:]}", ls.get(np)) for np in NPS)):
+    daemons = p.get("daemons", {})
+    backends = (("daemon", dm), *daemons.items(),
+                *((f"llama-server -np {np[2:]}", ls.get(np)) for np in NPS))  # fmt: skip
+    for name, d in backends:
         s = g(d, "alone_vs_batched")
         if s:
             t.line(
                 f"greedy {s['tokens']}-token replies identical alone and batched, {name}: "
                 f"{s['identical']} of {s['of']}"
             )
-    for name, x in p.get("daemons", {}).items():
+    for name, x in daemons.items():
         rates = " / ".join(f(g(x, "load", key, "req_s"), 2) for key in CLIENTS)
         over = " / ".join(
             f(ratios.get(f"req_s_{key}_clients_{name}_over_best"), 2) for key in CLIENTS
@@ -147,10 +150,4 @@ def peer_table(r: dict[str, Any]) -> str:
             a_, b_ = g(x, "load", key, "latency_ms", "p50"), g(x, "load", key, "latency_ms", "p99")
             if a_ is not None:
                 t.line(f"  {key} clients latency p50/p99 ms: {f(a_, 0)}/{f(b_, 0)}")
-        s = g(x, "alone_vs_batched")
-        if s:
-            t.line(
-                f"greedy {s['tokens']}-token replies identical alone and batched, {name}: "
-                f"{s['identical']} of {s['of']}"
-            )
     return t.render()

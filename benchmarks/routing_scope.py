@@ -143,9 +143,10 @@ def sweep(
     those whose novelty passes 1 - alpha."""
     out = {}
     inside = ~outside
+    novelty = np.nan_to_num(nov, nan=0.0)  # unmeasured: never past a cut
     for t in SWEEP_THRESHOLDS:
         for a in SWEEP_ALPHAS:
-            kept = (p >= t) & ~(oos | (np.nan_to_num(nov, nan=0.0) > 1 - a))
+            kept = (p >= t) & ~(oos | (novelty > 1 - a))
             out[f"t{t}_a{a}"] = {
                 "oos_kept": float(kept[outside].mean()),
                 "in_kept": float(kept[inside].mean()),

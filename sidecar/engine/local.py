@@ -128,9 +128,9 @@ class PoolEngine:
     def _footprint(self, pool: ModelPool) -> int:
         """Bytes `pool` takes loaded: weights plus KV cache per worker (`swap.footprint`);
         the file size when the header cannot be read (the load will say why)."""
-        path = pool.spec.path
+        spec = pool.spec
+        path = spec.path
         try:
-            spec = pool.spec
             return footprint(check_gguf(path), spec.kv_cells, pool.config.workers, spec.kv_bytes)
         except (SidecarError, OSError):
             return path.stat().st_size if path.is_file() else 0

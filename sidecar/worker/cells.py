@@ -9,6 +9,7 @@ runs: a removed sequence's cells are handed to a reserved garbage sequence (whic
 attends to), so every cell below the head stays taken and the head only moves up. The
 cache is emptied whole (`drain`) when nothing runs; until then `used` counts every cell
 taken since the last drain, and the batch admits work only when its worst case fits.
+With one generation slot (`keep=False`) cells are freed as llama.cpp frees them.
 """
 
 from __future__ import annotations

@@ -66,7 +66,6 @@ class _Worker:
             if self.deferred and not batch.active:  # drained: their turn, first
                 self.inbox.extendleft(reversed(self.deferred))
                 self.deferred.clear()
-            batch.hold = bool(self.deferred)
             if not batch.busy and not self.inbox:
                 try:
                     self.conn.poll(None)  # idle: sleep until the daemon speaks
@@ -79,6 +78,7 @@ class _Worker:
                 self._handle(self.inbox.popleft())
             if self.stopping:
                 break
+            batch.hold = bool(self.deferred)  # admit nothing new until the batch drains
             for seq, outcome in batch.step():
                 self._report(seq.key, outcome)
         for s in [*batch.active, *batch.waiting]:
@@ -131,7 +131,6 @@ class _Worker:
             self._report(job_id, result)
         except NeedsRoom:
             self.deferred.append(msg)
-            self.runner.batch.hold = True
         except Stopped:
             self._report(job_id, None)
         except SidecarError as e:
