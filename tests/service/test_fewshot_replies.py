@@ -108,3 +108,5 @@ async def test_after_a_swap_replies_name_the_new_version(
         raise AssertionError("the task never came back after the swap")
     assert r.model.version == new == (await s.client.status()).models[0].model.version
     assert_timed(r)
+    # The out-of-scope calibration was fitted again with the rest, on the new model's vectors.
+    assert r.HasField("novelty") and 0.0 <= r.novelty <= 1.0
