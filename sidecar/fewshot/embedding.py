@@ -68,8 +68,8 @@ class Embedder:
         self._partial[key] = done
         while len(self._partial) > PARTIAL_KEEP:
             self._partial.popitem(last=False)
-        # Shortest first: a job then holds texts of similar lengths, and the worker decodes
-        # texts of one token length together (see sidecar/worker/embed.py).
+        # Shortest first: a job then holds texts of similar lengths, and the worker pads the
+        # texts of a decode to one token length (see sidecar/worker/embed.py).
         pending = deque(
             sorted((i for i in range(len(texts)) if not done.have[i]), key=lambda i: size(texts[i]))
         )

@@ -9,8 +9,8 @@ texts were packed into jobs, resumed or not. Streams are at least 256 cells (lla
 pads them), so `STREAMS` bounds the KV memory: STREAMS x max(256, batch) cells.
 
 Pooling is done here, not by llama.cpp (its mean is per micro-batch): each text's token
-rows are averaged in float64, in order. One decode holds texts of one token length (see
-`means`).
+rows are averaged in float64, in order. The texts of one decode are padded at their end to
+one token length (see `means`).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ class BatchEmbedder:
         self._batch = internals.LlamaBatch(n_tokens=spec.batch, embd=0, n_seq_max=1, verbose=False)
         self.n_embd = model.n_embd()
         self.decodes = 0  # how many llama_decode calls so far (tests, metrics)
+        self.padding = 0  # tokens decoded only to make a decode's texts one length
 
     def close(self) -> None:
         self._batch.close()  # type: ignore[no-untyped-call]
@@ -105,49 +106,49 @@ class BatchEmbedder:
     def means(self, texts: Sequence[list[int]]) -> F32:
         """The mean token embedding of each tokenized text, shape (len(texts), n_embd).
 
-        A decode holds texts of one length only: llama.cpp then takes each in one
-        micro-batch, as when it is alone (texts of unequal lengths are split into several
-        micro-batches, and a text continued in a later one came out different: up to 5e-2
-        on SmolLM2-135M). Sorting by length costs nothing: llama.cpp would need one
-        micro-batch per distinct length anyway.
+        Every text of a decode is padded at its end to the longest one's length: llama.cpp
+        then takes each in one micro-batch, as when it is alone (texts of unequal lengths
+        are split into several micro-batches, and a text continued in a later one came out
+        different: up to 5e-2 on SmolLM2-135M). Padding at the end changes nothing before
+        it (attention is causal, and each text has its own KV stream), and only the
+        text's own rows are averaged. Texts go in length order, so neighbours are of
+        nearly one length and little is wasted on padding.
         """
         out = np.empty((len(texts), self.n_embd), np.float32)
         order = sorted(range(len(texts)), key=lambda k: len(texts[k]))
         i = 0
         while i < len(order):
-            n = len(texts[order[i]])
             j = i + 1
             while (
                 j < len(order)
                 and j - i < self.streams
-                and len(texts[order[j]]) == n
-                and (j - i + 1) * n <= self._batch_tokens
+                and (j - i + 1) * len(texts[order[j]]) <= self._batch_tokens
             ):
                 j += 1
             group = order[i:j]
-            out[group] = self._decode([texts[k] for k in group], n * len(group))
+            out[group] = self._decode([texts[k] for k in group])
             i = j
         return out
 
-    def _decode(self, texts: Sequence[list[int]], n_tokens: int) -> F32:
+    def _decode(self, texts: Sequence[list[int]]) -> F32:
         if self._governor is not None:  # the cores other processes leave idle, as in `batch`
             threads = self._governor.threads()
             if threads != self._threads:
                 llama_cpp.llama_set_n_threads(self.ctx.ctx, threads, threads)
                 self._threads = threads
+        width = max(map(len, texts))  # the last text is the longest (length order)
         self.ctx.kv_cache_clear()  # type: ignore[no-untyped-call]
         self._batch.reset()  # type: ignore[no-untyped-call]
         for seq, toks in enumerate(texts):
-            self._batch.add_sequence(toks, seq, True)
+            self._batch.add_sequence(toks + toks[-1:] * (width - len(toks)), seq, True)
         self.ctx.decode(self._batch)
         self.decodes += 1
+        self.padding += width * len(texts) - sum(map(len, texts))
         ptr = llama_cpp.llama_get_embeddings(self.ctx.ctx)
-        rows = np.ctypeslib.as_array(ptr, shape=(n_tokens, self.n_embd))
+        rows = np.ctypeslib.as_array(ptr, shape=(width * len(texts), self.n_embd))
         out = np.empty((len(texts), self.n_embd), np.float32)
-        pos = 0
         for k, toks in enumerate(texts):
-            out[k] = rows[pos : pos + len(toks)].mean(axis=0, dtype=np.float64)
-            pos += len(toks)
+            out[k] = rows[k * width : k * width + len(toks)].mean(axis=0, dtype=np.float64)
         return out
 
 

@@ -60,9 +60,18 @@ def test_texts_are_packed_by_streams_and_batch_tokens(embedder: BatchEmbedder) -
     before = embedder.decodes
     embedder.means([[1] * 40, [1] * 40])  # 80 tokens > batch 64: two decodes
     assert embedder.decodes - before == 2
+    before, padded = embedder.decodes, embedder.padding
+    embedder.means([[1, 2], [1, 2, 3], [4, 5]])  # the short ones padded to 3 tokens
+    assert (embedder.decodes - before, embedder.padding - padded) == (1, 2)
+
+
+def test_a_text_padded_to_its_neighbours_length_embeds_as_alone(embedder: BatchEmbedder) -> None:
+    texts = [embedder.tokens(t) for t in ("x", "a cat", "hello there, world")]
+    alone = np.vstack([embedder.means([t]) for t in texts])
     before = embedder.decodes
-    embedder.means([[1, 2], [1, 2, 3], [4, 5]])  # one length per decode
-    assert embedder.decodes - before == 2
+    together = embedder.means(texts)
+    assert embedder.decodes - before == 1
+    assert np.array_equal(alone, together)
 
 
 def test_a_too_long_text_fails_its_own_job_only(embedder: BatchEmbedder) -> None:
