@@ -15,6 +15,7 @@ prompts alone, then all N at once).
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -80,19 +81,30 @@ def run_peer(bench: Bench) -> None:
 
 
 def _extra_daemons(bench: Bench, out: dict[str, Any], stack: ExitStack) -> dict[str, Daemon]:
-    """The daemon again with other `parallel` settings (--peer-parallel), beside the default."""
+    """The daemon again with other model settings (--peer-parallel, --peer-shape), beside
+    the default."""
     from benchmarks.daemon import Daemon
 
+    shapes = [{"parallel": n} for n in bench.a.peer_parallel] + list(bench.a.peer_shape)
     extras: dict[str, Daemon] = {}
-    for n in bench.a.peer_parallel:
-        config = f'[models.demo]\npath = "{bench.a.model}"\nparallel = {n}\n'
-        x = Daemon(bench.children, bench.tmp, model="demo", tag=f"p{n}", config=config,
-                   context=bench.a.context)  # fmt: skip
+    for shape in shapes:
+        name = shape_name(shape)
+        keys = "".join(f"{k} = {json.dumps(v)}\n" for k, v in shape.items())
+        config = f'[models.demo]\npath = "{bench.a.model}"\n{keys}'
+        x = Daemon(bench.children, bench.tmp, model="demo", tag=name.removeprefix("daemon_"),
+                   config=config, context=bench.a.context)  # fmt: skip
         stack.callback(x.stop)
         x.wait_ready()
-        extras[f"daemon_p{n}"] = x
-        out.setdefault("daemons", {})[f"daemon_p{n}"] = {"shape": {"parallel": n}}
+        extras[name] = x
+        out.setdefault("daemons", {})[name] = {"shape": shape}
     return extras
+
+
+def shape_name(shape: dict[str, Any]) -> str:
+    """daemon_p4 for {"parallel": 4}; daemon_p4-kv_cache=f16 for one more setting."""
+    rest = [f"{k}={v}" for k, v in shape.items() if k != "parallel"]
+    head = [f"p{shape['parallel']}"] if "parallel" in shape else []
+    return "daemon_" + "-".join(head + rest)
 
 
 def where(out: dict[str, Any], name: str) -> dict[str, Any]:

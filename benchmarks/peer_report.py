@@ -58,7 +58,9 @@ def conclude_peer(p: dict[str, Any]) -> None:
     if idle and hog:
         ratios["daemon_decode_hog_over_idle"] = round(hog / idle, 3)
         ratios["daemon_decode_hog_target_ge_0.9_met"] = hog / idle >= 0.9
-    for name, x in p.get("daemons", {}).items():  # other daemon shapes (--peer-parallel)
+    for name, x in p.get(
+        "daemons", {}
+    ).items():  # other daemon shapes (--peer-parallel, --peer-shape)
         for key in CLIENTS:
             ours, (top, theirs) = g(x, "load", key, "req_s"), best(ls, "load", key, "req_s")
             if ours and theirs:
@@ -143,7 +145,7 @@ def peer_table(r: dict[str, Any]) -> str:
             f(ratios.get(f"req_s_{key}_clients_{name}_over_daemon"), 2) for key in CLIENTS
         )
         t.line(
-            f"{name} (parallel={x['shape']['parallel']}), req/s at {' / '.join(CLIENTS)} "
+            f"{name} ({', '.join(f'{k}={v}' for k, v in x['shape'].items())}), req/s at {' / '.join(CLIENTS)} "
             f"clients: {rates}; over best ls: {over}; over the default daemon: {vs}"
         )
         for key in CLIENTS:

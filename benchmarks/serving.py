@@ -5,6 +5,7 @@ side by side, on the demo model.
     scripts/bench --quick      # a ~4-minute smoke run
     scripts/bench --only peer  # one part (or several: --only peer,transport)
     scripts/bench --only peer --peer-parallel 1,4  # also the daemon with parallel 1 and 4
+    scripts/bench --only peer --peer-shape parallel=4,kv_cache=f16  # and any other settings
     scripts/bench --out PATH   # JSON somewhere else (default: bench-results/bench.json)
 
 Parts: side (below), peer (the daemon vs llama-server: benchmarks/peer_bench.py), threads
@@ -517,6 +518,15 @@ def parser() -> argparse.ArgumentParser:
         help="peer part: also the daemon with models.NAME.parallel = N, beside its defaults",
     )
     ap.add_argument(
+        "--peer-shape",
+        type=shape,
+        action="append",
+        default=[],
+        metavar="KEY=V[,KEY=V]",
+        help="peer part: also the daemon with these models.NAME settings (repeatable), e.g. "
+        "parallel=4,kv_cache=f16",
+    )
+    ap.add_argument(
         "--no-build-peer",
         dest="build_peer",
         action="store_false",
@@ -533,6 +543,20 @@ def counts(text: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers like 1,4 (got {text!r})")
     return values
+
+
+def shape(text: str) -> dict[str, Any]:
+    """Model settings for one more daemon: integers stay integers, the rest are strings."""
+    out: dict[str, Any] = {}
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE[,KEY=VALUE] (got {text!r})")
+        v = value.strip()
+        out[key.strip()] = int(v) if v.isdigit() else v
+    if not out:
+        raise argparse.ArgumentTypeError("expected KEY=VALUE[,KEY=VALUE] (got nothing)")
+    return out
 
 
 def parts(text: str) -> tuple[str, ...]:

@@ -15,8 +15,9 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.peer import find_binary  # noqa: E402
+from benchmarks.peer_bench import shape_name  # noqa: E402
 from benchmarks.peer_report import conclude_peer, peer_table  # noqa: E402
-from benchmarks.serving import PARTS, counts, parts  # noqa: E402
+from benchmarks.serving import PARTS, counts, parts, shape  # noqa: E402
 
 
 def load(req_s: float, p50: float) -> dict[str, Any]:
@@ -89,6 +90,28 @@ def test_other_daemon_shapes_are_compared_with_the_best_llama_server_and_the_def
     line = next(x for x in text.splitlines() if x.startswith("daemon_p4 (parallel=4)"))
     assert "12.00 / 12.00 / 12.00 / 12.00" in line and "1.50 / 1.50 / 1.50 / 1.50" in line
     assert "daemon_p4: 11 of 12" in text
+
+
+def test_peer_shape_takes_settings_and_names_the_daemon_after_them() -> None:
+    assert shape("parallel=4, kv_cache=f16") == {"parallel": 4, "kv_cache": "f16"}
+    for bad in ("", "parallel", "=4", "kv_cache="):
+        with pytest.raises(argparse.ArgumentTypeError):
+            shape(bad)
+    assert shape_name({"parallel": 4}) == "daemon_p4"
+    assert shape_name({"parallel": 4, "kv_cache": "f16"}) == "daemon_p4-kv_cache=f16"
+    p = peer_results()
+    p["daemons"] = {
+        "daemon_p4-kv_cache=f16": {
+            "shape": {"parallel": 4, "kv_cache": "f16"},
+            "load": {k: load(12.0, 300.0) for k in ("1", "4", "16", "4+hog")},
+        }
+    }
+    conclude_peer(p)
+    assert p["ratios"]["req_s_4_clients_daemon_p4-kv_cache=f16_over_best"] == 1.2
+    text = peer_table({"peer": p, "machine": {"cpu_model": "x"}})
+    assert any(
+        x.startswith("daemon_p4-kv_cache=f16 (parallel=4, kv_cache=f16)") for x in text.splitlines()
+    )
 
 
 def test_peer_parallel_takes_positive_counts() -> None:
