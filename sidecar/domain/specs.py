@@ -18,7 +18,7 @@ class RunnerSpec:
     batch: int
     default_max_tokens: int = 256
     parallel: int = 1  # sequences one worker decodes together (its job capacity)
-    kv_cache: str = "f16"  # "f16" | "q8_0": the KV cache's element type
+    kv_cache: str = "f16"  # "f16" | "q8_0" | "auto": the KV cache's element type
     # How the daemon logs (level, format), in `logs.current()`'s order; a slot stamps the
     # current one as it starts a worker, so that its workers log alike.
     log: tuple[str, str] = field(default=("info", "text"), compare=False)
@@ -29,10 +29,25 @@ class RunnerSpec:
         spare window for shared prefixes and whole jobs (Classify) between steps."""
         return self.context * (self.parallel + 1)
 
-    @property
-    def kv_bytes(self) -> float:
-        """Bytes per cached key or value element (q8_0: 34 bytes per block of 32)."""
-        return 34 / 32 if self.kv_cache == "q8_0" else 2.0
+
+Q8_0_BLOCK = 32  # elements per q8_0 block: a head must be a whole number of blocks
+
+
+def kv_cache_type(choice: str, head_widths: tuple[int, int]) -> str:
+    """The KV cache type `choice` means for a model whose key and value heads are
+    `head_widths` wide: "auto" takes q8_0 wherever its blocks fit the heads. Why q8_0:
+    besides half the memory, ggml's attention then takes no per-thread-count or
+    per-cell-layout kernel, so a one-token step may use every idle core and a batched
+    sequence computes as it would alone (see `worker.batch`)."""
+    if choice != "auto":
+        return choice
+    fits = all(w > 0 and w % Q8_0_BLOCK == 0 for w in head_widths)
+    return "q8_0" if fits else "f16"
+
+
+def kv_bytes(kind: str) -> float:
+    """Bytes per cached key or value element of a resolved type (q8_0: 34 per block of 32)."""
+    return 34 / 32 if kind == "q8_0" else 2.0
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,7 @@ class PoolEngine:
         spec = pool.spec
         path = spec.path
         try:
-            return footprint(check_gguf(path), spec.kv_cells, pool.config.workers, spec.kv_bytes)
+            return footprint(check_gguf(path), spec.kv_cells, pool.config.workers, spec.kv_cache)
         except (SidecarError, OSError):
             return path.stat().st_size if path.is_file() else 0
 

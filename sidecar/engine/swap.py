@@ -39,7 +39,7 @@ from sidecar.domain.errors import (
     SwapRefused,
 )
 from sidecar.domain.progress import Progress, ignore
-from sidecar.domain.specs import RunnerSpec
+from sidecar.domain.specs import RunnerSpec, kv_bytes, kv_cache_type
 from sidecar.domain.status import SwapResult
 from sidecar.domain.types import GenerateTask, Generation, ModelRef
 from sidecar.engine.mappings import open_files
@@ -201,22 +201,31 @@ class Swapper:
         return found
 
 
-def footprint(info: GGUFInfo, context: int, workers: int, kv_bytes: float = 2.0) -> int:
+def _meta_int(info: GGUFInfo, key: str, default: int = 0) -> int:
+    value = info.metadata.get(f"{info.architecture}.{key}", default)
+    return int(value) if isinstance(value, int | float) else default
+
+
+def head_widths(info: GGUFInfo) -> tuple[int, int]:
+    """Width of one key head and one value head: the header's key_length/value_length
+    where given (Gemma 3's heads are wider than embedding / heads), else embedding / heads."""
+    width = _meta_int(info, "embedding_length") // (_meta_int(info, "attention.head_count", 1) or 1)
+    return (
+        _meta_int(info, "attention.key_length", width),
+        _meta_int(info, "attention.value_length", width),
+    )
+
+
+def footprint(info: GGUFInfo, context: int, workers: int, kv_cache: str = "f16") -> int:
     """Bytes the new model needs: weights once (shared mmap) + KV cache per worker;
     `context`: KV cells per worker (`RunnerSpec.kv_cells`: every sequence slot's window);
-    `kv_bytes`: bytes per cached element (`RunnerSpec.kv_bytes`)."""
-    arch = info.architecture
-    meta = info.metadata
-
-    def num(key: str, default: int = 0) -> int:
-        value = meta.get(f"{arch}.{key}", default)
-        return int(value) if isinstance(value, int | float) else default
-
-    layers, embd = num("block_count"), num("embedding_length")
-    heads = num("attention.head_count", 1) or 1
-    kv_heads = num("attention.head_count_kv", heads) or heads
-    kv = int(2 * layers * context * (embd * kv_heads // heads) * kv_bytes)
-    return info.file_size + kv * workers
+    `kv_cache`: the configured type ("auto" resolved for this file as the worker will)."""
+    heads = _meta_int(info, "attention.head_count", 1) or 1
+    kv_heads = _meta_int(info, "attention.head_count_kv", heads) or heads
+    widths = head_widths(info)
+    kind = kv_cache_type(kv_cache, widths)
+    per_cell = _meta_int(info, "block_count") * kv_heads * sum(widths) * kv_bytes(kind)
+    return info.file_size + int(context * per_cell) * workers
 
 
 def check_canary(config: ModelConfig, event: object, ms: float) -> str | None:
@@ -252,7 +261,7 @@ async def switch(
         info = await asyncio.to_thread(check, path)
     except SidecarError as e:
         raise SwapRefused("validating", e.message) from None
-    need = footprint(info, pool.spec.kv_cells, pool.config.workers, pool.spec.kv_bytes)
+    need = footprint(info, pool.spec.kv_cells, pool.config.workers, pool.spec.kv_cache)
     available = psutil.virtual_memory().available
     progress("memory", f"needs ~{need // MiB} MiB, {available // MiB} MiB available")
     if strategy == "side_by_side" and need > available:

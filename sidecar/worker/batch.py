@@ -52,7 +52,7 @@ import numpy as np
 from llama_cpp import _internals as internals
 
 from sidecar.domain.errors import FailedPrecondition, InternalError, SidecarError
-from sidecar.domain.specs import RunnerSpec
+from sidecar.domain.specs import RunnerSpec, kv_cache_type
 from sidecar.domain.types import Result
 from sidecar.worker.cells import CellLedger
 from sidecar.worker.cores import CoreGovernor
@@ -104,20 +104,11 @@ class BatchDecoder:
         )
         params.kv_unified = True
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        params.type_k = params.type_v = KV_TYPES[spec.kv_cache]
-        # ggml's CPU attention takes its split-cache and tiled paths only for f16/f32 caches.
-        self._split_kv = spec.kv_cache == "f16"
+        self.kv_cache = kv_cache_type(spec.kv_cache, _head_widths(model))
         params.n_threads = params.n_threads_batch = spec.threads
-        try:
-            self.ctx = internals.LlamaContext(model=model, params=params, verbose=False)
-        except ValueError:
-            if spec.kv_cache == "f16":
-                raise
-            raise FailedPrecondition(
-                f"llama.cpp could not make a {spec.kv_cache} KV cache for this model (it stores "
-                "keys and values in blocks of 32, so each attention head must be a multiple of "
-                'that wide): set this model\'s kv_cache = "f16"'
-            ) from None
+        self.ctx = self._context(model, params, fallback=spec.kv_cache == "auto")
+        # ggml's CPU attention takes its split-cache and tiled paths only for f16/f32 caches.
+        self._split_kv = self.kv_cache == "f16"
         self.n_seq_max = params.n_seq_max
         self.free_seq = spec.parallel + PREFIXES  # the first id whole jobs may use
         self._mem = llama_cpp.llama_get_memory(self.ctx.ctx)
@@ -139,6 +130,24 @@ class BatchDecoder:
         self.prefix_hits = 0
         self._threads = spec.threads
         self.governor = CoreGovernor(spec.threads)  # shared with the worker's embedder
+
+    def _context(
+        self, model: internals.LlamaModel, params: llama_cpp.llama_context_params, fallback: bool
+    ) -> internals.LlamaContext:
+        params.type_k = params.type_v = KV_TYPES[self.kv_cache]
+        try:
+            return internals.LlamaContext(model=model, params=params, verbose=False)
+        except ValueError:
+            if self.kv_cache == "f16":
+                raise
+            if fallback:  # "auto" chose by the declared head widths; llama.cpp had the last word
+                self.kv_cache = "f16"
+                return self._context(model, params, fallback=False)
+            raise FailedPrecondition(
+                f"llama.cpp could not make a {self.kv_cache} KV cache for this model (it stores "
+                "keys and values in blocks of 32, so each attention head must be a multiple of "
+                'that wide): set this model\'s kv_cache = "f16" (or "auto")'
+            ) from None
 
     def close(self) -> None:
         for s in [*self.active, *self.waiting]:
@@ -429,3 +438,16 @@ class BatchDecoder:
     def clear(self, seq: int, p0: int = -1) -> None:
         """Free the cells of sequence `seq` from position p0 on (a whole job's)."""
         self._rm(seq, p0)
+
+
+def _head_widths(model: internals.LlamaModel) -> tuple[int, int]:
+    """Key and value head widths as the file declares them (as `engine.swap.head_widths`
+    reads them from the header, so the memory estimate and the worker agree)."""
+    meta = model.metadata()
+    arch = meta.get("general.architecture", "")
+    heads = llama_cpp.llama_model_n_head(model.model) or 1
+    width = model.n_embd() // heads
+    return (
+        int(meta.get(f"{arch}.attention.key_length", width)),
+        int(meta.get(f"{arch}.attention.value_length", width)),
+    )

@@ -71,7 +71,14 @@ async def ask(c: AsyncClient, kind: str, what: Any, n: int, stream: bool) -> str
 
 
 async def test_greedy_replies_are_the_same_alone_and_batched(serve, smollm2: Path) -> None:
-    s = await serve(smollm2, slot_kind="process", workers=1, model_keys={"parallel": 4})
+    # No readiness probe mid-test (a loaded machine takes over 30 s): the count below is exact.
+    s = await serve(
+        smollm2,
+        slot_kind="process",
+        workers=1,
+        model_keys={"parallel": 4},
+        server={"probe_interval_seconds": 3600},
+    )
     alone = [await ask(s.client, *r) for r in REQUESTS]
     for _ in range(2):  # twice: the second round also reuses the cached prefixes
         batched = await asyncio.gather(*(ask(s.client, *r) for r in REQUESTS))

@@ -142,3 +142,23 @@ def test_one_token_steps_are_bit_identical_on_one_and_two_threads(
     them every idle core with a q8_0 one (sidecar/worker/batch.py `_set_threads`)."""
     one, two = _long_greedy(model, 1, kv), _long_greedy(model, 2, kv)
     assert all(np.array_equal(a, b) for a, b in zip(one, two, strict=True))
+
+
+def test_the_real_models_heads_are_read_from_the_header_where_embedding_over_heads_is_wrong(
+    smollm2: Path,
+) -> None:
+    from conftest import GEMMA3
+
+    from sidecar.domain.specs import kv_cache_type
+    from sidecar.engine.swap import head_widths
+    from sidecar.gguf_check import check
+
+    assert head_widths(check(smollm2)) == (64, 64)
+    # Gemma 3 270M: 640 wide over 4 heads, but each head is 256 wide (key_length).
+    gemma = check(GEMMA3)
+    assert (
+        gemma.metadata["gemma3.embedding_length"] // gemma.metadata["gemma3.attention.head_count"]
+        == 160
+    )
+    assert head_widths(gemma) == (256, 256)
+    assert kv_cache_type("auto", head_widths(gemma)) == "q8_0"

@@ -16,8 +16,10 @@ import pytest
 from tiny_gguf import write_tiny_llama
 
 from sidecar.domain.errors import FailedPrecondition
-from sidecar.domain.specs import RunnerSpec
+from sidecar.domain.specs import RunnerSpec, kv_cache_type
 from sidecar.domain.types import Classification, ClassifyTask, Generation, Sampling
+from sidecar.engine.swap import footprint, head_widths
+from sidecar.gguf_check import check as check_gguf
 from sidecar.worker.batch import NeedsRoom
 from sidecar.worker.process import _Worker
 from sidecar.worker.runner import LlamaRunner
@@ -182,11 +184,33 @@ def test_a_one_token_step_uses_the_idle_cores_only_on_a_q8_0_cache(
         r.close()
 
 
-def test_a_q8_0_cache_is_counted_at_its_size_in_the_memory_footprint() -> None:
-    from sidecar.domain.specs import RunnerSpec as Spec
+def test_the_memory_footprint_counts_the_cache_type_auto_resolves_to(
+    wide_heads: Path, tiny_model: Path
+) -> None:
+    wide, narrow = check_gguf(wide_heads), check_gguf(tiny_model)
+    assert head_widths(wide) == (32, 32) and head_widths(narrow) == (16, 16)
+    weights = wide.file_size
+    # 2 layers x 2 kv heads x (32 + 32) elements per cell, at 2 or 34/32 bytes each
+    assert footprint(wide, 1024, 1, "f16") == weights + 1024 * 2 * 2 * 64 * 2
+    assert footprint(wide, 1024, 1, "q8_0") == weights + 1024 * 2 * 2 * 64 * 34 // 32
+    assert footprint(wide, 1024, 1, "auto") == footprint(wide, 1024, 1, "q8_0")
+    assert footprint(narrow, 1024, 1, "auto") == footprint(narrow, 1024, 1, "f16")
 
-    f16, q8 = Spec(Path("m"), 1024, 1, 64), Spec(Path("m"), 1024, 1, 64, kv_cache="q8_0")
-    assert f16.kv_bytes == 2.0 and q8.kv_bytes == 34 / 32
+
+def test_auto_takes_q8_0_where_the_heads_hold_its_blocks_and_f16_elsewhere(
+    wide_heads: Path, tiny_model: Path
+) -> None:
+    assert kv_cache_type("auto", (64, 64)) == "q8_0"
+    assert kv_cache_type("auto", (256, 128)) == "q8_0"
+    assert kv_cache_type("auto", (48, 64)) == "f16"
+    assert kv_cache_type("f16", (64, 64)) == "f16"
+    for path, kind in [(wide_heads, "q8_0"), (tiny_model, "f16")]:
+        r = LlamaRunner(RunnerSpec(path, 256, 1, 64, parallel=2, kv_cache="auto"))
+        try:
+            assert r.batch.kv_cache == kind
+            run(r, seq(r, 1, LONG, 4))
+        finally:
+            r.close()
 
 
 def test_a_model_whose_heads_a_q8_0_cache_cannot_hold_is_refused_with_the_fix(
