@@ -43,7 +43,6 @@ from typing import Any
 
 import grpc
 import numpy as np
-import numpy.typing as npt
 
 from benchmarks import routing_scope as scope
 from benchmarks.common import BANKING77, CACHE, RESULTS, SMOL, Log, machine
@@ -53,7 +52,7 @@ from benchmarks.report import Col, Table, write_json
 from benchmarks.stats import percentile
 from sidecar.client import Client
 from sidecar.config import Overrides, load
-from sidecar.fewshot.classifier import expected_calibration_error
+from sidecar.evaluation.confidence import at_threshold, coverage_curve, expected_calibration_error
 
 STORE = CACHE / "bench-routing-store"
 TASK = "banking77"
@@ -142,17 +141,6 @@ def classify_all(
     return [r for r in out if r is not None], wall
 
 
-def curve(p: npt.NDArray[np.float64], ok: npt.NDArray[np.bool_]) -> list[dict[str, float]]:
-    """Accuracy of the most confident 50/70/80/90%, and the threshold that keeps them."""
-    order = np.argsort(-p, kind="stable")
-    rows = []
-    for cov in COVERAGES:
-        n = round(cov * len(p))
-        rows.append({"coverage": cov, "accuracy": float(ok[order[:n]].mean()),
-                     "threshold": float(p[order[n - 1]])})  # fmt: skip
-    return rows
-
-
 def latency(res: list[dict[str, Any]], wall: float) -> dict[str, float]:
     ms = [r["ms"] for r in res]
     return {"rps": len(res) / wall, "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99)}
@@ -167,32 +155,20 @@ def summarise(
 ) -> dict[str, Any]:
     p = np.array([r["p"] for r in res8], dtype=np.float64)
     ok = np.array([r["label"] == r["gold"] for r in res8], dtype=np.bool_)
-    kept = p >= default_t
     return {
         "rows": len(res8),
         "accuracy": float(ok.mean()),
-        "curve": curve(p, ok),
+        "curve": coverage_curve(p, ok, COVERAGES),
         "ece": expected_calibration_error(p, ok),
         "answered_without_model": float(np.mean([not r["model"] for r in res8])),
         # All 77 intents are in scope here: the share the novelty cut loses.
         "flagged_out_of_scope": float(np.mean([r["oos"] for r in res8])),
-        "thresholds": [
-            {
-                "threshold": t,
-                "coverage": float((p >= t).mean()),
-                "accuracy": float(ok[p >= t].mean()) if (p >= t).any() else 0.0,
-            }
-            for t in (0.5, 0.6, 0.7, 0.8, 0.9)
-        ],
+        "thresholds": [at_threshold(p, ok, t) for t in (0.5, 0.6, 0.7, 0.8, 0.9)],
         "per_row": [
             {"p": round(r["p"], 5), "ok": r["label"] == r["gold"], "model": r["model"]}
             for r in res8
         ],
-        "default_threshold": {
-            "threshold": default_t,
-            "coverage": float(kept.mean()),
-            "accuracy": float(ok[kept].mean()) if kept.any() else 0.0,
-        },
+        "default_threshold": at_threshold(p, ok, default_t),
         "clients": {"1": latency(res1, wall1), "8": latency(res8, wall8)},
         "targets": TARGETS,
     }

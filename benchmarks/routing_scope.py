@@ -30,8 +30,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.report import Col, Table
-from sidecar.fewshot.classifier import expected_calibration_error
-from sidecar.fewshot.novelty import auroc
+from sidecar.evaluation.confidence import auroc, expected_calibration_error
 
 LEFT_OUT = 10  # intents left out per draw
 NONE_PER = 30  # training rows of each "none" intent given as out-of-scope examples

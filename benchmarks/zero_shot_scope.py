@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from benchmarks.routing import load_rows
 from benchmarks.stats import dist
 from sidecar.client import Client
 from sidecar.config import Overrides, load
+from sidecar.evaluation.confidence import auroc
 from sidecar.worker import label_scope
 
 CUTS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -69,16 +70,6 @@ OFF_TOPIC = (
 )
 KINDS = ("left_out", "off_topic")
 log = Log("bench-zero-shot-scope")
-
-
-def auroc(inside: Sequence[float], outside: Sequence[float]) -> float:
-    """P(an out-of-scope row scores above an in-scope one), ties half."""
-    a, b = np.asarray(inside, np.float64), np.asarray(outside, np.float64)
-    if not len(a) or not len(b):
-        return float("nan")
-    greater = (b[:, None] > a[None, :]).sum()
-    ties = (b[:, None] == a[None, :]).sum()
-    return float((greater + 0.5 * ties) / (len(a) * len(b)))
 
 
 def draw(

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import pairwise
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -229,16 +228,3 @@ def fit_weights(evidence: F64, y: npt.NDArray[np.int64], steps: int = 400) -> tu
             if step < 1e-8:
                 break
     return tuple(float(x) for x in w)
-
-
-def expected_calibration_error(
-    confidence: F64, correct: npt.NDArray[np.bool_], bins: int = 15
-) -> float:
-    """ECE with equal-width bins: the gap between confidence and accuracy, weighted by bin size."""
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    total = 0.0
-    for lo, hi in pairwise(edges):
-        sel = (confidence > lo) & (confidence <= hi)
-        if sel.any():
-            total += sel.mean() * abs(float(confidence[sel].mean()) - float(correct[sel].mean()))
-    return total

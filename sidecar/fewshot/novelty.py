@@ -183,23 +183,6 @@ def features(
     return out
 
 
-def auroc(inside: Sequence[float] | F64, outside: Sequence[float] | F64) -> float:
-    """P(an outside score > an inside score), ties half: the novelty signal's AUROC."""
-    a = np.asarray(inside, np.float64)
-    b = np.asarray(outside, np.float64)
-    if not len(a) or not len(b):
-        return float("nan")
-    both = np.concatenate([a, b])
-    order = both.argsort(kind="stable")
-    ranks = np.empty(len(both))
-    ranks[order] = np.arange(1, len(both) + 1)
-    # Average ranks over ties.
-    _, inv, counts = np.unique(both, return_inverse=True, return_counts=True)
-    sums = np.bincount(inv, weights=ranks)
-    ranks = (sums / counts)[inv]
-    return float((ranks[len(a) :].sum() - len(b) * (len(b) + 1) / 2) / (len(a) * len(b)))
-
-
 def novelty_of(
     clf: ExampleClassifier,
     text: str,

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from sidecar.domain.errors import FailedPrecondition, InvalidRequest
-from sidecar.fewshot.classifier import ExampleClassifier, expected_calibration_error, fit_weights
+from sidecar.evaluation.confidence import expected_calibration_error
+from sidecar.fewshot.classifier import ExampleClassifier, fit_weights
 from sidecar.fewshot.examples import ExampleSet, check, load_csv
 from sidecar.fewshot.fit import fit
 from sidecar.fewshot.lexical import LexicalIndex
@@ -65,12 +66,6 @@ def test_fit_weights_is_the_maximum_likelihood_temperature() -> None:
     evidence = (3 * true_logits)[:, None, :]
     (w,) = fit_weights(evidence, y)
     assert w == pytest.approx(1 / 3, rel=0.15)
-
-
-def test_expected_calibration_error() -> None:
-    conf = np.array([0.9] * 10)
-    assert expected_calibration_error(conf, np.array([True] * 9 + [False])) == pytest.approx(0.0)
-    assert expected_calibration_error(conf, np.array([False] * 10)) == pytest.approx(0.9)
 
 
 def test_csv_loading_errors_name_what_to_fix(tmp_path: Path) -> None:

@@ -1,0 +1,122 @@
+"""Is a confidence worth anything? How well it is calibrated, how well it separates right
+answers from wrong ones, and what a threshold on it keeps.
+
+Pure numpy over two arrays: `conf` (one confidence per reply, higher = surer) and `ok`
+(whether that reply was right: a bool, or a quality in [0, 1] such as a row's field F1).
+Shared by `sidecar eval` and the routing benchmarks, so their figures are one computation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import pairwise
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+F64 = npt.NDArray[np.float64]
+Values = Sequence[float] | Sequence[bool] | npt.NDArray[Any]
+
+
+def _arrays(conf: Values, ok: Values) -> tuple[F64, F64]:
+    c = np.asarray(conf, np.float64)
+    o = np.asarray(ok, np.float64)
+    if c.shape != o.shape:
+        raise ValueError(f"{len(c)} confidences for {len(o)} outcomes")
+    return c, o
+
+
+def reliability_bins(conf: Values, ok: Values, bins: int = 15) -> list[dict[str, float]]:
+    """Equal-width bins over [0, 1] (the first one closed at 0): each non-empty bin's range,
+    row count, mean confidence and accuracy; what a reliability diagram draws."""
+    c, o = _arrays(conf, ok)
+    out = []
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    for i, (lo, hi) in enumerate(pairwise(edges)):
+        above = c >= lo if i == 0 else c > lo
+        sel = above & (c <= hi)
+        if sel.any():
+            out.append({"lo": float(lo), "hi": float(hi), "count": int(sel.sum()),
+                        "confidence": float(c[sel].mean()), "accuracy": float(o[sel].mean())})  # fmt: skip
+    return out
+
+
+def expected_calibration_error(conf: Values, ok: Values, bins: int = 15) -> float:
+    """ECE with equal-width bins: the gap between confidence and accuracy, weighted by bin
+    size (NaN for no rows)."""
+    c, _ = _arrays(conf, ok)
+    if not len(c):
+        return float("nan")
+    return sum(
+        b["count"] / len(c) * abs(b["confidence"] - b["accuracy"])
+        for b in reliability_bins(conf, ok, bins)
+    )
+
+
+def auroc(inside: Values, outside: Values) -> float:
+    """P(an outside score > an inside score), ties half (NaN when either side is empty)."""
+    a = np.asarray(inside, np.float64)
+    b = np.asarray(outside, np.float64)
+    if not len(a) or not len(b):
+        return float("nan")
+    both = np.concatenate([a, b])
+    order = both.argsort(kind="stable")
+    ranks = np.empty(len(both))
+    ranks[order] = np.arange(1, len(both) + 1)
+    # Average ranks over ties.
+    _, inv, counts = np.unique(both, return_inverse=True, return_counts=True)
+    sums = np.bincount(inv, weights=ranks)
+    ranks = (sums / counts)[inv]
+    return float((ranks[len(a) :].sum() - len(b) * (len(b) + 1) / 2) / (len(a) * len(b)))
+
+
+def separation(conf: Values, ok: Values) -> float:
+    """The confidence's AUROC: P(a right reply is surer than a wrong one); 0.5 = worthless,
+    NaN when every reply was right, or every one wrong (nothing to separate)."""
+    c, o = _arrays(conf, ok)
+    right = o >= 0.5
+    return auroc(c[~right], c[right])
+
+
+def coverage_curve(conf: Values, ok: Values, coverages: Sequence[float]) -> list[dict[str, float]]:
+    """For each coverage: the accuracy of that share of replies, the most confident first,
+    and the threshold that keeps them (the confidence of the last one kept)."""
+    c, o = _arrays(conf, ok)
+    if not len(c):
+        return []
+    order = np.argsort(-c, kind="stable")
+    rows = []
+    for cov in coverages:
+        n = max(1, round(cov * len(c)))
+        rows.append({"coverage": float(cov), "accuracy": float(o[order[:n]].mean()),
+                     "threshold": float(c[order[n - 1]])})  # fmt: skip
+    return rows
+
+
+def at_threshold(conf: Values, ok: Values, threshold: float) -> dict[str, float]:
+    """What a threshold keeps (confidence >= it): the share, and its accuracy (NaN if none)."""
+    c, o = _arrays(conf, ok)
+    kept = c >= threshold
+    return {"threshold": float(threshold),
+            "coverage": float(kept.mean()) if len(c) else float("nan"),
+            "accuracy": float(o[kept].mean()) if kept.any() else float("nan")}  # fmt: skip
+
+
+def threshold_for_accuracy(conf: Values, ok: Values, target: float) -> dict[str, float] | None:
+    """The threshold that keeps the most replies while those kept are at least `target`
+    accurate (`at_threshold` of it); None when no threshold reaches the target."""
+    c, o = _arrays(conf, ok)
+    if not len(c):
+        return None
+    values = np.unique(c)[::-1]  # candidate thresholds, surest first
+    order = np.argsort(-c, kind="stable")
+    cum = np.cumsum(o[order])
+    # Kept by threshold v: every reply with conf >= v, i.e. a prefix of `order` whose length
+    # counts the ties of v too.
+    kept = np.searchsorted(-c[order], -values, side="right")
+    acc = cum[kept - 1] / kept
+    good = np.nonzero(acc >= target - 1e-12)[0]
+    if not len(good):
+        return None
+    return at_threshold(c, o, float(values[good[-1]]))
