@@ -182,25 +182,29 @@ class AsyncClient(Connection):
     async def classify(self, text: str, labels: Sequence[str] = (), *, instruction: str = "",
                  model: str = "", examples: Iterable[tuple[str, str]] = (), task: str = "",
                  routing: Routing = "", sensitive: bool = False, allow_none: bool = False,
+                 low_priority: bool = False,
                  timeout: float | None = None) -> pb.ClassifyReply:  # fmt: skip
         """Exactly one of `labels` for `text`: by label scoring, or by labelled `examples`
         ((text, label) pairs), or by a configured `task`; with those, `labels` narrows the
         answer. `reply.label`, `reply.scores` (best first), `reply.confidence`;
         `reply.novelty` (set when measured) and `reply.out_of_scope`. With `allow_none`, a
-        text like none of the labels gets `reply.label == ""`."""
+        text like none of the labels gets `reply.label == ""`. `low_priority`: wait until no
+        normal request waits (bulk work beside live callers)."""
         request = rq.classify_request(text, labels, instruction=instruction, model=model,
                                       examples=examples, task=task, routing=routing,
-                                      sensitive=sensitive, allow_none=allow_none)  # fmt: skip
+                                      sensitive=sensitive, allow_none=allow_none,
+                                      low_priority=low_priority)  # fmt: skip
         return await self._unary(self.inference.Classify, request, timeout)
 
     async def extract(self, text: str, schema: str | Mapping[str, Any], *, instruction: str = "",
                 model: str = "", max_tokens: int | None = None, routing: Routing = "",
-                sensitive: bool = False, timeout: float | None = None) -> pb.ExtractReply:  # fmt: skip
+                sensitive: bool = False, low_priority: bool = False,
+                timeout: float | None = None) -> pb.ExtractReply:  # fmt: skip
         """JSON from `text` that validates against `schema` (a JSON Schema, as a mapping or
-        JSON text): `reply.json`."""
+        JSON text): `reply.json`; `low_priority` as in `classify`."""
         request = rq.extract_request(text, schema, instruction=instruction, model=model,
                                      max_tokens=max_tokens, routing=routing,
-                                     sensitive=sensitive)  # fmt: skip
+                                     sensitive=sensitive, low_priority=low_priority)  # fmt: skip
         return await self._unary(self.inference.Extract, request, timeout)
 
     async def embed(self, texts: Sequence[str], *, normalize: bool = False, model: str = "",

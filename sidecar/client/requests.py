@@ -37,6 +37,10 @@ def _routing(routing: str) -> pb.Routing.ValueType:
         ) from None
 
 
+def _priority(low: bool) -> pb.Priority.ValueType:
+    return pb.PRIORITY_LOW if low else pb.PRIORITY_UNSPECIFIED
+
+
 def generate_request(prompt: str, *, model: str = "", max_tokens: int | None = None, temperature: float = 0.0,
                      top_p: float = 0.0, top_k: int = 0, seed: int = 0, stop: Sequence[str] = (),
                      routing: Routing = "", sensitive: bool = False, logprobs: bool = False,
@@ -69,22 +73,24 @@ def chat_request(messages: Iterable[Message], *, model: str = "", max_tokens: in
 def classify_request(
     text: str, labels: Sequence[str] = (), *, instruction: str = "", model: str = "",
     examples: Iterable[tuple[str, str]] = (), task: str = "", routing: Routing = "",
-    sensitive: bool = False, allow_none: bool = False,
+    sensitive: bool = False, allow_none: bool = False, low_priority: bool = False,
 ) -> pb.ClassifyRequest:  # fmt: skip
     return pb.ClassifyRequest(
         model=model, text=text, labels=list(labels), instruction=instruction,
         examples=[pb.Example(text=t, label=y) for t, y in examples], task=task,
         routing=_routing(routing), sensitive=sensitive, allow_none=allow_none,
+        priority=_priority(low_priority),
     )  # fmt: skip
 
 
 def extract_request(text: str, schema: str | Mapping[str, Any], *, instruction: str = "", model: str = "",
                     max_tokens: int | None = None, routing: Routing = "",
-                    sensitive: bool = False) -> pb.ExtractRequest:  # fmt: skip
+                    sensitive: bool = False, low_priority: bool = False) -> pb.ExtractRequest:  # fmt: skip
     schema_text = schema if isinstance(schema, str) else json.dumps(schema)
     return pb.ExtractRequest(
         model=model, text=text, json_schema=schema_text, instruction=instruction,
         max_tokens=max_tokens, routing=_routing(routing), sensitive=sensitive,
+        priority=_priority(low_priority),
     )  # fmt: skip
 
 

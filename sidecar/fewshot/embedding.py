@@ -41,9 +41,14 @@ class Embedder:
         self._partial: OrderedDict[str, Partial] = OrderedDict()  # abandoned builds' work
         self._pacers: dict[str, Pacer] = {}  # model -> how fast its workers embed
 
-    async def one(self, model: str, text: str, caller: str) -> tuple[F32, Embeddings]:
-        """A query's vector, as a live request; the reply says who embedded it and when."""
-        r = await self._engine.run(model, EmbedTask((text,), normalize=True), caller)
+    async def one(
+        self, model: str, text: str, caller: str, background: bool = False
+    ) -> tuple[F32, Embeddings]:
+        """A query's vector, as a live request (or a low-priority one's, `background`); the
+        reply says who embedded it and when."""
+        r = await self._engine.run(
+            model, EmbedTask((text,), normalize=True), caller, background=background
+        )
         if not isinstance(r, Embeddings):  # pragma: no cover - an engine bug
             raise FailedPrecondition("embedding returned no vectors")
         return np.asarray(r.vectors, np.float32), r

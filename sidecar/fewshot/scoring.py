@@ -33,11 +33,15 @@ async def combine(
     scoring: bool,
     instruction: str,
     caller: str,
+    *,
+    background: bool = False,
 ) -> tuple[F64, Classification | None]:
     """Calibrated probabilities, and the label-scoring reply when the model scored labels."""
     if scoring and clf.params.shortlist:
         shortlist = clf.shortlist(evidence)
-        scored = await _score(engine, model, text, clf, shortlist, instruction, caller)
+        scored = await _score(
+            engine, model, text, clf, shortlist, instruction, caller, background=background
+        )
         row = label_evidence(clf.n_labels, shortlist, _logprobs(scored, clf, shortlist))
         return clf.probabilities(np.vstack([evidence, row])), scored
     return clf.probabilities(evidence), None

@@ -99,7 +99,7 @@ class FewShotEngine(EngineWrapper):
         if isinstance(task, ClassifyTask) and by_examples(task):
             if not task.text:
                 raise InvalidRequest("text is empty: send the text to classify")
-            return await self._classify(model, task, caller)
+            return await self._classify(model, task, caller, background)
         return await self.inner.run(model, task, caller, route=route, background=background)
 
     # ------------------------------------------------------------------ config tasks
@@ -147,7 +147,9 @@ class FewShotEngine(EngineWrapper):
 
     # ------------------------------------------------------------------ classify
 
-    async def _classify(self, model: str, task: ClassifyTask, caller: str) -> Classification:
+    async def _classify(
+        self, model: str, task: ClassifyTask, caller: str, background: bool = False
+    ) -> Classification:
         started = self._clock()
         if task.task:
             spec = self._tasks.get(task.task)
@@ -180,13 +182,12 @@ class FewShotEngine(EngineWrapper):
         # embedding would not change the answer (checked on held-out examples), so it
         # is not computed. Everything else gets the model.
         if not cascade or probs.max() < clf.params.gate:
-            emb, embedded = await self.embedder.one(model, task.text, caller)
+            emb, embedded = await self.embedder.one(model, task.text, caller, background)
             usage = Usage(embedded.usage.prompt_tokens, 0)  # 0 = answered without the model
             ref, queue_ms = embedded.model or ref, embedded.timings.queue_ms
             x, sims, evidence = await asyncio.to_thread(_evidence, clf, emb[0], task.text, lex)
-            probs, scored = await combine(
-                self.inner, model, task.text, clf, evidence, scoring, instruction, caller
-            )
+            probs, scored = await combine(self.inner, model, task.text, clf, evidence, scoring,
+                                          instruction, caller, background=background)  # fmt: skip
             if scored is not None:
                 usage.prompt_tokens += scored.usage.prompt_tokens
                 queue_ms += scored.timings.queue_ms

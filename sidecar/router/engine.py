@@ -185,10 +185,10 @@ class RouterEngine(EngineWrapper):
         caller: str,
         route: RouteRequest = DEFAULT_ROUTE,
         *,
-        background: bool = False,  # nothing routed is background work: accepted for the seam
+        background: bool = False,
     ) -> Result:
         if isinstance(task, EmbedTask):  # vectors are model-specific: always local
-            return await self._local(model, task, caller)
+            return await self._local(model, task, caller, background)
         await self._check(model, task)
         situation, out = await self._situation(task, route)
         first = decide(situation)
@@ -197,7 +197,7 @@ class RouterEngine(EngineWrapper):
         if first.action == "cloud":
             return await self._cloud(task, first, None, None, out)
         try:
-            result = await self._local_within_budget(model, task, caller, situation)
+            result = await self._local_within_budget(model, task, caller, situation, background)
         except SidecarError as e:
             kind = failure_kind(e)
             if kind is None:
@@ -256,21 +256,21 @@ class RouterEngine(EngineWrapper):
     # ------------------------------------------------------------------ local
 
     async def _local_within_budget(
-        self, model: str, task: Task, caller: str, situation: Situation
+        self, model: str, task: Task, caller: str, situation: Situation, background: bool
     ) -> Result:
         limit = self.settings.local_timeout_seconds
         if not limit or situation.routing != "AUTO":
-            return await self._local(model, task, caller)
+            return await self._local(model, task, caller, background)
         try:
             # Cancelling frees the worker within a token (the pool cancels the job).
-            return await asyncio.wait_for(self._local(model, task, caller), limit)
+            return await asyncio.wait_for(self._local(model, task, caller, background), limit)
         except asyncio.TimeoutError:  # not the builtin on 3.10
             raise DeadlineExceeded(
                 f"the local model took longer than cloud.local_timeout_seconds ({limit:g}s)"
             ) from None
 
-    async def _local(self, model: str, task: Task, caller: str) -> Result:
-        return await self.inner.run(model, task, caller)
+    async def _local(self, model: str, task: Task, caller: str, background: bool = False) -> Result:
+        return await self.inner.run(model, task, caller, background=background)
 
     def _scope(self, task: Task, result: Result) -> None:
         """A zero-shot Classify (labels alone) is out of scope past cloud.classify_none_novelty

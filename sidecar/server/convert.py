@@ -107,6 +107,13 @@ def route_request(
     return RouteRequest(routing, r.sensitive)
 
 
+def low_priority(r: pb.ClassifyRequest | pb.ExtractRequest) -> bool:
+    """PRIORITY_LOW: the request waits in the pool's background lane."""
+    if r.priority not in (pb.PRIORITY_UNSPECIFIED, pb.PRIORITY_LOW):
+        raise InvalidRequest(f"priority {r.priority} is not known (use LOW or leave it unset)")
+    return r.priority == pb.PRIORITY_LOW
+
+
 def extract_task(r: pb.ExtractRequest) -> ExtractTask:
     return ExtractTask(
         text=r.text, schema=r.json_schema, instruction=r.instruction, max_tokens=_max_tokens(r)

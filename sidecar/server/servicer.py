@@ -91,6 +91,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             convert.classify_task(request),
             caller_of(context),
             route=convert.route_request(request),
+            background=convert.low_priority(request),
         )
         return convert.classify_reply(_expect(result, Classification))
 
@@ -100,6 +101,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             convert.extract_task(request),
             caller_of(context),
             route=convert.route_request(request),
+            background=convert.low_priority(request),
         )
         return convert.extract_reply(_expect(result, Extraction))
 

@@ -52,6 +52,27 @@ ROUTING_CLOUD_ONLY: Routing.ValueType  # 3
 """the cloud answers; fails fast if it cannot"""
 Global___Routing: _TypeAlias = Routing  # noqa: Y015
 
+class _Priority:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PriorityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Priority.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PRIORITY_UNSPECIFIED: _Priority.ValueType  # 0
+    """normal"""
+    PRIORITY_LOW: _Priority.ValueType  # 1
+
+class Priority(_Priority, metaclass=_PriorityEnumTypeWrapper):
+    """How urgent a request is. LOW waits until no normal request for its model waits, and never
+    holds every sequence slot of a pool that has more than one: for bulk work beside live
+    callers (`sidecar eval`), which it must not slow down.
+    """
+
+PRIORITY_UNSPECIFIED: Priority.ValueType  # 0
+"""normal"""
+PRIORITY_LOW: Priority.ValueType  # 1
+Global___Priority: _TypeAlias = Priority  # noqa: Y015
+
 class _FinishReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -550,6 +571,7 @@ class ClassifyRequest(_message.Message):
     ROUTING_FIELD_NUMBER: _builtins.int
     SENSITIVE_FIELD_NUMBER: _builtins.int
     ALLOW_NONE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     text: _builtins.str
     instruction: _builtins.str
@@ -562,6 +584,7 @@ class ClassifyRequest(_message.Message):
     """The caller accepts "none of these": a text the labels do not cover then gets no
     label (label empty, out_of_scope true). Without it every answer names a label.
     """
+    priority: Global___Priority.ValueType
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """2..max_labels distinct, non-empty labels. With examples or a task: optional, and
@@ -586,10 +609,11 @@ class ClassifyRequest(_message.Message):
         routing: Global___Routing.ValueType = ...,
         sensitive: _builtins.bool = ...,
         allow_none: _builtins.bool = ...,
+        priority: Global___Priority.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_none", b"allow_none", "examples", b"examples", "instruction", b"instruction", "labels", b"labels", "model", b"model", "routing", b"routing", "sensitive", b"sensitive", "task", b"task", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_none", b"allow_none", "examples", b"examples", "instruction", b"instruction", "labels", b"labels", "model", b"model", "priority", b"priority", "routing", b"routing", "sensitive", b"sensitive", "task", b"task", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -741,6 +765,7 @@ class ExtractRequest(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _builtins.int
     ROUTING_FIELD_NUMBER: _builtins.int
     SENSITIVE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     text: _builtins.str
     json_schema: _builtins.str
@@ -751,6 +776,7 @@ class ExtractRequest(_message.Message):
     """unset or 0 = the server default"""
     routing: Global___Routing.ValueType
     sensitive: _builtins.bool
+    priority: Global___Priority.ValueType
     def __init__(
         self,
         *,
@@ -761,10 +787,11 @@ class ExtractRequest(_message.Message):
         max_tokens: _builtins.int | None = ...,
         routing: Global___Routing.ValueType = ...,
         sensitive: _builtins.bool = ...,
+        priority: Global___Priority.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "max_tokens", b"max_tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "instruction", b"instruction", "json_schema", b"json_schema", "max_tokens", b"max_tokens", "model", b"model", "routing", b"routing", "sensitive", b"sensitive", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "instruction", b"instruction", "json_schema", b"json_schema", "max_tokens", b"max_tokens", "model", b"model", "priority", b"priority", "routing", b"routing", "sensitive", b"sensitive", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
