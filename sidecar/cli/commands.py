@@ -21,6 +21,7 @@ import click
 
 from sidecar import __version__
 from sidecar.cli.chat import run
+from sidecar.cli.evaluate import evaluate
 from sidecar.cli.logs import logs
 from sidecar.cli.models import models, swap
 from sidecar.cli.ps import ps
@@ -417,6 +418,7 @@ main.add_command(show)
 main.add_command(run)
 main.add_command(ps)
 main.add_command(logs)
+main.add_command(evaluate)
 
 
 def _lines(indent: str, *fields: tuple[str, str]) -> None:

@@ -501,6 +501,13 @@ class TaskConfig:
         check=checks.probability,
         live=True,
     )
+    eval_file: Path | None = setting(
+        "",
+        "Held-out CSV (same columns, rows not in `file`) that `sidecar eval NAME` scores the "
+        "task on; relative to the config file. Read by the CLI per eval.",
+        relative=True,
+        live=True,
+    )
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,7 @@ def plain(doc: Any, where: str = "") -> int:
     return int(type(doc) is int)
 
 
+MINI_TEST = REPO / "tests" / "data" / "banking77-mini" / "test.csv"
 HEX = {"version", "sha256", "text", "new_version"}  # strings that may happen to be all digits
 
 
@@ -133,6 +134,12 @@ SHAPES: dict[str, tuple[Args, Any, bool, str | None]] = {
         None,
     ),
     "embed": (lambda d: ["one", "two"], pb.EmbedReply, False, None),
+    "eval": (
+        lambda d: [str(MINI_TEST), "--label-column", "category", "--limit", "5"],
+        plain,
+        False,
+        None,
+    ),
     "ps": (lambda d: [], plain, False, None),
     "logs": (lambda d: ["-n", "5"], plain, True, None),
     "unload": (lambda d: [], pb.ResidencyReply, False, None),

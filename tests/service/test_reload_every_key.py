@@ -148,6 +148,10 @@ READERS: dict[str, Callable[[App], Any]] = {
     "tasks.NAME.threshold": lambda app: _or_off(app.router.tasks.threshold(TASK)),
     # The few-shot engine reads a task's out-of-scope cut per request.
     "tasks.NAME.scope_alpha": lambda app: app.fewshot.scope_alpha(TASK),
+    # Read by `sidecar eval NAME` (a client), held in the running config.
+    "tasks.NAME.eval_file": lambda app: (
+        next(t for t in app.config.tasks if t.name == TASK).eval_file
+    ),
 }
 
 # Restart-only keys whose running value is cheap to see: it must stay the old one.
@@ -275,6 +279,7 @@ SPECIAL: dict[str, Callable[[Site], Value]] = {
     "tasks.NAME.file": lambda s: Value(_copy(s, s.dir / "t.csv", "t2.csv")),
     "tasks.NAME.model": lambda s: Value(OTHER),
     "tasks.NAME.none_file": lambda s: Value(_copy(s, s.dir / "t.csv", "none.csv")),
+    "tasks.NAME.eval_file": lambda s: Value(_copy(s, s.dir / "t.csv", "held-out.csv")),
 }
 
 

@@ -238,6 +238,7 @@ LIVE = {
     "cloud.redact",
     "tasks.NAME.threshold",
     "tasks.NAME.scope_alpha",
+    "tasks.NAME.eval_file",  # read by `sidecar eval` (a client)
 }
 
 

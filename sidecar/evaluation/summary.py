@@ -1,0 +1,208 @@
+"""The report's numbers from a run's replies, and the table the terminal shows.
+
+Quality is scored over every row (a failed request is a wrong answer). Confidence is judged
+over the rows the local model answered, in the unit AUTO compares: Classify's calibrated
+top probability, Extract's mean token log-probability (its exp, the geometric mean of the
+tokens' probabilities, is what calibration bins). An extraction is right when every field
+matches (exact match); the coverage curve shows its field F1 too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sidecar.evaluation import confidence as cf
+from sidecar.evaluation import scores as sc
+from sidecar.evaluation.dataset import EvalSet
+from sidecar.evaluation.runner import Reply
+
+COVERAGES = (0.5, 0.7, 0.8, 0.9)
+CURVE_POINTS = 100
+CONFUSED_LABELS = 12
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the daemon's config says about escalating (from the config the CLI reads)."""
+
+    threshold: float  # AUTO keeps a local answer whose confidence is at least this
+    cloud: bool = False  # a cloud is configured
+    prompt_price_per_mtok: float = 0.0
+    completion_price_per_mtok: float = 0.0
+
+
+def summarise(
+    s: EvalSet, replies: Sequence[Reply], wall_s: float, settings: Settings, routing: str
+) -> dict[str, Any]:
+    ok, quality = _quality(s, replies)
+    local = [i for i, r in enumerate(replies) if r.local and r.score is not None]
+    score = np.array([replies[i].score for i in local], np.float64)
+    prob = np.array([replies[i].probability for i in local], np.float64)
+    right = np.array([ok[i] for i in local], np.float64)
+    errors = [r.error for r in replies if r.error]
+    out: dict[str, Any] = {
+        "kind": s.kind,
+        "source": str(s.source),
+        "task": s.task,
+        "routing": routing,
+        "rows": len(replies),
+        "failed": len(errors),
+        "first_error": errors[0] if errors else "",
+        "models": dict(Counter(r.model for r in replies if r.model)),
+        "wall_s": wall_s,
+        "rows_per_s": len(replies) / wall_s if wall_s > 0 else math.nan,
+        "quality": quality,
+        "confidence": _confidence(s, score, prob, right, replies, local, settings, quality),
+        "latency": sc.latency([r.ms for r in replies if not r.error]),
+        "queue": sc.latency([r.queue_ms for r in replies if not r.error]),
+        "tokens": {
+            "prompt": sum(r.prompt_tokens for r in replies),
+            "completion": sum(r.completion_tokens for r in replies),
+        },
+        "served_by": dict(Counter(r.served_by for r in replies if not r.error)),
+        "cloud_cost": sum(r.cost for r in replies),
+    }
+    quality.pop("row_f1", None)
+    if s.kind == "classify":
+        gold = [row.label for row in s.rows]
+        out["confusion"] = sc.confused(gold, [r.answer for r in replies], CONFUSED_LABELS)
+    done: dict[str, Any] = finite(out)
+    return done
+
+
+def finite(doc: Any) -> Any:
+    """`doc` with every NaN or infinity as None: an undefined figure (the AUROC of a set
+    with no wrong answers) is null in JSON, which has no NaN."""
+    if isinstance(doc, dict):
+        return {k: finite(v) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [finite(v) for v in doc]
+    if isinstance(doc, float) and not math.isfinite(doc):
+        return None
+    return doc
+
+
+def _quality(s: EvalSet, replies: Sequence[Reply]) -> tuple[list[float], dict[str, Any]]:
+    """Each row's correctness (1/0), and the set's quality figures."""
+    if s.kind == "classify":
+        gold = [row.label for row in s.rows]
+        got = [r.answer if not r.error else "" for r in replies]
+        return [float(g == p) for g, p in zip(gold, got, strict=True)], {
+            "accuracy": sc.accuracy(gold, got),
+            "macro_f1": sc.macro_f1(gold, got),
+            "labels": sc.per_label(gold, got),
+        }
+    fields = sc.field_scores([row.expected for row in s.rows], [r.parsed for r in replies])
+    quality = {k: fields[k] for k in ("exact_match", "field_f1", "fields")}
+    quality["row_f1"] = fields["row_f1"]  # for the curve; not reported
+    return [float(x) for x in fields["row_exact"]], quality
+
+
+def _confidence(
+    s: EvalSet,
+    score: np.ndarray,
+    prob: np.ndarray,
+    right: np.ndarray,
+    replies: Sequence[Reply],
+    local: list[int],
+    settings: Settings,
+    quality: dict[str, Any],
+) -> dict[str, Any]:
+    n = len(score)
+    steps = [k / CURVE_POINTS for k in range(1, CURVE_POINTS + 1)] if n else []
+    curve = cf.coverage_curve(score, right, steps)
+    if s.kind == "extract" and n:
+        f1 = np.array([quality["row_f1"][i] for i in local], np.float64)
+        for point, f in zip(curve, cf.coverage_curve(score, f1, steps), strict=True):
+            point["field_f1"] = f["accuracy"]
+    kept = cf.at_threshold(score, right, settings.threshold)
+    below = score < settings.threshold
+    est = (
+        sum(
+            replies[i].prompt_tokens * settings.prompt_price_per_mtok
+            + replies[i].completion_tokens * settings.completion_price_per_mtok
+            for i, b in zip(local, below, strict=True)
+            if b
+        )
+        / 1e6
+    )
+    return {
+        "unit": "probability" if s.kind == "classify" else "mean_logprob",
+        "rows": n,
+        "ece": cf.expected_calibration_error(prob, right),
+        "reliability": cf.reliability_bins(prob, right),
+        "auroc": cf.separation(score, right),
+        "coverage": cf.coverage_curve(score, right, COVERAGES),
+        "curve": curve,
+        "at_threshold": {
+            **kept,
+            # AUTO escalates the rest, where a cloud is configured; priced at the local
+            # tokens (the cloud's own count differs: an estimate).
+            "escalated": 1 - kept["coverage"] if n else math.nan,
+            "cloud": settings.cloud,
+            "estimated_cloud_cost": est if settings.cloud else 0.0,
+        },
+    }
+
+
+# ---------------------------------------------------------------- the terminal table
+
+
+def _f(x: float | None, fmt: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def table(r: dict[str, Any]) -> str:
+    """The report as aligned `metric  value` lines."""
+    rows: list[tuple[str, str]] = []
+    what = f"{r['kind']} of {r['source']}" + (f" by task {r['task']}" if r["task"] else "")
+    models = ", ".join(r["models"]) or "no model answered"
+    rows.append(("set", f"{what}: {r['rows']} rows, routing {r['routing']}, {models}"))
+    if r["failed"]:
+        rows.append(("failed requests (count as wrong)", f"{r['failed']}: {r['first_error']}"))
+    q = r["quality"]
+    if r["kind"] == "classify":
+        rows += [("accuracy", _f(q["accuracy"])), ("macro-F1", _f(q["macro_f1"]))]
+    else:
+        rows += [
+            ("exact match", _f(q["exact_match"])),
+            ("field F1 (all fields)", _f(q["field_f1"])),
+        ]
+        rows += [(f"  field {k}: F1 (support)", f"{_f(v['f1'])} ({v['support']})")
+                 for k, v in q["fields"].items()]  # fmt: skip
+    c = r["confidence"]
+    unit = "probability" if c["unit"] == "probability" else "mean token logprob"
+    rows.append((f"confidence ({unit}), local rows", str(c["rows"])))
+    rows.append(("  AUROC (right vs wrong)", _f(c["auroc"])))
+    rows.append(("  expected calibration error", _f(c["ece"])))
+    for p in c["coverage"]:
+        rows.append((f"  accuracy of the surest {p['coverage']:.0%} (t={p['threshold']:.3f})",
+                     _f(p["accuracy"])))  # fmt: skip
+    t = c["at_threshold"]
+    rows.append((f"  at the configured threshold {t['threshold']:g}: kept local / accuracy",
+                 f"{_f(t['coverage'])} / {_f(t['accuracy'])}"))  # fmt: skip
+    if t["cloud"]:
+        rows.append(("  escalated / estimated cloud cost",
+                     f"{_f(t['escalated'])} / {t['estimated_cloud_cost']:.4f}"))  # fmt: skip
+    if "fitted" in c:
+        fit = c["fitted"]
+        rows.append((f"  fitted for accuracy {fit['target']:g}: threshold / kept local",
+                     f"{_f(fit['threshold'], 'g')} / {_f(fit['coverage'])}"))  # fmt: skip
+    lat = r["latency"]
+    rows.append(
+        ("latency p50 / p99 ms", f"{_f(lat['p50_ms'], '.0f')} / {_f(lat['p99_ms'], '.0f')}")
+    )
+    rows.append(("rows/s", _f(r["rows_per_s"], ".2f")))
+    tok = r["tokens"]
+    rows.append(("tokens prompt / completion", f"{tok['prompt']} / {tok['completion']}"))
+    if set(r["served_by"]) - {"local"}:
+        served = ", ".join(f"{k} {v}" for k, v in sorted(r["served_by"].items()))
+        rows.append(("served by", f"{served}; cloud cost {r['cloud_cost']:.4f}"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
