@@ -41,11 +41,14 @@ def _fail(message: str, code: int = EXIT_CONFIG) -> None:
 @click.option("--concurrency", type=click.IntRange(1, 64), default=2, show_default=True,
               help="Requests at once.")  # fmt: skip
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N rows.")
+@click.option("--html", "html_path", type=click.Path(path_type=Path), default=None,
+              help="Also write the report as a self-contained HTML page with its plots.")  # fmt: skip
 @client_options
 @click.pass_context
 def evaluate(ctx: click.Context, target: str, kind: str | None, task: str, text_column: str | None,
              label_column: str | None, expected_column: str, schema: str | None, model_ref: str,
-             routing: str, concurrency: int, limit: int | None, socket: Path | None,
+             routing: str, concurrency: int, limit: int | None, html_path: Path | None,
+             socket: Path | None,
              tcp: str | None, token: str | None, timeout: float, as_json: bool) -> None:  # fmt: skip
     """Run a labelled set through the daemon and report how good the answers and their
     confidence are. TARGET: a CSV file (Classify: text and label columns; Extract: text and
@@ -73,6 +76,15 @@ def evaluate(ctx: click.Context, target: str, kind: str | None, task: str, text_
                                        on_row=lambda _i, _r: bar.update(1))  # fmt: skip
     report = summarise(s, replies, wall, _settings(config, s), routing)
     click.echo(dump(report) if as_json else table(report))
+    if html_path is not None:
+        from sidecar.evaluation.html import render
+        from sidecar.fileio import write_atomic
+
+        try:
+            write_atomic(html_path, render(report).encode())
+        except OSError as e:
+            _fail(f"cannot write {html_path}: {e.strerror or e}", EXIT_FAILED)
+        click.echo(f"report: {html_path}", err=True)
     if report["failed"] == report["rows"]:
         _fail(f"every request failed: {report['first_error']}", EXIT_FAILED)
 
