@@ -49,6 +49,8 @@ from sidecar.router.breaker import Breaker
 from sidecar.router.budget import Budget, Prices
 from sidecar.router.cloud import CloudClient, CloudEndpoint
 from sidecar.router.engine import RouterEngine
+from sidecar.router.fitted import FILE as FITTED_FILE
+from sidecar.router.fitted import FittedThresholds
 from sidecar.router.outbound import Gate
 from sidecar.router.privacy import Scanner
 from sidecar.server.grpc_listener import GrpcListener, bracketed
@@ -234,6 +236,8 @@ class App:
         )
         self.router.gate.update(Scanner(c.sensitive, c.sensitive_patterns), c.redact)
         self.fewshot.retune(merged.tasks)
+        if self.router.fitted is not None:
+            self.router.fitted.reload()
         if self.drop is not None:
             self.drop.auto_swap = merged.store.auto_swap
 
@@ -255,8 +259,9 @@ def _router(config: Config, inner: FewShotEngine, env: Mapping[str, str]) -> Rou
             c.base_url, c.model, c.api_key_env, c.timeout_seconds, c.retries, c.backoff_seconds
         )
         cloud = CloudClient(endpoint, breaker, env, gate)
+    fitted = FittedThresholds(config.store.path / "router" / FITTED_FILE)
     return RouterEngine(
-        inner, c, breaker=breaker, budget=budget, gate=gate, cloud=cloud, tasks=inner
+        inner, c, breaker=breaker, budget=budget, gate=gate, cloud=cloud, tasks=inner, fitted=fitted
     )
 
 

@@ -269,6 +269,8 @@ def status(
         click.echo("  cloud: not configured (everything is answered locally)")
     for name, state in sorted(cloud.tasks.items()):
         click.echo(f"  task {name}: {state}")
+    for name, fit in sorted(cloud.fitted_thresholds.items()):
+        click.echo(f"  threshold {name}: {fit}")
     for k, v in sorted(reply.counters.items()):
         click.echo(f"  {k}: {v}")
 

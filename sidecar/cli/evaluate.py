@@ -43,12 +43,16 @@ def _fail(message: str, code: int = EXIT_CONFIG) -> None:
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N rows.")
 @click.option("--html", "html_path", type=click.Path(path_type=Path), default=None,
               help="Also write the report as a self-contained HTML page with its plots.")  # fmt: skip
+@click.option("--target-accuracy", type=float, default=None,
+              help="Show the threshold that keeps the most local at this accuracy, in (0, 1].")  # fmt: skip
+@click.option("--fit-threshold", is_flag=True,
+              help="Save that threshold where the daemon reads it (needs --target-accuracy).")  # fmt: skip
 @client_options
 @click.pass_context
 def evaluate(ctx: click.Context, target: str, kind: str | None, task: str, text_column: str | None,
              label_column: str | None, expected_column: str, schema: str | None, model_ref: str,
              routing: str, concurrency: int, limit: int | None, html_path: Path | None,
-             socket: Path | None,
+             target_accuracy: float | None, fit_threshold: bool, socket: Path | None,
              tcp: str | None, token: str | None, timeout: float, as_json: bool) -> None:  # fmt: skip
     """Run a labelled set through the daemon and report how good the answers and their
     confidence are. TARGET: a CSV file (Classify: text and label columns; Extract: text and
@@ -66,6 +70,7 @@ def evaluate(ctx: click.Context, target: str, kind: str | None, task: str, text_
         _fail(str(e))
     if limit is not None:
         s = _first(s, limit)
+    _check_fit(target_accuracy, fit_threshold, routing, len(s.rows))
     name, _, version = model_ref.partition("@")
     with connect(ctx, socket, tcp, token, timeout) as c:
         if version:
@@ -74,7 +79,8 @@ def evaluate(ctx: click.Context, target: str, kind: str | None, task: str, text_
                                file=sys.stderr) as bar:  # fmt: skip
             replies, wall = runner.run(c, s, model=name, routing=routing, concurrency=concurrency,
                                        on_row=lambda _i, _r: bar.update(1))  # fmt: skip
-    report = summarise(s, replies, wall, _settings(config, s), routing)
+        report = summarise(s, replies, wall, _settings(config, s, target_accuracy), routing)
+        refused = _save_fit(c, s, report) if fit_threshold else ""
     click.echo(dump(report) if as_json else table(report))
     if html_path is not None:
         from sidecar.evaluation.html import render
@@ -85,6 +91,8 @@ def evaluate(ctx: click.Context, target: str, kind: str | None, task: str, text_
         except OSError as e:
             _fail(f"cannot write {html_path}: {e.strerror or e}", EXIT_FAILED)
         click.echo(f"report: {html_path}", err=True)
+    if refused:
+        _fail(refused, EXIT_FAILED)
     if report["failed"] == report["rows"]:
         _fail(f"every request failed: {report['first_error']}", EXIT_FAILED)
 
@@ -144,13 +152,69 @@ def _check_version(c: Any, name: str, version: str) -> None:
               f"(sidecar swap {name}@{version})", EXIT_FAILED)  # fmt: skip
 
 
-def _settings(config: Config, s: EvalSet) -> Settings:
+def _check_fit(target: float | None, fit: bool, routing: str, rows: int) -> None:
+    """Refuse a fit that cannot be right, before any request is sent (exit 2)."""
+    from sidecar.evaluation.summary import MIN_FIT_ROWS
+
+    if target is not None and not 0 < target <= 1:
+        _fail(f"--target-accuracy must be in (0, 1] (a share of right answers), not {target:g}")
+    if not fit:
+        return
+    if target is None:
+        _fail("--fit-threshold needs --target-accuracy A: the accuracy the kept answers must have")
+    if routing != "LOCAL_ONLY":
+        _fail(f"--fit-threshold needs --routing LOCAL_ONLY (the default): under {routing} an "
+              "escalated row carries the cloud's answer, which says nothing of the local one")  # fmt: skip
+    if rows < MIN_FIT_ROWS:
+        _fail(f"--fit-threshold needs at least {MIN_FIT_ROWS} rows, this set has {rows}: "
+              "a threshold fitted on fewer follows noise")  # fmt: skip
+
+
+def _save_fit(c: Any, s: EvalSet, report: dict[str, Any]) -> str:
+    """Write the fitted threshold where the daemon reads it (the path its status names);
+    return why nothing was written, or "". The report says what was written, and where."""
+    from sidecar.cli.support import call
+    from sidecar.router import fitted
+
+    fit = report["confidence"]["fitted"]
+    if fit["rows"] < fit["min_rows"]:
+        return (f"nothing written: {fit['rows']} rows were answered locally with a confidence, "
+                f"a fit needs at least {fit['min_rows']}")  # fmt: skip
+    if not fit["reached"]:
+        best = fit["best_accuracy"]
+        return (f"nothing written: no threshold reaches accuracy {fit['target']:g} on this set; "
+                f"the best any threshold keeps is {best:.3f}" if best is not None else
+                "nothing written: no threshold reaches the target")  # fmt: skip
+    models = list(report["models"])
+    if len(models) != 1:
+        return (
+            f"nothing written: the rows were answered by {len(models)} models ({', '.join(models)})"
+        )
+    path = call(c.status).cloud.thresholds_file
+    if not path:
+        return "nothing written: the daemon does not say where it reads fitted thresholds"
+    name = fitted.key(s.kind, task=s.task, model=models[0].partition("@")[0])
+    entry = fitted.Fitted(fit["threshold"], fit["target"], fit["accuracy"], fit["coverage"],
+                          fit["rows"], models[0], str(s.source), fitted.now())  # fmt: skip
+    try:
+        fitted.save(Path(path), name, entry)
+    except OSError as e:
+        return (f"cannot write {path}: {e.strerror or e} (run this on the daemon's machine, as "
+                "a user who may write its store)")  # fmt: skip
+    fit["key"], fit["written_to"] = name, path
+    return ""
+
+
+def _settings(config: Config, s: EvalSet, target: float | None = None) -> Settings:
     from sidecar.evaluation.summary import Settings
 
+    # The config's threshold: what a reply is judged by when the daemon does not say (the
+    # daemon's own, fitted ones included, come with the replies).
     cloud = config.cloud
     threshold = cloud.extract_mean_logprob if s.kind == "extract" else cloud.classify_threshold
+    source = "cloud.extract_mean_logprob" if s.kind == "extract" else "cloud.classify_threshold"
     spec = next((t for t in config.tasks if t.name == s.task), None)
     if spec is not None and spec.threshold >= 0:
-        threshold = spec.threshold
-    return Settings(threshold, cloud.enabled, cloud.prompt_price_per_mtok,
-                    cloud.completion_price_per_mtok)  # fmt: skip
+        threshold, source = spec.threshold, f"tasks.{spec.name}.threshold"
+    return Settings(threshold, source, cloud.enabled, cloud.prompt_price_per_mtok,
+                    cloud.completion_price_per_mtok, target)  # fmt: skip

@@ -50,6 +50,8 @@ class CloudReport:
     monthly_cap: float
     calls: int
     tasks: dict[str, str] = field(default_factory=dict)  # few-shot task -> preparation stage
+    thresholds_file: str = ""  # fitted thresholds (sidecar eval --fit-threshold)
+    fitted: dict[str, str] = field(default_factory=dict)  # key -> value and where it came from
 
 
 @dataclass(frozen=True)

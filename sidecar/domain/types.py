@@ -118,6 +118,8 @@ class RouteInfo:
     cloud_latency_ms: float = 0.0
     cost: float = 0.0  # estimated from the usage the cloud reported and the configured prices
     code: str = ""  # the reason as a fixed label
+    threshold: float | None = None  # what the local confidence was compared with
+    threshold_source: str = ""  # where that threshold came from (a config key, a fit)
 
 
 @dataclass

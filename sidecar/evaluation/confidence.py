@@ -103,19 +103,32 @@ def at_threshold(conf: Values, ok: Values, threshold: float) -> dict[str, float]
             "accuracy": float(o[kept].mean()) if kept.any() else float("nan")}  # fmt: skip
 
 
+def kept_accuracy(conf: Values, ok: Values) -> tuple[F64, F64]:
+    """Every candidate threshold (each distinct confidence, surest first) and the accuracy of
+    what it keeps (confidence >= it)."""
+    c, o = _arrays(conf, ok)
+    values = np.unique(c)[::-1]
+    order = np.argsort(-c, kind="stable")
+    cum = np.cumsum(o[order])
+    # Kept by threshold v: every reply with conf >= v, i.e. a prefix of `order` whose length
+    # counts the ties of v too.
+    kept = np.searchsorted(-c[order], -values, side="right")
+    return values, cum[kept - 1] / kept
+
+
+def best_accuracy(conf: Values, ok: Values) -> float:
+    """The highest accuracy any threshold keeps (NaN for no replies)."""
+    _, acc = kept_accuracy(conf, ok)
+    return float(acc.max()) if len(acc) else float("nan")
+
+
 def threshold_for_accuracy(conf: Values, ok: Values, target: float) -> dict[str, float] | None:
     """The threshold that keeps the most replies while those kept are at least `target`
     accurate (`at_threshold` of it); None when no threshold reaches the target."""
     c, o = _arrays(conf, ok)
     if not len(c):
         return None
-    values = np.unique(c)[::-1]  # candidate thresholds, surest first
-    order = np.argsort(-c, kind="stable")
-    cum = np.cumsum(o[order])
-    # Kept by threshold v: every reply with conf >= v, i.e. a prefix of `order` whose length
-    # counts the ties of v too.
-    kept = np.searchsorted(-c[order], -values, side="right")
-    acc = cum[kept - 1] / kept
+    values, acc = kept_accuracy(c, o)
     good = np.nonzero(acc >= target - 1e-12)[0]
     if not len(good):
         return None

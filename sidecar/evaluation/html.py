@@ -11,7 +11,7 @@ from typing import Any
 from sidecar.evaluation.summary import table
 
 W, H, PAD = 360, 300, 44  # plot size and the margin for axes
-BLUE, GREY, RED = "#2b6cb0", "#a0aec0", "#c53030"
+BLUE, GREY, RED, GREEN = "#2b6cb0", "#a0aec0", "#c53030", "#2f855a"
 
 
 def _x(v: float) -> float:
@@ -72,8 +72,13 @@ def coverage(c: dict[str, Any]) -> str:
     t = c["at_threshold"]
     if t["coverage"] is not None and t["accuracy"] is not None:
         body.append(f'<circle class="mark" cx="{_x(t["coverage"]):.1f}" cy="{_y(t["accuracy"]):.1f}" '
-                    f'r="5" fill="{RED}"><title>configured threshold {t["threshold"]:g}: '
+                    f'r="5" fill="{RED}"><title>threshold {t["threshold"]:.4g} ({escape(t["source"])}): '
                     f'{t["coverage"]:.3f} kept at {t["accuracy"]:.3f}</title></circle>')  # fmt: skip
+    f = c.get("fitted")
+    if f and f["reached"]:
+        body.append(f'<circle class="mark fitted" cx="{_x(f["coverage"]):.1f}" cy="{_y(f["accuracy"]):.1f}" '
+                    f'r="5" fill="{GREEN}"><title>fitted for accuracy {f["target"]:g}: threshold '
+                    f'{f["threshold"]:.4g} keeps {f["coverage"]:.3f} at {f["accuracy"]:.3f}</title></circle>')  # fmt: skip
     return _svg("coverage", f"Coverage and accuracy (AUROC {_n(c['auroc'])})", body)
 
 

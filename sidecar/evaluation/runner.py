@@ -38,6 +38,8 @@ class Reply:
     cost: float = 0.0
     model: str = ""  # name@version that answered
     error: str = ""  # the request failed: its status and message
+    threshold: float | None = None  # what the daemon held the local confidence to
+    threshold_source: str = ""  # where that threshold came from (config key, fitted entry)
 
     @property
     def local(self) -> bool:
@@ -84,6 +86,8 @@ def _common(r: Any) -> dict[str, Any]:
         "reason_code": r.route.reason_code,
         "cost": r.route.cost,
         "model": f"{r.model.name}@{r.model.version}",
+        "threshold": r.route.threshold if r.route.HasField("threshold") else None,
+        "threshold_source": r.route.threshold_source,
     }
 
 

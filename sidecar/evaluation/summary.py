@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ from sidecar.evaluation.dataset import EvalSet
 from sidecar.evaluation.runner import Reply
 
 COVERAGES = (0.5, 0.7, 0.8, 0.9)
+MIN_FIT_ROWS = 30  # fewer local answers than this fit a threshold to noise
 CURVE_POINTS = 100
 CONFUSED_LABELS = 12
 
@@ -32,14 +33,17 @@ class Settings:
     """What the daemon's config says about escalating (from the config the CLI reads)."""
 
     threshold: float  # AUTO keeps a local answer whose confidence is at least this
+    source: str = "config"  # where the threshold came from
     cloud: bool = False  # a cloud is configured
     prompt_price_per_mtok: float = 0.0
     completion_price_per_mtok: float = 0.0
+    target_accuracy: float | None = None  # show the threshold that reaches this accuracy
 
 
 def summarise(
     s: EvalSet, replies: Sequence[Reply], wall_s: float, settings: Settings, routing: str
 ) -> dict[str, Any]:
+    settings = applied(replies, settings)
     ok, quality = _quality(s, replies)
     local = [i for i, r in enumerate(replies) if r.local and r.score is not None]
     score = np.array([replies[i].score for i in local], np.float64)
@@ -74,6 +78,18 @@ def summarise(
         out["confusion"] = sc.confused(gold, [r.answer for r in replies], CONFUSED_LABELS)
     done: dict[str, Any] = finite(out)
     return done
+
+
+def applied(replies: Sequence[Reply], settings: Settings) -> Settings:
+    """The threshold the daemon says it held the replies to (a fitted one overrides the
+    config's), when every local reply names the same one; else the config's."""
+    seen = {
+        (r.threshold, r.threshold_source) for r in replies if r.local and r.threshold is not None
+    }
+    if len(seen) != 1:
+        return settings
+    ((threshold, source),) = seen
+    return replace(settings, threshold=threshold, source=source or "daemon")
 
 
 def finite(doc: Any) -> Any:
@@ -132,7 +148,7 @@ def _confidence(
         )
         / 1e6
     )
-    return {
+    out = {
         "unit": "probability" if s.kind == "classify" else "mean_logprob",
         "rows": n,
         "ece": cf.expected_calibration_error(prob, right),
@@ -142,12 +158,32 @@ def _confidence(
         "curve": curve,
         "at_threshold": {
             **kept,
+            "source": settings.source,
             # AUTO escalates the rest, where a cloud is configured; priced at the local
             # tokens (the cloud's own count differs: an estimate).
             "escalated": 1 - kept["coverage"] if n else math.nan,
             "cloud": settings.cloud,
             "estimated_cloud_cost": est if settings.cloud else 0.0,
         },
+    }
+    if settings.target_accuracy is not None:
+        out["fitted"] = fit(score, right, settings.target_accuracy)
+    return out
+
+
+def fit(score: np.ndarray, right: np.ndarray, target: float) -> dict[str, Any]:
+    """The threshold that keeps the most local answers at `target` accuracy, what it keeps,
+    and whether it can be trusted (reached, on at least MIN_FIT_ROWS answers)."""
+    got = cf.threshold_for_accuracy(score, right, target)
+    return {
+        "target": target,
+        "threshold": got["threshold"] if got else math.nan,
+        "coverage": got["coverage"] if got else 0.0,
+        "accuracy": got["accuracy"] if got else math.nan,
+        "reached": got is not None,
+        "best_accuracy": cf.best_accuracy(score, right),
+        "rows": len(score),
+        "min_rows": MIN_FIT_ROWS,
     }
 
 
@@ -185,15 +221,22 @@ def table(r: dict[str, Any]) -> str:
         rows.append((f"  accuracy of the surest {p['coverage']:.0%} (t={p['threshold']:.3f})",
                      _f(p["accuracy"])))  # fmt: skip
     t = c["at_threshold"]
-    rows.append((f"  at the configured threshold {t['threshold']:g}: kept local / accuracy",
+    rows.append((f"  at the daemon's threshold {t['threshold']:.4g} ({t['source']}): kept local / accuracy",
                  f"{_f(t['coverage'])} / {_f(t['accuracy'])}"))  # fmt: skip
     if t["cloud"]:
         rows.append(("  escalated / estimated cloud cost",
                      f"{_f(t['escalated'])} / {t['estimated_cloud_cost']:.4f}"))  # fmt: skip
     if "fitted" in c:
         fit = c["fitted"]
-        rows.append((f"  fitted for accuracy {fit['target']:g}: threshold / kept local",
-                     f"{_f(fit['threshold'], 'g')} / {_f(fit['coverage'])}"))  # fmt: skip
+        if fit["reached"]:
+            rows.append((f"  for accuracy {fit['target']:g}: threshold / kept local / accuracy",
+                         f"{_f(fit['threshold'], '.4g')} / {_f(fit['coverage'])} / "
+                         f"{_f(fit['accuracy'])}"))  # fmt: skip
+        else:
+            rows.append((f"  for accuracy {fit['target']:g}",
+                         f"unreachable: the best any threshold keeps is {_f(fit['best_accuracy'])}"))  # fmt: skip
+        if fit.get("written_to"):
+            rows.append(("  fitted threshold written", f"{fit['key']} in {fit['written_to']}"))
     lat = r["latency"]
     rows.append(
         ("latency p50 / p99 ms", f"{_f(lat['p50_ms'], '.0f')} / {_f(lat['p99_ms'], '.0f')}")

@@ -24,7 +24,7 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import replace
-from typing import Protocol
+from typing import Literal, Protocol
 
 from sidecar.config import CloudConfig, TaskConfig
 from sidecar.domain.admin import CloudReport
@@ -62,6 +62,8 @@ from sidecar.domain.types import (
 from sidecar.router.breaker import Breaker
 from sidecar.router.budget import Budget
 from sidecar.router.cloud import NONE, CloudClient, CloudError, CloudReply, Meter
+from sidecar.router.fitted import FittedThresholds
+from sidecar.router.fitted import key as fitted_key
 from sidecar.router.outbound import Gate, Outbound, SensitiveData, build, estimate
 from sidecar.router.policy import Decision, FailKind, LocalOutcome, Situation, decide
 from sidecar.validate import checked_schema, conforming_json_async
@@ -144,10 +146,12 @@ class RouterEngine(EngineWrapper):
         gate: Gate,
         cloud: CloudClient | None,
         tasks: TaskInfo | None = None,
+        fitted: FittedThresholds | None = None,
         on_route: Callable[[Result, str], None] = lambda _r, _c: None,
     ) -> None:
         super().__init__(inner)
         self.tasks: TaskInfo = tasks if tasks is not None else NoTasks()
+        self.fitted = fitted  # thresholds fitted by `sidecar eval`, over the config's
         self.settings = settings  # read per request: SIGHUP replaces it
         self.on_route = on_route  # metrics hook: (result, reason code)
         self.breaker = breaker
@@ -214,9 +218,7 @@ class RouterEngine(EngineWrapper):
         second = decide(replace(situation, local=outcome))
         if second.action == "cloud":
             return await self._cloud(task, second, result, None, out)
-        return self._finish(
-            result, RouteInfo("local", second.reason, outcome.confidence, code=second.code)
-        )
+        return self._finish(result, _route("local", second.reason, outcome, code=second.code))
 
     async def stream(
         self, model: str, task: StreamableTask, caller: str, route: RouteRequest = DEFAULT_ROUTE
@@ -237,8 +239,7 @@ class RouterEngine(EngineWrapper):
             async for event in self.inner.stream(model, task, caller):
                 started = True
                 if isinstance(event, Generation):
-                    conf = self._outcome(task, event).confidence
-                    event.route = RouteInfo("local", "", conf)
+                    event.route = _route("local", "", self._outcome(task, event))
                     self.on_route(event, "")
                 yield event
         except SidecarError as e:
@@ -285,33 +286,44 @@ class RouterEngine(EngineWrapper):
         if task.allow_none and result.out_of_scope:
             result.label = ""
 
+    def _threshold(self, kind: str, task: str, model: str) -> tuple[float, str]:
+        """The threshold a local answer is compared with, and where it came from: a value
+        fitted by `sidecar eval --fit-threshold`, else the task's own, else the config's."""
+        c = self.settings
+        name = fitted_key(kind, task=task, model=model)
+        got = self.fitted.get(name) if self.fitted is not None else None
+        if got is not None:
+            return got.threshold, got.describe(name)
+        if kind == "extract":
+            return c.extract_mean_logprob, "cloud.extract_mean_logprob"
+        own = self.tasks.threshold(task) if task else None
+        if own is not None:
+            return own, f"tasks.{task}.threshold"
+        return c.classify_threshold, "cloud.classify_threshold"
+
     def _outcome(self, task: Task, result: Result) -> LocalOutcome:
         c = self.settings
+        model = result.model.name if result.model is not None else ""
         if isinstance(result, Classification):
-            threshold = c.classify_threshold
-            if isinstance(task, ClassifyTask) and task.task:
-                own = self.tasks.threshold(task.task)
-                threshold = c.classify_threshold if own is None else own
+            by_task = task.task if isinstance(task, ClassifyTask) else ""
+            threshold, source = self._threshold("classify", by_task, model)
             scope = LocalOutcome(out_of_scope=result.out_of_scope, novelty=result.novelty)
             if c.classify_margin and result.margin < c.classify_margin:
-                return replace(
-                    scope, confidence=result.margin, threshold=c.classify_margin, measure="margin"
-                )
-            return replace(
-                scope,
-                confidence=result.top_probability,
-                threshold=threshold,
-                measure="top probability",
-            )
+                return replace(scope, confidence=result.margin, threshold=c.classify_margin,
+                               measure="margin", source="cloud.classify_margin")  # fmt: skip
+            return replace(scope, confidence=result.top_probability, threshold=threshold,
+                           measure="top probability", source=source)  # fmt: skip
         if isinstance(result, Extraction):
-            return LocalOutcome(
-                None, result.confidence.mean_logprob, c.extract_mean_logprob, "mean logprob"
-            )
+            threshold, source = self._threshold("extract", "", model)
+            lp = result.confidence.mean_logprob
+            return LocalOutcome(None, lp, threshold, "mean logprob", source)
         if isinstance(result, Generation):
             conf = result.confidence
             if conf.min_logprob < c.generate_min_logprob:
-                return LocalOutcome(None, conf.min_logprob, c.generate_min_logprob, "min logprob")
-            return LocalOutcome(None, conf.mean_logprob, c.generate_mean_logprob, "mean logprob")
+                return LocalOutcome(None, conf.min_logprob, c.generate_min_logprob, "min logprob",
+                                    "cloud.generate_min_logprob")  # fmt: skip
+            return LocalOutcome(None, conf.mean_logprob, c.generate_mean_logprob, "mean logprob",
+                                "cloud.generate_mean_logprob")  # fmt: skip
         return LocalOutcome()
 
     # ------------------------------------------------------------------ policy inputs
@@ -385,7 +397,7 @@ class RouterEngine(EngineWrapper):
         out: Outbound | None,
     ) -> Result:
         assert self.cloud is not None  # decide() never escalates without a cloud
-        conf = self._outcome(task, local).confidence if local is not None else None
+        conf = self._outcome(task, local) if local is not None else LocalOutcome()
         redact_it = d.redact
         if out is None:  # not known when decide() ran: scan it now, by the same rule
             out = self._outbound(task)
@@ -409,21 +421,21 @@ class RouterEngine(EngineWrapper):
             why = f"{d.reason}; the cloud failed: {e.message}"
             log.warning("escalation failed: %s", why)
             if local is not None:  # an unsure local answer beats none
-                return self._finish(local, RouteInfo("local", why, conf, code="cloud_failed"))
+                return self._finish(local, _route("local", why, conf, code="cloud_failed"))
             if local_error is not None:
                 raise type(local_error)(f"{local_error.message}; {why}") from None
             raise Unavailable(why) from None
         except _InvalidCloudAnswer as e:
             why = f"{d.reason}; {e}"
             if local is not None:
-                return self._finish(local, RouteInfo("local", why, conf, code="cloud_invalid"))
+                return self._finish(local, _route("local", why, conf, code="cloud_invalid"))
             raise FailedPrecondition(why) from None
         finally:  # what the calls cost, whatever became of their answers
             cost = self.budget.settle(
                 held, meter.prompt_tokens, meter.completion_tokens, answered=meter.calls
             )
         self.cloud_calls += 1
-        route = RouteInfo("cloud", d.reason, conf, reply.latency_ms, cost, d.code)
+        route = _route("cloud", d.reason, conf, reply.latency_ms, cost, d.code)
         return self._finish(result, route)
 
     def _blocked(
@@ -433,12 +445,12 @@ class RouterEngine(EngineWrapper):
         fail: FailKind,
         local: Result | None,
         local_error: SidecarError | None,
-        conf: float | None,
+        conf: LocalOutcome,
     ) -> Result:
         """Escalation found blocked at the last moment: as decide() would have ruled."""
         reason = f"{d.reason}; escalation blocked: {why}" if d.reason else why
         if local is not None:
-            return self._finish(local, RouteInfo("local", reason, conf, code="blocked"))
+            return self._finish(local, _route("local", reason, conf, code="blocked"))
         if local_error is not None:
             raise type(local_error)(f"{local_error.message}; escalation blocked: {why}")
         raise FAIL[fail](why)
@@ -511,7 +523,24 @@ class RouterEngine(EngineWrapper):
             monthly_cap=b.monthly_cap,
             calls=self.cloud_calls,
             tasks=dict(self.tasks.progress),
+            thresholds_file=str(self.fitted.path) if self.fitted is not None else "",
+            fitted=self.fitted.report() if self.fitted is not None else {},
         )
+
+
+def _route(
+    served_by: Literal["local", "cloud"],
+    reason: str,
+    outcome: LocalOutcome,
+    latency_ms: float = 0.0,
+    cost: float = 0.0,
+    code: str = "",
+) -> RouteInfo:
+    """The reply's route, with the threshold the local answer was held to (if any)."""
+    compared = outcome.confidence is not None
+    return RouteInfo(served_by, reason, outcome.confidence, latency_ms, cost, code,
+                     outcome.threshold if compared else None,
+                     outcome.source if compared else "")  # fmt: skip
 
 
 class _InvalidCloudAnswer(Exception):

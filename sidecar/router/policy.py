@@ -26,6 +26,7 @@ class LocalOutcome:
     confidence: float | None = None  # comparable with the threshold (higher = surer)
     threshold: float = 0.0
     measure: str = "confidence"  # what was compared: "top probability", "mean logprob", ...
+    source: str = ""  # where the threshold came from: a config key, or a fitted entry
     detail: str = ""  # the local error's message, for the reply's reason
     # Classify: the text is like none of the labels (its novelty passed the cut)
     out_of_scope: bool = False

@@ -167,6 +167,9 @@ def route(r: RouteInfo) -> pb.RouteInfo:
     )
     if r.local_confidence is not None:
         out.local_confidence = r.local_confidence
+    if r.threshold is not None:
+        out.threshold = r.threshold
+    out.threshold_source = r.threshold_source
     return out
 
 
@@ -372,4 +375,6 @@ def cloud_status(c: CloudReport) -> pb.CloudStatus:
         monthly_cap=c.monthly_cap,
         calls=c.calls,
         tasks=c.tasks,
+        thresholds_file=c.thresholds_file,
+        fitted_thresholds=c.fitted,
     )

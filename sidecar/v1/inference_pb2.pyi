@@ -256,6 +256,8 @@ class RouteInfo(_message.Message):
     CLOUD_LATENCY_MS_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
     REASON_CODE_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    THRESHOLD_SOURCE_FIELD_NUMBER: _builtins.int
     served_by: _builtins.str
     """local | cloud"""
     reason: _builtins.str
@@ -268,6 +270,10 @@ class RouteInfo(_message.Message):
     """estimated from the cloud's reported usage and configured prices"""
     reason_code: _builtins.str
     """the reason as a fixed label (low_confidence, local_unavailable, pre_route, ...)"""
+    threshold: _builtins.float
+    """what local_confidence was compared with; unset = nothing compared"""
+    threshold_source: _builtins.str
+    """where it came from: a config key (cloud.extract_mean_logprob,"""
     def __init__(
         self,
         *,
@@ -277,14 +283,21 @@ class RouteInfo(_message.Message):
         cloud_latency_ms: _builtins.float = ...,
         cost: _builtins.float = ...,
         reason_code: _builtins.str = ...,
+        threshold: _builtins.float | None = ...,
+        threshold_source: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_local_confidence", b"_local_confidence", "local_confidence", b"local_confidence"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_local_confidence", b"_local_confidence", "_threshold", b"_threshold", "local_confidence", b"local_confidence", "threshold", b"threshold"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_local_confidence", b"_local_confidence", "cloud_latency_ms", b"cloud_latency_ms", "cost", b"cost", "local_confidence", b"local_confidence", "reason", b"reason", "reason_code", b"reason_code", "served_by", b"served_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_local_confidence", b"_local_confidence", "_threshold", b"_threshold", "cloud_latency_ms", b"cloud_latency_ms", "cost", b"cost", "local_confidence", b"local_confidence", "reason", b"reason", "reason_code", b"reason_code", "served_by", b"served_by", "threshold", b"threshold", "threshold_source", b"threshold_source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__local_confidence: _TypeAlias = _typing.Literal["local_confidence"]  # noqa: Y015
     _WhichOneofArgType__local_confidence: _TypeAlias = _typing.Literal["_local_confidence", b"_local_confidence"]  # noqa: Y015
+    _WhichOneofReturnType__threshold: _TypeAlias = _typing.Literal["threshold"]  # noqa: Y015
+    _WhichOneofArgType__threshold: _TypeAlias = _typing.Literal["_threshold", b"_threshold"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__local_confidence) -> _WhichOneofReturnType__local_confidence | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__threshold) -> _WhichOneofReturnType__threshold | None: ...
 
 Global___RouteInfo: _TypeAlias = RouteInfo  # noqa: Y015
 
@@ -1165,6 +1178,26 @@ class CloudStatus(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class FittedThresholdsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     CONFIGURED_FIELD_NUMBER: _builtins.int
     BASE_URL_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
@@ -1176,6 +1209,8 @@ class CloudStatus(_message.Message):
     MONTHLY_CAP_FIELD_NUMBER: _builtins.int
     CALLS_FIELD_NUMBER: _builtins.int
     TASKS_FIELD_NUMBER: _builtins.int
+    THRESHOLDS_FILE_FIELD_NUMBER: _builtins.int
+    FITTED_THRESHOLDS_FIELD_NUMBER: _builtins.int
     configured: _builtins.bool
     base_url: _builtins.str
     model: _builtins.str
@@ -1190,9 +1225,15 @@ class CloudStatus(_message.Message):
     monthly_cap: _builtins.float
     calls: _builtins.int
     """answered by the cloud since start"""
+    thresholds_file: _builtins.str
+    """where fitted thresholds are read from (sidecar eval --fit-threshold)"""
     @_builtins.property
     def tasks(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """config task -> preparation state (ready, embedded N of M, failed: ...)"""
+
+    @_builtins.property
+    def fitted_thresholds(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """task:NAME | classify:MODEL | extract:MODEL -> value and origin"""
 
     def __init__(
         self,
@@ -1208,10 +1249,12 @@ class CloudStatus(_message.Message):
         monthly_cap: _builtins.float = ...,
         calls: _builtins.int = ...,
         tasks: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        thresholds_file: _builtins.str = ...,
+        fitted_thresholds: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_url", b"base_url", "breaker", b"breaker", "calls", b"calls", "configured", b"configured", "daily_cap", b"daily_cap", "model", b"model", "monthly_cap", b"monthly_cap", "routing", b"routing", "spent_day", b"spent_day", "spent_month", b"spent_month", "tasks", b"tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_url", b"base_url", "breaker", b"breaker", "calls", b"calls", "configured", b"configured", "daily_cap", b"daily_cap", "fitted_thresholds", b"fitted_thresholds", "model", b"model", "monthly_cap", b"monthly_cap", "routing", b"routing", "spent_day", b"spent_day", "spent_month", b"spent_month", "tasks", b"tasks", "thresholds_file", b"thresholds_file"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -67,7 +67,7 @@ async def test_a_classify_csv_on_real_llama_cpp_reports_what_the_replies_say(
 async def test_a_config_tasks_held_out_file(serve, tiny_model: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     for name in ("train.csv", "test.csv"):
         shutil.copy(MINI / name, tmp_path / name)
-    task = TaskConfig("mini", tmp_path / "train.csv", "text", "category", "", "", -1.0,
+    task = TaskConfig("mini", tmp_path / "train.csv", "text", "category", "", "", 0.5,
                       False, eval_file=tmp_path / "test.csv")  # fmt: skip
     s = await serve(tiny_model, tasks=(task,))
     config = tmp_path / "sidecar.toml"
@@ -87,7 +87,9 @@ async def test_a_config_tasks_held_out_file(serve, tiny_model: Path, tmp_path: P
     with (tmp_path / "test.csv").open() as f:
         gold = {row["category"] for row in csv.DictReader(f)}
     assert set(r["quality"]["labels"]) <= gold and len(r["quality"]["labels"]) > 2
-    assert r["confidence"]["at_threshold"]["threshold"] == 0.5  # the task's own threshold
+    # the task's own threshold, as the daemon reports applying it
+    assert r["confidence"]["at_threshold"]["threshold"] == 0.5
+    assert r["confidence"]["at_threshold"]["source"] == "tasks.mini.threshold"
     assert r["confusion"]["labels"] and len(r["confusion"]["matrix"]) == len(
         r["confusion"]["labels"]
     )
