@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
     from sidecar.evaluation.dataset import EvalSet
     from sidecar.evaluation.summary import Settings
 
-ROUTINGS = ("LOCAL_ONLY", "AUTO", "CLOUD_ONLY")
+ROUTINGS = ("LOCAL_ONLY", "AUTO", "CLOUD_ONLY", "compare")
 
 
 def _fail(message: str, code: int = EXIT_CONFIG) -> None:
@@ -60,7 +61,7 @@ def evaluate(ctx: click.Context, target: str, kind: str | None, task: str, text_
     run at low priority, so callers of the daemon are served first."""
     from sidecar.evaluation import runner
     from sidecar.evaluation.dataset import EvalInputError, parse_schema
-    from sidecar.evaluation.summary import summarise, table
+    from sidecar.evaluation.summary import compare, finite, summarise, table
 
     config = config_from(ctx)
     try:
@@ -75,11 +76,26 @@ def evaluate(ctx: click.Context, target: str, kind: str | None, task: str, text_
     with connect(ctx, socket, tcp, token, timeout) as c:
         if version:
             _check_version(c, name, version)
-        with click.progressbar(length=len(s.rows), label=f"eval {len(s.rows)} rows",
+        both = routing == "compare"
+        if both:
+            _check_cloud(c)
+        with click.progressbar(length=len(s.rows) * (1 + both), label=f"eval {len(s.rows)} rows",
                                file=sys.stderr) as bar:  # fmt: skip
-            replies, wall = runner.run(c, s, model=name, routing=routing, concurrency=concurrency,
+            # compare: every row locally, then the same rows to the cloud (the daemon's
+            # privacy gate refuses the rows it keeps local; nothing of them is sent)
+            first = "LOCAL_ONLY" if both else routing
+            replies, wall = runner.run(c, s, model=name, routing=first, concurrency=concurrency,
                                        on_row=lambda _i, _r: bar.update(1))  # fmt: skip
-        report = summarise(s, replies, wall, _settings(config, s, target_accuracy), routing)
+            if both:
+                cloud, _ = runner.run(c, s, model=name, routing="CLOUD_ONLY",
+                                      concurrency=concurrency,
+                                      on_row=lambda _i, _r: bar.update(1))  # fmt: skip
+        settings = _settings(config, s, target_accuracy)
+        if both:  # the daemon has a cloud (checked), whatever this command's config says
+            settings = replace(settings, cloud=True)
+        report = summarise(s, replies, wall, settings, routing)
+        if both:
+            report["compare"] = finite(compare(s, replies, cloud, report))
         refused = _save_fit(c, s, report) if fit_threshold else ""
     click.echo(dump(report) if as_json else table(report))
     if html_path is not None:
@@ -140,6 +156,14 @@ def _first(s: EvalSet, n: int) -> EvalSet:
     return replace(s, rows=s.rows[:n])
 
 
+def _check_cloud(c: Any) -> None:
+    from sidecar.cli.support import call
+
+    if not call(c.status).cloud.configured:
+        _fail("--routing compare needs a cloud: the daemon has no [cloud] section configured",
+              EXIT_FAILED)  # fmt: skip
+
+
 def _check_version(c: Any, name: str, version: str) -> None:
     from sidecar.cli.support import call
 
@@ -162,7 +186,7 @@ def _check_fit(target: float | None, fit: bool, routing: str, rows: int) -> None
         return
     if target is None:
         _fail("--fit-threshold needs --target-accuracy A: the accuracy the kept answers must have")
-    if routing != "LOCAL_ONLY":
+    if routing not in ("LOCAL_ONLY", "compare"):
         _fail(f"--fit-threshold needs --routing LOCAL_ONLY (the default): under {routing} an "
               "escalated row carries the cloud's answer, which says nothing of the local one")  # fmt: skip
     if rows < MIN_FIT_ROWS:

@@ -27,6 +27,9 @@ class SidecarError(Exception):
     """Base of every error sidecar raises on purpose."""
 
     kind = "internal"
+    # Why the router refused, as one word a caller can act on without reading the message
+    # ("sensitive": the privacy rules keep it local); sent as trailing metadata sidecar-cause.
+    cause = ""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

@@ -28,6 +28,7 @@ class Row:
     label: str = ""  # Classify: the right label
     expected: Mapping[str, Any] = field(default_factory=dict)  # Extract: the right fields
     line: int = 0  # in the file, for messages
+    sensitive: bool = False  # the request says so: it must never leave the machine
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Columns:
     text: str = "text"
     label: str = "label"
     expected: str = "expected"
+    sensitive: str = "sensitive"  # optional: true/1/yes marks a row's request sensitive
 
 
 def _records(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
@@ -102,6 +104,18 @@ def _need(path: Path, names: list[str], column: str, what: str, option: str) -> 
         )
 
 
+TRUE, FALSE = {"true", "1", "yes", "y"}, {"false", "0", "no", "n", ""}
+
+
+def _flag(path: Path, line: int, r: Mapping[str, str | None], columns: Columns) -> bool:
+    value = (r.get(columns.sensitive) or "").strip().lower()
+    if value not in TRUE | FALSE:
+        raise EvalInputError(
+            f"{path} line {line}: column {columns.sensitive!r} must be true or false, not {value!r}"
+        )
+    return value in TRUE
+
+
 def load_classify(path: Path, columns: Columns, task: str = "") -> EvalSet:
     """Rows of text and label. By labels alone (no `task`) the labels asked for are the
     set's own distinct labels, so it needs at least 2."""
@@ -117,7 +131,7 @@ def load_classify(path: Path, columns: Columns, task: str = "") -> EvalSet:
             raise EvalInputError(f"{path} line {line}: the text is empty")
         if not label:
             raise EvalInputError(f"{path} line {line}: the label is empty")
-        rows.append(Row(text, label=label, line=line))
+        rows.append(Row(text, label=label, line=line, sensitive=_flag(path, line, r, columns)))
     if not rows:
         raise EvalInputError(f"{path} has no labelled rows")
     labels = tuple(sorted({r.label for r in rows}))
@@ -154,7 +168,9 @@ def load_extract(path: Path, columns: Columns, schema: Mapping[str, Any] | None)
                 f"{path} line {line}: column {columns.expected!r} must be a JSON object with the "
                 f"fields to extract, not {raw[:60]!r}"
             )
-        rows.append(Row(text, expected=expected, line=line))
+        rows.append(
+            Row(text, expected=expected, line=line, sensitive=_flag(path, line, r, columns))
+        )
     if not rows:
         raise EvalInputError(f"{path} has no labelled rows")
     made = schema if schema is not None else schema_from([r.expected for r in rows])

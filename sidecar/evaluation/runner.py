@@ -38,6 +38,7 @@ class Reply:
     cost: float = 0.0
     model: str = ""  # name@version that answered
     error: str = ""  # the request failed: its status and message
+    cause: str = ""  # the router's one-word reason for refusing ("sensitive": kept local)
     threshold: float | None = None  # what the daemon held the local confidence to
     threshold_source: str = ""  # where that threshold came from (config key, fitted entry)
 
@@ -48,7 +49,7 @@ class Reply:
 
 def _classify(c: Client, s: EvalSet, row: Row, model: str, routing: str, low: bool) -> Reply:
     r = c.classify(row.text, s.labels, task=s.task, model=model, routing=routing,  # type: ignore[arg-type]
-                   low_priority=low)  # fmt: skip
+                   low_priority=low, sensitive=row.sensitive)  # fmt: skip
     local = r.route.served_by in ("", "local")
     p = r.confidence.top_probability if local else _local(r.route)
     return Reply(answer=r.label, score=p, probability=p, **_common(r))
@@ -56,7 +57,7 @@ def _classify(c: Client, s: EvalSet, row: Row, model: str, routing: str, low: bo
 
 def _extract(c: Client, s: EvalSet, row: Row, model: str, routing: str, low: bool) -> Reply:
     r = c.extract(row.text, dict(s.schema), model=model, routing=routing,  # type: ignore[arg-type]
-                  low_priority=low)  # fmt: skip
+                  low_priority=low, sensitive=row.sensitive)  # fmt: skip
     try:
         doc = json.loads(r.json)
     except json.JSONDecodeError:
@@ -118,7 +119,8 @@ def run(
         try:
             reply = ask(client, evalset, evalset.rows[i], model, routing, low_priority)
         except SidecarError as e:
-            reply = Reply(error=f"{e.code.name}: {e.details}")
+            cause = dict(list(e.trailing_metadata() or ())).get("sidecar-cause", "")
+            reply = Reply(error=f"{e.status_code.name}: {e.message}", cause=str(cause))
         reply.ms = (time.perf_counter() - started) * 1000
         out[i] = reply
         if on_row is not None:

@@ -80,6 +80,56 @@ def summarise(
     return done
 
 
+def compare(
+    s: EvalSet, local: Sequence[Reply], cloud: Sequence[Reply], report: dict[str, Any]
+) -> dict[str, Any]:
+    """Local and cloud answers to the same rows: how often they agree, how right each is on
+    the rows the cloud answered, what AUTO at the daemon's threshold would score (the cloud's
+    answer below it, where there is one), and the rows the privacy rules kept local (the
+    daemon refused to send them: cause "sensitive")."""
+    local_ok, _ = _quality(s, local)
+    cloud_ok, cloud_q = _quality(s, cloud)
+    private = [i for i, r in enumerate(cloud) if r.cause == "sensitive"]
+    sent = [i for i, r in enumerate(cloud) if not r.error]
+    failed = [r.error for r in cloud if r.error and r.cause != "sensitive"]
+    same = [_same(s, local[i], cloud[i]) for i in sent]
+    threshold = report["confidence"]["at_threshold"]["threshold"]
+    auto, escalated = [], []
+    for i, r in enumerate(local):
+        unsure = r.local and r.score is not None and threshold is not None and r.score < threshold
+        if unsure and not cloud[i].error:
+            escalated.append(i)
+        auto.append(cloud_ok[i] if i in escalated else local_ok[i])
+    return {
+        "rows": len(local),
+        "sent": len(sent),
+        "kept_local_private": len(private),
+        "private_lines": [s.rows[i].line for i in private],
+        "cloud_failed": len(failed),
+        "first_cloud_error": failed[0] if failed else "",
+        "agreement": mean([float(x) for x in same]),
+        "local_accuracy_on_sent": mean([local_ok[i] for i in sent]),
+        "cloud_accuracy_on_sent": mean([cloud_ok[i] for i in sent]),
+        "cloud_quality": {k: v for k, v in cloud_q.items() if k not in ("labels", "row_f1")},
+        "auto_accuracy": mean(auto),
+        "auto_escalated": len(escalated) / len(local) if local else math.nan,
+        "auto_cloud_cost": sum(cloud[i].cost for i in escalated),
+        "cloud_cost": sum(r.cost for r in cloud),
+        "cloud_latency": sc.latency([r.ms for r in cloud if not r.error]),
+    }
+
+
+def mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def _same(s: EvalSet, a: Reply, b: Reply) -> bool:
+    if s.kind == "classify":
+        return a.answer == b.answer
+    x, y = a.parsed or {}, b.parsed or {}
+    return all(sc.normalise(x.get(k)) == sc.normalise(y.get(k)) for k in set(x) | set(y))
+
+
 def applied(replies: Sequence[Reply], settings: Settings) -> Settings:
     """The threshold the daemon says it held the replies to (a fitted one overrides the
     config's), when every local reply names the same one; else the config's."""
@@ -137,6 +187,9 @@ def _confidence(
         f1 = np.array([quality["row_f1"][i] for i in local], np.float64)
         for point, f in zip(curve, cf.coverage_curve(score, f1, steps), strict=True):
             point["field_f1"] = f["accuracy"]
+    # Exact match is strict: with few exact rows its AUROC rests on a handful; a row whose
+    # field F1 is at least 0.5 counts as right here, to show the ranking of the others too.
+    f1_auroc = cf.separation(score, f1) if s.kind == "extract" and n else math.nan
     kept = cf.at_threshold(score, right, settings.threshold)
     below = score < settings.threshold
     est = (
@@ -154,6 +207,7 @@ def _confidence(
         "ece": cf.expected_calibration_error(prob, right),
         "reliability": cf.reliability_bins(prob, right),
         "auroc": cf.separation(score, right),
+        "auroc_field_f1": f1_auroc,
         "coverage": cf.coverage_curve(score, right, COVERAGES),
         "curve": curve,
         "at_threshold": {
@@ -216,6 +270,8 @@ def table(r: dict[str, Any]) -> str:
     unit = "probability" if c["unit"] == "probability" else "mean token logprob"
     rows.append((f"confidence ({unit}), local rows", str(c["rows"])))
     rows.append(("  AUROC (right vs wrong)", _f(c["auroc"])))
+    if r["kind"] == "extract":
+        rows.append(("  AUROC (row field F1 >= 0.5 vs below)", _f(c["auroc_field_f1"])))
     rows.append(("  expected calibration error", _f(c["ece"])))
     for p in c["coverage"]:
         rows.append((f"  accuracy of the surest {p['coverage']:.0%} (t={p['threshold']:.3f})",
@@ -244,6 +300,22 @@ def table(r: dict[str, Any]) -> str:
     rows.append(("rows/s", _f(r["rows_per_s"], ".2f")))
     tok = r["tokens"]
     rows.append(("tokens prompt / completion", f"{tok['prompt']} / {tok['completion']}"))
+    if "compare" in r:
+        m = r["compare"]
+        rows.append(("compare: sent to the cloud / kept local (private) / cloud failed",
+                     f"{m['sent']} / {m['kept_local_private']} / {m['cloud_failed']}"))  # fmt: skip
+        if m["kept_local_private"]:
+            lines = ", ".join(map(str, m["private_lines"][:10]))
+            rows.append(("  kept local by the privacy rules (lines)", lines))
+        rows.append(("  local and cloud agree", _f(m["agreement"])))
+        rows.append(("  accuracy on the rows sent: local / cloud",
+                     f"{_f(m['local_accuracy_on_sent'])} / {_f(m['cloud_accuracy_on_sent'])}"))  # fmt: skip
+        rows.append(("  AUTO at the daemon's threshold: escalated / accuracy / cloud cost",
+                     f"{_f(m['auto_escalated'])} / {_f(m['auto_accuracy'])} / "
+                     f"{m['auto_cloud_cost']:.4f}"))  # fmt: skip
+        rows.append(("  cloud cost of the rows sent", f"{m['cloud_cost']:.4f}"))
+        if m["cloud_failed"]:
+            rows.append(("  first cloud error", m["first_cloud_error"]))
     if set(r["served_by"]) - {"local"}:
         served = ", ".join(f"{k} {v}" for k, v in sorted(r["served_by"].items()))
         rows.append(("served by", f"{served}; cloud cost {r['cloud_cost']:.4f}"))

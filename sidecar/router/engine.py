@@ -197,7 +197,7 @@ class RouterEngine(EngineWrapper):
         situation, out = await self._situation(task, route)
         first = decide(situation)
         if first.action == "fail":
-            raise FAIL[first.fail or "unavailable"](first.reason)
+            raise _refused(first)
         if first.action == "cloud":
             return await self._cloud(task, first, None, None, out)
         try:
@@ -227,7 +227,7 @@ class RouterEngine(EngineWrapper):
         situation, out = await self._situation(task, route)
         first = decide(situation)
         if first.action == "fail":
-            raise FAIL[first.fail or "unavailable"](first.reason)
+            raise _refused(first)
         if first.action == "cloud":
             result = await self._cloud(task, first, None, None, out)
             assert isinstance(result, Generation)
@@ -404,7 +404,8 @@ class RouterEngine(EngineWrapper):
             kinds = await self.gate.kinds_async(out)
             if kinds and not self.gate.redact:
                 why = f"sensitive data ({', '.join(kinds)}) never leaves the machine"
-                return self._blocked(d, why, "failed_precondition", local, local_error, conf)
+                return self._blocked(d, why, "failed_precondition", local, local_error, conf,
+                                     "sensitive")  # fmt: skip
             redact_it = bool(kinds)
         if redact_it:
             out = self.gate.redacted(out)
@@ -416,7 +417,8 @@ class RouterEngine(EngineWrapper):
         try:
             result, reply = await self._ask(task, out, meter)
         except SensitiveData as e:  # the client's last check: nothing was sent
-            return self._blocked(d, str(e), "failed_precondition", local, local_error, conf)
+            return self._blocked(d, str(e), "failed_precondition", local, local_error, conf,
+                                 "sensitive")  # fmt: skip
         except CloudError as e:
             why = f"{d.reason}; the cloud failed: {e.message}"
             log.warning("escalation failed: %s", why)
@@ -446,6 +448,7 @@ class RouterEngine(EngineWrapper):
         local: Result | None,
         local_error: SidecarError | None,
         conf: LocalOutcome,
+        cause: str = "",
     ) -> Result:
         """Escalation found blocked at the last moment: as decide() would have ruled."""
         reason = f"{d.reason}; escalation blocked: {why}" if d.reason else why
@@ -453,7 +456,7 @@ class RouterEngine(EngineWrapper):
             return self._finish(local, _route("local", reason, conf, code="blocked"))
         if local_error is not None:
             raise type(local_error)(f"{local_error.message}; escalation blocked: {why}")
-        raise FAIL[fail](why)
+        raise _refused(Decision("fail", why, fail, cause=cause))
 
     async def _ask(self, task: Task, out: Outbound, meter: Meter) -> tuple[Result, CloudReply]:
         assert self.cloud is not None
@@ -526,6 +529,13 @@ class RouterEngine(EngineWrapper):
             thresholds_file=str(self.fitted.path) if self.fitted is not None else "",
             fitted=self.fitted.report() if self.fitted is not None else {},
         )
+
+
+def _refused(d: Decision) -> SidecarError:
+    """The error for a request decide() refuses, carrying why in one word."""
+    e = FAIL[d.fail or "unavailable"](d.reason)
+    e.cause = d.cause
+    return e
 
 
 def _route(

@@ -52,24 +52,27 @@ class Decision:
     fail: FailKind | None = None
     redact: bool = False  # escalate the redacted text
     code: str = ""  # the reason as a short fixed label, for metrics
+    cause: str = ""  # fail: what blocks the cloud ("sensitive", "no_cloud", "budget", "breaker")
 
 
-def _cloud_blocked(s: Situation) -> tuple[str, FailKind] | None:
-    """Why the cloud may not be used now, if it may not."""
+def _cloud_blocked(s: Situation) -> tuple[str, FailKind, str] | None:
+    """Why the cloud may not be used now, if it may not (and that as one word)."""
     if not s.cloud:
         return (
             "no cloud configured (the daemon's [cloud] section): use routing AUTO or LOCAL_ONLY",
             "failed_precondition",
+            "no_cloud",
         )
     if "marked" in s.sensitive or (s.sensitive and not s.redact):
         return (
             f"sensitive data ({', '.join(s.sensitive)}) never leaves the machine",
             "failed_precondition",
+            "sensitive",
         )
     if s.spent:
-        return f"the {s.spent} cloud budget is spent", "overloaded"
+        return f"the {s.spent} cloud budget is spent", "overloaded", "budget"
     if s.breaker_open:
-        return "the cloud circuit breaker is open", "unavailable"
+        return "the cloud circuit breaker is open", "unavailable", "breaker"
     return None
 
 
@@ -83,7 +86,7 @@ def decide(s: Situation) -> Decision:
         return Decision("local" if s.local is None else "keep_local", "")
     if s.routing == "CLOUD_ONLY":
         if blocked:
-            return Decision("fail", blocked[0], blocked[1], code="blocked")
+            return Decision("fail", blocked[0], blocked[1], code="blocked", cause=blocked[2])
         return _escalate(s, "routing CLOUD_ONLY", "cloud_only")
     if not s.cloud:
         # AUTO with nowhere to escalate to is LOCAL_ONLY: the local answer or error stands

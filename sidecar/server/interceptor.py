@@ -126,7 +126,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 raise
             except Exception as e:
                 code, message = self._fail(e, rid, method)
-                await context.abort(code, message)
+                await context.abort(code, message, _trailer(e, rid))
             finally:
                 self._end(rid, method, request, code, started, work)
 
@@ -146,7 +146,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 raise
             except Exception as e:
                 code, message = self._fail(e, rid, method)
-                await context.abort(code, message)
+                await context.abort(code, message, _trailer(e, rid))
             finally:
                 self._end(rid, method, request, code, started, work)
 
@@ -199,6 +199,14 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 # Request ids only tell log lines apart: random enough, without a syscall per call.
 _ids = random.Random()
+
+
+def _trailer(e: BaseException, rid: str) -> tuple[tuple[str, str], ...]:
+    """The error's trailing metadata: the request id, and the router's cause when it has one
+    (so a caller tells "the privacy rules keep this local" from other refusals without
+    reading the message)."""
+    cause = getattr(e, "cause", "")
+    return (("sidecar-request-id", rid),) + ((("sidecar-cause", cause),) if cause else ())
 
 
 def _begin(context: grpc.aio.ServicerContext) -> tuple[str, float]:

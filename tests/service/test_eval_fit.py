@@ -157,3 +157,71 @@ def test_a_fit_that_cannot_be_right_is_refused_before_any_request(
     out: Any = CliRunner().invoke(main, _args(tmp_path, n, *extra))
     assert out.exit_code == 2, out.output
     assert says in out.stderr, out.stderr
+
+
+async def test_compare_puts_local_and_cloud_side_by_side_and_never_sends_private_rows(
+    serve, tiny_model: Path, tmp_path: Path, cloud: tuple[str, Script]
+) -> None:  # type: ignore[no-untyped-def]
+    url, script = cloud
+    script.default = ok(B, prompt=100, completion=5)
+    s = await serve(tiny_model, cloud={"base_url": url, "model": "m", "retries": 0,
+                                       "prompt_price_per_mtok": 1.0,
+                                       "completion_price_per_mtok": 2.0})  # fmt: skip
+    data = tmp_path / "set.csv"
+    rows = [
+        ["abc one", A, ""],  # local A (right), cloud B
+        ["uvw two", B, "no"],  # both B: agree
+        ["ab three", B, "false"],  # local A, cloud B (right)
+        ["abc four private", A, "true"],  # marked sensitive: never sent
+        ["a mail to jo.doe@example.com", A, ""],  # the daemon's scan finds an e-mail
+        ["uvw 5", B, "0"],
+        ["au 7", B, ""],  # a tie: local A at 0.5, under the threshold 0.7; cloud B (right)
+    ]
+    with data.open("w", newline="") as f:
+        csv.writer(f).writerows([["text", "label", "sensitive"], *rows])
+    empty = tmp_path / "empty.toml"
+    empty.touch()
+    out = await cli("--config", str(empty), "eval", str(data), "--routing", "compare", "--json",
+                    "--socket", str(s.socket))  # fmt: skip
+    assert out.exit_code == 0, out.output
+    r = json.loads(out.stdout)
+    m = r["compare"]
+    assert r["routing"] == "compare" and r["served_by"] == {"local": 7}
+    assert m["sent"] == 5 and m["kept_local_private"] == 2 and m["cloud_failed"] == 0
+    assert m["private_lines"] == [5, 6]
+    # never received: neither row's text, nor more requests than rows sent
+    assert len(script.received) == 5
+    assert not script.seen("private") and not script.seen("jo.doe")
+    assert script.seen("uvw 5")
+    # sent rows: local A, B, A, B, A vs cloud B everywhere
+    assert m["agreement"] == 0.4
+    assert m["local_accuracy_on_sent"] == 0.6 and m["cloud_accuracy_on_sent"] == 0.8
+    call = (100 * 1.0 + 5 * 2.0) / 1e6  # the fake's usage at the configured prices
+    assert m["cloud_cost"] == pytest.approx(5 * call)
+    # AUTO at 0.7 escalates the tie only, and the cloud gets it right: 6 of 7
+    assert m["auto_escalated"] == pytest.approx(1 / 7) and m["auto_accuracy"] == pytest.approx(
+        6 / 7
+    )
+    assert m["auto_cloud_cost"] == pytest.approx(call)
+    assert r["quality"]["accuracy"] == pytest.approx(5 / 7)  # the local answers, every row
+    assert r["confidence"]["at_threshold"]["cloud"] is True
+    out = await cli("--config", str(empty), "eval", str(data), "--routing", "compare",
+                    "--socket", str(s.socket))  # fmt: skip
+    assert "kept local by the privacy rules (lines)" in out.stdout and "5, 6" in out.stdout
+
+
+async def test_compare_without_a_cloud_and_a_bad_sensitive_flag_are_refused(
+    serve, tiny_model: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    s = await serve(tiny_model)
+    empty = tmp_path / "empty.toml"
+    empty.touch()
+    data = tmp_path / "set.csv"
+    data.write_text(f"text,label\nabc,{A}\nuvw,{B}\n")
+    out = await cli("--config", str(empty), "eval", str(data), "--routing", "compare",
+                    "--socket", str(s.socket))  # fmt: skip
+    assert out.exit_code == EXIT_FAILED and "needs a cloud" in out.stderr, out.output
+    data.write_text(f"text,label,sensitive\nabc,{A},maybe\n")
+    out = await cli("--config", str(empty), "eval", str(data), "--socket", str(s.socket))
+    assert out.exit_code == 2
+    assert "line 2: column 'sensitive' must be true or false, not 'maybe'" in out.stderr
