@@ -6,14 +6,22 @@ An origin holds `<name>.manifest.json`::
                 "sha256": ..., "size": ..., "full": {"path", "sha256", "size"},
                 "deltas": [{"from_version", "to_version", "from_sha256", "to_sha256",
                             "path", "sha256", "size"}, ...],
-                "versions": {"1": sha256, ...}, "created": iso, "expires": iso},
+                "versions": {"1": sha256, ...}, "created": iso, "expires": iso,
+                "rollout": 0.25},
      "signatures": [{"keyid": ..., "sig": base64(Ed25519(canonical(signed)))}]}
+
+`rollout` is the share of daemons (0 to 1) that take this version (see `cohort`); absent
+means 1. A manifest with a rollout below 1 says spec 2, so a daemon too old to know
+`rollout` refuses it (and waits) instead of taking a staged version at once; at 1 the
+manifest says spec 1 again and every daemon, old or new, takes it.
 
 `canonical` is JSON with sorted keys, compact separators, UTF-8: what was signed is
 re-derived from the parsed document, so whitespace or key order added in transit do not
 matter, but any change of a value does. `verify` refuses, each with a reason label for
 metrics: an oversized document, a bad signature, another model's manifest (mix-and-match),
 an expired one (freeze attack), and a version older than one already trusted (rollback).
+A publisher may re-publish the same version (to raise its rollout, or to renew its expiry):
+its `created` time then moves forward, which is how a daemon tells a replayed older copy.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -39,6 +48,7 @@ from sidecar.fileio import fsync_dir, sha256_file, write_atomic
 log = logging.getLogger("sidecar.update")
 
 SPEC = 1
+SPEC_ROLLOUT = 2  # a rollout below 1: daemons that cannot honour it must not read it
 KEY_PREFIX = "ed25519:"
 
 
@@ -127,6 +137,16 @@ class Manifest:
     versions: dict[int, str]
     expires: datetime
     created: datetime
+    rollout: float = 1.0  # the share of daemons that take this version (cohort.py)
+
+
+def rollout_problem(value: object) -> str | None:
+    """None if `value` is a rollout fraction (a number from 0 to 1), else what is wrong."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"must be a number from 0 to 1, got {value!r}"
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        return f"must be from 0 to 1, got {value!r}"
+    return None
 
 
 def canonical(obj: Any) -> bytes:
@@ -134,9 +154,10 @@ def canonical(obj: Any) -> bytes:
 
 
 def _to_json(m: Manifest) -> dict[str, Any]:
-    return {
+    staged = m.rollout < 1.0
+    doc: dict[str, Any] = {
         "_type": "sidecar-manifest",
-        "spec": SPEC,
+        "spec": SPEC_ROLLOUT if staged else SPEC,
         "name": m.name,
         "version": m.version,
         "sha256": m.sha256,
@@ -158,6 +179,9 @@ def _to_json(m: Manifest) -> dict[str, Any]:
         "created": m.created.isoformat(),
         "expires": m.expires.isoformat(),
     }
+    if staged:
+        doc["rollout"] = m.rollout
+    return doc
 
 
 def _malformed(what: str) -> UpdateRejected:
@@ -207,8 +231,15 @@ def _time(doc: Mapping[str, Any], key: str) -> datetime:
 def _from_json(doc: Any) -> Manifest:
     if not isinstance(doc, dict) or doc.get("_type") != "sidecar-manifest":
         raise _malformed("not a sidecar manifest")
-    if doc.get("spec") != SPEC:
-        raise _malformed(f"spec {doc.get('spec')!r} is not supported (this daemon reads {SPEC})")
+    if doc.get("spec") not in (SPEC, SPEC_ROLLOUT):
+        raise _malformed(
+            f"spec {doc.get('spec')!r} is not supported (this daemon reads {SPEC} and "
+            f"{SPEC_ROLLOUT})"
+        )
+    rollout = doc.get("rollout", 1.0)
+    problem = rollout_problem(rollout)
+    if problem:
+        raise _malformed(f"'rollout' {problem}")
     full = _field(doc, "full", dict)
     deltas = []
     for d in _field(doc, "deltas", list):
@@ -240,6 +271,7 @@ def _from_json(doc: Any) -> Manifest:
         versions=versions,
         expires=_time(doc, "expires"),
         created=_time(doc, "created"),
+        rollout=float(rollout),
     )
 
 
@@ -334,11 +366,22 @@ def publish(
     file: Path,
     expires_days: float = 30,
     deltas_dir: str = "deltas",
+    rollout: float | None = None,
 ) -> Manifest:
+    """Sign `version` of `name` (the full `file`, the deltas that lead to it) into the origin.
+
+    `version` may equal the published one when `file` is the same: a re-publish that raises
+    (or lowers) its rollout or renews its expiry. `rollout` None keeps the published share
+    on a re-publish, so renewing an expiry never widens a staged rollout by accident, and
+    means 1 for a new version. Everything is checked before a byte is written.
+    """
+    if rollout is not None and (problem := rollout_problem(rollout)):
+        raise ValueError(f"rollout {problem}")
     key = load_private_key(key_path)
-    origin.mkdir(parents=True, exist_ok=True)
     manifest_path = origin / f"{name}.manifest.json"
     versions: dict[int, str] = {}
+    sha = sha256_file(file)
+    old: Manifest | None = None
     if manifest_path.exists():
         # The publisher's own file: read, not verified, so a new signing key can take over.
         try:
@@ -347,10 +390,19 @@ def publish(
             raise ValueError(f"{manifest_path} is not a readable manifest: {e}") from None
         if old.name != name:
             raise ValueError(f"{manifest_path} is for model {old.name!r}, not {name!r}")
-        if version <= old.version:
-            raise ValueError(f"version {version} must be greater than the published {old.version}")
+        if version < old.version:
+            raise ValueError(
+                f"version {version} must be greater than the published {old.version} (or "
+                "equal to it, to re-publish the same file)"
+            )
+        if version == old.version and sha != old.sha256:
+            raise ValueError(
+                f"version {version} is published already with another file "
+                f"({old.sha256[:12]}); a new file needs a version greater than the published "
+                f"{old.version}"
+            )
         versions = dict(old.versions)
-    sha = sha256_file(file)
+    origin.mkdir(parents=True, exist_ok=True)
     size = file.stat().st_size
     versions[version] = sha
     files = origin / "files"
@@ -389,6 +441,11 @@ def publish(
             )
         )
     now = datetime.now(timezone.utc).replace(microsecond=0)
+    if old is not None and old.version == version:
+        # A daemon refuses a copy of this version created earlier than one it has read
+        # (a replay that would hold the rollout back), so the new copy must be later.
+        now = max(now, old.created + timedelta(seconds=1))
+        rollout = old.rollout if rollout is None else rollout
     m = Manifest(
         name=name,
         version=version,
@@ -399,6 +456,7 @@ def publish(
         versions=versions,
         expires=now + timedelta(days=expires_days),
         created=now,
+        rollout=1.0 if rollout is None else float(rollout),
     )
     write_atomic(manifest_path, sign(m, key))
     return m
