@@ -81,6 +81,8 @@ class DaemonAdmin:
                 errors.get(pool.model.name),
                 self.updater.last.get(pool.model.name, ""),
                 self.updater.fetching(pool.model.name),
+                self.updater.rollout(pool.model.name),
+                self.updater.last_rollback(pool.model.name),
             )
             for pool, is_default in self.engine.status()
         ]
@@ -137,11 +139,13 @@ class DaemonAdmin:
 
     # ---------------------------------------------------------------- updates
 
-    async def check_update(self, model: str) -> Check:
-        return await self.updater.check(model)
+    async def check_update(self, model: str, ignore_rollout: bool = False) -> Check:
+        return await self.updater.check(model, ignore_rollout)
 
-    async def apply_update(self, model: str, progress: Progress, owner: object) -> Outcome:
-        return await self.updater.apply(model, progress, owner)
+    async def apply_update(
+        self, model: str, progress: Progress, owner: object, ignore_rollout: bool = False
+    ) -> Outcome:
+        return await self.updater.apply(model, progress, owner, ignore_rollout)
 
     def abandon_update(self, model: str, owner: object) -> bool:
         return self.updater.abandon(model, owner)

@@ -92,6 +92,7 @@ class App:
         )
         self.metrics.watch_readiness(self.supervisor)
         self.updater = Updater(self.local, self.metrics, self.supervisor.probe_errors)
+        self.metrics.watch_rollouts(self.updater)
         self.drop: DropWatcher | None = None
         if config.store.drop is not None:
             self.drop = DropWatcher(self.local, config.store.drop, config.store.auto_swap)

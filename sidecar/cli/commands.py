@@ -38,7 +38,7 @@ from sidecar.cli.support import (
     connect,
     dump,
 )
-from sidecar.cli.update import update
+from sidecar.cli.update import rollout_line, update
 from sidecar.config import Config, Overrides, load, load_client, schema
 from sidecar.config.reference import key_line
 from sidecar.domain.errors import ConfigError, SidecarError
@@ -250,8 +250,11 @@ def status(
         )
         if m.last_error:
             click.echo(f"    last error: {m.last_error} (restart backoff {m.backoff_s:.1f}s)")
+        staged = m.HasField("rollout") and m.rollout.fraction < 1
+        rollout = rollout_line(m.rollout) if staged else ""
         _lines("    ", ("last swap", m.last_swap), ("update in progress", m.update_fetch),
-               ("last update", m.last_update))  # fmt: skip
+               ("last update", m.last_update), ("rollout", rollout),
+               ("last rollback", m.last_rollback))  # fmt: skip
         for w in m.workers:
             click.echo(
                 f"    worker pid {w.pid}: {w.state}, {w.requests} requests, "

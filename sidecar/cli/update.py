@@ -90,35 +90,58 @@ def make(old: Path, new: Path, origin: Path) -> None:
               help="The private signing key (from keygen).")  # fmt: skip
 @click.option("--expires-days", type=float, default=30.0, show_default=True,
               help="Daemons refuse the manifest after this (freeze-attack protection).")  # fmt: skip
-def publish(origin: Path, name: str, version: int, file: Path, key: Path, expires_days: float) -> None:  # fmt: skip
+@click.option("--rollout", type=float, default=None, metavar="F",
+              help="The share of daemons (0-1) that take this version, chosen by a stable hash "
+                   "of each machine; raise it by publishing the same version again. Default: "
+                   "1 for a new version; the published share when re-publishing one.")  # fmt: skip
+def publish(origin: Path, name: str, version: int, file: Path, key: Path, expires_days: float,
+            rollout: float | None) -> None:  # fmt: skip
     """Write or update ORIGIN/NAME.manifest.json, signed: the full file, the deltas that
-    lead to it (from `make`), and an expiry. Serve ORIGIN from any static file server."""
+    lead to it (from `make`), an expiry and the rollout. Serve ORIGIN from any static file
+    server. Publishing the published version again (same file) renews its expiry and sets
+    its rollout."""
     from sidecar.update.manifest import publish as do_publish
 
     try:
         m = do_publish(origin, name=name, version=version, key_path=key, file=file,
-                       expires_days=expires_days)  # fmt: skip
+                       expires_days=expires_days, rollout=rollout)  # fmt: skip
     except (ValueError, OSError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_FAILED)
     click.echo(
         f"{origin / (name + '.manifest.json')}: {name} v{m.version} ({m.sha256[:12]}, "
-        f"{m.size} bytes), {len(m.deltas)} delta(s), expires {m.expires.isoformat()}"
+        f"{m.size} bytes), {len(m.deltas)} delta(s), rollout {_share(m.rollout)}, "
+        f"expires {m.expires.isoformat()}"
     )
+
+
+def _share(fraction: float) -> str:
+    from sidecar.update.cohort import percent
+
+    return percent(fraction)
 
 
 # ---------------------------------------------------------------- daemon side
 
 
+IGNORE_ROLLOUT = click.option(
+    "--ignore-rollout", is_flag=True,
+    help="Take the version even if this daemon is outside its staged rollout (a manual "
+         "canary). Automatic updates never do.")  # fmt: skip
+
+
 @update.command()
 @click.argument("model", default="")
+@IGNORE_ROLLOUT
 @client_options
 @click.pass_context
-def check(ctx: click.Context, model: str, socket: Path | None, tcp: str | None,
-          token: str | None, timeout: float, as_json: bool) -> None:  # fmt: skip
-    """Ask the daemon whether MODEL (default: the default model) has an update."""
+def check(ctx: click.Context, model: str, ignore_rollout: bool, socket: Path | None,
+          tcp: str | None, token: str | None, timeout: float, as_json: bool) -> None:  # fmt: skip
+    """Ask the daemon whether MODEL (default: the default model) has an update, and whether
+    this daemon is in the cohort of its staged rollout."""
+    request = pb.UpdateRequest(model=model, ignore_rollout=ignore_rollout)
     with connect(ctx, socket, tcp, token, timeout) as c:
-        reply = call(lambda: c.admin.CheckUpdate(pb.UpdateRequest(model=model), **c._kw(timeout)))
+        reply = call(lambda: c.admin.CheckUpdate(request, **c._kw(timeout)))
     if as_json:
         click.echo(dump(reply))
         return
@@ -131,6 +154,16 @@ def check(ctx: click.Context, model: str, socket: Path | None, tcp: str | None,
                    f"would fetch {reply.plan}")  # fmt: skip
     else:
         click.echo(f"{reply.model}: {reply.detail}")
+    if reply.HasField("rollout") and reply.rollout.fraction < 1:
+        click.echo(f"  rollout: {rollout_line(reply.rollout)}")
+
+
+def rollout_line(r: pb.Rollout) -> str:
+    """This daemon in a version's staged rollout, for check and status."""
+    where = f"this daemon's place {_share(r.position)}, identity {r.identity}"
+    if r.in_cohort:
+        return f"v{r.version} to {_share(r.fraction)} of daemons: in the cohort ({where})"
+    return f"v{r.version} to {_share(r.fraction)} of daemons: NOT in the cohort yet ({where})"
 
 
 STOPPED = "stopped: the download stops; the next `sidecar update apply` resumes it"
@@ -141,11 +174,15 @@ DOWNLOADING = frozenset({"", "checking", "fetching", "rebuilding"})
 
 @update.command()
 @click.argument("model", default="")
+@IGNORE_ROLLOUT
 @client_options
 @click.pass_context
-def apply(ctx: click.Context, model: str, socket: Path | None, tcp: str | None,
-          token: str | None, timeout: float, as_json: bool) -> None:  # fmt: skip
+def apply(ctx: click.Context, model: str, ignore_rollout: bool, socket: Path | None,
+          tcp: str | None, token: str | None, timeout: float, as_json: bool) -> None:  # fmt: skip
     """Fetch, rebuild, verify and hot-swap MODEL's update, with progress.
+
+    A daemon outside the version's staged rollout does nothing (exit 0, and says so)
+    unless --ignore-rollout is given.
 
     Waits as long as the daemon works on it (downloads have their own deadline,
     update.fetch_deadline_seconds) unless --timeout is given. Leaving early (--timeout, or
@@ -165,7 +202,8 @@ def apply(ctx: click.Context, model: str, socket: Path | None, tcp: str | None,
     bar = ProgressDisplay()
     stage = ""
     with connect(ctx, socket, tcp, token, timeout) as c:
-        steps = c.admin.ApplyUpdate(pb.UpdateRequest(model=model), metadata=c._md)
+        request = pb.UpdateRequest(model=model, ignore_rollout=ignore_rollout)
+        steps = c.admin.ApplyUpdate(request, metadata=c._md)
         try:
             with waiting(steps, wait_limit(ctx, timeout)):
                 for step in steps:

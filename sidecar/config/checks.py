@@ -36,6 +36,16 @@ def token(v: str) -> str | None:
     return None
 
 
+def identity(v: str) -> str | None:
+    # Hashed into the rollout cohort: a stray space or newline from a template would put the
+    # machine in another cohort than the operator computed.
+    if v != v.strip() or any(not c.isprintable() for c in v):
+        return "must not start or end with whitespace or hold control characters"
+    if len(v) > 256:
+        return f"must be at most 256 characters, got {len(v)}"
+    return None
+
+
 def env_name(v: str) -> str | None:
     # The TOML names the variable; a key pasted here by mistake must not sit in a file.
     if v and not v.replace("_", "").isalnum():

@@ -250,6 +250,15 @@ class UpdateConfig:
         minimum=1,
         live=True,
     )
+    identity: str = setting(
+        "",
+        "This machine's identity in a fleet, hashed with a version to decide whether this "
+        "daemon is in that version's staged rollout. Empty = derived from /etc/machine-id "
+        "(a sidecar-specific hash of it), else a random id kept in <store>/updates/identity. "
+        "Set it where machines share a machine-id (cloned images) or to match an inventory.",
+        check=checks.identity,
+        live=True,
+    )
     catalog_origin: str = setting(
         "",
         "Where `sidecar pull NAME` finds NAME.manifest.json (https://, http:// or a folder) "

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sidecar.domain.status import PoolStatus
+from sidecar.domain.updates import Rollout
 from sidecar.domain.versions import VersionInfo
 
 
@@ -23,6 +24,8 @@ class ModelReport:
     probe_error: str | None = None  # the last real (one-token) probe's failure, if any
     last_update: str = ""  # the last update's outcome
     update_fetch: str = ""  # the update in flight ("" when none)
+    rollout: Rollout | None = None  # this daemon in the origin's newest version's rollout
+    last_rollback: str = ""  # the last version probation swapped back, when and why
 
 
 @dataclass(frozen=True)

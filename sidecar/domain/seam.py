@@ -170,11 +170,14 @@ class Admin(Protocol):
         """Delete what no name and no worker uses; the paths removed, relative to the store."""
         ...
 
-    async def check_update(self, model: str) -> Check: ...
+    async def check_update(self, model: str, ignore_rollout: bool = False) -> Check: ...
 
-    async def apply_update(self, model: str, progress: Progress, owner: object) -> Outcome:
+    async def apply_update(
+        self, model: str, progress: Progress, owner: object, ignore_rollout: bool = False
+    ) -> Outcome:
         """Fetch, rebuild, verify and install the update `model`'s origin offers. `owner`
-        names the caller, so only it can `abandon_update` this run."""
+        names the caller, so only it can `abandon_update` this run. `ignore_rollout`: even
+        when this daemon is outside the version's staged rollout (a manual canary)."""
         ...
 
     def abandon_update(self, model: str, owner: object) -> bool:

@@ -10,6 +10,17 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class Rollout:
+    """Where this daemon stands in the staged rollout of the version an origin offers."""
+
+    version: int  # the manifest's version
+    fraction: float  # the share of daemons it is published to, 0 to 1
+    position: float  # this daemon's place in [0, 1): it takes the version once fraction > it
+    in_cohort: bool
+    identity: str  # the machine identity hashed (update.identity, or derived)
+
+
+@dataclass(frozen=True)
 class Check:
     model: str
     installed_version: int  # 0: the serving file is no version the manifest names
@@ -19,6 +30,7 @@ class Check:
     download_bytes: int
     full_bytes: int  # the size of the whole new file
     detail: str
+    rollout: Rollout | None = None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from typing import Protocol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from sidecar.domain.updates import Rollout
 from sidecar.engine.local import PoolEngine
 
 
@@ -33,6 +34,10 @@ class RouterLike(Protocol):
 
 class ReadinessLike(Protocol):
     def readiness(self) -> dict[str, bool]: ...
+
+
+class RolloutsLike(Protocol):
+    def rollouts(self) -> dict[str, Rollout]: ...
 
 
 BREAKER = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
@@ -129,3 +134,37 @@ class ReadinessCollector(Collector):
         for name, ok in self.supervisor.readiness().items():
             serving.add_metric([name], 1.0 if ok else 0.0)
         yield serving
+
+
+class RolloutCollector(Collector):
+    """Where this daemon stands in each model's staged rollout (from the last manifest
+    read): for the operator's own monitoring, as the daemon reports nothing upstream."""
+
+    def __init__(self, updater: RolloutsLike) -> None:
+        self.updater = updater
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model", "version"]
+        fraction = GaugeMetricFamily(
+            "sidecar_update_rollout_fraction",
+            "The share of daemons the origin's newest version is published to (manifest "
+            "rollout, 0-1).",
+            labels=labels,
+        )
+        position = GaugeMetricFamily(
+            "sidecar_update_rollout_position",
+            "This daemon's place in that version's rollout (0-1): it takes the version once "
+            "the rollout is above it.",
+            labels=labels,
+        )
+        cohort = GaugeMetricFamily(
+            "sidecar_update_in_cohort",
+            "1 when this daemon is in the cohort of the origin's newest version.",
+            labels=labels,
+        )
+        for name, r in sorted(self.updater.rollouts().items()):
+            at = [name, str(r.version)]
+            fraction.add_metric(at, r.fraction)
+            position.add_metric(at, r.position)
+            cohort.add_metric(at, 1.0 if r.in_cohort else 0.0)
+        yield from (fraction, position, cohort)

@@ -20,6 +20,8 @@ from sidecar.metrics.collectors import (
     EngineCollector,
     ReadinessCollector,
     ReadinessLike,
+    RolloutCollector,
+    RolloutsLike,
     RouterCollector,
     RouterLike,
 )
@@ -57,6 +59,7 @@ UPDATE_REJECTIONS = (
     "deadline",
 )
 UPDATE_PATHS = ("delta", "full")
+ROLLBACK_CAUSES = ("worker_died", "probe_failed")  # update/probation.py
 SWAP_OUTCOMES = (  # (outcome, stage): the stages engine/swap.py refuses at
     ("swapped", ""),
     ("unchanged", ""),
@@ -131,6 +134,14 @@ class Metrics:
             ["model", "path"],
             registry=r,
         )
+        self.update_rollbacks = Counter(
+            "sidecar_update_rollbacks",
+            "New versions swapped back during probation, by cause: "
+            + ", ".join(ROLLBACK_CAUSES)
+            + " (the full reason: `sidecar status`, last rollback).",
+            ["model", "cause"],
+            registry=r,
+        )
         self.update_bytes = Counter(
             "sidecar_update_fetched_bytes",
             "Bytes downloaded for updates (manifests excluded).",
@@ -180,6 +191,10 @@ class Metrics:
         """Readiness as health reports it (a live worker and a passing probe)."""
         self.registry.register(ReadinessCollector(supervisor))
 
+    def watch_rollouts(self, updater: RolloutsLike) -> None:
+        """Each model's staged rollout as the updater last read it."""
+        self.registry.register(RolloutCollector(updater))
+
     def _models(self, names: Iterable[str]) -> None:
         for name in names:
             for route in ROUTES:
@@ -192,6 +207,8 @@ class Metrics:
                 self.update_rejections.labels(name, reason)
             for path in UPDATE_PATHS:
                 self.updates.labels(name, path)
+            for cause in ROLLBACK_CAUSES:
+                self.update_rollbacks.labels(name, cause)
             self.update_bytes.labels(name)
 
     # ------------------------------------------------------------ hooks

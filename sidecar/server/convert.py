@@ -35,7 +35,7 @@ from sidecar.domain.types import (
     Usage,
 )
 from sidecar.domain.types import Timings as DomainTimings
-from sidecar.domain.updates import Check, Outcome
+from sidecar.domain.updates import Check, Outcome, Rollout
 from sidecar.v1 import inference_pb2 as pb
 
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
@@ -259,6 +259,8 @@ def model_status(m: ModelReport) -> pb.ModelStatus:
         idle_s=s.idle_s,
         unload_in_s=s.unload_in_s,
         footprint_bytes=s.footprint,
+        rollout=_rollout(m.rollout),
+        last_rollback=m.last_rollback,
     )
 
 
@@ -300,6 +302,13 @@ def swap_done(result: SwapResult, elapsed_ms: float) -> pb.SwapProgress:
     )
 
 
+def _rollout(r: Rollout | None) -> pb.Rollout | None:
+    if r is None:
+        return None
+    return pb.Rollout(version=r.version, fraction=r.fraction, position=r.position,
+                      in_cohort=r.in_cohort, identity=r.identity)  # fmt: skip
+
+
 def update_check(c: Check) -> pb.UpdateCheck:
     return pb.UpdateCheck(
         model=c.model,
@@ -310,6 +319,7 @@ def update_check(c: Check) -> pb.UpdateCheck:
         download_bytes=c.download_bytes,
         full_bytes=c.full_bytes,
         detail=c.detail,
+        rollout=_rollout(c.rollout),
     )
 
 

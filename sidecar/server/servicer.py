@@ -159,7 +159,8 @@ class AdminServicer(pb_grpc.AdminServicer):
         return pb.CollectGarbageReply(removed=removed)
 
     async def CheckUpdate(self, request: pb.UpdateRequest, context: Any) -> pb.UpdateCheck:
-        return convert.update_check(await self.admin.check_update(request.model))
+        check = await self.admin.check_update(request.model, request.ignore_rollout)
+        return convert.update_check(check)
 
     async def ApplyUpdate(
         self, request: pb.UpdateRequest, context: Any
@@ -169,7 +170,7 @@ class AdminServicer(pb_grpc.AdminServicer):
         owner = object()
 
         def apply(progress: Progress) -> Coroutine[Any, Any, Outcome]:
-            return self.admin.apply_update(request.model, progress, owner)
+            return self.admin.apply_update(request.model, progress, owner, request.ignore_rollout)
 
         def leave() -> bool:
             return self.admin.abandon_update(request.model, owner)

@@ -6,13 +6,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 
 from sidecar.domain.errors import FailedPrecondition, Unavailable
-from sidecar.domain.updates import Check
-from sidecar.update import fetch
+from sidecar.domain.updates import Check, Rollout
+from sidecar.update import cohort, fetch
 from sidecar.update.context import UpdateContext
 from sidecar.update.manifest import Manifest, UpdateRejected, verify
 from sidecar.update.plan import Plan, cheapest
+from sidecar.update.state import State
 from sidecar.update.threads import in_thread
 
 MANIFEST_MAX_BYTES = 1 << 20
@@ -28,7 +30,14 @@ class Found:
     plan: Plan | None
 
 
-def _found(name: str, manifest: Manifest, installed: int, plan: Plan | None, detail: str) -> Found:
+def _found(
+    name: str,
+    manifest: Manifest,
+    installed: int,
+    plan: Plan | None,
+    detail: str,
+    rollout: Rollout | None,
+) -> Found:
     figures = Check(
         model=name,
         installed_version=installed,
@@ -38,12 +47,46 @@ def _found(name: str, manifest: Manifest, installed: int, plan: Plan | None, det
         download_bytes=plan.download_bytes if plan else 0,
         full_bytes=manifest.size,
         detail=detail,
+        rollout=rollout,
     )
     return Found(figures, manifest, plan)
 
 
-async def check(ctx: UpdateContext, model: str, *, in_job: bool = False) -> Found:
-    """`in_job`: part of an apply (a lone check must not take over its status)."""
+def _refuse_replay(st: State, manifest: Manifest) -> None:
+    """A copy of the newest version older than one already read would, once re-published
+    with a higher rollout, hold the rollout back (or renew nothing): refused like any
+    rollback."""
+    if manifest.version != st.highest_version or not st.highest_created:
+        return
+    try:
+        seen = datetime.fromisoformat(st.highest_created)
+    except ValueError:
+        return  # a damaged state file: what it guarded is re-learned from this manifest
+    if manifest.created < seen:
+        raise UpdateRejected(
+            "rollback",
+            f"this manifest of v{manifest.version} was created {manifest.created.isoformat()}, "
+            f"before the copy this daemon already read ({st.highest_created}): a replayed "
+            "older manifest",
+        )
+
+
+def _remember(ctx: UpdateContext, name: str, st: State, manifest: Manifest) -> None:
+    """Keep the manifest as the newest read (verify and `_refuse_replay` let through none
+    older): its version, when it was made, and its rollout, which status reports."""
+    now = (manifest.version, manifest.created.isoformat(),
+           {"version": manifest.version, "fraction": manifest.rollout})  # fmt: skip
+    if (st.highest_version, st.highest_created, st.rollout) != now:
+        st.highest_version, st.highest_created, st.rollout = now
+        st.save(ctx.state_path(name))
+
+
+async def check(
+    ctx: UpdateContext, model: str, *, in_job: bool = False, ignore_rollout: bool = False
+) -> Found:
+    """`in_job`: part of an apply (a lone check must not take over its status).
+    `ignore_rollout`: plan the update even when this daemon is outside its cohort (an
+    operator's manual canary)."""
     m = ctx.model(model)
     name = m.name
     timeout = ctx.engine.config.update.timeout_seconds
@@ -68,25 +111,28 @@ async def check(ctx: UpdateContext, model: str, *, in_job: bool = False) -> Foun
         # rollback (or a replayed old manifest) and is refused.
         trusted = st.highest_version - 1 if st.highest_version else None
         manifest = verify(data, ctx.public_key(m), name=name, installed_version=trusted)
+        _refuse_replay(st, manifest)
     except UpdateRejected as e:
         ctx.reject(name, e.reason, e.message)
         raise FailedPrecondition(f"update of {name!r} refused: {e.message}") from None
-    if manifest.version > st.highest_version:
-        st.highest_version = manifest.version
-        st.save(ctx.state_path(name))
+    _remember(ctx, name, st, manifest)
+    r = cohort.rollout(ctx.identity().value, name, manifest.version, manifest.rollout)
     current = ctx.engine.pool(name).ref.version  # sha256 prefix of what serves now
     installed = st.installed_version if st.installed_sha256.startswith(current) else 0
     installed = installed or next(
         (v for v, sha in manifest.versions.items() if sha.startswith(current)), 0
     )
     if manifest.sha256.startswith(current):
-        return _found(name, manifest, installed, None, f"up to date (v{manifest.version})")
+        return _found(name, manifest, installed, None, f"up to date (v{manifest.version})", r)
     if manifest.sha256 in st.failed:
         why = st.failed[manifest.sha256]
-        return _found(name, manifest, installed, None, f"v{manifest.version} failed before: {why}")
+        return _found(name, manifest, installed, None,
+                      f"v{manifest.version} failed before: {why}", r)  # fmt: skip
+    if not r.in_cohort and not ignore_rollout:
+        return _found(name, manifest, installed, None, cohort.describe(r), r)
     held = await asyncio.to_thread(_held, ctx)
     plan = cheapest(manifest, held, avoid=frozenset(st.bad_deltas))
-    return _found(name, manifest, installed, plan, plan.describe())
+    return _found(name, manifest, installed, plan, plan.describe(), r)
 
 
 def _held(ctx: UpdateContext) -> set[str]:

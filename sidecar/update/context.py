@@ -14,6 +14,7 @@ from sidecar.domain.errors import Cancelled, FailedPrecondition, SidecarError, U
 from sidecar.engine.local import PoolEngine
 from sidecar.metrics import Metrics
 from sidecar.update import fetch
+from sidecar.update.identity import Identity, resolve
 from sidecar.update.manifest import parse_public_key
 from sidecar.update.state import Job, State
 
@@ -26,6 +27,7 @@ class UpdateContext:
         self.metrics = metrics
         self.jobs: dict[str, Job] = {}
         self.last: dict[str, str] = {}  # per model, for status
+        self._identity: tuple[str, Identity] | None = None  # (update.identity, resolved)
 
     # ---------------------------------------------------------------- where and what
 
@@ -39,6 +41,14 @@ class UpdateContext:
                 f"and models.{m.name}.update_key"
             )
         return m
+
+    def identity(self) -> Identity:
+        """This daemon's identity in the fleet (identity.py), read again only when
+        update.identity changes (a reload), so status and scrapes cost no file reads."""
+        configured = self.engine.config.update.identity
+        if self._identity is None or self._identity[0] != configured:
+            self._identity = (configured, resolve(configured, self.engine.store.root / "updates"))
+        return self._identity[1]
 
     def workdir(self, name: str) -> Path:
         return self.engine.store.root / "updates" / name

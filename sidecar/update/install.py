@@ -25,10 +25,14 @@ from sidecar.update.probation import Probation
 
 
 async def apply_update(
-    ctx: UpdateContext, probation: Probation, name: str, progress: Progress
+    ctx: UpdateContext,
+    probation: Probation,
+    name: str,
+    progress: Progress,
+    ignore_rollout: bool = False,
 ) -> Outcome:
     progress("checking", f"reading the manifest of {name}", 0, 0)
-    found = await check(ctx, name, in_job=True)
+    found = await check(ctx, name, in_job=True, ignore_rollout=ignore_rollout)
     manifest, plan, installed = found.manifest, found.plan, found.check.installed_version
     current = ctx.engine.pool(name).ref.version
     if plan is None:
@@ -102,10 +106,13 @@ async def apply_update(
     probation.begin(name)
     ctx.metrics.updates.labels(name, "delta" if how.startswith("delta") else "full").inc()
     ctx.clean(name, keep={"state.json"})
+    r = found.check.rollout
+    outside = " (outside its rollout cohort, by an operator's override)"
     ctx.record(
         name,
         f"installed v{manifest.version} ({sha[:12]}) via {how}; "
-        f"fetched {fetched} bytes of {manifest.size}",
+        f"fetched {fetched} bytes of {manifest.size}"
+        + (outside if r is not None and not r.in_cohort else ""),
     )
     progress("probation", f"v{manifest.version} serves; watching it for {healthy_seconds:.0f}s",
              0, 0)  # fmt: skip

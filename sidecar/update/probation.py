@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime, timezone
 
 from sidecar.domain.errors import SidecarError
 from sidecar.update.context import UpdateContext
@@ -47,20 +48,20 @@ class Probation:
                 continue
             baseline = self._baseline.setdefault(name, self._health_marks(name))
             restarts, probe_error = self._health_marks(name)
-            trouble = ""
+            trouble, cause = "", ""
             if restarts > baseline[0]:
-                trouble = f"{restarts - baseline[0]} worker restart(s)"
+                trouble, cause = f"{restarts - baseline[0]} worker restart(s)", "worker_died"
             elif probe_error and probe_error != baseline[1]:
-                trouble = f"readiness probe failed: {probe_error}"
+                trouble, cause = f"readiness probe failed: {probe_error}", "probe_failed"
             if trouble:
-                await self._roll_back(name, st, trouble)
+                await self._roll_back(name, st, trouble, cause)
             elif time.time() >= p["until"]:
                 st.probation = {}
                 st.save(path)
                 self._baseline.pop(name, None)
                 ctx.record(name, f"v{p['version']} served healthily for the probation period")
 
-    async def _roll_back(self, name: str, st: State, trouble: str) -> None:
+    async def _roll_back(self, name: str, st: State, trouble: str, cause: str) -> None:
         ctx = self._ctx
         p = st.probation
         why = f"unhealthy within {ctx.engine.config.update.healthy_seconds:.0f}s: {trouble}"
@@ -75,6 +76,13 @@ class Probation:
         st.failed[p["sha256"]] = why
         st.installed_version = int(p.get("previous_version") or 0)
         st.installed_sha256 = ""
+        # Kept apart from `last` (which the next check overwrites) and never sent anywhere:
+        # status and metrics show it, for the operator's own monitoring.
+        when = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+        st.last_rollback = (
+            f"v{p['version']} ({p['sha256'][:12]}) rolled back to {p['previous']} at {when}: {why}"
+        )
         st.save(ctx.state_path(name))
+        ctx.metrics.update_rollbacks.labels(name, cause).inc()
         self._baseline.pop(name, None)
         ctx.reject(name, "unhealthy", f"v{p['version']} rolled back to {p['previous']}: {why}")

@@ -21,6 +21,9 @@ class State:
     """What must survive a restart, per model."""
 
     highest_version: int = 0  # the newest version a verified manifest ever named
+    highest_created: str = ""  # that manifest's `created`: an earlier copy is a replay
+    rollout: dict[str, Any] = field(default_factory=dict)  # the last manifest's version, fraction
+    last_rollback: str = ""  # the last version probation rolled back, when and why
     installed_version: int = 0
     installed_sha256: str = ""
     failed: dict[str, str] = field(default_factory=dict)  # full-file sha256 -> why

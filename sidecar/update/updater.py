@@ -24,9 +24,14 @@ the job (`abandon`) unless it already reached install, and status shows a job in
 State that must survive restarts (highest trusted version, versions that failed,
 probation) lives in `state.json` beside the partials.
 
+A manifest may offer its version to a share of the fleet only (`rollout`): a daemon outside
+that share's cohort (`cohort`, hashed from its `identity`) treats the version as not
+available yet; that is not an error, and nothing is reported upstream.
+
 Modules: `check` (steps 1-2), `download` (3-4), `install` (the whole sequence, 5),
-`probation` (6), `state` (on disk and in flight), `context` (what the steps share); this
-one holds the per-model lock, the poll loop and the public surface.
+`probation` (6), `state` (on disk and in flight), `context` (what the steps share),
+`cohort` and `identity` (staged rollout); this one holds the per-model lock, the poll loop
+and the public surface.
 """
 
 from __future__ import annotations
@@ -38,11 +43,13 @@ import time
 
 from sidecar.domain.errors import FailedPrecondition, SidecarError
 from sidecar.domain.progress import Progress, ignore
-from sidecar.domain.updates import Check, Outcome
+from sidecar.domain.updates import Check, Outcome, Rollout
 from sidecar.engine.local import PoolEngine
 from sidecar.metrics import Metrics
 from sidecar.update import check as checking
+from sidecar.update import cohort
 from sidecar.update.context import UpdateContext
+from sidecar.update.identity import Identity
 from sidecar.update.install import apply_update
 from sidecar.update.probation import Probation
 from sidecar.update.state import Job
@@ -60,13 +67,20 @@ class Updater:
         self._locks: dict[str, asyncio.Lock] = {}
         self.last = self._ctx.last  # per model, for status
 
-    async def check(self, model: str) -> Check:
+    async def check(self, model: str, ignore_rollout: bool = False) -> Check:
         """What `model`'s origin offers and what fetching it would cost; changes nothing."""
-        return (await checking.check(self._ctx, model)).check
+        return (await checking.check(self._ctx, model, ignore_rollout=ignore_rollout)).check
 
-    async def apply(self, model: str, progress: Progress = ignore, owner: object = None) -> Outcome:
+    async def apply(
+        self,
+        model: str,
+        progress: Progress = ignore,
+        owner: object = None,
+        ignore_rollout: bool = False,
+    ) -> Outcome:
         """Update `model` to what its origin offers, reporting on `progress`. `owner`: whoever
-        asked (only they may `abandon` it)."""
+        asked (only they may `abandon` it). `ignore_rollout`: even outside the version's
+        rollout cohort (an operator's manual canary; the poll loop never sets it)."""
         name = self.engine.pool(model).config.name
         lock = self._locks.setdefault(name, asyncio.Lock())
         jobs = self._ctx.jobs
@@ -77,9 +91,37 @@ class Updater:
         async with lock:
             jobs[name] = Job(owner)
             try:
-                return await apply_update(self._ctx, self._probation, name, progress)
+                return await apply_update(
+                    self._ctx, self._probation, name, progress, ignore_rollout
+                )
             finally:
                 jobs.pop(name, None)
+
+    def identity(self) -> Identity:
+        """This daemon's identity in the fleet, as the rollout hash reads it."""
+        return self._ctx.identity()
+
+    def rollout(self, model: str) -> Rollout | None:
+        """Where this daemon stands in the rollout of the last manifest `model`'s origin
+        offered (None: no manifest read yet). Computed with the identity as it is now."""
+        path = self._ctx.state_path(model)
+        if not path.exists():
+            return None
+        r = self._ctx.state(model).rollout
+        if not r:
+            return None
+        return cohort.rollout(self.identity().value, model, int(r["version"]),
+                              float(r["fraction"]))  # fmt: skip
+
+    def rollouts(self) -> dict[str, Rollout]:
+        """`rollout` of every model that has one (for metrics)."""
+        found = {name: self.rollout(name) for name in self.engine.pools}
+        return {name: r for name, r in found.items() if r is not None}
+
+    def last_rollback(self, model: str) -> str:
+        """The last version probation swapped back, when and why ("" = none)."""
+        path = self._ctx.state_path(model)
+        return self._ctx.state(model).last_rollback if path.exists() else ""
 
     def fetching(self, model: str) -> str:
         """The update in flight for status ('' when none): bytes, age, deadline."""

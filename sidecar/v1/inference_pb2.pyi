@@ -1005,6 +1005,8 @@ class ModelStatus(_message.Message):
     IDLE_S_FIELD_NUMBER: _builtins.int
     UNLOAD_IN_S_FIELD_NUMBER: _builtins.int
     FOOTPRINT_BYTES_FIELD_NUMBER: _builtins.int
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    LAST_ROLLBACK_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     context: _builtins.int
     threads: _builtins.int
@@ -1038,10 +1040,18 @@ class ModelStatus(_message.Message):
     """until keep_alive unloads it; -1 = not scheduled"""
     footprint_bytes: _builtins.int
     """what it takes loaded, as the memory budget estimates it"""
+    last_rollback: _builtins.str
+    """(unset: no manifest read yet, or no update origin)
+    the last version probation swapped back, when and why
+    """
     @_builtins.property
     def model(self) -> Global___ModelRef: ...
     @_builtins.property
     def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerStatus]: ...
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """this daemon in the origin's newest version's staged rollout"""
+
     def __init__(
         self,
         *,
@@ -1067,10 +1077,12 @@ class ModelStatus(_message.Message):
         idle_s: _builtins.float = ...,
         unload_in_s: _builtins.float = ...,
         footprint_bytes: _builtins.int = ...,
+        rollout: Global___Rollout | None = ...,
+        last_rollback: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "rollout", b"rollout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_s", b"backoff_s", "context", b"context", "detail", b"detail", "footprint_bytes", b"footprint_bytes", "idle_s", b"idle_s", "in_flight", b"in_flight", "is_default", b"is_default", "last_error", b"last_error", "last_swap", b"last_swap", "last_update", b"last_update", "model", b"model", "on_demand", b"on_demand", "path", b"path", "queue_depth", b"queue_depth", "queue_limit", b"queue_limit", "ready", b"ready", "restarts", b"restarts", "state", b"state", "threads", b"threads", "unload_in_s", b"unload_in_s", "update_fetch", b"update_fetch", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_s", b"backoff_s", "context", b"context", "detail", b"detail", "footprint_bytes", b"footprint_bytes", "idle_s", b"idle_s", "in_flight", b"in_flight", "is_default", b"is_default", "last_error", b"last_error", "last_rollback", b"last_rollback", "last_swap", b"last_swap", "last_update", b"last_update", "model", b"model", "on_demand", b"on_demand", "path", b"path", "queue_depth", b"queue_depth", "queue_limit", b"queue_limit", "ready", b"ready", "restarts", b"restarts", "rollout", b"rollout", "state", b"state", "threads", b"threads", "unload_in_s", b"unload_in_s", "update_fetch", b"update_fetch", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1565,20 +1577,66 @@ class UpdateRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
+    IGNORE_ROLLOUT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """empty = the default model"""
+    ignore_rollout: _builtins.bool
+    """Take the version even when this daemon is outside its staged rollout's cohort (an
+    operator's manual canary). Automatic updates never do.
+    """
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
+        ignore_rollout: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ignore_rollout", b"ignore_rollout", "model", b"model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateRequest: _TypeAlias = UpdateRequest  # noqa: Y015
+
+@_typing.final
+class Rollout(_message.Message):
+    """Where this daemon stands in the staged rollout of the version an origin offers: it takes
+    the version once fraction > position; position = the first 8 bytes of
+    sha256("IDENTITY|MODEL|VERSION") over 2^64, so raising the fraction only adds daemons.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    FRACTION_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    IN_COHORT_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """the manifest's version"""
+    fraction: _builtins.float
+    """the share of daemons it is published to, 0 to 1"""
+    position: _builtins.float
+    """this daemon's place in [0, 1)"""
+    in_cohort: _builtins.bool
+    identity: _builtins.str
+    """the machine identity hashed (update.identity, or derived)"""
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        fraction: _builtins.float = ...,
+        position: _builtins.float = ...,
+        in_cohort: _builtins.bool = ...,
+        identity: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fraction", b"fraction", "identity", b"identity", "in_cohort", b"in_cohort", "position", b"position", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Rollout: _TypeAlias = Rollout  # noqa: Y015
 
 @_typing.final
 class UpdateCheck(_message.Message):
@@ -1592,6 +1650,7 @@ class UpdateCheck(_message.Message):
     DOWNLOAD_BYTES_FIELD_NUMBER: _builtins.int
     FULL_BYTES_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
+    ROLLOUT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     installed_version: _builtins.int
     """0 = not known (a file that did not come from the origin)"""
@@ -1602,7 +1661,11 @@ class UpdateCheck(_message.Message):
     download_bytes: _builtins.int
     full_bytes: _builtins.int
     detail: _builtins.str
-    """why there is nothing to do (up to date, failed before)"""
+    """why there is nothing to do (up to date, failed before,"""
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """not in the rollout's cohort yet)"""
+
     def __init__(
         self,
         *,
@@ -1614,10 +1677,11 @@ class UpdateCheck(_message.Message):
         download_bytes: _builtins.int = ...,
         full_bytes: _builtins.int = ...,
         detail: _builtins.str = ...,
+        rollout: Global___Rollout | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_version", b"available_version", "detail", b"detail", "download_bytes", b"download_bytes", "full_bytes", b"full_bytes", "installed_version", b"installed_version", "model", b"model", "plan", b"plan", "update_available", b"update_available"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_version", b"available_version", "detail", b"detail", "download_bytes", b"download_bytes", "full_bytes", b"full_bytes", "installed_version", b"installed_version", "model", b"model", "plan", b"plan", "rollout", b"rollout", "update_available", b"update_available"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

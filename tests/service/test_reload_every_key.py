@@ -74,6 +74,13 @@ def _update_setting(name: str) -> Callable[[App], Any]:
     return lambda app: getattr(app.updater.engine.config.update, name)
 
 
+def _update_identity(app: App) -> str:
+    # The rollout hash reads the updater's identity per check (resolved again when the
+    # setting changes); "" while it uses one derived from the machine.
+    got = app.updater.identity()
+    return got.value if got.source == "update.identity" else ""
+
+
 def _routing_setting(name: str) -> Callable[[App], Any]:
     # RouterEngine reads `self.settings` per request (routing, AUTO thresholds, pre-routing).
     return lambda app: getattr(app.router.settings, name)
@@ -132,6 +139,7 @@ READERS: dict[str, Callable[[App], Any]] = {
     "models.NAME.update_origin": lambda app: _updater_model(app).update_origin,
     "models.NAME.update_key": lambda app: _updater_model(app).update_key,
     **{f"update.{f}": _update_setting(f) for f in UPDATE_SETTINGS},
+    "update.identity": _update_identity,
     "store.auto_swap": _drop_auto_swap,
     **{f"store.{f}": _swap_setting(f) for f in SWAP_SETTINGS},
     **{f"cloud.{f}": _routing_setting(f) for f in ROUTING_SETTINGS},

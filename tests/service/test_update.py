@@ -183,6 +183,18 @@ async def test_a_new_version_whose_worker_dies_in_probation_is_rolled_back(serve
     again = await apply(s.client)
     assert not again[-1].outcome.installed and "failed before" in again[-1].outcome.plan
     assert await serving(s.client) == v1
+    # Nothing goes upstream, so the operator's own monitoring must see why: status keeps
+    # the rollback apart from `last update` (which the check above overwrote), and the
+    # metrics count it by cause.
+    status = (await s.client.status()).models[0]
+    assert "failed before" in status.last_update
+    assert status.last_rollback.startswith(f"v2 ({v2}) rolled back to {v1} at ")
+    assert "unhealthy within 60s: 1 worker restart(s)" in status.last_rollback
+    reg = s.running.metrics.registry
+    causes = {c: reg.get_sample_value("sidecar_update_rollbacks_total",
+                                      {"model": "default", "cause": c})
+              for c in ("worker_died", "probe_failed")}  # fmt: skip
+    assert causes == {"worker_died": 1.0, "probe_failed": 0.0}
 
 
 async def test_probation_passes_quietly_when_the_new_version_stays_healthy(serve, origin) -> None:  # type: ignore[no-untyped-def]

@@ -138,3 +138,26 @@ def test_a_bad_rollout_is_refused_before_anything_is_written(
     with pytest.raises(ValueError, match="rollout must be from 0 to 1"):
         publish(origin, name="demo", version=2, key_path=key, file=b, rollout=bad)
     assert {p: p.read_bytes() for p in origin.rglob("*") if p.is_file()} == before
+
+
+def test_the_cli_publishes_a_rollout_and_refuses_a_bad_one_keeping_the_origin(
+    keys, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from click.testing import CliRunner
+
+    from sidecar.cli.commands import main
+
+    _priv, _pub, key, _ = keys
+    origin, a, _b = _origin(tmp_path)
+    args = ["update", "publish", str(origin), "--name", "demo", "--version", "1",
+            "--file", str(a), "--key", str(key)]  # fmt: skip
+    ok = CliRunner().invoke(main, [*args, "--rollout", "0.25"])
+    assert ok.exit_code == 0 and "rollout 25%" in ok.output, ok.output
+    before = (origin / "demo.manifest.json").read_bytes()
+    bad = CliRunner().invoke(main, [*args, "--rollout", "2"])
+    assert bad.exit_code == 1 and "error: rollout must be from 0 to 1, got 2.0" in bad.output
+    typo = CliRunner().invoke(main, [*args, "--rollout", "abc"])
+    assert typo.exit_code == 2 and "'abc' is not a valid float" in typo.output, typo.output
+    assert (origin / "demo.manifest.json").read_bytes() == before
+    raised = CliRunner().invoke(main, [*args, "--rollout", "0.5"])
+    assert raised.exit_code == 0 and "rollout 50%" in raised.output, raised.output

@@ -211,6 +211,7 @@ LIVE = {
     "update.retries",
     "update.fetch_deadline_seconds",
     "update.fetch_min_bytes_per_second",
+    "update.identity",  # the rollout hash reads it per check (a new cohort, no restart)
     # Read by `sidecar pull` (a client) per pull; the daemon only holds them.
     "update.catalog_origin",
     "update.catalog_key",

@@ -1,0 +1,130 @@
+"""The staged-rollout hash and this machine's identity: a documented formula, a share that
+matches the fraction, monotone in the fraction, and an identity that stays put."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+
+from sidecar.config import Overrides, load
+from sidecar.domain.errors import ConfigError
+from sidecar.update import cohort
+from sidecar.update.identity import resolve
+
+IDS = [f"host-{i:05d}" for i in range(10_000)]
+FRACTIONS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.99, 1.0)
+
+
+def within_binomial(count: int, n: int, p: float, sigmas: float = 4.0) -> bool:
+    """`count` of `n` is what a uniform hash gives at share `p`: within `sigmas` standard
+    deviations (4: a fair hash misses by chance about once in 16,000 such checks)."""
+    return abs(count - n * p) <= sigmas * math.sqrt(n * p * (1 - p)) + 1e-9
+
+
+def test_the_position_is_the_documented_formula() -> None:
+    # Pinned so that an operator's `printf ... | sha256sum` stays right: changing the
+    # formula would silently move every machine to another cohort.
+    digest = hashlib.sha256(b"web-7|classifier|3").hexdigest()
+    assert cohort.position("web-7", "classifier", 3) == int(digest[:16], 16) / 2**64
+    assert 0.0 <= cohort.position("web-7", "classifier", 3) < 1.0
+    assert cohort.position("web-7", "classifier", 3) == cohort.position("web-7", "classifier", 3)
+
+
+def test_the_share_in_the_cohort_matches_the_fraction() -> None:
+    for f in FRACTIONS:
+        n = sum(cohort.rollout(i, "m", 2, f).in_cohort for i in IDS)
+        assert within_binomial(n, len(IDS), f), (f, n)
+    assert not any(cohort.rollout(i, "m", 2, 0.0).in_cohort for i in IDS)
+    assert all(cohort.rollout(i, "m", 2, 1.0).in_cohort for i in IDS)
+
+
+def test_raising_the_fraction_only_adds_daemons() -> None:
+    cohorts = [{i for i in IDS if cohort.rollout(i, "m", 2, f).in_cohort} for f in FRACTIONS]
+    for smaller, larger in pairwise(cohorts):
+        assert smaller <= larger
+    # And it does add: the checks above would pass on a hash that put everyone at 0.
+    assert [len(c) for c in cohorts] == sorted({len(c) for c in cohorts})
+
+
+def test_each_version_has_its_own_first_daemons() -> None:
+    # The canaries of v2 are not the canaries of v3: about 10% of 10% overlap, not 10%.
+    first = [{i for i in IDS if cohort.rollout(i, "m", v, 0.1).in_cohort} for v in (2, 3)]
+    both = len(first[0] & first[1])
+    assert within_binomial(both, len(IDS), 0.01), both
+    models = [{i for i in IDS if cohort.rollout(i, name, 2, 0.1).in_cohort} for name in "ab"]
+    assert models[0] != models[1]
+
+
+def test_the_detail_says_where_the_daemon_will_join() -> None:
+    r = cohort.rollout("web-7", "classifier", 3, 0.0)
+    assert not r.in_cohort and r.identity == "web-7"
+    text = cohort.describe(r)
+    assert "not in the cohort yet" in text and cohort.percent(r.position) in text
+    assert cohort.percent(0.25) == "25%" and cohort.percent(0.43721) == "43.72%"
+
+
+# ---------------------------------------------------------------- identity
+
+
+def test_a_configured_identity_wins(tmp_path: Path) -> None:
+    mid = tmp_path / "machine-id"
+    mid.write_text("0123456789abcdef0123456789abcdef\n")
+    got = resolve("rack4-node12", tmp_path / "state", mid)
+    assert (got.value, got.source) == ("rack4-node12", "update.identity")
+    assert not (tmp_path / "state").exists()
+
+
+def test_the_machine_id_is_used_hashed_never_as_it_is(tmp_path: Path) -> None:
+    mid = tmp_path / "machine-id"
+    raw = "0123456789abcdef0123456789abcdef"
+    mid.write_text(raw + "\n")
+    got = resolve("", tmp_path / "state", mid)
+    assert got.source == str(mid) and raw not in got.value and len(got.value) == 32
+    assert resolve("", tmp_path / "other", mid) == got  # stable: reinstalls keep it
+    other = tmp_path / "machine-id-2"
+    other.write_text("f" * 32)
+    assert resolve("", tmp_path / "state", other).value != got.value
+
+
+@pytest.mark.parametrize("content", [None, "", "not-a-machine-id"])
+def test_without_a_machine_id_a_random_id_is_kept_once(tmp_path: Path, content: str | None) -> None:
+    mid = tmp_path / "machine-id"
+    if content is not None:
+        mid.write_text(content)
+    state = tmp_path / "state"
+    first = resolve("", state, mid)
+    assert first.source == str(state / "identity") and len(first.value) == 32
+    assert resolve("", state, mid) == first  # a restart keeps it
+    assert resolve("", tmp_path / "elsewhere", mid).value != first.value
+    assert not [p for p in state.iterdir() if p.name != "identity"]  # no temp file left
+
+
+def test_an_emptied_identity_file_is_chosen_again(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "identity").write_text("\n")
+    got = resolve("", state, tmp_path / "no-machine-id")
+    assert got.value and (state / "identity").read_text().strip() == got.value
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        (" web-7", "whitespace"),
+        ("web-7\n", "whitespace"),
+        ("a\tb", "control"),
+        ("x" * 257, "at most 256"),
+    ],
+)
+def test_a_bad_configured_identity_is_refused_naming_the_key(
+    tmp_path: Path, value: str, says: str
+) -> None:
+    empty = tmp_path / "c.toml"
+    empty.touch()
+    with pytest.raises(ConfigError, match=r"update\.identity") as e:
+        load(Overrides(config=empty), env={"SIDECAR_UPDATE_IDENTITY": value})
+    assert says in str(e.value)
