@@ -7,13 +7,19 @@ An origin holds `<name>.manifest.json`::
                 "deltas": [{"from_version", "to_version", "from_sha256", "to_sha256",
                             "path", "sha256", "size"}, ...],
                 "versions": {"1": sha256, ...}, "created": iso, "expires": iso,
-                "rollout": 0.25},
+                "rollout_ppm": 250000},
      "signatures": [{"keyid": ..., "sig": base64(Ed25519(canonical(signed)))}]}
 
-`rollout` is the share of daemons (0 to 1) that take this version (see `cohort`); absent
-means 1. A manifest with a rollout below 1 says spec 2, so a daemon too old to know
-`rollout` refuses it (and waits) instead of taking a staged version at once; at 1 the
-manifest says spec 1 again and every daemon, old or new, takes it.
+`rollout_ppm` is the share of daemons that take this version (see `cohort`), in parts per
+million; absent means all. A rollout below all must say spec 2 and spec 2 must have one, so
+a daemon too old to know the key refuses the manifest (and waits) instead of taking a
+staged version at once; at all the manifest says spec 1 again and every daemon, old or
+new, takes it. In Python the share is `Manifest.rollout`, a fraction (ppm / 10**6).
+
+Parts per million, an integer, rather than a fraction: the signature covers canonical JSON
+re-derived by the daemon, and languages print floats differently (Python `1e-05`, others
+`0.00001`), so a float signed by a publisher in another language would not verify; every
+other number in the document is an integer already. A millionth is finer than any fleet.
 
 `canonical` is JSON with sorted keys, compact separators, UTF-8: what was signed is
 re-derived from the parsed document, so whitespace or key order added in transit do not
@@ -49,6 +55,7 @@ log = logging.getLogger("sidecar.update")
 
 SPEC = 1
 SPEC_ROLLOUT = 2  # a rollout below 1: daemons that cannot honour it must not read it
+PPM = 1_000_000
 KEY_PREFIX = "ed25519:"
 
 
@@ -137,16 +144,24 @@ class Manifest:
     versions: dict[int, str]
     expires: datetime
     created: datetime
-    rollout: float = 1.0  # the share of daemons that take this version (cohort.py)
+    rollout: float = 1.0  # the share of daemons that take this version (cohort.py); ppm/10**6
 
 
 def rollout_problem(value: object) -> str | None:
-    """None if `value` is a rollout fraction (a number from 0 to 1), else what is wrong."""
+    """None if `value` is a rollout fraction (a number from 0 to 1, in millionths), else
+    what is wrong."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return f"must be a number from 0 to 1, got {value!r}"
     if not (math.isfinite(value) and 0.0 <= value <= 1.0):
         return f"must be from 0 to 1, got {value!r}"
+    if abs(value * PPM - round(value * PPM)) > 1e-6:
+        # Rounded it could become 1 (everyone) where the publisher meant "almost all".
+        return f"must be a whole number of millionths (at most 6 decimals), got {value!r}"
     return None
+
+
+def to_ppm(fraction: float) -> int:
+    return round(fraction * PPM)
 
 
 def canonical(obj: Any) -> bytes:
@@ -180,7 +195,7 @@ def _to_json(m: Manifest) -> dict[str, Any]:
         "expires": m.expires.isoformat(),
     }
     if staged:
-        doc["rollout"] = m.rollout
+        doc["rollout_ppm"] = to_ppm(m.rollout)
     return doc
 
 
@@ -236,10 +251,16 @@ def _from_json(doc: Any) -> Manifest:
             f"spec {doc.get('spec')!r} is not supported (this daemon reads {SPEC} and "
             f"{SPEC_ROLLOUT})"
         )
-    rollout = doc.get("rollout", 1.0)
-    problem = rollout_problem(rollout)
-    if problem:
-        raise _malformed(f"'rollout' {problem}")
+    ppm = doc.get("rollout_ppm", PPM)
+    if isinstance(ppm, bool) or not isinstance(ppm, int) or not 0 <= ppm <= PPM:
+        raise _malformed(f"'rollout_ppm' must be an integer from 0 to {PPM}, got {ppm!r}")
+    # The spec says whether a rollout is staged, so that an older daemon, which reads spec 1
+    # only and ignores keys it does not know, can never take a staged version at once.
+    if (ppm < PPM) != (doc["spec"] == SPEC_ROLLOUT):
+        raise _malformed(
+            f"spec {doc['spec']} with 'rollout_ppm' {ppm}: a rollout below {PPM} needs spec "
+            f"{SPEC_ROLLOUT}, and spec {SPEC_ROLLOUT} needs one"
+        )
     full = _field(doc, "full", dict)
     deltas = []
     for d in _field(doc, "deltas", list):
@@ -271,7 +292,7 @@ def _from_json(doc: Any) -> Manifest:
         versions=versions,
         expires=_time(doc, "expires"),
         created=_time(doc, "created"),
-        rollout=float(rollout),
+        rollout=ppm / PPM,
     )
 
 
@@ -456,7 +477,7 @@ def publish(
         versions=versions,
         expires=now + timedelta(days=expires_days),
         created=now,
-        rollout=1.0 if rollout is None else float(rollout),
+        rollout=1.0 if rollout is None else to_ppm(rollout) / PPM,  # as a daemon reads it
     )
     write_atomic(manifest_path, sign(m, key))
     return m

@@ -21,13 +21,15 @@ from typing import Any
 import grpc
 import pytest
 from click.testing import CliRunner
+from rollout_helpers import signed_over, within_binomial
 from trickle import TrickleOrigin
 from update_origin import Origin, apply, make_origin, start, wait_for
 
 from sidecar.cli.commands import main
 from sidecar.fileio import sha256_file
-from sidecar.update import cohort
-from sidecar.update.manifest import _to_json, canonical, key_id, load_private_key
+from sidecar.update import cohort, identity
+from sidecar.update.manifest import _to_json, load_private_key, sign
+from sidecar.update.state import State
 from sidecar.v1 import inference_pb2 as pb
 
 pytestmark = pytest.mark.asyncio
@@ -41,13 +43,6 @@ FRACTIONS = (0.1, 0.3, 0.7, 1.0)
 @pytest.fixture
 def origin(tmp_path: Path, tiny_model: Path) -> Origin:
     return make_origin(tmp_path, tiny_model)
-
-
-def within_binomial(count: int, n: int, p: float) -> bool:
-    """`count` of `n` daemons is what a uniform hash gives at share `p`, within 4 standard
-    deviations of Binomial(n, p): a fair hash is outside that about once in 16,000 checks,
-    while a hash that ignored the fraction, or read the wrong bytes, would be far out."""
-    return abs(count - n * p) <= 4 * math.sqrt(n * p * (1 - p)) + 1e-9
 
 
 def identity_at(low: float, high: float, version: int = 2) -> str:
@@ -207,18 +202,12 @@ async def test_a_replayed_earlier_copy_of_the_same_version_is_refused(
 def _sign_with_rollout(o: Origin, value: object) -> None:
     """The origin's manifest, validly signed, with `value` as its rollout (a publisher bug)."""
     signed = _to_json(replace(o.manifest(), rollout=0.5))
-    signed["rollout"] = value
-    key = load_private_key(o.key)
-    sig = key.sign(canonical(signed))
-    import base64
-
-    doc = {"signed": signed, "signatures": [{"keyid": key_id(key.public_key()),
-                                             "sig": base64.b64encode(sig).decode()}]}  # fmt: skip
-    o.manifest_path.write_text(json.dumps(doc))
+    signed["rollout_ppm"] = value
+    o.manifest_path.write_bytes(signed_over(signed, load_private_key(o.key)))
 
 
 @pytest.mark.parametrize(
-    ("value", "says"), [(-0.1, "got -0.1"), (1.5, "got 1.5"), ("abc", "got 'abc'")]
+    ("value", "says"), [(-1, "got -1"), (1_500_000, "got 1500000"), (0.5, "got 0.5")]
 )
 async def test_a_signed_manifest_with_a_bad_rollout_is_refused_and_nothing_changes(
     serve, origin: Origin, value: object, says: str
@@ -229,7 +218,8 @@ async def test_a_signed_manifest_with_a_bad_rollout_is_refused_and_nothing_chang
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await apply(s.client)
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "'rollout' must be" in (e.value.details() or "") and says in (e.value.details() or "")
+    details = e.value.details() or ""
+    assert "'rollout_ppm' must be an integer from 0 to 1000000" in details and says in details
     m = (await s.client.status()).models[0]
     assert m.model.version == v1 and "rejected (malformed)" in m.last_update
     assert not m.HasField("rollout")  # nothing learned from a refused manifest

@@ -4,34 +4,49 @@ matches the fraction, monotone in the fraction, and an identity that stays put."
 from __future__ import annotations
 
 import hashlib
-import math
 from itertools import pairwise
 from pathlib import Path
 
 import pytest
+from rollout_helpers import within_binomial
 
 from sidecar.config import Overrides, load
 from sidecar.domain.errors import ConfigError
 from sidecar.update import cohort
 from sidecar.update.identity import resolve
 
+KNOWN = 4556629864083851660  # sha256("web-7|classifier|3"), its first 8 bytes
+KNOWN_PERCENT = "24.7%"
 IDS = [f"host-{i:05d}" for i in range(10_000)]
 FRACTIONS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.99, 1.0)
-
-
-def within_binomial(count: int, n: int, p: float, sigmas: float = 4.0) -> bool:
-    """`count` of `n` is what a uniform hash gives at share `p`: within `sigmas` standard
-    deviations (4: a fair hash misses by chance about once in 16,000 such checks)."""
-    return abs(count - n * p) <= sigmas * math.sqrt(n * p * (1 - p)) + 1e-9
 
 
 def test_the_position_is_the_documented_formula() -> None:
     # Pinned so that an operator's `printf ... | sha256sum` stays right: changing the
     # formula would silently move every machine to another cohort.
     digest = hashlib.sha256(b"web-7|classifier|3").hexdigest()
+    assert cohort.place("web-7", "classifier", 3) == int(digest[:16], 16)
     assert cohort.position("web-7", "classifier", 3) == int(digest[:16], 16) / 2**64
-    assert 0.0 <= cohort.position("web-7", "classifier", 3) < 1.0
-    assert cohort.position("web-7", "classifier", 3) == cohort.position("web-7", "classifier", 3)
+    # And a known value, so that the formula cannot drift together with the test above.
+    assert cohort.place("web-7", "classifier", 3) == KNOWN
+    assert cohort.percent(cohort.position("web-7", "classifier", 3)) == KNOWN_PERCENT
+
+
+def test_the_last_places_are_in_at_1_and_compared_exactly() -> None:
+    top = 2**64 - 1  # as a float over 2**64 this rounds to 1.0: "never in, even at 100%"
+    assert top / 2**64 == 1.0
+    assert cohort.included(top, 1.0)
+    assert not cohort.included(top, 1 - 2**-53)
+    assert cohort.included(2**63 - 1, 0.5) and not cohort.included(2**63, 0.5)
+    assert not cohort.included(0, 0.0) and cohort.included(0, 1e-6)
+
+
+def test_a_share_below_1_never_shows_as_100_percent() -> None:
+    assert cohort.percent(0.99999) == "99.999%"
+    assert cohort.percent(0.999999) == "99.9999%"
+    assert cohort.percent(1.0) == "100%" and cohort.percent(0.0) == "0%"
+    assert cohort.percent(0.000001) == "0.0001%"
+    assert cohort.percent(0.5) == "50%"
 
 
 def test_the_share_in_the_cohort_matches_the_fraction() -> None:

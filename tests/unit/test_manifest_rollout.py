@@ -3,13 +3,12 @@ working), a bad value refused with a reason, and re-publishing the same version 
 
 from __future__ import annotations
 
-import base64
 import json
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
+from rollout_helpers import signed_over
 from test_manifest import NOW, manifest
 
 from sidecar.update.manifest import (
@@ -19,7 +18,6 @@ from sidecar.update.manifest import (
     _to_json,
     canonical,
     generate_keypair,
-    key_id,
     load_private_key,
     parse_public_key,
     publish,
@@ -36,22 +34,16 @@ def keys(tmp_path: Path):  # type: ignore[no-untyped-def]
     return load_private_key(path), parse_public_key(public), path, public
 
 
-def _signed(signed: dict[str, Any], priv) -> bytes:  # type: ignore[no-untyped-def]
-    """A manifest signed over exactly `signed`, whatever it holds (a publisher bug)."""
-    sig = base64.b64encode(priv.sign(canonical(signed))).decode()
-    doc = {"signed": signed, "signatures": [{"keyid": key_id(priv.public_key()), "sig": sig}]}
-    return json.dumps(doc).encode()
-
-
 def test_a_staged_manifest_says_spec_2_and_a_full_one_reads_as_before(keys) -> None:  # type: ignore[no-untyped-def]
     priv, pub, *_ = keys
     staged = sign(manifest(rollout=0.25), priv)
     assert json.loads(staged)["signed"]["spec"] == SPEC_ROLLOUT
+    assert json.loads(staged)["signed"]["rollout_ppm"] == 250_000
     assert verify(staged, pub, name="demo", installed_version=1, now=NOW).rollout == 0.25
     # At 1 the document is exactly what a daemon without rollout support reads: spec 1, no
     # rollout key; and a manifest without the key means everyone.
     full = json.loads(sign(manifest(), priv))["signed"]
-    assert full["spec"] == SPEC and "rollout" not in full
+    assert full["spec"] == SPEC and "rollout_ppm" not in full
     assert verify(sign(manifest(), priv), pub, name="demo", installed_version=1,
                   now=NOW).rollout == 1.0  # fmt: skip
 
@@ -59,23 +51,57 @@ def test_a_staged_manifest_says_spec_2_and_a_full_one_reads_as_before(keys) -> N
 @pytest.mark.parametrize(
     ("value", "says"),
     [
-        (-0.1, "from 0 to 1, got -0.1"),
-        (1.5, "from 0 to 1, got 1.5"),
-        ("abc", "a number from 0 to 1, got 'abc'"),
-        (True, "a number"),
-        (None, "a number"),
-        (float("nan"), "from 0 to 1, got nan"),
-        ([0.5], "a number"),
+        (-1, "got -1"),
+        (1_000_001, "got 1000001"),
+        ("abc", "got 'abc'"),
+        (True, "got True"),
+        (None, "got None"),
+        (0.5, "got 0.5"),
+        ([1], "got [1]"),
     ],
 )
 def test_a_bad_rollout_in_a_signed_manifest_is_refused_with_its_reason(keys, value, says) -> None:  # type: ignore[no-untyped-def]
     priv, pub, *_ = keys
     signed = _to_json(manifest(rollout=0.5))
-    signed["rollout"] = value
+    signed["rollout_ppm"] = value
     with pytest.raises(UpdateRejected) as e:
-        verify(_signed(signed, priv), pub, name="demo", installed_version=1, now=NOW)
+        verify(signed_over(signed, priv), pub, name="demo", installed_version=1, now=NOW)
     assert e.value.reason == "malformed"
-    assert f"'rollout' must be {says}" in e.value.message
+    assert f"'rollout_ppm' must be an integer from 0 to 1000000, {says}" in e.value.message
+
+
+@pytest.mark.parametrize(
+    ("spec", "ppm"),
+    [
+        (SPEC, 500_000),  # an older daemon would take a staged version at once
+        (SPEC, 0),
+        (SPEC_ROLLOUT, None),  # staged, but to whom?
+        (SPEC_ROLLOUT, 1_000_000),
+    ],
+)
+def test_a_staged_rollout_and_spec_2_go_together(keys, spec: int, ppm: int | None) -> None:  # type: ignore[no-untyped-def]
+    priv, pub, *_ = keys
+    signed = _to_json(manifest())
+    signed["spec"] = spec
+    if ppm is not None:
+        signed["rollout_ppm"] = ppm
+    with pytest.raises(UpdateRejected) as e:
+        verify(signed_over(signed, priv), pub, name="demo", installed_version=1, now=NOW)
+    assert e.value.reason == "malformed" and "needs spec 2" in e.value.message
+    # Spec 1 saying "everyone" out loud is what it means anyway.
+    signed = _to_json(manifest()) | {"rollout_ppm": 1_000_000}
+    assert verify(signed_over(signed, priv), pub, name="demo", installed_version=1,
+                  now=NOW).rollout == 1.0  # fmt: skip
+
+
+def test_the_signed_share_is_an_integer_so_any_language_signs_the_same_bytes(keys) -> None:  # type: ignore[no-untyped-def]
+    priv, pub, *_ = keys
+    # Python prints 0.00001 as 1e-05, JavaScript as 0.00001: a float here would make the
+    # canonical bytes depend on the publisher's language.
+    signed = _to_json(manifest(rollout=0.00001))
+    assert signed["rollout_ppm"] == 10 and b"e-" not in canonical(signed)
+    m = verify(signed_over(signed, priv), pub, name="demo", installed_version=1, now=NOW)
+    assert m.rollout == 0.00001
 
 
 def test_an_unknown_spec_is_still_refused(keys) -> None:  # type: ignore[no-untyped-def]
@@ -83,7 +109,7 @@ def test_an_unknown_spec_is_still_refused(keys) -> None:  # type: ignore[no-unty
     signed = _to_json(manifest())
     signed["spec"] = 3
     with pytest.raises(UpdateRejected, match="spec 3 is not supported"):
-        verify(_signed(signed, priv), pub, name="demo", installed_version=1, now=NOW)
+        verify(signed_over(signed, priv), pub, name="demo", installed_version=1, now=NOW)
 
 
 def _origin(tmp_path: Path) -> tuple[Path, Path, Path]:
@@ -125,6 +151,19 @@ def test_republishing_a_version_with_another_file_or_an_older_one_is_refused(
     with pytest.raises(ValueError, match="must be greater than the published 2"):
         publish(origin, name="demo", version=1, key_path=key, file=a)
     assert (origin / "demo.manifest.json").read_bytes() == before
+
+
+def test_a_share_finer_than_a_millionth_is_refused_not_rounded_to_everyone(
+    keys, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    _priv, _pub, key, _ = keys
+    origin, a, _b = _origin(tmp_path)
+    with pytest.raises(ValueError, match="whole number of millionths"):
+        publish(origin, name="demo", version=1, key_path=key, file=a, rollout=0.9999999)
+    assert not origin.exists()
+    m = publish(origin, name="demo", version=1, key_path=key, file=a, rollout=0.29)
+    assert m.rollout == 0.29 and json.loads((origin / "demo.manifest.json").read_bytes())[
+        "signed"]["rollout_ppm"] == 290_000  # fmt: skip
 
 
 @pytest.mark.parametrize("bad", [2.0, -0.1, float("nan"), float("inf")])
