@@ -160,10 +160,11 @@ def check(ctx: click.Context, model: str, ignore_rollout: bool, socket: Path | N
 
 def rollout_line(r: pb.Rollout) -> str:
     """This daemon in a version's staged rollout, for check and status."""
-    where = f"this daemon's place {_share(r.position)}, identity {r.identity}"
-    if r.in_cohort:
-        return f"v{r.version} to {_share(r.fraction)} of daemons: in the cohort ({where})"
-    return f"v{r.version} to {_share(r.fraction)} of daemons: NOT in the cohort yet ({where})"
+    standing = "in the cohort" if r.in_cohort else "NOT in the cohort yet"
+    return (
+        f"v{r.version} to {_share(r.fraction)} of daemons: {standing} "
+        f"(this daemon's place {_share(r.position)}, identity {r.identity})"
+    )
 
 
 STOPPED = "stopped: the download stops; the next `sidecar update apply` resumes it"

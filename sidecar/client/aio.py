@@ -275,23 +275,29 @@ class AsyncClient(Connection):
         return await self._unary(self.admin.CollectGarbage, request, timeout)
 
     async def check_update(
-        self, model: str = "", *, timeout: float | None = None
+        self, model: str = "", *, ignore_rollout: bool = False, timeout: float | None = None
     ) -> pb.UpdateCheck:
-        """Whether `model` ("" = the default) has an update at its origin, and the plan."""
-        return await self._unary(self.admin.CheckUpdate, pb.UpdateRequest(model=model), timeout)
+        """Whether `model` ("" = the default) has an update at its origin, and the plan;
+        `ignore_rollout`: even outside its staged rollout's cohort (as `apply_update`)."""
+        request = pb.UpdateRequest(model=model, ignore_rollout=ignore_rollout)
+        return await self._unary(self.admin.CheckUpdate, request, timeout)
 
-    def apply_update_stream(self, model: str = "", *,
+    def apply_update_stream(self, model: str = "", *, ignore_rollout: bool = False,
                             timeout: float | None = None) -> AsyncStream[pb.UpdateProgress]:  # fmt: skip
         """`apply_update`'s progress; the last message has `outcome` set."""
-        return self._stream(self.admin.ApplyUpdate, pb.UpdateRequest(model=model), timeout)
+        request = pb.UpdateRequest(model=model, ignore_rollout=ignore_rollout)
+        return self._stream(self.admin.ApplyUpdate, request, timeout)
 
     async def apply_update(self, model: str = "", *,
                      on_progress: Callable[[pb.UpdateProgress], object] | None = None,
+                     ignore_rollout: bool = False,
                      timeout: float | None = None) -> pb.UpdateOutcome:  # fmt: skip
         """Fetch, rebuild, verify, install and swap to `model`'s update; returns the outcome
-        (`installed` False: already up to date), calling `on_progress` with each progress
-        message. A refused update raises and the current model keeps serving."""
-        last = await self._last(self.apply_update_stream(model, timeout=timeout), on_progress)
+        (`installed` False: already up to date, or outside the version's staged rollout:
+        `ignore_rollout` takes it anyway, a manual canary), calling `on_progress` with each
+        progress message. A refused update raises and the current model keeps serving."""
+        steps = self.apply_update_stream(model, ignore_rollout=ignore_rollout, timeout=timeout)
+        last = await self._last(steps, on_progress)
         return last.outcome
 
     def logs(self, lines: int = 0, *, follow: bool = False,

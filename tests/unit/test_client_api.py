@@ -94,6 +94,14 @@ def test_each_inference_method_takes_every_argument_of_its_request(
     assert got[1:-1] == want
 
 
+@pytest.mark.parametrize("client", [Client, AsyncClient])
+@pytest.mark.parametrize("method", ["check_update", "apply_update", "apply_update_stream"])
+def test_each_update_method_takes_every_field_of_its_request(client: type, method: str) -> None:
+    # As the CLI builds it: a field left out (ignore_rollout) is an option only the CLI has.
+    params = inspect.signature(getattr(client, method)).parameters
+    assert set(pb.UpdateRequest.DESCRIPTOR.fields_by_name) <= set(params)
+
+
 def snake(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
