@@ -141,6 +141,7 @@ class App:
         except BaseException:
             await self._stop_listening(0)
             raise
+        await self.updater.start()
         await self.supervisor.publish()
         self._supervising = asyncio.create_task(self.supervisor.run(self._halt))
         # An update install in flight when the daemon stops is abandoned (its partial files

@@ -254,7 +254,8 @@ class UpdateConfig:
         "",
         "This machine's identity in a fleet, hashed with a version to decide whether this "
         "daemon is in that version's staged rollout. Empty = derived from /etc/machine-id "
-        "(a sidecar-specific hash of it), else a random id kept in <store>/updates/identity. "
+        "(a sidecar-specific hash of it), else a random id kept in <store>/updates/.identity "
+        "(kept once chosen, even if a machine-id appears later). "
         "Set it where machines share a machine-id (cloned images) or to match an inventory.",
         check=checks.identity,
         live=True,

@@ -57,9 +57,11 @@ UPDATE_REJECTIONS = (
     "unhealthy",
     "fetch",
     "deadline",
+    "stale",  # not refused: an older copy of the newest version (a cache), see update/check.py
 )
 UPDATE_PATHS = ("delta", "full")
-ROLLBACK_CAUSES = ("worker_died", "probe_failed")  # update/probation.py
+# update/probation.py; rollback_failed: the swap back failed, the bad version still serves.
+ROLLBACK_CAUSES = ("worker_died", "probe_failed", "rollback_failed")
 SWAP_OUTCOMES = (  # (outcome, stage): the stages engine/swap.py refuses at
     ("swapped", ""),
     ("unchanged", ""),

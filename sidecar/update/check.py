@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from datetime import datetime
 
 from sidecar.domain.errors import FailedPrecondition, Unavailable
 from sidecar.domain.updates import Check, Rollout
@@ -14,8 +13,10 @@ from sidecar.update import cohort, fetch
 from sidecar.update.context import UpdateContext
 from sidecar.update.manifest import Manifest, UpdateRejected, verify
 from sidecar.update.plan import Plan, cheapest
-from sidecar.update.state import State
+from sidecar.update.state import Offered, State, aware_time
 from sidecar.update.threads import in_thread
+
+log = logging.getLogger("sidecar.update")
 
 MANIFEST_MAX_BYTES = 1 << 20
 
@@ -52,28 +53,25 @@ def _found(
     return Found(figures, manifest, plan)
 
 
-def _refuse_replay(st: State, manifest: Manifest) -> None:
-    """A copy of the newest version older than one already read would, once re-published
-    with a higher rollout, hold the rollout back (or renew nothing): refused like any
-    rollback."""
-    if manifest.version != st.highest_version or not st.highest_created:
-        return
-    try:
-        seen = datetime.fromisoformat(st.highest_created)
-    except ValueError:
-        return  # a damaged state file: what it guarded is re-learned from this manifest
-    if manifest.created < seen:
-        raise UpdateRejected(
-            "rollback",
-            f"this manifest of v{manifest.version} was created {manifest.created.isoformat()}, "
-            f"before the copy this daemon already read ({st.highest_created}): a replayed "
-            "older manifest",
-        )
+def _stale(st: State, manifest: Manifest) -> str:
+    """Why `manifest` is an older copy of the newest version already read ("" if it is
+    not). Re-publishing a version (to raise its rollout) leaves older copies in caches and
+    CDNs for a while, so this is expected, not an attack: the daemon keeps acting on the
+    newer copy, which also defeats a replay meant to hold the rollout back."""
+    seen = aware_time(st.highest_created)  # State.load lets through none without a zone
+    if manifest.version != st.highest_version or seen is None or manifest.created >= seen:
+        return ""
+    return (
+        f"a copy of v{manifest.version} created {manifest.created.isoformat()}, before the "
+        f"copy this daemon already read ({st.highest_created}): a stale cache, or a replay; "
+        "acting on the newer copy"
+    )
 
 
 def _remember(ctx: UpdateContext, name: str, st: State, manifest: Manifest) -> None:
-    """Keep the manifest as the newest read (verify and `_refuse_replay` let through none
-    older): its version, when it was made, and its rollout, which status reports."""
+    """Keep the manifest as the newest read (verify and `_stale` let through none older):
+    its version, when it was made, and its rollout, which status reports."""
+    ctx.offered[name] = Offered(manifest.version, manifest.rollout)
     now = (manifest.version, manifest.created.isoformat(),
            {"version": manifest.version, "fraction": manifest.rollout})  # fmt: skip
     if (st.highest_version, st.highest_created, st.rollout) != now:
@@ -107,16 +105,27 @@ async def check(
         raise Unavailable(f"update origin for {name!r}: {e}") from None
     st = ctx.state(name)
     try:
-        # A re-read of the version we already trust is fine; anything older is a
-        # rollback (or a replayed old manifest) and is refused.
+        # A re-read of the version we already trust is fine; a lower version is a
+        # rollback and is refused (an older copy of the same version: `_stale`).
         trusted = st.highest_version - 1 if st.highest_version else None
         manifest = verify(data, ctx.public_key(m), name=name, installed_version=trusted)
-        _refuse_replay(st, manifest)
     except UpdateRejected as e:
         ctx.reject(name, e.reason, e.message)
         raise FailedPrecondition(f"update of {name!r} refused: {e.message}") from None
-    _remember(ctx, name, st, manifest)
-    r = cohort.rollout(ctx.identity().value, name, manifest.version, manifest.rollout)
+    fraction = manifest.rollout
+    stale = _stale(st, manifest)
+    if stale:
+        # Its own reason, apart from `rollback`: every re-publish makes some, and they must
+        # not set off the alarm meant for versions going down.
+        ctx.metrics.update_rejections.labels(name, "stale").inc()
+        log.warning("update %s: %s", name, stale)
+        newer = st.offered()
+        if newer is not None and newer.version == manifest.version:
+            fraction = newer.fraction
+    else:
+        _remember(ctx, name, st, manifest)
+    me = await ctx.identity_now()
+    r = cohort.rollout(me.value, name, manifest.version, fraction)
     current = ctx.engine.pool(name).ref.version  # sha256 prefix of what serves now
     installed = st.installed_version if st.installed_sha256.startswith(current) else 0
     installed = installed or next(
@@ -128,7 +137,9 @@ async def check(
         why = st.failed[manifest.sha256]
         return _found(name, manifest, installed, None,
                       f"v{manifest.version} failed before: {why}", r)  # fmt: skip
-    if not r.in_cohort and not ignore_rollout:
+    # An operator's override of a download that was cut off carries over to its resume.
+    resumed = st.pending == manifest.sha256 and st.pending_override
+    if not r.in_cohort and not (ignore_rollout or resumed):
         return _found(name, manifest, installed, None, cohort.describe(r), r)
     held = await asyncio.to_thread(_held, ctx)
     plan = cheapest(manifest, held, avoid=frozenset(st.bad_deltas))

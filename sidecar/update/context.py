@@ -4,6 +4,7 @@ model's work folder and state on disk, the job in flight, and the record of what
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from sidecar.metrics import Metrics
 from sidecar.update import fetch
 from sidecar.update.identity import Identity, resolve
 from sidecar.update.manifest import parse_public_key
-from sidecar.update.state import Job, State
+from sidecar.update.state import Job, Offered, State
 
 log = logging.getLogger("sidecar.update")
 
@@ -26,8 +27,12 @@ class UpdateContext:
         self.engine = engine
         self.metrics = metrics
         self.jobs: dict[str, Job] = {}
-        self.last: dict[str, str] = {}  # per model, for status
-        self._identity: tuple[str, Identity] | None = None  # (update.identity, resolved)
+        # Per model, what status and scrapes report: kept here (set where it changes, read
+        # from the state files once at start) so that neither reads a file on the loop.
+        self.last: dict[str, str] = {}
+        self.offered: dict[str, Offered] = {}  # the newest manifest's version and rollout
+        self.last_rollback: dict[str, str] = {}
+        self._fallback: Identity | None = None  # without update.identity (file I/O: at start)
 
     # ---------------------------------------------------------------- where and what
 
@@ -42,16 +47,45 @@ class UpdateContext:
             )
         return m
 
-    def identity(self) -> Identity:
-        """This daemon's identity in the fleet (identity.py), read again only when
-        update.identity changes (a reload), so status and scrapes cost no file reads."""
+    def load(self) -> None:
+        """Read what status reports from the state files, and this daemon's identity, once at
+        start (blocking: run in a thread)."""
+        for name in self.engine.pools:
+            try:
+                st = self.state(name)
+            except OSError as e:  # status goes without it; the update sequence will say
+                log.warning("update %s: cannot read its state: %s", name, e)
+                continue
+            offered = st.offered()
+            if offered is not None:
+                self.offered[name] = offered
+            if st.last_rollback:
+                self.last_rollback[name] = st.last_rollback
+        if not self.engine.config.update.identity:  # else nothing to write on a store
+            self._fallback = resolve("", self.updates_dir())
+        me = self.identity()
+        assert me is not None
+        log.info("update identity %s (from %s)", me.value, me.source)
+
+    def identity(self) -> Identity | None:
+        """This daemon's identity in the fleet (identity.py): update.identity as it is now
+        (a reload may change it), else the one resolved at start (None before `load`)."""
         configured = self.engine.config.update.identity
-        if self._identity is None or self._identity[0] != configured:
-            self._identity = (configured, resolve(configured, self.engine.store.root / "updates"))
-        return self._identity[1]
+        return Identity(configured, "update.identity") if configured else self._fallback
+
+    async def identity_now(self) -> Identity:
+        """`identity`, resolving it (in a thread) if `load` has not yet."""
+        if self.identity() is None:
+            self._fallback = await asyncio.to_thread(resolve, "", self.updates_dir())
+        me = self.identity()
+        assert me is not None
+        return me
+
+    def updates_dir(self) -> Path:
+        return self.engine.store.root / "updates"
 
     def workdir(self, name: str) -> Path:
-        return self.engine.store.root / "updates" / name
+        return self.updates_dir() / name
 
     def state_path(self, name: str) -> Path:
         return self.workdir(name) / "state.json"
@@ -122,7 +156,7 @@ class UpdateContext:
         path = self.state_path(name)
         st = State.load(path)
         st.failed[sha] = message
-        st.pending = ""
+        st.pending, st.pending_override = "", False
         st.save(path)
         self.clean(name, keep={"state.json"})
         self.reject(name, reason, message)

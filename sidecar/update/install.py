@@ -35,13 +35,22 @@ async def apply_update(
     found = await check(ctx, name, in_job=True, ignore_rollout=ignore_rollout)
     manifest, plan, installed = found.manifest, found.plan, found.check.installed_version
     current = ctx.engine.pool(name).ref.version
+    path = ctx.state_path(name)
+    r = found.check.rollout
     if plan is None:
+        st = ctx.state(name)
+        if st.pending:
+            # What was being fetched is not planned any more (out of the cohort, a newer
+            # version, failed): its partial files would otherwise stay for ever.
+            st.pending, st.pending_override = "", False
+            st.save(path)
+            await asyncio.to_thread(ctx.clean, name, {"state.json"})
         ctx.record(name, found.check.detail)
         return Outcome(name, installed, installed, current, found.check.detail, 0,
                        manifest.size, False)  # fmt: skip
-    path = ctx.state_path(name)
     st = ctx.state(name)
     st.pending = manifest.sha256
+    st.pending_override = r is not None and not r.in_cohort
     st.save(path)
     fetched = 0
     try:
@@ -93,7 +102,7 @@ async def apply_update(
         ctx.engine.store.release(sha)
     healthy_seconds = ctx.engine.config.update.healthy_seconds
     st = ctx.state(name)
-    st.pending = ""
+    st.pending, st.pending_override = "", False
     st.installed_version, st.installed_sha256 = manifest.version, sha
     st.probation = {
         "sha256": sha,
@@ -106,7 +115,6 @@ async def apply_update(
     probation.begin(name)
     ctx.metrics.updates.labels(name, "delta" if how.startswith("delta") else "full").inc()
     ctx.clean(name, keep={"state.json"})
-    r = found.check.rollout
     outside = " (outside its rollout cohort, by an operator's override)"
     ctx.record(
         name,

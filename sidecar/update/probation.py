@@ -66,23 +66,39 @@ class Probation:
         p = st.probation
         why = f"unhealthy within {ctx.engine.config.update.healthy_seconds:.0f}s: {trouble}"
         log.error("update %s: v%s %s; rolling back to %s", name, p["version"], why, p["previous"])
+        when = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
         try:
             await ctx.engine.swap(name, version=p["previous"])
         except SidecarError as e:
-            ctx.record(name, f"rollback to {p['previous']} failed: {e.message}", logging.ERROR)
+            # The unhealthy version keeps serving: status and metrics must show it as loudly
+            # as a rollback that worked (probation stays, so the next pass tries again).
+            failed = (
+                f"rollback of v{p['version']} ({p['sha256'][:12]}) to {p['previous']} failed "
+                f"at {when}: {e.message} (it was {why})"
+            )
+            self._rolled_back(name, failed, "rollback_failed")
+            ctx.record(name, failed, logging.ERROR)
             return
         st = ctx.state(name)
         st.probation = {}
         st.failed[p["sha256"]] = why
         st.installed_version = int(p.get("previous_version") or 0)
         st.installed_sha256 = ""
-        # Kept apart from `last` (which the next check overwrites) and never sent anywhere:
-        # status and metrics show it, for the operator's own monitoring.
-        when = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
-        st.last_rollback = (
+        st.save(ctx.state_path(name))
+        done = (
             f"v{p['version']} ({p['sha256'][:12]}) rolled back to {p['previous']} at {when}: {why}"
         )
-        st.save(ctx.state_path(name))
-        ctx.metrics.update_rollbacks.labels(name, cause).inc()
+        self._rolled_back(name, done, cause)
         self._baseline.pop(name, None)
         ctx.reject(name, "unhealthy", f"v{p['version']} rolled back to {p['previous']}: {why}")
+
+    def _rolled_back(self, name: str, text: str, cause: str) -> None:
+        # Kept apart from `last` (which the next check overwrites) and never sent anywhere:
+        # status and metrics show it, for the operator's own monitoring.
+        ctx = self._ctx
+        path = ctx.state_path(name)
+        st = State.load(path)
+        st.last_rollback = text
+        st.save(path)
+        ctx.last_rollback[name] = text
+        ctx.metrics.update_rollbacks.labels(name, cause).inc()

@@ -67,6 +67,10 @@ class Updater:
         self._locks: dict[str, asyncio.Lock] = {}
         self.last = self._ctx.last  # per model, for status
 
+    async def start(self) -> None:
+        """Read, once, what status reports and this daemon's identity (off the loop)."""
+        await asyncio.to_thread(self._ctx.load)
+
     async def check(self, model: str, ignore_rollout: bool = False) -> Check:
         """What `model`'s origin offers and what fetching it would cost; changes nothing."""
         return (await checking.check(self._ctx, model, ignore_rollout=ignore_rollout)).check
@@ -97,21 +101,27 @@ class Updater:
             finally:
                 jobs.pop(name, None)
 
-    def identity(self) -> Identity:
-        """This daemon's identity in the fleet, as the rollout hash reads it."""
+    def identity(self) -> Identity | None:
+        """This daemon's identity in the fleet, as the rollout hash reads it (None until the
+        start has resolved it)."""
         return self._ctx.identity()
 
     def rollout(self, model: str) -> Rollout | None:
         """Where this daemon stands in the rollout of the last manifest `model`'s origin
-        offered (None: no manifest read yet). Computed with the identity as it is now."""
-        path = self._ctx.state_path(model)
-        if not path.exists():
+        offered (None: no manifest read yet, or no update origin now). Computed with the
+        identity as it is now; reads no file (status and scrapes call it on the loop)."""
+        try:
+            self._ctx.model(model)  # a reload may have removed the origin since
+            offered = self._ctx.offered.get(model)
+            me = self._ctx.identity()
+            if offered is None or me is None:
+                return None
+            return cohort.rollout(me.value, model, offered.version, offered.fraction)
+        except SidecarError:
             return None
-        r = self._ctx.state(model).rollout
-        if not r:
+        except Exception:  # a bug here must not take the whole status or scrape with it
+            log.exception("update %s: cannot tell its rollout", model)
             return None
-        return cohort.rollout(self.identity().value, model, int(r["version"]),
-                              float(r["fraction"]))  # fmt: skip
 
     def rollouts(self) -> dict[str, Rollout]:
         """`rollout` of every model that has one (for metrics)."""
@@ -120,8 +130,7 @@ class Updater:
 
     def last_rollback(self, model: str) -> str:
         """The last version probation swapped back, when and why ("" = none)."""
-        path = self._ctx.state_path(model)
-        return self._ctx.state(model).last_rollback if path.exists() else ""
+        return self._ctx.last_rollback.get(model, "")
 
     def fetching(self, model: str) -> str:
         """The update in flight for status ('' when none): bytes, age, deadline."""

@@ -1041,7 +1041,8 @@ class ModelStatus(_message.Message):
     footprint_bytes: _builtins.int
     """what it takes loaded, as the memory budget estimates it"""
     last_rollback: _builtins.str
-    """(unset: no manifest read yet, or no update origin)
+    """(unset: no manifest read yet, no update origin now, or
+    this daemon's identity not resolved yet)
     the last version probation swapped back, when and why
     """
     @_builtins.property
@@ -1615,9 +1616,11 @@ class Rollout(_message.Message):
     version: _builtins.int
     """the manifest's version"""
     fraction: _builtins.float
-    """the share of daemons it is published to, 0 to 1"""
+    """the share of daemons it is published to, 0 to 1 (signed as"""
     position: _builtins.float
-    """this daemon's place in [0, 1)"""
+    """rollout_ppm, parts per million)
+    this daemon's place in [0, 1)
+    """
     in_cohort: _builtins.bool
     identity: _builtins.str
     """the machine identity hashed (update.identity, or derived)"""

@@ -75,10 +75,10 @@ def _update_setting(name: str) -> Callable[[App], Any]:
 
 
 def _update_identity(app: App) -> str:
-    # The rollout hash reads the updater's identity per check (resolved again when the
-    # setting changes); "" while it uses one derived from the machine.
+    # The rollout hash reads the updater's identity per check and status per call (the one
+    # derived from the machine is resolved at start); "" while it uses that one.
     got = app.updater.identity()
-    return got.value if got.source == "update.identity" else ""
+    return got.value if got is not None and got.source == "update.identity" else ""
 
 
 def _routing_setting(name: str) -> Callable[[App], Any]:

@@ -15,6 +15,7 @@ import pytest
 from tiny_gguf import write_tiny_llama
 from update_origin import Origin, apply, make_origin, start
 
+from sidecar.domain.errors import Unavailable
 from sidecar.fileio import sha256_file
 from sidecar.update.manifest import generate_keypair
 from sidecar.v1 import inference_pb2 as pb
@@ -193,8 +194,36 @@ async def test_a_new_version_whose_worker_dies_in_probation_is_rolled_back(serve
     reg = s.running.metrics.registry
     causes = {c: reg.get_sample_value("sidecar_update_rollbacks_total",
                                       {"model": "default", "cause": c})
-              for c in ("worker_died", "probe_failed")}  # fmt: skip
-    assert causes == {"worker_died": 1.0, "probe_failed": 0.0}
+              for c in ("worker_died", "probe_failed", "rollback_failed")}  # fmt: skip
+    assert causes == {"worker_died": 1.0, "probe_failed": 0.0, "rollback_failed": 0.0}
+
+
+async def test_a_rollback_that_fails_is_shown_and_counted(
+    serve, origin, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    s = await start(serve, origin, healthy_seconds=60)
+    v1 = await serving(s.client)
+    await apply(s.client)
+    v2 = await serving(s.client)
+
+    async def refuse(name: str, version: str = "", **_: object) -> None:
+        raise Unavailable(f"not enough memory to load {version}")
+
+    monkeypatch.setattr(s.running.local, "swap", refuse)
+    os.kill((await s.client.status()).models[0].workers[0].pid, signal.SIGKILL)
+    reg = s.running.metrics.registry
+    labels = {"model": "default", "cause": "rollback_failed"}
+    for _ in range(300):
+        if reg.get_sample_value("sidecar_update_rollbacks_total", labels):
+            break
+        await asyncio.sleep(0.05)
+    # The unhealthy version still serves: as plain to the operator as a rollback that worked.
+    status = (await s.client.status()).models[0]
+    assert await serving(s.client) == v2
+    assert status.last_rollback.startswith(f"rollback of v2 ({v2}) to {v1} failed at ")
+    assert "not enough memory" in status.last_rollback
+    assert "1 worker restart(s)" in status.last_rollback
+    assert reg.get_sample_value("sidecar_update_rollbacks_total", labels) >= 1
 
 
 async def test_probation_passes_quietly_when_the_new_version_stays_healthy(serve, origin) -> None:  # type: ignore[no-untyped-def]

@@ -13,7 +13,7 @@ from rollout_helpers import within_binomial
 from sidecar.config import Overrides, load
 from sidecar.domain.errors import ConfigError
 from sidecar.update import cohort
-from sidecar.update.identity import resolve
+from sidecar.update.identity import FILE, resolve
 
 KNOWN = 4556629864083851660  # sha256("web-7|classifier|3"), its first 8 bytes
 KNOWN_PERCENT = "24.7%"
@@ -105,25 +105,55 @@ def test_the_machine_id_is_used_hashed_never_as_it_is(tmp_path: Path) -> None:
     assert resolve("", tmp_path / "state", other).value != got.value
 
 
-@pytest.mark.parametrize("content", [None, "", "not-a-machine-id"])
+@pytest.mark.parametrize("content", [None, "", "not-a-machine-id", "uninitialized\n"])
 def test_without_a_machine_id_a_random_id_is_kept_once(tmp_path: Path, content: str | None) -> None:
     mid = tmp_path / "machine-id"
     if content is not None:
         mid.write_text(content)
     state = tmp_path / "state"
     first = resolve("", state, mid)
-    assert first.source == str(state / "identity") and len(first.value) == 32
+    assert first.source == str(state / FILE) and len(first.value) == 32
     assert resolve("", state, mid) == first  # a restart keeps it
     assert resolve("", tmp_path / "elsewhere", mid).value != first.value
-    assert not [p for p in state.iterdir() if p.name != "identity"]  # no temp file left
+    assert not [p for p in state.iterdir() if p.name != FILE]  # no temp file left
 
 
 def test_an_emptied_identity_file_is_chosen_again(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir()
-    (state / "identity").write_text("\n")
+    (state / FILE).write_text("\n")
     got = resolve("", state, tmp_path / "no-machine-id")
-    assert got.value and (state / "identity").read_text().strip() == got.value
+    assert got.value and (state / FILE).read_text().strip() == got.value
+
+
+def test_a_random_id_once_chosen_stays_when_a_machine_id_appears(tmp_path: Path) -> None:
+    # A first boot before systemd initialised /etc/machine-id: a random id is chosen; the
+    # machine-id written later must not move the daemon to another cohort.
+    mid, state = tmp_path / "machine-id", tmp_path / "state"
+    mid.write_text("uninitialized\n")
+    first = resolve("", state, mid)
+    mid.write_text("0123456789abcdef0123456789abcdef\n")
+    assert resolve("", state, mid) == first
+
+
+def test_the_random_id_never_meets_a_model_called_identity(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    (state / "identity").mkdir(parents=True)  # that model's work folder
+    (state / "identity" / "state.json").write_text("{}")
+    got = resolve("", state, tmp_path / "no-machine-id")
+    assert got.source == str(state / ".identity") and len(got.value) == 32
+    assert (state / "identity" / "state.json").read_text() == "{}"
+
+
+def test_an_unusable_id_file_falls_back_to_the_hostname_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = tmp_path / "state"
+    (state / FILE).mkdir(parents=True)  # unreadable as a file, and not replaceable
+    got = resolve("", state, tmp_path / "no-machine-id")
+    assert got.source.startswith("hostname (") and len(got.value) == 32
+    assert resolve("", state, tmp_path / "no-machine-id") == got  # the same every time
+    assert any("unusable" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize(
