@@ -18,6 +18,7 @@ import zlib
 from typing import Any
 
 CHROMIUM = shutil.which("chromium")
+WIDTH, HEIGHT = 800, 4000  # the viewport: every report fits in it, nothing scrolls
 
 
 class Browser:
@@ -68,15 +69,24 @@ class Browser:
                 return result
             self.events.append(reply)
 
-    def wait_for(self, method: str, timeout: float = 30) -> dict[str, Any]:
+    def wait_for(self, method: str, timeout: float = 30, **match: Any) -> dict[str, Any]:
+        """The first `method` event of the current session whose params include `match`.
+        Events are kept (for errors() and requests()): unfiltered, the previous page's
+        load would answer for this one."""
+
+        def wanted(e: dict[str, Any]) -> bool:
+            p = e.get("params", {})
+            return (e.get("method") == method and e.get("sessionId") == self.session
+                    and all(p.get(k) == v for k, v in match.items()))  # fmt: skip
+
         deadline = time.monotonic() + timeout
         for e in self.events:
-            if e.get("method") == method:
+            if wanted(e):
                 return e
         while True:
             e = self._read(deadline)
             self.events.append(e)
-            if e.get("method") == method:
+            if wanted(e):
                 return e
 
     def _read(self, deadline: float) -> dict[str, Any]:
@@ -98,8 +108,19 @@ class Browser:
         ]
         for domain in ("Page", "Runtime", "Log", "Network"):
             self.send(f"{domain}.enable")
-        self.send("Page.navigate", url=url)
-        self.wait_for("Page.loadEventFired")
+        # One viewport taller than any report, set before the page lays out: a screenshot
+        # then shows the layout getBoundingClientRect measured. (captureBeyondViewport
+        # resizes the viewport for the capture: the scrollbar goes, the page reflows and
+        # the clip lands tens of pixels off the element measured before.)
+        self.send("Emulation.setDeviceMetricsOverride", width=WIDTH, height=HEIGHT,
+                  deviceScaleFactor=1, mobile=False)  # fmt: skip
+        self.send("Page.setLifecycleEventsEnabled", enabled=True)
+        nav = self.send("Page.navigate", url=url)
+        if nav.get("errorText"):
+            raise RuntimeError(f"{url}: {nav['errorText']}")
+        # This navigation's own load (its loaderId), not about:blank's or a previous page's.
+        self.wait_for("Page.lifecycleEvent", name="load", frameId=nav["frameId"],
+                      loaderId=nav["loaderId"])  # fmt: skip
 
     def evaluate(self, expression: str) -> Any:
         r = self.send("Runtime.evaluate", expression=expression, returnByValue=True)
@@ -109,7 +130,8 @@ class Browser:
 
     def screenshot(self, x: float, y: float, width: float, height: float) -> bytes:
         clip = {"x": x, "y": y, "width": width, "height": height, "scale": 1}
-        r = self.send("Page.captureScreenshot", format="png", clip=clip, captureBeyondViewport=True)
+        assert y + height <= HEIGHT, "the page is taller than the viewport: raise HEIGHT"
+        r = self.send("Page.captureScreenshot", format="png", clip=clip)
         return base64.b64decode(r["data"])
 
     def errors(self) -> list[str]:
