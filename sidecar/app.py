@@ -149,6 +149,8 @@ class App:
         # far (cheap to redo). Config tasks embed in the background: serving starts at once.
         for work in (self.updater.run(self._halt), self.fewshot.prepare()):
             self._cancelled_at_stop.append(asyncio.create_task(work))
+        if self.router.fitted is not None:  # a fit applies within a second, no signal needed
+            self._cancelled_at_stop.append(asyncio.create_task(self.router.fitted.watch()))
         if self.drop is not None:
             await self.drop.start()
 

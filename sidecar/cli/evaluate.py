@@ -218,6 +218,7 @@ def _save_fit(c: Any, s: EvalSet, report: dict[str, Any]) -> str:
     if not path:
         return "nothing written: the daemon does not say where it reads fitted thresholds"
     name = fitted.key(s.kind, task=s.task, model=models[0].partition("@")[0])
+    assert name is not None  # an eval set names labels or a task, never inline examples
     entry = fitted.Fitted(fit["threshold"], fit["target"], fit["accuracy"], fit["coverage"],
                           fit["rows"], models[0], str(s.source), fitted.now())  # fmt: skip
     try:
@@ -225,20 +226,23 @@ def _save_fit(c: Any, s: EvalSet, report: dict[str, Any]) -> str:
     except OSError as e:
         return (f"cannot write {path}: {e.strerror or e} (run this on the daemon's machine, as "
                 "a user who may write its store)")  # fmt: skip
+    except ValueError as e:
+        return (
+            f"nothing written: {e}; fix or remove the file first (its other entries would be lost)"
+        )
     fit["key"], fit["written_to"] = name, path
     return ""
 
 
 def _settings(config: Config, s: EvalSet, target: float | None = None) -> Settings:
     from sidecar.evaluation.summary import Settings
+    from sidecar.router.fitted import config_threshold
 
-    # The config's threshold: what a reply is judged by when the daemon does not say (the
-    # daemon's own, fitted ones included, come with the replies).
+    # The config's threshold (by the router's own rule): what a reply is judged by when the
+    # daemon does not say (the daemon's own, fitted ones included, come with the replies).
     cloud = config.cloud
-    threshold = cloud.extract_mean_logprob if s.kind == "extract" else cloud.classify_threshold
-    source = "cloud.extract_mean_logprob" if s.kind == "extract" else "cloud.classify_threshold"
     spec = next((t for t in config.tasks if t.name == s.task), None)
-    if spec is not None and spec.threshold >= 0:
-        threshold, source = spec.threshold, f"tasks.{spec.name}.threshold"
+    own = spec.threshold if spec is not None and spec.threshold >= 0 else None
+    threshold, source = config_threshold(s.kind, cloud, s.task, own)
     return Settings(threshold, source, cloud.enabled, cloud.prompt_price_per_mtok,
                     cloud.completion_price_per_mtok, target)  # fmt: skip

@@ -62,7 +62,7 @@ from sidecar.domain.types import (
 from sidecar.router.breaker import Breaker
 from sidecar.router.budget import Budget
 from sidecar.router.cloud import NONE, CloudClient, CloudError, CloudReply, Meter
-from sidecar.router.fitted import FittedThresholds
+from sidecar.router.fitted import FittedThresholds, config_threshold
 from sidecar.router.fitted import key as fitted_key
 from sidecar.router.outbound import Gate, Outbound, SensitiveData, build, estimate
 from sidecar.router.policy import Decision, FailKind, LocalOutcome, Situation, decide
@@ -286,27 +286,27 @@ class RouterEngine(EngineWrapper):
         if task.allow_none and result.out_of_scope:
             result.label = ""
 
-    def _threshold(self, kind: str, task: str, model: str) -> tuple[float, str]:
+    def _threshold(
+        self, kind: str, task: str, result: Result, examples: bool = False
+    ) -> tuple[float, str]:
         """The threshold a local answer is compared with, and where it came from: a value
-        fitted by `sidecar eval --fit-threshold`, else the task's own, else the config's."""
-        c = self.settings
-        name = fitted_key(kind, task=task, model=model)
-        got = self.fitted.get(name) if self.fitted is not None else None
-        if got is not None:
-            return got.threshold, got.describe(name)
-        if kind == "extract":
-            return c.extract_mean_logprob, "cloud.extract_mean_logprob"
+        fitted by `sidecar eval --fit-threshold` on the model version that answered, else
+        the task's own, else the config's."""
+        ref = result.model
+        name = fitted_key(kind, task=task, model=ref.name if ref else "", examples=examples)
+        if name is not None and self.fitted is not None:
+            got = self.fitted.get(name, f"{ref.name}@{ref.version}" if ref else "")
+            if got is not None:
+                return got.threshold, got.describe(name)
         own = self.tasks.threshold(task) if task else None
-        if own is not None:
-            return own, f"tasks.{task}.threshold"
-        return c.classify_threshold, "cloud.classify_threshold"
+        return config_threshold(kind, self.settings, task, own)
 
     def _outcome(self, task: Task, result: Result) -> LocalOutcome:
         c = self.settings
-        model = result.model.name if result.model is not None else ""
         if isinstance(result, Classification):
             by_task = task.task if isinstance(task, ClassifyTask) else ""
-            threshold, source = self._threshold("classify", by_task, model)
+            examples = isinstance(task, ClassifyTask) and bool(task.examples)
+            threshold, source = self._threshold("classify", by_task, result, examples)
             scope = LocalOutcome(out_of_scope=result.out_of_scope, novelty=result.novelty)
             if c.classify_margin and result.margin < c.classify_margin:
                 return replace(scope, confidence=result.margin, threshold=c.classify_margin,
@@ -314,7 +314,7 @@ class RouterEngine(EngineWrapper):
             return replace(scope, confidence=result.top_probability, threshold=threshold,
                            measure="top probability", source=source)  # fmt: skip
         if isinstance(result, Extraction):
-            threshold, source = self._threshold("extract", "", model)
+            threshold, source = self._threshold("extract", "", result)
             lp = result.confidence.mean_logprob
             return LocalOutcome(None, lp, threshold, "mean logprob", source)
         if isinstance(result, Generation):

@@ -17,14 +17,19 @@ the request path, so a fit applies within a second without a signal).
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+from sidecar.config import CloudConfig
 from sidecar.fileio import write_atomic
 
 log = logging.getLogger("sidecar.router")
@@ -55,45 +60,133 @@ class Fitted:
         )
 
 
-def key(kind: str, *, task: str = "", model: str = "") -> str:
-    """The entry a reply's threshold is looked up under."""
-    return f"task:{task}" if task else f"{kind}:{model}"
+def key(kind: str, *, task: str = "", model: str = "", examples: bool = False) -> str | None:
+    """The entry a reply's threshold is looked up under (and a fit saved under): the one
+    rule for both. None: no entry can apply, so the config's threshold does: a Classify
+    with inline examples is scored by neighbour votes, while `classify:MODEL` was fitted
+    on the confidence of labels alone."""
+    if task:
+        return f"task:{task}"
+    if examples:
+        return None
+    return f"{kind}:{model}"
 
 
-def read(path: Path) -> dict[str, Fitted]:
-    """The file's entries; {} when there is none. Raises ValueError for a damaged file."""
+def config_threshold(
+    kind: str, cloud: CloudConfig, task: str = "", own: float | None = None
+) -> tuple[float, str]:
+    """The threshold the config sets for a reply, and its key: the task's own (`own`),
+    else `cloud.classify_threshold` / `cloud.extract_mean_logprob`."""
+    if kind == "extract":
+        return cloud.extract_mean_logprob, "cloud.extract_mean_logprob"
+    if task and own is not None:
+        return own, f"tasks.{task}.threshold"
+    return cloud.classify_threshold, "cloud.classify_threshold"
+
+
+# field -> (types, in range); a file is written by hand as often as by a fit, and an entry
+# is read on the request path: anything describe() or the comparison cannot use is refused.
+def _share(x: float) -> bool:
+    return 0 <= x <= 1
+
+
+FIELDS: dict[str, tuple[tuple[type, ...], Callable[[Any], bool]]] = {
+    "threshold": ((int, float), math.isfinite),
+    "target_accuracy": ((int, float), lambda x: 0 < x <= 1),
+    "accuracy": ((int, float), _share),
+    "kept_local": ((int, float), _share),
+    "rows": ((int,), lambda x: x >= 0),
+    "model": ((str,), lambda _x: True),
+    "source": ((str,), lambda _x: True),
+    "fitted_at": ((str,), lambda _x: True),
+}
+REQUIRED = ("threshold", "target_accuracy", "accuracy", "kept_local", "rows")
+# What a threshold compares with: a probability, or a mean log-probability (never above 0).
+RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "task": (_share, "within [0, 1]"),
+    "classify": (_share, "within [0, 1]"),
+    "extract": (lambda x: x <= 0, "at most 0 (a mean log-probability)"),
+}
+
+
+def entry(name: str, raw: object) -> Fitted:
+    """One entry of the file, checked field by field. Raises ValueError saying what is wrong."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"entry {name!r} is not an object")
+    rng = RANGES.get(name.partition(":")[0])
+    if rng is None:
+        raise ValueError(f"entry {name!r}: the key is not task:, classify: or extract:")
+    unknown = sorted(set(raw) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"entry {name!r}: unknown field {unknown[0]!r}")
+    missing = [f for f in REQUIRED if f not in raw]
+    if missing:
+        raise ValueError(f"entry {name!r}: no {missing[0]!r}")
+    for field, value in raw.items():
+        types, ok = FIELDS[field]
+        # bool is an int to Python, never to a person writing `true`
+        if isinstance(value, bool) or not isinstance(value, types) or not ok(value):
+            raise ValueError(f"entry {name!r}: {field} {value!r} is not valid")
+    if not rng[0](raw["threshold"]):
+        raise ValueError(f"entry {name!r}: threshold {raw['threshold']!r} is not {rng[1]}")
+    return Fitted(**raw)
+
+
+def _document(path: Path) -> dict[str, Any] | None:
+    """The file as JSON with its shape checked; None when there is none. Raises ValueError
+    for a damaged file (the entries are not checked here)."""
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return {}
+        return None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: {e}") from None
-    entries = doc.get("thresholds") if isinstance(doc, dict) else None
-    if not isinstance(entries, dict):
+    if not isinstance(doc, dict) or not isinstance(doc.get("thresholds"), dict):
         raise ValueError(f"{path}: no 'thresholds' object")
-    out = {}
-    for k, v in entries.items():
+    if doc.get("version") != VERSION:
+        raise ValueError(
+            f"{path}: version {doc.get('version')!r} is not {VERSION}, the one read here"
+        )
+    return doc
+
+
+def read_checked(path: Path) -> tuple[dict[str, Fitted], list[str]]:
+    """The file's valid entries and why each other one was dropped ({} when there is no
+    file). Raises ValueError for a damaged file."""
+    doc = _document(path)
+    out: dict[str, Fitted] = {}
+    problems: list[str] = []
+    for k, v in (doc or {}).get("thresholds", {}).items():
         try:
-            out[k] = Fitted(**v)
-        except TypeError as e:
-            raise ValueError(f"{path}: entry {k!r}: {e}") from None
-        if not isinstance(out[k].threshold, int | float):
-            raise ValueError(f"{path}: entry {k!r}: threshold is not a number")
+            out[k] = entry(k, v)
+        except ValueError as e:
+            problems.append(f"{path}: {e}")
+    return out, problems
+
+
+def read(path: Path) -> dict[str, Fitted]:
+    """The file's entries; {} when there is none. Raises ValueError for a damaged file or entry."""
+    out, problems = read_checked(path)
+    if problems:
+        raise ValueError(problems[0])
     return out
 
 
-def save(path: Path, name: str, entry: Fitted) -> None:
-    """Add or replace one entry, keeping the others (atomically: a reader sees the old
-    file or the new one). A damaged file is replaced rather than blocking a new fit."""
-    try:
-        entries = read(path)
-    except ValueError as e:
-        log.warning("replacing a damaged thresholds file: %s", e)
-        entries = {}
-    entries[name] = entry
-    doc = {"version": VERSION, "thresholds": {k: asdict(v) for k, v in sorted(entries.items())}}
+def save(path: Path, name: str, fit: Fitted) -> None:
+    """Add or replace one entry, keeping the others as they are (atomically: a reader sees
+    the old file or the new one). Raises ValueError, writing nothing, for a damaged file:
+    replacing it would wipe the other entries, and a person should see it first.
+
+    Two fits at once (two `sidecar eval --fit-threshold`) each read, change and write the
+    file; an exclusive lock on `thresholds.json.lock` around that keeps both entries."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, (json.dumps(doc, indent=2) + "\n").encode())
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        doc = _document(path) or {"version": VERSION, "thresholds": {}}
+        entries = dict(doc["thresholds"])
+        entries[name] = asdict(entry(name, asdict(fit)))
+        doc = {"version": VERSION, "thresholds": dict(sorted(entries.items()))}
+        write_atomic(path, (json.dumps(doc, indent=2) + "\n").encode())
 
 
 def now() -> str:
@@ -101,23 +194,25 @@ def now() -> str:
 
 
 class FittedThresholds:
-    """The daemon's view of the file: re-read when it changes, at most once a second."""
+    """The daemon's view of the file. The request path reads only memory (`get`); the file
+    is read at start, on SIGHUP (`reload`) and by `watch`, a loop that checks it once a
+    second off the event loop, so a fit applies within a second without a signal."""
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self._clock = clock
         self._entries: dict[str, Fitted] = {}
-        self._stamp: tuple[int, int] | None = None  # (mtime_ns, size) last read
-        self._checked = float("-inf")
-        self.error = ""  # why the file was not read, for status
+        # (mtime_ns, size, inode) last read: a fit replaces the file (a new inode), so a
+        # same-size rewrite within one mtime tick is still seen
+        self._stamp: tuple[int, int, int] | None = None
+        self._stale: dict[str, str] = {}  # key -> the model@version last served instead
+        self.error = ""  # why the file, or an entry of it, was not used, for status
         self.reload()
 
     def reload(self) -> None:
-        """Read the file if it changed (at start and on SIGHUP, and from `get`)."""
-        self._checked = self._clock()
+        """Read the file if it changed (blocking: from a thread, or at start and SIGHUP)."""
         try:
             st = os.stat(self.path)
-            stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+            stamp: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_size, st.st_ino)
         except FileNotFoundError:
             stamp = None
         except OSError as e:
@@ -127,19 +222,39 @@ class FittedThresholds:
             return
         self._stamp = stamp
         try:
-            self._entries = read(self.path)
-            self.error = ""
+            entries, problems = read_checked(self.path)
         except ValueError as e:
             # The config's thresholds apply until the file is fixed or refitted.
             self._entries, self.error = {}, str(e)
             log.error("fitted thresholds ignored: %s", e)
             return
-        log.info("fitted thresholds: %d from %s", len(self._entries), self.path)
+        # Only a bad entry is dropped: its key falls back to the config, the others apply.
+        self._entries, self.error = entries, "; ".join(problems)
+        for p in problems:
+            log.error("fitted threshold ignored: %s", p)
+        log.info("fitted thresholds: %d from %s", len(entries), self.path)
 
-    def get(self, name: str) -> Fitted | None:
-        if self._clock() - self._checked >= CHECK_EVERY_S:
-            self.reload()
-        return self._entries.get(name)
+    async def watch(self, every: float = CHECK_EVERY_S) -> None:
+        """Re-read the file when it changes, until cancelled."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await asyncio.to_thread(self.reload)
+            except Exception:  # never let the watch die: the next tick tries again
+                log.exception("checking %s", self.path)
+
+    def get(self, name: str, serving: str = "") -> Fitted | None:
+        """The entry for `name` if it was fitted on `serving` (name@version), else None: a
+        value measured on one model version says nothing of another (an entry that names
+        no model applies to any)."""
+        got = self._entries.get(name)
+        if got is None:
+            return None
+        if got.model and serving and got.model != serving:
+            self._stale[name] = serving
+            return None
+        self._stale.pop(name, None)
+        return got
 
     @property
     def entries(self) -> Mapping[str, Fitted]:
@@ -147,7 +262,13 @@ class FittedThresholds:
 
     def report(self) -> dict[str, str]:
         """Key -> what applies, for `sidecar status`."""
-        out = {k: f"{v.threshold:g} {v.describe(k)}" for k, v in sorted(self._entries.items())}
+        out = {}
+        for k, v in sorted(self._entries.items()):
+            serving = self._stale.get(k)
+            if serving is not None and serving != v.model:
+                out[k] = f"{v.threshold:g} stale (fitted on {v.model}, serving {serving})"
+            else:
+                out[k] = f"{v.threshold:g} {v.describe(k)}"
         if self.error:
             out["(error)"] = f"ignored: {self.error}"
         return out

@@ -225,3 +225,60 @@ async def test_compare_without_a_cloud_and_a_bad_sensitive_flag_are_refused(
     out = await cli("--config", str(empty), "eval", str(data), "--socket", str(s.socket))
     assert out.exit_code == 2
     assert "line 2: column 'sensitive' must be true or false, not 'maybe'" in out.stderr
+
+
+async def test_a_fitted_threshold_stops_applying_when_another_version_serves(
+    serve, tiny_model: Path, tmp_path: Path, cloud: tuple[str, Script]
+) -> None:  # type: ignore[no-untyped-def]
+    from tiny_gguf import write_tiny_llama
+
+    from sidecar.router import fitted
+    from sidecar.v1 import inference_pb2 as pb
+
+    url, script = cloud
+    script.default = ok(B)
+    s = await serve(tiny_model, cloud={"base_url": url, "model": "m", "retries": 0,
+                                       "classify_threshold": 0.7})  # fmt: skip
+    status = await s.client.status()
+    ref = status.models[0].model
+    path = Path(status.cloud.thresholds_file)
+    fitted.save(path, f"classify:{ref.name}",
+                fitted.Fitted(0.95, 0.9, 1.0, 0.5, 40, f"{ref.name}@{ref.version}"))  # fmt: skip
+    s.running.router.fitted.reload()  # the watch would within a second
+    held = await s.client.classify(PROBE, (A, B), routing="AUTO")
+    assert held.route.served_by == "cloud" and held.route.threshold == pytest.approx(0.95)
+
+    second = write_tiny_llama(tmp_path / "tiny2.gguf", seed=2, n_ctx=4096)
+    steps = [p async for p in s.client.admin.Swap(pb.SwapRequest(path=str(second)))]
+    assert steps[-1].ok, steps[-1]
+    after = await s.client.classify(PROBE, (A, B), routing="AUTO")
+    assert after.model.version != ref.version
+    assert after.route.served_by == "local" and after.label == A, after.route
+    assert after.route.threshold == 0.7
+    assert after.route.threshold_source == "cloud.classify_threshold"
+    line = (await s.client.status()).cloud.fitted_thresholds[f"classify:{ref.name}"]
+    assert line == (
+        f"0.95 stale (fitted on {ref.name}@{ref.version}, serving {ref.name}@{after.model.version})"
+    )
+
+
+async def test_a_labels_alone_fit_does_not_apply_to_classify_by_inline_examples(
+    serve, tiny_model: Path, cloud: tuple[str, Script]
+) -> None:  # type: ignore[no-untyped-def]
+    from sidecar.router import fitted
+
+    url, script = cloud
+    script.default = ok(B)
+    s = await serve(tiny_model, cloud={"base_url": url, "model": "m", "retries": 0,
+                                       "classify_threshold": 0.7})  # fmt: skip
+    status = await s.client.status()
+    ref = status.models[0].model
+    fitted.save(Path(status.cloud.thresholds_file), f"classify:{ref.name}",
+                fitted.Fitted(0.95, 0.9, 1.0, 0.5, 40, f"{ref.name}@{ref.version}"))  # fmt: skip
+    s.running.router.fitted.reload()
+    labels_alone = await s.client.classify(PROBE, (A, B), routing="AUTO")
+    assert labels_alone.route.threshold_source.startswith(f"fitted (classify:{ref.name}")
+    examples = [(f"{A} {i}", A) for i in range(4)] + [(f"{B} {i}", B) for i in range(4)]
+    by_examples = await s.client.classify(PROBE, examples=examples, routing="AUTO")
+    assert by_examples.route.threshold == 0.7, by_examples.route
+    assert by_examples.route.threshold_source == "cloud.classify_threshold"
