@@ -208,7 +208,7 @@ class RouterEngine(EngineWrapper):
                 raise
             second = decide(replace(situation, local=LocalOutcome(failure=kind, detail=e.message)))
             if second.action == "fail":
-                raise type(e)(second.reason) from None
+                raise _again(e, second.reason, second.cause) from None
             if second.action == "keep_local":  # LOCAL_ONLY: the error stands
                 raise
             log.info("escalating: %s", second.reason)
@@ -248,7 +248,7 @@ class RouterEngine(EngineWrapper):
                 raise
             second = decide(replace(situation, local=LocalOutcome(failure=kind, detail=e.message)))
             if second.action != "cloud":
-                raise type(e)(second.reason or e.message) from None
+                raise _again(e, second.reason or e.message, second.cause) from None
             result = await self._cloud(task, second, None, e, out)
             assert isinstance(result, Generation)
             yield TokenEvent(result.text)
@@ -425,7 +425,7 @@ class RouterEngine(EngineWrapper):
             if local is not None:  # an unsure local answer beats none
                 return self._finish(local, _route("local", why, conf, code="cloud_failed"))
             if local_error is not None:
-                raise type(local_error)(f"{local_error.message}; {why}") from None
+                raise _again(local_error, f"{local_error.message}; {why}") from None
             raise Unavailable(why) from None
         except _InvalidCloudAnswer as e:
             why = f"{d.reason}; {e}"
@@ -455,7 +455,7 @@ class RouterEngine(EngineWrapper):
         if local is not None:
             return self._finish(local, _route("local", reason, conf, code="blocked"))
         if local_error is not None:
-            raise type(local_error)(f"{local_error.message}; escalation blocked: {why}")
+            raise _again(local_error, f"{local_error.message}; escalation blocked: {why}", cause)
         raise _refused(Decision("fail", why, fail, cause=cause))
 
     async def _ask(self, task: Task, out: Outbound, meter: Meter) -> tuple[Result, CloudReply]:
@@ -536,6 +536,14 @@ def _refused(d: Decision) -> SidecarError:
     e = FAIL[d.fail or "unavailable"](d.reason)
     e.cause = d.cause
     return e
+
+
+def _again(e: SidecarError, message: str, cause: str = "") -> SidecarError:
+    """The local error again with a longer message, still carrying why escalation was
+    refused (trailing metadata sidecar-cause): a caller acts on that word, not the text."""
+    again = type(e)(message)
+    again.cause = cause or e.cause
+    return again
 
 
 def _route(

@@ -106,8 +106,9 @@ def decide(s: Situation) -> Decision:
         if blocked:
             # No answer locally and none from the cloud: the local failure is the error.
             return Decision(
-                "fail", f"{why}; escalation blocked: {blocked[0]}", "unavailable", code="blocked"
-            )
+                "fail", f"{why}; escalation blocked: {blocked[0]}", "unavailable", code="blocked",
+                cause=blocked[2],
+            )  # fmt: skip
         return _escalate(s, why, f"local_{out.failure}")
     if out.out_of_scope:
         # A confident label for a text none of the labels cover is still wrong: asked

@@ -492,3 +492,25 @@ async def test_a_task_still_being_prepared_escalates_with_its_labels(
         assert all(label in sent for label in ("card_arrival", "exchange_rate", "pin"))
     finally:
         FakeSlot.token_delay_s = 0.0
+
+
+async def test_a_local_error_not_escalated_for_privacy_says_why_in_its_cause(
+    serve, tiny_model, cloud
+) -> None:  # type: ignore[no-untyped-def]
+    from sidecar.client import SidecarError
+    from sidecar.engine.fake import FakeSlot
+
+    url, script = cloud
+    script.default = ok("never asked")
+    s = await serve(tiny_model, cloud=settings(url, local_timeout_seconds=0.2))
+    FakeSlot.token_delay_s = 0.05
+    try:
+        with pytest.raises(SidecarError) as e:
+            await s.client.generate("one two three", max_tokens=200, sensitive=True)
+    finally:
+        FakeSlot.token_delay_s = 0.0
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "escalation blocked" in (e.value.details() or "")
+    # what `sidecar eval` reads to count the row as kept local by the privacy rules
+    assert dict(list(e.value.trailing_metadata()))["sidecar-cause"] == "sensitive"
+    assert not script.received

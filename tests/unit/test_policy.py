@@ -175,3 +175,8 @@ def test_out_of_scope_blocked_is_counted_as_blocked_and_redacts_when_allowed() -
 def test_out_of_scope_without_a_measured_novelty_still_names_the_reason() -> None:
     d = decide(Situation("AUTO", local=LocalOutcome(confidence=0.9, out_of_scope=True)))
     assert (d.action, d.reason, d.code) == ("cloud", "out of scope", "out_of_scope")
+
+
+def test_a_local_failure_not_escalated_carries_the_cause_of_the_block() -> None:
+    assert decide(Situation("AUTO", local=DOWN, sensitive=("marked",))).cause == "sensitive"
+    assert decide(Situation("AUTO", local=DOWN, breaker_open=True)).cause == "breaker"
