@@ -9,7 +9,15 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from sidecar.cli.support import EXIT_CONFIG, EXIT_FAILED, client_options, config_from, connect, dump
+from sidecar.cli.support import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    client_options,
+    config_from,
+    connect,
+    dump,
+)
 
 if TYPE_CHECKING:
     from sidecar.config import Config
@@ -84,12 +92,22 @@ def evaluate(ctx: click.Context, target: str, kind: str | None, task: str, text_
             # compare: every row locally, then the same rows to the cloud (the daemon's
             # privacy gate refuses the rows it keeps local; nothing of them is sent)
             first = "LOCAL_ONLY" if both else routing
-            replies, wall = runner.run(c, s, model=name, routing=first, concurrency=concurrency,
-                                       on_row=lambda _i, _r: bar.update(1))  # fmt: skip
-            if both:
-                cloud, _ = runner.run(c, s, model=name, routing="CLOUD_ONLY",
-                                      concurrency=concurrency,
-                                      on_row=lambda _i, _r: bar.update(1))  # fmt: skip
+            done = [0]
+
+            def row(_i: int, _r: object) -> None:
+                done[0] += 1
+                bar.update(1)
+
+            try:
+                replies, wall = runner.run(c, s, model=name, routing=first,
+                                           concurrency=concurrency, on_row=row)  # fmt: skip
+                if both:
+                    cloud, _ = runner.run(c, s, model=name, routing="CLOUD_ONLY",
+                                          concurrency=concurrency, on_row=row)  # fmt: skip
+            except KeyboardInterrupt:
+                click.echo(f"\ninterrupted after {done[0]} of {bar.length} requests: no report",
+                           err=True)  # fmt: skip
+                sys.exit(EXIT_INTERRUPTED)
         settings = _settings(config, s, target_accuracy)
         if both:  # the daemon has a cloud (checked), whatever this command's config says
             settings = replace(settings, cloud=True)

@@ -128,7 +128,14 @@ def run(
                 on_row(i, reply)
 
     started = time.perf_counter()
-    with ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="eval") as pool:
+    pool = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="eval")
+    try:
         for f in [pool.submit(one, i) for i in range(len(evalset.rows))]:
             f.result()
+    except BaseException:
+        # Ctrl-C (or a failing callback): the rows not started are dropped, not run; only
+        # the requests already sent (at most `concurrency`) are waited for at exit.
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     return out, time.perf_counter() - started
