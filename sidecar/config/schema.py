@@ -297,7 +297,8 @@ class CloudConfig:
     backoff_seconds: float = setting(0.5, "First retry wait (doubles, with jitter).", minimum=0)
     local_timeout_seconds: float = setting(
         0.0,
-        "AUTO gives the local model this long, then cancels it and escalates; 0 = no limit.",
+        "AUTO gives the local model this long, then cancels it and escalates (a low-priority "
+        "request: counted from when a worker takes it); 0 = no limit.",
         minimum=0,
         live=True,
     )
@@ -436,7 +437,8 @@ class ModelConfig:
     canary_max_ms: int = setting(0, "Latency budget for the canary in ms; 0 = none.", minimum=0)
     max_queue: int = setting(
         64,
-        "Requests that may wait for a worker; beyond: RESOURCE_EXHAUSTED.",
+        "Requests that may wait for a worker, and apart low-priority ones; beyond: "
+        "RESOURCE_EXHAUSTED.",
         minimum=1,
         live=True,
     )

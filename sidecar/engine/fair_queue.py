@@ -4,9 +4,12 @@ One application sending a burst must not starve another: each caller has its own
 FIFO, and `pop` takes one job from each caller in turn. The bound is on the total,
 so a full queue refuses at once instead of letting latency grow without limit.
 
-Background work (embedding the examples of a few-shot classifier) waits in a second
-lane with its own bound: it runs only when no live request waits, and however much of
-it is queued, it never takes a live request's place or makes one RESOURCE_EXHAUSTED.
+Background work (embedding the examples of a few-shot classifier, and a caller's
+low-priority requests) waits in a second lane with its own bound: it runs only when no
+live request waits, and however much of it is queued, it never takes a live request's place
+or makes one RESOURCE_EXHAUSTED. A caller's low-priority requests (`request=True`) are also
+bounded by `limit` on their own, so a bulk run gets RESOURCE_EXHAUSTED as a burst of live
+requests would, and cannot fill the backstop that build work needs.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class FairQueue(Generic[T]):
         self.background_limit = background_limit
         self._live: _Lane[T] = _Lane()
         self._background: _Lane[T] = _Lane()
+        self._requests: set[int] = set()  # id() of the background items that are requests
 
     def __len__(self) -> int:
         return self._live.size + self._background.size
@@ -67,7 +71,8 @@ class FairQueue(Generic[T]):
     def background(self) -> int:
         return self._background.size
 
-    def put(self, caller: str, item: T, *, background: bool = False) -> None:
+    def put(self, caller: str, item: T, *, background: bool = False, request: bool = False) -> None:
+        """Queue `item`; `request`: a background item that is a caller's low-priority request."""
         lane, limit = (
             (self._background, self.background_limit) if background else (self._live, self.limit)
         )
@@ -77,6 +82,13 @@ class FairQueue(Generic[T]):
                 f"the queue for this model is full ({limit} {what} waiting): "
                 "retry after a short backoff"
             )
+        if background and request:
+            if len(self._requests) >= self.limit:
+                raise Overloaded(
+                    f"the queue for this model is full ({self.limit} low-priority requests "
+                    "waiting): retry after a short backoff"
+                )
+            self._requests.add(id(item))
         lane.put(caller, item)
 
     def pop(self, *, background: bool = True) -> T | None:
@@ -84,6 +96,7 @@ class FairQueue(Generic[T]):
         item = self._live.pop()
         if item is None and background:
             item = self._background.pop()
+            self._requests.discard(id(item))
         return item
 
     def items(self) -> list[T]:
@@ -92,4 +105,11 @@ class FairQueue(Generic[T]):
         ]
 
     def remove(self, item: T) -> bool:
-        return self._live.remove(item) or self._background.remove(item)
+        if self._live.remove(item):
+            return True
+        self._requests.discard(id(item))
+        return self._background.remove(item)
+
+    @property
+    def low_requests(self) -> int:
+        return len(self._requests)

@@ -36,6 +36,7 @@ from sidecar.domain.errors import (
     Unavailable,
     WorkerCrashed,
 )
+from sidecar.domain.lanes import LOW_PRIORITY, LowPriority
 from sidecar.domain.specs import ModelFacts, RunnerSpec
 from sidecar.domain.status import PoolStatus, SlotInfo
 from sidecar.domain.types import GenerateTask, ModelRef, Result, Task, TokenEvent
@@ -61,6 +62,7 @@ class Job:
     caller: str
     stream: bool
     background: bool = False  # runs only when no live request waits
+    low: LowPriority | None = None  # a caller's low-priority request (not build work)
     id: int = field(default_factory=lambda: next(_job_ids))
     enqueued: float = field(default_factory=time.perf_counter)
     dispatched: float | None = None
@@ -214,8 +216,9 @@ class ModelPool:
             raise Unavailable(
                 f"model {self.ref.name!r} has no live worker ({self.detail}); retry shortly"
             )
-        job = Job(task, caller, stream, background)
-        self._queue.put(caller, job, background=background)
+        low = LOW_PRIORITY.get() if background else None
+        job = Job(task, caller, stream, background, low)
+        self._queue.put(caller, job, background=background, request=low is not None)
         if caller != PROBE_CALLER:
             self.last_used = time.monotonic()
         if self.residency != LOADED:
@@ -261,6 +264,8 @@ class ModelPool:
             job.dispatched = time.perf_counter()
             self._running[job.id] = job
             slot.submit(job.id, job.task, job.stream)
+            if job.low is not None:
+                job.low.on_dispatch()
 
     def _finish(self, job: Job, event: Event) -> None:
         if not job.done:

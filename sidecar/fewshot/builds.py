@@ -31,6 +31,7 @@ import numpy as np
 
 from sidecar.config import TaskConfig
 from sidecar.domain.errors import Overloaded, Unavailable
+from sidecar.domain.lanes import LOW_PRIORITY
 from sidecar.domain.seam import Engine
 from sidecar.domain.types import ModelRef
 from sidecar.fewshot import fit as fitting
@@ -149,7 +150,7 @@ class Builds:
             )
 
     def _start(self, key: str, owner: str, build: Coroutine[Any, Any, Built]) -> _Build:
-        job = self._building[key] = _Build(key, asyncio.ensure_future(build), owner)
+        job = self._building[key] = _Build(key, asyncio.ensure_future(_unmarked(build)), owner)
         job.future.add_done_callback(lambda _f: self._finished(job))
         return job
 
@@ -252,3 +253,11 @@ def _file_stamp(path: Path | None) -> tuple[int, int]:
     except OSError:
         return (-1, -1)
     return (st.st_mtime_ns, st.st_size)
+
+
+async def _unmarked(build: Coroutine[Any, Any, Built]) -> Built:
+    """A build a low-priority request started is not that request: its jobs are build work
+    (the backstop bounds them), and its first dispatch must not start the request's clock.
+    The task runs in its own copy of the context, so this clears the mark for it alone."""
+    LOW_PRIORITY.set(None)
+    return await build

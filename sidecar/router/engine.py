@@ -24,6 +24,7 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import replace
+from functools import partial
 from typing import Literal, Protocol
 
 from sidecar.config import CloudConfig, TaskConfig
@@ -62,6 +63,7 @@ from sidecar.domain.types import (
 from sidecar.router.breaker import Breaker
 from sidecar.router.budget import Budget
 from sidecar.router.cloud import NONE, CloudClient, CloudError, CloudReply, Meter
+from sidecar.router.deadline import low_priority
 from sidecar.router.fitted import FittedThresholds, config_threshold
 from sidecar.router.fitted import key as fitted_key
 from sidecar.router.outbound import Gate, Outbound, SensitiveData, build, estimate
@@ -260,10 +262,14 @@ class RouterEngine(EngineWrapper):
         self, model: str, task: Task, caller: str, situation: Situation, background: bool
     ) -> Result:
         limit = self.settings.local_timeout_seconds
-        if not limit or situation.routing != "AUTO":
+        timed = bool(limit) and situation.routing == "AUTO"
+        if not timed and not background:
             return await self._local(model, task, caller, background)
         try:
             # Cancelling frees the worker within a token (the pool cancels the job).
+            if background:  # a caller's PRIORITY_LOW: timed from dispatch (router/deadline.py)
+                work = partial(self._local, model, task, caller, background)
+                return await low_priority(work, limit if timed else None)
             return await asyncio.wait_for(self._local(model, task, caller, background), limit)
         except asyncio.TimeoutError:  # not the builtin on 3.10
             raise DeadlineExceeded(

@@ -72,3 +72,54 @@ async def test_an_unknown_priority_is_refused(serve, tiny_model: Path) -> None: 
     request = pb.ClassifyRequest(text="my card", labels=LABELS, priority=7)  # type: ignore[arg-type]
     with pytest.raises(InvalidRequestError, match="priority 7 is not known"):
         await s.client._unary(s.client.inference.Classify, request, None)
+
+
+def _cloud_settings(url: str, **kw: object) -> dict[str, object]:
+    return {"base_url": url, "model": "m", "retries": 0, **kw}
+
+
+async def test_waiting_behind_live_load_does_not_count_against_the_local_timeout(
+    serve, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    from fake_cloud import fake_cloud, ok
+
+    monkeypatch.setattr(FakeSlot, "token_delay_s", 0.05)
+    with fake_cloud() as (url, script):
+        script.default = ok("cash")
+        s = await serve(tiny_model, workers=1,
+                        cloud=_cloud_settings(url, local_timeout_seconds=0.4))  # fmt: skip
+        live = asyncio.ensure_future(
+            s.client.generate("busy", max_tokens=20, routing="LOCAL_ONLY")  # ~1 s of work
+        )
+        await asyncio.sleep(0.1)
+        started = time.perf_counter()
+        low = await s.client.classify("my card", LABELS, routing="AUTO", low_priority=True)
+        waited = time.perf_counter() - started
+        await live
+        assert waited > 0.6  # it waited behind the live request, longer than the timeout...
+        assert low.route.served_by == "local", low.route  # ...and was not escalated for it
+        assert not script.received
+        # a live request still has the wait counted: the caller feels it
+        live = asyncio.ensure_future(s.client.generate("busy", max_tokens=20, routing="LOCAL_ONLY"))
+        await asyncio.sleep(0.1)
+        now = await s.client.classify("my card", LABELS, routing="AUTO")
+        await live
+        assert now.route.served_by == "cloud" and now.route.reason_code == "local_timeout"
+
+
+async def test_low_priority_requests_beyond_max_queue_are_refused(
+    serve, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    from sidecar.client import ResourceExhaustedError
+
+    monkeypatch.setattr(FakeSlot, "token_delay_s", 0.05)
+    s = await serve(tiny_model, workers=1, model_keys={"max_queue": 2})
+    live = asyncio.ensure_future(s.client.generate("busy", max_tokens=10))
+    await asyncio.sleep(0.1)
+    calls = [s.client.classify(f"t{i}", LABELS, low_priority=True) for i in range(4)]
+    got = await asyncio.gather(*calls, return_exceptions=True)
+    await live
+    refused = [g for g in got if isinstance(g, ResourceExhaustedError)]
+    assert len(refused) == 2, got
+    assert "2 low-priority requests waiting" in str(refused[0])
+    assert sum(1 for g in got if not isinstance(g, BaseException)) == 2

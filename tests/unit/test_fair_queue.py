@@ -78,3 +78,19 @@ def test_pop_can_leave_background_work_waiting() -> None:
     q.put("app", "live0")
     assert q.pop(background=False) == "live0"
     assert q.pop() == "b0"
+
+
+def test_low_priority_requests_have_their_own_bound_apart_from_build_work() -> None:
+    q: FairQueue[str] = FairQueue(2, background_limit=10)
+    q.put("eval", "low0", background=True, request=True)
+    q.put("eval", "low1", background=True, request=True)
+    with pytest.raises(Overloaded, match="2 low-priority requests waiting"):
+        q.put("eval", "low2", background=True, request=True)
+    for i in range(5):  # build work still gets in: its bound is the backstop
+        q.put("builder", f"build{i}", background=True)
+    q.put("app", "live0")  # and live requests are not refused for any of it
+    q.put("app", "live1")
+    assert q.low_requests == 2
+    assert q.pop() == "live0" and q.pop() == "live1" and q.pop() == "low0"
+    q.put("eval", "low3", background=True, request=True)  # one left: room for one more
+    assert q.remove("low1") and q.low_requests == 1
