@@ -127,8 +127,9 @@ def evaluate(ctx: click.Context, target: str, kind: str | None, task: str, text_
         click.echo(f"report: {html_path}", err=True)
     if refused:
         _fail(refused, EXIT_FAILED)
-    if report["failed"] == report["rows"]:
-        _fail(f"every request failed: {report['first_error']}", EXIT_FAILED)
+    if report["failed"] + report["unanswered"] == report["rows"]:
+        first = report["first_error"] or report["first_unanswered"]
+        _fail(f"every request failed: {first}", EXIT_FAILED)
 
 
 def _resolve(config: Config, target: str, kind: str | None, task: str, text: str | None,

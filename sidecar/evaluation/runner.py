@@ -2,8 +2,10 @@
 
 Each row is one ordinary request (Classify or Extract) from a thread pool sharing one
 client, so what is measured is what a caller gets: the reply, its confidence, the tokens
-and the round trip. A row whose request fails is recorded with the error and counts as
-wrong; the run goes on (one malformed text must not cost a long run).
+and the round trip. A row whose request fails is recorded with the error and the run goes
+on (one malformed text must not cost a long run); the report counts it as wrong, unless the
+daemon did not get to answer it (`Reply.unanswered`: a timeout, no worker, a full queue),
+which says nothing of the model and is listed apart.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Reply:
     cost: float = 0.0
     model: str = ""  # name@version that answered
     error: str = ""  # the request failed: its status and message
+    status: str = ""  # the request failed: its gRPC status name
     cause: str = ""  # the router's one-word reason for refusing ("sensitive": kept local)
     threshold: float | None = None  # what the daemon held the local confidence to
     threshold_source: str = ""  # where that threshold came from (config key, fitted entry)
@@ -45,6 +48,15 @@ class Reply:
     @property
     def local(self) -> bool:
         return not self.error and self.served_by in ("", "local")
+
+    @property
+    def unanswered(self) -> bool:
+        """The daemon could not get to it (timed out, no worker, queue full): no answer to
+        score, rather than a wrong one."""
+        return self.status in UNANSWERED
+
+
+UNANSWERED = frozenset({"DEADLINE_EXCEEDED", "UNAVAILABLE", "RESOURCE_EXHAUSTED"})
 
 
 def _classify(c: Client, s: EvalSet, row: Row, model: str, routing: str, low: bool) -> Reply:
@@ -120,7 +132,8 @@ def run(
             reply = ask(client, evalset, evalset.rows[i], model, routing, low_priority)
         except SidecarError as e:
             cause = dict(list(e.trailing_metadata() or ())).get("sidecar-cause", "")
-            reply = Reply(error=f"{e.status_code.name}: {e.message}", cause=str(cause))
+            status = e.status_code.name
+            reply = Reply(error=f"{status}: {e.message}", status=status, cause=str(cause))
         reply.ms = (time.perf_counter() - started) * 1000
         out[i] = reply
         if on_row is not None:

@@ -1,6 +1,8 @@
 """The report's numbers from a run's replies, and the table the terminal shows.
 
-Quality is scored over every row (a failed request is a wrong answer). Confidence is judged
+Quality is scored over every row the daemon answered or refused (a refused request is a
+wrong answer); a row it did not get to (a timeout, no worker, a full queue) is listed apart
+and scored nowhere: a wait says nothing of the model. Confidence is judged
 over the rows the local model answered, in the unit AUTO compares: Classify's calibrated
 top probability, Extract's mean token log-probability (its exp, the geometric mean of the
 tokens' probabilities, is what calibration bins). An extraction is right when every field
@@ -43,6 +45,14 @@ class Settings:
 def summarise(
     s: EvalSet, replies: Sequence[Reply], wall_s: float, settings: Settings, routing: str
 ) -> dict[str, Any]:
+    everything = len(replies)
+    unanswered = [i for i, r in enumerate(replies) if r.unanswered]
+    if unanswered:
+        skip = set(unanswered)
+        gone = [replies[i] for i in unanswered]
+        lines = [s.rows[i].line for i in unanswered]
+        s = replace(s, rows=tuple(row for i, row in enumerate(s.rows) if i not in skip))
+        replies = [r for i, r in enumerate(replies) if i not in skip]
     settings = applied(replies, settings)
     ok, quality = _quality(s, replies)
     local = [i for i, r in enumerate(replies) if r.local and r.score is not None]
@@ -55,12 +65,15 @@ def summarise(
         "source": str(s.source),
         "task": s.task,
         "routing": routing,
-        "rows": len(replies),
+        "rows": everything,
         "failed": len(errors),
         "first_error": errors[0] if errors else "",
+        "unanswered": len(unanswered),
+        "unanswered_lines": lines if unanswered else [],
+        "first_unanswered": gone[0].error if unanswered else "",
         "models": dict(Counter(r.model for r in replies if r.model)),
         "wall_s": wall_s,
-        "rows_per_s": len(replies) / wall_s if wall_s > 0 else math.nan,
+        "rows_per_s": everything / wall_s if wall_s > 0 else math.nan,
         "quality": quality,
         "confidence": _confidence(s, score, prob, right, replies, local, settings, quality),
         "latency": sc.latency([r.ms for r in replies if not r.error]),
@@ -256,6 +269,11 @@ def table(r: dict[str, Any]) -> str:
     rows.append(("set", f"{what}: {r['rows']} rows, routing {r['routing']}, {models}"))
     if r["failed"]:
         rows.append(("failed requests (count as wrong)", f"{r['failed']}: {r['first_error']}"))
+    if r["unanswered"]:
+        lines = ", ".join(map(str, r["unanswered_lines"][:10]))
+        more = ", ..." if len(r["unanswered_lines"]) > 10 else ""
+        rows.append(("not answered, not scored (lines)", f"{r['unanswered']} ({lines}{more})"))
+        rows.append(("  first", r["first_unanswered"]))
     q = r["quality"]
     if r["kind"] == "classify":
         rows += [("accuracy", _f(q["accuracy"])), ("macro-F1", _f(q["macro_f1"]))]
