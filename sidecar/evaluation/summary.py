@@ -25,6 +25,9 @@ from sidecar.evaluation.dataset import EvalSet
 from sidecar.evaluation.runner import Reply
 
 COVERAGES = (0.5, 0.7, 0.8, 0.9)
+# A reply held to this was below cloud.classify_margin: AUTO escalates it, whatever its
+# confidence and whatever threshold is fitted (the daemon checks the margin first).
+MARGIN = "cloud.classify_margin"
 MIN_FIT_ROWS = 30  # fewer local answers than this fit a threshold to noise
 CURVE_POINTS = 100
 CONFUSED_LABELS = 12
@@ -147,7 +150,9 @@ def applied(replies: Sequence[Reply], settings: Settings) -> Settings:
     """The threshold the daemon says it held the replies to (a fitted one overrides the
     config's), when every local reply names the same one; else the config's."""
     seen = {
-        (r.threshold, r.threshold_source) for r in replies if r.local and r.threshold is not None
+        (r.threshold, r.threshold_source)
+        for r in replies
+        if r.local and r.threshold is not None and r.threshold_source != MARGIN
     }
     if len(seen) != 1:
         return settings
@@ -234,22 +239,30 @@ def _confidence(
         },
     }
     if settings.target_accuracy is not None:
-        out["fitted"] = fit(score, right, settings.target_accuracy)
+        margin = np.array([replies[i].threshold_source == MARGIN for i in local], bool)
+        out["fitted"] = fit(score, right, settings.target_accuracy, margin)
     return out
 
 
-def fit(score: np.ndarray, right: np.ndarray, target: float) -> dict[str, Any]:
+def fit(
+    score: np.ndarray, right: np.ndarray, target: float, by_margin: np.ndarray | None = None
+) -> dict[str, Any]:
     """The threshold that keeps the most local answers at `target` accuracy, what it keeps,
-    and whether it can be trusted (reached, on at least MIN_FIT_ROWS answers)."""
-    got = cf.threshold_for_accuracy(score, right, target)
+    and whether it can be trusted (reached, on at least MIN_FIT_ROWS answers). `by_margin`:
+    the answers AUTO escalates by cloud.classify_margin whatever the threshold; no threshold
+    keeps them, so they count in the share kept as escalated, and not in its accuracy."""
+    other = ~by_margin if by_margin is not None else np.ones(len(score), bool)
+    got = cf.threshold_for_accuracy(score[other], right[other], target)
+    share = float(other.mean()) if len(score) else 1.0
     return {
         "target": target,
         "threshold": got["threshold"] if got else math.nan,
-        "coverage": got["coverage"] if got else 0.0,
+        "coverage": got["coverage"] * share if got else 0.0,
         "accuracy": got["accuracy"] if got else math.nan,
         "reached": got is not None,
-        "best_accuracy": cf.best_accuracy(score, right),
+        "best_accuracy": cf.best_accuracy(score[other], right[other]),
         "rows": len(score),
+        "by_margin": int(len(score) - other.sum()),
         "min_rows": MIN_FIT_ROWS,
     }
 
@@ -309,6 +322,9 @@ def table(r: dict[str, Any]) -> str:
         else:
             rows.append((f"  for accuracy {fit['target']:g}",
                          f"unreachable: the best any threshold keeps is {_f(fit['best_accuracy'])}"))  # fmt: skip
+        if fit.get("by_margin"):
+            rows.append(("  escalated by cloud.classify_margin whatever the threshold",
+                         str(fit["by_margin"])))  # fmt: skip
         if fit.get("written_to"):
             rows.append(("  fitted threshold written", f"{fit['key']} in {fit['written_to']}"))
     lat = r["latency"]
