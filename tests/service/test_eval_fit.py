@@ -282,3 +282,22 @@ async def test_a_labels_alone_fit_does_not_apply_to_classify_by_inline_examples(
     by_examples = await s.client.classify(PROBE, examples=examples, routing="AUTO")
     assert by_examples.route.threshold == 0.7, by_examples.route
     assert by_examples.route.threshold_source == "cloud.classify_threshold"
+
+
+async def test_a_fit_never_overwrites_a_damaged_thresholds_file(
+    serve, tiny_model: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    s = await serve(tiny_model)
+    path = s.config.store.path / "router" / "thresholds.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"version": 1, "thresholds": {"task:mine": {"threshold": 0.8,')  # cut short
+    data = tmp_path / "set.csv"
+    with data.open("w", newline="") as f:
+        csv.writer(f).writerows([["text", "label"], *rows(sure_wrong=0)])
+    empty = tmp_path / "empty.toml"
+    empty.touch()
+    out = await cli("--config", str(empty), "eval", str(data), "--target-accuracy", "0.9",
+                    "--fit-threshold", "--socket", str(s.socket))  # fmt: skip
+    assert out.exit_code == EXIT_FAILED, out.output
+    assert f"nothing written: {path}" in out.stderr and "fix or remove the file" in out.stderr
+    assert path.read_text().endswith('"threshold": 0.8,')
