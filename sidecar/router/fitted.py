@@ -10,9 +10,11 @@ the value a person chose, which applies again when the entry is removed.
 One entry per key: `task:NAME` (Classify by a config task: the task's own confidence),
 `classify:MODEL` (Classify by labels alone on that model) and `extract:MODEL` (Extract's
 mean token log-probability on that model: Extract has no task, and what a log-probability
-is worth depends on the model). The file is written atomically by the CLI and read by the
-daemon at start, on SIGHUP and when its mtime changes (checked at most once a second on
-the request path, so a fit applies within a second without a signal).
+is worth depends on the model). The file is written atomically by the CLI (under a lock,
+so two fits at once keep both entries) and read by the daemon at start, on SIGHUP and when
+it changes (checked once a second off the event loop, so a fit applies within a second
+without a signal). Each entry records the model@version it was fitted on and applies only
+while that version answers: after a swap the config's threshold applies again.
 """
 
 from __future__ import annotations
