@@ -53,6 +53,7 @@ from sidecar.router.fitted import FILE as FITTED_FILE
 from sidecar.router.fitted import FittedThresholds
 from sidecar.router.outbound import Gate
 from sidecar.router.privacy import Scanner
+from sidecar.router.shadow import Shadow
 from sidecar.server.grpc_listener import GrpcListener, bracketed
 from sidecar.store import ModelStore
 from sidecar.supervisor import Supervisor
@@ -239,6 +240,10 @@ class App:
             c.monthly_cap,
         )
         self.router.gate.update(Scanner(c.sensitive, c.sensitive_patterns), c.redact)
+        if self.router.shadow is not None:
+            self.router.shadow.rate = c.shadow_rate
+            prices = Prices(c.prompt_price_per_mtok, c.completion_price_per_mtok)
+            self.router.shadow.budget.set_limits(prices, c.shadow_daily_cap, 0.0)
         self.fewshot.retune(merged.tasks)
         if self.router.fitted is not None:
             self.router.fitted.reload()
@@ -264,9 +269,12 @@ def _router(config: Config, inner: FewShotEngine, env: Mapping[str, str]) -> Rou
         )
         cloud = CloudClient(endpoint, breaker, env, gate)
     fitted = FittedThresholds(config.store.path / "router" / FITTED_FILE)
-    return RouterEngine(
-        inner, c, breaker=breaker, budget=budget, gate=gate, cloud=cloud, tasks=inner, fitted=fitted
-    )
+    # Built without a cloud too, so a reload that sets shadow keys finds where they go.
+    where = config.store.path / "router" / "shadow"
+    spend = Budget(where / "budget.json", budget.prices, c.shadow_daily_cap)
+    shadow = Shadow(where, spend, c.shadow_rate)
+    return RouterEngine(inner, c, breaker=breaker, budget=budget, gate=gate, cloud=cloud,
+                        tasks=inner, fitted=fitted, shadow=shadow)  # fmt: skip
 
 
 async def serve(

@@ -380,6 +380,19 @@ class CloudConfig:
         check=checks.task_kinds,
         live=True,
     )
+    shadow_rate: float = setting(
+        0.0,
+        "Share (0-1) of AUTO Classify/Extract requests answered locally that are also asked of "
+        "the cloud after the reply, to measure agreement; never sensitive ones; 0 = off.",
+        check=checks.probability,
+        live=True,
+    )
+    shadow_daily_cap: float = setting(
+        0.0,
+        "Most spent per UTC day on shadow calls, apart from daily_cap; 0 = no cap.",
+        minimum=0,
+        live=True,
+    )
 
     @property
     def enabled(self) -> bool:

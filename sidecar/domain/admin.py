@@ -55,6 +55,30 @@ class CloudReport:
     tasks: dict[str, str] = field(default_factory=dict)  # few-shot task -> preparation stage
     thresholds_file: str = ""  # fitted thresholds (sidecar eval --fit-threshold)
     fitted: dict[str, str] = field(default_factory=dict)  # key -> value and where it came from
+    shadow: ShadowReport | None = None  # shadow traffic (cloud.shadow_rate)
+
+
+@dataclass(frozen=True)
+class ShadowAgreement:
+    """How often the cloud agreed with the local answers of one key and model version."""
+
+    key: str  # task:NAME | classify:MODEL | extract:MODEL
+    model: str  # name@version that answered locally
+    agreed: int
+    total: int
+    low: float  # Wilson 95% interval of agreed / total
+    high: float
+
+
+@dataclass(frozen=True)
+class ShadowReport:
+    rate: float
+    daily_cap: float  # 0 = no cap
+    spent_day: float
+    spent_month: float
+    counts: dict[str, int]  # sent, dropped, capped, failed
+    agreement: tuple[ShadowAgreement, ...]
+    directory: str  # where agreement and disagreements are kept
 
 
 @dataclass(frozen=True)

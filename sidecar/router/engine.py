@@ -23,12 +23,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable, Mapping
-from dataclasses import replace
+from dataclasses import asdict, replace
 from functools import partial
 from typing import Literal, Protocol
 
 from sidecar.config import CloudConfig, TaskConfig
-from sidecar.domain.admin import CloudReport
+from sidecar.domain.admin import CloudReport, ShadowAgreement, ShadowReport
 from sidecar.domain.errors import (
     ContextOverflow,
     DeadlineExceeded,
@@ -61,13 +61,14 @@ from sidecar.domain.types import (
     Usage,
 )
 from sidecar.router.breaker import Breaker
-from sidecar.router.budget import Budget
+from sidecar.router.budget import Budget, Reservation
 from sidecar.router.cloud import NONE, CloudClient, CloudError, CloudReply, Meter
 from sidecar.router.deadline import low_priority
 from sidecar.router.fitted import FittedThresholds, config_threshold
 from sidecar.router.fitted import key as fitted_key
 from sidecar.router.outbound import Gate, Outbound, SensitiveData, build, estimate
 from sidecar.router.policy import Decision, FailKind, LocalOutcome, Situation, decide
+from sidecar.router.shadow import IN_FLIGHT, Shadow, agree, answer
 from sidecar.validate import checked_schema, conforming_json_async
 
 log = logging.getLogger("sidecar.router")
@@ -149,6 +150,7 @@ class RouterEngine(EngineWrapper):
         cloud: CloudClient | None,
         tasks: TaskInfo | None = None,
         fitted: FittedThresholds | None = None,
+        shadow: Shadow | None = None,
         on_route: Callable[[Result, str], None] = lambda _r, _c: None,
     ) -> None:
         super().__init__(inner)
@@ -161,6 +163,8 @@ class RouterEngine(EngineWrapper):
         self.gate = gate  # shared with the cloud client: every outbound request passes it
         self.cloud = cloud
         self.cloud_calls = 0
+        self.shadow = shadow
+        self._shadows: set[asyncio.Task[None]] = set()  # held: the loop keeps weak references
 
     # ------------------------------------------------------------------ status
 
@@ -180,6 +184,9 @@ class RouterEngine(EngineWrapper):
     # ------------------------------------------------------------------ Engine
 
     async def close(self) -> None:
+        for t in list(self._shadows):
+            t.cancel()
+        await asyncio.gather(*self._shadows, return_exceptions=True)
         if self.cloud is not None:
             await self.cloud.close()
         await self.inner.close()
@@ -220,7 +227,9 @@ class RouterEngine(EngineWrapper):
         second = decide(replace(situation, local=outcome))
         if second.action == "cloud":
             return await self._cloud(task, second, result, None, out)
-        return self._finish(result, _route("local", second.reason, outcome, code=second.code))
+        reply = self._finish(result, _route("local", second.reason, outcome, code=second.code))
+        self._shadow(task, result, situation, out, outcome)
+        return reply
 
     async def stream(
         self, model: str, task: StreamableTask, caller: str, route: RouteRequest = DEFAULT_ROUTE
@@ -392,6 +401,83 @@ class RouterEngine(EngineWrapper):
                 return f"keyword {word!r} (cloud.pre_route_keywords)"
         return None
 
+    # ------------------------------------------------------------------ shadow
+
+    def _shadow(
+        self,
+        task: Task,
+        local: Result,
+        situation: Situation,
+        out: Outbound | None,
+        outcome: LocalOutcome,
+    ) -> None:
+        """Maybe ask the cloud the same question after the reply has gone. Never awaits:
+        the reply leaves as soon as run() returns, whatever the cloud does."""
+        sh = self.shadow
+        if (
+            sh is None
+            or self.cloud is None
+            or out is None
+            or situation.routing != "AUTO"
+            or situation.sensitive  # a finding or the caller's mark: never, not even redacted
+            or not isinstance(task, ClassifyTask | ExtractTask)
+            or self.breaker.state == "open"
+            or local.model is None
+            or not sh.wanted()
+        ):
+            return
+        if sh.in_flight >= IN_FLIGHT:
+            sh.counts.dropped += 1
+            return
+        held = sh.budget.reserve(*estimate(out))
+        if isinstance(held, str):
+            sh.counts.capped += 1
+            return
+        sh.in_flight += 1
+        kind = "classify" if isinstance(task, ClassifyTask) else "extract"
+        by_task = task.task if isinstance(task, ClassifyTask) else ""
+        key = fitted_key(kind, task=by_task, model=local.model.name)
+        model = f"{local.model.name}@{local.model.version}"
+        job = asyncio.create_task(self._shadow_call(sh, task, out, local, held, key, model,
+                                                    outcome.confidence))  # fmt: skip
+        self._shadows.add(job)
+        job.add_done_callback(self._shadows.discard)
+
+    async def _shadow_call(
+        self,
+        sh: Shadow,
+        task: Task,
+        out: Outbound,
+        local: Result,
+        held: Reservation,
+        key: str,
+        model: str,
+        confidence: float | None,
+    ) -> None:
+        meter = Meter()
+        try:
+            try:
+                cloud, _ = await self._ask(task, out, meter)
+            except (CloudError, SensitiveData, _InvalidCloudAnswer) as e:
+                sh.counts.failed += 1
+                log.info("shadow call failed: %s", e)
+                return
+            finally:
+                sh.budget.settle(
+                    held, meter.prompt_tokens, meter.completion_tokens, answered=meter.calls
+                )
+            sh.counts.sent += 1
+            text = self.gate.scanner.redact_all([out.text])[0]
+            row = {"key": key, "model": model, "text": text, "local": answer(local),
+                   "cloud": answer(cloud), "confidence": confidence}  # fmt: skip
+            await asyncio.to_thread(sh.record, key, model, agree(local, cloud), confidence, row)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a background task: nobody else would see it
+            log.exception("shadow call")
+        finally:
+            sh.in_flight -= 1
+
     # ------------------------------------------------------------------ cloud
 
     async def _cloud(
@@ -534,7 +620,19 @@ class RouterEngine(EngineWrapper):
             tasks=dict(self.tasks.progress),
             thresholds_file=str(self.fitted.path) if self.fitted is not None else "",
             fitted=self.fitted.report() if self.fitted is not None else {},
+            shadow=self._shadow_report(),
         )
+
+    def _shadow_report(self) -> ShadowReport | None:
+        sh = self.shadow
+        if sh is None or self.cloud is None:
+            return None
+        sh.budget.spent()  # rolls the day over
+        agreement = tuple(ShadowAgreement(p.key, p.model, p.agreed, p.total, *p.interval())
+                          for p in sh.report())  # fmt: skip
+        return ShadowReport(sh.rate, sh.budget.daily_cap, sh.budget.spent_day,
+                            sh.budget.spent_month, asdict(sh.counts), agreement,
+                            str(sh.directory))  # fmt: skip
 
 
 def _refused(d: Decision) -> SidecarError:

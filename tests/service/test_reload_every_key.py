@@ -34,6 +34,7 @@ from sidecar.app import App
 from sidecar.config import Config, ModelConfig, Overrides, load
 from sidecar.config.schema import KeySpec, base_type, each_key, key
 from sidecar.domain.errors import ConfigError
+from sidecar.router.shadow import Shadow
 
 MODEL, OTHER, TASK = "m", "m2", "t"
 NAMES = {"models": MODEL, "tasks": TASK}  # the [section.NAME] table each named key is set on
@@ -152,6 +153,9 @@ READERS: dict[str, Callable[[App], Any]] = {
     "cloud.sensitive": lambda app: app.router.gate.scanner.detector_names,
     "cloud.sensitive_patterns": lambda app: app.router.gate.scanner.patterns,
     "cloud.redact": lambda app: app.router.gate.redact,
+    # Shadow traffic: the rate drawn against per request, the cap of its own budget.
+    "cloud.shadow_rate": lambda app: _shadow(app).rate,
+    "cloud.shadow_daily_cap": lambda app: _shadow(app).budget.daily_cap,
     # The router asks its TaskInfo (the few-shot engine) for a task's own threshold.
     "tasks.NAME.threshold": lambda app: _or_off(app.router.tasks.threshold(TASK)),
     # The few-shot engine reads a task's out-of-scope cut per request.
@@ -161,6 +165,12 @@ READERS: dict[str, Callable[[App], Any]] = {
         next(t for t in app.config.tasks if t.name == TASK).eval_file
     ),
 }
+
+
+def _shadow(app: App) -> Shadow:
+    assert app.router.shadow is not None
+    return app.router.shadow
+
 
 # Restart-only keys whose running value is cheap to see: it must stay the old one.
 STILL_RUNNING: dict[str, Callable[[App], Any]] = {

@@ -230,6 +230,8 @@ LIVE = {
     "cloud.pre_route_max_chars",
     "cloud.pre_route_keywords",
     "cloud.pre_route_tasks",
+    "cloud.shadow_rate",
+    "cloud.shadow_daily_cap",
     "cloud.daily_cap",
     "cloud.monthly_cap",
     "cloud.prompt_price_per_mtok",
