@@ -21,7 +21,7 @@ import click
 
 from sidecar import __version__
 from sidecar.cli.chat import run
-from sidecar.cli.evaluate import evaluate
+from sidecar.cli.evaluate import eval_group
 from sidecar.cli.logs import logs
 from sidecar.cli.models import models, swap
 from sidecar.cli.ps import ps
@@ -274,8 +274,21 @@ def status(
         click.echo(f"  task {name}: {state}")
     for name, fit in sorted(cloud.fitted_thresholds.items()):
         click.echo(f"  threshold {name}: {fit}")
+    if cloud.HasField("shadow") and (cloud.shadow.rate or cloud.shadow.agreement):
+        _shadow_lines(cloud.shadow)
     for k, v in sorted(reply.counters.items()):
         click.echo(f"  {k}: {v}")
+
+
+def _shadow_lines(sh: Any) -> None:
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(sh.counts.items()))
+    cap = f"{sh.daily_cap:g}" if sh.daily_cap else "no cap"
+    click.echo(f"  shadow: rate {sh.rate:g}, spent {sh.spent_day:.4f} today / "
+               f"{sh.spent_month:.4f} this month (cap {cap}); {counts or 'no calls'}")  # fmt: skip
+    for a in sh.agreement:
+        rate = a.agreed / a.total if a.total else float("nan")
+        click.echo(f"  agreement {a.key} ({a.model}): {rate:.3f} [{a.low:.3f}, {a.high:.3f}] "
+                   f"of {a.total}")  # fmt: skip
 
 
 @main.command()
@@ -423,7 +436,7 @@ main.add_command(show)
 main.add_command(run)
 main.add_command(ps)
 main.add_command(logs)
-main.add_command(evaluate)
+main.add_command(eval_group)
 
 
 def _lines(indent: str, *fields: tuple[str, str]) -> None:

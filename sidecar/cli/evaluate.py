@@ -1,4 +1,5 @@
-"""`sidecar eval`: a labelled set through the running daemon, scored (sidecar.evaluation)."""
+"""`sidecar eval`: a labelled set through the running daemon, scored (sidecar.evaluation);
+`sidecar eval export-disagreements`: the shadow traffic's disagreements as a CSV."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from sidecar.cli.support import (
     client_options,
     config_from,
     connect,
+    connection_options,
     dump,
 )
 
@@ -32,7 +34,25 @@ def _fail(message: str, code: int = EXIT_CONFIG) -> None:
     sys.exit(code)
 
 
-@click.command("eval")
+class _EvalGroup(click.Group):
+    """`sidecar eval TARGET ...` runs a set (the `run` subcommand) unless the first word names
+    another subcommand: the one-command form came first and stays as it was."""
+
+    default = "run"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or args[0] not in self.commands:
+            args = [self.default, *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group("eval", cls=_EvalGroup)
+def eval_group() -> None:
+    """Score a labelled set through the daemon (`sidecar eval TARGET`, the same as
+    `sidecar eval run TARGET`), or export what shadow traffic found."""
+
+
+@eval_group.command("run")
 @click.argument("target")
 @click.option("--kind", type=click.Choice(["classify", "extract"]), default=None,
               help="Default: classify if the label column is there, else extract.")  # fmt: skip
@@ -115,6 +135,9 @@ def evaluate(ctx: click.Context, target: str, kind: str | None, task: str, text_
         if both:
             report["compare"] = finite(compare(s, replies, cloud, report))
         refused = _save_fit(c, s, report) if fit_threshold else ""
+        live = _live_agreement(c, s, report)
+        if live:
+            report["live_agreement"] = live
     click.echo(dump(report) if as_json else table(report))
     if html_path is not None:
         from sidecar.evaluation.html import render
@@ -253,6 +276,25 @@ def _save_fit(c: Any, s: EvalSet, report: dict[str, Any]) -> str:
     return ""
 
 
+def _live_agreement(c: Any, s: EvalSet, report: dict[str, Any]) -> list[dict[str, Any]]:
+    """What shadow traffic measured for this set's key (the fitted thresholds' key: the
+    task, or the kind and model), every model version the daemon has counts for."""
+    from sidecar.cli.support import call
+    from sidecar.router import fitted
+
+    cloud = call(c.status).cloud
+    if not cloud.HasField("shadow"):
+        return []
+    names = {m.partition("@")[0] for m in report["models"]}
+    keys = {fitted.key(s.kind, task=s.task, model=n) for n in names}
+    return [
+        {"key": a.key, "model": a.model, "agreed": a.agreed, "total": a.total,
+         "rate": a.agreed / a.total if a.total else None, "low": a.low, "high": a.high}
+        for a in cloud.shadow.agreement
+        if a.key in keys
+    ]  # fmt: skip
+
+
 def _settings(config: Config, s: EvalSet, target: float | None = None) -> Settings:
     from sidecar.evaluation.summary import Settings
     from sidecar.router.fitted import config_threshold
@@ -265,3 +307,44 @@ def _settings(config: Config, s: EvalSet, target: float | None = None) -> Settin
     threshold, source = config_threshold(s.kind, cloud, s.task, own)
     return Settings(threshold, source, cloud.enabled, cloud.prompt_price_per_mtok,
                     cloud.completion_price_per_mtok, target)  # fmt: skip
+
+
+@eval_group.command("export-disagreements")
+@click.argument("task")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="CSV file to write (text, cloud, local, confidence, model, time).")  # fmt: skip
+@connection_options
+@click.pass_context
+def export_disagreements(ctx: click.Context, task: str, output: Path, socket: Path | None,
+                         tcp: str | None, token: str | None, timeout: float) -> None:  # fmt: skip
+    """Write the kept shadow disagreements of TASK (a config task name, or a key such as
+    classify:MODEL or extract:MODEL) to a CSV: the cloud's answer beside the local one, the
+    next fine-tuning set. Reads the daemon's shadow directory (the path its status names)."""
+    import csv
+    import io
+
+    from sidecar.cli.support import call
+    from sidecar.fileio import write_atomic
+    from sidecar.router.shadow import KEEP, known_keys, read_disagreements
+
+    with connect(ctx, socket, tcp, token, timeout) as c:
+        cloud = call(c.status).cloud
+    if not cloud.HasField("shadow"):
+        _fail("the daemon has no cloud configured, so no shadow traffic to export", EXIT_FAILED)
+    where = Path(cloud.shadow.directory)
+    keys = sorted({a.key for a in cloud.shadow.agreement} | set(known_keys(where)))
+    key = task if task in keys else f"task:{task}"
+    if key not in keys:
+        _fail(f"no shadow data for {task!r} (known: {', '.join(keys) or 'none yet'}); shadow "
+              "traffic needs cloud.shadow_rate > 0 and AUTO requests answered locally")  # fmt: skip
+    rows = read_disagreements(where, key, KEEP)
+    columns = ("text", "cloud", "local", "confidence", "model", "time")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    try:
+        write_atomic(output, buf.getvalue().encode())
+    except OSError as e:
+        _fail(f"cannot write {output}: {e.strerror or e}", EXIT_FAILED)
+    click.echo(f"{len(rows)} disagreements of {key} written to {output}", err=True)

@@ -53,8 +53,13 @@ def config_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def client_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = config_option(f)
     f = click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")(f)
+    return connection_options(f)
+
+
+def connection_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """How to reach the daemon, for a command whose output is a file rather than a reply."""
+    f = config_option(f)
     f = click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds.")(f)
     f = click.option("--token", help="Bearer token (with --tcp).")(f)
     f = click.option("--tcp", help="HOST:PORT of the daemon's TCP listener instead of the socket.")(

@@ -327,6 +327,10 @@ def table(r: dict[str, Any]) -> str:
                          str(fit["by_margin"])))  # fmt: skip
         if fit.get("written_to"):
             rows.append(("  fitted threshold written", f"{fit['key']} in {fit['written_to']}"))
+    for a in r.get("live_agreement", ()):
+        rows.append((f"live agreement with the cloud, {a['key']} ({a['model']})",
+                     f"{_f(a['rate'])} [{_f(a['low'])}, {_f(a['high'])}] of {a['total']} "
+                     "shadow pairs"))  # fmt: skip
     lat = r["latency"]
     rows.append(
         ("latency p50 / p99 ms", f"{_f(lat['p50_ms'], '.0f')} / {_f(lat['p99_ms'], '.0f')}")

@@ -12,6 +12,7 @@ from typing import Protocol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from sidecar.domain.admin import CloudReport, ShadowReport
 from sidecar.domain.updates import Rollout
 from sidecar.engine.local import PoolEngine
 
@@ -30,6 +31,7 @@ class RouterLike(Protocol):
     def spent(self) -> tuple[float, float]: ...
     @property
     def budget(self) -> BudgetLike: ...
+    def cloud_report(self) -> CloudReport: ...
 
 
 class ReadinessLike(Protocol):
@@ -69,6 +71,46 @@ class RouterCollector(Collector):
         cap.add_metric(["day"], budget.daily_cap)
         cap.add_metric(["month"], budget.monthly_cap)
         yield from (state, opened, spent, cap)
+        shadow = self.router.cloud_report().shadow
+        if shadow is not None:
+            yield from _shadow(shadow)
+
+
+def _shadow(s: ShadowReport) -> Iterator[Metric]:
+    """Shadow traffic: what became of the calls, what they cost, and the agreement."""
+    calls = CounterMetricFamily(
+        "sidecar_shadow_requests",
+        "Shadow calls by result: sent (answered, compared), dropped (2 already in flight), "
+        "capped (cloud.shadow_daily_cap spent), failed.",
+        labels=["result"],
+    )
+    for result, n in sorted(s.counts.items()):
+        calls.add_metric([result], n)
+    spent = GaugeMetricFamily(
+        "sidecar_shadow_spent", "Spent on shadow calls, by period.", labels=["period"]
+    )
+    spent.add_metric(["day"], s.spent_day)
+    spent.add_metric(["month"], s.spent_month)
+    labels = ["key", "model"]
+    pairs = CounterMetricFamily(
+        "sidecar_shadow_pairs", "Local answers compared with the cloud's.", labels=labels
+    )
+    agreed = CounterMetricFamily(
+        "sidecar_shadow_agreements", "Compared answers that agreed.", labels=labels
+    )
+    rate = GaugeMetricFamily(
+        "sidecar_shadow_agreement",
+        "Agreement rate local vs cloud, with its Wilson 95% bounds.",
+        labels=[*labels, "bound"],
+    )
+    for a in s.agreement:
+        pairs.add_metric([a.key, a.model], a.total)
+        agreed.add_metric([a.key, a.model], a.agreed)
+        if a.total:
+            rate.add_metric([a.key, a.model, "rate"], a.agreed / a.total)
+        rate.add_metric([a.key, a.model, "low"], a.low)
+        rate.add_metric([a.key, a.model, "high"], a.high)
+    yield from (calls, spent, pairs, agreed, rate)
 
 
 class EngineCollector(Collector):

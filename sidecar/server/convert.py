@@ -7,6 +7,7 @@ from sidecar.domain.admin import (
     CloudReport,
     ModelReport,
     ResidencyChange,
+    ShadowReport,
     StatusReport,
     StoredVersion,
     StoreListing,
@@ -387,4 +388,22 @@ def cloud_status(c: CloudReport) -> pb.CloudStatus:
         tasks=c.tasks,
         thresholds_file=c.thresholds_file,
         fitted_thresholds=c.fitted,
+        shadow=_shadow(c.shadow) if c.shadow is not None else None,
+    )
+
+
+def _shadow(s: ShadowReport) -> pb.ShadowStatus:
+    return pb.ShadowStatus(
+        rate=s.rate,
+        daily_cap=s.daily_cap,
+        spent_day=s.spent_day,
+        spent_month=s.spent_month,
+        counts=s.counts,
+        agreement=[
+            pb.ShadowAgreement(
+                key=a.key, model=a.model, agreed=a.agreed, total=a.total, low=a.low, high=a.high
+            )
+            for a in s.agreement
+        ],
+        directory=s.directory,
     )

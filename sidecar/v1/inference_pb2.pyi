@@ -1224,6 +1224,7 @@ class CloudStatus(_message.Message):
     TASKS_FIELD_NUMBER: _builtins.int
     THRESHOLDS_FILE_FIELD_NUMBER: _builtins.int
     FITTED_THRESHOLDS_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
     configured: _builtins.bool
     base_url: _builtins.str
     model: _builtins.str
@@ -1248,6 +1249,10 @@ class CloudStatus(_message.Message):
     def fitted_thresholds(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """task:NAME | classify:MODEL | extract:MODEL -> value and origin"""
 
+    @_builtins.property
+    def shadow(self) -> Global___ShadowStatus:
+        """unset: no cloud configured"""
+
     def __init__(
         self,
         *,
@@ -1264,14 +1269,118 @@ class CloudStatus(_message.Message):
         tasks: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         thresholds_file: _builtins.str = ...,
         fitted_thresholds: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        shadow: Global___ShadowStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["shadow", b"shadow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_url", b"base_url", "breaker", b"breaker", "calls", b"calls", "configured", b"configured", "daily_cap", b"daily_cap", "fitted_thresholds", b"fitted_thresholds", "model", b"model", "monthly_cap", b"monthly_cap", "routing", b"routing", "spent_day", b"spent_day", "spent_month", b"spent_month", "tasks", b"tasks", "thresholds_file", b"thresholds_file"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_url", b"base_url", "breaker", b"breaker", "calls", b"calls", "configured", b"configured", "daily_cap", b"daily_cap", "fitted_thresholds", b"fitted_thresholds", "model", b"model", "monthly_cap", b"monthly_cap", "routing", b"routing", "shadow", b"shadow", "spent_day", b"spent_day", "spent_month", b"spent_month", "tasks", b"tasks", "thresholds_file", b"thresholds_file"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CloudStatus: _TypeAlias = CloudStatus  # noqa: Y015
+
+@_typing.final
+class ShadowStatus(_message.Message):
+    """Shadow traffic (cloud.shadow_rate): local answers also asked of the cloud after the reply."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class CountsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    RATE_FIELD_NUMBER: _builtins.int
+    DAILY_CAP_FIELD_NUMBER: _builtins.int
+    SPENT_DAY_FIELD_NUMBER: _builtins.int
+    SPENT_MONTH_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
+    AGREEMENT_FIELD_NUMBER: _builtins.int
+    DIRECTORY_FIELD_NUMBER: _builtins.int
+    rate: _builtins.float
+    daily_cap: _builtins.float
+    """cloud.shadow_daily_cap; 0 = no cap"""
+    spent_day: _builtins.float
+    """on shadow calls, apart from CloudStatus.spent_day"""
+    spent_month: _builtins.float
+    directory: _builtins.str
+    """agreement.json and disagreements/, read by `sidecar eval export-disagreements`"""
+    @_builtins.property
+    def counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """sent | dropped | capped | failed"""
+
+    @_builtins.property
+    def agreement(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShadowAgreement]: ...
+    def __init__(
+        self,
+        *,
+        rate: _builtins.float = ...,
+        daily_cap: _builtins.float = ...,
+        spent_day: _builtins.float = ...,
+        spent_month: _builtins.float = ...,
+        counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        agreement: _abc.Iterable[Global___ShadowAgreement] | None = ...,
+        directory: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement", b"agreement", "counts", b"counts", "daily_cap", b"daily_cap", "directory", b"directory", "rate", b"rate", "spent_day", b"spent_day", "spent_month", b"spent_month"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowStatus: _TypeAlias = ShadowStatus  # noqa: Y015
+
+@_typing.final
+class ShadowAgreement(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    AGREED_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    LOW_FIELD_NUMBER: _builtins.int
+    HIGH_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """task:NAME | classify:MODEL | extract:MODEL"""
+    model: _builtins.str
+    """name@version that answered locally"""
+    agreed: _builtins.int
+    total: _builtins.int
+    low: _builtins.float
+    """Wilson 95% interval of agreed / total"""
+    high: _builtins.float
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        model: _builtins.str = ...,
+        agreed: _builtins.int = ...,
+        total: _builtins.int = ...,
+        low: _builtins.float = ...,
+        high: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreed", b"agreed", "high", b"high", "key", b"key", "low", b"low", "model", b"model", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowAgreement: _TypeAlias = ShadowAgreement  # noqa: Y015
 
 @_typing.final
 class SwapRequest(_message.Message):

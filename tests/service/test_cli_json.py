@@ -134,7 +134,7 @@ SHAPES: dict[str, tuple[Args, Any, bool, str | None]] = {
         None,
     ),
     "embed": (lambda d: ["one", "two"], pb.EmbedReply, False, None),
-    "eval": (
+    "eval run": (
         lambda d: [str(MINI_TEST), "--label-column", "category", "--limit", "5"],
         plain,
         False,

@@ -113,6 +113,9 @@ def check_args(args: list[str]) -> None:
     rest = list(args)
     while rest:
         word = rest.pop(0)
+        default = getattr(command, "default", None)
+        if word.startswith("-") and default is not None:  # an option of `eval run`
+            command = command.commands[default]  # type: ignore[attr-defined]
         if word.startswith("-"):
             name = word.split("=", 1)[0]
             options = {o: p for p in command.params for o in (*p.opts, *p.secondary_opts)}
@@ -121,6 +124,11 @@ def check_args(args: list[str]) -> None:
             if isinstance(param, click.Option) and not param.is_flag and "=" not in word:
                 rest.pop(0)  # its value
         elif isinstance(command, click.Group):
+            default = getattr(command, "default", None)  # `sidecar eval TARGET` = `eval run`
+            if default is not None and word not in command.commands:
+                command = command.commands[default]
+                rest.insert(0, word)
+                continue
             sub = command.commands.get(word)
             assert sub is not None, f"sidecar {' '.join(args)}: no command {word!r}"
             command = sub
