@@ -271,7 +271,7 @@ def _router(config: Config, inner: FewShotEngine, env: Mapping[str, str]) -> Rou
     fitted = FittedThresholds(config.store.path / "router" / FITTED_FILE)
     # Built without a cloud too, so a reload that sets shadow keys finds where they go.
     where = config.store.path / "router" / "shadow"
-    spend = Budget(where / "budget.json", budget.prices, c.shadow_daily_cap)
+    spend = Budget(where / "budget.json", budget.prices, c.shadow_daily_cap, autosave=False)
     shadow = Shadow(where, spend, c.shadow_rate)
     return RouterEngine(inner, c, breaker=breaker, budget=budget, gate=gate, cloud=cloud,
                         tasks=inner, fitted=fitted, shadow=shadow)  # fmt: skip

@@ -55,8 +55,11 @@ class Budget:
         daily_cap: float = 0.0,  # 0 = no cap
         monthly_cap: float = 0.0,
         clock: Callable[[], datetime] = _now,
+        *,
+        autosave: bool = True,  # False: the owner calls save() (off the event loop)
     ) -> None:
         self.path = path
+        self.autosave = autosave
         self.prices = prices
         self.daily_cap = daily_cap
         self.monthly_cap = monthly_cap
@@ -151,8 +154,16 @@ class Budget:
         self._roll()
         self.spent_day += cost
         self.spent_month += cost
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.autosave:
+            self.save(self.state())
+        return cost
+
+    def state(self) -> bytes:
+        """What save() writes: taken where the spending changes, written anywhere."""
         state = {"day": self.day, "month": self.month, "spent_day": self.spent_day,
                  "spent_month": self.spent_month}  # fmt: skip
-        write_atomic(self.path, json.dumps(state).encode())
-        return cost
+        return json.dumps(state).encode()
+
+    def save(self, state: bytes) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.path, state)

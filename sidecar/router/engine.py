@@ -68,7 +68,7 @@ from sidecar.router.fitted import FittedThresholds, config_threshold
 from sidecar.router.fitted import key as fitted_key
 from sidecar.router.outbound import Gate, Outbound, SensitiveData, build, estimate
 from sidecar.router.policy import Decision, FailKind, LocalOutcome, Situation, decide
-from sidecar.router.shadow import IN_FLIGHT, Shadow, agree, answer
+from sidecar.router.shadow import AFTER_REPLY_S, IN_FLIGHT, Shadow, agree, answer
 from sidecar.validate import checked_schema, conforming_json_async
 
 log = logging.getLogger("sidecar.router")
@@ -187,6 +187,8 @@ class RouterEngine(EngineWrapper):
         for t in list(self._shadows):
             t.cancel()
         await asyncio.gather(*self._shadows, return_exceptions=True)
+        if self.shadow is not None:
+            await asyncio.to_thread(self.shadow.flush)
         if self.cloud is not None:
             await self.cloud.close()
         await self.inner.close()
@@ -456,6 +458,9 @@ class RouterEngine(EngineWrapper):
     ) -> None:
         meter = Meter()
         try:
+            # run() has returned, but the front end has not written the reply yet: building
+            # the cloud request now would take the event loop from it first.
+            await asyncio.sleep(AFTER_REPLY_S)
             try:
                 cloud, _ = await self._ask(task, out, meter)
             except (CloudError, SensitiveData, _InvalidCloudAnswer) as e:
@@ -463,9 +468,13 @@ class RouterEngine(EngineWrapper):
                 log.info("shadow call failed: %s", e)
                 return
             finally:
-                sh.budget.settle(
+                # Settled here, without yielding (the next reserve sees it); written in a
+                # thread: an fsync on the loop would hold up the replies being served.
+                cost = sh.budget.settle(
                     held, meter.prompt_tokens, meter.completion_tokens, answered=meter.calls
                 )
+                if cost:
+                    await asyncio.to_thread(sh.save_budget, sh.budget.state())
             sh.counts.sent += 1
             text = self.gate.scanner.redact_all([out.text])[0]
             row = {"key": key, "model": model, "text": text, "local": answer(local),

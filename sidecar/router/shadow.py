@@ -36,9 +36,13 @@ from sidecar.router.budget import Budget
 log = logging.getLogger("sidecar.router")
 
 IN_FLIGHT = 2  # shadow calls at once; more are dropped (counted)
+AFTER_REPLY_S = 0.05  # a shadow call waits this long, so the reply it follows leaves first
 SAMPLES = 1000  # (confidence, agreed) pairs kept per key and model, for recalibration
 KEEP = 1000  # disagreements kept per key
 AGREEMENT_FILE = "agreement.json"
+# The agreement file is rewritten at most this often (and at close): serialising it holds
+# the GIL, which the event loop serving replies needs.
+SAVE_EVERY_S = 5.0
 Z95 = 1.959963984540054
 
 
@@ -158,6 +162,8 @@ class Shadow:
         self.pairs: dict[str, Pair] = {}
         self._lines: dict[str, int] = {}  # disagreement lines on disk, per key
         self._lock = threading.Lock()  # records run in threads
+        self._saved = float("-inf")  # monotonic time of the last write of the agreement file
+        self._dirty = False
         self._load()
 
     def wanted(self) -> bool:
@@ -178,6 +184,12 @@ class Shadow:
             log.error("shadow agreement file %s unreadable (%s): counting from zero", path, e)
             self.pairs = {}
 
+    def save_budget(self, state: bytes) -> None:
+        """Persist the shadow spending (Budget.state() taken on the loop). Blocking (an
+        fsynced write): called in a thread; the lock keeps two writers off one file."""
+        with self._lock:
+            self.budget.save(state)
+
     def record(
         self, key: str, model: str, agreed: bool, confidence: float | None, row: dict[str, Any]
     ) -> None:
@@ -194,10 +206,23 @@ class Shadow:
             self.directory.mkdir(parents=True, exist_ok=True)
             if not agreed:
                 self._keep(key, row)
-            doc = {"version": 1, "pairs": {
-                k: {"key": p.key, "model": p.model, "agreed": p.agreed, "total": p.total,
-                    "samples": p.samples} for k, p in sorted(self.pairs.items())}}  # fmt: skip
-            write_atomic(self.directory / AGREEMENT_FILE, json.dumps(doc).encode())
+            self._dirty = True
+            if time.monotonic() - self._saved >= SAVE_EVERY_S:
+                self._save()
+
+    def flush(self) -> None:
+        """Write the agreement file if anything changed since it was last written."""
+        with self._lock:
+            if self._dirty:
+                self._save()
+
+    def _save(self) -> None:
+        doc = {"version": 1, "pairs": {
+            k: {"key": p.key, "model": p.model, "agreed": p.agreed, "total": p.total,
+                "samples": p.samples} for k, p in sorted(self.pairs.items())}}  # fmt: skip
+        self.directory.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.directory / AGREEMENT_FILE, json.dumps(doc).encode())
+        self._saved, self._dirty = time.monotonic(), False
 
     def _keep(self, key: str, row: dict[str, Any]) -> None:
         path = file_for(self.directory, key)

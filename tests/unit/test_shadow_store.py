@@ -81,6 +81,7 @@ def test_disagreements_are_a_bounded_ring_and_counts_survive_a_restart(tmp_path:
     path = file_for(tmp_path, "task:t")
     assert len(path.read_text().splitlines()) < 2 * 3  # cut back whenever it doubles
     assert [r["text"] for r in read_disagreements(tmp_path, "task:t", 3)] == ["q7", "q8", "q9"]
+    s.flush()  # as the router's close does
     again = shadow(tmp_path)  # a restart
     (pair,) = again.report()
     assert (pair.key, pair.model, pair.agreed, pair.total) == ("task:t", "m@1", 1, 11)
@@ -118,3 +119,26 @@ def test_the_rate_is_a_share_of_draws() -> None:
     assert [s.wanted() for _ in range(4)] == [True, False, True, False]
     s.rate = 0.0
     assert not s.wanted()
+
+
+def test_the_agreement_file_is_written_at_most_every_few_seconds_and_at_flush(
+    tmp_path: Path,
+) -> None:
+    s = shadow(tmp_path)
+    s.record("task:t", "m@1", True, 0.9, {})
+    s.record("task:t", "m@1", True, 0.9, {})  # within SAVE_EVERY_S of the first write
+    on_disk = lambda: json.loads((tmp_path / AGREEMENT_FILE).read_text())["pairs"]  # noqa: E731
+    assert on_disk()["task:t|m@1"]["total"] == 1
+    s.flush()
+    assert on_disk()["task:t|m@1"]["total"] == 2
+
+
+def test_the_shadow_budget_is_saved_only_when_asked(tmp_path: Path) -> None:
+    b = Budget(tmp_path / "b.json", Prices(1e6, 1e6), 10.0, autosave=False)
+    r = b.reserve(1, 1)
+    assert not isinstance(r, str)
+    assert b.settle(r, 2, 1) == 3.0 and not (tmp_path / "b.json").exists()
+    s = Shadow(tmp_path, b, 1.0)
+    s.save_budget(b.state())
+    again = Budget(tmp_path / "b.json", Prices(1, 1), 10.0)
+    assert again.spent_day == again.spent_month == 3.0
