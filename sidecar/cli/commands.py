@@ -289,6 +289,8 @@ def _shadow_lines(sh: Any) -> None:
         rate = a.agreed / a.total if a.total else float("nan")
         click.echo(f"  agreement {a.key} ({a.model}): {rate:.3f} [{a.low:.3f}, {a.high:.3f}] "
                    f"of {a.total}")  # fmt: skip
+    for name, chosen in sorted(sh.recalibrated.items()):
+        click.echo(f"  recalibrated threshold {name}: {chosen}")
 
 
 @main.command()

@@ -500,6 +500,14 @@ class TaskConfig:
         check=checks.threshold_or_off,
         live=True,
     )
+    target_accuracy: float = setting(
+        0.0,
+        "Let the daemon choose this task's threshold from shadow traffic (cloud.shadow_rate): "
+        "the lowest at which this share of the local answers kept agreed with the cloud, "
+        "within 0.5-0.99, once 50 pairs are in; 0 = off.",
+        check=checks.probability,
+        live=True,
+    )
     label_scoring: bool = setting(
         False, "Also score the shortlisted labels with the model (slower)."
     )

@@ -79,6 +79,9 @@ class ShadowReport:
     counts: dict[str, int]  # sent, dropped, capped, failed
     agreement: tuple[ShadowAgreement, ...]
     directory: str  # where agreement and disagreements are kept
+    # "task:NAME (model@version)" -> the threshold chosen from shadow pairs (target_accuracy)
+    # and from how many, or why none is yet
+    recalibrated: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -10,27 +10,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import pairwise
-from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
-F64 = npt.NDArray[np.float64]
-Values = Sequence[float] | Sequence[bool] | npt.NDArray[Any]
-
-
-def _arrays(conf: Values, ok: Values) -> tuple[F64, F64]:
-    c = np.asarray(conf, np.float64)
-    o = np.asarray(ok, np.float64)
-    if c.shape != o.shape:
-        raise ValueError(f"{len(c)} confidences for {len(o)} outcomes")
-    return c, o
+from sidecar.coverage import (  # one computation for `sidecar eval` and the daemon
+    Values,
+    arrays,
+    at_threshold,
+    kept_accuracy,
+    threshold_for_accuracy,
+)
 
 
 def reliability_bins(conf: Values, ok: Values, bins: int = 15) -> list[dict[str, float]]:
     """Equal-width bins over [0, 1] (the first one closed at 0): each non-empty bin's range,
     row count, mean confidence and accuracy; what a reliability diagram draws."""
-    c, o = _arrays(conf, ok)
+    c, o = arrays(conf, ok)
     out = []
     edges = np.linspace(0.0, 1.0, bins + 1)
     for i, (lo, hi) in enumerate(pairwise(edges)):
@@ -45,7 +40,7 @@ def reliability_bins(conf: Values, ok: Values, bins: int = 15) -> list[dict[str,
 def expected_calibration_error(conf: Values, ok: Values, bins: int = 15) -> float:
     """ECE with equal-width bins: the gap between confidence and accuracy, weighted by bin
     size (NaN for no rows)."""
-    c, _ = _arrays(conf, ok)
+    c, _ = arrays(conf, ok)
     if not len(c):
         return float("nan")
     return sum(
@@ -74,7 +69,7 @@ def auroc(inside: Values, outside: Values) -> float:
 def separation(conf: Values, ok: Values) -> float:
     """The confidence's AUROC: P(a right reply is surer than a wrong one); 0.5 = worthless,
     NaN when every reply was right, or every one wrong (nothing to separate)."""
-    c, o = _arrays(conf, ok)
+    c, o = arrays(conf, ok)
     right = o >= 0.5
     return auroc(c[~right], c[right])
 
@@ -82,7 +77,7 @@ def separation(conf: Values, ok: Values) -> float:
 def coverage_curve(conf: Values, ok: Values, coverages: Sequence[float]) -> list[dict[str, float]]:
     """For each coverage: the accuracy of that share of replies, the most confident first,
     and the threshold that keeps them (the confidence of the last one kept)."""
-    c, o = _arrays(conf, ok)
+    c, o = arrays(conf, ok)
     if not len(c):
         return []
     order = np.argsort(-c, kind="stable")
@@ -94,42 +89,20 @@ def coverage_curve(conf: Values, ok: Values, coverages: Sequence[float]) -> list
     return rows
 
 
-def at_threshold(conf: Values, ok: Values, threshold: float) -> dict[str, float]:
-    """What a threshold keeps (confidence >= it): the share, and its accuracy (NaN if none)."""
-    c, o = _arrays(conf, ok)
-    kept = c >= threshold
-    return {"threshold": float(threshold),
-            "coverage": float(kept.mean()) if len(c) else float("nan"),
-            "accuracy": float(o[kept].mean()) if kept.any() else float("nan")}  # fmt: skip
-
-
-def kept_accuracy(conf: Values, ok: Values) -> tuple[F64, F64]:
-    """Every candidate threshold (each distinct confidence, surest first) and the accuracy of
-    what it keeps (confidence >= it)."""
-    c, o = _arrays(conf, ok)
-    values = np.unique(c)[::-1]
-    order = np.argsort(-c, kind="stable")
-    cum = np.cumsum(o[order])
-    # Kept by threshold v: every reply with conf >= v, i.e. a prefix of `order` whose length
-    # counts the ties of v too.
-    kept = np.searchsorted(-c[order], -values, side="right")
-    return values, cum[kept - 1] / kept
-
-
 def best_accuracy(conf: Values, ok: Values) -> float:
     """The highest accuracy any threshold keeps (NaN for no replies)."""
     _, acc = kept_accuracy(conf, ok)
     return float(acc.max()) if len(acc) else float("nan")
 
 
-def threshold_for_accuracy(conf: Values, ok: Values, target: float) -> dict[str, float] | None:
-    """The threshold that keeps the most replies while those kept are at least `target`
-    accurate (`at_threshold` of it); None when no threshold reaches the target."""
-    c, o = _arrays(conf, ok)
-    if not len(c):
-        return None
-    values, acc = kept_accuracy(c, o)
-    good = np.nonzero(acc >= target - 1e-12)[0]
-    if not len(good):
-        return None
-    return at_threshold(c, o, float(values[good[-1]]))
+__all__ = [
+    "at_threshold",
+    "auroc",
+    "best_accuracy",
+    "coverage_curve",
+    "expected_calibration_error",
+    "kept_accuracy",
+    "reliability_bins",
+    "separation",
+    "threshold_for_accuracy",
+]

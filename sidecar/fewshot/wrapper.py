@@ -122,18 +122,26 @@ class FewShotEngine(EngineWrapper):
         spec = self._tasks.get(task)
         return spec.threshold if spec is not None and spec.threshold >= 0 else None
 
+    def target_accuracy(self, task: str) -> float | None:
+        """The accuracy the task's threshold is chosen for from shadow traffic; None: off."""
+        spec = self._tasks.get(task)
+        return spec.target_accuracy if spec is not None and spec.target_accuracy > 0 else None
+
     def scope_alpha(self, task: str) -> float | None:
         """The task's out-of-scope cut; None: no such task."""
         spec = self._tasks.get(task)
         return spec.scope_alpha if spec is not None else None
 
     def retune(self, tasks: tuple[TaskConfig, ...]) -> None:
-        """SIGHUP: thresholds and scope cuts are read per request; the rest of a task
-        needs a restart."""
+        """SIGHUP: thresholds, target accuracies and scope cuts are read per request; the
+        rest of a task needs a restart."""
         for t in tasks:
             if t.name in self._tasks:
                 self._tasks[t.name] = replace(
-                    self._tasks[t.name], threshold=t.threshold, scope_alpha=t.scope_alpha
+                    self._tasks[t.name],
+                    threshold=t.threshold,
+                    target_accuracy=t.target_accuracy,
+                    scope_alpha=t.scope_alpha,
                 )
 
     async def prepare(self) -> None:

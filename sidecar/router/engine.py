@@ -111,6 +111,10 @@ class TaskInfo(Protocol):
         """The task's own confidence threshold; None: use cloud.classify_threshold."""
         ...
 
+    def target_accuracy(self, task: str) -> float | None:
+        """tasks.NAME.target_accuracy: choose the threshold from shadow traffic; None: off."""
+        ...
+
     def label_names(self, task: str) -> list[str]:
         """The task's labels; empty while they are not known yet."""
         ...
@@ -126,6 +130,9 @@ class NoTasks:
     progress: Mapping[str, str] = {}
 
     def threshold(self, task: str) -> float | None:
+        return None
+
+    def target_accuracy(self, task: str) -> float | None:
         return None
 
     def label_names(self, task: str) -> list[str]:
@@ -306,13 +313,20 @@ class RouterEngine(EngineWrapper):
     def _threshold(
         self, kind: str, task: str, result: Result, examples: bool = False
     ) -> tuple[float, str]:
-        """The threshold a local answer is compared with, and where it came from: a value
-        fitted by `sidecar eval --fit-threshold` on the model version that answered, else
-        the task's own, else the config's."""
+        """The threshold a local answer is compared with, and where it came from: one chosen
+        from shadow traffic (tasks.NAME.target_accuracy, once there are samples enough), else
+        a value fitted by `sidecar eval --fit-threshold` on the model version that answered,
+        else the task's own, else the config's."""
         ref = result.model
+        version = f"{ref.name}@{ref.version}" if ref else ""
         name = fitted_key(kind, task=task, model=ref.name if ref else "", examples=examples)
+        target = self.tasks.target_accuracy(task) if task else None
+        if name is not None and target is not None and self.shadow is not None:
+            chosen = self.shadow.recalibrated(name, version, target)
+            if chosen is not None:
+                return chosen.threshold, chosen.describe()
         if name is not None and self.fitted is not None:
-            got = self.fitted.get(name, f"{ref.name}@{ref.version}" if ref else "")
+            got = self.fitted.get(name, version)
             if got is not None:
                 return got.threshold, got.describe(name)
         own = self.tasks.threshold(task) if task else None
@@ -639,9 +653,15 @@ class RouterEngine(EngineWrapper):
         sh.budget.spent()  # rolls the day over
         agreement = tuple(ShadowAgreement(p.key, p.model, p.agreed, p.total, *p.interval())
                           for p in sh.report())  # fmt: skip
+        chosen = {}
+        for p in sh.report():
+            name = p.key.removeprefix("task:")
+            target = self.tasks.target_accuracy(name) if p.key.startswith("task:") else None
+            if target is not None:
+                chosen[f"{p.key} ({p.model})"] = sh.explain(p.key, p.model, target)
         return ShadowReport(sh.rate, sh.budget.daily_cap, sh.budget.spent_day,
                             sh.budget.spent_month, asdict(sh.counts), agreement,
-                            str(sh.directory))  # fmt: skip
+                            str(sh.directory), chosen)  # fmt: skip
 
 
 def _refused(d: Decision) -> SidecarError:

@@ -40,6 +40,10 @@ AFTER_REPLY_S = 0.05  # a shadow call waits this long, so the reply it follows l
 SAMPLES = 1000  # (confidence, agreed) pairs kept per key and model, for recalibration
 KEEP = 1000  # disagreements kept per key
 AGREEMENT_FILE = "agreement.json"
+# Recalibration: a threshold chosen from fewer pairs follows noise; and within bounds, so
+# a run of lucky or unlucky pairs can neither keep everything local nor send all away.
+MIN_RECALIBRATION_SAMPLES = 50
+RECALIBRATION_BOUNDS = (0.5, 0.99)
 # The agreement file is rewritten at most this often (and at close): serialising it holds
 # the GIL, which the event loop serving replies needs.
 SAVE_EVERY_S = 5.0
@@ -130,6 +134,25 @@ class Pair:
         return wilson(self.agreed, self.total)
 
 
+@dataclass(frozen=True)
+class Recalibrated:
+    """A task's threshold chosen from its shadow pairs (tasks.NAME.target_accuracy)."""
+
+    threshold: float
+    key: str
+    model: str
+    target: float
+    accuracy: float  # of the pairs kept at the threshold, the cloud's answer taken as right
+    kept: float  # their share of the pairs
+    samples: int
+    clamped: str = ""  # "" | "at the lower bound" | "at the upper bound" | "target unreachable"
+
+    def describe(self) -> str:
+        why = f", {self.clamped}" if self.clamped else ""
+        return (f"shadow ({self.key}: target accuracy {self.target:g} from {self.samples} "
+                f"pairs of {self.model}{why})")  # fmt: skip
+
+
 @dataclass
 class Counts:
     sent: int = 0  # calls answered by the cloud and compared
@@ -164,6 +187,7 @@ class Shadow:
         self._lock = threading.Lock()  # records run in threads
         self._saved = float("-inf")  # monotonic time of the last write of the agreement file
         self._dirty = False
+        self._chosen: dict[str, tuple[tuple[int, int, float], Recalibrated]] = {}
         self._load()
 
     def wanted(self) -> bool:
@@ -241,6 +265,52 @@ class Shadow:
             last = path.read_bytes().splitlines()[-self.keep :]
             write_atomic(path, b"".join(line + b"\n" for line in last))
             self._lines[key] = len(last)
+
+    def recalibrated(self, key: str, model: str, target: float) -> Recalibrated | None:
+        """The threshold for `target` from the pairs of this key and model version; None
+        while there are fewer than MIN_RECALIBRATION_SAMPLES. Cached until a pair is added.
+
+        The pairs are of answers kept local, so they say nothing of confidences below the
+        threshold in force when they were taken: the choice can raise a threshold that
+        keeps too much, and lower one only as far as the confidences it has seen kept."""
+        pair = self.pairs.get(f"{key}|{model}")
+        if pair is None or len(pair.samples) < MIN_RECALIBRATION_SAMPLES:
+            return None
+        stamp = (len(pair.samples), pair.total, target)
+        cached = self._chosen.get(f"{key}|{model}")
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        from sidecar.coverage import at_threshold, threshold_for_accuracy
+
+        samples = list(pair.samples)  # one copy: records append in another thread
+        conf = [c for c, _ in samples]
+        ok = [a for _, a in samples]
+        lo, hi = RECALIBRATION_BOUNDS
+        got = threshold_for_accuracy(conf, ok, target)
+        clamped = "" if got is not None else "target unreachable"
+        t = got["threshold"] if got is not None else hi
+        if t < lo:
+            t, clamped = lo, "at the lower bound"
+        elif t > hi:
+            t, clamped = hi, "at the upper bound"
+        kept = at_threshold(conf, ok, t)
+        chosen = Recalibrated(t, key, model, target, kept["accuracy"], kept["coverage"],
+                              len(conf), clamped)  # fmt: skip
+        self._chosen[f"{key}|{model}"] = (stamp, chosen)
+        return chosen
+
+    def explain(self, key: str, model: str, target: float) -> str:
+        """What recalibration chose for status, or why it has not yet."""
+        chosen = self.recalibrated(key, model, target)
+        if chosen is None:
+            pair = self.pairs.get(f"{key}|{model}")
+            n = len(pair.samples) if pair is not None else 0
+            return (f"waiting: {n} of {MIN_RECALIBRATION_SAMPLES} pairs for target accuracy "
+                    f"{target:g}")  # fmt: skip
+        acc = "n/a" if math.isnan(chosen.accuracy) else f"{chosen.accuracy:.3f}"
+        return (f"{chosen.threshold:.4g} for target accuracy {target:g} from {chosen.samples} "
+                f"pairs (kept {chosen.kept:.3f} at accuracy {acc}"
+                f"{', ' + chosen.clamped if chosen.clamped else ''})")  # fmt: skip
 
     def report(self) -> list[Pair]:
         with self._lock:

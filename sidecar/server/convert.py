@@ -406,4 +406,5 @@ def _shadow(s: ShadowReport) -> pb.ShadowStatus:
             for a in s.agreement
         ],
         directory=s.directory,
+        recalibrated=s.recalibrated,
     )

@@ -1305,6 +1305,26 @@ class ShadowStatus(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class RecalibratedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     RATE_FIELD_NUMBER: _builtins.int
     DAILY_CAP_FIELD_NUMBER: _builtins.int
     SPENT_DAY_FIELD_NUMBER: _builtins.int
@@ -1312,6 +1332,7 @@ class ShadowStatus(_message.Message):
     COUNTS_FIELD_NUMBER: _builtins.int
     AGREEMENT_FIELD_NUMBER: _builtins.int
     DIRECTORY_FIELD_NUMBER: _builtins.int
+    RECALIBRATED_FIELD_NUMBER: _builtins.int
     rate: _builtins.float
     daily_cap: _builtins.float
     """cloud.shadow_daily_cap; 0 = no cap"""
@@ -1326,6 +1347,10 @@ class ShadowStatus(_message.Message):
 
     @_builtins.property
     def agreement(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShadowAgreement]: ...
+    @_builtins.property
+    def recalibrated(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """"task:NAME (model@version)" -> threshold chosen (tasks.NAME.target_accuracy), or why not yet"""
+
     def __init__(
         self,
         *,
@@ -1336,10 +1361,11 @@ class ShadowStatus(_message.Message):
         counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         agreement: _abc.Iterable[Global___ShadowAgreement] | None = ...,
         directory: _builtins.str = ...,
+        recalibrated: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement", b"agreement", "counts", b"counts", "daily_cap", b"daily_cap", "directory", b"directory", "rate", b"rate", "spent_day", b"spent_day", "spent_month", b"spent_month"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement", b"agreement", "counts", b"counts", "daily_cap", b"daily_cap", "directory", b"directory", "rate", b"rate", "recalibrated", b"recalibrated", "spent_day", b"spent_day", "spent_month", b"spent_month"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -158,6 +158,8 @@ READERS: dict[str, Callable[[App], Any]] = {
     "cloud.shadow_daily_cap": lambda app: _shadow(app).budget.daily_cap,
     # The router asks its TaskInfo (the few-shot engine) for a task's own threshold.
     "tasks.NAME.threshold": lambda app: _or_off(app.router.tasks.threshold(TASK)),
+    # The router asks it per request when a task's pairs may choose its threshold (0 = off).
+    "tasks.NAME.target_accuracy": lambda app: app.router.tasks.target_accuracy(TASK) or 0.0,
     # The few-shot engine reads a task's out-of-scope cut per request.
     "tasks.NAME.scope_alpha": lambda app: app.fewshot.scope_alpha(TASK),
     # Read by `sidecar eval NAME` (a client), held in the running config.

@@ -240,6 +240,7 @@ LIVE = {
     "cloud.sensitive_patterns",
     "cloud.redact",
     "tasks.NAME.threshold",
+    "tasks.NAME.target_accuracy",
     "tasks.NAME.scope_alpha",
     "tasks.NAME.eval_file",  # read by `sidecar eval` (a client)
 }
