@@ -20,6 +20,7 @@ from fake_cloud import Script, fake_cloud, ok
 
 from sidecar.cli.commands import main
 from sidecar.cli.support import EXIT_CONFIG, EXIT_FAILED
+from sidecar.config import TaskConfig
 
 LABELS = ["card_arrival", "exchange_rate"]
 TEXT = "where is my new card"
@@ -253,3 +254,39 @@ async def test_the_eval_report_shows_the_live_agreement_of_its_key(
     assert (
         line in got.stdout and f"0.500 [{a.low:.3f}, {a.high:.3f}] of 2 shadow pairs" in got.stdout
     )
+
+
+async def test_a_task_with_target_accuracy_is_held_to_the_threshold_its_pairs_give(
+    serve, tiny_model, cloud, short_dir: Path
+) -> None:  # type: ignore[no-untyped-def]
+    url, script = cloud
+    script.default = ok("card_arrival")
+    rows = [("where is my card", "card_arrival"), ("card not here yet", "card_arrival"),
+            ("exchange rate today", "exchange_rate"), ("rate for dollars", "exchange_rate")]  # fmt: skip
+    path = short_dir / "intents.csv"
+    path.write_text("text,intent\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    task = TaskConfig("intents", path, label_column="intent", cascade=False, target_accuracy=0.9)
+    s = await serve(tiny_model, cloud=settings(url), tasks=(task,))
+    for _ in range(200):
+        if (await s.client.status()).cloud.tasks.get("intents") == "ready":
+            break
+        await asyncio.sleep(0.05)
+    (served,) = (await s.client.status()).models
+    ref = f"{served.model.name}@{served.model.version}"
+    # LOCAL_ONLY: the threshold is still said, and no shadow pair joins the 60 below.
+    r = await s.client.classify("where is my card", task="intents", routing="LOCAL_ONLY")
+    assert r.route.threshold_source == "cloud.classify_threshold"  # no pairs yet
+    # 60 pairs as shadow traffic leaves them: sure answers agree, unsure ones half the time.
+    sh = s.running.router.shadow
+    for i in range(60):
+        sure = i < 40
+        sh.record("task:intents", ref, sure or i % 2 == 0, 0.95 if sure else 0.55, {})
+    r = await s.client.classify("where is my card", task="intents", routing="LOCAL_ONLY")
+    assert r.route.threshold == pytest.approx(0.95)
+    assert r.route.threshold_source == (
+        f"shadow (task:intents: target accuracy 0.9 from 60 pairs of {ref})"
+    )
+    out = await cli("status", "--socket", str(s.socket))
+    line = f"recalibrated threshold task:intents ({ref}): 0.95 for target accuracy 0.9 from 60"
+    assert line in out.output
+    assert not script.received  # nothing was shadowed: every request was LOCAL_ONLY
