@@ -442,6 +442,12 @@ class RouterEngine(EngineWrapper):
             or not sh.wanted()
         ):
             return
+        kind = "classify" if isinstance(task, ClassifyTask) else "extract"
+        by_task = task.task if isinstance(task, ClassifyTask) else ""
+        examples = isinstance(task, ClassifyTask) and bool(task.examples)
+        key = fitted_key(kind, task=by_task, model=local.model.name, examples=examples)
+        if key is None:  # inline examples: no key their agreement could be kept under
+            return
         if sh.in_flight >= IN_FLIGHT:
             sh.counts.dropped += 1
             return
@@ -450,9 +456,6 @@ class RouterEngine(EngineWrapper):
             sh.counts.capped += 1
             return
         sh.in_flight += 1
-        kind = "classify" if isinstance(task, ClassifyTask) else "extract"
-        by_task = task.task if isinstance(task, ClassifyTask) else ""
-        key = fitted_key(kind, task=by_task, model=local.model.name)
         model = f"{local.model.name}@{local.model.version}"
         job = asyncio.create_task(self._shadow_call(sh, task, out, local, held, key, model,
                                                     outcome.confidence))  # fmt: skip
