@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from sidecar.config import CloudConfig
+from sidecar.domain.types import ModelRef
 from sidecar.router.breaker import Breaker
 from sidecar.router.budget import Budget, Prices
 from sidecar.router.engine import NoTasks, RouterEngine
@@ -17,6 +18,12 @@ from sidecar.router.privacy import Scanner
 from sidecar.router.shadow import MIN_RECALIBRATION_SAMPLES, Shadow
 
 KEY, MODEL = "task:t", "m@abc"
+
+
+def answered_by(model: str) -> Any:
+    """A local result as `_threshold` reads it: only the model that answered matters."""
+    name, _, version = model.partition("@")
+    return type("Answer", (), {"model": ModelRef(name, version)})()
 
 
 def shadow_with(tmp_path: Path, pairs: list[tuple[float, bool]]) -> Shadow:
@@ -86,10 +93,10 @@ def router(tmp_path: Path, tasks: Any, shadow: Shadow) -> RouterEngine:
 def test_the_router_holds_a_task_to_the_chosen_threshold_over_its_own(tmp_path: Path) -> None:
     sh = shadow_with(tmp_path, MIXED)
     r = router(tmp_path, Targets(0.95, own=0.4), sh)
-    threshold, source = r._threshold("classify", "t", "m", MODEL)
+    threshold, source = r._threshold("classify", "t", answered_by(MODEL))
     assert threshold == 0.9
     assert source == f"shadow ({KEY}: target accuracy 0.95 from 100 pairs of {MODEL})"
     # Another model version has no pairs yet; no target set: the task's own threshold.
-    assert r._threshold("classify", "t", "m", "m@new") == (0.4, "tasks.t.threshold")
+    assert r._threshold("classify", "t", answered_by("m@new")) == (0.4, "tasks.t.threshold")
     r = router(tmp_path, Targets(None, own=0.4), sh)
-    assert r._threshold("classify", "t", "m", MODEL) == (0.4, "tasks.t.threshold")
+    assert r._threshold("classify", "t", answered_by(MODEL)) == (0.4, "tasks.t.threshold")
