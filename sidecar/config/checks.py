@@ -57,6 +57,11 @@ def probability(v: float) -> str | None:
     return None if 0.0 <= v <= 1.0 else f"must be between 0 and 1, got {v}"
 
 
+def latency_factor(v: float) -> str | None:
+    # Below 1 the new version would be rolled back for being as fast as the old one.
+    return None if v == 0 or v >= 1 else f"must be 0 (off) or at least 1, got {v}"
+
+
 def detectors(v: tuple[str, ...]) -> str | None:
     return unknown_detectors(v)
 

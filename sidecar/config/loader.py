@@ -227,10 +227,12 @@ def load(o: Overrides, env: Mapping[str, str], defaults: Sequence[Path]) -> Conf
     default_name, models = _models(raw.get("models", {}), top["default_model"], o, env, where)
     _server(fields["server"])
     _cloud(fields["cloud"])
+    tasks = _tasks(raw.get("tasks", {}), {m.name for m in models}, where)
+    _gates(models, tasks)
     return Config(
         default_model=default_name,
         models=models,
-        tasks=_tasks(raw.get("tasks", {}), {m.name for m in models}, where),
+        tasks=tasks,
         source=source,
         **{name: cls(**fields[name]) for name, cls in _CLASSES.items()},
     )
@@ -285,6 +287,26 @@ def _tasks(raw: Mapping[str, Any], models: set[str], where: _Where) -> tuple[Tas
             raise ConfigError(f"tasks.{name}.model", f"no [models.{fields['model']}] table")
         out.append(TaskConfig(name=name, **fields))
     return tuple(out)
+
+
+def _gates(models: tuple[ModelConfig, ...], tasks: tuple[TaskConfig, ...]) -> None:
+    """A model's eval gate names a task that has a golden set (its eval_file)."""
+    by_name = {t.name: t for t in tasks}
+    for m in models:
+        if not m.eval:
+            continue
+        task = by_name.get(m.eval)
+        if task is None:
+            known = ", ".join(by_name) or "none"
+            raise ConfigError(
+                f"models.{m.name}.eval", f"no [tasks.{m.eval}] table (known: {known})"
+            )
+        if not task.eval_file:
+            raise ConfigError(
+                f"models.{m.name}.eval",
+                f"task {m.eval!r} has no golden set: set tasks.{m.eval}.eval_file "
+                "(a CSV of texts and their right labels)",
+            )
 
 
 @dataclass(frozen=True)

@@ -477,6 +477,33 @@ class ModelConfig:
         "it, or a file holding it).",
         live=True,
     )
+    eval: str = setting(
+        "",
+        "The eval gate: a config task whose eval_file is this model's golden set. Every "
+        "swap, dropped file and update runs the candidate on it (zero-shot Classify over its "
+        "labels) after the canary and refuses it below the bars; empty = no gate.",
+        live=True,
+    )
+    eval_min_accuracy: float = setting(
+        0.0,
+        "The eval gate: the least accuracy (0-1) a candidate must reach on the golden set.",
+        check=checks.probability,
+        live=True,
+    )
+    eval_max_regression: float = setting(
+        0.05,
+        "The eval gate: how much lower (0-1, accuracy points) than the serving version's "
+        "score a candidate's may be; 1 = any.",
+        check=checks.probability,
+        live=True,
+    )
+    probation_latency_factor: float = setting(
+        0.0,
+        "After an update: roll back when the new version's p99 latency (last 200 requests, "
+        "at least 20) exceeds this many times the previous version's; 0 = off.",
+        check=checks.latency_factor,
+        live=True,
+    )
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,9 @@ class PoolEngine:
         self.on_result: Callable[[Result], None] = lambda _r: None  # metrics hook
         # metrics hook: (model, outcome "swapped" | "unchanged" | "refused", refusing stage)
         self.on_swap: Callable[[str, str, str], None] = lambda _m, _o, _s: None
-        self.swapper = Swapper(self.pools, self.store, lambda: self.config.store)
+        self.swapper = Swapper(
+            self.pools, self.store, lambda: self.config.store, lambda: self.config.tasks
+        )
         self._locks = {name: asyncio.Lock() for name in self.pools}  # load/unload/swap
         self._room = asyncio.Lock()  # one budget decision at a time
         self._loads: dict[str, asyncio.Task[None]] = {}
@@ -342,6 +344,7 @@ class PoolEngine:
         strategy: str = "",
         progress: Progress = ignore,
         move_source: bool = False,
+        gate: bool = True,
     ) -> SwapResult:
         """Swap `name` to a stored version or a new file (see `Swapper.swap`)."""
         pool = self.pool(name)
@@ -357,6 +360,7 @@ class PoolEngine:
                     strategy=strategy,
                     progress=progress,
                     move_source=move_source,
+                    gate=gate,
                 )
         except SwapRefused as e:
             self.on_swap(pool.config.name, "refused", e.stage)

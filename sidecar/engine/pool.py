@@ -41,6 +41,7 @@ from sidecar.domain.specs import ModelFacts, RunnerSpec
 from sidecar.domain.status import PoolStatus, SlotInfo
 from sidecar.domain.types import GenerateTask, ModelRef, Result, Task, TokenEvent
 from sidecar.engine.fair_queue import FairQueue
+from sidecar.engine.latency import Latencies
 from sidecar.engine.poison import Poison, crashed, how
 from sidecar.engine.residency import LOADED, UNLOADED, UNLOADING, Resident, idle_s, unload_in
 from sidecar.engine.restarts import RestartPolicy
@@ -51,6 +52,8 @@ log = logging.getLogger("sidecar.pool")
 VERSION_CHARS = 12
 EXPIRE_EVERY_S = 0.1  # how often a paused pool fails requests that waited too long
 PROBE_CALLER = "sidecar:probe"
+GATE_CALLER = "sidecar:eval-gate"  # the eval gate scoring the serving version (see `gate`)
+OWN_CALLERS = (PROBE_CALLER, GATE_CALLER)  # the daemon's own requests: not live traffic
 
 Event = TokenEvent | Result | SidecarError
 _job_ids = itertools.count(1)
@@ -113,6 +116,7 @@ class ModelPool:
         self.last_used = time.monotonic()
         self.footprint = 0  # bytes it takes loaded (the engine's estimate)
         self.wake: Callable[[], None] = lambda: None
+        self.latencies = Latencies()  # live requests' time on a worker, per version
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -290,6 +294,14 @@ class ModelPool:
     def _settle(self, slot: Slot, job_id: int, event: Event) -> None:
         job = self._running.pop(job_id, None)
         if job is not None:
+            if (
+                job.ref is not None
+                and job.dispatched is not None
+                and job.caller not in OWN_CALLERS
+                and not isinstance(event, SidecarError)
+            ):
+                ms = (time.perf_counter() - job.dispatched) * 1000
+                self.latencies.add(job.ref.version, ms)
             self._finish(job, event)
             if job.caller != PROBE_CALLER:
                 self.last_used = time.monotonic()  # idle counts from the end of the last one

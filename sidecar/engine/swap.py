@@ -31,7 +31,7 @@ from pathlib import Path
 
 import psutil
 
-from sidecar.config import ModelConfig, StoreConfig
+from sidecar.config import ModelConfig, StoreConfig, TaskConfig
 from sidecar.domain.errors import (
     FailedPrecondition,
     InvalidRequest,
@@ -42,6 +42,7 @@ from sidecar.domain.progress import Progress, ignore
 from sidecar.domain.specs import RunnerSpec, kv_bytes, kv_cache_type
 from sidecar.domain.status import SwapResult
 from sidecar.domain.types import GenerateTask, Generation, ModelRef
+from sidecar.engine.gate import Gate, load_golden
 from sidecar.engine.mappings import open_files
 from sidecar.engine.pool import VERSION_CHARS, ModelPool
 from sidecar.engine.slots import Slot
@@ -62,10 +63,12 @@ class Swapper:
         pools: Mapping[str, ModelPool],
         store: ModelStore,
         settings: Callable[[], StoreConfig],
+        tasks: Callable[[], tuple[TaskConfig, ...]] = tuple,
     ) -> None:
         self.pools = pools
         self.store = store
         self._settings = settings  # read per swap: a SIGHUP may change store.*
+        self._tasks = tasks  # the same: a golden set may change on reload
         self._locks = {name: asyncio.Lock() for name in pools}
         self._last: dict[str, str] = {}
 
@@ -86,8 +89,10 @@ class Swapper:
         strategy: str = "",
         progress: Progress = ignore,
         move_source: bool = False,
+        gate: bool = True,
     ) -> SwapResult:
-        """Swap `pool` to a stored version or a new file. Refused swaps quarantine the file."""
+        """Swap `pool` to a stored version or a new file. Refused swaps quarantine the file.
+        `gate` False skips the eval gate (probation's swap back to the version it replaced)."""
         name = pool.config.name
         settings = self._settings()
         strategy = strategy or settings.swap_strategy
@@ -100,6 +105,8 @@ class Swapper:
                 f"a swap of {pool.ref.name!r} is in progress: wait for it to finish"
             )
         async with self._locks[name]:
+            # Before the file is added: an unreadable golden set blames no candidate.
+            checker = await self._gate(pool) if gate else None
             # Held from here until the pointers name it: no gc between add and load.
             sha = await self._resolve(pool, version, path, progress, move_source)
             held = True
@@ -116,6 +123,7 @@ class Swapper:
                         progress,
                         settings.drain_seconds,
                         settings.swap_wait_seconds,
+                        checker,
                     )
                 except SwapRefused as e:
                     self.store.release(sha)
@@ -137,6 +145,17 @@ class Swapper:
                 f"({result.strategy}, {result.seconds:.1f}s)"
             )
             return result
+
+    async def _gate(self, pool: ModelPool) -> Gate | None:
+        """The eval gate of `pool`'s model, its golden set read now; None without one."""
+        task_name = pool.config.eval
+        if not task_name:
+            return None
+        task = next((t for t in self._tasks() if t.name == task_name), None)
+        if task is None:  # the loader refuses this; a reload could not have made it
+            raise FailedPrecondition(f"models.{pool.config.name}.eval names no task {task_name!r}")
+        golden = await asyncio.to_thread(load_golden, task)
+        return Gate(self.store.root, pool.config, golden)
 
     async def _resolve(
         self,
@@ -251,8 +270,10 @@ async def switch(
     progress: Progress,
     drain_s: float,
     wait_s: float,
+    gate: Gate | None = None,
 ) -> SwapResult:
-    """Steps 1 to 4 for a file already in the store: validate, prove, flip, drain."""
+    """Steps 1 to 4 for a file already in the store: validate, prove (canary, then the eval
+    gate), flip, drain."""
     started = time.monotonic()
     old_ref = pool.ref
     new_ref = ModelRef(pool.config.name, version[:VERSION_CHARS])
@@ -271,10 +292,12 @@ async def switch(
             f"{available // MiB} MiB is available: retry with strategy 'replace'",
         )
     spec = replace(pool.spec, path=path)
+    if gate is not None:  # while the serving version still has its workers (replace too)
+        await gate.prepare(pool, progress)
     if strategy == "replace":
-        await _replace_in_place(pool, spec, new_ref, progress, drain_s, wait_s)
+        await _replace_in_place(pool, spec, new_ref, progress, drain_s, wait_s, gate)
     else:
-        slots = await _prove(pool, spec, progress)
+        slots = await _prove(pool, spec, progress, gate)
         progress("flipping", f"{old_ref.version} -> {new_ref.version}")
         old = pool.route_to(slots, new_ref, spec)
         progress("draining", f"{len(old)} old worker(s), up to {drain_s:.0f}s")
@@ -284,8 +307,11 @@ async def switch(
     return SwapResult(old_ref, new_ref, strategy, seconds)
 
 
-async def _prove(pool: ModelPool, spec: RunnerSpec, progress: Progress) -> list[Slot]:
-    """Start the new workers and run the canary on each; stop them all on any failure."""
+async def _prove(
+    pool: ModelPool, spec: RunnerSpec, progress: Progress, gate: Gate | None = None
+) -> list[Slot]:
+    """Start the new workers, run the canary on each, then the eval gate on all of them;
+    stop them all on any failure."""
     progress("loading", f"{pool.config.workers} worker(s)")
     results = await asyncio.gather(
         *(pool.start_slot(spec) for _ in range(pool.config.workers)), return_exceptions=True
@@ -311,6 +337,12 @@ async def _prove(pool: ModelPool, spec: RunnerSpec, progress: Progress) -> list[
         if problem:
             await _stop_all(slots)
             raise SwapRefused("canary", problem)
+    if gate is not None:
+        try:
+            await gate.check(pool, slots, spec.path.stem, progress)
+        except BaseException:
+            await _stop_all(slots)
+            raise
     return slots
 
 
@@ -321,6 +353,7 @@ async def _replace_in_place(
     progress: Progress,
     drain_s: float,
     wait_s: float,
+    gate: Gate | None,
 ) -> None:
     progress("pausing", f"new requests wait up to {wait_s:.0f}s")
     pool.pause(wait_s)
@@ -330,7 +363,7 @@ async def _replace_in_place(
         progress("draining", f"{len(old)} worker(s), up to {drain_s:.0f}s")
         await pool.drain(old, drain_s)
         try:
-            slots = await _prove(pool, spec, progress)
+            slots = await _prove(pool, spec, progress, gate)
         except SwapRefused:
             progress("rolling back", "restarting the previous model")
             back = await _prove(pool, old_spec, progress)

@@ -54,6 +54,7 @@ UPDATE_REJECTIONS = (
     "too_large",
     "validation",
     "canary",
+    "eval",  # the eval gate refused the new version (engine/gate.py)
     "unhealthy",
     "fetch",
     "deadline",
@@ -61,7 +62,7 @@ UPDATE_REJECTIONS = (
 )
 UPDATE_PATHS = ("delta", "full")
 # update/probation.py; rollback_failed: the swap back failed, the bad version still serves.
-ROLLBACK_CAUSES = ("worker_died", "probe_failed", "rollback_failed")
+ROLLBACK_CAUSES = ("worker_died", "probe_failed", "latency", "rollback_failed")
 SWAP_OUTCOMES = (  # (outcome, stage): the stages engine/swap.py refuses at
     ("swapped", ""),
     ("unchanged", ""),
@@ -69,6 +70,7 @@ SWAP_OUTCOMES = (  # (outcome, stage): the stages engine/swap.py refuses at
     ("refused", "memory"),
     ("refused", "loading"),
     ("refused", "canary"),
+    ("refused", "eval"),
 )
 
 

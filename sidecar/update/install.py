@@ -85,6 +85,8 @@ async def apply_update(
         ctx.fail(name, manifest.sha256, "validation", e.message)
         raise FailedPrecondition(f"update of {name!r} refused: {e.message}") from None
     previous = ctx.engine.pool(name).ref.version
+    # Measured before the flip, on live requests only: probation compares the new p99 to it.
+    previous_p99 = ctx.engine.pool(name).latencies.p99(previous)
     ctx.stage(name, "swapping")
     progress("swapping", f"proving v{manifest.version} before it serves", 0, 0)
 
@@ -95,7 +97,8 @@ async def apply_update(
     try:
         await ctx.engine.swap(name, version=sha, progress=swapping)
     except SwapRefused as e:
-        reason = "canary" if e.stage != "validating" else "validation"
+        # Recorded as failed either way: a candidate the gate refused is not fetched again.
+        reason = {"validating": "validation", "eval": "eval"}.get(e.stage, "canary")
         ctx.fail(name, manifest.sha256, reason, e.message)
         raise
     finally:
@@ -110,6 +113,7 @@ async def apply_update(
         "previous": previous,
         "previous_version": installed,
         "until": time.time() + healthy_seconds,
+        "previous_p99_ms": previous_p99,
     }
     st.save(path)
     probation.begin(name)

@@ -1,13 +1,15 @@
 """After an install: watch the new version for `update.healthy_seconds`; if a worker of it
-dies or a readiness probe fails, swap the previous version back and keep the reason
-(step 6 of an update). What is on probation is kept in the state, so it survives a
-restart."""
+dies, a readiness probe fails, or (with `models.NAME.probation_latency_factor`) its live p99
+latency exceeds that many times the previous version's, swap the previous version back and
+keep the reason (step 6 of an update). What is on probation, the previous p99 included, is
+kept in the state, so it survives a restart."""
 
 from __future__ import annotations
 
 import logging
 import time
 from datetime import datetime, timezone
+from typing import Any
 
 from sidecar.domain.errors import SidecarError
 from sidecar.update.context import UpdateContext
@@ -53,6 +55,8 @@ class Probation:
                 trouble, cause = f"{restarts - baseline[0]} worker restart(s)", "worker_died"
             elif probe_error and probe_error != baseline[1]:
                 trouble, cause = f"readiness probe failed: {probe_error}", "probe_failed"
+            elif slow := self._slower(name, serving, p):
+                trouble, cause = slow, "latency"
             if trouble:
                 await self._roll_back(name, st, trouble, cause)
             elif time.time() >= p["until"]:
@@ -61,6 +65,22 @@ class Probation:
                 self._baseline.pop(name, None)
                 ctx.record(name, f"v{p['version']} served healthily for the probation period")
 
+    def _slower(self, name: str, serving: str, p: dict[str, Any]) -> str:
+        """What is wrong with the new version's latency ("" = nothing, or too few requests
+        yet to tell, or no previous p99 to compare with)."""
+        pool = self._ctx.engine.pool(name)
+        factor = pool.config.probation_latency_factor
+        before = p.get("previous_p99_ms")
+        if not factor or not isinstance(before, int | float) or before <= 0:
+            return ""
+        now = pool.latencies.p99(serving)
+        if now is None or now <= factor * before:
+            return ""
+        return (
+            f"p99 latency {now:.0f} ms over the last {pool.latencies.samples(serving)} requests, "
+            f"more than {factor:g}x the previous version's {before:.0f} ms"
+        )
+
     async def _roll_back(self, name: str, st: State, trouble: str, cause: str) -> None:
         ctx = self._ctx
         p = st.probation
@@ -68,7 +88,8 @@ class Probation:
         log.error("update %s: v%s %s; rolling back to %s", name, p["version"], why, p["previous"])
         when = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
         try:
-            await ctx.engine.swap(name, version=p["previous"])
+            # No eval gate on the way back: the previous version served until just now.
+            await ctx.engine.swap(name, version=p["previous"], gate=False)
         except SidecarError as e:
             # The unhealthy version keeps serving: status and metrics must show it as loudly
             # as a rollback that worked (probation stays, so the next pass tries again).
