@@ -137,6 +137,11 @@ READERS: dict[str, Callable[[App], Any]] = {
     "models.NAME.max_rss_mb": lambda app: _pool(app).config.max_rss_mb,
     # The residency policy reads the pool's config each supervisor tick.
     "models.NAME.keep_alive": lambda app: _pool(app).resident().keep_alive_s,
+    # The swapper reads the pool's config per swap (the gate and its bars), probation per pass.
+    "models.NAME.eval": lambda app: _pool(app).config.eval,
+    "models.NAME.eval_min_accuracy": lambda app: _pool(app).config.eval_min_accuracy,
+    "models.NAME.eval_max_regression": lambda app: _pool(app).config.eval_max_regression,
+    "models.NAME.probation_latency_factor": lambda app: _pool(app).config.probation_latency_factor,
     "models.NAME.update_origin": lambda app: _updater_model(app).update_origin,
     "models.NAME.update_key": lambda app: _updater_model(app).update_key,
     **{f"update.{f}": _update_setting(f) for f in UPDATE_SETTINGS},
@@ -300,6 +305,10 @@ SPECIAL: dict[str, Callable[[Site], Value]] = {
     "tasks.NAME.model": lambda s: Value(OTHER),
     "tasks.NAME.none_file": lambda s: Value(_copy(s, s.dir / "t.csv", "none.csv")),
     "tasks.NAME.eval_file": lambda s: Value(_copy(s, s.dir / "t.csv", "held-out.csv")),
+    # The gate needs a task with a golden set.
+    "models.NAME.eval": lambda s: Value(
+        TASK, {f"tasks.{TASK}.eval_file": _copy(s, s.dir / "t.csv", "golden.csv")}
+    ),
 }
 
 

@@ -71,6 +71,8 @@ SAMPLES = {
     "cloud.classify_margin": "0.25",
     "cloud.classify_none_novelty": "0.5",
     "tasks.NAME.threshold": "0.5",
+    "models.NAME.eval": "bank",  # the task the test's config file declares
+    "models.NAME.eval_max_regression": "0.5",
     "server.tcp_token": "secret",
     "http.token": "secret",
 }
@@ -112,6 +114,8 @@ ENV_KEYS = [k for k in KEYS if k.env]
 def test_each_keys_environment_variable_sets_it(tmp_path: Path, spec: schema.KeySpec) -> None:
     empty = tmp_path / "c.toml"
     empty.write_text("")
+    if spec.name == "models.NAME.eval":  # the gate's task must exist, with a golden set
+        empty.write_text('[tasks.bank]\nfile = "/t.csv"\neval_file = "/g.csv"\n')
     before = load(Overrides(config=empty), env=COMPANIONS)
     env = {**COMPANIONS, spec.env: sample(spec)}
     if spec.name == "default_model":  # a name needs its table; the first is the default

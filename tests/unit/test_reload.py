@@ -205,6 +205,11 @@ LIVE = {
     "models.NAME.keep_alive",
     "models.NAME.update_origin",
     "models.NAME.update_key",
+    # The eval gate and probation read the pool's config per swap and per pass.
+    "models.NAME.eval",
+    "models.NAME.eval_min_accuracy",
+    "models.NAME.eval_max_regression",
+    "models.NAME.probation_latency_factor",
     "update.interval_seconds",
     "update.healthy_seconds",
     "update.timeout_seconds",
