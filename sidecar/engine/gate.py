@@ -55,7 +55,7 @@ class Golden:
     rows: tuple[tuple[str, str], ...]  # (text, right label)
     labels: tuple[str, ...]
     instruction: str
-    digest: str  # of the file's bytes, the labels, the instruction and METHOD
+    digest: str  # of the rows, the labels, the instruction and METHOD
 
 
 @dataclass(frozen=True)
@@ -89,12 +89,16 @@ def load_golden(task: TaskConfig) -> Golden:
     columns = Columns(text=task.text_column, label=task.label_column)
     try:
         evalset = load_classify(Path(task.eval_file), columns)
-        raw = Path(task.eval_file).read_bytes()
-    except (EvalInputError, OSError) as e:
+    except EvalInputError as e:
         raise FailedPrecondition(f"the eval gate's golden set (task {task.name!r}): {e}") from None
-    h = hashlib.sha256(raw)
-    for part in (*evalset.labels, task.instruction, METHOD):
-        h.update(b"\0" + part.encode())
+    # The rows as read, not the file's bytes: other text/label columns are another set.
+    h = hashlib.sha256(METHOD.encode())
+    for part in (
+        task.instruction,
+        *evalset.labels,
+        *(f"{r.text}\0{r.label}" for r in evalset.rows),
+    ):
+        h.update(b"\1" + part.encode())
     return Golden(
         task.name,
         Path(task.eval_file),

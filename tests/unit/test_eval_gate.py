@@ -95,10 +95,13 @@ def test_golden_set_rows_labels_and_a_digest_of_what_is_asked(tmp_path: Path) ->
 
 
 def test_golden_set_uses_the_task_columns(tmp_path: Path) -> None:
-    task = _task(
-        tmp_path, "q,intent\nhi,greet\nbye,leave\n", text_column="q", label_column="intent"
-    )
-    assert load_golden(task).rows == (("hi", "greet"), ("bye", "leave"))
+    rows = "q,intent,other\nhi,greet,leave\nbye,leave,greet\n"
+    task = _task(tmp_path, rows, text_column="q", label_column="intent")
+    g = load_golden(task)
+    assert g.rows == (("hi", "greet"), ("bye", "leave"))
+    # The same file read through other columns is another golden set: another digest.
+    other = load_golden(TaskConfig(**{**task.__dict__, "label_column": "other"}))
+    assert other.rows == (("hi", "leave"), ("bye", "greet")) and other.digest != g.digest
 
 
 @pytest.mark.parametrize(
