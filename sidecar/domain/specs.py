@@ -6,6 +6,7 @@ speak of workers without importing llama.cpp.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,23 @@ class RunnerSpec:
 
 
 Q8_0_BLOCK = 32  # elements per q8_0 block: a head must be a whole number of blocks
+
+
+def declared_head_widths(meta: Mapping[str, object], arch: str) -> tuple[int, int]:
+    """Width of one key head and one value head as a GGUF's metadata declares them:
+    key_length/value_length where given (Gemma 3's heads are wider than embedding / heads),
+    else embedding / heads. Values may be numbers (the header) or strings (llama.cpp's
+    metadata): the daemon's memory estimate and the worker read the same rule."""
+
+    def num(key: str, default: int = 0) -> int:
+        value = meta.get(f"{arch}.{key}", default)
+        try:
+            return int(value)  # type: ignore[call-overload, no-any-return]
+        except (TypeError, ValueError):
+            return default
+
+    width = num("embedding_length") // (num("attention.head_count", 1) or 1)
+    return num("attention.key_length", width), num("attention.value_length", width)
 
 
 def kv_cache_type(choice: str, head_widths: tuple[int, int]) -> str:

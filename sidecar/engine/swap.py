@@ -39,7 +39,7 @@ from sidecar.domain.errors import (
     SwapRefused,
 )
 from sidecar.domain.progress import Progress, ignore
-from sidecar.domain.specs import RunnerSpec, kv_bytes, kv_cache_type
+from sidecar.domain.specs import RunnerSpec, declared_head_widths, kv_bytes, kv_cache_type
 from sidecar.domain.status import SwapResult
 from sidecar.domain.types import GenerateTask, Generation, ModelRef
 from sidecar.engine.gate import Gate, load_golden
@@ -226,13 +226,7 @@ def _meta_int(info: GGUFInfo, key: str, default: int = 0) -> int:
 
 
 def head_widths(info: GGUFInfo) -> tuple[int, int]:
-    """Width of one key head and one value head: the header's key_length/value_length
-    where given (Gemma 3's heads are wider than embedding / heads), else embedding / heads."""
-    width = _meta_int(info, "embedding_length") // (_meta_int(info, "attention.head_count", 1) or 1)
-    return (
-        _meta_int(info, "attention.key_length", width),
-        _meta_int(info, "attention.value_length", width),
-    )
+    return declared_head_widths(info.metadata, info.architecture)
 
 
 def footprint(info: GGUFInfo, context: int, workers: int, kv_cache: str = "f16") -> int:

@@ -52,7 +52,7 @@ import numpy as np
 from llama_cpp import _internals as internals
 
 from sidecar.domain.errors import FailedPrecondition, InternalError, SidecarError
-from sidecar.domain.specs import RunnerSpec, kv_cache_type
+from sidecar.domain.specs import RunnerSpec, declared_head_widths, kv_cache_type
 from sidecar.domain.types import Result
 from sidecar.worker.cells import CellLedger
 from sidecar.worker.cores import CoreGovernor
@@ -104,7 +104,9 @@ class BatchDecoder:
         )
         params.kv_unified = True
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        self.kv_cache = kv_cache_type(spec.kv_cache, _head_widths(model))
+        meta = model.metadata()
+        widths = declared_head_widths(meta, meta.get("general.architecture", ""))
+        self.kv_cache = kv_cache_type(spec.kv_cache, widths)
         params.n_threads = params.n_threads_batch = spec.threads
         self.ctx = self._context(model, params, fallback=spec.kv_cache == "auto")
         # ggml's CPU attention takes its split-cache and tiled paths only for f16/f32 caches.
@@ -438,16 +440,3 @@ class BatchDecoder:
     def clear(self, seq: int, p0: int = -1) -> None:
         """Free the cells of sequence `seq` from position p0 on (a whole job's)."""
         self._rm(seq, p0)
-
-
-def _head_widths(model: internals.LlamaModel) -> tuple[int, int]:
-    """Key and value head widths as the file declares them (as `engine.swap.head_widths`
-    reads them from the header, so the memory estimate and the worker agree)."""
-    meta = model.metadata()
-    arch = meta.get("general.architecture", "")
-    heads = llama_cpp.llama_model_n_head(model.model) or 1
-    width = model.n_embd() // heads
-    return (
-        int(meta.get(f"{arch}.attention.key_length", width)),
-        int(meta.get(f"{arch}.attention.value_length", width)),
-    )
