@@ -128,3 +128,14 @@ async def api(serve, tiny_model: Path, short_dir: Path):  # type: ignore[no-unty
     client = unix_client(short_dir / "h.sock")
     yield served, client
     await client.close()
+
+
+@pytest.fixture
+def keys(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """An update-signing key pair: (private key, public key, private key file, public text)."""
+    from sidecar.update.manifest import generate_keypair, load_private_key, parse_public_key
+
+    private, public = generate_keypair()
+    path = tmp_path / "k.pem"
+    path.write_bytes(private)
+    return load_private_key(path), parse_public_key(public), path, public

@@ -14,7 +14,6 @@ from sidecar.update.manifest import (
     UpdateRejected,
     generate_keypair,
     key_id,
-    load_private_key,
     parse_public_key,
     publish,
     sign,
@@ -38,14 +37,6 @@ def manifest(**kw: object) -> Manifest:
         "created": NOW,
     }
     return Manifest(**(fields | kw))  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def keys(tmp_path: Path):  # type: ignore[no-untyped-def]
-    private, public = generate_keypair()
-    path = tmp_path / "k.pem"
-    path.write_bytes(private)
-    return load_private_key(path), parse_public_key(public), path, public
 
 
 def test_round_trip(keys) -> None:  # type: ignore[no-untyped-def]

@@ -17,21 +17,10 @@ from sidecar.update.manifest import (
     UpdateRejected,
     _to_json,
     canonical,
-    generate_keypair,
-    load_private_key,
-    parse_public_key,
     publish,
     sign,
     verify,
 )
-
-
-@pytest.fixture
-def keys(tmp_path: Path):  # type: ignore[no-untyped-def]
-    private, public = generate_keypair()
-    path = tmp_path / "k.pem"
-    path.write_bytes(private)
-    return load_private_key(path), parse_public_key(public), path, public
 
 
 def test_a_staged_manifest_says_spec_2_and_a_full_one_reads_as_before(keys) -> None:  # type: ignore[no-untyped-def]
