@@ -36,7 +36,6 @@ import argparse
 import csv
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ import numpy as np
 from benchmarks import routing_scope as scope
 from benchmarks.common import BANKING77, CACHE, RESULTS, SMOL, Log, machine
 from benchmarks.daemon import Daemon
+from benchmarks.fanout import each_row
 from benchmarks.procs import Children, run
 from benchmarks.report import Col, Table, write_json
 from benchmarks.stats import percentile
@@ -111,34 +111,18 @@ def classify_all(
     sock: Path, rows: list[tuple[str, str]], clients: int, task: str = TASK
 ) -> tuple[list[dict[str, Any]], float]:
     """Classify every row from `clients` threads; (one record per row, wall seconds)."""
-    out: list[dict[str, Any] | None] = [None] * len(rows)
-    nxt = iter(range(len(rows)))
-    lock = threading.Lock()
 
-    def worker() -> None:
-        with Client(sock, caller="bench-routing") as c:
-            while True:
-                with lock:
-                    i = next(nxt, None)
-                if i is None:
-                    return
-                text, gold = rows[i]
-                t0 = time.perf_counter()
-                r = c.classify(text, task=task, routing="LOCAL_ONLY", timeout=120)
-                ms = (time.perf_counter() - t0) * 1000
-                out[i] = {"gold": gold, "label": r.label, "p": r.confidence.top_probability,
-                          "ms": ms, "model": r.usage.prompt_tokens > 0,
-                          "novelty": r.novelty if r.HasField("novelty") else None,
-                          "oos": r.out_of_scope}  # fmt: skip
+    def one(c: Client, row: tuple[str, str]) -> dict[str, Any]:
+        text, gold = row
+        t0 = time.perf_counter()
+        r = c.classify(text, task=task, routing="LOCAL_ONLY", timeout=120)
+        ms = (time.perf_counter() - t0) * 1000
+        return {"gold": gold, "label": r.label, "p": r.confidence.top_probability,
+                "ms": ms, "model": r.usage.prompt_tokens > 0,
+                "novelty": r.novelty if r.HasField("novelty") else None,
+                "oos": r.out_of_scope}  # fmt: skip
 
-    started = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - started
-    return [r for r in out if r is not None], wall
+    return each_row(sock, rows, clients, "bench-routing", one)
 
 
 def latency(res: list[dict[str, Any]], wall: float) -> dict[str, float]:

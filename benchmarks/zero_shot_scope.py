@@ -26,7 +26,6 @@ import math
 import random
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +35,7 @@ import numpy as np
 
 from benchmarks.common import BANKING77, RESULTS, SMOL, Log, loadavg, machine
 from benchmarks.daemon import Daemon
+from benchmarks.fanout import each_row
 from benchmarks.procs import Children, run
 from benchmarks.report import Col, Table, write_json
 from benchmarks.routing import load_rows
@@ -95,34 +95,19 @@ def draw(
 def classify_rows(
     sock: Path, labels: list[str], rows: list[tuple[str, str, str]], clients: int
 ) -> list[dict[str, Any]]:
-    out: list[dict[str, Any] | None] = [None] * len(rows)
-    nxt = iter(range(len(rows)))
-    lock = threading.Lock()
+    def one(c: Client, row: tuple[str, str, str]) -> dict[str, Any]:
+        text, gold, kind = row
+        t0 = time.perf_counter()
+        r = c.classify(text, labels, routing="LOCAL_ONLY", timeout=300)
+        ms = (time.perf_counter() - t0) * 1000
+        logps = {s.label: s.logprob for s in r.scores}
+        return {"text": text, "gold": gold, "kind": kind, "in_scope": kind == "in",
+                "label": r.scores[0].label, "p": r.confidence.top_probability,
+                "novelty": r.novelty if r.HasField("novelty") else None,
+                "out_of_scope": r.out_of_scope,
+                "logprobs": [logps[x] for x in labels], "ms": ms}  # fmt: skip
 
-    def worker() -> None:
-        with Client(sock, caller="bench-zero-shot-scope") as c:
-            while True:
-                with lock:
-                    i = next(nxt, None)
-                if i is None:
-                    return
-                text, gold, kind = rows[i]
-                t0 = time.perf_counter()
-                r = c.classify(text, labels, routing="LOCAL_ONLY", timeout=300)
-                ms = (time.perf_counter() - t0) * 1000
-                logps = {s.label: s.logprob for s in r.scores}
-                out[i] = {"text": text, "gold": gold, "kind": kind, "in_scope": kind == "in",
-                          "label": r.scores[0].label, "p": r.confidence.top_probability,
-                          "novelty": r.novelty if r.HasField("novelty") else None,
-                          "out_of_scope": r.out_of_scope,
-                          "logprobs": [logps[x] for x in labels], "ms": ms}  # fmt: skip
-
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return [r for r in out if r is not None]
+    return each_row(sock, rows, clients, "bench-zero-shot-scope", one)[0]
 
 
 def text_likelihood(model: Path, texts: list[str]) -> tuple[list[float], dict[str, float]]:
