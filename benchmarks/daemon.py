@@ -36,6 +36,7 @@ class Daemon:
         workers: int | None = None,
         threads: int | None = None,
         context: int | None = None,
+        env: dict[str, str] | None = None,  # added to the clean environment
     ) -> None:
         self.children = children
         self.socket = tmp / f"{tag}.sock"
@@ -50,7 +51,7 @@ class Daemon:
             if value is not None:
                 cmd += [flag, str(value)]
         self.started = time.monotonic()
-        self.proc = children.spawn(cmd, self.logfile, clean_env())
+        self.proc = children.spawn(cmd, self.logfile, clean_env() | (env or {}))
 
     def wait_ready(self, timeout: float = 180) -> float:
         """Wait until the daemon answers SERVING; seconds since it was started."""

@@ -51,6 +51,8 @@ log = logging.getLogger("sidecar.pool")
 
 VERSION_CHARS = 12
 EXPIRE_EVERY_S = 0.1  # how often a paused pool fails requests that waited too long
+HOLD_MAX_S = 5.0  # longest a worker running background work is held at a stretch...
+HOLD_GAP_S = 0.5  # ...before it runs this long (under unbroken live load it still finishes)
 PROBE_CALLER = "sidecar:probe"
 GATE_CALLER = "sidecar:eval-gate"  # the eval gate scoring the serving version (see `gate`)
 OWN_CALLERS = (PROBE_CALLER, GATE_CALLER)  # the daemon's own requests: not live traffic
@@ -73,6 +75,7 @@ class Job:
     slot: Slot | None = None
     ref: ModelRef | None = None  # the version that ran it, fixed at dispatch
     done: bool = False
+    cancelled: bool = False  # asked to stop while running: its worker must run to say so
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
 
 
@@ -117,6 +120,9 @@ class ModelPool:
         self.footprint = 0  # bytes it takes loaded (the engine's estimate)
         self.wake: Callable[[], None] = lambda: None
         self.latencies = Latencies()  # live requests' time on a worker, per version
+        self._held: dict[Slot, float] = {}  # workers stopped for live work -> since when
+        self._let_run: dict[Slot, float] = {}  # held too long: not held again until then
+        self._hold_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -194,6 +200,8 @@ class ModelPool:
 
     async def close(self) -> None:
         self._closing = True
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
         for t in [*self._tasks, *([self._paused] if self._paused else [])]:
             t.cancel()
         while (job := self._queue.pop()) is not None:
@@ -237,7 +245,9 @@ class ModelPool:
             self._queue.remove(job)
             job.done = True
         else:
+            job.cancelled = True
             job.slot.cancel(job.id)
+            self._hold()
 
     def _free(self) -> Slot | None:
         """The serving worker with a free sequence slot that runs the fewest jobs."""
@@ -249,6 +259,10 @@ class ModelPool:
         return min(free, key=lambda s: len(s.job_ids)) if free else None
 
     def _dispatch(self) -> None:
+        self._dispatch_jobs()
+        self._hold()
+
+    def _dispatch_jobs(self) -> None:
         # Background work never holds every sequence slot of a pool that has more than one,
         # so a live request finds one free instead of waiting for a background job to end.
         total = sum(s.capacity for s in self._slots)
@@ -270,6 +284,50 @@ class ModelPool:
             slot.submit(job.id, job.task, job.stream)
             if job.low is not None:
                 job.low.on_dispatch()
+
+    def _hold(self) -> None:
+        """Background work gives its cores to live work. A serving worker that runs only
+        background jobs is stopped (`Slot.suspend`) while a live job runs on another worker
+        of the pool, and continues as soon as none does: a live request then runs as fast
+        as with no background work at all, however far the background job had got, and
+        the background job's reply is the one it would have had anyway. Held HOLD_MAX_S at
+        a stretch, it runs HOLD_GAP_S before it may be held again."""
+        now = time.monotonic()
+        on: dict[Slot, list[Job]] = {}
+        for j in self._running.values():
+            if j.slot is not None:
+                on.setdefault(j.slot, []).append(j)
+        live = any(not j.background for j in self._running.values() if j.slot is not None)
+        self._let_run = {s: t for s, t in self._let_run.items() if t > now}
+        wake: list[float] = []
+        for slot in {*self._slots, *self._held}:
+            jobs = on.get(slot, [])
+            since = self._held.get(slot)
+            want = (
+                live
+                and slot in self._slots
+                and bool(jobs)
+                and all(j.background and not j.cancelled for j in jobs)
+            )
+            if want and since is not None and now - since >= HOLD_MAX_S:
+                self._let_run[slot] = now + HOLD_GAP_S
+            if want and slot in self._let_run:
+                want = False
+                wake.append(self._let_run[slot])
+            if want:
+                if since is None:
+                    since = self._held[slot] = now
+                slot.suspend(True)
+                wake.append(since + HOLD_MAX_S)
+            elif since is not None:
+                del self._held[slot]
+                slot.suspend(False)
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        if wake and not self._closing:
+            loop = asyncio.get_running_loop()
+            self._hold_timer = loop.call_later(max(0.0, min(wake) - now), self._hold)
 
     def _finish(self, job: Job, event: Event) -> None:
         if not job.done:
@@ -347,6 +405,7 @@ class ModelPool:
                 self.ref.name,
                 len(suspects),
             )
+        self._hold()
         if slot not in self._slots:
             # A canary worker that never served, or an old one already replaced: the
             # swap or retirement that owned it handles the failure; nothing to restart.

@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing as mp
+import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -62,6 +64,8 @@ class Slot(Protocol):
     def unanswered_s(self, now: float) -> float: ...
     def kill(self) -> None: ...
     def rss(self) -> int | None: ...
+    def suspend(self, on: bool) -> None:
+        """Stop (True) or continue (False) the worker's computation where it stands."""
 
 
 class Unsupervised:
@@ -81,6 +85,9 @@ class Unsupervised:
     def rss(self) -> int | None:
         return None
 
+    def suspend(self, on: bool) -> None:
+        pass  # a thread of the daemon cannot be stopped from outside
+
 
 class ProcessSlot:
     def __init__(self, spec: RunnerSpec, events: Events) -> None:
@@ -97,6 +104,7 @@ class ProcessSlot:
         self._stopping = False
         self._ping_n = 0
         self._ping_sent: float | None = None
+        self.suspended = False
         self.started_at = time.monotonic()
 
     async def start(self) -> ModelFacts:
@@ -152,7 +160,7 @@ class ProcessSlot:
     # Liveness: the worker answers pings between decode steps and prompt blocks, from the
     # thread that runs llama.cpp, so one stuck in native code (or SIGSTOPped) goes quiet.
     def ping(self) -> None:
-        if self._ping_sent is None and self.info.state in ("idle", "busy"):
+        if self._ping_sent is None and not self.suspended and self.info.state in ("idle", "busy"):
             self._ping_n += 1
             self._ping_sent = time.monotonic()
             self._outbox.put(("ping", self._ping_n))
@@ -163,6 +171,19 @@ class ProcessSlot:
     def kill(self) -> None:
         if self._proc is not None and self._proc.is_alive():
             self._proc.kill()
+
+    # SIGSTOP rather than a message: a stopped worker gives its core back at once, even in
+    # the middle of a llama_decode of a long prompt block, and nothing it computes changes
+    # (its replies stay byte-identical). Its silence meanwhile is ours, not a hang.
+    def suspend(self, on: bool) -> None:
+        if on == self.suspended or self.info.pid is None or self.info.state in ("dead", "stopped"):
+            return
+        try:
+            os.kill(self.info.pid, signal.SIGSTOP if on else signal.SIGCONT)
+        except ProcessLookupError:
+            return  # it died; the reader reports that
+        self.suspended = on
+        self._ping_sent = None
 
     def rss(self) -> int | None:
         try:
@@ -227,6 +248,7 @@ class ProcessSlot:
 
     async def stop(self) -> None:
         self._stopping = True
+        self.suspend(False)  # a stopped process reads no "stop"
         self._outbox.put(("stop",))
         self._outbox.put(None)
         if self._proc is not None and self._proc.pid is not None:

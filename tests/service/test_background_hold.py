@@ -1,0 +1,128 @@
+"""Background work gives its cores to live work: with real llama.cpp workers (a tiny model
+made big enough that a generation takes real time), a worker running only a background job
+is stopped while a live job runs on another worker of the pool, continues when none does,
+and ends with the reply it has alone; under unbroken live load it still finishes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from sidecar.config import ModelConfig
+from sidecar.domain.types import GenerateTask, Generation
+from sidecar.engine import pool as pool_module
+from sidecar.engine.pool import Job, ModelPool
+from sidecar.engine.slots import ProcessSlot, Slot
+from tests.tiny_gguf import write_tiny_llama
+
+pytestmark = pytest.mark.asyncio
+LONG = GenerateTask("the background job", 400)
+SHORT = GenerateTask("a live one", 60)
+
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("slow") / "slow.gguf"
+    return write_tiny_llama(path, seed=3, n_layer=6, n_embd=512, n_head=8, n_ff=1536, n_ctx=1024)
+
+
+def stopped(slot: Slot) -> bool:
+    """Whether the kernel has the worker process stopped (state T)."""
+    stat = Path(f"/proc/{slot.info.pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] == "T"
+
+
+async def result(job: Job) -> Generation:
+    event = await job.events.get()
+    assert isinstance(event, Generation), event
+    return event
+
+
+async def make_pool(model: Path) -> ModelPool:
+    config = replace(ModelConfig(name="m", path=model), workers=2, threads=1, context=1024)
+    pool = ModelPool(config, ProcessSlot, default_max_tokens=64)
+    await pool.start("0" * 64)
+    return pool
+
+
+async def test_a_background_job_is_stopped_while_a_live_one_runs_and_ends_as_alone(
+    slow_model: Path,
+) -> None:
+    pool = await make_pool(slow_model)
+    try:
+        alone = await result(pool.submit(LONG, "solo", False))
+        t0 = time.perf_counter()
+        await result(pool.submit(SHORT, "solo", False))
+        live_alone_s = time.perf_counter() - t0
+
+        bg = pool.submit(LONG, "eval", False, background=True)
+        await asyncio.sleep(0.2)  # it is decoding
+        assert bg.slot is not None and not stopped(bg.slot)
+        live = pool.submit(SHORT, "app", False)
+        assert live.slot is not bg.slot
+        await asyncio.sleep(0.05)
+        assert stopped(bg.slot)  # its core is the live job's
+        t0 = time.perf_counter()
+        await result(live)
+        live_beside_s = time.perf_counter() - t0
+        await asyncio.sleep(0.05)
+        assert not stopped(bg.slot)  # continues as soon as no live job runs
+        assert (await result(bg)).text == alone.text  # the same reply as alone
+        assert live_beside_s < 3 * live_alone_s + 0.5, (live_alone_s, live_beside_s)
+        assert pool.workers()[0].unanswered_s(time.monotonic()) < 5  # its pause was no hang
+    finally:
+        await pool.close()
+
+
+async def test_under_unbroken_live_load_background_work_still_finishes(
+    slow_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pool_module, "HOLD_MAX_S", 0.3)
+    monkeypatch.setattr(pool_module, "HOLD_GAP_S", 0.3)
+    pool = await make_pool(slow_model)
+    stop = asyncio.Event()
+
+    async def live_load() -> None:
+        while not stop.is_set():
+            await result(pool.submit(SHORT, "app", False))
+
+    try:
+        bg = pool.submit(LONG, "eval", False, background=True)
+        load = asyncio.create_task(live_load())
+        await asyncio.sleep(0.2)
+        assert bg.slot is not None
+        seen_stopped = False
+        deadline = time.monotonic() + 120
+        while bg.events.empty() and time.monotonic() < deadline:
+            seen_stopped = seen_stopped or stopped(bg.slot)
+            await asyncio.sleep(0.02)
+        stop.set()
+        await load
+        assert seen_stopped  # it was held...
+        assert (await result(bg)).usage.completion_tokens > 0  # ...and still finished
+    finally:
+        stop.set()
+        await pool.close()
+
+
+async def test_a_cancelled_background_job_is_let_go_at_once(slow_model: Path) -> None:
+    pool = await make_pool(slow_model)
+    try:
+        bg = pool.submit(LONG, "eval", False, background=True)
+        await asyncio.sleep(0.2)
+        live = pool.submit(GenerateTask("a live one", 400), "app", False)
+        await asyncio.sleep(0.05)
+        assert bg.slot is not None and stopped(bg.slot)
+        t0 = time.perf_counter()
+        pool.cancel(bg)
+        assert not stopped(bg.slot)  # it must run to hear the cancel
+        event = await bg.events.get()
+        assert type(event).__name__ == "Cancelled", event
+        assert time.perf_counter() - t0 < 2
+        await result(live)
+    finally:
+        await pool.close()
