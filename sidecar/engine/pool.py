@@ -250,13 +250,17 @@ class ModelPool:
             self._hold()
 
     def _free(self) -> Slot | None:
-        """The serving worker with a free sequence slot that runs the fewest jobs."""
+        """The serving worker with a free sequence slot that runs the fewest jobs, one
+        without background jobs first."""
         free = [
             s
             for s in self._slots
             if s.info.state in ("idle", "busy") and len(s.job_ids) < s.capacity
         ]
-        return min(free, key=lambda s: len(s.job_ids)) if free else None
+        # Not beside background work where there is a choice: a worker that runs a live job
+        # cannot be paused for it (see `_hold`).
+        held = {j.slot for j in self._running.values() if j.background}
+        return min(free, key=lambda s: (s in held, len(s.job_ids))) if free else None
 
     def _dispatch(self) -> None:
         self._dispatch_jobs()
