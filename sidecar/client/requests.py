@@ -44,19 +44,19 @@ def _priority(low: bool) -> pb.Priority.ValueType:
 def generate_request(prompt: str, *, model: str = "", max_tokens: int | None = None, temperature: float = 0.0,
                      top_p: float = 0.0, top_k: int = 0, seed: int = 0, stop: Sequence[str] = (),
                      routing: Routing = "", sensitive: bool = False, logprobs: bool = False,
-                     top_logprobs: int = 0) -> pb.GenerateRequest:  # fmt: skip
+                     top_logprobs: int = 0, low_priority: bool = False) -> pb.GenerateRequest:  # fmt: skip
     return pb.GenerateRequest(
         model=model, prompt=prompt, max_tokens=max_tokens,
         sampling=_sampling(temperature, top_p, top_k, seed, stop),
         routing=_routing(routing), sensitive=sensitive,
-        logprobs=logprobs, top_logprobs=top_logprobs,
+        logprobs=logprobs, top_logprobs=top_logprobs, priority=_priority(low_priority),
     )  # fmt: skip
 
 
 def chat_request(messages: Iterable[Message], *, model: str = "", max_tokens: int | None = None, temperature: float = 0.0,
                  top_p: float = 0.0, top_k: int = 0, seed: int = 0, stop: Sequence[str] = (),
                  routing: Routing = "", sensitive: bool = False, logprobs: bool = False,
-                 top_logprobs: int = 0) -> pb.ChatRequest:  # fmt: skip
+                 top_logprobs: int = 0, low_priority: bool = False) -> pb.ChatRequest:  # fmt: skip
     msgs = [
         pb.ChatMessage(role=m[0], content=m[1]) if isinstance(m, tuple)
         else pb.ChatMessage(role=m["role"], content=m["content"])
@@ -66,7 +66,7 @@ def chat_request(messages: Iterable[Message], *, model: str = "", max_tokens: in
         model=model, messages=msgs, max_tokens=max_tokens,
         sampling=_sampling(temperature, top_p, top_k, seed, stop),
         routing=_routing(routing), sensitive=sensitive,
-        logprobs=logprobs, top_logprobs=top_logprobs,
+        logprobs=logprobs, top_logprobs=top_logprobs, priority=_priority(low_priority),
     )  # fmt: skip
 
 

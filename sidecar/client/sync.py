@@ -125,17 +125,19 @@ class Client(Connection):
     def generate(self, prompt: str, *, model: str = "", max_tokens: int | None = None,
                  temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0, seed: int = 0,
                  stop: Sequence[str] = (), routing: Routing = "", sensitive: bool = False,
-                 logprobs: bool = False, top_logprobs: int = 0,
+                 logprobs: bool = False, top_logprobs: int = 0, low_priority: bool = False,
                  timeout: float | None = None) -> pb.GenerateReply:  # fmt: skip
         """Continue a raw `prompt`. `max_tokens` None: the daemon's default; temperature 0:
         greedy (deterministic); `stop`: sequences that end it (left out of the text);
         `routing` "AUTO"/"LOCAL_ONLY"/"CLOUD_ONLY" ("" = the daemon's default);
         `sensitive`: never leaves the machine; `logprobs`/`top_logprobs` (0-20): each
-        token's log-probability and alternatives in `reply.logprobs`."""
+        token's log-probability and alternatives in `reply.logprobs`; `low_priority`: bulk
+        work, waits for and yields to normal requests (not for the streaming calls)."""
         request = rq.generate_request(prompt, model=model, max_tokens=max_tokens,
                                       temperature=temperature, top_p=top_p, top_k=top_k,
                                       seed=seed, stop=stop, routing=routing, sensitive=sensitive,
-                                      logprobs=logprobs, top_logprobs=top_logprobs)  # fmt: skip
+                                      logprobs=logprobs, top_logprobs=top_logprobs,
+                                      low_priority=low_priority)  # fmt: skip
         return self._unary(self.inference.Generate, request, timeout)
 
     def generate_stream(self, prompt: str, *, model: str = "", max_tokens: int | None = None,
@@ -154,14 +156,15 @@ class Client(Connection):
     def chat(self, messages: Iterable[Message], *, model: str = "", max_tokens: int | None = None,
              temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0, seed: int = 0,
              stop: Sequence[str] = (), routing: Routing = "", sensitive: bool = False,
-             logprobs: bool = False, top_logprobs: int = 0,
+             logprobs: bool = False, top_logprobs: int = 0, low_priority: bool = False,
              timeout: float | None = None) -> pb.GenerateReply:  # fmt: skip
         """One chat turn with the model's chat template. `messages`: ("role", "content")
         pairs or {"role", "content"} mappings; the rest as in `generate`."""
         request = rq.chat_request(messages, model=model, max_tokens=max_tokens,
                                   temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                   stop=stop, routing=routing, sensitive=sensitive,
-                                  logprobs=logprobs, top_logprobs=top_logprobs)  # fmt: skip
+                                  logprobs=logprobs, top_logprobs=top_logprobs,
+                                  low_priority=low_priority)  # fmt: skip
         return self._unary(self.inference.Chat, request, timeout)
 
     def chat_stream(self, messages: Iterable[Message], *, model: str = "",

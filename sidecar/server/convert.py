@@ -108,11 +108,24 @@ def route_request(
     return RouteRequest(routing, r.sensitive)
 
 
-def low_priority(r: pb.ClassifyRequest | pb.ExtractRequest) -> bool:
+LowRequest = pb.GenerateRequest | pb.ChatRequest | pb.ClassifyRequest | pb.ExtractRequest
+
+
+def low_priority(r: LowRequest) -> bool:
     """PRIORITY_LOW: the request waits in the pool's background lane."""
     if r.priority not in (pb.PRIORITY_UNSPECIFIED, pb.PRIORITY_LOW):
         raise InvalidRequest(f"priority {r.priority} is not known (use LOW or leave it unset)")
     return r.priority == pb.PRIORITY_LOW
+
+
+def normal_priority(r: pb.GenerateRequest | pb.ChatRequest) -> None:
+    """Streams run at normal priority: a LOW one is refused rather than quietly run as live
+    work, which its caller asked it not to be."""
+    if low_priority(r):
+        raise InvalidRequest(
+            "priority LOW is for unary Generate and Chat; a stream runs at normal priority "
+            "(leave priority unset, or call Generate/Chat)"
+        )
 
 
 def extract_task(r: pb.ExtractRequest) -> ExtractTask:

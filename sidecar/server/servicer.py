@@ -48,6 +48,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             convert.generate_task(request),
             caller_of(context),
             route=convert.route_request(request),
+            background=convert.low_priority(request),
         )
         return convert.generate_reply(_expect(result, Generation))
 
@@ -55,6 +56,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self, request: pb.GenerateRequest, context: Any
     ) -> AsyncIterator[pb.GenerateChunk]:
         route = convert.route_request(request)
+        convert.normal_priority(request)
         async for chunk in self._stream(
             request.model, convert.generate_task(request), context, route
         ):
@@ -66,6 +68,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             convert.chat_task(request),
             caller_of(context),
             route=convert.route_request(request),
+            background=convert.low_priority(request),
         )
         return convert.generate_reply(_expect(result, Generation))
 
@@ -73,6 +76,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self, request: pb.ChatRequest, context: Any
     ) -> AsyncIterator[pb.GenerateChunk]:
         route = convert.route_request(request)
+        convert.normal_priority(request)
         async for chunk in self._stream(request.model, convert.chat_task(request), context, route):
             yield chunk
 

@@ -63,9 +63,10 @@ class _PriorityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Priority.Val
     PRIORITY_LOW: _Priority.ValueType  # 1
 
 class Priority(_Priority, metaclass=_PriorityEnumTypeWrapper):
-    """How urgent a request is. LOW waits until no normal request for its model waits, and never
-    holds every sequence slot of a pool that has more than one: for bulk work beside live
-    callers (`sidecar eval`), which it must not slow down.
+    """How urgent a request is. LOW waits until no normal request for its model waits, never
+    holds every sequence slot of a pool that has more than one, and its worker is paused while
+    a normal request runs on another worker of the model: for bulk work beside live callers
+    (`sidecar eval`), which it must not slow down.
     """
 
 PRIORITY_UNSPECIFIED: Priority.ValueType  # 0
@@ -315,6 +316,7 @@ class GenerateRequest(_message.Message):
     SENSITIVE_FIELD_NUMBER: _builtins.int
     LOGPROBS_FIELD_NUMBER: _builtins.int
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """empty = the configured default model"""
     prompt: _builtins.str
@@ -327,6 +329,8 @@ class GenerateRequest(_message.Message):
     """Return each generated token's log-probability (GenerateReply.logprobs)."""
     top_logprobs: _builtins.int
     """With logprobs: also the N most likely alternatives per token, 0..20."""
+    priority: Global___Priority.ValueType
+    """LOW: bulk work (see Priority). Unary Generate only: GenerateStream refuses it."""
     @_builtins.property
     def sampling(self) -> Global___Sampling: ...
     def __init__(
@@ -340,10 +344,11 @@ class GenerateRequest(_message.Message):
         sensitive: _builtins.bool = ...,
         logprobs: _builtins.bool = ...,
         top_logprobs: _builtins.int = ...,
+        priority: Global___Priority.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "max_tokens", b"max_tokens", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "logprobs", b"logprobs", "max_tokens", b"max_tokens", "model", b"model", "prompt", b"prompt", "routing", b"routing", "sampling", b"sampling", "sensitive", b"sensitive", "top_logprobs", b"top_logprobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "logprobs", b"logprobs", "max_tokens", b"max_tokens", "model", b"model", "priority", b"priority", "prompt", b"prompt", "routing", b"routing", "sampling", b"sampling", "sensitive", b"sensitive", "top_logprobs", b"top_logprobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
@@ -386,6 +391,7 @@ class ChatRequest(_message.Message):
     SENSITIVE_FIELD_NUMBER: _builtins.int
     LOGPROBS_FIELD_NUMBER: _builtins.int
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     max_tokens: _builtins.int
     routing: Global___Routing.ValueType
@@ -394,6 +400,8 @@ class ChatRequest(_message.Message):
     """as on GenerateRequest"""
     top_logprobs: _builtins.int
     """as on GenerateRequest"""
+    priority: Global___Priority.ValueType
+    """as on GenerateRequest (unary Chat only)"""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]: ...
     @_builtins.property
@@ -409,10 +417,11 @@ class ChatRequest(_message.Message):
         sensitive: _builtins.bool = ...,
         logprobs: _builtins.bool = ...,
         top_logprobs: _builtins.int = ...,
+        priority: Global___Priority.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "max_tokens", b"max_tokens", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "logprobs", b"logprobs", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "routing", b"routing", "sampling", b"sampling", "sensitive", b"sensitive", "top_logprobs", b"top_logprobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "logprobs", b"logprobs", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "priority", b"priority", "routing", b"routing", "sampling", b"sampling", "sensitive", b"sensitive", "top_logprobs", b"top_logprobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
