@@ -97,11 +97,15 @@ shadow_rate = {rate}
 """
 
 
-def start(children: Children, tmp: Path, name: str, model: Path, url: str, rate: float) -> Target:
+def start(
+    children: Children, tmp: Path, name: str, model: Path, url: str, rate: float,
+    root: Path | None = None,
+) -> Target:  # fmt: skip
+    """A daemon on the fake engine, from this tree's code or `root`'s (another checkout)."""
     config = tmp / f"{name}.toml"
     config.write_text(config_text(model, url, rate))
     sock = tmp / f"{name}.sock"
-    here = Path(__file__).resolve().parent.parent
+    here = root or Path(__file__).resolve().parent.parent
     cmd = [sys.executable, "-c", SERVE, str(here), str(config), str(sock), str(tmp / f"st-{name}")]
     return Target(children, name, cmd, sock, tmp / f"{name}.log")
 
@@ -125,9 +129,10 @@ def measure(clients: dict[str, Client], calls: int, pace_s: float) -> dict[str, 
 
 
 def render(r: dict[str, Any]) -> str:
-    t = Table(Col(16), Col(8, ">", 2), Col(10, ">", 2), Col(10, ">", 2), Col(10, ">", 2))
+    t = Table(Col(18), Col(8, ">", 2), Col(10, ">", 2), Col(10, ">", 2), Col(10, ">", 2))
     t.line(f"Shadow traffic overhead: {r['calls']} Classify calls per daemon, cloud answers "
-           f"in {r['cloud_ms']} ms, one call in flight every {r['pace_ms']} ms")  # fmt: skip
+           f"in {r['cloud_ms']} ms, one call in flight every {r['pace_ms']} ms, "
+           f"{r['hogs']} busy-looping process(es) beside")  # fmt: skip
     t.row("shadow_rate", "calls", "p50 ms", "p99 ms", "mean ms")
     t.rule()
     for name, d in r["latency_ms"].items():
@@ -144,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, default=SMOL,
                     help="any GGUF file (the fake engine never loads it)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=RESULTS / "bench-shadow.json")
+    ap.add_argument("--baseline", type=Path,
+                    help="another checkout: its daemon at rate 1.0 is called in the same turns")  # fmt: skip
+    ap.add_argument("--hogs", type=int, default=0,
+                    help="busy-looping processes beside (a loaded machine, where the tail shows)")  # fmt: skip
     a = ap.parse_args(argv)
     if not a.model.is_file():
         log(f"{a.model} is missing: run ./scripts/setup, or pass --model with any GGUF file")
@@ -153,21 +162,28 @@ def main(argv: list[str] | None = None) -> int:
     pace_s = a.cloud_ms / 1e3 / 4
     tmp = Path(tempfile.mkdtemp(prefix="bsh-", dir="/tmp"))
     results: dict[str, Any] = {"calls": a.calls, "cloud_ms": a.cloud_ms,
-                               "pace_ms": round(pace_s * 1e3, 1), "machine": machine(),
+                               "pace_ms": round(pace_s * 1e3, 1), "machine": machine(), "hogs": a.hogs,
                                "load_before": loadavg()}  # fmt: skip
     try:
         with slow_cloud(a.cloud_ms / 1e3) as (url, seen), Children() as children:
             targets = {"0": start(children, tmp, "rate0", a.model, url, 0.0),
                        "1.0": start(children, tmp, "rate1", a.model, url, 1.0)}  # fmt: skip
+            if a.baseline is not None:
+                targets["1.0 baseline"] = start(children, tmp, "base1", a.model, url, 1.0,
+                                                a.baseline.resolve())  # fmt: skip
             for t in targets.values():
                 t.wait_ready()
+            for _ in range(a.hogs):
+                children.spawn([sys.executable, "-c", "while True: pass"])
             clients = {name: Client(t.socket, timeout=30) for name, t in targets.items()}
             log(f"measuring {a.calls} calls per daemon")
             cpu0 = {name: t.cpu() for name, t in targets.items()}
             lat = measure(clients, a.calls, pace_s)
             time.sleep(a.cloud_ms / 1e3 * 2)  # the last shadow calls end
-            counts = clients["1.0"].status().cloud.shadow.counts
-            results["shadow_counts"] = dict(counts)
+            results["shadow_counts"] = {
+                name: dict(c.status().cloud.shadow.counts) for name, c in clients.items()
+                if name != "0"
+            }  # fmt: skip
             results["cloud_received"] = seen[0]
             results["latency_ms"] = {name: dist(xs, 3) for name, xs in lat.items()}
             n = WARMUP + a.calls

@@ -20,6 +20,7 @@ call that got an answer, so a retry or an answer rejected later is still paid fo
 from __future__ import annotations
 
 import asyncio
+import copy
 import random
 import re
 import time
@@ -106,6 +107,18 @@ class CloudClient:
             max_retries=0,
         )
         self._json_form = "json_schema"  # the structured-output form this server takes
+
+    def twin(self) -> CloudClient:
+        """The same endpoint, breaker and gate with an HTTP client of its own, for use on
+        another event loop (the shadow calls', see `shadow_loop`)."""
+        other = copy.copy(self)
+        other._client = openai.AsyncOpenAI(
+            base_url=self._client.base_url,
+            api_key=self._client.api_key,
+            timeout=self._client.timeout,
+            max_retries=0,
+        )
+        return other
 
     async def close(self) -> None:
         await self._client.close()

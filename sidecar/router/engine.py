@@ -69,6 +69,7 @@ from sidecar.router.fitted import key as fitted_key
 from sidecar.router.outbound import Gate, Outbound, SensitiveData, build, estimate
 from sidecar.router.policy import Decision, FailKind, LocalOutcome, Situation, decide
 from sidecar.router.shadow import AFTER_REPLY_S, IN_FLIGHT, Shadow, agree, answer
+from sidecar.router.shadow_loop import ShadowLoop
 from sidecar.validate import checked_schema, conforming_json_async
 
 log = logging.getLogger("sidecar.router")
@@ -172,6 +173,8 @@ class RouterEngine(EngineWrapper):
         self.cloud_calls = 0
         self.shadow = shadow
         self._shadows: set[asyncio.Task[None]] = set()  # held: the loop keeps weak references
+        self._shadow_loop = ShadowLoop()  # where shadow calls meet the cloud (not this loop)
+        self._shadow_cloud: CloudClient | None = None  # their client, used on that loop only
 
     # ------------------------------------------------------------------ status
 
@@ -196,6 +199,8 @@ class RouterEngine(EngineWrapper):
         await asyncio.gather(*self._shadows, return_exceptions=True)
         if self.shadow is not None:
             await asyncio.to_thread(self.shadow.flush)
+        twin, self._shadow_cloud = self._shadow_cloud, None
+        await self._shadow_loop.close(twin.close() if twin is not None else None)
         if self.cloud is not None:
             await self.cloud.close()
         await self.inner.close()
@@ -478,8 +483,12 @@ class RouterEngine(EngineWrapper):
             # run() has returned, but the front end has not written the reply yet: building
             # the cloud request now would take the event loop from it first.
             await asyncio.sleep(AFTER_REPLY_S)
+            if self._shadow_cloud is None:
+                assert self.cloud is not None  # _shadow() starts none without one
+                self._shadow_cloud = self.cloud.twin()
             try:
-                cloud, _ = await self._ask(task, out, meter)
+                ask = self._ask(task, out, meter, self._shadow_cloud)
+                cloud, _ = await self._shadow_loop.run(ask)
             except (CloudError, SensitiveData, _InvalidCloudAnswer) as e:
                 sh.counts.failed += 1
                 log.info("shadow call failed: %s", e)
@@ -576,11 +585,16 @@ class RouterEngine(EngineWrapper):
             raise _again(local_error, f"{local_error.message}; escalation blocked: {why}", cause)
         raise _refused(Decision("fail", why, fail, cause=cause))
 
-    async def _ask(self, task: Task, out: Outbound, meter: Meter) -> tuple[Result, CloudReply]:
-        assert self.cloud is not None
+    async def _ask(
+        self, task: Task, out: Outbound, meter: Meter, client: CloudClient | None = None
+    ) -> tuple[Result, CloudReply]:
+        """The cloud's answer to `task`, through `client` (the shadow calls' own), else the
+        router's client."""
+        cloud = client or self.cloud
+        assert cloud is not None
         if isinstance(task, ClassifyTask):
             labels = out.originals
-            label, reply = await self.cloud.ask_label(out, meter)
+            label, reply = await cloud.ask_label(out, meter)
             if label is None:
                 raise _InvalidCloudAnswer(
                     f"the cloud named none of the labels twice (last answer {reply.text[:80]!r})"
@@ -592,7 +606,7 @@ class RouterEngine(EngineWrapper):
             others = [LabelScore(x, 0.0, float("-inf")) for x in labels if x != label]
             return Classification(label, (LabelScore(label, 1.0, 0.0), *others), usage), reply
         if isinstance(task, ExtractTask):
-            reply = await self.cloud.ask_json(out, meter)
+            reply = await cloud.ask_json(out, meter)
             try:
                 text = await conforming_json_async(reply.text, task.schema)
             except SchemaViolation as e:
@@ -603,7 +617,7 @@ class RouterEngine(EngineWrapper):
                 text, Usage(reply.prompt_tokens, reply.completion_tokens), TokenConfidence(0.0, 0.0)
             ), reply
         if isinstance(task, GenerateTask | ChatTask):
-            reply = await self.cloud.chat(out.render(), max_tokens=out.max_tokens, meter=meter)
+            reply = await cloud.chat(out.render(), max_tokens=out.max_tokens, meter=meter)
             finish: FinishReason = "length" if reply.finish_reason == "length" else "stop"
             return Generation(
                 reply.text,

@@ -290,3 +290,27 @@ async def test_a_task_with_target_accuracy_is_held_to_the_threshold_its_pairs_gi
     line = f"recalibrated threshold task:intents ({ref}): 0.95 for target accuracy 0.9 from 60"
     assert line in out.output
     assert not script.received  # nothing was shadowed: every request was LOCAL_ONLY
+
+
+async def test_shadow_calls_run_on_their_own_thread_and_loop_which_stop_with_the_daemon(
+    serve, tiny_model, cloud
+) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    url, script = cloud
+    script.default = ok(LOCAL)
+    script.delay = 5.0  # still in flight when the daemon stops
+    s = await serve(tiny_model, cloud=settings(url))
+    assert not [t for t in threading.enumerate() if t.name == "shadow-loop"]  # none until used
+    await s.client.classify(TEXT, LABELS, routing="AUTO")
+    end = time.monotonic() + 5
+    while not script.received:
+        assert time.monotonic() < end, "the shadow call never reached the cloud"
+        await asyncio.sleep(0.02)
+    (thread,) = [t for t in threading.enumerate() if t.name == "shadow-loop"]
+    router = s.running.router
+    assert router._shadow_cloud is not None and router._shadow_cloud is not router.cloud
+    t0 = time.monotonic()
+    await s.running.stop(grace=0)
+    assert time.monotonic() - t0 < 3  # the call in flight was cancelled, not awaited
+    assert not thread.is_alive()
