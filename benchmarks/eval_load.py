@@ -30,7 +30,7 @@ from typing import Any
 
 from benchmarks.common import RESULTS, ROOT, SMOL, Log, loadavg, machine
 from benchmarks.daemon import Daemon
-from benchmarks.procs import Children
+from benchmarks.procs import Children, run
 from benchmarks.report import Col, Table, write_json
 from benchmarks.stats import dist
 
@@ -161,4 +161,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

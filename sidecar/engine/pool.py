@@ -295,13 +295,20 @@ class ModelPool:
         of the pool, and continues as soon as none does: a live request then runs as fast
         as with no background work at all, however far the background job had got, and
         the background job's reply is the one it would have had anyway. Held HOLD_MAX_S at
-        a stretch, it runs HOLD_GAP_S before it may be held again."""
+        a stretch, it runs HOLD_GAP_S before it may be held again. A worker still stopped
+        when the daemon dies is not left behind: its process group is then orphaned, and the
+        kernel sends a stopped member of such a group SIGHUP and SIGCONT."""
         now = time.monotonic()
         on: dict[Slot, list[Job]] = {}
         for j in self._running.values():
             if j.slot is not None:
                 on.setdefault(j.slot, []).append(j)
-        live = any(not j.background for j in self._running.values() if j.slot is not None)
+        # Callers' live jobs only: the daemon's own (probes, canaries, a candidate's golden
+        # rows) are not worth an eval's progress.
+        live = any(
+            not j.background and j.caller not in OWN_CALLERS and j.slot is not None
+            for j in self._running.values()
+        )
         self._let_run = {s: t for s, t in self._let_run.items() if t > now}
         wake: list[float] = []
         for slot in {*self._slots, *self._held}:
