@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from benchmarks.common import RESULTS, ROOT, SMOL, Log, loadavg, machine
 from benchmarks.daemon import Daemon
 from benchmarks.procs import Children, run
@@ -82,14 +84,34 @@ class Eval:
             t.join()
 
 
-def caller(d: Daemon, texts: list[str], labels: tuple[str, ...], n: int, seed: int) -> list[float]:
+def workers(d: Daemon) -> list[psutil.Process]:
+    """The daemon's worker processes (spawned children, not multiprocessing's tracker)."""
+    kids = psutil.Process(d.proc.pid).children()
+    return [k for k in kids if "spawn_main" in " ".join(k.cmdline())]
+
+
+def cpu(ps: list[psutil.Process]) -> list[float]:
+    return [sum(p.cpu_times()[:2]) for p in ps]
+
+
+def caller(
+    d: Daemon, texts: list[str], labels: tuple[str, ...], n: int, seed: int,
+    other_cpu: list[float] | None = None,
+) -> list[float]:  # fmt: skip
+    """`n` live calls; their latencies in ms. `other_cpu` gets, per call, the CPU ms that the
+    worker which did not serve it (the busier one served it) burned meanwhile."""
     draw = random.Random(seed)
     out: list[float] = []
+    ps = workers(d)
     with d.client() as c:
         for _ in range(n):
+            before = cpu(ps)
             t0 = time.perf_counter()
             c.classify(draw.choice(texts), labels)
             out.append((time.perf_counter() - t0) * 1e3)
+            used = sorted(b - a for a, b in zip(before, cpu(ps), strict=True))
+            if other_cpu is not None and len(used) == 2:
+                other_cpu.append(used[0] * 1e3)
             time.sleep(draw.uniform(0.05, 0.3))
     return out
 
@@ -107,6 +129,9 @@ def render(r: dict[str, Any]) -> str:
         for phase, d in phases.items():
             rate = r["eval_rows_per_s"].get(name) if phase == "eval" else None
             t.row(name, phase, d["n"], d["p50"], d["p99"], d["mean"], rate if rate else "")
+    for name, d in r["eval_worker_cpu_ms_per_live_call"].items():
+        t.line(f"{name}: CPU ms the other (eval's) worker burned during each live call beside "
+               f"the eval: p50 {d['p50']}, mean {d['mean']}, max {d['max']}")  # fmt: skip
     t.line(f"CPU: {r['machine']['cpu_model']} x {r['machine']['cpus']}; load before "
            f"{r['load_before']}, after {r['load_after']} (shared machine: noisy)")  # fmt: skip
     return t.render()
@@ -129,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                                "machine": machine(), "load_before": loadavg()}  # fmt: skip
     lat: dict[str, dict[str, list[float]]] = {k: {"alone": [], "eval": []} for k in trees}
     evals: dict[str, list[tuple[int, float]]] = {k: [] for k in trees}
+    other: dict[str, list[float]] = {k: [] for k in trees}
     try:
         with Children() as children:
             daemons: dict[str, Daemon] = {}
@@ -145,12 +171,13 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"block {b + 1}/{a.blocks}: {name}")
                     lat[name]["alone"] += caller(d, texts, labels, a.calls, b)
                     with Eval(d, texts, labels, 2) as e:
-                        lat[name]["eval"] += caller(d, texts, labels, a.calls, b)
+                        lat[name]["eval"] += caller(d, texts, labels, a.calls, b, other[name])
                     evals[name].append((e.done, e.wall))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     results["load_after"] = loadavg()
     results["latency_ms"] = {n: {p: dist(xs, 1) for p, xs in ph.items()} for n, ph in lat.items()}
+    results["eval_worker_cpu_ms_per_live_call"] = {n: dist(xs, 0) for n, xs in other.items()}
     results["eval_rows_per_s"] = {
         n: round(sum(k for k, _ in v) / sum(w for _, w in v), 2) for n, v in evals.items()
     }

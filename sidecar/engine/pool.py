@@ -120,7 +120,8 @@ class ModelPool:
         self.footprint = 0  # bytes it takes loaded (the engine's estimate)
         self.wake: Callable[[], None] = lambda: None
         self.latencies = Latencies()  # live requests' time on a worker, per version
-        self._held: dict[Slot, float] = {}  # workers stopped for live work -> since when
+        self._held: set[Slot] = set()  # workers stopped for live work
+        self._stretch: dict[Slot, float] = {}  # held workers -> when their stretch began
         self._let_run: dict[Slot, float] = {}  # held too long: not held again until then
         self._hold_timer: asyncio.TimerHandle | None = None
 
@@ -309,29 +310,36 @@ class ModelPool:
             not j.background and j.caller not in OWN_CALLERS and j.slot is not None
             for j in self._running.values()
         )
+        if len(self._queue) > self._queue.background:
+            live = False  # a live job waits for a worker: let background jobs end and free one
         self._let_run = {s: t for s, t in self._let_run.items() if t > now}
         wake: list[float] = []
-        for slot in {*self._slots, *self._held}:
+        for slot in {*self._slots, *self._held, *self._stretch}:
             jobs = on.get(slot, [])
-            since = self._held.get(slot)
-            want = (
-                live
-                and slot in self._slots
+            only_background = (
+                slot in self._slots
                 and bool(jobs)
                 and all(j.background and not j.cancelled for j in jobs)
             )
-            if want and since is not None and now - since >= HOLD_MAX_S:
+            if not only_background:
+                self._stretch.pop(slot, None)
+            want = live and only_background
+            # A stretch runs from the first hold until a let-run, across the short gaps
+            # between live jobs (back-to-back live jobs would otherwise restart it forever).
+            start = self._stretch.get(slot)
+            if want and start is not None and now - start >= HOLD_MAX_S:
                 self._let_run[slot] = now + HOLD_GAP_S
+                del self._stretch[slot]
             if want and slot in self._let_run:
                 want = False
                 wake.append(self._let_run[slot])
             if want:
-                if since is None:
-                    since = self._held[slot] = now
+                start = self._stretch.setdefault(slot, now)
+                self._held.add(slot)
                 slot.suspend(True)
-                wake.append(since + HOLD_MAX_S)
-            elif since is not None:
-                del self._held[slot]
+                wake.append(start + HOLD_MAX_S)
+            elif slot in self._held:
+                self._held.discard(slot)
                 slot.suspend(False)
         if self._hold_timer is not None:
             self._hold_timer.cancel()

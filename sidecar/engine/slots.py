@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing as mp
+import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -63,7 +65,7 @@ class Slot(Protocol):
     def kill(self) -> None: ...
     def rss(self) -> int | None: ...
     def suspend(self, on: bool) -> None:
-        """Hold (True: decode nothing more, between steps) or release (False) the worker."""
+        """Stop (True) or continue (False) the worker's computation where it stands."""
 
 
 class Unsupervised:
@@ -158,7 +160,7 @@ class ProcessSlot:
     # Liveness: the worker answers pings between decode steps and prompt blocks, from the
     # thread that runs llama.cpp, so one stuck in native code (or SIGSTOPped) goes quiet.
     def ping(self) -> None:
-        if self._ping_sent is None and self.info.state in ("idle", "busy"):
+        if self._ping_sent is None and not self.suspended and self.info.state in ("idle", "busy"):
             self._ping_n += 1
             self._ping_sent = time.monotonic()
             self._outbox.put(("ping", self._ping_n))
@@ -170,13 +172,22 @@ class ProcessSlot:
         if self._proc is not None and self._proc.is_alive():
             self._proc.kill()
 
-    # A message, not SIGSTOP (which would give the core back even mid-decode): a worker
-    # stopped by a signal cannot see the daemon die, and would stay behind, stopped, holding
-    # its memory. A held worker still answers pings (a hang while held is still a hang).
+    # SIGSTOP rather than a message: a stopped worker gives its core back at once, even in
+    # the middle of a llama_decode, and nothing it computes changes (its replies stay
+    # byte-identical). A message the worker obeyed between decode calls was tried first: a
+    # SmolLM2 Classify row is two or three calls of 100-400 ms each, and the held worker
+    # still burned about half its CPU beside the live job. Its silence while stopped is
+    # ours, not a hang. A stopped worker cannot see the daemon die: it asks the kernel to
+    # kill it when its parent goes (`entry`).
     def suspend(self, on: bool) -> None:
-        if on != self.suspended and self.info.state in ("idle", "busy"):
-            self.suspended = on
-            self._outbox.put(("hold", on))
+        if on == self.suspended or self.info.pid is None or self.info.state in ("dead", "stopped"):
+            return
+        try:
+            os.kill(self.info.pid, signal.SIGSTOP if on else signal.SIGCONT)
+        except ProcessLookupError:
+            return  # it died; the reader reports that
+        self.suspended = on
+        self._ping_sent = None
 
     def rss(self) -> int | None:
         try:
@@ -241,6 +252,7 @@ class ProcessSlot:
 
     async def stop(self) -> None:
         self._stopping = True
+        self.suspend(False)  # a stopped process reads no "stop"
         self._outbox.put(("stop",))
         self._outbox.put(None)
         if self._proc is not None and self._proc.pid is not None:

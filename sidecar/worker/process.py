@@ -1,7 +1,6 @@
 """The entry point of a spawned worker process: one LlamaRunner behind a pipe.
 
 Messages in (tuples): ("run", job_id, task, stream) | ("cancel", job_id) | ("ping", n) | ("stop",)
-                      ("hold", on)
 Messages out:         ("ready", facts, pid) | ("fatal", kind, message)
                       ("token", job_id, TokenEvent) | ("done", job_id, result)
                       ("error", job_id, kind, message) | ("pong", n)
@@ -10,10 +9,7 @@ The worker holds up to `parallel` jobs (the daemon never sends more). Generation
 together in the runner's batch, one decode step at a time; Classify and Embed run whole,
 between steps (Embed jobs that wait together in one call). Between steps (and between the prompt blocks of a whole job) it reads the
 pipe: pings are answered there, from the thread that runs llama.cpp, so a worker stuck
-in native code goes quiet; a cancel frees its sequence before the next step. While held
-(the daemon holds a worker that runs only background work while live work runs on another),
-it decodes nothing: it waits on the pipe between steps and between a whole job's blocks,
-so its core is the live work's, and it still answers pings and cancels.
+in native code goes quiet; a cancel frees its sequence before the next step.
 Whatever it prints natively becomes log records in the daemon's format (`native_log`).
 """
 
@@ -63,7 +59,6 @@ class _Worker:
         self.cancelled: set[int] = set()  # jobs not in the batch: running whole, or queued
         self.whole: int | None = None  # the whole job running
         self.stopping = False
-        self.held = False
 
     def serve(self) -> None:
         batch = self.runner.batch
@@ -84,10 +79,6 @@ class _Worker:
             if self.stopping:
                 break
             batch.hold = bool(self.deferred)  # admit nothing new until the batch drains
-            if self.held and batch.busy and not self._cancels_waiting():
-                if not self._wait():
-                    return
-                continue
             for seq, outcome in batch.step():
                 self._report(seq.key, outcome)
         for s in [*batch.active, *batch.waiting]:
@@ -108,8 +99,6 @@ class _Worker:
                     self.runner.batch.cancel(job_id)
                 elif msg[0] == "stop":
                     self.stopping = True
-                elif msg[0] == "hold":
-                    self.held = bool(msg[1])
                 else:
                     self.inbox.append(msg)
         except (EOFError, OSError):
@@ -175,26 +164,7 @@ class _Worker:
 
     def _stop_whole(self, job_id: int) -> bool:
         self._read()
-        while self.held and job_id not in self.cancelled and not self.stopping:
-            if not self._wait():
-                break
         return job_id in self.cancelled or self.stopping
-
-    def _wait(self) -> bool:
-        """Held: sleep until the daemon speaks, then read it; False if it is gone."""
-        try:
-            self.conn.poll(None)
-        except (EOFError, OSError):
-            self.stopping = True
-            return False
-        if not self._read():
-            self.stopping = True
-            return False
-        return True
-
-    def _cancels_waiting(self) -> bool:
-        """A cancelled sequence in the batch: the next step reports it, held or not."""
-        return any(s.cancelled for s in [*self.runner.batch.active, *self.runner.batch.waiting])
 
     def _report(self, job_id: int, outcome: Result | SidecarError | None) -> None:
         if outcome is None:

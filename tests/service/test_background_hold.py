@@ -126,7 +126,7 @@ async def test_a_cancelled_background_job_is_let_go_at_once(slow_model: Path) ->
         await asyncio.sleep(0.1)
         assert bg.slot is not None and await stopped(bg.slot)
         t0 = time.perf_counter()
-        pool.cancel(bg)  # heard while held
+        pool.cancel(bg)  # let go, to hear it
         event = await bg.events.get()
         assert type(event).__name__ == "Cancelled", event
         assert time.perf_counter() - t0 < 2
