@@ -158,9 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Children() as children:
             daemons: dict[str, Daemon] = {}
-            for name, tree in trees.items():  # PYTHONPATH picks the tree's code
+            for name, tree in trees.items():
+                # PYTHONPATH picks the tree's code; PYTHONSAFEPATH keeps `python -m` from
+                # putting the working directory (this tree) before it.
+                env = {"PYTHONPATH": str(tree), "PYTHONSAFEPATH": "1"}
                 daemons[name] = Daemon(children, tmp, model=a.model, tag=name, workers=2,
-                                       threads=1, config=CONFIG, env={"PYTHONPATH": str(tree)})  # fmt: skip
+                                       threads=1, config=CONFIG, env=env)  # fmt: skip
             for d in daemons.values():
                 d.wait_ready()
             for _ in range(a.hogs):
