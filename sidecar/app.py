@@ -55,7 +55,7 @@ from sidecar.router.outbound import Gate
 from sidecar.router.privacy import Scanner
 from sidecar.router.shadow import Shadow
 from sidecar.server.grpc_listener import GrpcListener, bracketed
-from sidecar.store import ModelStore
+from sidecar.store import open_store
 from sidecar.supervisor import Supervisor
 from sidecar.update.updater import Updater
 
@@ -74,7 +74,7 @@ class App:
     ) -> None:
         self.config = config
         s = config.server
-        self.store = ModelStore(config.store.path)
+        self.store = open_store(config.store, os.environ if env is None else env)
         self.local = PoolEngine(config, slot_kind, make_slot, store=self.store)
         self.metrics = Metrics()
         self.metrics.watch(self.local)

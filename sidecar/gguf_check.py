@@ -188,44 +188,48 @@ class _Reader:
 
 def check(path: Path) -> GGUFInfo:
     """Parse and validate; raise GGUFError with the reason if the file is not sound."""
-    size = path.stat().st_size
     with path.open("rb") as f:
-        r = _Reader(f, size)
-        if size < 24:
-            raise GGUFError(f"not a GGUF file: only {size} bytes")
-        if r.take(4, "magic") != MAGIC:
-            raise GGUFError("not a GGUF file: wrong magic bytes (expected 'GGUF')")
-        version = r.unpack("I", "header")
-        if version not in (2, 3):
-            raise GGUFError(f"unsupported GGUF version {version} (expected 2 or 3)")
-        n_tensors = r.unpack("Q", "header")
-        n_kv = r.unpack("Q", "header")
-        if n_tensors > MAX_TENSORS or n_kv > MAX_KV:
-            raise GGUFError(
-                f"corrupt header: {n_tensors} tensors, {n_kv} metadata keys "
-                f"(limits {MAX_TENSORS} and {MAX_KV})"
-            )
-        metadata: dict[str, object] = {}
-        alignment = DEFAULT_ALIGNMENT
-        for _ in range(n_kv):
-            key = r.string("metadata key", MAX_KEY)
-            kind = r.unpack("I", f"metadata {key}")
-            value = r.value(kind, f"metadata {key}")
-            if key == "general.alignment":
-                alignment = _alignment(kind, value)
-            if value is not None:
-                metadata[key] = value
-        tensors = []
-        for _ in range(n_tensors):
-            name = r.string("tensor table", MAX_TENSOR_NAME)
-            n_dims = r.unpack("I", "tensor table")
-            if not 1 <= n_dims <= MAX_DIMS:
-                raise GGUFError(f"corrupt tensor table: {name!r} has {n_dims} dimensions")
-            shape = tuple(r.unpack("Q", "tensor table") for _ in range(n_dims))
-            kind = r.unpack("I", "tensor table")
-            offset = r.unpack("Q", "tensor table")
-            tensors.append(_tensor(name, shape, kind, offset))
-        header_end = f.tell()
+        return check_stream(f, path.stat().st_size)
+
+
+def check_stream(f: BinaryIO, size: int) -> GGUFInfo:
+    """`check` of a seekable binary stream of `size` bytes (a decrypting reader included)."""
+    r = _Reader(f, size)
+    if size < 24:
+        raise GGUFError(f"not a GGUF file: only {size} bytes")
+    if r.take(4, "magic") != MAGIC:
+        raise GGUFError("not a GGUF file: wrong magic bytes (expected 'GGUF')")
+    version = r.unpack("I", "header")
+    if version not in (2, 3):
+        raise GGUFError(f"unsupported GGUF version {version} (expected 2 or 3)")
+    n_tensors = r.unpack("Q", "header")
+    n_kv = r.unpack("Q", "header")
+    if n_tensors > MAX_TENSORS or n_kv > MAX_KV:
+        raise GGUFError(
+            f"corrupt header: {n_tensors} tensors, {n_kv} metadata keys "
+            f"(limits {MAX_TENSORS} and {MAX_KV})"
+        )
+    metadata: dict[str, object] = {}
+    alignment = DEFAULT_ALIGNMENT
+    for _ in range(n_kv):
+        key = r.string("metadata key", MAX_KEY)
+        kind = r.unpack("I", f"metadata {key}")
+        value = r.value(kind, f"metadata {key}")
+        if key == "general.alignment":
+            alignment = _alignment(kind, value)
+        if value is not None:
+            metadata[key] = value
+    tensors = []
+    for _ in range(n_tensors):
+        name = r.string("tensor table", MAX_TENSOR_NAME)
+        n_dims = r.unpack("I", "tensor table")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise GGUFError(f"corrupt tensor table: {name!r} has {n_dims} dimensions")
+        shape = tuple(r.unpack("Q", "tensor table") for _ in range(n_dims))
+        kind = r.unpack("I", "tensor table")
+        offset = r.unpack("Q", "tensor table")
+        tensors.append(_tensor(name, shape, kind, offset))
+    header_end = f.tell()
     data_start = -(-header_end // alignment) * alignment
     for t in tensors:
         if t.offset % alignment:

@@ -28,6 +28,7 @@ from sidecar.cli.ps import ps
 from sidecar.cli.pull import pull, show
 from sidecar.cli.residency import load_model, unload_model
 from sidecar.cli.service import service
+from sidecar.cli.store_keys import keygen, rekey
 from sidecar.cli.support import (
     EXIT_CONFIG,
     EXIT_FAILED,
@@ -429,6 +430,8 @@ def embed(ctx: click.Context, texts: tuple[str, ...], normalize: bool, model: st
 
 main.add_command(service)
 main.add_command(swap)
+models.add_command(keygen)
+models.add_command(rekey)
 main.add_command(models)
 main.add_command(update)
 main.add_command(load_model)

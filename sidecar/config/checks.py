@@ -36,6 +36,17 @@ def token(v: str) -> str | None:
     return None
 
 
+def store_key(v: str) -> str | None:
+    """A store key: empty (none) or 64 hex digits (`sidecar models keygen`)."""
+    if not v:
+        return None
+    try:
+        ok = len(bytes.fromhex(v.strip())) == 32
+    except ValueError:
+        ok = False
+    return None if ok else "is not a store key: expected 64 hex digits (sidecar models keygen)"
+
+
 def identity(v: str) -> str | None:
     # Hashed into the rollout cohort: a stray space or newline from a template would put the
     # machine in another cohort than the operator computed.

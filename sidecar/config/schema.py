@@ -181,6 +181,30 @@ class StoreConfig:
         minimum=0,
         live=True,
     )
+    encryption: bool = setting(
+        False,
+        "Encrypt every blob written to the store (models, quarantine) with AES-256-GCM; "
+        "workers map the decrypted model from sealed memory (Linux memfd), never from disk. "
+        "Needs a key: a systemd credential named sidecar-store-key, store.key_file or "
+        "SIDECAR_STORE_KEY. See docs/encryption.md.",
+    )
+    key_file: Path | None = setting(
+        "",
+        "The store key (64 hex digits, `sidecar models keygen -o PATH`); refused unless owned "
+        "by the daemon's user and mode 0600. A systemd credential wins over it.",
+    )
+    previous_key_file: Path | None = setting(
+        "",
+        "The key before a rekey: blobs still sealed with it stay readable (each blob names "
+        "its key) until `sidecar models rekey` has moved them all to the current key.",
+    )
+    key: str = setting(
+        "",
+        "The store key itself, meant as SIDECAR_STORE_KEY: the weakest source (a process's "
+        "environment is visible to root and to whatever inherits it); prefer key_file or a "
+        "systemd credential.",
+        check=checks.store_key,
+    )
 
 
 @dataclass(frozen=True)

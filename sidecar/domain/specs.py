@@ -9,11 +9,33 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+
+class ModelFd:
+    """An open descriptor of the model's bytes (the sealed memfd of a decrypted blob).
+    Pickled through spawn, it reaches the worker as the same descriptor number (the
+    spawning process passes it), where llama.cpp opens `/proc/self/fd/N`."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from multiprocessing import reduction
+
+        return (_model_fd, (reduction.DupFd(self.fd),))
+
+    def __repr__(self) -> str:
+        return f"ModelFd({self.fd})"
+
+
+def _model_fd(dup: Any) -> ModelFd:
+    return ModelFd(dup.detach())
 
 
 @dataclass(frozen=True)
 class RunnerSpec:
-    path: Path
+    path: Path  # the store's blob (what the worker serves, and its version's name)
     context: int
     threads: int
     batch: int
@@ -23,6 +45,13 @@ class RunnerSpec:
     # How the daemon logs (level, format), in `logs.current()`'s order; a slot stamps the
     # current one as it starts a worker, so that its workers log alike.
     log: tuple[str, str] = field(default=("info", "text"), compare=False)
+    # Set as a worker starts on a sealed blob: the decrypted copy it maps instead of `path`.
+    model_fd: ModelFd | None = field(default=None, compare=False)
+
+    @property
+    def model_file(self) -> str:
+        """What llama.cpp opens: the decrypted copy in memory, else the blob itself."""
+        return f"/proc/self/fd/{self.model_fd.fd}" if self.model_fd else str(self.path)
 
     @property
     def kv_cells(self) -> int:

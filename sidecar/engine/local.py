@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Coroutine
@@ -55,7 +56,6 @@ from sidecar.engine.fake import FakeSlot
 from sidecar.engine.pool import VERSION_CHARS, Job, ModelPool
 from sidecar.engine.slots import ProcessSlot, SlotFactory, ThreadSlot
 from sidecar.engine.swap import Swapper, footprint
-from sidecar.gguf_check import check as check_gguf
 from sidecar.store import ModelStore, startup_blob
 from sidecar.validate import Limits, check
 
@@ -77,12 +77,14 @@ class PoolEngine:
         store: ModelStore | None = None,
     ) -> None:
         self.config = config
+        self.store = store or ModelStore(config.store.path)
         factory = make_slot or SLOT_KINDS[slot_kind]
+        if factory in (ProcessSlot, ThreadSlot):  # sealed blobs are mapped from memory
+            factory = functools.partial(factory, model_fd=self.store.worker_fd)
         self.pools = {
             m.name: ModelPool(m, factory, config.server.default_max_tokens) for m in config.models
         }
         self.default_model = config.default_model
-        self.store = store or ModelStore(config.store.path)
         self.shed_reason: str | None = None  # set by the supervisor under memory pressure
         self.on_result: Callable[[Result], None] = lambda _r: None  # metrics hook
         # metrics hook: (model, outcome "swapped" | "unchanged" | "refused", refusing stage)
@@ -133,7 +135,8 @@ class PoolEngine:
         spec = pool.spec
         path = spec.path
         try:
-            return footprint(check_gguf(path), spec.kv_cells, pool.config.workers, spec.kv_cache)
+            info = self.store.gguf(path)
+            return footprint(info, spec.kv_cells, pool.config.workers, spec.kv_cache)
         except (SidecarError, OSError):
             return path.stat().st_size if path.is_file() else 0
 
@@ -244,6 +247,7 @@ class PoolEngine:
     def unload_idle(self, now: float) -> list[str]:
         """The supervisor's tick: unload (in the background) the on-demand models idle past
         their keep_alive; the names it started on."""
+        self.keep_images()  # the supervisor's tick: what unloads and swaps left behind
         due = residency.expired(self.residents(), now)
         for name in due:
             log.info("model %s idle for %.0fs: unloading", name, self.pools[name].config.keep_alive)
@@ -367,9 +371,22 @@ class PoolEngine:
             raise
         if result.new != result.old:  # the budget counts the new file's size from now on
             pool.footprint = await asyncio.to_thread(self._footprint, pool)
+        self.keep_images()
         outcome = "unchanged" if result.new == result.old else "swapped"
         self.on_swap(pool.config.name, outcome, "")
         return result
+
+    def keep_images(self) -> None:
+        """Close the decrypted copies (memfds) no pool needs to start a worker from: what a
+        loaded or loading pool serves, what a live worker runs, what a swap holds."""
+        needed = self.store.held()
+        for pool in self.pools.values():
+            if pool.residency != residency.UNLOADED:
+                needed.add(pool.spec.path.stem)
+            needed.update(
+                s.spec.path.stem for s in pool.workers() if s.info.state not in ("dead", "stopped")
+            )
+        self.store.images.keep(needed)
 
     def in_use(self) -> dict[str, str]:
         """sha256 of every store blob a live worker maps -> which worker (see `Swapper`)."""

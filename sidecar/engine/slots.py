@@ -22,13 +22,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import psutil
 
 from sidecar import logs
 from sidecar.domain.errors import FailedPrecondition, SidecarError, WorkerCrashed, from_kind
-from sidecar.domain.specs import ModelFacts, RunnerSpec
+from sidecar.domain.specs import ModelFacts, ModelFd, RunnerSpec
 from sidecar.domain.status import SlotInfo
 from sidecar.domain.types import Result, Task, TokenEvent
 from sidecar.worker.entry import worker_main
@@ -89,9 +90,23 @@ class Unsupervised:
         pass  # a thread of the daemon cannot be stopped from outside
 
 
+ModelFdSource = Callable[[Path], "int | None"]
+
+
+def _with_fd(spec: RunnerSpec, model_fd: ModelFdSource | None) -> RunnerSpec:
+    """`spec` with the decrypted copy of a sealed blob to map (read in a thread: the
+    first worker of a version decrypts it)."""
+    fd = model_fd(spec.path) if model_fd is not None else None
+    return replace(spec, model_fd=ModelFd(fd)) if fd is not None else spec
+
+
 class ProcessSlot:
-    def __init__(self, spec: RunnerSpec, events: Events) -> None:
+    def __init__(
+        self, spec: RunnerSpec, events: Events, model_fd: ModelFdSource | None = None
+    ) -> None:
+        """`model_fd`: the store's `worker_fd` (sealed blobs are mapped from memory)."""
         self.spec = spec
+        self._model_fd = model_fd
         self.events = events
         self.info = SlotInfo(None, "starting", 0)
         self.facts: ModelFacts | None = None
@@ -114,6 +129,7 @@ class ProcessSlot:
         self._conn = parent
         # The daemon's logging as it is now (a SIGHUP may have changed it since the spec).
         spec = replace(self.spec, log=logs.current())
+        spec = await self._loop.run_in_executor(None, _with_fd, spec, self._model_fd)
         self._proc = ctx.Process(target=worker_main, args=(child, spec), daemon=True)
         await self._loop.run_in_executor(None, self._proc.start)
         child.close()
@@ -272,8 +288,11 @@ class ProcessSlot:
 class ThreadSlot(Unsupervised):
     """In-process slot: the runner lives in one dedicated thread."""
 
-    def __init__(self, spec: RunnerSpec, events: Events) -> None:
+    def __init__(
+        self, spec: RunnerSpec, events: Events, model_fd: ModelFdSource | None = None
+    ) -> None:
         self.spec = spec
+        self._model_fd = model_fd
         self.events = events
         self.info = SlotInfo(None, "starting", 0)
         self.facts: ModelFacts | None = None
@@ -288,7 +307,8 @@ class ThreadSlot(Unsupervised):
         from sidecar.worker.runner import LlamaRunner
 
         self._loop = asyncio.get_running_loop()
-        self._runner = await self._loop.run_in_executor(self._pool, LlamaRunner, self.spec)
+        spec = await self._loop.run_in_executor(self._pool, _with_fd, self.spec, self._model_fd)
+        self._runner = await self._loop.run_in_executor(self._pool, LlamaRunner, spec)
         self.facts = self._runner.facts
         self.info.state = "idle"
         return self._runner.facts  # type: ignore[no-any-return]

@@ -48,10 +48,13 @@ from sidecar.engine.pool import VERSION_CHARS, ModelPool
 from sidecar.engine.slots import Slot
 from sidecar.gguf_check import GGUFError, GGUFInfo, check
 from sidecar.store import ModelStore
+from sidecar.store.images import PREFIX
 
 STRATEGIES = ("side_by_side", "replace")
 CANARY_TIMEOUT_S = 120.0  # a worker that cannot answer one short prompt in this is not fit
 MiB = 1024 * 1024
+_ROOT = Path("/")
+_MEMFD = "memfd:" + PREFIX  # how /proc names a sealed blob's decrypted copy
 
 
 class Swapper:
@@ -124,6 +127,7 @@ class Swapper:
                         settings.drain_seconds,
                         settings.swap_wait_seconds,
                         checker,
+                        self.store.gguf,
                     )
                 except SwapRefused as e:
                     self.store.release(sha)
@@ -214,6 +218,8 @@ class Swapper:
                 if files is None or state == "starting":  # not yet open: its spec says
                     files = (files or set()) | {slot.spec.path.resolve()}
                 for f in files:
+                    if f.parent == _ROOT and f.name.startswith(_MEMFD):  # a decrypted copy
+                        f = blobs / f"{f.name.removeprefix(_MEMFD)}.gguf"
                     if f.parent == blobs and f.suffix == ".gguf":
                         who = f"worker pid {pid} of model {name!r}" if pid else f"model {name!r}"
                         found.setdefault(f.stem, who)
@@ -265,15 +271,17 @@ async def switch(
     drain_s: float,
     wait_s: float,
     gate: Gate | None = None,
+    inspect: Callable[[Path], GGUFInfo] = check,
 ) -> SwapResult:
     """Steps 1 to 4 for a file already in the store: validate, prove (canary, then the eval
-    gate), flip, drain."""
+    gate), flip, drain. `inspect`: reads the file's GGUF header (the store's, through
+    decryption, for a sealed blob)."""
     started = time.monotonic()
     old_ref = pool.ref
     new_ref = ModelRef(pool.config.name, version[:VERSION_CHARS])
     progress("validating", str(path))
     try:
-        info = await asyncio.to_thread(check, path)
+        info = await asyncio.to_thread(inspect, path)
     except SidecarError as e:
         raise SwapRefused("validating", e.message) from None
     need = footprint(info, pool.spec.kv_cells, pool.config.workers, pool.spec.kv_cache)

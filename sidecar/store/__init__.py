@@ -28,12 +28,20 @@ caller passes those, read from the workers' real mappings), that is being swappe
 versions of a name that has never been activated: they were added on purpose and nothing
 has replaced them. The quarantine keeps only its newest entries (`quarantine_cleanup`).
 
+Encrypted stores (`store.encryption`): every blob and quarantined file is sealed
+(`sealed`: chunked AES-256-GCM, named by the sha256 of its plaintext as before); every read
+of a blob's bytes goes through `ModelStore.open_plain`, every write through its sealing
+copy; workers map a decrypted copy held in a sealed memfd (`images`), never a file.
+
 Modules: `model_store` (blobs, versions, pointers, gc), `quarantine` (refused files and
-their bound), `seed` (which file serves a model at start).
+their bound), `seed` (which file serves a model at start), `sealed` (the encrypted blob
+format), `keys` (where keys come from), `images` (decrypted copies in memory), `opening`
+(the store a config names, with its keys), `rekey` (re-sealing every blob to a new key).
 """
 
 from sidecar.domain.versions import VersionInfo
 from sidecar.store.model_store import BlobChanged, ModelStore
+from sidecar.store.opening import open_store
 from sidecar.store.seed import startup_blob
 
-__all__ = ["BlobChanged", "ModelStore", "VersionInfo", "startup_blob"]
+__all__ = ["BlobChanged", "ModelStore", "VersionInfo", "open_store", "startup_blob"]

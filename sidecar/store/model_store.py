@@ -6,6 +6,7 @@ The layout on disk and what may be deleted are described in `sidecar.store`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -13,15 +14,18 @@ import stat
 import threading
 import time
 from collections import Counter
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 from sidecar.domain.errors import FailedPrecondition, InvalidRequest, ModelNotFound
 from sidecar.domain.names import check_name, name_problem, shown
 from sidecar.domain.versions import SHORT, VersionInfo
-from sidecar.fileio import clone_or_copy, fsync_dir, sha256_file, write_atomic
-from sidecar.gguf_check import GGUFError
-from sidecar.gguf_check import check as check_gguf
+from sidecar.fileio import CHUNK, clone_or_copy, fsync_dir, write_atomic
+from sidecar.gguf_check import GGUFError, GGUFInfo, check_stream
+from sidecar.store import images, sealed
+from sidecar.store.images import Images
+from sidecar.store.keys import Keyring
 from sidecar.store.quarantine import Quarantine
 
 _SHA = re.compile(r"[0-9a-f]{64}")
@@ -40,7 +44,17 @@ def _stamp(st: os.stat_result) -> str:
 
 
 class ModelStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, keys: Keyring | None = None, *, encrypt: bool = False) -> None:
+        """`keys`: what sealed blobs are read with; `encrypt`: new blobs (and quarantined
+        files) are sealed with `keys.current`. Every read of a blob's bytes goes through
+        `open_plain`, every write of one through `_seal_into`."""
+        if encrypt and keys is None:
+            raise FailedPrecondition("store.encryption is on but no key was given")
+        if encrypt and (why := images.supported()):
+            raise FailedPrecondition(why)
+        self.keys = keys
+        self.encrypt = encrypt
+        self.images = Images(self._decrypt_to_memory)
         self.root = root
         self.blobs = root / "blobs"
         self.models = root / "models"
@@ -54,7 +68,9 @@ class ModelStore:
         # hold/release run on the event loop: they take only this lock, never `_lock`, which
         # file work (a gc, a quarantine copy) can hold for a while.
         self._held_lock = threading.Lock()
-        self._quarantine = Quarantine(root / "quarantine", self._lock, self._owns)
+        self._quarantine = Quarantine(
+            root / "quarantine", self._lock, self._owns, self._seal_into if encrypt else None
+        )
         self.quarantine_dir = self._quarantine.dir
 
     def sweep(self) -> None:
@@ -77,6 +93,73 @@ class ModelStore:
         if d.resolve().parent != self.models.resolve():
             raise InvalidRequest(f"model {shown(name)} resolves outside the store")
         return d
+
+    # ---------------------------------------------------------------- bytes
+
+    @contextlib.contextmanager
+    def open_plain(self, path: Path) -> Iterator[BinaryIO]:
+        """The plaintext of a file the store reads (a blob, a caller's file, a rebuilt
+        update): decrypted when it is sealed, as it is otherwise."""
+        f = path.open("rb")
+        try:
+            if f.read(len(sealed.MAGIC)) == sealed.MAGIC:
+                f.seek(0)
+                reader = sealed.SealedReader(f, self.keys.by_id if self.keys else {}, path)
+                with reader:
+                    yield reader  # type: ignore[misc]
+                return
+            f.seek(0)
+            yield f
+        finally:
+            f.close()
+
+    @staticmethod
+    def _size(f: BinaryIO) -> int:
+        if isinstance(f, sealed.SealedReader):
+            return f.size
+        return os.fstat(f.fileno()).st_size
+
+    def plain_size(self, path: Path) -> int:
+        with self.open_plain(path) as f:
+            return self._size(f)
+
+    def gguf(self, path: Path) -> GGUFInfo:
+        """The GGUF header of a file's plaintext (see `sidecar.gguf_check`)."""
+        with self.open_plain(path) as f:
+            return check_stream(f, self._size(f))
+
+    def sha256(self, path: Path) -> str:
+        """The sha256 of a file's plaintext: the name of the version it is."""
+        h = hashlib.sha256()
+        with self.open_plain(path) as f:
+            while block := f.read(CHUNK):
+                h.update(block)
+        return h.hexdigest()
+
+    def _seal_into(self, src: Path, dst: Path, mode: int = 0o600) -> str:
+        """Write `dst` (which must not exist) as the sealed copy of `src`'s plaintext,
+        fsynced; return the plaintext's sha256. A sealed `src` is decrypted and sealed
+        again with the current key."""
+        assert self.keys is not None
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        with os.fdopen(fd, "wb") as out, self.open_plain(src) as plain:
+            sha = sealed.seal_stream(plain, out, self.keys.current)
+            out.flush()
+            os.fsync(out.fileno())
+        return sha
+
+    def worker_fd(self, path: Path) -> int | None:
+        """The memfd a worker maps instead of `path` when that blob is sealed (one per
+        version, shared by its workers); None for a plaintext file, mapped directly."""
+        if path.parent != self.blobs or not sealed.is_sealed(path):
+            return None
+        return self.images.fd(path.stem)
+
+    def _decrypt_to_memory(self, sha: str) -> int:
+        with self.open_plain(self.blob(sha)) as f:
+            if not isinstance(f, sealed.SealedReader):
+                raise FailedPrecondition(f"blob {sha[:SHORT]} is not sealed")
+            return images.sealed_memfd(f, sha)
 
     # ---------------------------------------------------------------- reading
 
@@ -121,9 +204,13 @@ class ModelStore:
         return matches[0]
 
     def info(self, name: str, sha: str) -> VersionInfo:
-        st = self.blob(sha).stat()
+        blob = self.blob(sha)
+        st = blob.stat()
+        size = st.st_size
+        with contextlib.suppress(sealed.SealError):  # listed by its on-disk size then
+            size = self.plain_size(blob)
         return VersionInfo(
-            name, sha, st.st_size, st.st_mtime, sha == self.active(name), sha == self.previous(name)
+            name, sha, size, st.st_mtime, sha == self.active(name), sha == self.previous(name)
         )
 
     def all_versions(self) -> list[VersionInfo]:
@@ -149,7 +236,7 @@ class ModelStore:
         try:
             if not stat.S_ISREG(src.stat().st_mode):
                 raise InvalidRequest(f"{src} is not a regular file")
-            check_gguf(src)
+            self.gguf(src)
         except GGUFError as e:
             raise GGUFError(f"{src}: {e.message}") from None
         except OSError as e:
@@ -198,6 +285,10 @@ class ModelStore:
             if self._held[sha] <= 0:
                 del self._held[sha]
 
+    def held(self) -> set[str]:
+        """The versions being swapped in now (see `hold`)."""
+        return self._held_now()
+
     def _held_now(self) -> set[str]:
         with self._held_lock:
             return set(self._held)
@@ -208,20 +299,38 @@ class ModelStore:
         partial = self.blobs / f".{os.getpid()}-{time.monotonic_ns()}.partial"
         try:
             try:
-                copied = clone_or_copy(src, partial, 0o600)
+                if self.encrypt:
+                    copied: str | None = self._seal_into(src, partial)
+                elif sealed.is_sealed(src):  # a sealed update into a plaintext store
+                    copied = self._unseal_into(src, partial)
+                else:
+                    copied = clone_or_copy(src, partial, 0o600)
             except OSError as e:
                 raise InvalidRequest(f"cannot read {src}: {e.strerror or e}") from None
             try:
-                check_gguf(partial)  # the bytes we will serve, whatever `src` did meanwhile
+                self.gguf(partial)  # the bytes we will serve, whatever `src` did meanwhile
             except GGUFError as e:
                 raise GGUFError(f"{src}: {e.message}") from None
-            sha = copied or sha256_file(partial)
+            sha = copied or self.sha256(partial)
             if expect_sha256 and sha != expect_sha256:
                 raise InvalidRequest(f"{src} has sha256 {sha}, expected {expect_sha256}")
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
         return partial, sha
+
+    def _unseal_into(self, src: Path, dst: Path) -> str:
+        h = hashlib.sha256()
+        fd = os.open(
+            dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        with os.fdopen(fd, "wb") as out, self.open_plain(src) as plain:
+            while block := plain.read(CHUNK):
+                h.update(block)
+                out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+        return h.hexdigest()
 
     def _record(self, sha: str) -> None:
         write_atomic(self.stamps / sha, _stamp(os.lstat(self.blob(sha))).encode())
@@ -244,7 +353,12 @@ class ModelStore:
         shared = st.st_nlink > 1
         if stat.S_ISREG(st.st_mode) and not shared and recorded == _stamp(st):
             return
-        actual = sha256_file(blob) if stat.S_ISREG(st.st_mode) else "not a regular file"
+        try:
+            actual = self.sha256(blob) if stat.S_ISREG(st.st_mode) else "not a regular file"
+        except sealed.MissingKey:
+            raise  # not the blob's fault: it stays, and the error names the key it needs
+        except sealed.Damaged as e:
+            actual = f"unreadable ({e.message})"
         if actual == sha and shared:
             # The other link can be rewritten between the hash and the copy: the copy, not
             # the blob, is what must hash to `sha`.
@@ -252,13 +366,16 @@ class ModelStore:
         if actual != sha:
             (self.stamps / sha).unlink(missing_ok=True)
             reason = f"blob {sha} changed on disk: its content now hashes to {actual}"
+            if actual.startswith("unreadable"):
+                reason = f"blob {sha} changed on disk: {actual}"
             where = self.quarantine(blob, reason)
             for name in self.names():
                 (self._model_dir(name) / "versions" / sha).unlink(missing_ok=True)
             log.warning("%s (set aside as %s)", reason, where.name)
+            now = actual if actual.startswith("unreadable") else f"now {actual[:SHORT]}"
             raise BlobChanged(
-                f"version {sha[:SHORT]} was changed on disk after it was stored (now "
-                f"{actual[:SHORT]}); it was removed from the store: add the file again"
+                f"version {sha[:SHORT]} was changed on disk after it was stored ({now}); "
+                "it was removed from the store: add the file again"
             )
         self._record(sha)
 
@@ -268,7 +385,7 @@ class ModelStore:
         blob = self.blob(sha)
         partial = self.blobs / f".{os.getpid()}-{time.monotonic_ns()}.partial"
         try:
-            copied = clone_or_copy(blob, partial, 0o444) or sha256_file(partial)
+            copied = clone_or_copy(blob, partial, 0o444) or self.sha256(partial)
             if copied == sha:
                 os.replace(partial, blob)
                 fsync_dir(self.blobs)

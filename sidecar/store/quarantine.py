@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sidecar.fileio import clone_or_copy, fsync_dir
+from sidecar.store.sealed import is_sealed
 
 QUARANTINE_KEEP = 10
 QUARANTINE_DAYS = 14
@@ -35,13 +36,20 @@ log = logging.getLogger("sidecar.store")
 
 class Quarantine:
     def __init__(
-        self, directory: Path, lock: threading.RLock, owns: Callable[[Path], bool]
+        self,
+        directory: Path,
+        lock: threading.RLock,
+        owns: Callable[[Path], bool],
+        seal: Callable[[Path, Path], str] | None = None,
     ) -> None:
         """`lock`: the store's, so a trim never races its other file work; `owns`: whether a
-        path is the store's own file (only those are ever copied in)."""
+        path is the store's own file (only those are ever copied in); `seal`: on an
+        encrypted store, writes the sealed copy of a plaintext file (a refused drop is
+        encrypted on its way in, never kept in plaintext)."""
         self.dir = directory
         self._lock = lock
         self._owns = owns
+        self._seal = seal
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Refused files may be anything a caller pointed at: only we may read them.
         os.chmod(self.dir, 0o700)
@@ -71,7 +79,10 @@ class Quarantine:
             dest = record
         else:
             with contextlib.suppress(FileNotFoundError):
-                _set_aside(src, dest, move)
+                if self._seal is not None and not is_sealed(src):
+                    self._seal_aside(src, dest, move)
+                else:
+                    _set_aside(src, dest, move)
         fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(reason)
@@ -80,6 +91,16 @@ class Quarantine:
         except OSError as e:  # a full disk must not turn a refusal into a crash
             log.warning("could not trim the quarantine: %s", e)
         return dest
+
+    def _seal_aside(self, src: Path, dest: Path, move: bool) -> None:
+        assert self._seal is not None
+        try:
+            self._seal(src, dest)
+        except BaseException:
+            dest.unlink(missing_ok=True)
+            raise
+        if move:
+            src.unlink()
 
     def cleanup(self, *, empty: bool = False) -> list[str]:
         """Apply the bound (QUARANTINE_KEEP, _DAYS, _BYTES; the newest entry is exempt from

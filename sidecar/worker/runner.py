@@ -118,7 +118,7 @@ class LlamaRunner:
     def _open(self) -> llama_cpp.Llama:
         s = self.spec
         llm = llama_cpp.Llama(
-            model_path=str(s.path),
+            model_path=s.model_file,
             # A small context: the batch's replaces it (Embed has a context of its own).
             n_ctx=s.batch,
             n_batch=s.batch,

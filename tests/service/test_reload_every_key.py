@@ -191,6 +191,7 @@ STILL_RUNNING: dict[str, Callable[[App], Any]] = {
     "models.NAME.kv_cache": lambda app: _pool(app).spec.kv_cache,
     "default_model": lambda app: app.local.default_model,
     "store.path": lambda app: app.store.root,
+    "store.encryption": lambda app: app.store.encrypt,
 }
 
 
@@ -297,6 +298,9 @@ SPECIAL: dict[str, Callable[[Site], Value]] = {
     "http.socket": lambda s: Value(str(s.dir / "h.sock")),
     "store.path": lambda s: Value(str(s.dir / "store2")),
     "store.drop": lambda s: Value(str(s.dir / "drop2")),
+    "store.key": lambda s: Value("ab" * 32),
+    "store.key_file": lambda s: Value(str(s.dir / "store.key")),
+    "store.previous_key_file": lambda s: Value(str(s.dir / "old.key")),
     "cloud.base_url": lambda s: Value("http://127.0.0.1:9/v1", {"cloud.model": "reload-model"}),
     "cloud.sensitive": lambda s: Value(["email"]),
     "cloud.pre_route_tasks": lambda s: Value(["chat"]),

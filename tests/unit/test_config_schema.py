@@ -60,6 +60,7 @@ def test_config_keys_prints_choices_and_lists_as_toml_writes_them() -> None:
 
 # Valid values for keys whose check a generic value would fail.
 SAMPLES = {
+    "store.key": "ab" * 32,
     "server.tcp_host": "localhost",
     "metrics.host": "::1",
     "http.host": "localhost",

@@ -23,7 +23,7 @@ from sidecar.domain.names import check_name, name_problem, shown
 from sidecar.gguf_check import MAX_STRING_ARRAY, GGUFError, check
 from sidecar.logs import JsonFormatter, TextFormatter
 from sidecar.socket_claim import SocketClaim, SocketUnsafe
-from sidecar.store import BlobChanged, ModelStore, model_store, startup_blob
+from sidecar.store import BlobChanged, ModelStore, startup_blob
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_gguf import write_tiny_llama
@@ -189,13 +189,13 @@ def test_reflink_is_tried_first_and_a_copy_follows(
 
 def count_hashes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     hashed: list[Path] = []
-    real = model_store.sha256_file
+    real = ModelStore.sha256
 
-    def spy(path: Path) -> str:
+    def spy(self: ModelStore, path: Path) -> str:
         hashed.append(path)
-        return real(path)
+        return real(self, path)
 
-    monkeypatch.setattr(model_store, "sha256_file", spy)
+    monkeypatch.setattr(ModelStore, "sha256", spy)
     return hashed
 
 
