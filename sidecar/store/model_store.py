@@ -148,6 +148,25 @@ class ModelStore:
             os.fsync(out.fileno())
         return sha
 
+    @contextlib.contextmanager
+    def open_output(self, path: Path) -> Iterator[BinaryIO]:
+        """A new file (0600) that will be handed to `add` (a rebuilt update): on an
+        encrypted store what is written is sealed on the way, so it is never on disk in
+        plaintext. Durable (fsynced) once the context exits."""
+        fd = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        with os.fdopen(fd, "wb") as out:
+            if self.encrypt:
+                assert self.keys is not None
+                writer = sealed.SealWriter(out, self.keys.current)
+                yield writer  # type: ignore[misc]
+                writer.close()
+            else:
+                yield out
+            out.flush()
+            os.fsync(out.fileno())
+
     def worker_fd(self, path: Path) -> int | None:
         """The memfd a worker maps instead of `path` when that blob is sealed (one per
         version, shared by its workers); None for a plaintext file, mapped directly."""

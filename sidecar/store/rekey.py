@@ -45,6 +45,8 @@ def rekey(store: ModelStore, progress: Callable[[str], None] = lambda _m: None) 
     assert store.keys is not None, "rekey needs a keyring"
     target = store.keys.current_id
     report = RekeyReport()
+    for folder in (store.blobs, store.quarantine_dir):
+        _sweep(folder)
     files = sorted(p for p in store.blobs.iterdir() if _SHA_BLOB.fullmatch(p.name))
     files += sorted(p for p in store.quarantine_dir.iterdir() if not p.name.endswith(".reason"))
     for path in files:
@@ -65,6 +67,24 @@ def rekey(store: ModelStore, progress: Callable[[str], None] = lambda _m: None) 
         report.resealed.append(path.name)
         progress(f"resealed {path.name}")
     return report
+
+
+def _sweep(folder: Path) -> None:
+    """Remove what a killed rekey left half-written (never a running one's)."""
+    for p in folder.glob(".rekey-*.partial"):
+        pid = p.name.split("-")[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _reseal(store: ModelStore, path: Path, *, is_blob: bool) -> None:

@@ -32,12 +32,14 @@ has are copied.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import struct
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -401,6 +403,23 @@ def _inflate(d: zstandard.ZstdDecompressor, payload: bytes, raw_len: int) -> byt
     return bytes(out)
 
 
+Opener = Callable[[Path], AbstractContextManager[BinaryIO]]
+
+
+@contextlib.contextmanager
+def _read_file(path: Path) -> Iterator[BinaryIO]:
+    with path.open("rb") as f:
+        yield f
+
+
+@contextlib.contextmanager
+def _write_file(path: Path) -> Iterator[BinaryIO]:
+    with path.open("wb") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def apply_delta(
     old: Path,
     delta: Path,
@@ -410,13 +429,17 @@ def apply_delta(
     verify_base: bool = True,
     target_size: int | None = None,
     max_size: int | None = None,
+    read_old: Opener = _read_file,
+    write_out: Opener = _write_file,
 ) -> str:
     """Write the target to `out`; return its sha256. `verify_base=False` trusts the caller
     (the store names blobs by their sha256); the target's hash is checked either way.
 
     `target_size` is the size a trusted source (the signed manifest) declares: the delta
     must declare the same, and nothing past it is written. Without it, `max_size` (when
-    given) caps what the delta's own claim may be."""
+    given) caps what the delta's own claim may be. `read_old` / `write_out` open the base
+    and the target (an encrypted store's: through decryption and encryption, so neither
+    is ever on disk in plaintext); `write_out`'s stream is made durable when it closes."""
     with delta.open("rb") as fd:
         h = _header(fd)
         if target_size is not None and h.target_size != target_size:
@@ -429,26 +452,35 @@ def apply_delta(
                 "cap for this step"
             )
         limit = h.target_size
-        size_now = old.stat().st_size
-        if size_now != h.base_size:
-            raise DeltaError(f"the base is {size_now} bytes; this delta needs {h.base_size}")
-        if verify_base and sha256_file(old) != h.base_sha256:
-            raise DeltaError("the base file is not the one this delta was made from")
-        digest = hashlib.sha256()
-        with old.open("rb") as fo, out.open("wb") as fout:
-            try:
-                written = _run_ops(fd, fo, fout, h.base_size, limit, digest, progress)
-            except (ValueError, TypeError, OverflowError, struct.error) as e:
-                # A hostile op that got past the checks below still only means "corrupt".
-                raise DeltaError(f"corrupt delta: {e}") from None
-            fout.flush()
-            os.fsync(fout.fileno())
+        with read_old(old) as fo:
+            size_now = fo.seek(0, io.SEEK_END)
+            fo.seek(0)
+            if size_now != h.base_size:
+                raise DeltaError(f"the base is {size_now} bytes; this delta needs {h.base_size}")
+            if verify_base and _sha256(fo) != h.base_sha256:
+                raise DeltaError("the base file is not the one this delta was made from")
+            digest = hashlib.sha256()
+            with write_out(out) as fout:
+                try:
+                    written = _run_ops(fd, fo, fout, h.base_size, limit, digest, progress)
+                except (ValueError, TypeError, OverflowError, struct.error) as e:
+                    # A hostile op that got past the checks below still only means "corrupt".
+                    raise DeltaError(f"corrupt delta: {e}") from None
     if written != limit:
         raise DeltaError(f"the delta produced {written} bytes; the target has {limit}")
     got = digest.hexdigest()
     if got != h.target_sha256:
         raise DeltaError("the rebuilt file does not have the target's sha256")
     return got
+
+
+def _sha256(f: BinaryIO) -> str:
+    h = hashlib.sha256()
+    f.seek(0)
+    while block := f.read(PIECE):
+        h.update(block)
+    f.seek(0)
+    return h.hexdigest()
 
 
 def _run_ops(

@@ -128,7 +128,18 @@ async def _rebuild(
                     f"{info.target_sha256[:12]}; the manifest lists it for "
                     f"{step.from_sha256[:12]} -> {step.to_sha256[:12]}"
                 )
-            got = await in_thread(delta.apply_delta, base, done, out, progress=report, **caps)
+            # Through the store: an encrypted one decrypts the base and seals the target.
+            store = ctx.engine.store
+            got = await in_thread(
+                delta.apply_delta,
+                base,
+                done,
+                out,
+                progress=report,
+                read_old=store.open_plain,
+                write_out=store.open_output,
+                **caps,
+            )
             if got != step.to_sha256:
                 raise delta.DeltaError(
                     f"rebuilt v{step.to_version} has sha256 {got[:12]}, the manifest says "

@@ -1,0 +1,268 @@
+"""An encrypted store on the real daemon with real llama.cpp: plaintext never on disk.
+
+The daemon serves, swaps (by path and by version), takes a drop, refuses and quarantines
+bad files, all on `store.encryption = true`; then the store, the drop folder, the temp
+folders and every file the daemon and its workers hold open are scanned for the GGUF
+magic at offset 0 and for a 4 KiB run of each model's tensor bytes: none may be found.
+A damaged blob (one flipped byte, or cut short) is refused with the reason and the daemon
+keeps serving what it verified; a daemon without its key does not start, and says why.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from test_daemon import Daemon  # type: ignore[import-not-found]
+
+from sidecar.client import Client
+from sidecar.gguf_check import check
+from sidecar.store.keys import write_new_key
+from sidecar.v1 import inference_pb2 as pb
+
+pytestmark = pytest.mark.e2e
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tiny_gguf import write_tiny_llama  # noqa: E402
+
+RUN = 4096
+# Seeds no other test uses: the scanned-for tensor bytes are this test's models' only.
+SEEDS = {"a": 18_001, "b": 18_002, "c": 18_003, "bad": 18_004}
+
+
+def _model(d: Path, name: str) -> Path:
+    return write_tiny_llama(d / f"{name}.gguf", seed=SEEDS[name], n_ctx=4096, n_embd=96)
+
+
+def _tensor_run(model: Path) -> bytes:
+    """4 KiB from the middle of the model's biggest tensor: random weights, found nowhere
+    else unless this model's plaintext is."""
+    info = check(model)
+    t = max(info.tensors, key=lambda t: t.nbytes)
+    start = info.data_start + t.offset + t.nbytes // 2
+    with model.open("rb") as f:
+        f.seek(start)
+        return f.read(RUN)
+
+
+def _files_under(root: Path, since: float, skip: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root, onerror=lambda _e: None):
+        here = Path(dirpath)
+        if here == skip or skip in here.parents:
+            dirnames[:] = []
+            continue
+        for n in filenames:
+            p = here / n
+            try:
+                st = p.lstat()
+            except OSError:
+                continue
+            if p.is_file() and not p.is_symlink() and st.st_mtime >= since and st.st_size < 1 << 28:
+                yield p
+
+
+def _leaks(path: Path, runs: list[bytes], *, magic: bool = True) -> str | None:
+    try:
+        with path.open("rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    if magic and data[:4] == b"GGUF":
+        return f"{path}: starts with the GGUF magic"
+    for r in runs:
+        if r in data:
+            return f"{path}: holds a 4 KiB run of a model's tensor bytes"
+    return None
+
+
+def _open_disk_files(pid: int) -> list[Path]:
+    """The on-disk files `pid` holds open or maps (memfds and sockets are not on disk)."""
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("/") and not target.startswith("/memfd:"):
+            found.append(Path(target.removesuffix(" (deleted)")))
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/") and not fields[5].startswith("/memfd:"):
+            found.append(Path(fields[5].removesuffix(" (deleted)")))
+    return found
+
+
+def _memfd_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/memfd:sidecar-"):
+            inodes.add(fields[4])
+    return inodes
+
+
+def _config(d: Path, key: Path, drop: Path, workers: int = 2) -> Path:
+    cfg = d / "c.toml"
+    cfg.write_text(
+        f'[store]\nencryption = true\nkey_file = "{key}"\ndrop = "{drop}"\n'
+        f'[models.default]\npath = "{d / "src" / "a.gguf"}"\nworkers = {workers}\n'
+    )
+    return cfg
+
+
+def _wait(cond, what: str, timeout: float = 120) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def site(short_dir: Path) -> Iterator[tuple[Path, Path, Path, dict[str, Path]]]:
+    src = short_dir / "src"
+    src.mkdir()
+    models = {n: _model(src, n) for n in ("a", "b", "c")}
+    key = short_dir / "store.key"
+    write_new_key(key)
+    drop = short_dir / "drop"
+    drop.mkdir()
+    yield short_dir, key, drop, models
+
+
+def test_serving_swapping_a_drop_and_quarantine_leave_no_plaintext_on_disk(site) -> None:  # type: ignore[no-untyped-def]
+    d, key, drop, models = site
+    started = time.time() - 1
+    runs = [_tensor_run(m) for m in models.values()]
+    daemon = Daemon(d / "d.sock", models["a"], config=_config(d, key, drop)).wait_ready()
+    try:
+        with Client(daemon.socket, timeout=120) as c:
+            first = c.generate("Once upon a time", max_tokens=8)
+            a = first.model.version
+            b = list(c.admin.Swap(pb.SwapRequest(path=str(models["b"])), timeout=300))[-1]
+            assert b.new.version != a
+            assert c.generate("Hello", max_tokens=4).model.version == b.new.version
+            back = list(c.admin.Swap(pb.SwapRequest(version=a), timeout=300))[-1]
+            assert back.new.version == a
+            # A drop: copied in plaintext by the user, sealed into the store, then removed.
+            shutil.copy(models["c"], drop / "c.gguf.tmp")
+            os.replace(drop / "c.gguf.tmp", drop / "c.gguf")
+            _wait(lambda: c.status().models[0].model.version not in (a, b.new.version), "the drop")
+            # A refused drop is sealed into the quarantine, not kept in plaintext.
+            data = models["a"].read_bytes()
+            (drop / "cut.tmp").write_bytes(data[: len(data) // 2])
+            os.replace(drop / "cut.tmp", drop / "cut.gguf")
+            _wait(lambda: not (drop / "cut.gguf").exists(), "the refused drop to be taken")
+            quarantined = [p for p in (d / "store" / "quarantine").iterdir()]
+            assert any(p.name.endswith("cut.gguf") for p in quarantined), quarantined
+            st = c.status()
+            assert (
+                c.generate("Still here", max_tokens=4).model.version == st.models[0].model.version
+            )
+            worker_pids = [w.pid for w in st.models[0].workers if w.pid]
+            assert len(worker_pids) == 2
+            # The workers of one version share one decrypted copy: the same memfd inode.
+            shared = [_memfd_inodes(p) for p in worker_pids]
+            assert len(shared[0]) == 1 and shared[0] == shared[1], shared
+            held: list[Path] = []
+            for pid in [daemon.proc.pid, *worker_pids]:
+                held += _open_disk_files(pid)
+        ours = set(_files_under(d / "store", 0, d / "src"))
+        ours |= set(_files_under(drop, 0, d / "src"))
+        ours |= {p for p in held if p.is_file() and d / "src" not in p.parents}
+        assert any(p.parent.name == "blobs" for p in ours)
+        assert any(p.parent.name == "quarantine" for p in ours)
+        leaks = [why for p in sorted(ours) if (why := _leaks(p, runs))]
+        # The temp folders are shared with other processes (other tests write GGUFs there):
+        # there, only this test's models' own tensor bytes count as a leak.
+        temp = set(_files_under(Path(tempfile.gettempdir()), started, d / "src")) - ours
+        leaks += [why for p in sorted(temp) if (why := _leaks(p, runs, magic=False))]
+        assert leaks == [], leaks
+    finally:
+        daemon.stop()
+
+
+def test_a_flipped_byte_or_a_cut_blob_is_refused_and_the_daemon_keeps_serving(site) -> None:  # type: ignore[no-untyped-def]
+    d, key, drop, models = site
+    daemon = Daemon(d / "d.sock", models["a"], config=_config(d, key, drop, 1)).wait_ready()
+    try:
+        with Client(daemon.socket, timeout=120) as c:
+            a = c.status().models[0].model.version
+            stored = {}
+            for n in ("b", "c"):
+                stored[n] = c.add_model(models[n], name="default").version.sha256
+            blobs = d / "store" / "blobs"
+
+            def damage(version: str, how: str) -> None:
+                blob = next(blobs.glob(f"{version}*.gguf"))
+                blob.chmod(0o644)
+                raw = bytearray(blob.read_bytes())
+                if how == "flip":
+                    raw[len(raw) // 2] ^= 0x01
+                else:
+                    raw = raw[: len(raw) - 100]
+                blob.write_bytes(bytes(raw))
+
+            damage(stored["b"], "flip")
+            damage(stored["c"], "cut")
+            for n, words in (("b", "failed authentication"), ("c", "truncated")):
+                with pytest.raises(grpc.RpcError) as e:
+                    list(c.admin.Swap(pb.SwapRequest(version=stored[n]), timeout=300))
+                assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert words in (e.value.details() or ""), e.value.details()
+                assert c.generate("Still serving", max_tokens=4).model.version == a
+            assert c.status().models[0].model.version == a
+    finally:
+        daemon.stop()
+
+
+def test_a_daemon_without_its_key_or_with_another_says_which_key_it_needs(site) -> None:  # type: ignore[no-untyped-def]
+    d, key, drop, models = site
+    cfg = _config(d, key, drop, 1)
+    daemon = Daemon(d / "d.sock", models["a"], config=cfg).wait_ready()
+    daemon.stop()
+    kid = key.read_text().strip()
+    # No key at all: refused at start, naming the ways to give one.
+    cfg.write_text(cfg.read_text().replace(f'key_file = "{key}"\n', ""))
+    out = subprocess.run(
+        [sys.executable, "-m", "sidecar.cli", "--config", str(cfg), "serve", "--socket",
+         str(d / "e.sock"), "--store", str(d / "store")],
+        capture_output=True, text=True, timeout=120,
+        env={k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "no key is configured" in out.stderr, out.stderr[-2000:]
+    # Another key: the stored blob names the key it needs.
+    other = d / "other.key"
+    write_new_key(other)
+    cfg.write_text(cfg.read_text().replace("[store]\n", f'[store]\nkey_file = "{other}"\n'))
+    out = subprocess.run(
+        [sys.executable, "-m", "sidecar.cli", "--config", str(cfg), "serve", "--socket",
+         str(d / "e.sock"), "--store", str(d / "store")],
+        capture_output=True, text=True, timeout=120,
+        env={k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
+    )  # fmt: skip
+    from sidecar.store.sealed import key_id
+
+    assert out.returncode != 0
+    assert key_id(bytes.fromhex(kid)) in out.stderr, out.stderr[-2000:]
+    # A world-readable key file is refused.
+    key.chmod(0o644)
+    cfg.write_text(cfg.read_text().replace(str(other), str(key)))
+    out = subprocess.run(
+        [sys.executable, "-m", "sidecar.cli", "--config", str(cfg), "serve", "--socket",
+         str(d / "e.sock"), "--store", str(d / "store")],
+        capture_output=True, text=True, timeout=120,
+        env={k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "chmod 600" in out.stderr, out.stderr[-2000:]
