@@ -101,6 +101,13 @@ TimeoutStopSec=30
 # Only the daemon gets SIGTERM: it stops its workers after the drain. Signalling the
 # whole cgroup at once would kill the requests the drain is waiting for.
 KillMode=mixed
+# An encrypted model store (store.encryption = true, docs/encryption.md) takes its key
+# best as a credential: encrypted at rest by systemd (host key or TPM), decrypted only into
+# this service's private $CREDENTIALS_DIRECTORY. Make it with
+#   sidecar models keygen -o key
+#   systemd-creds encrypt --name=sidecar-store-key key /etc/credstore.encrypted/sidecar-store-key
+#   shred -u key
+# LoadCredentialEncrypted=sidecar-store-key:/etc/credstore.encrypted/sidecar-store-key
 """
 
 _SYSTEM_BODY = """\
