@@ -31,6 +31,7 @@ from benchmarks.stats import dist, median_ci, percentile  # noqa: E402
 ENTRY_POINTS = {
     "bench": "serving",
     "bench-delta": "delta",
+    "bench-encryption": "encryption",
     "bench-gate": "gate",
     "bench-cores": "cores",
     "bench-privacy": "privacy",

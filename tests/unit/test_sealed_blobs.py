@@ -163,3 +163,29 @@ def test_quarantine_of_a_plaintext_file_on_an_encrypted_store_seals_it(tmp_path:
     assert where.read_bytes()[:8] == s.MAGIC
     with store.open_plain(where) as f:
         assert f.read() == plain
+
+
+def test_models_keygen_writes_a_private_key_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from sidecar.cli.commands import main
+
+    out = CliRunner().invoke(main, ["models", "keygen", "-o", str(tmp_path / "k")])
+    assert out.exit_code == 0, out.output
+    kid = s.key_id(read_key_file(tmp_path / "k"))
+    assert f"wrote key {kid}" in out.output
+    again = CliRunner().invoke(main, ["models", "keygen", "-o", str(tmp_path / "k")])
+    assert again.exit_code != 0 and "never overwritten" in again.output
+    assert s.key_id(read_key_file(tmp_path / "k")) == kid
+
+
+def test_rekey_without_a_configured_key_says_how_to_give_one(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from sidecar.cli.commands import main
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[store]\npath = "{tmp_path / "store"}"\n')
+    out = CliRunner().invoke(main, ["--config", str(cfg), "models", "rekey"], env={})
+    assert out.exit_code == 2, out.output
+    assert "no key is configured" in out.output
