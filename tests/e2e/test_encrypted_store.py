@@ -24,89 +24,20 @@ import pytest
 from test_daemon import Daemon  # type: ignore[import-not-found]
 
 from sidecar.client import Client
-from sidecar.gguf_check import check
 from sidecar.store.keys import write_new_key
 from sidecar.v1 import inference_pb2 as pb
 
 pytestmark = pytest.mark.e2e
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiny_gguf import write_tiny_llama  # noqa: E402
-
-RUN = 4096
-# Seeds no other test uses: the scanned-for tensor bytes are this test's models' only.
-SEEDS = {"a": 18_001, "b": 18_002, "c": 18_003, "bad": 18_004}
-
-
-def _model(d: Path, name: str) -> Path:
-    return write_tiny_llama(d / f"{name}.gguf", seed=SEEDS[name], n_ctx=4096, n_embd=96)
-
-
-def _tensor_run(model: Path) -> bytes:
-    """4 KiB from the middle of the model's biggest tensor: random weights, found nowhere
-    else unless this model's plaintext is."""
-    info = check(model)
-    t = max(info.tensors, key=lambda t: t.nbytes)
-    start = info.data_start + t.offset + t.nbytes // 2
-    with model.open("rb") as f:
-        f.seek(start)
-        return f.read(RUN)
-
-
-def _files_under(root: Path, since: float, skip: Path) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(root, onerror=lambda _e: None):
-        here = Path(dirpath)
-        if here == skip or skip in here.parents:
-            dirnames[:] = []
-            continue
-        for n in filenames:
-            p = here / n
-            try:
-                st = p.lstat()
-            except OSError:
-                continue
-            if p.is_file() and not p.is_symlink() and st.st_mtime >= since and st.st_size < 1 << 28:
-                yield p
-
-
-def _leaks(path: Path, runs: list[bytes], *, magic: bool = True) -> str | None:
-    try:
-        with path.open("rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    if magic and data[:4] == b"GGUF":
-        return f"{path}: starts with the GGUF magic"
-    for r in runs:
-        if r in data:
-            return f"{path}: holds a 4 KiB run of a model's tensor bytes"
-    return None
-
-
-def _open_disk_files(pid: int) -> list[Path]:
-    """The on-disk files `pid` holds open or maps (memfds and sockets are not on disk)."""
-    found = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("/") and not target.startswith("/memfd:"):
-            found.append(Path(target.removesuffix(" (deleted)")))
-    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5].startswith("/") and not fields[5].startswith("/memfd:"):
-            found.append(Path(fields[5].removesuffix(" (deleted)")))
-    return found
-
-
-def _memfd_inodes(pid: int) -> set[str]:
-    inodes = set()
-    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5].startswith("/memfd:sidecar-"):
-            inodes.add(fields[4])
-    return inodes
+from plaintext_scan import (  # noqa: E402
+    files_under,
+    memfd_inodes,
+    model,
+    open_disk_files,
+    plaintext_in,
+    tensor_run,
+)
 
 
 def _config(d: Path, key: Path, drop: Path, workers: int = 2) -> Path:
@@ -131,7 +62,7 @@ def _wait(cond, what: str, timeout: float = 120) -> None:  # type: ignore[no-unt
 def site(short_dir: Path) -> Iterator[tuple[Path, Path, Path, dict[str, Path]]]:
     src = short_dir / "src"
     src.mkdir()
-    models = {n: _model(src, n) for n in ("a", "b", "c")}
+    models = {n: model(src, n) for n in ("a", "b", "c")}
     key = short_dir / "store.key"
     write_new_key(key)
     drop = short_dir / "drop"
@@ -142,7 +73,7 @@ def site(short_dir: Path) -> Iterator[tuple[Path, Path, Path, dict[str, Path]]]:
 def test_serving_swapping_a_drop_and_quarantine_leave_no_plaintext_on_disk(site) -> None:  # type: ignore[no-untyped-def]
     d, key, drop, models = site
     started = time.time() - 1
-    runs = [_tensor_run(m) for m in models.values()]
+    runs = [tensor_run(m) for m in models.values()]
     daemon = Daemon(d / "d.sock", models["a"], config=_config(d, key, drop)).wait_ready()
     try:
         with Client(daemon.socket, timeout=120) as c:
@@ -171,21 +102,21 @@ def test_serving_swapping_a_drop_and_quarantine_leave_no_plaintext_on_disk(site)
             worker_pids = [w.pid for w in st.models[0].workers if w.pid]
             assert len(worker_pids) == 2
             # The workers of one version share one decrypted copy: the same memfd inode.
-            shared = [_memfd_inodes(p) for p in worker_pids]
+            shared = [memfd_inodes(p) for p in worker_pids]
             assert len(shared[0]) == 1 and shared[0] == shared[1], shared
             held: list[Path] = []
             for pid in [daemon.proc.pid, *worker_pids]:
-                held += _open_disk_files(pid)
-        ours = set(_files_under(d / "store", 0, d / "src"))
-        ours |= set(_files_under(drop, 0, d / "src"))
+                held += open_disk_files(pid)
+        ours = set(files_under(d / "store", 0, d / "src"))
+        ours |= set(files_under(drop, 0, d / "src"))
         ours |= {p for p in held if p.is_file() and d / "src" not in p.parents}
         assert any(p.parent.name == "blobs" for p in ours)
         assert any(p.parent.name == "quarantine" for p in ours)
-        leaks = [why for p in sorted(ours) if (why := _leaks(p, runs))]
+        leaks = [why for p in sorted(ours) if (why := plaintext_in(p, runs))]
         # The temp folders are shared with other processes (other tests write GGUFs there):
         # there, only this test's models' own tensor bytes count as a leak.
-        temp = set(_files_under(Path(tempfile.gettempdir()), started, d / "src")) - ours
-        leaks += [why for p in sorted(temp) if (why := _leaks(p, runs, magic=False))]
+        temp = set(files_under(Path(tempfile.gettempdir()), started, d / "src")) - ours
+        leaks += [why for p in sorted(temp) if (why := plaintext_in(p, runs, magic=False))]
         assert leaks == [], leaks
     finally:
         daemon.stop()
