@@ -167,6 +167,22 @@ class ModelStore:
             out.flush()
             os.fsync(out.fileno())
 
+    def download_sink(self, size: int) -> sealed.Resumable | None:
+        """How an update download of `size` bytes is kept: sealed as it comes on an
+        encrypted store (resuming at a chunk boundary), None for as it comes."""
+        if not self.encrypt:
+            return None
+        assert self.keys is not None
+        return sealed.Resumable(self.keys.current, size)
+
+    def download_digest(self, path: Path) -> str:
+        """The sha256 of a download's plaintext ("unreadable ..." when a sealed one fails
+        authentication: it does not match, and is fetched again)."""
+        try:
+            return self.sha256(path)
+        except sealed.SealError as e:
+            return f"unreadable ({e.message})"
+
     def worker_fd(self, path: Path) -> int | None:
         """The memfd a worker maps instead of `path` when that blob is sealed (one per
         version, shared by its workers); None for a plaintext file, mapped directly."""

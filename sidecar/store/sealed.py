@@ -18,11 +18,12 @@ change what a version is.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -246,3 +247,103 @@ def seal_stream(src: BinaryIO, out: BinaryIO, key: bytes, chunk: int = CHUNK) ->
         w.write(block)
     w.close()
     return h.hexdigest()
+
+
+def sealed_size(plain: int, chunk: int = CHUNK) -> int:
+    """Bytes of a complete sealed file holding `plain` bytes."""
+    full, rest = divmod(plain, chunk)
+    chunks = full + (1 if rest or not full else 0)
+    return HEADER_SIZE + plain + chunks * TAG
+
+
+class Resumable:
+    """A sealed file written across interruptions (a download that resumes), of a known
+    plaintext size `total`: only whole chunks are ever kept, the last one sealed as final
+    once `total` bytes have come, so after a crash the file holds a prefix of whole
+    authenticated chunks and the download resumes after them."""
+
+    def __init__(self, key: bytes, total: int, chunk: int = CHUNK) -> None:
+        self.key, self.total, self.chunk = key, total, chunk
+
+    def have(self, path: Path) -> int:
+        """Plaintext bytes `path` holds for certain (the file cut back to them)."""
+        try:
+            size = path.stat().st_size
+            with path.open("rb") as f:
+                _, kid, chunk, _ = _parse_header(f.read(HEADER_SIZE), path)
+        except (OSError, SealError):
+            path.unlink(missing_ok=True)
+            return 0
+        if kid != key_id(self.key) or chunk != self.chunk:
+            path.unlink()  # another key's or another layout's: start over
+            return 0
+        if size == sealed_size(self.total, chunk):
+            return self.total
+        whole = min((size - HEADER_SIZE) // (chunk + TAG), max(self.total - 1, 0) // chunk)
+        with path.open("r+b") as f:
+            f.truncate(HEADER_SIZE + whole * (chunk + TAG))
+            f.flush()
+            os.fsync(f.fileno())
+        return whole * chunk
+
+    @contextlib.contextmanager
+    def writer(self, path: Path, start: int) -> Iterator[BinaryIO]:
+        """A stream that seals what is written at plaintext offset `start` (0, or what
+        `have` said); durable on exit, the final chunk sealed only once all has come."""
+        if start % self.chunk:
+            raise ValueError("a sealed download resumes at a chunk boundary only")
+        if start == 0:
+            with path.open("wb") as f:
+                prefix = os.urandom(8)
+                header = _HEADER.pack(
+                    MAGIC, FORMAT, bytes.fromhex(key_id(self.key)), self.chunk, prefix, 0
+                )
+                f.write(header)
+        with path.open("r+b") as f:
+            header = f.read(HEADER_SIZE)
+            prefix = header[22:30]
+            f.seek(HEADER_SIZE + (start // self.chunk) * (self.chunk + TAG))
+            f.truncate()
+            w = _ChunkSink(f, AESGCM(self.key), header, prefix, start // self.chunk, self)
+            try:
+                yield w  # type: ignore[misc]
+            finally:
+                w.finish(start)
+                f.flush()
+                os.fsync(f.fileno())
+
+
+class _ChunkSink(io.RawIOBase):
+    def __init__(
+        self, f: BinaryIO, aead: AESGCM, header: bytes, prefix: bytes, index: int, r: Resumable
+    ) -> None:
+        super().__init__()
+        self._f, self._aead, self._header, self._prefix = f, aead, header, prefix
+        self._index, self._r = index, r
+        self._buf = bytearray()
+        self.written = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def _seal(self, plain: bytes) -> None:
+        end = self._index * self._r.chunk + len(plain)
+        final = end >= self._r.total
+        ad = self._header + _AD_TAIL.pack(self._index, final)
+        self._f.write(self._aead.encrypt(_nonce(self._prefix, self._index), plain, ad))
+        self._index += 1
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        self._buf += data
+        self.written += len(data)
+        while len(self._buf) >= self._r.chunk:
+            self._seal(bytes(self._buf[: self._r.chunk]))
+            del self._buf[: self._r.chunk]
+        return len(data)
+
+    def finish(self, start: int) -> None:
+        """The last, short chunk once everything has come (or the one empty chunk of an
+        empty file); a short tail of an unfinished download is dropped, fetched again."""
+        if start + self.written == self._r.total and (self._buf or self._r.total == 0):
+            self._seal(bytes(self._buf))
+        self._buf = bytearray()

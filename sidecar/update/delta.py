@@ -366,8 +366,8 @@ def _header(f: BinaryIO) -> _Head:
                  head["target_size"], head["mode"])  # fmt: skip
 
 
-def read_delta_info(delta: Path) -> DeltaInfo:
-    with delta.open("rb") as f:
+def read_delta_info(delta: Path, opener: Opener | None = None) -> DeltaInfo:
+    with (opener or _read_file)(delta) as f:
         h = _header(f)
         payload = delta.stat().st_size - f.tell()
     return DeltaInfo(h.base_sha256, h.base_size, h.target_sha256, h.target_size, payload, 0,
@@ -429,18 +429,20 @@ def apply_delta(
     verify_base: bool = True,
     target_size: int | None = None,
     max_size: int | None = None,
-    read_old: Opener = _read_file,
-    write_out: Opener = _write_file,
+    read_old: Opener | None = None,
+    read_delta: Opener | None = None,
+    write_out: Opener | None = None,
 ) -> str:
     """Write the target to `out`; return its sha256. `verify_base=False` trusts the caller
     (the store names blobs by their sha256); the target's hash is checked either way.
 
     `target_size` is the size a trusted source (the signed manifest) declares: the delta
     must declare the same, and nothing past it is written. Without it, `max_size` (when
-    given) caps what the delta's own claim may be. `read_old` / `write_out` open the base
-    and the target (an encrypted store's: through decryption and encryption, so neither
-    is ever on disk in plaintext); `write_out`'s stream is made durable when it closes."""
-    with delta.open("rb") as fd:
+    given) caps what the delta's own claim may be. `read_old`, `read_delta` / `write_out`
+    open the base, the delta and the target (an encrypted store's: through decryption and
+    encryption, so none is on disk in plaintext); `write_out`'s stream is made durable
+    when it closes."""
+    with (read_delta or _read_file)(delta) as fd:
         h = _header(fd)
         if target_size is not None and h.target_size != target_size:
             raise DeltaError(
@@ -452,7 +454,7 @@ def apply_delta(
                 "cap for this step"
             )
         limit = h.target_size
-        with read_old(old) as fo:
+        with (read_old or _read_file)(old) as fo:
             size_now = fo.seek(0, io.SEEK_END)
             fo.seek(0)
             if size_now != h.base_size:
@@ -460,7 +462,7 @@ def apply_delta(
             if verify_base and _sha256(fo) != h.base_sha256:
                 raise DeltaError("the base file is not the one this delta was made from")
             digest = hashlib.sha256()
-            with write_out(out) as fout:
+            with (write_out or _write_file)(out) as fout:
                 try:
                     written = _run_ops(fd, fo, fout, h.base_size, limit, digest, progress)
                 except (ValueError, TypeError, OverflowError, struct.error) as e:

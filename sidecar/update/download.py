@@ -71,6 +71,7 @@ async def _fetch(
     def report(done: int, total: int) -> None:
         loop.call_soon_threadsafe(progress, "fetching", rel, done, total)
 
+    store = ctx.engine.store  # an encrypted store's downloads are sealed as they come
     await in_thread(
         fetch.fetch_file,
         fetch.origin_url(m.update_origin, rel),
@@ -81,6 +82,8 @@ async def _fetch(
         retries=cfg.retries,
         progress=report,
         control=control,
+        sink=store.download_sink(size),
+        digest_of=store.download_digest,
     )
     got = max(size - before, 0)
     ctx.metrics.update_bytes.labels(name).inc(got)
@@ -92,7 +95,8 @@ async def _rebuild(
 ) -> tuple[Path, int]:
     d = ctx.workdir(name)
     st = ctx.state(name)
-    base = ctx.engine.store.blob(plan.steps[0].from_sha256)
+    store = ctx.engine.store
+    base = store.blob(plan.steps[0].from_sha256)
     fetched = 0
     loop = asyncio.get_running_loop()
     for step in plan.steps:
@@ -121,7 +125,7 @@ async def _rebuild(
         else:
             caps = {"max_size": 2 * max(manifest.size, _size(base)) + delta.PIECE}
         try:
-            info = await asyncio.to_thread(delta.read_delta_info, done)
+            info = await asyncio.to_thread(delta.read_delta_info, done, store.open_plain)
             if (info.base_sha256, info.target_sha256) != (step.from_sha256, step.to_sha256):
                 raise delta.DeltaError(
                     f"the delta turns {info.base_sha256[:12]} into "
@@ -129,7 +133,6 @@ async def _rebuild(
                     f"{step.from_sha256[:12]} -> {step.to_sha256[:12]}"
                 )
             # Through the store: an encrypted one decrypts the base and seals the target.
-            store = ctx.engine.store
             got = await in_thread(
                 delta.apply_delta,
                 base,
@@ -137,6 +140,7 @@ async def _rebuild(
                 out,
                 progress=report,
                 read_old=store.open_plain,
+                read_delta=store.open_plain,
                 write_out=store.open_output,
                 **caps,
             )

@@ -26,8 +26,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Protocol
 
 from sidecar.fileio import sha256_file
 from sidecar.update.manifest import UpdateRejected
@@ -224,6 +225,42 @@ def fetch_bytes(
     return data
 
 
+class Sink(Protocol):
+    """How a download is kept on disk: as it comes (`PlainSink`), or sealed for an
+    encrypted store (`sidecar.store.sealed.Resumable`, via `ModelStore.download_sink`)."""
+
+    def have(self, path: Path) -> int:
+        """Bytes of the download `path` already holds for certain (cut back to them)."""
+
+    def writer(self, path: Path, start: int) -> AbstractContextManager[BinaryIO]:
+        """A stream writing the download from byte `start` on; durable on exit."""
+
+
+class PlainSink:
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def have(self, path: Path) -> int:
+        have = path.stat().st_size if path.exists() else 0
+        if have > self.size:  # not ours to trust (another origin's, or a bug): start over
+            path.unlink()
+            have = 0
+        return have
+
+    @contextlib.contextmanager
+    def writer(self, path: Path, start: int) -> Iterator[BinaryIO]:
+        if not path.exists():
+            path.touch()
+        with path.open("r+b") as out:
+            out.seek(start)
+            out.truncate()
+            try:
+                yield out
+            finally:
+                out.flush()
+                os.fsync(out.fileno())  # what came stays: the next attempt resumes from it
+
+
 def fetch_file(
     url: str,
     partial: Path,
@@ -235,24 +272,26 @@ def fetch_file(
     backoff: float = 0.5,
     progress: Callable[[int, int], None] | None = None,
     control: Control | None = None,
+    sink: Sink | None = None,
+    digest_of: Callable[[Path], str] = sha256_file,
 ) -> None:
     """Bring `partial` to exactly `size` bytes with hash `sha256`, resuming what is there.
 
     `control` bounds the whole fetch, retries included (deadline, rate floor) and lets
-    another thread cancel it; `Aborted` then leaves the partial file for the next try."""
+    another thread cancel it; `Aborted` then leaves the partial file for the next try.
+    `sink` keeps the bytes on disk (as they come by default; an encrypted store's seals
+    them), `digest_of` hashes what the sink kept."""
     control = control or Control()
+    sink = sink or PlainSink(size)
     partial.parent.mkdir(parents=True, exist_ok=True)
     attempt = 0
     with control.running(url):
         while True:
-            have = partial.stat().st_size if partial.exists() else 0
-            if have > size:  # not ours to trust (another origin's, or a bug): start over
-                partial.unlink()
-                have = 0
+            have = sink.have(partial)
             control.progress(have, size)
             try:
                 if have < size:
-                    _transfer(url, partial, have, size, timeout, progress, control)
+                    _transfer(url, partial, have, size, timeout, progress, control, sink)
                 break
             except UpdateRejected:
                 raise
@@ -264,7 +303,7 @@ def fetch_file(
                 # Jitter keeps a fleet that lost the origin at once from returning at once.
                 control.sleep(backoff * (2 ** (attempt - 1)) * random.uniform(0.5, 1.5))
         control.check()
-    digest = sha256_file(partial)
+    digest = digest_of(partial)
     if digest != sha256:
         partial.unlink(missing_ok=True)  # resuming a wrong file would only stay wrong
         raise UpdateRejected(
@@ -284,9 +323,10 @@ def _transfer(
     timeout: float,
     progress: Callable[[int, int], None] | None,
     control: Control,
+    sink: Sink,
 ) -> None:
     if not _is_http(url):
-        _copy_local(url, partial, start, size, progress, control)
+        _copy_local(url, partial, start, size, progress, control, sink)
         return
     try:
         response = _open(url, timeout, control, start)
@@ -306,12 +346,7 @@ def _transfer(
             raise UpdateRejected(
                 "size", f"{url} is {start + int(declared)} bytes, the manifest says {size}"
             )
-        mode = "r+b" if start else "wb"
-        if not partial.exists():
-            partial.touch()
-        with partial.open(mode) as out:
-            out.seek(start)
-            out.truncate()
+        with sink.writer(partial, start) as out:
             done = start
             window_start, window_done = time.monotonic(), done
             try:
@@ -340,16 +375,9 @@ def _transfer(
                                 f"{control.min_rate} floor (update.fetch_min_bytes_per_second)"
                             )
                         window_start, window_done = now, done
-            except Aborted:
-                out.flush()
-                os.fsync(out.fileno())  # what came stays: the next attempt resumes from it
-                raise
             except (OSError, http.client.HTTPException, _Retryable) as e:
-                out.flush()
-                os.fsync(out.fileno())
+                # What came stays (the sink makes it durable): the next attempt resumes.
                 raise _Retryable(f"cut after {done} of {size} bytes: {e}") from None
-            out.flush()
-            os.fsync(out.fileno())
         if done < size:
             raise _Retryable(f"connection closed after {done} of {size} bytes")
 
@@ -361,6 +389,7 @@ def _copy_local(
     size: int,
     progress: Callable[[int, int], None] | None,
     control: Control,
+    sink: Sink,
 ) -> None:
     try:
         actual = os.path.getsize(src)
@@ -370,10 +399,8 @@ def _copy_local(
         raise UpdateRejected("size", f"{src} is {actual} bytes, the manifest says {size}")
     if actual < size:
         raise UpdateRejected("size", f"{src} is {actual} bytes, the manifest says {size}")
-    with open(src, "rb") as fin, partial.open("r+b" if start else "wb") as out:
+    with open(src, "rb") as fin, sink.writer(partial, start) as out:
         fin.seek(start)
-        out.seek(start)
-        out.truncate()
         done = start
         while chunk := fin.read(CHUNK):
             out.write(chunk)
@@ -382,5 +409,3 @@ def _copy_local(
             if progress is not None:
                 progress(done, size)
             control.check()  # a hung network mount is as slow as a trickling server
-        out.flush()
-        os.fsync(out.fileno())

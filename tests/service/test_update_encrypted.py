@@ -60,3 +60,31 @@ async def test_an_update_on_an_encrypted_store_leaves_no_plaintext_in_the_store(
     finally:
         await client.close()
         await app.stop(grace=0)
+
+
+async def test_a_download_for_an_encrypted_store_is_sealed_as_it_comes(tmp_path: Path) -> None:
+    from sidecar.store import ModelStore
+    from sidecar.store.keys import Keyring
+    from sidecar.update.fetch import Aborted, Control, fetch_file
+
+    model = write_tiny_llama(tmp_path / "m.gguf", seed=18_203, n_embd=256, n_ff=1024)
+    store = ModelStore(tmp_path / "store", Keyring(bytes.fromhex(KEY)), encrypt=True)
+    size, sha = model.stat().st_size, sha256_file(model)
+    part = tmp_path / "work" / "m.full.partial"
+    control = Control()
+    stop_after = size // 2
+
+    def cut(done: int, _total: int) -> None:
+        if done >= stop_after:
+            control.cancel("cancelled", "cut")  # half way: what came stays, sealed
+
+    with pytest.raises(Aborted, match="cut"):
+        fetch_file(str(model), part, size=size, sha256=sha, progress=cut, control=control,
+                   sink=store.download_sink(size), digest_of=store.download_digest)  # fmt: skip
+    assert part.read_bytes()[:8] == MAGIC
+    assert part.stat().st_size > 2 << 20  # whole chunks were kept, and resumed after
+    assert plaintext_in(part, [tensor_run(model)]) is None
+    fetch_file(str(model), part, size=size, sha256=sha, sink=store.download_sink(size),
+               digest_of=store.download_digest)  # fmt: skip
+    assert plaintext_in(part, [tensor_run(model)]) is None
+    assert store.add(part, "m", expect_sha256=sha) == sha

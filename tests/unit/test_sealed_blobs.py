@@ -189,3 +189,26 @@ def test_rekey_without_a_configured_key_says_how_to_give_one(tmp_path: Path) -> 
     out = CliRunner().invoke(main, ["--config", str(cfg), "models", "rekey"], env={})
     assert out.exit_code == 2, out.output
     assert "no key is configured" in out.output
+
+
+@pytest.mark.parametrize("total", [0, 999, 1000, 3000, 4321])
+def test_a_sealed_download_resumes_after_a_cut_at_any_point(tmp_path: Path, total: int) -> None:
+    data = os.urandom(total)
+    path = tmp_path / "dl.partial"
+    r = s.Resumable(KEY, total, chunk=1000)
+    for cut in sorted({0, total // 3, total // 2 + 7, total - 1} - {-1}):
+        start = r.have(path)
+        assert start <= cut or start == total
+        assert start % 1000 == 0 or start == total
+        if start < total:
+            with r.writer(path, start) as w:
+                w.write(data[start : max(cut, start)])  # then the connection drops
+    start = r.have(path)
+    with r.writer(path, start) as w:
+        w.write(data[start:])
+    assert (
+        r.have(path)
+        == total
+        == path.stat().st_size - s.HEADER_SIZE - s.TAG * max(1, -(-total // 1000))
+    )
+    assert read_all(path) == data
