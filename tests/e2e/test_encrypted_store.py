@@ -197,3 +197,30 @@ def test_a_daemon_without_its_key_or_with_another_says_which_key_it_needs(site) 
     )  # fmt: skip
     assert out.returncode != 0
     assert "chmod 600" in out.stderr, out.stderr[-2000:]
+
+
+def test_smollm2_serves_from_an_encrypted_store_with_its_plaintext_only_in_memory(
+    short_dir: Path, smollm2: Path
+) -> None:
+    key = short_dir / "store.key"
+    write_new_key(key)
+    cfg = short_dir / "c.toml"
+    cfg.write_text(
+        f'[store]\nencryption = true\nkey_file = "{key}"\n'
+        f'[models.default]\npath = "{smollm2}"\nworkers = 2\n'
+    )
+    daemon = Daemon(short_dir / "d.sock", smollm2, config=cfg).wait_ready()
+    try:
+        with Client(daemon.socket, timeout=120) as c:
+            reply = c.generate("The capital of France is", max_tokens=8)
+            assert "Paris" in reply.text, reply.text
+            pids = [w.pid for w in c.status().models[0].workers if w.pid]
+            shared = [memfd_inodes(p) for p in pids]
+            assert len(pids) == 2 and len(shared[0]) == 1 and shared[0] == shared[1]
+            held = [f for p in [daemon.proc.pid, *pids] for f in open_disk_files(p)]
+        assert smollm2 not in held  # the workers map the memfd, not the configured file
+        runs = [tensor_run(smollm2)]
+        files = list(files_under(short_dir / "store", 0, smollm2.parent))
+        assert [why for p in files if (why := plaintext_in(p, runs))] == []
+    finally:
+        daemon.stop()
