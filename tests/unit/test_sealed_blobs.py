@@ -212,3 +212,17 @@ def test_a_sealed_download_resumes_after_a_cut_at_any_point(tmp_path: Path, tota
         == path.stat().st_size - s.HEADER_SIZE - s.TAG * max(1, -(-total // 1000))
     )
     assert read_all(path) == data
+
+
+def test_without_memfd_an_encrypted_store_is_refused_never_a_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sidecar.domain.errors import FailedPrecondition
+    from sidecar.store import images
+
+    monkeypatch.delattr(os, "memfd_create")
+    assert "memfd_create" in (images.supported() or "")
+    with pytest.raises(FailedPrecondition, match="without writing them to disk"):
+        ModelStore(tmp_path / "store", Keyring(KEY), encrypt=True)
+    plain = ModelStore(tmp_path / "plain", Keyring(KEY))  # reading only: no memfd needed
+    assert plain.worker_fd(plain.blob("0" * 64)) is None
