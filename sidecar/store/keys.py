@@ -32,10 +32,12 @@ CREDENTIAL = "sidecar-store-key"
 
 @dataclass(frozen=True)
 class Keyring:
-    """The key new blobs are sealed with, and every key a blob may need (by key id)."""
+    """The key new blobs are sealed with, and every key a blob may need (by key id).
+    Its repr names key ids only: a keyring that reaches a log or a traceback's locals
+    must not give the keys away."""
 
-    current: bytes
-    older: tuple[bytes, ...] = ()
+    current: bytes = field(repr=False)
+    older: tuple[bytes, ...] = field(default=(), repr=False)
     by_id: Mapping[str, bytes] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -45,6 +47,9 @@ class Keyring:
     @property
     def current_id(self) -> str:
         return key_id(self.current)
+
+    def __repr__(self) -> str:
+        return f"Keyring(current={self.current_id}, ids={sorted(self.by_id)})"
 
 
 def parse_key(text: str, where: str) -> bytes:

@@ -226,3 +226,12 @@ def test_without_memfd_an_encrypted_store_is_refused_never_a_temp_file(
         ModelStore(tmp_path / "store", Keyring(KEY), encrypt=True)
     plain = ModelStore(tmp_path / "plain", Keyring(KEY))  # reading only: no memfd needed
     assert plain.worker_fd(plain.blob("0" * 64)) is None
+
+
+def test_a_keyring_repr_names_key_ids_never_the_keys() -> None:
+    older = bytes(range(32, 64))
+    shown = repr(Keyring(KEY, (older,))) + str(Keyring(KEY, (older,)))
+    assert s.key_id(KEY) in shown and s.key_id(older) in shown
+    for k in (KEY, older):
+        assert k.hex() not in shown and repr(k) not in shown and repr(k)[2:-1] not in shown
+
