@@ -279,7 +279,16 @@ class Resumable:
             return 0
         if size == sealed_size(self.total, chunk):
             return self.total
-        whole = min((size - HEADER_SIZE) // (chunk + TAG), max(self.total - 1, 0) // chunk)
+        whole, torn = divmod(size - HEADER_SIZE, chunk + TAG)
+        if torn or whole > max(self.total - 1, 0) // chunk:
+            # Only a crash inside a chunk's write (or a file not of this download) leaves
+            # this: that chunk's nonce may already have sealed bytes on disk, and the
+            # origin need not send the same bytes again. Resealing it under the same
+            # nonce could give away both plaintexts (and GCM's authentication key), so
+            # start over with a fresh nonce prefix instead; a cut connection never
+            # gets here (only whole chunks are ever written).
+            path.unlink()
+            return 0
         with path.open("r+b") as f:
             f.truncate(HEADER_SIZE + whole * (chunk + TAG))
             f.flush()

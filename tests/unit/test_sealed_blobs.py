@@ -235,3 +235,25 @@ def test_a_keyring_repr_names_key_ids_never_the_keys() -> None:
     for k in (KEY, older):
         assert k.hex() not in shown and repr(k) not in shown and repr(k)[2:-1] not in shown
 
+
+def test_a_download_torn_inside_a_chunk_restarts_under_a_fresh_nonce_prefix(
+    tmp_path: Path,
+) -> None:
+    data = os.urandom(3500)
+    path = tmp_path / "dl.partial"
+    r = s.Resumable(KEY, len(data), chunk=1000)
+    with r.writer(path, 0) as w:
+        w.write(data[:2000])  # two whole chunks sealed
+    before = path.read_bytes()
+    with path.open("ab") as f:  # a crash inside the third chunk's write
+        f.write(os.urandom(300))
+    assert r.have(path) == 0 and not path.exists()  # the third nonce is never used again
+    with r.writer(path, 0) as w:
+        w.write(data)
+    after = path.read_bytes()
+    assert after[22:30] != before[22:30]  # a new nonce prefix for every chunk
+    assert read_all(path) == data
+    # a cut at a chunk boundary (a dropped connection) still resumes where it was
+    with r.writer(path, 0) as w:
+        w.write(data[:1000])
+    assert r.have(path) == 1000
