@@ -6,6 +6,7 @@ speak of workers without importing llama.cpp.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,11 @@ class ModelFd:
 
 
 def _model_fd(dup: Any) -> ModelFd:
-    return ModelFd(dup.detach())
+    fd = dup.detach()
+    # Spawn passes it inheritable: anything the worker (or llama.cpp) starts must not get
+    # the decrypted model too.
+    os.set_inheritable(fd, False)
+    return ModelFd(fd)
 
 
 @dataclass(frozen=True)

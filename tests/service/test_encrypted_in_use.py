@@ -4,6 +4,7 @@ the daemon closes the decrypted copies no pool needs after a swap."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,11 @@ async def test_workers_on_memfds_count_as_in_use_and_old_copies_are_closed(
         in_use = app.local.in_use()
         assert set(in_use) == {sha_a} and "worker pid" in in_use[sha_a], in_use
         assert app.store.images.held() == {sha_a}
+        pids = [s.info.pid for s in app.local.pools["default"].workers()]
+        assert len(pids) == 2 and all(pids)
+        for pid in (os.getpid(), *pids):  # the decrypted copy is never inherited
+            assert _memfd_flags(pid), f"pid {pid} holds no memfd"
+            assert all(f & os.O_CLOEXEC for f in _memfd_flags(pid)), (pid, _memfd_flags(pid))
         await app.local.swap("", path=b)
         app.local.keep_images()
         assert app.store.images.held() == {sha_b}  # a's copy closed: its workers are gone
@@ -39,3 +45,17 @@ async def test_workers_on_memfds_count_as_in_use_and_old_copies_are_closed(
         assert app.store.blob(sha256_file(c)).is_file() and app.store.blob(sha_b).is_file()
     finally:
         await app.stop(grace=0)
+
+
+def _memfd_flags(pid: int) -> list[int]:
+    """The open flags of each decrypted copy (memfd) process `pid` holds."""
+    flags = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:sidecar-"):
+                continue
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except FileNotFoundError:
+            continue
+        flags.append(int(info.split("flags:")[1].split()[0], 8))
+    return flags
