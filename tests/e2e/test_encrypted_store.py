@@ -164,39 +164,30 @@ def test_a_daemon_without_its_key_or_with_another_says_which_key_it_needs(site) 
     kid = key.read_text().strip()
     # No key at all: refused at start, naming the ways to give one.
     cfg.write_text(cfg.read_text().replace(f'key_file = "{key}"\n', ""))
-    out = subprocess.run(
-        [sys.executable, "-m", "sidecar.cli", "--config", str(cfg), "serve", "--socket",
-         str(d / "e.sock"), "--store", str(d / "store")],
-        capture_output=True, text=True, timeout=120,
-        env={k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
-    )  # fmt: skip
-    assert out.returncode != 0
-    assert "no key is configured" in out.stderr, out.stderr[-2000:]
+    assert "no key is configured" in (err := _serve_refused(cfg, d)), err
     # Another key: the stored blob names the key it needs.
     other = d / "other.key"
     write_new_key(other)
     cfg.write_text(cfg.read_text().replace("[store]\n", f'[store]\nkey_file = "{other}"\n'))
-    out = subprocess.run(
-        [sys.executable, "-m", "sidecar.cli", "--config", str(cfg), "serve", "--socket",
-         str(d / "e.sock"), "--store", str(d / "store")],
-        capture_output=True, text=True, timeout=120,
-        env={k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
-    )  # fmt: skip
     from sidecar.store.sealed import key_id
 
-    assert out.returncode != 0
-    assert key_id(bytes.fromhex(kid)) in out.stderr, out.stderr[-2000:]
+    assert key_id(bytes.fromhex(kid)) in (err := _serve_refused(cfg, d)), err
     # A world-readable key file is refused.
     key.chmod(0o644)
     cfg.write_text(cfg.read_text().replace(str(other), str(key)))
+    assert "chmod 600" in (err := _serve_refused(cfg, d)), err
+
+
+def _serve_refused(cfg: Path, d: Path) -> str:
+    """What `sidecar serve` on `cfg` says as it refuses to start (its stderr's end)."""
     out = subprocess.run(
         [sys.executable, "-m", "sidecar.cli", "--config", str(cfg), "serve", "--socket",
          str(d / "e.sock"), "--store", str(d / "store")],
         capture_output=True, text=True, timeout=120,
         env={k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
     )  # fmt: skip
-    assert out.returncode != 0
-    assert "chmod 600" in out.stderr, out.stderr[-2000:]
+    assert out.returncode != 0, out.stdout[-2000:]
+    return out.stderr[-2000:]
 
 
 def test_smollm2_serves_from_an_encrypted_store_with_its_plaintext_only_in_memory(
