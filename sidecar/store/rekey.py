@@ -13,6 +13,8 @@ Quarantined files are re-sealed too, so the old key can be destroyed afterwards.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import re
 from collections.abc import Callable
@@ -87,6 +89,31 @@ def _alive(pid: int) -> bool:
     return True
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _replace_existing(new: Path, old: Path) -> None:
+    """Put `new` in place of `old` only if `old` is still there: a gc of the running daemon
+    may remove a blob while it is being re-sealed, and a plain rename would bring it back
+    as an orphan. renameat2(RENAME_EXCHANGE) swaps the two names atomically and fails if
+    either is gone; `new`'s name then holds the old blob, removed here. A file system
+    without it (EINVAL) gets a plain rename: the orphan risk, not a failed rekey."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is not None:
+        at_cwd = -100
+        src, dst = os.fsencode(new), os.fsencode(old)
+        if renameat2(at_cwd, src, at_cwd, dst, _RENAME_EXCHANGE) == 0:
+            new.unlink()
+            return
+        err = ctypes.get_errno()
+        if err == errno.ENOENT:
+            raise FileNotFoundError(err, os.strerror(err), str(old))
+        if err not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(err, os.strerror(err), str(old))
+    os.replace(new, old)
+
+
 def _reseal(store: ModelStore, path: Path, *, is_blob: bool) -> None:
     mode = os.stat(path).st_mode & 0o777
     partial = path.parent / f".rekey-{os.getpid()}-{path.name}.partial"
@@ -99,7 +126,7 @@ def _reseal(store: ModelStore, path: Path, *, is_blob: bool) -> None:
                 "(the daemon sets it aside when it next verifies it)"
             )
         os.chmod(partial, mode)
-        os.replace(partial, path)
+        _replace_existing(partial, path)
         fsync_dir(path.parent)
     finally:
         partial.unlink(missing_ok=True)

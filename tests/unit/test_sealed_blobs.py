@@ -257,3 +257,28 @@ def test_a_download_torn_inside_a_chunk_restarts_under_a_fresh_nonce_prefix(
     with r.writer(path, 0) as w:
         w.write(data[:1000])
     assert r.have(path) == 1000
+
+
+def test_a_blob_removed_while_it_is_resealed_is_not_brought_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sidecar.store import rekey
+
+    src = write_tiny_llama(tmp_path / "a.gguf", seed=18_404)
+    old = ModelStore(tmp_path / "store", Keyring(KEY), encrypt=True)
+    sha = old.add(src, "m")
+    blob = old.blob(sha)
+    new_key = bytes(range(64, 96))
+    store = ModelStore(tmp_path / "store", Keyring(new_key, (KEY,)), encrypt=True)
+    seal_into = store._seal_into
+
+    def gc_meanwhile(a: Path, b: Path, mode: int = 0o600) -> str:
+        got = seal_into(a, b, mode)
+        blob.unlink()  # what the daemon's gc does between the read and the rename
+        return got
+
+    monkeypatch.setattr(store, "_seal_into", gc_meanwhile)
+    report = rekey.rekey(store)
+    assert report.resealed == [] and report.failed == [], report
+    assert not blob.exists()
+    assert sorted(p.name for p in store.blobs.iterdir()) == []  # no partial left either
