@@ -369,7 +369,8 @@ def _header(f: BinaryIO) -> _Head:
 def read_delta_info(delta: Path, opener: Opener | None = None) -> DeltaInfo:
     with (opener or _read_file)(delta) as f:
         h = _header(f)
-        payload = delta.stat().st_size - f.tell()
+        start = f.tell()
+        payload = f.seek(0, io.SEEK_END) - start  # the stream's: a sealed file is longer
     return DeltaInfo(h.base_sha256, h.base_size, h.target_sha256, h.target_size, payload, 0,
                      h.mode)  # fmt: skip
 

@@ -138,12 +138,17 @@ def test_a_delta_rebuilds_from_a_sealed_base_into_a_sealed_target(tmp_path: Path
     made = delta.make_delta(old, new, tmp_path / "d.delta")
     store = ModelStore(tmp_path / "store", Keyring(KEY), encrypt=True)
     base = store.add(old, "m")
+    with (tmp_path / "d.delta").open("rb") as src, (tmp_path / "s.delta").open("wb") as dst:
+        s.seal_stream(src, dst, KEY)  # as an update download keeps it
+    info = delta.read_delta_info(tmp_path / "s.delta", store.open_plain)
+    assert info == delta.read_delta_info(tmp_path / "d.delta")
     out = tmp_path / "rebuilt.partial"
     got = delta.apply_delta(
         store.blob(base),
-        tmp_path / "d.delta",
+        tmp_path / "s.delta",
         out,
         read_old=store.open_plain,
+        read_delta=store.open_plain,
         write_out=store.open_output,
     )
     assert got == made.target_sha256
