@@ -21,6 +21,7 @@ import os
 import threading
 from collections.abc import Callable, Collection
 
+from sidecar import coredumps
 from sidecar.domain.errors import FailedPrecondition
 from sidecar.store.sealed import SealedReader
 
@@ -44,6 +45,7 @@ def sealed_memfd(reader: SealedReader, name: str) -> int:
     why = supported()
     if why:
         raise FailedPrecondition(why)
+    coredumps.forbid()  # this process now holds plaintext (and a ThreadSlot maps it here)
     fd = os.memfd_create(PREFIX + name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, reader.size)

@@ -22,6 +22,7 @@ from collections import deque
 from multiprocessing.connection import Connection
 from typing import Any
 
+from sidecar import coredumps
 from sidecar.domain.errors import FailedPrecondition, SidecarError
 from sidecar.domain.specs import RunnerSpec
 from sidecar.domain.types import EmbedTask, Result, TokenEvent
@@ -33,6 +34,8 @@ def worker_main(conn: Connection, spec: RunnerSpec) -> None:
     # The daemon owns signal handling; a Ctrl-C in the terminal must not kill
     # workers mid-request before the daemon has drained them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if spec.model_fd is not None:  # a decrypted model: a crash must not write it to disk
+        coredumps.forbid()
     native_log.capture(*spec.log)
     try:
         runner = LlamaRunner(spec)

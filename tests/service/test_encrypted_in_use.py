@@ -33,6 +33,7 @@ async def test_workers_on_memfds_count_as_in_use_and_old_copies_are_closed(
         for pid in (os.getpid(), *pids):  # the decrypted copy is never inherited
             assert _memfd_flags(pid), f"pid {pid} holds no memfd"
             assert all(f & os.O_CLOEXEC for f in _memfd_flags(pid)), (pid, _memfd_flags(pid))
+            assert _no_core_dump(pid), f"pid {pid} may dump the decrypted model to disk"
         await app.local.swap("", path=b)
         app.local.keep_images()
         assert app.store.images.held() == {sha_b}  # a's copy closed: its workers are gone
@@ -59,3 +60,11 @@ def _memfd_flags(pid: int) -> list[int]:
             continue
         flags.append(int(info.split("flags:")[1].split()[0], 8))
     return flags
+
+
+def _no_core_dump(pid: int) -> bool:
+    """Neither a core file (RLIMIT_CORE 0) nor memory in a handler's dump (filter 0)."""
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
+    filt = int(Path(f"/proc/{pid}/coredump_filter").read_text(), 16)
+    return core.split()[4:6] == ["0", "0"] and filt == 0
