@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 CHUNK = 1 << 20
 FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int): share extents copy-on-write
@@ -19,10 +20,15 @@ FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int): share extents copy-on-wri
 
 def sha256_file(path: Path, chunk: int = CHUNK) -> str:
     """The sha256 of a file, read `chunk` bytes at a time (a model is gigabytes)."""
-    h = hashlib.sha256()
     with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+        return sha256_stream(f, chunk)
+
+
+def sha256_stream(f: BinaryIO, chunk: int = CHUNK) -> str:
+    """The sha256 of what is left to read in `f` (a decrypting reader included)."""
+    h = hashlib.sha256()
+    while block := f.read(chunk):
+        h.update(block)
     return h.hexdigest()
 
 

@@ -14,11 +14,13 @@ the file says about itself.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import grpc
@@ -36,6 +38,9 @@ from sidecar.cli.support import (
 from sidecar.config import Config
 from sidecar.domain.names import name_problem
 from sidecar.fileio import sha256_file
+
+if TYPE_CHECKING:
+    from sidecar.gguf_check import GGUFInfo
 
 MANIFEST_MAX_BYTES = 1 << 20
 
@@ -234,14 +239,17 @@ def _cache_dir() -> Path:
 # ---------------------------------------------------------------- show
 
 
-def describe(path: Path, sha256: str = "") -> dict[str, Any]:
-    """What the GGUF at `path` says about itself (header only; hashed unless `sha256`)."""
+def describe(
+    path: Path, sha256: str = "", inspect: Callable[[Path], GGUFInfo] | None = None
+) -> dict[str, Any]:
+    """What the GGUF at `path` says about itself (header only; hashed unless `sha256`).
+    `inspect` reads the header (through decryption for a sealed blob)."""
     from gguf.constants import GGMLQuantizationType, LlamaFileType
 
     from sidecar.fileio import sha256_file
     from sidecar.gguf_check import Array, check
 
-    info = check(path)
+    info = (inspect or check)(path)
     md = info.metadata
     arch = info.architecture
 
@@ -293,6 +301,31 @@ def _count(n: int) -> str:
     return str(n)
 
 
+def _sealed_readers(
+    ctx: click.Context,
+) -> tuple[Callable[[Path], GGUFInfo], Callable[[Path], str]]:
+    """How `show` reads a blob of an encrypted store (its header, its plaintext's sha256):
+    with the keys this user's config names (the daemon never hands a key out)."""
+    from sidecar.fileio import sha256_stream
+    from sidecar.gguf_check import check_stream
+    from sidecar.store.keys import load_keyring
+    from sidecar.store.sealed import open_sealed
+
+    cfg = config_from(ctx).store
+    keys = load_keyring(False, cfg.key_file, cfg.previous_key_file, cfg.key, os.environ)
+    by_id = keys.by_id if keys else {}
+
+    def inspect(path: Path) -> GGUFInfo:
+        with open_sealed(path, by_id) as r:
+            return check_stream(r, r.size)  # type: ignore[arg-type]
+
+    def plain_sha(path: Path) -> str:
+        with open_sealed(path, by_id) as r:
+            return sha256_stream(r)  # type: ignore[arg-type]
+
+    return inspect, plain_sha
+
+
 def _stored_file(ctx: click.Context, target: str, opts: dict[str, Any]) -> tuple[Path, str, str]:
     """NAME[@VERSION] -> (its file in the store, its sha256, NAME@VERSION)."""
     name, _, version = target.partition("@")
@@ -327,15 +360,20 @@ def show(ctx: click.Context, /, target: str, **opts: Any) -> None:
     TARGET is a stored version, NAME or NAME@VERSION (NAME alone: the version serving), read
     from the store the daemon reports, or the path of a GGUF file (no daemon needed).
     """
-    from sidecar.gguf_check import GGUFError
+    from sidecar.domain.errors import SidecarError
+    from sidecar.store.sealed import is_sealed
 
     if "/" in target or target.endswith(".gguf") or Path(target).is_file():
         path, sha, label = Path(target), "", target
     else:
         path, sha, label = _stored_file(ctx, target, opts)
     try:
-        d = describe(path, sha)
-    except GGUFError as e:
+        if is_sealed(path):
+            inspect, plain_sha = _sealed_readers(ctx)
+            d = describe(path, sha or plain_sha(path), inspect)
+        else:
+            d = describe(path, sha)
+    except SidecarError as e:
         _fail(f"{path}: {e.message}")
     except OSError as e:
         _fail(f"cannot read {path}: {e.strerror or e}")

@@ -21,7 +21,7 @@ from typing import BinaryIO
 from sidecar.domain.errors import FailedPrecondition, InvalidRequest, ModelNotFound
 from sidecar.domain.names import check_name, name_problem, shown
 from sidecar.domain.versions import SHORT, VersionInfo
-from sidecar.fileio import CHUNK, clone_or_copy, fsync_dir, write_atomic
+from sidecar.fileio import CHUNK, clone_or_copy, fsync_dir, sha256_stream, write_atomic
 from sidecar.gguf_check import GGUFError, GGUFInfo, check_stream
 from sidecar.store import images, sealed
 from sidecar.store.images import Images
@@ -130,11 +130,8 @@ class ModelStore:
 
     def sha256(self, path: Path) -> str:
         """The sha256 of a file's plaintext: the name of the version it is."""
-        h = hashlib.sha256()
         with self.open_plain(path) as f:
-            while block := f.read(CHUNK):
-                h.update(block)
-        return h.hexdigest()
+            return sha256_stream(f)
 
     def _seal_into(self, src: Path, dst: Path, mode: int = 0o600) -> str:
         """Write `dst` (which must not exist) as the sealed copy of `src`'s plaintext,

@@ -47,7 +47,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import zstandard
 
-from sidecar.fileio import sha256_file
+from sidecar.fileio import sha256_file, sha256_stream
 from sidecar.gguf_check import GGUFError, GGUFInfo, check
 
 MAGIC = b"SCDELTA1"
@@ -478,12 +478,10 @@ def apply_delta(
 
 
 def _sha256(f: BinaryIO) -> str:
-    h = hashlib.sha256()
     f.seek(0)
-    while block := f.read(PIECE):
-        h.update(block)
+    got = sha256_stream(f, PIECE)
     f.seek(0)
-    return h.hexdigest()
+    return got
 
 
 def _run_ops(

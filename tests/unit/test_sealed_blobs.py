@@ -287,3 +287,30 @@ def test_a_blob_removed_while_it_is_resealed_is_not_brought_back(
     assert report.resealed == [] and report.failed == [], report
     assert not blob.exists()
     assert sorted(p.name for p in store.blobs.iterdir()) == []  # no partial left either
+
+
+def test_show_reads_a_sealed_blob_with_the_configured_key_and_names_it_without(
+    tmp_path: Path,
+) -> None:
+    import hashlib
+    import json
+
+    from click.testing import CliRunner
+
+    from sidecar.cli.commands import main
+
+    model = write_tiny_llama(tmp_path / "a.gguf", seed=18_405)
+    write_new_key(tmp_path / "k")
+    key = read_key_file(tmp_path / "k")
+    store = ModelStore(tmp_path / "store", Keyring(key), encrypt=True)
+    blob = store.blob(store.add(model, "m"))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[store]\npath = "{tmp_path / "store"}"\nkey_file = "{tmp_path / "k"}"\n')
+    out = CliRunner().invoke(main, ["--config", str(cfg), "show", str(blob), "--json"], env={})
+    assert out.exit_code == 0, out.output
+    d = json.loads(out.stdout)
+    assert d["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()  # the plaintext's
+    assert d["architecture"] == "llama" and d["size"] == model.stat().st_size
+    cfg.write_text(f'[store]\npath = "{tmp_path / "store"}"\n')
+    out = CliRunner().invoke(main, ["--config", str(cfg), "show", str(blob)], env={})
+    assert out.exit_code != 0 and s.key_id(key) in out.output, out.output
