@@ -12,6 +12,7 @@ each bad byte with U+FFFD before the vocab is consulted.)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -77,11 +78,13 @@ def write_tiny_llama(
     n_ctx: int = 512,
     chat_template: str | None = None,
     name: str = "tiny",
+    adjust: Callable[[str, npt.NDArray[np.float32]], npt.NDArray[np.float32]] | None = None,
 ) -> Path:
     """Write a random-weight `llama`-architecture GGUF (f32) with a byte-level vocab to `path`.
 
     The same arguments always produce the same bytes; a different `seed` changes the weights.
-    Raises ValueError for head shapes llama.cpp cannot run.
+    Raises ValueError for head shapes llama.cpp cannot run. `adjust(name, weights)` may
+    change a tensor before it is written (a LoRA merged into the weights, see tiny_lora).
     """
     if n_embd % n_head != 0:
         raise ValueError(f"n_embd ({n_embd}) must be a multiple of n_head ({n_head})")
@@ -100,6 +103,10 @@ def write_tiny_llama(
         return np.ones(n, dtype=np.float32)
 
     writer = GGUFWriter(path, "llama")
+
+    def add_tensor(tensor: str, data: npt.NDArray[np.float32]) -> None:
+        writer.add_tensor(tensor, data if adjust is None else adjust(tensor, data))
+
     try:
         writer.add_name(name)
         writer.add_file_type(LlamaFileType.ALL_F32)
@@ -132,20 +139,20 @@ def write_tiny_llama(
             writer.add_chat_template(chat_template)
 
         # numpy shapes are (out_features, in_features); gguf reverses them into ggml order.
-        writer.add_tensor("token_embd.weight", rand(N_VOCAB, n_embd))
+        add_tensor("token_embd.weight", rand(N_VOCAB, n_embd))
         for i in range(n_layer):
             blk = f"blk.{i}"
-            writer.add_tensor(f"{blk}.attn_norm.weight", ones(n_embd))
-            writer.add_tensor(f"{blk}.attn_q.weight", rand(n_embd, n_embd))
-            writer.add_tensor(f"{blk}.attn_k.weight", rand(n_embd, n_embd))
-            writer.add_tensor(f"{blk}.attn_v.weight", rand(n_embd, n_embd))
-            writer.add_tensor(f"{blk}.attn_output.weight", rand(n_embd, n_embd))
-            writer.add_tensor(f"{blk}.ffn_norm.weight", ones(n_embd))
-            writer.add_tensor(f"{blk}.ffn_gate.weight", rand(n_ff, n_embd))
-            writer.add_tensor(f"{blk}.ffn_up.weight", rand(n_ff, n_embd))
-            writer.add_tensor(f"{blk}.ffn_down.weight", rand(n_embd, n_ff))
-        writer.add_tensor("output_norm.weight", ones(n_embd))
-        writer.add_tensor("output.weight", rand(N_VOCAB, n_embd))
+            add_tensor(f"{blk}.attn_norm.weight", ones(n_embd))
+            add_tensor(f"{blk}.attn_q.weight", rand(n_embd, n_embd))
+            add_tensor(f"{blk}.attn_k.weight", rand(n_embd, n_embd))
+            add_tensor(f"{blk}.attn_v.weight", rand(n_embd, n_embd))
+            add_tensor(f"{blk}.attn_output.weight", rand(n_embd, n_embd))
+            add_tensor(f"{blk}.ffn_norm.weight", ones(n_embd))
+            add_tensor(f"{blk}.ffn_gate.weight", rand(n_ff, n_embd))
+            add_tensor(f"{blk}.ffn_up.weight", rand(n_ff, n_embd))
+            add_tensor(f"{blk}.ffn_down.weight", rand(n_embd, n_ff))
+        add_tensor("output_norm.weight", ones(n_embd))
+        add_tensor("output.weight", rand(N_VOCAB, n_embd))
 
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -7,6 +7,7 @@ about protobuf; `sidecar.server.convert` is the only place that translates.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 Kind = Literal["generate", "chat", "classify", "extract", "embed"]
@@ -36,6 +37,18 @@ MAX_TOP_LOGPROBS = 20  # as OpenAI
 
 
 @dataclass(frozen=True)
+class AdapterFile:
+    """The LoRA adapter version a job runs with: the daemon resolves a request's adapter
+    name to the store's active version when the job is submitted (so a swap never changes
+    what a running job uses) and the worker applies this file."""
+
+    name: str
+    sha256: str
+    path: Path
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
 class GenerateTask:
     prompt: str
     max_tokens: int | None  # None = the server default, capped to what fits
@@ -43,6 +56,8 @@ class GenerateTask:
     kind: Kind = "generate"
     logprobs: bool = False  # return each token's log-probability
     top_logprobs: int = 0  # and this many alternatives per token (needs logprobs)
+    adapter: str = ""  # a LoRA adapter of the model, by name ("" = none)
+    lora: AdapterFile | None = None  # that adapter's version, filled in by the engine
 
 
 @dataclass(frozen=True)
@@ -53,6 +68,8 @@ class ChatTask:
     kind: Kind = "chat"
     logprobs: bool = False
     top_logprobs: int = 0
+    adapter: str = ""
+    lora: AdapterFile | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +84,8 @@ class ClassifyTask:
     task: str = ""
     # The caller accepts "none of these": an out-of-scope text then gets no label.
     allow_none: bool = False
+    adapter: str = ""
+    lora: AdapterFile | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +95,8 @@ class ExtractTask:
     instruction: str = ""
     max_tokens: int | None = None
     kind: Kind = "extract"
+    adapter: str = ""
+    lora: AdapterFile | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +107,7 @@ class EmbedTask:
 
 
 Task = GenerateTask | ChatTask | ClassifyTask | ExtractTask | EmbedTask
+AdaptableTask = GenerateTask | ChatTask | ClassifyTask | ExtractTask
 StreamableTask = GenerateTask | ChatTask
 
 
@@ -177,6 +199,7 @@ class Generation:
     timings: Timings = field(default_factory=Timings)
     route: RouteInfo = RouteInfo()
     logprobs: tuple[TokenLogprob, ...] = ()  # when asked, and a local model answered
+    adapter: ModelRef | None = None  # the LoRA adapter version that answered, if any
 
 
 @dataclass(frozen=True)
@@ -199,6 +222,7 @@ class Classification:
     # request's allow_none, an out-of-scope answer has label "".
     novelty: float | None = None
     out_of_scope: bool = False
+    adapter: ModelRef | None = None
 
     @property
     def top_probability(self) -> float:
@@ -218,6 +242,7 @@ class Extraction:
     model: ModelRef | None = None
     timings: Timings = field(default_factory=Timings)
     route: RouteInfo = RouteInfo()
+    adapter: ModelRef | None = None
 
 
 @dataclass

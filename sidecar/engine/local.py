@@ -21,6 +21,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,8 +40,10 @@ from sidecar.domain.progress import Progress, ignore
 from sidecar.domain.seam import DEFAULT_ROUTE
 from sidecar.domain.status import PoolStatus, SwapResult
 from sidecar.domain.types import (
+    AdapterFile,
     Classification,
     Embeddings,
+    EmbedTask,
     Extraction,
     Generation,
     ModelRef,
@@ -52,6 +55,7 @@ from sidecar.domain.types import (
     TokenEvent,
 )
 from sidecar.engine import residency
+from sidecar.engine.adapters import AdapterTable
 from sidecar.engine.fake import FakeSlot
 from sidecar.engine.pool import VERSION_CHARS, Job, ModelPool
 from sidecar.engine.slots import ProcessSlot, SlotFactory, ThreadSlot
@@ -85,6 +89,7 @@ class PoolEngine:
             m.name: ModelPool(m, factory, config.server.default_max_tokens) for m in config.models
         }
         self.default_model = config.default_model
+        self.adapters = AdapterTable(self.store)
         self.shed_reason: str | None = None  # set by the supervisor under memory pressure
         self.on_result: Callable[[Result], None] = lambda _r: None  # metrics hook
         # metrics hook: (model, outcome "swapped" | "unchanged" | "refused", refusing stage)
@@ -101,6 +106,7 @@ class PoolEngine:
 
     async def start(self) -> None:
         try:
+            await asyncio.to_thread(self.adapters.refresh)
             for name, pool in self.pools.items():
                 blob = await asyncio.to_thread(startup_blob, self.store, name, pool.config.path)
                 pool.use_file(blob)
@@ -277,6 +283,17 @@ class PoolEngine:
         pool = self.pool(model)
         s = self.config.server
         check(task, Limits(pool.config.context, s.max_labels, s.max_embed_texts))
+        if not isinstance(task, EmbedTask):
+            self.adapters.of(pool.config.name, task)  # NOT_FOUND before anything runs
+
+    def _with_adapter(self, pool: ModelPool, task: Task) -> tuple[Task, AdapterFile | None]:
+        """`task` with the adapter version it will run with fixed, and that version held in
+        the store until the job ends (no gc or remove takes it from under the job)."""
+        if isinstance(task, EmbedTask) or not task.adapter:
+            return task, None
+        file = task.lora or self.adapters.resolve(pool.config.name, task.adapter)
+        self.store.hold(file.sha256)
+        return replace(task, lora=file), file
 
     def _submit(
         self, model: str, task: Task, caller: str, stream: bool, background: bool = False
@@ -285,7 +302,17 @@ class PoolEngine:
         if self.shed_reason:
             raise Overloaded(self.shed_reason)
         self.check(model, task)
-        return pool, pool.submit(task, caller, stream, background)
+        task, held = self._with_adapter(pool, task)
+        try:
+            job = pool.submit(task, caller, stream, background)
+        except BaseException:
+            if held is not None:
+                self.store.release(held.sha256)
+            raise
+        if held is not None:
+            sha = held.sha256
+            job.on_end = lambda: self.store.release(sha)
+        return pool, job
 
     async def run(
         self,
@@ -415,6 +442,9 @@ def _stamp(result: R, pool: ModelPool, job: Job) -> R:
     else:  # no tokens (classify, embed): the whole answer is the first result
         first_ms = total_ms
     result.model = job.ref or pool.ref
+    lora = None if isinstance(job.task, EmbedTask) else job.task.lora
+    if lora is not None and not isinstance(result, Embeddings):
+        result.adapter = ModelRef(lora.name, lora.sha256[:VERSION_CHARS])
     result.timings = Timings(queue_ms=queue_ms, first_token_ms=first_ms, total_ms=total_ms)
     return result
 

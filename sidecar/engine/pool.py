@@ -77,6 +77,7 @@ class Job:
     done: bool = False
     cancelled: bool = False  # asked to stop while running: its worker must run to say so
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    on_end: Callable[[], None] = lambda: None  # once, when its outcome is known (or cancelled)
 
 
 class ModelPool:
@@ -245,6 +246,7 @@ class ModelPool:
         if job.slot is None:
             self._queue.remove(job)
             job.done = True
+            job.on_end()
         else:
             job.cancelled = True
             job.slot.cancel(job.id)
@@ -352,6 +354,7 @@ class ModelPool:
         if not job.done:
             job.done = True
             job.events.put_nowait(event)
+            job.on_end()
 
     # ------------------------------------------------------------------ Events (from slots)
 

@@ -6,6 +6,7 @@ The layout on disk and what may be deleted are described in `sidecar.store`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 import os
@@ -32,6 +33,8 @@ _SHA = re.compile(r"[0-9a-f]{64}")
 _HEX = re.compile(r"[0-9a-fA-F]{1,64}")
 
 log = logging.getLogger("sidecar.store")
+
+ADAPTERS = "adapters"  # <root>/adapters/<base model>/<adapter>/...: the names of LoRA adapters
 
 
 class BlobChanged(FailedPrecondition):
@@ -72,6 +75,29 @@ class ModelStore:
             root / "quarantine", self._lock, self._owns, self._seal_into if encrypt else None
         )
         self.quarantine_dir = self._quarantine.dir
+        self.label = ""  # what a removed version's name is prefixed with ("base:" for adapters)
+
+    def view(self, base: str) -> ModelStore:
+        """The adapters of model `base`: the same store (blobs, stamps, locks, holds,
+        quarantine) with its names kept under <root>/adapters/<base> instead of models/."""
+        check_name(base)
+        v = copy.copy(self)  # shallow: every view shares the one lock, hold count and blobs
+        v.models = self.root / ADAPTERS / base
+        v.models.mkdir(parents=True, exist_ok=True, mode=0o700)
+        v.label = f"{base}:"
+        return v
+
+    def spaces(self) -> list[ModelStore]:
+        """The models' names and every base model's adapters: what gc and removal consult."""
+        d = self.root / ADAPTERS
+        bases = (
+            sorted(p.name for p in d.iterdir() if name_problem(p.name) is None and p.is_dir())
+            if d.is_dir()
+            else []
+        )
+        root = copy.copy(self)
+        root.models, root.label = self.root / "models", ""
+        return [root, *(root.view(b) for b in bases)]
 
     def sweep(self) -> None:
         """Delete the partial copies a crash left behind. Only the store's one owner (the
@@ -401,8 +427,9 @@ class ModelStore:
             if actual.startswith("unreadable"):
                 reason = f"blob {sha} changed on disk: {actual}"
             where = self.quarantine(blob, reason)
-            for name in self.names():
-                (self._model_dir(name) / "versions" / sha).unlink(missing_ok=True)
+            for space in self.spaces():
+                for name in space.names():
+                    (space._model_dir(name) / "versions" / sha).unlink(missing_ok=True)
             log.warning("%s (set aside as %s)", reason, where.name)
             now = actual if actual.startswith("unreadable") else f"now {actual[:SHORT]}"
             raise BlobChanged(
@@ -473,26 +500,30 @@ class ModelStore:
         version of a name that has never been activated (added, and not yet replaced)."""
         removed = []
         with self._lock:
-            names = self.names()
-            pointed = {self.active(n) for n in names} | {self.previous(n) for n in names}
+            spaces = self.spaces()  # models and adapters share blobs: one keep set for all
+            pointed: set[str | None] = set()
+            for space in spaces:
+                for n in space.names():
+                    pointed |= {space.active(n), space.previous(n)}
             keep = pointed | set(in_use) | self._held_now()
-            for name in names:
-                if self.active(name) is None:
-                    continue
-                for sha in self.versions(name):
-                    if sha not in keep:
-                        try:
-                            self.remove(name, sha, in_use)
-                        except FailedPrecondition:  # held since `keep` was read: kept
-                            continue
-                        removed.append(f"{name}@{sha[:SHORT]}")
+            for space in spaces:
+                for name in space.names():
+                    if space.active(name) is None:
+                        continue
+                    for sha in space.versions(name):
+                        if sha not in keep:
+                            try:
+                                space.remove(name, sha, in_use)
+                            except FailedPrecondition:  # held since `keep` was read: kept
+                                continue
+                            removed.append(f"{space.label}{name}@{sha[:SHORT]}")
         return removed + [f"quarantine/{e}" for e in self.quarantine_cleanup()]
 
     def _drop_unreferenced(self, sha: str, in_use: Collection[str]) -> None:
         if (
             sha in in_use
             or sha in self._held_now()
-            or any(sha in self.versions(n) for n in self.names())
+            or any(sha in s.versions(n) for s in self.spaces() for n in s.names())
         ):
             return
         self.blob(sha).unlink(missing_ok=True)

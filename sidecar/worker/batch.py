@@ -53,10 +53,11 @@ from llama_cpp import _internals as internals
 
 from sidecar.domain.errors import FailedPrecondition, InternalError, SidecarError
 from sidecar.domain.specs import RunnerSpec, declared_head_widths, kv_cache_type
-from sidecar.domain.types import Result
+from sidecar.domain.types import AdapterFile, Result
 from sidecar.worker.cells import CellLedger
 from sidecar.worker.cores import CoreGovernor
 from sidecar.worker.labels import log_softmax
+from sidecar.worker.lora import LoraCache
 from sidecar.worker.sequence import Detokenize, Sequence
 
 PREFIXES = 4  # shared prefixes kept (LRU)
@@ -132,6 +133,9 @@ class BatchDecoder:
         self.prefix_hits = 0
         self._threads = spec.threads
         self.governor = CoreGovernor(spec.threads)  # shared with the worker's embedder
+        # The LoRA adapter applies to the whole context: see `_admit` and `use_adapter`.
+        self.loras = LoraCache(model.model, self.ctx.ctx)
+        self._refused: list[Outcome] = []  # sequences whose adapter failed to load
 
     def _context(
         self, model: internals.LlamaModel, params: llama_cpp.llama_context_params, fallback: bool
@@ -154,6 +158,7 @@ class BatchDecoder:
     def close(self) -> None:
         for s in [*self.active, *self.waiting]:
             s.sampler.close()  # type: ignore[no-untyped-call]
+        self.loras.close()
         self._batch.close()  # type: ignore[no-untyped-call]
         self.ctx.close()  # type: ignore[no-untyped-call]
 
@@ -176,6 +181,18 @@ class BatchDecoder:
             s = self.waiting[0]
             if s.cancelled:
                 return  # reported by `step`
+            if not self._applies(s.lora):
+                # One adapter per decode: a sequence of another waits, in order (the
+                # daemon's fair queue chose that order), until the running ones finish.
+                if self.active:
+                    return
+                try:
+                    self._switch(s.lora)
+                except SidecarError as e:
+                    self.waiting.popleft()
+                    s.sampler.close()  # type: ignore[no-untyped-call]
+                    self._refused.append((s, e))
+                    continue
             if not self._fits(len(s.prompt) + s.limit):
                 if self.active:
                     return  # in order: it waits for the running ones to finish
@@ -243,6 +260,25 @@ class BatchDecoder:
         self.cells.drain()
         self._prefixes.clear()  # their cells are gone: the next user decodes them again
 
+    def _applies(self, lora: AdapterFile | None) -> bool:
+        return self.loras.current == (None if lora is None else (lora.sha256, lora.scale))
+
+    def _switch(self, lora: AdapterFile | None) -> None:
+        """Apply another adapter, on an empty cache: the shared prefixes were decoded with
+        the old one and would be wrong under the new one."""
+        assert not self.active
+        self.loras.use(lora)
+        self._drain()
+
+    def use_adapter(self, lora: AdapterFile | None) -> None:
+        """Before a whole job (Classify): apply its adapter, or raise NeedsRoom while
+        sequences of another one run (the job then waits for the batch to drain)."""
+        if self._applies(lora):
+            return
+        if self.active:
+            raise NeedsRoom()
+        self._switch(lora)
+
     def make_room(self, cells: int) -> None:
         """Before a whole job of at most `cells` cells: drain an idle cache that lacks the
         room, or raise NeedsRoom while sequences run."""
@@ -264,6 +300,8 @@ class BatchDecoder:
                 self._release(s)
                 out.append((s, None))
         self._admit()
+        out += self._refused
+        self._refused = []
         if not self.active:
             if not self.waiting and self.cells.used > self.cells.size // 2:
                 self._drain()  # idle: start the next burst on an empty cache

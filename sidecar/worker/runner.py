@@ -161,6 +161,12 @@ class LlamaRunner:
 
     def sequence(self, key: int, task: Task, emit: Emit | None) -> Sequence | None:
         """A generation job as a sequence for the batch; None for a whole job."""
+        seq = self._sequence(key, task, emit)
+        if seq is not None and not isinstance(task, EmbedTask | ClassifyTask):
+            seq.lora = task.lora
+        return seq
+
+    def _sequence(self, key: int, task: Task, emit: Emit | None) -> Sequence | None:
         if isinstance(task, GenerateTask | ChatTask):
             if isinstance(task, GenerateTask):
                 tokens = self._tokenize(task.prompt, add_bos=True)
@@ -175,6 +181,7 @@ class LlamaRunner:
     def run_whole(self, task: Task, should_stop: ShouldStop) -> Result:
         """Classify and Embed: run between batch steps, start to end."""
         if isinstance(task, ClassifyTask):
+            self.batch.use_adapter(task.lora)  # NeedsRoom while another adapter's run
             try:
                 return self._classify(task, should_stop)
             finally:

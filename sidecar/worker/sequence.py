@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 import llama_cpp
 from llama_cpp import _internals as internals
 
-from sidecar.domain.types import Generation, Result, TokenConfidence, TokenEvent, TopLogprob, Usage
+from sidecar.domain.types import (
+    AdapterFile,
+    Generation,
+    Result,
+    TokenConfidence,
+    TokenEvent,
+    TopLogprob,
+    Usage,
+)
 from sidecar.worker.labels import Row
 from sidecar.worker.logprobs import LogprobTrail, top_k
 from sidecar.worker.text import TextAssembler
@@ -46,6 +54,7 @@ class Sequence:
     next_token: int | None = None  # sampled, to be decoded in the next step
     cancelled: bool = False
     deadline: float | None = None  # time.monotonic() after which it is stopped
+    lora: AdapterFile | None = None  # the adapter its every decode step applies
 
     def __post_init__(self) -> None:
         self.text = TextAssembler(self.stop)

@@ -19,6 +19,7 @@ WORKER_ONLY = {
     "sidecar.worker.embed": "BatchEmbedder: the embedding context of a worker",
     "sidecar.worker.label_batch": "LlamaTrieDecoder: Classify's labels decoded on the worker's context",
     "sidecar.worker.cells": "CellLedger: the batch context's KV cells (llama_memory calls)",
+    "sidecar.worker.lora": "LoraCache: a worker's loaded LoRA adapters (llama_adapter_lora_*)",
 }
 # Importing these runs a program instead of defining one.
 ENTRY_POINTS = {"sidecar.cli.__main__"}

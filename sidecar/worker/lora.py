@@ -1,0 +1,80 @@
+"""The LoRA adapters one worker has loaded, and which one its context applies.
+
+An adapter applies to a whole llama.cpp context, so the batch (`batch.BatchDecoder`) sets
+one per decode step and switches only when no sequence runs (see `use`). Loaded adapters
+stay cached (a load reads the file, ~ms per MB) up to `LIMIT`, least recently used out;
+the one the context applies is never the one evicted. Each is freed deterministically,
+before the model it was loaded against (`close`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections import OrderedDict
+from typing import Any
+
+import llama_cpp
+
+from sidecar.domain.errors import FailedPrecondition
+from sidecar.domain.types import AdapterFile
+
+LIMIT = 4  # adapters kept loaded per worker
+
+
+class LoraCache:
+    def __init__(self, model: llama_cpp.llama_model_p, ctx: llama_cpp.llama_context_p) -> None:
+        self._model = model
+        self._ctx = ctx
+        self._loaded: OrderedDict[str, Any] = OrderedDict()
+        self.current: tuple[str, float] | None = None  # (sha256, scale) the context applies
+        self.loads = 0
+
+    def _load(self, file: AdapterFile) -> Any:
+        handle = self._loaded.get(file.sha256)
+        if handle is not None:
+            self._loaded.move_to_end(file.sha256)
+            return handle
+        handle = llama_cpp.llama_adapter_lora_init(self._model, str(file.path).encode())
+        if not handle:
+            raise FailedPrecondition(
+                f"llama.cpp could not load adapter {file.name!r} ({file.path}): not a LoRA "
+                "adapter of this model"
+            )
+        self.loads += 1
+        self._loaded[file.sha256] = handle
+        while len(self._loaded) > LIMIT:
+            old, h = next(iter(self._loaded.items()))
+            if self.current is not None and old == self.current[0]:
+                self._loaded.move_to_end(old)
+                continue
+            del self._loaded[old]
+            llama_cpp.llama_adapter_lora_free(h)
+        return handle
+
+    def use(self, file: AdapterFile | None) -> None:
+        """Make the context apply `file` (None: the bare model) from the next decode on."""
+        want = None if file is None else (file.sha256, file.scale)
+        if want == self.current:
+            return
+        if file is None:
+            rc = llama_cpp.llama_set_adapters_lora(self._ctx, None, 0, None)
+        else:
+            handle = self._load(file)
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(handle)
+            scales = (ctypes.c_float * 1)(file.scale)
+            rc = llama_cpp.llama_set_adapters_lora(self._ctx, adapters, 1, scales)
+        if rc != 0:
+            raise FailedPrecondition(f"llama.cpp refused to apply the adapter (code {rc})")
+        self.current = want
+
+    @property
+    def loaded(self) -> int:
+        return len(self._loaded)
+
+    def close(self) -> None:
+        if self.current is not None:
+            llama_cpp.llama_set_adapters_lora(self._ctx, None, 0, None)
+            self.current = None
+        while self._loaded:
+            _, h = self._loaded.popitem()
+            llama_cpp.llama_adapter_lora_free(h)
