@@ -15,6 +15,7 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -32,10 +33,11 @@ from sidecar.domain.names import check_name
 from sidecar.domain.progress import Progress
 from sidecar.domain.status import SwapResult
 from sidecar.domain.updates import Check, Outcome
+from sidecar.engine import adapters as adapter_swap
 from sidecar.engine.local import PoolEngine
 from sidecar.logs import recent
 from sidecar.metrics import Metrics
-from sidecar.store import ModelStore
+from sidecar.store import ModelStore, adapters
 from sidecar.supervisor import Supervisor
 from sidecar.update.updater import Updater
 
@@ -106,6 +108,9 @@ class DaemonAdmin:
     async def swap(
         self, model: str, version: str, path: Path | None, strategy: str, progress: Progress
     ) -> SwapResult:
+        adapter = adapters.split(model)
+        if adapter is not None:
+            return await self._swap_adapter(*adapter, version, path)
         return await self.engine.swap(
             _name(model), version=version, path=path, strategy=strategy, progress=progress
         )
@@ -115,17 +120,52 @@ class DaemonAdmin:
     async def versions(self) -> StoreListing:
         serving = {(s.model.name, s.model.version) for s, _ in self.engine.status()}
         stored = await asyncio.to_thread(self.store.all_versions)
+        # An adapter serves once it is active: requests resolve to the active version.
+        loras = await asyncio.to_thread(adapters.listing, self.store)
         return StoreListing(
             self.store.root,
-            tuple(StoredVersion(v, (v.name, v.short) in serving) for v in stored),
+            tuple(StoredVersion(v, (v.name, v.short) in serving) for v in stored)
+            + tuple(StoredVersion(v, v.active) for v in loras),
         )
 
-    async def add_model(self, model: str, path: Path) -> StoredVersion:
+    async def add_model(self, model: str, path: Path, adapter_for: str = "") -> StoredVersion:
+        if adapter_for:
+            return await self._add_adapter(adapter_for, model, path)
         name = _name(model) or self.engine.default_model
         sha = await asyncio.to_thread(self.store.add, path, name)
         return StoredVersion(await asyncio.to_thread(self.store.info, name, sha), serving=False)
 
+    async def _add_adapter(self, base: str, name: str, path: Path) -> StoredVersion:
+        pool = self.engine.pool(_name(base))
+        base = pool.config.name
+        sha = await asyncio.to_thread(
+            adapters.add, self.store, base, pool.spec.path, check_name(name), path
+        )
+        await adapter_swap.activate(pool, self.engine.adapters, name, sha, fresh=True)
+        info = await asyncio.to_thread(self.store.view(base).info, name, sha)
+        return StoredVersion(replace(info, name=f"{base}:{name}"), serving=True)
+
+    async def _swap_adapter(
+        self, base: str, name: str, version: str, path: Path | None
+    ) -> SwapResult:
+        pool = self.engine.pool(base)
+        if path is not None:
+            sha = await asyncio.to_thread(
+                adapters.add, self.store, pool.config.name, pool.spec.path, name, path
+            )
+        else:
+            sha = self.store.view(pool.config.name).resolve(name, version)
+        return await adapter_swap.activate(
+            pool, self.engine.adapters, name, sha, fresh=path is not None
+        )
+
     async def remove_version(self, model: str, version: str) -> None:
+        adapter = adapters.split(model)
+        if adapter is not None:
+            view = self.store.view(self.engine.pool(adapter[0]).config.name)
+            sha = view.resolve(adapter[1], version)
+            await asyncio.to_thread(view.remove, adapter[1], sha, self.engine.in_use())
+            return
         name = _name(model) or self.engine.default_model
         sha = self.store.resolve(name, version)
         await asyncio.to_thread(self.store.remove, name, sha, self.engine.in_use())

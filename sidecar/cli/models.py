@@ -29,10 +29,12 @@ from sidecar.v1 import inference_pb2 as pb
 
 
 def _valid(name: str, param: str = "TARGET") -> str:
-    """The daemon checks names too; checking here says so before anything is sent."""
-    problem = name_problem(name) if name else None
-    if problem:
-        raise click.BadParameter(problem, param_hint=param)
+    """The daemon checks names too; checking here says so before anything is sent.
+    MODEL:ADAPTER names a LoRA adapter of MODEL; each part is a name."""
+    for part in name.split(":", 1) if name else ():
+        problem = name_problem(part)
+        if problem:
+            raise click.BadParameter(problem, param_hint=param)
     return name
 
 
@@ -149,18 +151,32 @@ def list_versions(ctx: click.Context, /, **given: Any) -> None:
     callback=lambda _ctx, _param, value: _valid(value, "--name"),
     help="Model name to add it under ([A-Za-z0-9._-], 1-64, not starting with '.').",
 )
+@click.option(
+    "--adapter-for",
+    "adapter_for",
+    metavar="MODEL",
+    callback=lambda _ctx, _param, value: value and _valid(value, "--adapter-for"),
+    help="The file is a LoRA adapter of MODEL, stored as MODEL:NAME: checked against the "
+    "model, proven on a worker, then active (requests name it as their adapter).",
+)
 @client_options
 @click.pass_context
-def add(ctx: click.Context, /, path: Path, name: str, **given: Any) -> None:
-    """Verify a GGUF file and add it to the store (it does not start serving)."""
-    request = pb.AddModelRequest(model=name, path=str(path.resolve()))
+def add(
+    ctx: click.Context, /, path: Path, name: str, adapter_for: str | None, **given: Any
+) -> None:
+    """Verify a GGUF file and add it to the store (a model does not start serving; an
+    adapter, --adapter-for, does once it is proven)."""
+    request = pb.AddModelRequest(
+        model=name, path=str(path.resolve()), adapter_for=adapter_for or ""
+    )
     opts = _opts(ctx, given)
     with _client(ctx, opts) as c:
         reply = call(lambda: c.admin.AddModel(request, metadata=c._md))
     if opts.get("as_json"):
         click.echo(dump(reply))
         return
-    click.echo(f"added {reply.version.model}@{reply.version.sha256[:12]}")
+    what = "added and serving" if adapter_for else "added"
+    click.echo(f"{what} {reply.version.model}@{reply.version.sha256[:12]}")
 
 
 @models.command("activate")

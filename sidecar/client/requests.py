@@ -44,19 +44,19 @@ def _priority(low: bool) -> pb.Priority.ValueType:
 def generate_request(prompt: str, *, model: str = "", max_tokens: int | None = None, temperature: float = 0.0,
                      top_p: float = 0.0, top_k: int = 0, seed: int = 0, stop: Sequence[str] = (),
                      routing: Routing = "", sensitive: bool = False, logprobs: bool = False,
-                     top_logprobs: int = 0, low_priority: bool = False) -> pb.GenerateRequest:  # fmt: skip
+                     top_logprobs: int = 0, low_priority: bool = False, adapter: str = "") -> pb.GenerateRequest:  # fmt: skip
     return pb.GenerateRequest(
         model=model, prompt=prompt, max_tokens=max_tokens,
         sampling=_sampling(temperature, top_p, top_k, seed, stop),
         routing=_routing(routing), sensitive=sensitive,
-        logprobs=logprobs, top_logprobs=top_logprobs, priority=_priority(low_priority),
+        logprobs=logprobs, top_logprobs=top_logprobs, priority=_priority(low_priority), adapter=adapter,
     )  # fmt: skip
 
 
 def chat_request(messages: Iterable[Message], *, model: str = "", max_tokens: int | None = None, temperature: float = 0.0,
                  top_p: float = 0.0, top_k: int = 0, seed: int = 0, stop: Sequence[str] = (),
                  routing: Routing = "", sensitive: bool = False, logprobs: bool = False,
-                 top_logprobs: int = 0, low_priority: bool = False) -> pb.ChatRequest:  # fmt: skip
+                 top_logprobs: int = 0, low_priority: bool = False, adapter: str = "") -> pb.ChatRequest:  # fmt: skip
     msgs = [
         pb.ChatMessage(role=m[0], content=m[1]) if isinstance(m, tuple)
         else pb.ChatMessage(role=m["role"], content=m["content"])
@@ -66,7 +66,7 @@ def chat_request(messages: Iterable[Message], *, model: str = "", max_tokens: in
         model=model, messages=msgs, max_tokens=max_tokens,
         sampling=_sampling(temperature, top_p, top_k, seed, stop),
         routing=_routing(routing), sensitive=sensitive,
-        logprobs=logprobs, top_logprobs=top_logprobs, priority=_priority(low_priority),
+        logprobs=logprobs, top_logprobs=top_logprobs, priority=_priority(low_priority), adapter=adapter,
     )  # fmt: skip
 
 
@@ -74,23 +74,25 @@ def classify_request(
     text: str, labels: Sequence[str] = (), *, instruction: str = "", model: str = "",
     examples: Iterable[tuple[str, str]] = (), task: str = "", routing: Routing = "",
     sensitive: bool = False, allow_none: bool = False, low_priority: bool = False,
+    adapter: str = "",
 ) -> pb.ClassifyRequest:  # fmt: skip
     return pb.ClassifyRequest(
         model=model, text=text, labels=list(labels), instruction=instruction,
         examples=[pb.Example(text=t, label=y) for t, y in examples], task=task,
         routing=_routing(routing), sensitive=sensitive, allow_none=allow_none,
-        priority=_priority(low_priority),
+        priority=_priority(low_priority), adapter=adapter,
     )  # fmt: skip
 
 
 def extract_request(text: str, schema: str | Mapping[str, Any], *, instruction: str = "", model: str = "",
                     max_tokens: int | None = None, routing: Routing = "",
-                    sensitive: bool = False, low_priority: bool = False) -> pb.ExtractRequest:  # fmt: skip
+                    sensitive: bool = False, low_priority: bool = False,
+                    adapter: str = "") -> pb.ExtractRequest:  # fmt: skip
     schema_text = schema if isinstance(schema, str) else json.dumps(schema)
     return pb.ExtractRequest(
         model=model, text=text, json_schema=schema_text, instruction=instruction,
         max_tokens=max_tokens, routing=_routing(routing), sensitive=sensitive,
-        priority=_priority(low_priority),
+        priority=_priority(low_priority), adapter=adapter,
     )  # fmt: skip
 
 
@@ -110,5 +112,5 @@ def swap_request(
     return pb.SwapRequest(model=model, version=version, path=where, strategy=strategy)
 
 
-def add_model_request(path: str | Path, *, name: str) -> pb.AddModelRequest:
-    return pb.AddModelRequest(model=name, path=str(Path(path).resolve()))
+def add_model_request(path: str | Path, *, name: str, adapter_for: str = "") -> pb.AddModelRequest:
+    return pb.AddModelRequest(model=name, path=str(Path(path).resolve()), adapter_for=adapter_for)

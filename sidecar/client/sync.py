@@ -126,45 +126,46 @@ class Client(Connection):
                  temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0, seed: int = 0,
                  stop: Sequence[str] = (), routing: Routing = "", sensitive: bool = False,
                  logprobs: bool = False, top_logprobs: int = 0, low_priority: bool = False,
-                 timeout: float | None = None) -> pb.GenerateReply:  # fmt: skip
+                 adapter: str = "", timeout: float | None = None) -> pb.GenerateReply:  # fmt: skip
         """Continue a raw `prompt`. `max_tokens` None: the daemon's default; temperature 0:
         greedy (deterministic); `stop`: sequences that end it (left out of the text);
         `routing` "AUTO"/"LOCAL_ONLY"/"CLOUD_ONLY" ("" = the daemon's default);
         `sensitive`: never leaves the machine; `logprobs`/`top_logprobs` (0-20): each
         token's log-probability and alternatives in `reply.logprobs`; `low_priority`: bulk
-        work, waits for and yields to normal requests (not for the streaming calls)."""
+        work, waits for and yields to normal requests (not for the streaming calls); `adapter`: a
+        LoRA adapter of the model by name (`reply.adapter` names the version that answered)."""
         request = rq.generate_request(prompt, model=model, max_tokens=max_tokens,
                                       temperature=temperature, top_p=top_p, top_k=top_k,
                                       seed=seed, stop=stop, routing=routing, sensitive=sensitive,
                                       logprobs=logprobs, top_logprobs=top_logprobs,
-                                      low_priority=low_priority)  # fmt: skip
+                                      low_priority=low_priority, adapter=adapter)  # fmt: skip
         return self._unary(self.inference.Generate, request, timeout)
 
     def generate_stream(self, prompt: str, *, model: str = "", max_tokens: int | None = None,
                         temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0,
                         seed: int = 0, stop: Sequence[str] = (), routing: Routing = "",
                         sensitive: bool = False, logprobs: bool = False, top_logprobs: int = 0,
-                        timeout: float | None = None) -> Stream[pb.GenerateChunk]:  # fmt: skip
+                        adapter: str = "", timeout: float | None = None) -> Stream[pb.GenerateChunk]:  # fmt: skip
         """`generate`, streamed: one chunk per piece of new text; the last chunk's `summary`
         is the whole reply (usage, timings, confidence)."""
         request = rq.generate_request(prompt, model=model, max_tokens=max_tokens,
                                       temperature=temperature, top_p=top_p, top_k=top_k,
                                       seed=seed, stop=stop, routing=routing, sensitive=sensitive,
-                                      logprobs=logprobs, top_logprobs=top_logprobs)  # fmt: skip
+                                      logprobs=logprobs, top_logprobs=top_logprobs, adapter=adapter)  # fmt: skip
         return self._stream(self.inference.GenerateStream, request, timeout)
 
     def chat(self, messages: Iterable[Message], *, model: str = "", max_tokens: int | None = None,
              temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0, seed: int = 0,
              stop: Sequence[str] = (), routing: Routing = "", sensitive: bool = False,
              logprobs: bool = False, top_logprobs: int = 0, low_priority: bool = False,
-             timeout: float | None = None) -> pb.GenerateReply:  # fmt: skip
+             adapter: str = "", timeout: float | None = None) -> pb.GenerateReply:  # fmt: skip
         """One chat turn with the model's chat template. `messages`: ("role", "content")
         pairs or {"role", "content"} mappings; the rest as in `generate`."""
         request = rq.chat_request(messages, model=model, max_tokens=max_tokens,
                                   temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                   stop=stop, routing=routing, sensitive=sensitive,
                                   logprobs=logprobs, top_logprobs=top_logprobs,
-                                  low_priority=low_priority)  # fmt: skip
+                                  low_priority=low_priority, adapter=adapter)  # fmt: skip
         return self._unary(self.inference.Chat, request, timeout)
 
     def chat_stream(self, messages: Iterable[Message], *, model: str = "",
@@ -172,19 +173,19 @@ class Client(Connection):
                     top_k: int = 0, seed: int = 0, stop: Sequence[str] = (),
                     routing: Routing = "", sensitive: bool = False, logprobs: bool = False,
                     top_logprobs: int = 0,
-                    timeout: float | None = None) -> Stream[pb.GenerateChunk]:  # fmt: skip
+                    adapter: str = "", timeout: float | None = None) -> Stream[pb.GenerateChunk]:  # fmt: skip
         """`chat`, streamed as `generate_stream` is."""
         request = rq.chat_request(messages, model=model, max_tokens=max_tokens,
                                   temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                   stop=stop, routing=routing, sensitive=sensitive,
-                                  logprobs=logprobs, top_logprobs=top_logprobs)  # fmt: skip
+                                  logprobs=logprobs, top_logprobs=top_logprobs, adapter=adapter)  # fmt: skip
         return self._stream(self.inference.ChatStream, request, timeout)
 
     def classify(self, text: str, labels: Sequence[str] = (), *, instruction: str = "",
                  model: str = "", examples: Iterable[tuple[str, str]] = (), task: str = "",
                  routing: Routing = "", sensitive: bool = False, allow_none: bool = False,
                  low_priority: bool = False,
-                 timeout: float | None = None) -> pb.ClassifyReply:  # fmt: skip
+                 adapter: str = "", timeout: float | None = None) -> pb.ClassifyReply:  # fmt: skip
         """Exactly one of `labels` for `text`: by label scoring, or by labelled `examples`
         ((text, label) pairs), or by a configured `task`; with those, `labels` narrows the
         answer. `reply.label`, `reply.scores` (best first), `reply.confidence`;
@@ -194,18 +195,18 @@ class Client(Connection):
         request = rq.classify_request(text, labels, instruction=instruction, model=model,
                                       examples=examples, task=task, routing=routing,
                                       sensitive=sensitive, allow_none=allow_none,
-                                      low_priority=low_priority)  # fmt: skip
+                                      low_priority=low_priority, adapter=adapter)  # fmt: skip
         return self._unary(self.inference.Classify, request, timeout)
 
     def extract(self, text: str, schema: str | Mapping[str, Any], *, instruction: str = "",
                 model: str = "", max_tokens: int | None = None, routing: Routing = "",
                 sensitive: bool = False, low_priority: bool = False,
-                timeout: float | None = None) -> pb.ExtractReply:  # fmt: skip
+                adapter: str = "", timeout: float | None = None) -> pb.ExtractReply:  # fmt: skip
         """JSON from `text` that validates against `schema` (a JSON Schema, as a mapping or
         JSON text): `reply.json`; `low_priority` as in `classify`."""
         request = rq.extract_request(text, schema, instruction=instruction, model=model,
                                      max_tokens=max_tokens, routing=routing,
-                                     sensitive=sensitive, low_priority=low_priority)  # fmt: skip
+                                     sensitive=sensitive, low_priority=low_priority, adapter=adapter)  # fmt: skip
         return self._unary(self.inference.Extract, request, timeout)
 
     def embed(self, texts: Sequence[str], *, normalize: bool = False, model: str = "",
@@ -254,11 +255,13 @@ class Client(Connection):
         """Every stored version of every model (`active`, `previous`, `serving`)."""
         return self._unary(self.admin.ListVersions, pb.ListVersionsRequest(), timeout)
 
-    def add_model(self, path: str | Path, *, name: str,
+    def add_model(self, path: str | Path, *, name: str, adapter_for: str = "",
                   timeout: float | None = None) -> pb.AddModelReply:  # fmt: skip
         """Verify the GGUF file at `path` (on the daemon's machine) and store it under
-        `name`; it does not start serving (`swap` does). `reply.version` is what was stored."""
-        request = rq.add_model_request(path, name=name)
+        `name`; it does not start serving (`swap` does). `reply.version` is what was stored.
+        `adapter_for`: the file is a LoRA adapter named `name` of that model: checked
+        against it, proven on a worker, then active (requests name it as `adapter`)."""
+        request = rq.add_model_request(path, name=name, adapter_for=adapter_for)
         return self._unary(self.admin.AddModel, request, timeout)
 
     def remove_version(self, model: str, version: str, *, timeout: float | None = None) -> None:

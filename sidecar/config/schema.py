@@ -545,6 +545,12 @@ class TaskConfig:
     label_column: str = setting("label", "Column holding the example's label.")
     model: str = setting("", "Model that embeds and scores; empty = the default model.")
     instruction: str = setting("", "Task description for label scoring.")
+    adapter: str = setting(
+        "",
+        "LoRA adapter of the task's model (`sidecar models add --adapter-for MODEL FILE "
+        "--name NAME`) that its label scoring runs with; a request's own adapter wins; "
+        "empty = none.",
+    )
     threshold: float = setting(
         -1.0,
         "AUTO escalates below this calibrated confidence; -1 = cloud.classify_threshold.",

@@ -158,8 +158,10 @@ class Admin(Protocol):
 
     async def versions(self) -> StoreListing: ...
 
-    async def add_model(self, model: str, path: Path) -> StoredVersion:
-        """Copy the file at `path` into the store under `model`, verified; serves nothing."""
+    async def add_model(self, model: str, path: Path, adapter_for: str = "") -> StoredVersion:
+        """Copy the file at `path` into the store under `model`, verified; serves nothing.
+        With `adapter_for`: a LoRA adapter named `model` of that model, checked against it,
+        proven on a worker and then active (SwapRefused if it is not proven)."""
         ...
 
     async def remove_version(self, model: str, version: str) -> None:

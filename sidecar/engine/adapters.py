@@ -9,10 +9,19 @@ at submit (`AdapterFile` in the task): an adapter swapped meanwhile does not cha
 
 from __future__ import annotations
 
-from sidecar.domain.errors import ModelNotFound
+import asyncio
+import contextlib
+import logging
+import time
+
+from sidecar.domain.errors import ModelNotFound, SidecarError, SwapRefused
 from sidecar.domain.names import shown
-from sidecar.domain.types import AdaptableTask, AdapterFile
+from sidecar.domain.status import SwapResult
+from sidecar.domain.types import AdaptableTask, AdapterFile, GenerateTask, ModelRef
+from sidecar.engine.pool import PROBE_CALLER, VERSION_CHARS, ModelPool
 from sidecar.store import ModelStore
+
+log = logging.getLogger("sidecar.adapters")
 
 
 class AdapterTable:
@@ -61,3 +70,59 @@ class AdapterTable:
     def of(self, base: str, task: AdaptableTask) -> AdapterFile | None:
         """The file a task asks for (None: no adapter)."""
         return self.resolve(base, task.adapter) if task.adapter else None
+
+
+CANARY_PROMPT = "Hello"
+
+
+async def prove(pool: ModelPool, file: AdapterFile) -> None:
+    """The canary: a worker of the base model loads `file` and produces a token with it.
+    Raises SwapRefused("canary", why) when it does not; the serving version is untouched."""
+    task = GenerateTask(CANARY_PROMPT, 1, adapter=file.name, lora=file)
+    job = pool.submit(task, PROBE_CALLER, stream=False)
+    event = await job.events.get()
+    if isinstance(event, SidecarError):
+        raise SwapRefused("canary", f"adapter {file.name!r} did not run: {event.message}")
+
+
+async def activate(
+    pool: ModelPool, table: AdapterTable, name: str, sha: str, *, fresh: bool = False
+) -> SwapResult:
+    """Serve version `sha` of `pool`'s adapter `name`: verify the blob, prove it on a worker,
+    then flip the store's pointer and the table. Requests already submitted keep the version
+    they were given. A version that fails its canary is set aside (quarantined) when it was
+    just added (`fresh`); the version serving before keeps serving either way."""
+    started = time.monotonic()
+    base = pool.config.name
+    view = table.store.view(base)
+    await asyncio.to_thread(view.verify, sha)
+    old = table.get(base, name)
+    file = AdapterFile(name, sha, view.blob(sha))
+    refused: SwapRefused | None = None
+    table.store.hold(sha)  # no gc between the canary and the pointer
+    try:
+        await prove(pool, file)
+        await asyncio.to_thread(view.activate, name, sha)
+        table.set(base, file)
+    except SwapRefused as e:
+        refused = e
+    finally:
+        table.store.release(sha)
+    if refused is not None:
+        if fresh:  # released first: a held version cannot be removed
+            await asyncio.to_thread(_set_aside, view, name, sha, refused.reason)
+        raise refused
+    short = VERSION_CHARS
+    log.info("adapter %s:%s@%s active", base, name, sha[:short])
+    return SwapResult(
+        old=ModelRef(f"{base}:{name}", old.sha256[:short] if old else ""),
+        new=ModelRef(f"{base}:{name}", sha[:short]),
+        strategy="adapter",
+        seconds=time.monotonic() - started,
+    )
+
+
+def _set_aside(view: ModelStore, name: str, sha: str, reason: str) -> None:
+    view.quarantine(view.blob(sha), reason, move=False)
+    with contextlib.suppress(SidecarError):
+        view.remove(name, sha, {})

@@ -102,7 +102,11 @@ class Builds:
             spec.none_label,
             spec.none_file,
         )
-        key = examples.digest(ref.version) + (LABEL_SCORING if spec.label_scoring else "")
+        # Label scores with an adapter are another model's: their fitted weight is too.
+        scored_by = f"{ref.version}+{spec.adapter}" if spec.adapter and spec.label_scoring else ""
+        key = examples.digest(scored_by or ref.version) + (
+            LABEL_SCORING if spec.label_scoring else ""
+        )
         self._task_keys[spec.name] = (stamp, key)
         self.cache.keep(key)
         # Known before the task is ready, so AUTO can escalate its requests meanwhile.
@@ -233,7 +237,15 @@ class Builds:
             idx, ev = await asyncio.to_thread(fitting.fit, clf, list(labelled.texts))
             if task is not None and task.label_scoring:
                 await fit_label_scoring(
-                    self._engine, model, clf, labelled, task.instruction, idx, ev, caller
+                    self._engine,
+                    model,
+                    clf,
+                    labelled,
+                    task.instruction,
+                    idx,
+                    ev,
+                    caller,
+                    task.adapter,
                 )
             await asyncio.to_thread(cache.save_params, key, clf)
         if name:

@@ -35,12 +35,13 @@ async def combine(
     caller: str,
     *,
     background: bool = False,
+    adapter: str = "",
 ) -> tuple[F64, Classification | None]:
     """Calibrated probabilities, and the label-scoring reply when the model scored labels."""
     if scoring and clf.params.shortlist:
         shortlist = clf.shortlist(evidence)
         scored = await _score(
-            engine, model, text, clf, shortlist, instruction, caller, background=background
+            engine, model, text, clf, shortlist, instruction, caller, background, adapter
         )
         row = label_evidence(clf.n_labels, shortlist, _logprobs(scored, clf, shortlist))
         return clf.probabilities(np.vstack([evidence, row])), scored
@@ -56,6 +57,7 @@ async def fit_label_scoring(
     idx: npt.NDArray[np.int64],
     ev: F64,
     caller: str,
+    adapter: str = "",
 ) -> None:
     """The label-scoring view's weight, fitted on part of the same held-out rows."""
     clf.params = replace(clf.params, shortlist=min(SHORTLIST, clf.n_labels))
@@ -67,7 +69,7 @@ async def fit_label_scoring(
         text = examples.texts[int(idx[r])]
         async with sem:
             scored = await _score(
-                engine, model, text, clf, shortlist, instruction, caller, background=True
+                engine, model, text, clf, shortlist, instruction, caller, True, adapter
             )
         return label_evidence(clf.n_labels, shortlist, _logprobs(scored, clf, shortlist))
 
@@ -84,12 +86,15 @@ async def _score(
     shortlist: list[int],
     instruction: str,
     caller: str,
-    *,
     background: bool = False,
+    adapter: str = "",
 ) -> Classification:
     labels = tuple(clf.names[i] for i in shortlist)
     r = await engine.run(
-        model, ClassifyTask(text, labels, instruction), caller, background=background
+        model,
+        ClassifyTask(text, labels, instruction, adapter=adapter),
+        caller,
+        background=background,
     )
     if not isinstance(r, Classification):  # pragma: no cover - an engine bug
         raise FailedPrecondition("label scoring returned no classification")

@@ -37,6 +37,7 @@ from sidecar.domain.seam import DEFAULT_ROUTE, Engine, EngineWrapper
 from sidecar.domain.types import (
     Classification,
     ClassifyTask,
+    GenerateTask,
     LabelScore,
     Result,
     RouteRequest,
@@ -169,11 +170,13 @@ class FewShotEngine(EngineWrapper):
             model = spec.model or model
             built = await self.builds.for_task(spec, wait=False)
             instruction = task.instruction or spec.instruction
+            adapter = task.adapter or spec.adapter
             scoring, cascade, alpha = spec.label_scoring, spec.cascade, spec.scope_alpha
         else:
             examples = _check_examples(task)
             built = await self.builds.for_examples(model, examples, caller)
             instruction, scoring, cascade, alpha = task.instruction, False, True, DEFAULT_ALPHA
+            adapter = task.adapter
         clf = built.clf
         if task.labels:
             unknown = sorted(set(task.labels) - set(clf.names))
@@ -182,6 +185,9 @@ class FewShotEngine(EngineWrapper):
                     f"label {unknown[0]!r} has no examples (labels with examples: "
                     f"{', '.join(clf.names[:10])}{'...' if len(clf.names) > 10 else ''})"
                 )
+        if adapter:  # NOT_FOUND even when the words alone answer and no model runs
+            self.inner.check(model, GenerateTask(task.text, 1, adapter=adapter))
+        scored: Classification | None = None
         lex = await asyncio.to_thread(clf.lexical.similarities, task.text)
         usage = Usage(0, 0)
         ref, queue_ms = built.ref, 0.0
@@ -195,7 +201,8 @@ class FewShotEngine(EngineWrapper):
             ref, queue_ms = embedded.model or ref, embedded.timings.queue_ms
             x, sims, evidence = await asyncio.to_thread(_evidence, clf, emb[0], task.text, lex)
             probs, scored = await combine(self.inner, model, task.text, clf, evidence, scoring,
-                                          instruction, caller, background=background)  # fmt: skip
+                                          instruction, caller, background=background,
+                                          adapter=adapter)  # fmt: skip
             if scored is not None:
                 usage.prompt_tokens += scored.usage.prompt_tokens
                 queue_ms += scored.timings.queue_ms
@@ -227,6 +234,7 @@ class FewShotEngine(EngineWrapper):
             timings=timings,
             novelty=novelty,
             out_of_scope=out_of_scope,
+            adapter=scored.adapter if scored is not None else None,
         )
 
 

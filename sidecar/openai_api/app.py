@@ -225,6 +225,7 @@ class OpenAIApp:
             call.rid,
             parsed.model or self.engine.default_model,
             logprobs=isinstance(parsed.task, ChatTask) and parsed.task.logprobs,
+            adapter=parsed.task.adapter if isinstance(parsed.task, ChatTask | ExtractTask) else "",
         )
         caller = self._caller(request)
         if isinstance(parsed.task, ExtractTask):
@@ -261,6 +262,7 @@ class OpenAIApp:
             parsed.model or self.engine.default_model,
             logprobs=isinstance(task, GenerateTask) and task.logprobs,
             text_offset=len(task.prompt) if isinstance(task, GenerateTask) else 0,
+            adapter=task.adapter if isinstance(task, GenerateTask) else "",
         )
         caller = self._caller(request)
         if not parsed.stream:

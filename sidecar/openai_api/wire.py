@@ -196,6 +196,12 @@ def _model(body: Body) -> str:
     return str(body.get("model", str, ""))
 
 
+def _model_and_adapter(body: Body) -> tuple[str, str]:
+    """ "NAME:ADAPTER" names a LoRA adapter of model NAME (an unknown one is a 404)."""
+    model, _, adapter = _model(body).partition(":")
+    return model, adapter
+
+
 def _route(body: Body) -> RouteRequest:
     """sidecar's own routing parameters (the SDKs pass them with `extra_body`)."""
     routing = body.get("sidecar_routing", str, "")
@@ -338,6 +344,7 @@ def chat_request(raw: object) -> Parsed:
     schema = _response_schema(body)
     logprobs, top = _chat_logprobs(body)
     task: ChatTask | ExtractTask
+    model, adapter = _model_and_adapter(body)
     if schema is None:
         task = ChatTask(
             messages=messages,
@@ -345,6 +352,7 @@ def chat_request(raw: object) -> Parsed:
             sampling=sampling,
             logprobs=logprobs,
             top_logprobs=top,
+            adapter=adapter,
         )
     else:
         if logprobs:
@@ -356,8 +364,9 @@ def chat_request(raw: object) -> Parsed:
             schema=schema,
             instruction="\n\n".join(m.content for m in messages if m.role in INSTRUCTION_ROLES),
             max_tokens=_max_tokens(body),
+            adapter=adapter,
         )
-    return Parsed(_model(body), task, stream, include_usage, route=_route(body))
+    return Parsed(model, task, stream, include_usage, route=_route(body))
 
 
 def completion_request(raw: object) -> Parsed:
@@ -378,14 +387,16 @@ def completion_request(raw: object) -> Parsed:
     sampling = _sampling(body)
     stream, include_usage = _stream(body)
     logprobs, top = _legacy_logprobs(body)
+    model, adapter = _model_and_adapter(body)
     task = GenerateTask(
         prompt=prompt,
         max_tokens=_max_tokens(body),
         sampling=sampling,
         logprobs=logprobs,
         top_logprobs=top,
+        adapter=adapter,
     )
-    return Parsed(_model(body), task, stream, include_usage, route=_route(body))
+    return Parsed(model, task, stream, include_usage, route=_route(body))
 
 
 def embedding_request(raw: object) -> Parsed:
@@ -402,8 +413,13 @@ def embedding_request(raw: object) -> Parsed:
     if encoding not in ("float", "base64"):
         raise InvalidRequest(f"'encoding_format' must be float or base64, got {encoding!r}")
     dimensions = body.get("dimensions", int)
+    model, adapter = _model_and_adapter(body)
+    if adapter:
+        raise InvalidRequest(
+            f"embeddings take no adapter: send model {model!r} without ':{adapter}'"
+        )
     return Parsed(
-        _model(body),
+        model,
         EmbedTask(texts=tuple(texts), normalize=True),
         encoding=encoding,
         dimensions=dimensions,
@@ -427,6 +443,7 @@ def _extension(
     timings: Timings,
     confidence: TokenConfidence | None,
     route: RouteInfo | None = None,
+    adapter: ModelRef | None = None,
 ) -> Json:
     """What OpenAI's shape has no field for; clients that do not know it ignore it."""
     route = route or RouteInfo()
@@ -440,6 +457,7 @@ def _extension(
             "cost": route.cost,
         },
         "model_version": ref.version if ref else "",
+        "adapter_version": adapter.version if adapter else "",
         "timings": {
             "queue_ms": round(timings.queue_ms, 3),
             "first_token_ms": round(timings.first_token_ms, 3),
@@ -479,10 +497,17 @@ class Reply:
     """The envelope every reply of one request shares (id, created, model)."""
 
     def __init__(
-        self, rid: str, model: str, *, logprobs: bool = False, text_offset: int = 0
+        self,
+        rid: str,
+        model: str,
+        *,
+        logprobs: bool = False,
+        text_offset: int = 0,
+        adapter: str = "",
     ) -> None:
         self.rid = rid
         self.model = model
+        self.adapter = adapter  # echoed as model "NAME:ADAPTER", as it was asked for
         self.created = int(time.time())
         self.logprobs = logprobs  # the request asked for them
         self._offset = text_offset  # legacy completions: where the next token's text starts
@@ -504,7 +529,8 @@ class Reply:
             "id": f"{prefix}-{self.rid}",
             "object": obj,
             "created": self.created,
-            "model": ref.name if ref else self.model,
+            "model": (ref.name if ref else self.model)
+            + (f":{self.adapter}" if self.adapter else ""),
             "system_fingerprint": _fingerprint(ref),
         }
 
@@ -528,7 +554,9 @@ class Reply:
                 }
             ],
             "usage": _usage(result.usage),
-            "sidecar": _extension(result.model, result.timings, result.confidence, result.route),
+            "sidecar": _extension(
+                result.model, result.timings, result.confidence, result.route, result.adapter
+            ),
         }
 
     def chat_chunk(
@@ -555,7 +583,9 @@ class Reply:
                 }
             ],
             "usage": _usage(result.usage),
-            "sidecar": _extension(result.model, result.timings, result.confidence, result.route),
+            "sidecar": _extension(
+                result.model, result.timings, result.confidence, result.route, result.adapter
+            ),
         }
 
     def completion_chunk(
@@ -583,7 +613,9 @@ class Reply:
         return self._head(prefix, obj, result.model) | {
             "choices": [],
             "usage": _usage(result.usage),
-            "sidecar": _extension(result.model, result.timings, result.confidence, result.route),
+            "sidecar": _extension(
+                result.model, result.timings, result.confidence, result.route, result.adapter
+            ),
         }
 
     def embeddings(self, result: Embeddings, encoding: str, dimensions: int | None) -> Json:

@@ -382,6 +382,15 @@ class RouterEngine(EngineWrapper):
         """What decide() needs, and the request an escalation would send (None: not
         known yet, e.g. the labels of a task still being prepared)."""
         routing = route.routing or self.settings.routing
+        adapter = "" if isinstance(task, EmbedTask) else task.adapter
+        if adapter:
+            # A LoRA adapter is this machine's: a cloud model would answer without it.
+            if routing == "CLOUD_ONLY":
+                raise FailedPrecondition(
+                    f"adapter {adapter!r} runs only on this machine: use routing AUTO or "
+                    "LOCAL_ONLY (a cloud model would answer without it)"
+                )
+            routing = "LOCAL_ONLY"
         if self.cloud is None or routing == "LOCAL_ONLY":
             # Nothing can leave: scanning for personal data and pre-routing would be
             # request-path work whose answer decide() never reads.

@@ -73,6 +73,7 @@ def generate_task(r: pb.GenerateRequest) -> GenerateTask:
         sampling=sampling(r.sampling),
         logprobs=r.logprobs,
         top_logprobs=r.top_logprobs,
+        adapter=r.adapter,
     )
 
 
@@ -83,6 +84,7 @@ def chat_task(r: pb.ChatRequest) -> ChatTask:
         sampling=sampling(r.sampling),
         logprobs=r.logprobs,
         top_logprobs=r.top_logprobs,
+        adapter=r.adapter,
     )
 
 
@@ -94,6 +96,7 @@ def classify_task(r: pb.ClassifyRequest) -> ClassifyTask:
         examples=tuple((e.text, e.label) for e in r.examples),
         task=r.task,
         allow_none=r.allow_none,
+        adapter=r.adapter,
     )
 
 
@@ -130,7 +133,11 @@ def normal_priority(r: pb.GenerateRequest | pb.ChatRequest) -> None:
 
 def extract_task(r: pb.ExtractRequest) -> ExtractTask:
     return ExtractTask(
-        text=r.text, schema=r.json_schema, instruction=r.instruction, max_tokens=_max_tokens(r)
+        text=r.text,
+        schema=r.json_schema,
+        instruction=r.instruction,
+        max_tokens=_max_tokens(r),
+        adapter=r.adapter,
     )
 
 
@@ -143,6 +150,10 @@ def embed_task(r: pb.EmbedRequest) -> EmbedTask:
 
 def _model(ref: ModelRef | None) -> pb.ModelRef:
     return pb.ModelRef(name=ref.name, version=ref.version) if ref else pb.ModelRef()
+
+
+def _adapter(ref: ModelRef | None) -> pb.ModelRef | None:
+    return _model(ref) if ref else None  # unset: no adapter answered
 
 
 def _usage(u: Usage) -> pb.Usage:
@@ -197,6 +208,7 @@ def generate_reply(g: Generation) -> pb.GenerateReply:
         confidence=_confidence(g.confidence),
         route=route(g.route),
         logprobs=_logprobs(g.logprobs),
+        adapter=_adapter(g.adapter),
     )
 
 
@@ -222,6 +234,7 @@ def classify_reply(c: Classification) -> pb.ClassifyReply:
         route=route(c.route),
         out_of_scope=c.out_of_scope,
         novelty=c.novelty,
+        adapter=_adapter(c.adapter),
     )
 
 
@@ -233,6 +246,7 @@ def extract_reply(e: Extraction) -> pb.ExtractReply:
         timings=_timings(e.timings),
         confidence=_confidence(e.confidence),
         route=route(e.route),
+        adapter=_adapter(e.adapter),
     )
 
 

@@ -147,7 +147,7 @@ class AdminServicer(pb_grpc.AdminServicer):
         return convert.versions_reply(await self.admin.versions())
 
     async def AddModel(self, request: pb.AddModelRequest, context: Any) -> pb.AddModelReply:
-        added = await self.admin.add_model(request.model, Path(request.path))
+        added = await self.admin.add_model(request.model, Path(request.path), request.adapter_for)
         return pb.AddModelReply(version=convert.stored_version(added))
 
     async def RemoveVersion(

@@ -15,11 +15,16 @@ lora_a is (n_in, rank) and lora_b is (rank, n_out); for token_embd, A and B are 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sidecar.domain.errors import FailedPrecondition, InvalidRequest
-from sidecar.gguf_check import GGUFInfo, TensorInfo
+from sidecar.domain.errors import FailedPrecondition, InvalidRequest, SidecarError
+from sidecar.domain.names import check_name
+from sidecar.domain.versions import VersionInfo
+from sidecar.gguf_check import GGUFError, GGUFInfo, TensorInfo
+from sidecar.gguf_check import check as check_gguf
+from sidecar.store.model_store import ModelStore
 
 SUFFIXES = (".lora_a", ".lora_b")
 
@@ -110,3 +115,47 @@ def check_adapter(adapter: GGUFInfo, base: GGUFInfo, base_name: str, where: Path
         max(ranks),
         len(pairs),
     )
+
+
+def add(store: ModelStore, base: str, base_file: Path, name: str, src: Path) -> str:
+    """Copy a LoRA file into the store as a version of `base`'s adapter `name`, checked
+    against the model file `base` serves; return its sha256. Blocking (a thread).
+
+    The caller's file is checked where it lies (a file that cannot be an adapter of this
+    model is never copied), and the copy again (it, not the caller's file, is served)."""
+    check_name(name)
+    try:
+        base_info = check_gguf(base_file)
+    except (GGUFError, OSError) as e:
+        raise FailedPrecondition(f"cannot read model {base!r} ({base_file}): {e}") from None
+    try:
+        check_adapter(check_gguf(src), base_info, base, src)
+    except GGUFError as e:
+        raise GGUFError(f"{src}: {e.message}") from None
+    except OSError as e:
+        raise InvalidRequest(f"cannot read {src}: {e.strerror or e}") from None
+    view = store.view(base)
+    sha = view.add(src, name, hold=True)
+    try:
+        check_adapter(check_gguf(view.blob(sha)), base_info, base, src)
+    except Exception:
+        store.release(sha)
+        with contextlib.suppress(SidecarError):
+            view.remove(name, sha, {})
+        raise
+    store.release(sha)
+    return sha
+
+
+def listing(store: ModelStore) -> list[VersionInfo]:
+    """Every stored adapter version, named MODEL:ADAPTER."""
+    out = []
+    for space in store.spaces()[1:]:
+        out += [replace(v, name=f"{space.label}{v.name}") for v in space.all_versions()]
+    return out
+
+
+def split(target: str) -> tuple[str, str] | None:
+    """MODEL:ADAPTER as (model, adapter); None for a plain model name."""
+    base, colon, adapter = target.partition(":")
+    return (check_name(base), check_name(adapter)) if colon else None

@@ -317,6 +317,7 @@ class GenerateRequest(_message.Message):
     LOGPROBS_FIELD_NUMBER: _builtins.int
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    ADAPTER_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """empty = the configured default model"""
     prompt: _builtins.str
@@ -331,6 +332,10 @@ class GenerateRequest(_message.Message):
     """With logprobs: also the N most likely alternatives per token, 0..20."""
     priority: Global___Priority.ValueType
     """LOW: bulk work (see Priority). Unary Generate only: GenerateStream refuses it."""
+    adapter: _builtins.str
+    """A LoRA adapter of the model, by name (`sidecar models add --adapter-for`); empty =
+    none. An adapter the model does not have is NOT_FOUND, never a run without it.
+    """
     @_builtins.property
     def sampling(self) -> Global___Sampling: ...
     def __init__(
@@ -345,10 +350,11 @@ class GenerateRequest(_message.Message):
         logprobs: _builtins.bool = ...,
         top_logprobs: _builtins.int = ...,
         priority: Global___Priority.ValueType = ...,
+        adapter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "max_tokens", b"max_tokens", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "logprobs", b"logprobs", "max_tokens", b"max_tokens", "model", b"model", "priority", b"priority", "prompt", b"prompt", "routing", b"routing", "sampling", b"sampling", "sensitive", b"sensitive", "top_logprobs", b"top_logprobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "adapter", b"adapter", "logprobs", b"logprobs", "max_tokens", b"max_tokens", "model", b"model", "priority", b"priority", "prompt", b"prompt", "routing", b"routing", "sampling", b"sampling", "sensitive", b"sensitive", "top_logprobs", b"top_logprobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
@@ -392,6 +398,7 @@ class ChatRequest(_message.Message):
     LOGPROBS_FIELD_NUMBER: _builtins.int
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    ADAPTER_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     max_tokens: _builtins.int
     routing: Global___Routing.ValueType
@@ -402,6 +409,8 @@ class ChatRequest(_message.Message):
     """as on GenerateRequest"""
     priority: Global___Priority.ValueType
     """as on GenerateRequest (unary Chat only)"""
+    adapter: _builtins.str
+    """as on GenerateRequest"""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]: ...
     @_builtins.property
@@ -418,10 +427,11 @@ class ChatRequest(_message.Message):
         logprobs: _builtins.bool = ...,
         top_logprobs: _builtins.int = ...,
         priority: Global___Priority.ValueType = ...,
+        adapter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "max_tokens", b"max_tokens", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "logprobs", b"logprobs", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "priority", b"priority", "routing", b"routing", "sampling", b"sampling", "sensitive", b"sensitive", "top_logprobs", b"top_logprobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "adapter", b"adapter", "logprobs", b"logprobs", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "priority", b"priority", "routing", b"routing", "sampling", b"sampling", "sensitive", b"sensitive", "top_logprobs", b"top_logprobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
@@ -505,6 +515,7 @@ class GenerateReply(_message.Message):
     CONFIDENCE_FIELD_NUMBER: _builtins.int
     ROUTE_FIELD_NUMBER: _builtins.int
     LOGPROBS_FIELD_NUMBER: _builtins.int
+    ADAPTER_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     finish_reason: Global___FinishReason.ValueType
     @_builtins.property
@@ -523,6 +534,10 @@ class GenerateReply(_message.Message):
         their texts concatenate to the generated text.
         """
 
+    @_builtins.property
+    def adapter(self) -> Global___ModelRef:
+        """the LoRA adapter version that answered (unset: none)"""
+
     def __init__(
         self,
         *,
@@ -534,10 +549,11 @@ class GenerateReply(_message.Message):
         confidence: Global___TokenConfidence | None = ...,
         route: Global___RouteInfo | None = ...,
         logprobs: _abc.Iterable[Global___TokenLogprob] | None = ...,
+        adapter: Global___ModelRef | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "model", b"model", "route", b"route", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "confidence", b"confidence", "model", b"model", "route", b"route", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "finish_reason", b"finish_reason", "logprobs", b"logprobs", "model", b"model", "route", b"route", "text", b"text", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "confidence", b"confidence", "finish_reason", b"finish_reason", "logprobs", b"logprobs", "model", b"model", "route", b"route", "text", b"text", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -594,6 +610,7 @@ class ClassifyRequest(_message.Message):
     SENSITIVE_FIELD_NUMBER: _builtins.int
     ALLOW_NONE_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    ADAPTER_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     text: _builtins.str
     instruction: _builtins.str
@@ -607,6 +624,8 @@ class ClassifyRequest(_message.Message):
     label (label empty, out_of_scope true). Without it every answer names a label.
     """
     priority: Global___Priority.ValueType
+    adapter: _builtins.str
+    """as on GenerateRequest (a task's configured adapter when unset)"""
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """2..max_labels distinct, non-empty labels. With examples or a task: optional, and
@@ -632,10 +651,11 @@ class ClassifyRequest(_message.Message):
         sensitive: _builtins.bool = ...,
         allow_none: _builtins.bool = ...,
         priority: Global___Priority.ValueType = ...,
+        adapter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_none", b"allow_none", "examples", b"examples", "instruction", b"instruction", "labels", b"labels", "model", b"model", "priority", b"priority", "routing", b"routing", "sensitive", b"sensitive", "task", b"task", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "allow_none", b"allow_none", "examples", b"examples", "instruction", b"instruction", "labels", b"labels", "model", b"model", "priority", b"priority", "routing", b"routing", "sensitive", b"sensitive", "task", b"task", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -726,6 +746,7 @@ class ClassifyReply(_message.Message):
     ROUTE_FIELD_NUMBER: _builtins.int
     OUT_OF_SCOPE_FIELD_NUMBER: _builtins.int
     NOVELTY_FIELD_NUMBER: _builtins.int
+    ADAPTER_FIELD_NUMBER: _builtins.int
     label: _builtins.str
     out_of_scope: _builtins.bool
     """The text is like nothing the labels cover (novelty past the cut). With the request's
@@ -751,6 +772,10 @@ class ClassifyReply(_message.Message):
     def timings(self) -> Global___Timings: ...
     @_builtins.property
     def route(self) -> Global___RouteInfo: ...
+    @_builtins.property
+    def adapter(self) -> Global___ModelRef:
+        """as on GenerateReply"""
+
     def __init__(
         self,
         *,
@@ -763,10 +788,11 @@ class ClassifyReply(_message.Message):
         route: Global___RouteInfo | None = ...,
         out_of_scope: _builtins.bool = ...,
         novelty: _builtins.float | None = ...,
+        adapter: Global___ModelRef | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_novelty", b"_novelty", "confidence", b"confidence", "model", b"model", "novelty", b"novelty", "route", b"route", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_novelty", b"_novelty", "adapter", b"adapter", "confidence", b"confidence", "model", b"model", "novelty", b"novelty", "route", b"route", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_novelty", b"_novelty", "confidence", b"confidence", "label", b"label", "model", b"model", "novelty", b"novelty", "out_of_scope", b"out_of_scope", "route", b"route", "scores", b"scores", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_novelty", b"_novelty", "adapter", b"adapter", "confidence", b"confidence", "label", b"label", "model", b"model", "novelty", b"novelty", "out_of_scope", b"out_of_scope", "route", b"route", "scores", b"scores", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__novelty: _TypeAlias = _typing.Literal["novelty"]  # noqa: Y015
     _WhichOneofArgType__novelty: _TypeAlias = _typing.Literal["_novelty", b"_novelty"]  # noqa: Y015
@@ -788,6 +814,7 @@ class ExtractRequest(_message.Message):
     ROUTING_FIELD_NUMBER: _builtins.int
     SENSITIVE_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    ADAPTER_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     text: _builtins.str
     json_schema: _builtins.str
@@ -799,6 +826,8 @@ class ExtractRequest(_message.Message):
     routing: Global___Routing.ValueType
     sensitive: _builtins.bool
     priority: Global___Priority.ValueType
+    adapter: _builtins.str
+    """as on GenerateRequest"""
     def __init__(
         self,
         *,
@@ -810,10 +839,11 @@ class ExtractRequest(_message.Message):
         routing: Global___Routing.ValueType = ...,
         sensitive: _builtins.bool = ...,
         priority: Global___Priority.ValueType = ...,
+        adapter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "max_tokens", b"max_tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "instruction", b"instruction", "json_schema", b"json_schema", "max_tokens", b"max_tokens", "model", b"model", "priority", b"priority", "routing", b"routing", "sensitive", b"sensitive", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "adapter", b"adapter", "instruction", b"instruction", "json_schema", b"json_schema", "max_tokens", b"max_tokens", "model", b"model", "priority", b"priority", "routing", b"routing", "sensitive", b"sensitive", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
@@ -831,6 +861,7 @@ class ExtractReply(_message.Message):
     TIMINGS_FIELD_NUMBER: _builtins.int
     CONFIDENCE_FIELD_NUMBER: _builtins.int
     ROUTE_FIELD_NUMBER: _builtins.int
+    ADAPTER_FIELD_NUMBER: _builtins.int
     json: _builtins.str
     """validates against the request's schema"""
     @_builtins.property
@@ -843,6 +874,10 @@ class ExtractReply(_message.Message):
     def confidence(self) -> Global___TokenConfidence: ...
     @_builtins.property
     def route(self) -> Global___RouteInfo: ...
+    @_builtins.property
+    def adapter(self) -> Global___ModelRef:
+        """as on GenerateReply"""
+
     def __init__(
         self,
         *,
@@ -852,10 +887,11 @@ class ExtractReply(_message.Message):
         timings: Global___Timings | None = ...,
         confidence: Global___TokenConfidence | None = ...,
         route: Global___RouteInfo | None = ...,
+        adapter: Global___ModelRef | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "model", b"model", "route", b"route", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "confidence", b"confidence", "model", b"model", "route", b"route", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "json", b"json", "model", b"model", "route", b"route", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "confidence", b"confidence", "json", b"json", "model", b"model", "route", b"route", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1426,7 +1462,9 @@ class SwapRequest(_message.Message):
     PATH_FIELD_NUMBER: _builtins.int
     STRATEGY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """name; empty = the default model"""
+    """name; empty = the default model; MODEL:ADAPTER activates a stored adapter version
+    (proven on a worker first; requests running keep the version they started with)
+    """
     version: _builtins.str
     """a stored version (sha256 or a unique prefix) ..."""
     path: _builtins.str
@@ -1500,6 +1538,7 @@ class StoredVersion(_message.Message):
     PREVIOUS_FIELD_NUMBER: _builtins.int
     SERVING_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    """a model's name, or MODEL:ADAPTER for a LoRA adapter of MODEL"""
     sha256: _builtins.str
     size: _builtins.int
     active: _builtins.bool
@@ -1567,17 +1606,23 @@ class AddModelRequest(_message.Message):
 
     MODEL_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
+    ADAPTER_FOR_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     path: _builtins.str
+    adapter_for: _builtins.str
+    """Add the file as a LoRA adapter of this model, named `model`: checked against the
+    model (architecture, tensors, dimensions), proven on a worker (one token), then active.
+    """
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
         path: _builtins.str = ...,
+        adapter_for: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "path", b"path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_for", b"adapter_for", "model", b"model", "path", b"path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1610,6 +1655,7 @@ class RemoveVersionRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    """or MODEL:ADAPTER"""
     version: _builtins.str
     def __init__(
         self,

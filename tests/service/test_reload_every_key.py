@@ -192,6 +192,8 @@ STILL_RUNNING: dict[str, Callable[[App], Any]] = {
     "default_model": lambda app: app.local.default_model,
     "store.path": lambda app: app.store.root,
     "store.encryption": lambda app: app.store.encrypt,
+    # The few-shot engine's task table, fixed at start (its fitted weights depend on it).
+    "tasks.NAME.adapter": lambda app: app.fewshot.tasks[TASK].adapter,
 }
 
 

@@ -1,0 +1,225 @@
+"""LoRA adapters through the real daemon (gRPC on a socket, HTTP API, process workers on
+tiny GGUFs): added and proven, selected per request, refused when they do not fit,
+NOT_FOUND when unknown, swapped under load with no failed request, removed and gc'd."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import openai
+import pytest
+from openai_client import unix_client  # type: ignore[import-not-found]
+from tiny_gguf import write_tiny_llama
+from tiny_lora import write_lora
+
+from sidecar.client import AsyncClient
+from sidecar.v1 import inference_pb2 as pb
+
+pytestmark = pytest.mark.asyncio
+
+
+async def add(client: AsyncClient, path: Path, name: str = "fmt") -> pb.StoredVersion:
+    return (await client.add_model(path, name=name, adapter_for="default")).version
+
+
+async def gen(client: AsyncClient, adapter: str = "", prompt: str = "Hello w") -> pb.GenerateReply:
+    return await client.generate(prompt, max_tokens=12, adapter=adapter)
+
+
+async def test_an_added_adapter_serves_requests_that_name_it(
+    serve, tiny_model: Path, short_dir: Path
+) -> None:
+    s = await serve(
+        tiny_model, slot_kind="process", workers=1, context=512, model_keys={"parallel": 2}
+    )
+    lora = write_lora(short_dir / "a.gguf", tiny_model, std=0.3)
+    added = await add(s.client, lora)
+    assert added.model == "default:fmt" and added.active and added.serving
+    bare, adapted = await gen(s.client), await gen(s.client, "fmt")
+    assert adapted.text != bare.text  # the adapter changes the greedy output
+    assert adapted.adapter.name == "fmt" and adapted.adapter.version == added.sha256[:12]
+    assert adapted.model.version == bare.model.version  # the same base model answered
+    assert not bare.HasField("adapter")
+    listed = {v.model: v for v in (await s.client.list_versions()).versions}
+    assert listed["default:fmt"].sha256 == added.sha256
+    # Chat, Classify and Extract take it too, and say so.
+    chat = await s.client.chat([("user", "hi")], max_tokens=3, adapter="fmt")
+    cls = await s.client.classify("some text", ["yes", "no"], adapter="fmt")
+    flag = {"type": "object", "properties": {"flag": {"type": "boolean"}}, "required": ["flag"],
+            "additionalProperties": False}  # fmt: skip
+    ext = await s.client.extract("yes", flag, adapter="fmt", max_tokens=64)
+    for reply in (chat, cls, ext):
+        assert reply.adapter.version == added.sha256[:12]
+    # The same file the store holds is what a worker applies: a restartless re-add is a no-op.
+    assert (await add(s.client, lora)).sha256 == added.sha256
+
+
+async def test_an_unknown_adapter_is_not_found_and_never_runs_bare(
+    serve, tiny_model: Path, short_dir: Path
+) -> None:
+    s = await serve(
+        tiny_model, slot_kind="process", workers=1, context=512,
+        http={"socket": str(short_dir / "h.sock")},
+    )  # fmt: skip
+    calls = [
+        s.client.generate("hi", max_tokens=2, adapter="nope"),
+        s.client.chat([("user", "hi")], max_tokens=2, adapter="nope"),
+        s.client.classify("hi", ["a", "b"], adapter="nope"),
+        s.client.extract("hi", {"type": "object"}, adapter="nope"),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await call
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "no adapter named 'nope'" in (e.value.details() or "")
+    http = unix_client(short_dir / "h.sock")
+    try:
+        with pytest.raises(openai.NotFoundError, match="no adapter named"):
+            await http.completions.create(model="default:nope", prompt="x", max_tokens=1)
+        with pytest.raises(openai.NotFoundError, match="no adapter named"):
+            await http.chat.completions.create(
+                model="default:nope", messages=[{"role": "user", "content": "x"}], max_tokens=1
+            )
+        lora = write_lora(short_dir / "a.gguf", tiny_model, std=0.3)
+        added = await add(s.client, lora)
+        reply = await http.completions.create(model="default:fmt", prompt="Hello w", max_tokens=12)
+        grpc_reply = await gen(s.client, "fmt")
+        assert reply.choices[0].text == grpc_reply.text
+        assert reply.model == "default:fmt"
+        extra = reply.model_extra or {}
+        assert extra["sidecar"]["adapter_version"] == added.sha256[:12]
+    finally:
+        await http.close()
+    assert (await gen(s.client)).text  # still serving
+
+
+async def test_mismatched_adapters_are_refused_with_the_reason(
+    serve, tiny_model: Path, short_dir: Path
+) -> None:
+    s = await serve(tiny_model, slot_kind="process", workers=1, context=512)
+    other = write_tiny_llama(short_dir / "other.gguf", n_embd=32, n_head=2)
+    cases = {
+        # another model's adapter: its projections are 32 wide, the model's 64
+        "dims": (
+            write_lora(short_dir / "dims.gguf", other),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "blk.0.attn_k.weight is [64, 64] in model 'default'",
+        ),
+        "arch": (
+            write_lora(short_dir / "arch.gguf", tiny_model, architecture="qwen2"),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "for architecture 'qwen2', but model 'default' is 'llama'",
+        ),
+        "model": (tiny_model, grpc.StatusCode.INVALID_ARGUMENT, "not a LoRA adapter"),
+        "rank": (
+            write_lora(
+                short_dir / "rank.gguf", tiny_model,
+                shape_of=lambda name, o, i: (o, i + 2) if name.endswith("attn_q.weight") else (o, i),
+            ),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "attn_q.weight is [64, 64] in model 'default', but the adapter's lora_a is [66, 4]",
+        ),
+    }  # fmt: skip
+    for what, (path, code, reason) in cases.items():
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await add(s.client, path, name=what)
+        assert e.value.code() == code, what
+        assert reason in (e.value.details() or ""), (what, e.value.details())
+    versions = (await s.client.list_versions()).versions
+    assert [v.model for v in versions] == ["default"]  # nothing was stored
+    assert not list((s.running.local.store.root / "blobs").glob("*.partial"))
+    assert (await gen(s.client)).text  # the daemon keeps serving
+
+
+async def test_an_adapter_swapped_under_load_fails_no_request(
+    serve, tiny_model: Path, short_dir: Path
+) -> None:
+    s = await serve(
+        tiny_model, slot_kind="process", workers=2, context=512, model_keys={"parallel": 2}
+    )
+    v1 = await add(s.client, write_lora(short_dir / "v1.gguf", tiny_model, seed=1, std=0.3))
+    v1_text = (await gen(s.client, "fmt")).text
+    v2_file = write_lora(short_dir / "v2.gguf", tiny_model, seed=2, std=0.3)
+    stop = asyncio.Event()
+    seen: list[tuple[str, str]] = []
+
+    async def caller(adapter: str) -> None:
+        while not stop.is_set():
+            r = await gen(s.client, adapter)
+            seen.append((r.adapter.version, r.text))
+
+    load = [asyncio.create_task(caller(a)) for a in ("fmt", "fmt", "")]
+    await asyncio.sleep(0.3)
+    v2 = await add(s.client, v2_file)
+    after = await gen(s.client, "fmt")
+    await asyncio.sleep(0.3)
+    stop.set()
+    await asyncio.gather(*load)  # any failed request would raise here
+    assert after.adapter.version == v2.sha256[:12] != v1.sha256[:12]
+    texts = {v: t for v, t in seen if v}
+    assert texts[v1.sha256[:12]] == v1_text
+    assert texts.get(v2.sha256[:12], after.text) == after.text != v1_text
+    listed = {(v.model, v.sha256): v for v in (await s.client.list_versions()).versions}
+    assert listed[("default:fmt", v1.sha256)].previous
+    assert listed[("default:fmt", v2.sha256)].active
+    # Back to v1 by version (a swap of MODEL:ADAPTER), then v2 is the previous one.
+    steps = [
+        p
+        async for p in s.client.admin.Swap(
+            pb.SwapRequest(model="default:fmt", version=v1.sha256[:8])
+        )
+    ]
+    assert steps[-1].ok and steps[-1].new.version == v1.sha256[:12]
+    assert (await gen(s.client, "fmt")).text == v1_text
+
+
+async def test_adapter_versions_are_removed_and_collected_like_models(
+    serve, tiny_model: Path, short_dir: Path
+) -> None:
+    s = await serve(tiny_model, slot_kind="process", workers=1, context=512)
+    store = s.running.local.store
+    shas = [
+        (await add(s.client, write_lora(short_dir / f"v{i}.gguf", tiny_model, seed=i))).sha256
+        for i in range(3)
+    ]
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await s.client.admin.RemoveVersion(
+            pb.RemoveVersionRequest(model="default:fmt", version=shas[2])
+        )
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "is active" in (
+        e.value.details() or ""
+    )
+    removed = (await s.client.admin.CollectGarbage(pb.CollectGarbageRequest())).removed
+    assert list(removed) == [f"default:fmt@{shas[0][:12]}"]
+    assert not store.blob(shas[0]).exists() and store.blob(shas[1]).exists()
+    await s.client.admin.RemoveVersion(
+        pb.RemoveVersionRequest(model="default:fmt", version=shas[1])
+    )
+    assert not store.blob(shas[1]).exists()
+    assert (await gen(s.client, "fmt")).adapter.version == shas[2][:12]
+
+
+async def test_an_adapter_that_fails_its_canary_is_quarantined_and_never_active(
+    serve, tiny_model: Path, short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = await serve(tiny_model, slot_kind="process", workers=1, context=512)
+    good = await add(s.client, write_lora(short_dir / "good.gguf", tiny_model, std=0.3))
+    # The header checks mirror llama.cpp's loader, so a file that passes them and still
+    # fails on a worker cannot be written on purpose here: the canary's verdict is replaced.
+    import sidecar.engine.adapters as adapters
+
+    async def refuse(pool, file):  # type: ignore[no-untyped-def]
+        raise adapters.SwapRefused("canary", "did not run: simulated")
+
+    monkeypatch.setattr(adapters, "prove", refuse)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await add(s.client, write_lora(short_dir / "bad.gguf", tiny_model, seed=5))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "canary" in (e.value.details() or "")
+    assert any(p.suffix == ".reason" for p in s.running.local.store.quarantine_dir.iterdir())
+    assert [v.sha256 for v in (await s.client.list_versions()).versions if ":" in v.model] == [
+        good.sha256
+    ]
+    assert (await gen(s.client, "fmt")).adapter.version == good.sha256[:12]
