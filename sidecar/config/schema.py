@@ -545,12 +545,6 @@ class TaskConfig:
     label_column: str = setting("label", "Column holding the example's label.")
     model: str = setting("", "Model that embeds and scores; empty = the default model.")
     instruction: str = setting("", "Task description for label scoring.")
-    adapter: str = setting(
-        "",
-        "LoRA adapter of the task's model (`sidecar models add --adapter-for MODEL FILE "
-        "--name NAME`) that its label scoring runs with; a request's own adapter wins; "
-        "empty = none.",
-    )
     threshold: float = setting(
         -1.0,
         "AUTO escalates below this calibrated confidence; -1 = cloud.classify_threshold.",
@@ -597,6 +591,12 @@ class TaskConfig:
         "task on; relative to the config file. Read by the CLI per eval.",
         relative=True,
         live=True,
+    )
+    adapter: str = setting(
+        "",
+        "LoRA adapter of the task's model (`sidecar models add --adapter-for MODEL FILE "
+        "--name NAME`) that its label scoring runs with; a request's own adapter wins; "
+        "empty = none.",
     )
 
 

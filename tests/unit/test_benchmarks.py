@@ -30,6 +30,7 @@ from benchmarks.stats import dist, median_ci, percentile  # noqa: E402
 # scripts/ entry point -> the module it runs
 ENTRY_POINTS = {
     "bench": "serving",
+    "bench-adapters": "adapters",
     "bench-delta": "delta",
     "bench-encryption": "encryption",
     "bench-gate": "gate",
