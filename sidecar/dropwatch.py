@@ -1,6 +1,8 @@
 """The drop folder: a complete .gguf that appears in `store.drop` is added to the store
 and (with `store.auto_swap`) swapped in. `drop/NAME/x.gguf` targets model NAME; a file
-directly in `drop/` targets the default model.
+directly in `drop/` targets the default model. A LoRA adapter (its header says so) dropped
+as `drop/NAME/ADAPTER.gguf` becomes a version of model NAME's adapter ADAPTER: checked
+against the model, stored, and with `store.auto_swap` proven on a worker and made active.
 
 The watchdog observer thread only signals; a consumer on the event loop debounces: a
 file is taken once it has been quiet for `QUIET_S` and its size stopped changing, and
@@ -28,7 +30,10 @@ from watchdog.observers import Observer
 
 from sidecar.domain.errors import SidecarError
 from sidecar.domain.names import name_problem
+from sidecar.engine import adapters as adapter_swap
 from sidecar.engine.local import PoolEngine
+from sidecar.gguf_check import check as check_gguf
+from sidecar.store import adapters
 
 log = logging.getLogger("sidecar.drop")
 
@@ -196,7 +201,10 @@ class DropWatcher:
     async def _take(self, path: Path) -> None:
         try:
             name = self._target(path)
-            if self.auto_swap:
+            lora = await asyncio.to_thread(_adapter_name, path)
+            if lora is not None:
+                outcome = await self._take_adapter(path, name, lora)
+            elif self.auto_swap:
                 result = await self.engine.swap(name, path=path, move_source=True)
                 outcome = f"{path.name!r}: {name} now serves {result.new.version}"
             else:
@@ -213,7 +221,29 @@ class DropWatcher:
         else:
             self._record(outcome, logging.INFO)
 
+    async def _take_adapter(self, path: Path, model: str, name: str) -> str:
+        pool = self.engine.pool(model)
+        base = pool.config.name
+        sha = await asyncio.to_thread(
+            adapters.add, self.engine.store, base, pool.spec.path, name, path
+        )
+        if not self.auto_swap:
+            return f"{path.name!r}: added as {base}:{name}@{sha[:12]}"
+        # A failed canary sets the stored copy aside; the dropped file goes too (`_refuse`).
+        await adapter_swap.activate(pool, self.engine.adapters, name, sha, fresh=True)
+        return f"{path.name!r}: {base}:{name} now serves {sha[:12]}"
+
     def _record(self, outcome: str, level: int) -> None:
         log.log(level, "drop folder: %s", outcome)
         self.results.append(outcome)
         del self.results[:-KEEP_RESULTS]
+
+
+def _adapter_name(path: Path) -> str | None:
+    """The adapter a dropped file is (its file name without .gguf), or None for a model."""
+    if not adapters.is_adapter(check_gguf(path)):
+        return None
+    problem = name_problem(path.stem)
+    if problem:
+        raise _Refused(f"a LoRA adapter is named by its file: {problem}")
+    return path.stem

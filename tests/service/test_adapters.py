@@ -223,3 +223,38 @@ async def test_an_adapter_that_fails_its_canary_is_quarantined_and_never_active(
         good.sha256
     ]
     assert (await gen(s.client, "fmt")).adapter.version == good.sha256[:12]
+
+
+async def test_an_adapter_dropped_in_the_model_folder_is_checked_proven_and_served(
+    tiny_model: Path, short_dir: Path
+) -> None:
+    from dataclasses import replace
+
+    from conftest import make_config, start_app  # type: ignore[import-not-found]
+
+    drop = short_dir / "drop"
+    config = make_config(short_dir, tiny_model, workers=1, context=512)
+    config = replace(config, store=replace(config.store, drop=drop, auto_swap=True))
+    running = await start_app(config)
+    client = AsyncClient(config.server.socket)
+    try:
+        (drop / "default").mkdir(parents=True)
+        write_lora(drop / "default" / ".tickets.gguf", tiny_model, std=0.3)
+        (drop / "default" / ".tickets.gguf").rename(drop / "default" / "tickets.gguf")
+        other = write_tiny_llama(short_dir / "other.gguf", n_embd=32, n_head=2)
+        write_lora(drop / "default" / ".wrong.gguf", other)
+        (drop / "default" / ".wrong.gguf").rename(drop / "default" / "wrong.gguf")
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 30
+        while len(running.drop.results) < 2:
+            assert loop.time() < end, running.drop.results
+            await asyncio.sleep(0.05)
+        outcomes = " | ".join(running.drop.results)
+        assert "default:tickets now serves" in outcomes, outcomes
+        assert "'wrong.gguf': refused: " in outcomes and "other dimensions" in outcomes
+        reply = await client.generate("Hello w", max_tokens=4, adapter="tickets")
+        assert reply.adapter.name == "tickets"
+        assert not list((drop / "default").iterdir())  # taken or set aside, both gone
+    finally:
+        await client.close()
+        await running.stop()
