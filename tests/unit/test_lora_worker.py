@@ -131,3 +131,20 @@ def test_an_adapter_llama_cpp_refuses_fails_only_its_request(
     out = runner.batch.step()
     assert isinstance(out[0][1], FailedPrecondition)
     assert generate(runner, [(10, None)])[10]
+
+
+def test_a_request_for_another_adapter_is_not_overtaken_by_later_ones(
+    files: dict[str, Path], runner: LlamaRunner
+) -> None:
+    """The batch admits in the order the daemon's fair queue dispatched: a request of the
+    running adapter that arrived after one of another adapter waits behind it."""
+    a, b = adapter(files, "a"), adapter(files, "b")
+    for key, lora in ((1, a), (2, b), (3, a), (4, None)):
+        s = runner.sequence(key, GenerateTask("Hello w", 6, lora=lora), None)
+        assert s is not None
+        runner.batch.add(s)
+    started: list[int] = []
+    while runner.batch.busy:
+        runner.batch.step()
+        started += [s.key for s in runner.batch.active if s.key not in started]
+    assert started == [1, 2, 3, 4]
