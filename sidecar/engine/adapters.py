@@ -36,8 +36,14 @@ class AdapterTable:
             base = space.label.rstrip(":")
             for name in space.names():
                 sha = space.active(name)
-                if sha is not None:
-                    table.setdefault(base, {})[name] = AdapterFile(name, sha, space.blob(sha))
+                if sha is None:
+                    continue
+                try:  # one stat each, unless a blob was touched since it was hashed
+                    space.verify(sha)
+                except SidecarError as e:  # set aside: requests for it are NOT_FOUND
+                    log.warning("adapter %s:%s not served: %s", base, name, e.message)
+                    continue
+                table.setdefault(base, {})[name] = AdapterFile(name, sha, space.blob(sha))
         self._active = table
 
     def set(self, base: str, file: AdapterFile | None, name: str = "") -> None:

@@ -258,3 +258,58 @@ async def test_an_adapter_dropped_in_the_model_folder_is_checked_proven_and_serv
     finally:
         await client.close()
         await running.stop()
+
+
+async def test_the_cli_adds_lists_activates_and_removes_adapters(
+    serve, tiny_model: Path, short_dir: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from sidecar.cli.commands import main
+
+    async def cli(*args: str) -> tuple[int, str]:
+        r = await asyncio.to_thread(
+            CliRunner().invoke, main, [*args, "--socket", str(short_dir / "s.sock")]
+        )
+        return r.exit_code, r.output
+
+    s = await serve(tiny_model, slot_kind="process", workers=1, context=512)
+    v = [write_lora(short_dir / f"v{i}.gguf", tiny_model, seed=i, std=0.3) for i in (1, 2)]
+    code, out = await cli("models", "add", "--adapter-for", "default", str(v[0]), "--name", "t")
+    assert code == 0 and out.startswith("added and serving default:t@"), out
+    first = out.strip().rsplit("@", 1)[1]
+    code, out = await cli("models", "add", "--adapter-for", "default", str(v[1]), "--name", "t")
+    second = out.strip().rsplit("@", 1)[1]
+    code, out = await cli("models")
+    assert f"*A  default:t@{second}" in out and f"  P default:t@{first}" in out, out
+    code, out = await cli("models", "activate", f"default:t@{first}")
+    assert code == 0, out
+    assert (await gen(s.client, "t")).adapter.version == first
+    code, out = await cli("models", "remove", f"default:t@{second}")
+    assert code == 0 and f"removed default:t@{second}" in out, out
+    code, out = await cli(
+        "models", "add", "--adapter-for", "default", str(tiny_model), "--name", "x"
+    )
+    assert code != 0 and "not a LoRA adapter" in out, out
+    code, out = await cli("models", "add", "--adapter-for", "bad/name", str(v[0]), "--name", "x")
+    assert code != 0 and "--adapter-for" in out, out
+
+
+async def test_an_adapter_blob_changed_on_disk_is_not_served_after_a_restart(
+    serve, tiny_model: Path, short_dir: Path
+) -> None:
+    s = await serve(tiny_model, slot_kind="process", workers=1, context=512)
+    added = await add(s.client, write_lora(short_dir / "a.gguf", tiny_model, std=0.3))
+    store = s.running.local.store
+    await s.running.stop(grace=0)
+    blob = store.blob(added.sha256)
+    blob.chmod(0o644)
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF  # one flipped byte of tensor data
+    blob.write_bytes(bytes(data))
+    s = await serve(tiny_model, slot_kind="process", workers=1, context=512)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await gen(s.client, "fmt")
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert any("changed on disk" in p.read_text() for p in store.quarantine_dir.glob("*.reason"))
+    assert (await gen(s.client)).text
