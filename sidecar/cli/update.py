@@ -81,7 +81,11 @@ def make(old: Path, new: Path, origin: Path) -> None:
 
 @update.command()
 @click.argument("origin", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--name", required=True, help="Model name the manifest is for.")
+@click.option(
+    "--name",
+    required=True,
+    help="Model name the manifest is for (MODEL:ADAPTER for a LoRA adapter).",
+)
 @click.option("--version", "version", type=int, required=True,
               help="Monotonically increasing version number.")  # fmt: skip
 @click.option("--file", "file", type=click.Path(exists=True, dir_okay=False, path_type=Path),

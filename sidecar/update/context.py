@@ -37,8 +37,9 @@ class UpdateContext:
     # ---------------------------------------------------------------- where and what
 
     def model(self, name: str) -> ModelConfig:
-        """`name`'s config, refused unless it has an update origin and key."""
-        pool = self.engine.pool(name)
+        """`name`'s config, refused unless it has an update origin and key. An adapter
+        ("MODEL:ADAPTER") comes from its model's origin, signed by the model's key."""
+        pool = self.engine.pool(name.partition(":")[0])
         m = self.engine.config.model(pool.config.name) or pool.config
         if not m.update_origin or not m.update_key:
             raise FailedPrecondition(

@@ -46,8 +46,8 @@ from sidecar.domain.progress import Progress, ignore
 from sidecar.domain.updates import Check, Outcome, Rollout
 from sidecar.engine.local import PoolEngine
 from sidecar.metrics import Metrics
+from sidecar.update import adapter_update, cohort
 from sidecar.update import check as checking
-from sidecar.update import cohort
 from sidecar.update.context import UpdateContext
 from sidecar.update.identity import Identity
 from sidecar.update.install import apply_update
@@ -73,6 +73,10 @@ class Updater:
 
     async def check(self, model: str, ignore_rollout: bool = False) -> Check:
         """What `model`'s origin offers and what fetching it would cost; changes nothing."""
+        if ":" in model:  # MODEL:ADAPTER
+            return (
+                await adapter_update.check(self._ctx, model, ignore_rollout=ignore_rollout)
+            ).check
         return (await checking.check(self._ctx, model, ignore_rollout=ignore_rollout)).check
 
     async def apply(
@@ -85,7 +89,8 @@ class Updater:
         """Update `model` to what its origin offers, reporting on `progress`. `owner`: whoever
         asked (only they may `abandon` it). `ignore_rollout`: even outside the version's
         rollout cohort (an operator's manual canary; the poll loop never sets it)."""
-        name = self.engine.pool(model).config.name
+        base, colon, adapter = model.partition(":")
+        name = self.engine.pool(base).config.name + colon + adapter
         lock = self._locks.setdefault(name, asyncio.Lock())
         jobs = self._ctx.jobs
         if lock.locked():
@@ -95,6 +100,8 @@ class Updater:
         async with lock:
             jobs[name] = Job(owner)
             try:
+                if adapter:
+                    return await adapter_update.apply(self._ctx, name, progress, ignore_rollout)
                 return await apply_update(
                     self._ctx, self._probation, name, progress, ignore_rollout
                 )

@@ -15,6 +15,8 @@ from tiny_gguf import write_tiny_llama
 from tiny_lora import write_lora
 
 from sidecar.client import AsyncClient
+from sidecar.fileio import sha256_file
+from sidecar.update.delta import make_delta
 from sidecar.v1 import inference_pb2 as pb
 
 pytestmark = pytest.mark.asyncio
@@ -313,3 +315,42 @@ async def test_an_adapter_blob_changed_on_disk_is_not_served_after_a_restart(
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
     assert any("changed on disk" in p.read_text() for p in store.quarantine_dir.glob("*.reason"))
     assert (await gen(s.client)).text
+
+
+async def test_an_adapter_is_updated_by_a_signed_delta_from_its_models_origin(
+    serve, tiny_model: Path, short_dir: Path
+) -> None:
+    from sidecar.update.manifest import generate_keypair, publish
+
+    private, public = generate_keypair()
+    key = short_dir / "signing.pem"
+    key.write_bytes(private)
+    origin = short_dir / "origin"
+    v1 = write_lora(short_dir / "v1.gguf", tiny_model, seed=1, std=0.3)
+    v2 = write_lora(short_dir / "v2.gguf", tiny_model, seed=2, std=0.3)
+    (origin / "deltas-fmt").mkdir(parents=True)
+    make_delta(v1, v2, origin / "deltas-fmt" / "v1-v2.delta")
+    delta_size = (origin / "deltas-fmt" / "v1-v2.delta").stat().st_size
+    for version, file in ((1, v1), (2, v2)):
+        publish(origin, name="default:fmt", version=version, key_path=key, file=file,
+                deltas_dir="deltas-fmt")  # fmt: skip
+    keys = {"update_origin": str(origin), "update_key": public}
+    s = await serve(tiny_model, slot_kind="process", workers=1, context=512, model_keys=keys)
+    await add(s.client, v1)
+    check = await s.client.check_update("default:fmt")
+    assert check.update_available and check.download_bytes == delta_size < check.full_bytes
+    outcome = await s.client.apply_update("default:fmt")
+    assert outcome.installed and outcome.fetched_bytes == delta_size, outcome
+    reply = await gen(s.client, "fmt")
+    assert reply.adapter.version == sha256_file(v2)[:12]
+    assert reply.text == (await gen(s.client, "fmt")).text
+    again = await s.client.apply_update("default:fmt")
+    assert not again.installed and "up to date" in again.plan
+    # A manifest signed by another key is refused; the adapter keeps serving.
+    other, _ = generate_keypair()
+    (short_dir / "other.pem").write_bytes(other)
+    publish(origin, name="default:fmt", version=3, key_path=short_dir / "other.pem",
+            file=write_lora(short_dir / "v3.gguf", tiny_model, seed=3), deltas_dir="deltas-fmt")  # fmt: skip
+    with pytest.raises(Exception, match="refused"):
+        await s.client.apply_update("default:fmt")
+    assert (await gen(s.client, "fmt")).adapter.version == sha256_file(v2)[:12]

@@ -1,0 +1,138 @@
+"""Signed delta updates of a LoRA adapter ("MODEL:ADAPTER"), from its model's origin.
+
+The origin publishes `MODEL:ADAPTER.manifest.json` (`sidecar update publish --name
+MODEL:ADAPTER`), signed with the model's update key; its deltas lead from one adapter
+version to the next. The steps are a model update's (`install`), with the adapter's own
+end: the manifest is verified (signature, name, expiry, no rollback), the cheapest plan
+starts from any stored version (adapter versions included), the file is fetched or rebuilt
+with the same bounded memory and checked against the manifest's sha256, then it is checked
+against the model like any adapter (`store.adapters.add`), proven on a worker and made
+active (`engine.adapters.activate`). Requests already running keep the version they had.
+
+Not here (yet): probation after the flip, and the poll loop (an adapter is updated when
+asked: `sidecar update apply MODEL:ADAPTER`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from sidecar.domain.errors import FailedPrecondition, SidecarError, SwapRefused, Unavailable
+from sidecar.domain.progress import Progress
+from sidecar.domain.updates import Outcome
+from sidecar.engine import adapters as adapter_swap
+from sidecar.store import adapters
+from sidecar.update import cohort, fetch
+from sidecar.update.check import MANIFEST_MAX_BYTES, Found, _found
+from sidecar.update.context import UpdateContext
+from sidecar.update.download import obtain
+from sidecar.update.manifest import UpdateRejected, verify
+from sidecar.update.plan import cheapest
+from sidecar.update.threads import in_thread
+
+log = logging.getLogger("sidecar.update")
+
+
+def _current(ctx: UpdateContext, base: str, name: str) -> str:
+    file = ctx.engine.adapters.get(base, name)
+    return file.sha256 if file is not None else ""
+
+
+async def check(
+    ctx: UpdateContext, target: str, *, in_job: bool = False, ignore_rollout: bool = False
+) -> Found:
+    split = adapters.split(target)
+    assert split is not None
+    base = ctx.engine.pool(split[0]).config.name
+    name = f"{base}:{split[1]}"
+    m = ctx.model(name)
+    url = fetch.origin_url(m.update_origin, f"{name}.manifest.json")
+    control = ctx.control(name, MANIFEST_MAX_BYTES, in_job=in_job)
+    timeout = ctx.engine.config.update.timeout_seconds
+    try:
+        data = await in_thread(
+            fetch.fetch_bytes, url, max_bytes=MANIFEST_MAX_BYTES, timeout=timeout, control=control
+        )
+        st = ctx.state(name)
+        trusted = st.highest_version - 1 if st.highest_version else None
+        manifest = verify(data, ctx.public_key(m), name=name, installed_version=trusted)
+    except UpdateRejected as e:
+        ctx.reject(name, e.reason, e.message)
+        raise FailedPrecondition(f"update of {name!r} refused: {e.message}") from None
+    except fetch.Aborted as e:
+        raise ctx.aborted(name, e) from None
+    except fetch.FetchError as e:
+        ctx.record(name, f"origin unreachable: {e}", level=logging.WARNING)
+        raise Unavailable(f"update origin for {name!r}: {e}") from None
+    if manifest.version > st.highest_version:
+        st.highest_version, st.highest_created = manifest.version, manifest.created.isoformat()
+        st.save(ctx.state_path(name))
+    me = await ctx.identity_now()
+    r = cohort.rollout(me.value, name, manifest.version, manifest.rollout)
+    current = _current(ctx, base, split[1])
+    installed = next((v for v, sha in manifest.versions.items() if sha == current), 0)
+    if manifest.sha256 == current:
+        return _found(name, manifest, installed, None, f"up to date (v{manifest.version})", r)
+    if manifest.sha256 in st.failed:
+        why = st.failed[manifest.sha256]
+        return _found(name, manifest, installed, None,
+                      f"v{manifest.version} failed before: {why}", r)  # fmt: skip
+    if not r.in_cohort and not ignore_rollout:
+        return _found(name, manifest, installed, None, cohort.describe(r), r)
+    store = ctx.engine.store
+    held = await asyncio.to_thread(
+        lambda: {sha for s in store.spaces() for n in s.names() for sha in s.versions(n)}
+    )
+    plan = cheapest(manifest, held, avoid=frozenset(st.bad_deltas))
+    return _found(name, manifest, installed, plan, plan.describe(), r)
+
+
+async def apply(
+    ctx: UpdateContext, target: str, progress: Progress, ignore_rollout: bool = False
+) -> Outcome:
+    progress("checking", f"reading the manifest of {target}", 0, 0)
+    found = await check(ctx, target, in_job=True, ignore_rollout=ignore_rollout)
+    manifest, plan, installed = found.manifest, found.plan, found.check.installed_version
+    name = found.check.model
+    base, adapter = name.split(":", 1)
+    pool = ctx.engine.pool(base)
+    if plan is None:
+        ctx.record(name, found.check.detail)
+        current = _current(ctx, base, adapter)[:12]
+        return Outcome(name, installed, installed, current, found.check.detail, 0,
+                       manifest.size, False)  # fmt: skip
+    store = ctx.engine.store
+    try:
+        file, fetched, how = await obtain(ctx, name, manifest, plan, progress)
+        progress("installing", f"adding v{manifest.version} to the store", 0, 0)
+        if file == store.blob(manifest.sha256):  # stored already (an older version)
+            sha = await asyncio.to_thread(store.view(base).adopt, adapter, manifest.sha256)
+        else:
+            sha = await asyncio.to_thread(adapters.add, store, base, pool.spec.path, adapter, file)
+            file.unlink(missing_ok=True)
+        if sha != manifest.sha256:  # obtain checked it: a bug, or the file changed since
+            raise FailedPrecondition(f"the stored file is {sha[:12]}, not {manifest.sha256[:12]}")
+    except fetch.Aborted as e:
+        raise ctx.aborted(name, e) from None
+    except fetch.FetchError as e:
+        ctx.record(name, f"download failed (will resume): {e}", level=logging.WARNING)
+        raise Unavailable(
+            f"update of {name!r}: download failed, it resumes next time: {e}"
+        ) from None
+    except SidecarError as e:  # not an adapter of this model, or not a GGUF
+        ctx.fail(name, manifest.sha256, "validation", e.message)
+        raise FailedPrecondition(f"update of {name!r} refused: {e.message}") from None
+    progress("swapping", f"proving v{manifest.version} before it serves", 0, 0)
+    try:
+        await adapter_swap.activate(pool, ctx.engine.adapters, adapter, sha, fresh=True)
+    except SwapRefused as e:
+        ctx.fail(name, manifest.sha256, "canary", e.message)
+        raise
+    st = ctx.state(name)
+    st.installed_version, st.installed_sha256 = manifest.version, sha
+    st.save(ctx.state_path(name))
+    ctx.clean(name, keep={"state.json"})
+    ctx.record(name, f"installed v{manifest.version} ({sha[:12]}) via {how}; fetched "
+                     f"{fetched} bytes of {manifest.size}")  # fmt: skip
+    return Outcome(name, installed, manifest.version, sha[:12], how, fetched, manifest.size, True)
