@@ -13,20 +13,40 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
+from sidecar.config import TaskConfig
 from sidecar.domain.errors import ModelNotFound, SidecarError, SwapRefused
 from sidecar.domain.names import shown
 from sidecar.domain.status import SwapResult
-from sidecar.domain.types import AdaptableTask, AdapterFile, GenerateTask, ModelRef
-from sidecar.engine.pool import PROBE_CALLER, VERSION_CHARS, ModelPool
+from sidecar.domain.types import AdaptableTask, AdapterFile, ClassifyTask, GenerateTask, ModelRef
+from sidecar.engine.gate import (
+    ROW_TIMEOUT_S,
+    Ask,
+    Bars,
+    ScoreCache,
+    load_golden,
+    score,
+    through_queue,
+    verdict,
+)
+from sidecar.engine.pool import PROBE_CALLER, VERSION_CHARS, Event, ModelPool
 from sidecar.store import ModelStore
 
 log = logging.getLogger("sidecar.adapters")
 
 
 class AdapterTable:
-    def __init__(self, store: ModelStore) -> None:
+    def __init__(
+        self,
+        store: ModelStore,
+        tasks: Callable[[], tuple[TaskConfig, ...]] = tuple,
+        default_model: str = "",
+    ) -> None:
         self.store = store
+        self.tasks = tasks  # the config's tasks, read per activation (the eval gate)
+        self.default_model = default_model
         self._active: dict[str, dict[str, AdapterFile]] = {}  # base -> adapter -> file
 
     def refresh(self) -> None:
@@ -108,6 +128,7 @@ async def activate(
     table.store.hold(sha)  # no gc between the canary and the pointer
     try:
         await prove(pool, file)
+        await _gate(pool, table, file, old)
         await asyncio.to_thread(view.activate, name, sha)
         table.set(base, file)
     except SwapRefused as e:
@@ -126,6 +147,58 @@ async def activate(
         strategy="adapter",
         seconds=time.monotonic() - started,
     )
+
+
+async def _gate(
+    pool: ModelPool, table: AdapterTable, file: AdapterFile, old: AdapterFile | None
+) -> None:
+    """The eval gate, where configured: a config task with this `adapter` (of this model)
+    and an `eval_file`. The candidate answers the golden set through the model's queue as
+    background work (an adapter is chosen per request: no workers of its own), and is
+    refused (SwapRefused "eval") below the model's eval_min_accuracy, or more than its
+    eval_max_regression below the serving adapter version's score (cached per version)."""
+    base = pool.config.name
+    task = next(
+        (
+            t
+            for t in table.tasks()
+            if t.adapter == file.name
+            and t.eval_file is not None
+            and (t.model or table.default_model) == base
+        ),
+        None,
+    )
+    if task is None:
+        return
+    golden = await asyncio.to_thread(load_golden, task)
+    cache = ScoreCache(table.store.root / "eval" / f"{base}:{file.name}" / "scores.json")
+
+    def lanes(lora: AdapterFile) -> list[Ask]:
+        def ask(t: ClassifyTask) -> Awaitable[Event]:
+            return through_queue(pool, replace(t, adapter=lora.name, lora=lora))
+
+        return [ask] * max(1, sum(s.capacity for s in pool.workers()))
+
+    serving = None
+    try:
+        if old is not None:
+            serving = await asyncio.to_thread(cache.get, old.sha256, golden.digest)
+            if serving is None:
+                serving, _ = await score(golden, lanes(old), "serving adapter")
+                await asyncio.to_thread(cache.put, old.sha256, golden.digest, serving, task.name)
+        candidate, _ = await score(golden, lanes(file), "candidate adapter")
+    except TimeoutError:
+        raise SwapRefused(
+            "eval", f"a golden row got no answer within {ROW_TIMEOUT_S:.0f}s"
+        ) from None
+    await asyncio.to_thread(cache.put, file.sha256, golden.digest, candidate, task.name)
+    problem = verdict(candidate, serving, Bars.of(pool.config))
+    text = f"adapter {file.name!r} scored {candidate.shown()} on {task.name!r}" + (
+        f", the serving version {serving.shown()}" if serving is not None else ""
+    )
+    if problem is not None:
+        raise SwapRefused("eval", f"{text}: {problem}")
+    log.info("eval gate passed: %s", text)
 
 
 def _set_aside(view: ModelStore, name: str, sha: str, reason: str) -> None:

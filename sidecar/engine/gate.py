@@ -234,11 +234,9 @@ class Gate:
             f"scoring the serving version {sha[:VERSION_CHARS]} once on {g.task!r} "
             f"({len(g.rows)} rows; cached for later swaps)",
         )
-        lanes: list[Ask] = [lambda t: _through_queue(pool, t) for _ in pool.workers()]
+        lanes: list[Ask] = [lambda t: through_queue(pool, t) for _ in pool.workers()]
         try:
-            self.serving, _ = await score(
-                g, lanes or [lambda t: _through_queue(pool, t)], "serving"
-            )
+            self.serving, _ = await score(g, lanes or [lambda t: through_queue(pool, t)], "serving")
         except TimeoutError:
             self.serving_note = (
                 "the serving version did not answer in time: only eval_min_accuracy applies"
@@ -344,7 +342,7 @@ def _on(pool: ModelPool, slot: Slot) -> Ask:
     return lambda task: pool.run_on(slot, task)
 
 
-async def _through_queue(pool: ModelPool, task: ClassifyTask) -> Event:
+async def through_queue(pool: ModelPool, task: ClassifyTask) -> Event:
     """One row on the serving pool as background work: live requests go first."""
     while True:
         try:

@@ -89,7 +89,7 @@ class PoolEngine:
             m.name: ModelPool(m, factory, config.server.default_max_tokens) for m in config.models
         }
         self.default_model = config.default_model
-        self.adapters = AdapterTable(self.store)
+        self.adapters = AdapterTable(self.store, lambda: self.config.tasks, config.default_model)
         self.shed_reason: str | None = None  # set by the supervisor under memory pressure
         self.on_result: Callable[[Result], None] = lambda _r: None  # metrics hook
         # metrics hook: (model, outcome "swapped" | "unchanged" | "refused", refusing stage)

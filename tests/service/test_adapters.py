@@ -354,3 +354,32 @@ async def test_an_adapter_is_updated_by_a_signed_delta_from_its_models_origin(
     with pytest.raises(Exception, match="refused"):
         await s.client.apply_update("default:fmt")
     assert (await gen(s.client, "fmt")).adapter.version == sha256_file(v2)[:12]
+
+
+async def test_the_eval_gate_scores_an_adapter_where_a_task_names_it(
+    serve, tiny_model: Path, short_dir: Path
+) -> None:
+    from dataclasses import replace
+
+    from sidecar.config import TaskConfig
+
+    # Each text twice, once per label: whatever the model answers, exactly half is right.
+    golden = short_dir / "golden.csv"
+    golden.write_text("text,label\n" + "".join(f"t{i},a\nt{i},b\n" for i in range(3)))
+    task = TaskConfig(name="g", file=golden, eval_file=golden, adapter="fmt")
+    s = await serve(
+        tiny_model, slot_kind="process", workers=1, context=512, tasks=(task,),
+        model_keys={"eval_min_accuracy": 0.6, "eval_max_regression": 0.0},
+    )  # fmt: skip
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await add(s.client, write_lora(short_dir / "v1.gguf", tiny_model, seed=1, std=0.3))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "swap refused at eval: adapter 'fmt' scored 0.500 (3/6) on 'g'" in (
+        e.value.details() or ""
+    ) and "below eval_min_accuracy 0.6" in (e.value.details() or "")
+    pool = s.running.local.pools["default"]
+    pool.reconfigure(replace(pool.config, eval_min_accuracy=0.5))
+    v2 = await add(s.client, write_lora(short_dir / "v2.gguf", tiny_model, seed=2, std=0.3))
+    assert (await gen(s.client, "fmt")).adapter.version == v2.sha256[:12]
+    scores = s.running.local.store.root / "eval" / "default:fmt" / "scores.json"
+    assert v2.sha256 in scores.read_text()
