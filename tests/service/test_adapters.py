@@ -383,3 +383,25 @@ async def test_the_eval_gate_scores_an_adapter_where_a_task_names_it(
     assert (await gen(s.client, "fmt")).adapter.version == v2.sha256[:12]
     scores = s.running.local.store.root / "eval" / "default:fmt" / "scores.json"
     assert v2.sha256 in scores.read_text()
+
+
+async def test_adapters_survive_a_restart_and_never_run_on_a_model_they_do_not_fit(
+    serve, tiny_model: Path, short_dir: Path
+) -> None:
+    s = await serve(tiny_model, slot_kind="process", workers=1, context=512)
+    added = await add(s.client, write_lora(short_dir / "a.gguf", tiny_model, std=0.3))
+    before = await gen(s.client, "fmt")
+    await s.running.stop(grace=0)
+    s = await serve(tiny_model, slot_kind="process", workers=1, context=512)
+    after = await gen(s.client, "fmt")
+    assert after.text == before.text and after.adapter.version == added.sha256[:12]
+    # The model is swapped to one of other dimensions: its adapter no longer fits, and a
+    # request for it fails with the reason instead of running on the bare model.
+    narrow = write_tiny_llama(short_dir / "narrow.gguf", n_embd=32, n_head=2, n_ctx=4096)
+    steps = [p async for p in s.client.admin.Swap(pb.SwapRequest(path=str(narrow)))]
+    assert steps[-1].ok
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await gen(s.client, "fmt")
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "could not load adapter 'fmt'" in (e.value.details() or "")
+    assert (await gen(s.client)).text  # the bare model still serves
