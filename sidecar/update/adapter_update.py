@@ -9,8 +9,8 @@ with the same bounded memory and checked against the manifest's sha256, then it 
 against the model like any adapter (`store.adapters.add`), proven on a worker and made
 active (`engine.adapters.activate`). Requests already running keep the version they had.
 
-Not here (yet): probation after the flip, and the poll loop (an adapter is updated when
-asked: `sidecar update apply MODEL:ADAPTER`).
+Not here (yet): probation after the flip. The poll loop (`updater`) polls an adapter once
+an update installed it; before that it is updated when asked (`sidecar update apply`).
 """
 
 from __future__ import annotations

@@ -158,6 +158,9 @@ class Updater:
         job.control.cancel("cancelled", f"cancelled while {job.stage}: {why}")
         return True
 
+    def _updated(self, name: str) -> bool:
+        return self._ctx.state(name).installed_version > 0
+
     async def watch(self) -> None:
         """One probation pass over every model."""
         await self._probation.watch()
@@ -176,19 +179,25 @@ class Updater:
                 log.exception("update probation check failed")
             now = time.monotonic()
             interval = self.engine.config.update.interval_seconds
-            for name in self.engine.pools:
-                m = self.engine.config.model(name)
+            for base in self.engine.pools:
+                m = self.engine.config.model(base)
                 if m is None or not m.update_origin or not m.update_key:
                     continue
-                due = next_check.setdefault(name, now + interval if interval else float("inf"))
-                if now < due:
-                    continue
-                next_check[name] = now + interval if interval else float("inf")
-                try:
-                    await self.apply(name)
-                except SidecarError as e:
-                    log.warning("update %s: %s", name, e.message)
-                except Exception:
-                    log.exception("update %s failed", name)
+                # An adapter that came by an update is polled like its model (one that
+                # was only added is not: its origin may not publish it).
+                adapters = [f"{base}:{a}" for a in self.engine.adapters.names(base)]
+                for name in (base, *adapters):
+                    due = next_check.setdefault(name, now + interval if interval else float("inf"))
+                    if now < due:
+                        continue
+                    next_check[name] = now + interval if interval else float("inf")
+                    if name != base and not await asyncio.to_thread(self._updated, name):
+                        continue
+                    try:
+                        await self.apply(name)
+                    except SidecarError as e:
+                        log.warning("update %s: %s", name, e.message)
+                    except Exception:
+                        log.exception("update %s failed", name)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), tick)

@@ -349,8 +349,8 @@ async def test_an_adapter_is_updated_by_a_signed_delta_from_its_models_origin(
     # A manifest signed by another key is refused; the adapter keeps serving.
     other, _ = generate_keypair()
     (short_dir / "other.pem").write_bytes(other)
-    publish(origin, name="default:fmt", version=3, key_path=short_dir / "other.pem",
-            file=write_lora(short_dir / "v3.gguf", tiny_model, seed=3), deltas_dir="deltas-fmt")  # fmt: skip
+    publish(origin, name="default:fmt", version=4, key_path=short_dir / "other.pem",
+            file=write_lora(short_dir / "v4.gguf", tiny_model, seed=4), deltas_dir="deltas-fmt")  # fmt: skip
     with pytest.raises(Exception, match="refused"):
         await s.client.apply_update("default:fmt")
     assert (await gen(s.client, "fmt")).adapter.version == sha256_file(v2)[:12]
@@ -405,3 +405,27 @@ async def test_adapters_survive_a_restart_and_never_run_on_a_model_they_do_not_f
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "could not load adapter 'fmt'" in (e.value.details() or "")
     assert (await gen(s.client)).text  # the bare model still serves
+
+
+async def test_an_adapter_installed_by_an_update_is_polled_like_its_model(
+    serve, tiny_model: Path, short_dir: Path
+) -> None:
+    from sidecar.update.manifest import generate_keypair, publish
+
+    private, public = generate_keypair()
+    key = short_dir / "signing.pem"
+    key.write_bytes(private)
+    origin = short_dir / "origin"
+    files = [write_lora(short_dir / f"v{i}.gguf", tiny_model, seed=i, std=0.3) for i in (1, 2)]
+    publish(origin, name="default:fmt", version=1, key_path=key, file=files[0])
+    keys = {"update_origin": str(origin), "update_key": public}
+    s = await serve(tiny_model, slot_kind="process", workers=1, context=512, model_keys=keys,
+                    update={"interval_seconds": 0.5})  # fmt: skip
+    assert (await s.client.apply_update("default:fmt")).installed
+    publish(origin, name="default:fmt", version=2, key_path=key, file=files[1])
+    want = sha256_file(files[1])[:12]
+    for _ in range(300):
+        if (await gen(s.client, "fmt")).adapter.version == want:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the poll loop did not install v2")
