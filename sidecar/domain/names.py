@@ -43,3 +43,30 @@ def check_name(name: str) -> str:
     if problem:
         raise InvalidRequest(problem)
     return name
+
+
+def split_adapter(target: str) -> tuple[str, str] | None:
+    """ "MODEL:ADAPTER" as (model, adapter), both valid names; None without a colon.
+
+    Every front end that takes the combined form parses it here, so that "smol:" (an empty
+    adapter) can never mean the bare model and "smol:a:b" or "smol:a@v1" get a reason."""
+    base, colon, adapter = target.partition(":")
+    if not colon:
+        return None
+    if ":" in adapter:
+        raise InvalidRequest(
+            f"{shown(target)} has more than one ':': name one adapter as MODEL:ADAPTER"
+        )
+    if "@" in adapter:
+        raise InvalidRequest(
+            f"{shown(target)}: a request cannot choose an adapter's version; send "
+            f"MODEL:ADAPTER and the active version answers (`sidecar models swap` changes it)"
+        )
+    if not base:
+        raise InvalidRequest(f"{shown(target)}: name the model before the ':' (MODEL:ADAPTER)")
+    if not adapter:
+        raise InvalidRequest(
+            f"{shown(target)}: name the adapter after the ':' (MODEL:ADAPTER), or send the "
+            "model name alone for the model without an adapter"
+        )
+    return check_name(base), check_name(adapter)

@@ -38,6 +38,7 @@ class PoolStatus:
     idle_s: float = 0.0  # since the last request ended (0 while one runs or unloaded)
     unload_in_s: float = -1.0  # until idleness unloads it; -1 = not scheduled
     footprint: int = 0  # bytes it takes loaded, as the memory budget estimates it
+    adapters: tuple[str, ...] = ()  # its LoRA adapters with an active version, by name
 
 
 @dataclass(frozen=True)

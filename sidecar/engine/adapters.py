@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from sidecar.config import TaskConfig
-from sidecar.domain.errors import ModelNotFound, SidecarError, SwapRefused
-from sidecar.domain.names import shown
+from sidecar.domain.errors import InvalidRequest, ModelNotFound, SidecarError, SwapRefused
+from sidecar.domain.names import name_problem, shown
 from sidecar.domain.status import SwapResult
 from sidecar.domain.types import AdaptableTask, AdapterFile, ClassifyTask, GenerateTask, ModelRef
 from sidecar.engine.gate import (
@@ -83,7 +83,11 @@ class AdapterTable:
 
     def resolve(self, base: str, name: str) -> AdapterFile:
         """The active version of `base`'s adapter `name`; ModelNotFound (NOT_FOUND) if it
-        has none: a request for an adapter never runs on the bare model."""
+        has none: a request for an adapter never runs on the bare model. A name no adapter
+        can have (a path, a colon, a version suffix) is InvalidRequest: the caller's to fix."""
+        problem = name_problem(name)
+        if problem:
+            raise InvalidRequest(f"adapter: {problem.replace('model name', 'adapter name')}")
         file = self.get(base, name)
         if file is None:
             known = ", ".join(self.names(base)) or "none"

@@ -421,7 +421,13 @@ class PoolEngine:
 
     def status(self) -> list[tuple[PoolStatus, bool]]:
         return [
-            (p.status(self.swapper.last_swap(name)), name == self.default_model)
+            (
+                replace(
+                    p.status(self.swapper.last_swap(name)),
+                    adapters=tuple(self.adapters.names(name)),
+                ),
+                name == self.default_model,
+            )
             for name, p in self.pools.items()
         ]
 

@@ -205,13 +205,21 @@ class OpenAIApp:
         ready = self.engine.ready
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
+    def _model_ids(self) -> list[str]:
+        """What a request's `model` may name: each model, then each of its adapters as
+        MODEL:ADAPTER (the form the requests take)."""
+        ids = []
+        for s, _ in self.engine.status():
+            ids += [s.model.name, *(f"{s.model.name}:{a}" for a in s.adapters)]
+        return ids
+
     async def models(self, request: Request, call: Call) -> Response:
-        return JSONResponse(wire.model_list([s.model.name for s, _ in self.engine.status()]))
+        return JSONResponse(wire.model_list(self._model_ids()))
 
     async def model(self, request: Request, call: Call) -> Response:
         name = request.path_params["name"]
         call.model = name
-        names = [s.model.name for s, _ in self.engine.status()]
+        names = self._model_ids()
         if name not in names:
             raise ModelNotFound(
                 f"no model named {shown(name)} is loaded (loaded: {', '.join(names)})"

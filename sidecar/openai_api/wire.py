@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from sidecar.domain.errors import InvalidRequest
+from sidecar.domain.names import split_adapter
 from sidecar.domain.seam import DEFAULT_ROUTE  # the daemon's configured routing
 from sidecar.domain.types import (
     ChatMessage,
@@ -198,8 +199,8 @@ def _model(body: Body) -> str:
 
 def _model_and_adapter(body: Body) -> tuple[str, str]:
     """ "NAME:ADAPTER" names a LoRA adapter of model NAME (an unknown one is a 404)."""
-    model, _, adapter = _model(body).partition(":")
-    return model, adapter
+    model = _model(body)
+    return split_adapter(model) or (model, "")
 
 
 def _route(body: Body) -> RouteRequest:

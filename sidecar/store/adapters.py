@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sidecar.domain.errors import FailedPrecondition, InvalidRequest, SidecarError
-from sidecar.domain.names import check_name
+from sidecar.domain.names import check_name, split_adapter
 from sidecar.domain.versions import VersionInfo
 from sidecar.gguf_check import GGUFError, GGUFInfo, TensorInfo
 from sidecar.gguf_check import check as check_gguf
@@ -155,7 +155,4 @@ def listing(store: ModelStore) -> list[VersionInfo]:
     return out
 
 
-def split(target: str) -> tuple[str, str] | None:
-    """MODEL:ADAPTER as (model, adapter); None for a plain model name."""
-    base, colon, adapter = target.partition(":")
-    return (check_name(base), check_name(adapter)) if colon else None
+split = split_adapter  # MODEL:ADAPTER as (model, adapter); None for a plain model name

@@ -76,6 +76,19 @@ async def test_an_unknown_adapter_is_not_found_and_never_runs_bare(
             await call
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
         assert "no adapter named 'nope'" in (e.value.details() or "")
+    for stream in (
+        s.client.generate_stream("hi", max_tokens=2, adapter="nope"),
+        s.client.chat_stream([("user", "hi")], max_tokens=2, adapter="nope"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            _ = [step async for step in stream]
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    # A name no adapter can have is the caller's mistake, said as such.
+    for bad in ("../fmt", "fmt@1", "a:b", "x" * 1000):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await s.client.generate("hi", max_tokens=2, adapter=bad)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+        assert "bad adapter name" in (e.value.details() or "")
     http = unix_client(short_dir / "h.sock")
     try:
         with pytest.raises(openai.NotFoundError, match="no adapter named"):
@@ -92,6 +105,21 @@ async def test_an_unknown_adapter_is_not_found_and_never_runs_bare(
         assert reply.model == "default:fmt"
         extra = reply.model_extra or {}
         assert extra["sidecar"]["adapter_version"] == added.sha256[:12]
+        # Listed as the name a request sends; the combined form's edge cases are 400s
+        # that say what to send, never a run on the bare model.
+        assert [m.id for m in (await http.models.list()).data] == ["default", "default:fmt"]
+        assert (await http.models.retrieve("default:fmt")).id == "default:fmt"
+        for model, why in [
+            ("default:", "name the adapter after the ':'"),
+            (":fmt", "name the model before the ':'"),
+            ("default:fmt:x", "more than one ':'"),
+            ("default:fmt@" + added.sha256[:12], "cannot choose an adapter's version"),
+            ("default:../fmt", "bad model name"),
+        ]:
+            with pytest.raises(openai.BadRequestError, match=why):
+                await http.completions.create(model=model, prompt="x", max_tokens=1)
+        with pytest.raises(openai.BadRequestError, match="embeddings take no adapter"):
+            await http.embeddings.create(model="default:fmt", input="x")
     finally:
         await http.close()
     assert (await gen(s.client)).text  # still serving
