@@ -57,6 +57,11 @@ class Engine(Protocol):
         Raises ModelNotFound."""
         ...
 
+    def adapter_ref(self, model: str, adapter: str) -> ModelRef:
+        """The version of `model`'s LoRA adapter `adapter` a request would run with now.
+        Raises ModelNotFound (it has none) or InvalidRequest (not a name)."""
+        ...
+
     def check(self, model: str, task: Task) -> None:
         """Refuse bad input against `model`'s limits before any work is queued.
         Raises InvalidRequest (or a subclass) or ModelNotFound."""
@@ -111,6 +116,9 @@ class EngineWrapper:
 
     def ref(self, model: str) -> ModelRef:
         return self.inner.ref(model)
+
+    def adapter_ref(self, model: str, adapter: str) -> ModelRef:
+        return self.inner.adapter_ref(model, adapter)
 
     def check(self, model: str, task: Task) -> None:
         self.inner.check(model, task)

@@ -19,6 +19,7 @@ from dataclasses import replace
 from sidecar.config import TaskConfig
 from sidecar.domain.errors import InvalidRequest, ModelNotFound, SidecarError, SwapRefused
 from sidecar.domain.names import name_problem, shown
+from sidecar.domain.specs import ADAPTERS_PER_WORKER
 from sidecar.domain.status import SwapResult
 from sidecar.domain.types import AdaptableTask, AdapterFile, ClassifyTask, GenerateTask, ModelRef
 from sidecar.engine.gate import (
@@ -48,6 +49,9 @@ class AdapterTable:
         self.tasks = tasks  # the config's tasks, read per activation (the eval gate)
         self.default_model = default_model
         self._active: dict[str, dict[str, AdapterFile]] = {}  # base -> adapter -> file
+        # Called (in a thread) with a base model's name after its adapters changed: the
+        # engine re-counts that model's memory footprint.
+        self.changed: Callable[[str], None] = lambda _base: None
 
     def refresh(self) -> None:
         """Read every base model's active adapter versions from the store (blocking: a thread)."""
@@ -80,6 +84,16 @@ class AdapterTable:
 
     def names(self, base: str) -> list[str]:
         return sorted(self._active.get(base, {}))
+
+    def loaded_bytes(self, base: str, workers: int) -> int:
+        """What `base`'s adapters can take in its workers' memory: llama.cpp copies an
+        adapter's tensors into its own buffers (no shared mapping), so each worker may hold
+        its cache's worth, the largest active ones. Blocking (a stat each): a thread."""
+        sizes = []
+        for file in self._active.get(base, {}).values():
+            with contextlib.suppress(OSError):  # gone: nothing to load
+                sizes.append(file.path.stat().st_size)
+        return sum(sorted(sizes, reverse=True)[:ADAPTERS_PER_WORKER]) * workers
 
     def resolve(self, base: str, name: str) -> AdapterFile:
         """The active version of `base`'s adapter `name`; ModelNotFound (NOT_FOUND) if it
@@ -135,6 +149,7 @@ async def activate(
         await _gate(pool, table, file, old)
         await asyncio.to_thread(view.activate, name, sha)
         table.set(base, file)
+        await asyncio.to_thread(table.changed, base)
     except SwapRefused as e:
         refused = e
     finally:
@@ -167,7 +182,7 @@ async def _gate(
             t
             for t in table.tasks()
             if t.adapter == file.name
-            and t.eval_file is not None
+            and t.eval_file  # "" (built, not loaded) is unset too
             and (t.model or table.default_model) == base
         ),
         None,

@@ -90,6 +90,7 @@ class PoolEngine:
         }
         self.default_model = config.default_model
         self.adapters = AdapterTable(self.store, lambda: self.config.tasks, config.default_model)
+        self.adapters.changed = self._recount
         self.shed_reason: str | None = None  # set by the supervisor under memory pressure
         self.on_result: Callable[[Result], None] = lambda _r: None  # metrics hook
         # metrics hook: (model, outcome "swapped" | "unchanged" | "refused", refusing stage)
@@ -136,15 +137,22 @@ class PoolEngine:
     # ------------------------------------------------------------------ residency
 
     def _footprint(self, pool: ModelPool) -> int:
-        """Bytes `pool` takes loaded: weights plus KV cache per worker (`swap.footprint`);
-        the file size when the header cannot be read (the load will say why)."""
+        """Bytes `pool` takes loaded: weights plus KV cache per worker (`swap.footprint`),
+        plus the adapters its workers may hold; the file size when the header cannot be
+        read (the load will say why)."""
         spec = pool.spec
         path = spec.path
+        loras = self.adapters.loaded_bytes(pool.config.name, pool.config.workers)
         try:
             info = self.store.gguf(path)
-            return footprint(info, spec.kv_cells, pool.config.workers, spec.kv_cache)
+            return footprint(info, spec.kv_cells, pool.config.workers, spec.kv_cache) + loras
         except (SidecarError, OSError):
-            return path.stat().st_size if path.is_file() else 0
+            return (path.stat().st_size if path.is_file() else 0) + loras
+
+    def _recount(self, model: str) -> None:
+        """An adapter of `model` was activated: its footprint counts it from now on."""
+        pool = self.pools[model]
+        pool.footprint = self._footprint(pool)
 
     def _verify(self, pool: ModelPool) -> None:
         """Before a stored file is loaded again: still the bytes it was stored as (one stat,
@@ -285,6 +293,10 @@ class PoolEngine:
         check(task, Limits(pool.config.context, s.max_labels, s.max_embed_texts))
         if not isinstance(task, EmbedTask):
             self.adapters.of(pool.config.name, task)  # NOT_FOUND before anything runs
+
+    def adapter_ref(self, model: str, adapter: str) -> ModelRef:
+        file = self.adapters.resolve(self.pool(model).config.name, adapter)
+        return ModelRef(file.name, file.sha256[:VERSION_CHARS])
 
     def _with_adapter(self, pool: ModelPool, task: Task) -> tuple[Task, AdapterFile | None]:
         """`task` with the adapter version it will run with fixed, and that version held in

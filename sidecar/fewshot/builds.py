@@ -90,7 +90,12 @@ class Builds:
         ref = self._engine.ref(model)
         # Re-reading a 10k-row CSV per request would cost more than classifying: the file
         # is read again only when it (or the model version) changes.
-        stamp = (ref.version, *_file_stamp(spec.file), *_file_stamp(spec.none_file))
+        # Label scores with an adapter are another model's: a new version of the adapter
+        # is refitted like a new version of the model.
+        lora = ""
+        if spec.adapter and spec.label_scoring:
+            lora = f"+{spec.adapter}@{self._engine.adapter_ref(model, spec.adapter).version}"
+        stamp = (ref.version + lora, *_file_stamp(spec.file), *_file_stamp(spec.none_file))
         known = self._task_keys.get(spec.name)
         if known is not None and known[0] == stamp and known[1] in self._built:
             return self._built[known[1]]
@@ -102,11 +107,7 @@ class Builds:
             spec.none_label,
             spec.none_file,
         )
-        # Label scores with an adapter are another model's: their fitted weight is too.
-        scored_by = f"{ref.version}+{spec.adapter}" if spec.adapter and spec.label_scoring else ""
-        key = examples.digest(scored_by or ref.version) + (
-            LABEL_SCORING if spec.label_scoring else ""
-        )
+        key = examples.digest(ref.version + lora) + (LABEL_SCORING if spec.label_scoring else "")
         self._task_keys[spec.name] = (stamp, key)
         self.cache.keep(key)
         # Known before the task is ready, so AUTO can escalate its requests meanwhile.

@@ -2,7 +2,7 @@
 
 An adapter applies to a whole llama.cpp context, so the batch (`batch.BatchDecoder`) sets
 one per decode step and switches only when no sequence runs (see `use`). Loaded adapters
-stay cached (a load reads the file, ~ms per MB) up to `LIMIT`, least recently used out;
+stay cached (a load reads the file, ~ms per MB) up to `ADAPTERS_PER_WORKER`, least recently used out;
 the one the context applies is never the one evicted. Each is freed deterministically,
 before the model it was loaded against (`close`).
 """
@@ -16,9 +16,8 @@ from typing import Any
 import llama_cpp
 
 from sidecar.domain.errors import FailedPrecondition
+from sidecar.domain.specs import ADAPTERS_PER_WORKER
 from sidecar.domain.types import AdapterFile
-
-LIMIT = 4  # adapters kept loaded per worker
 
 
 class LoraCache:
@@ -42,7 +41,7 @@ class LoraCache:
             )
         self.loads += 1
         self._loaded[file.sha256] = handle
-        while len(self._loaded) > LIMIT:
+        while len(self._loaded) > ADAPTERS_PER_WORKER:
             old, h = next(iter(self._loaded.items()))
             if self.current is not None and old == self.current[0]:
                 self._loaded.move_to_end(old)

@@ -37,8 +37,12 @@ async def test_an_added_adapter_serves_requests_that_name_it(
         tiny_model, slot_kind="process", workers=1, context=512, model_keys={"parallel": 2}
     )
     lora = write_lora(short_dir / "a.gguf", tiny_model, std=0.3)
+    before = (await s.client.status()).models[0].footprint_bytes
     added = await add(s.client, lora)
     assert added.model == "default:fmt" and added.active and added.serving
+    # The memory budget counts it: a worker holds its own copy of a loaded adapter.
+    after = (await s.client.status()).models[0].footprint_bytes
+    assert after - before == lora.stat().st_size
     bare, adapted = await gen(s.client), await gen(s.client, "fmt")
     assert adapted.text != bare.text  # the adapter changes the greedy output
     assert adapted.adapter.name == "fmt" and adapted.adapter.version == added.sha256[:12]
@@ -457,3 +461,37 @@ async def test_an_adapter_installed_by_an_update_is_polled_like_its_model(
             return
         await asyncio.sleep(0.1)
     raise AssertionError("the poll loop did not install v2")
+
+
+async def test_a_config_tasks_label_scoring_runs_with_its_adapter_and_refits_per_version(
+    serve, tiny_model: Path, short_dir: Path
+) -> None:
+    from sidecar.config import TaskConfig
+
+    rows = [(f"card {w}", "card") for w in "abcdef"] + [(f"pin {w}", "pin") for w in "abcdef"]
+    data = short_dir / "t.csv"
+    data.write_text("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in rows))
+    task = TaskConfig(name="t", file=data, label_scoring=True, cascade=False, adapter="fmt")
+    s = await serve(tiny_model, slot_kind="process", workers=1, context=512, tasks=(task,))
+
+    async def classify() -> pb.ClassifyReply:
+        for _ in range(400):
+            try:
+                return await s.client.classify("card zzz", task="t")
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE:  # being prepared: retry
+                    raise
+            await asyncio.sleep(0.05)
+        raise AssertionError("task t never became ready")
+
+    with pytest.raises(grpc.aio.AioRpcError) as e:  # its adapter does not exist yet
+        await classify()
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    v1 = await add(s.client, write_lora(short_dir / "v1.gguf", tiny_model, seed=1, std=0.3))
+    assert (await classify()).adapter.version == v1.sha256[:12]
+    v2 = await add(s.client, write_lora(short_dir / "v2.gguf", tiny_model, seed=2, std=0.3))
+    # The weight fitted on v1's label scores is not v2's: the task is prepared again.
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await s.client.classify("card zzz", task="t")
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert (await classify()).adapter.version == v2.sha256[:12]
