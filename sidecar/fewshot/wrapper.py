@@ -128,6 +128,11 @@ class FewShotEngine(EngineWrapper):
         spec = self._tasks.get(task)
         return spec.target_accuracy if spec is not None and spec.target_accuracy > 0 else None
 
+    def adapter(self, task: str) -> str:
+        """The LoRA adapter a config task's label scoring runs with; "" = none."""
+        spec = self._tasks.get(task)
+        return spec.adapter if spec is not None else ""
+
     def scope_alpha(self, task: str) -> float | None:
         """The task's out-of-scope cut; None: no such task."""
         spec = self._tasks.get(task)

@@ -120,6 +120,10 @@ class TaskInfo(Protocol):
         """The task's labels; empty while they are not known yet."""
         ...
 
+    def adapter(self, task: str) -> str:
+        """The LoRA adapter the task answers with (tasks.NAME.adapter); "" = none."""
+        ...
+
     def retune(self, tasks: tuple[TaskConfig, ...]) -> None:
         """SIGHUP: take the new thresholds."""
         ...
@@ -138,6 +142,9 @@ class NoTasks:
 
     def label_names(self, task: str) -> list[str]:
         return []
+
+    def adapter(self, task: str) -> str:
+        return ""
 
     def retune(self, tasks: tuple[TaskConfig, ...]) -> None:
         pass
@@ -383,6 +390,8 @@ class RouterEngine(EngineWrapper):
         known yet, e.g. the labels of a task still being prepared)."""
         routing = route.routing or self.settings.routing
         adapter = "" if isinstance(task, EmbedTask) else task.adapter
+        if not adapter and isinstance(task, ClassifyTask) and task.task:
+            adapter = self.tasks.adapter(task.task)  # a config task's own
         if adapter:
             # A LoRA adapter is this machine's: a cloud model would answer without it.
             if routing == "CLOUD_ONLY":
