@@ -148,3 +148,41 @@ def test_a_request_for_another_adapter_is_not_overtaken_by_later_ones(
         runner.batch.step()
         started += [s.key for s in runner.batch.active if s.key not in started]
     assert started == [1, 2, 3, 4]
+
+
+def test_a_flood_of_one_adapter_delays_another_only_until_earlier_ones_end(
+    files: dict[str, Path], runner: LlamaRunner
+) -> None:
+    """Under continuous load of adapter a (a new request every step), a request of b waits
+    only for the a requests that came before it: none that came after starts before it,
+    so however long the flood lasts, b starts within those requests' tokens."""
+    a, b = adapter(files, "a"), adapter(files, "b")
+    key = 100
+
+    def add(lora: AdapterFile) -> int:
+        nonlocal key
+        key += 1
+        s = runner.sequence(key, GenerateTask("Hello w", 6, lora=lora), None)
+        assert s is not None
+        runner.batch.add(s)
+        return key
+
+    waiting_b, started = 0, []
+    for step in range(60):
+        if step == 3:
+            waiting_b = add(b)
+        else:
+            add(a)  # the flood goes on before, while and after b waits
+        runner.batch.step()
+        started += [s.key for s in runner.batch.active if s.key not in started]
+        if waiting_b in started:
+            assert all(s.lora == b for s in runner.batch.active)  # never mixed
+            break
+    assert waiting_b in started, "b starved behind a"
+    assert started[: started.index(waiting_b)] == list(range(101, waiting_b))
+    # 3 earlier a requests of 6 tokens, 3 at a time: b starts within a few rounds.
+    assert step - 3 <= 2 * 7
+    for s in list(runner.batch.waiting):
+        runner.batch.cancel(s.key)
+    while runner.batch.busy:
+        runner.batch.step()
