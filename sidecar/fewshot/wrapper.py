@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from sidecar.config import TaskConfig
-from sidecar.domain.errors import InvalidRequest, SidecarError
+from sidecar.domain.errors import FailedPrecondition, InvalidRequest, SidecarError
 from sidecar.domain.seam import DEFAULT_ROUTE, Engine, EngineWrapper
 from sidecar.domain.types import (
     Classification,
@@ -173,15 +173,27 @@ class FewShotEngine(EngineWrapper):
             if task.examples:
                 raise InvalidRequest("give examples or a task name, not both")
             model = spec.model or model
+            adapter = task.adapter or spec.adapter
+            if adapter and not spec.label_scoring:
+                raise FailedPrecondition(
+                    f"task {spec.name!r} answers from embeddings of the bare model (no label "
+                    f"scoring), so adapter {adapter!r} would change nothing: set "
+                    f"tasks.{spec.name}.label_scoring = true, or send no adapter"
+                )
             built = await self.builds.for_task(spec, wait=False)
             instruction = task.instruction or spec.instruction
-            adapter = task.adapter or spec.adapter
             scoring, cascade, alpha = spec.label_scoring, spec.cascade, spec.scope_alpha
         else:
+            if task.adapter:  # never a silent answer without it
+                raise InvalidRequest(
+                    "Classify by examples answers from embeddings of the bare model, which an "
+                    f"adapter does not change: send adapter {task.adapter!r} with labels "
+                    "alone (zero-shot), or with a config task that has label_scoring"
+                )
             examples = _check_examples(task)
             built = await self.builds.for_examples(model, examples, caller)
             instruction, scoring, cascade, alpha = task.instruction, False, True, DEFAULT_ALPHA
-            adapter = task.adapter
+            adapter = ""
         clf = built.clf
         if task.labels:
             unknown = sorted(set(task.labels) - set(clf.names))

@@ -80,6 +80,11 @@ async def test_an_unknown_adapter_is_not_found_and_never_runs_bare(
             await call
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
         assert "no adapter named 'nope'" in (e.value.details() or "")
+    # Classify by examples never runs the model's head: an adapter there is refused, not ignored.
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await s.client.classify("hi", examples=[("a b", "x"), ("c d", "y")], adapter="nope")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "with labels alone" in (e.value.details() or "")
     for stream in (
         s.client.generate_stream("hi", max_tokens=2, adapter="nope"),
         s.client.chat_stream([("user", "hi")], max_tokens=2, adapter="nope"),
@@ -472,7 +477,13 @@ async def test_a_config_tasks_label_scoring_runs_with_its_adapter_and_refits_per
     data = short_dir / "t.csv"
     data.write_text("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in rows))
     task = TaskConfig(name="t", file=data, label_scoring=True, cascade=False, adapter="fmt")
-    s = await serve(tiny_model, slot_kind="process", workers=1, context=512, tasks=(task,))
+    plain = TaskConfig(name="p", file=data, label_scoring=False, adapter="fmt")
+    s = await serve(tiny_model, slot_kind="process", workers=1, context=512, tasks=(task, plain))
+    # Without label scoring the adapter could change nothing: said, not ignored.
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await s.client.classify("card zzz", task="p")
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "tasks.p.label_scoring = true" in (e.value.details() or "")
 
     async def classify() -> pb.ClassifyReply:
         for _ in range(400):
