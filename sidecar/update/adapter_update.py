@@ -24,12 +24,10 @@ from sidecar.domain.updates import Outcome
 from sidecar.engine import adapters as adapter_swap
 from sidecar.store import adapters
 from sidecar.update import cohort, fetch
-from sidecar.update.check import MANIFEST_MAX_BYTES, Found, _found
+from sidecar.update.check import Found, _found, held, read_manifest
 from sidecar.update.context import UpdateContext
 from sidecar.update.download import obtain
-from sidecar.update.manifest import UpdateRejected, verify
 from sidecar.update.plan import cheapest
-from sidecar.update.threads import in_thread
 
 log = logging.getLogger("sidecar.update")
 
@@ -47,29 +45,9 @@ async def check(
     base = ctx.engine.pool(split[0]).config.name
     name = f"{base}:{split[1]}"
     m = ctx.model(name)
-    url = fetch.origin_url(m.update_origin, f"{name}.manifest.json")
-    control = ctx.control(name, MANIFEST_MAX_BYTES, in_job=in_job)
-    timeout = ctx.engine.config.update.timeout_seconds
-    try:
-        data = await in_thread(
-            fetch.fetch_bytes, url, max_bytes=MANIFEST_MAX_BYTES, timeout=timeout, control=control
-        )
-        st = ctx.state(name)
-        trusted = st.highest_version - 1 if st.highest_version else None
-        manifest = verify(data, ctx.public_key(m), name=name, installed_version=trusted)
-    except UpdateRejected as e:
-        ctx.reject(name, e.reason, e.message)
-        raise FailedPrecondition(f"update of {name!r} refused: {e.message}") from None
-    except fetch.Aborted as e:
-        raise ctx.aborted(name, e) from None
-    except fetch.FetchError as e:
-        ctx.record(name, f"origin unreachable: {e}", level=logging.WARNING)
-        raise Unavailable(f"update origin for {name!r}: {e}") from None
-    if manifest.version > st.highest_version:
-        st.highest_version, st.highest_created = manifest.version, manifest.created.isoformat()
-        st.save(ctx.state_path(name))
+    manifest, st, fraction = await read_manifest(ctx, m, name, in_job=in_job)
     me = await ctx.identity_now()
-    r = cohort.rollout(me.value, name, manifest.version, manifest.rollout)
+    r = cohort.rollout(me.value, name, manifest.version, fraction)
     current = _current(ctx, base, split[1])
     installed = next((v for v, sha in manifest.versions.items() if sha == current), 0)
     if manifest.sha256 == current:
@@ -80,11 +58,7 @@ async def check(
                       f"v{manifest.version} failed before: {why}", r)  # fmt: skip
     if not r.in_cohort and not ignore_rollout:
         return _found(name, manifest, installed, None, cohort.describe(r), r)
-    store = ctx.engine.store
-    held = await asyncio.to_thread(
-        lambda: {sha for s in store.spaces() for n in s.names() for sha in s.versions(n)}
-    )
-    plan = cheapest(manifest, held, avoid=frozenset(st.bad_deltas))
+    plan = cheapest(manifest, await asyncio.to_thread(held, ctx), avoid=frozenset(st.bad_deltas))
     return _found(name, manifest, installed, plan, plan.describe(), r)
 
 

@@ -7,6 +7,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from sidecar.config import ModelConfig
 from sidecar.domain.errors import FailedPrecondition, Unavailable
 from sidecar.domain.updates import Check, Rollout
 from sidecar.update import cohort, fetch
@@ -79,14 +80,12 @@ def _remember(ctx: UpdateContext, name: str, st: State, manifest: Manifest) -> N
         st.save(ctx.state_path(name))
 
 
-async def check(
-    ctx: UpdateContext, model: str, *, in_job: bool = False, ignore_rollout: bool = False
-) -> Found:
-    """`in_job`: part of an apply (a lone check must not take over its status).
-    `ignore_rollout`: plan the update even when this daemon is outside its cohort (an
-    operator's manual canary)."""
-    m = ctx.model(model)
-    name = m.name
+async def read_manifest(
+    ctx: UpdateContext, m: ModelConfig, name: str, *, in_job: bool
+) -> tuple[Manifest, State, float]:
+    """`name`'s manifest from `m`'s origin, verified with `m`'s key (a model's, or an
+    adapter's MODEL:ADAPTER with its model's); its state, and the rollout fraction to act on
+    (a stale copy's is the newer copy's)."""
     timeout = ctx.engine.config.update.timeout_seconds
     url = fetch.origin_url(m.update_origin, f"{name}.manifest.json")
     control = ctx.control(name, MANIFEST_MAX_BYTES, in_job=in_job)
@@ -124,6 +123,18 @@ async def check(
             fraction = newer.fraction
     else:
         _remember(ctx, name, st, manifest)
+    return manifest, st, fraction
+
+
+async def check(
+    ctx: UpdateContext, model: str, *, in_job: bool = False, ignore_rollout: bool = False
+) -> Found:
+    """`in_job`: part of an apply (a lone check must not take over its status).
+    `ignore_rollout`: plan the update even when this daemon is outside its cohort (an
+    operator's manual canary)."""
+    m = ctx.model(model)
+    name = m.name
+    manifest, st, fraction = await read_manifest(ctx, m, name, in_job=in_job)
     me = await ctx.identity_now()
     r = cohort.rollout(me.value, name, manifest.version, fraction)
     current = ctx.engine.pool(name).ref.version  # sha256 prefix of what serves now
@@ -141,12 +152,11 @@ async def check(
     resumed = st.pending == manifest.sha256 and st.pending_override
     if not r.in_cohort and not (ignore_rollout or resumed):
         return _found(name, manifest, installed, None, cohort.describe(r), r)
-    held = await asyncio.to_thread(_held, ctx)
-    plan = cheapest(manifest, held, avoid=frozenset(st.bad_deltas))
+    plan = cheapest(manifest, await asyncio.to_thread(held, ctx), avoid=frozenset(st.bad_deltas))
     return _found(name, manifest, installed, plan, plan.describe(), r)
 
 
-def _held(ctx: UpdateContext) -> set[str]:
-    """Full-file hashes a delta may start from: every stored version of any model."""
-    store = ctx.engine.store
-    return {sha for n in store.names() for sha in store.versions(n)}
+def held(ctx: UpdateContext) -> set[str]:
+    """Full-file hashes a delta may start from: every stored version of any model or
+    adapter (blocking: a thread)."""
+    return {sha for s in ctx.engine.store.spaces() for n in s.names() for sha in s.versions(n)}
