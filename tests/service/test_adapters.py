@@ -354,15 +354,21 @@ async def test_an_adapter_blob_changed_on_disk_is_not_served_after_a_restart(
     assert (await gen(s.client)).text
 
 
+def signing(folder: Path) -> tuple[Path, str, Path]:
+    """A signing key file, its public key and an origin folder, for a test's updates."""
+    from sidecar.update.manifest import generate_keypair
+
+    private, public = generate_keypair()
+    (folder / "signing.pem").write_bytes(private)
+    return folder / "signing.pem", public, folder / "origin"
+
+
 async def test_an_adapter_is_updated_by_a_signed_delta_from_its_models_origin(
     serve, tiny_model: Path, short_dir: Path
 ) -> None:
     from sidecar.update.manifest import generate_keypair, publish
 
-    private, public = generate_keypair()
-    key = short_dir / "signing.pem"
-    key.write_bytes(private)
-    origin = short_dir / "origin"
+    key, public, origin = signing(short_dir)
     v1 = write_lora(short_dir / "v1.gguf", tiny_model, seed=1, std=0.3)
     v2 = write_lora(short_dir / "v2.gguf", tiny_model, seed=2, std=0.3)
     (origin / "deltas-fmt").mkdir(parents=True)
@@ -447,12 +453,9 @@ async def test_adapters_survive_a_restart_and_never_run_on_a_model_they_do_not_f
 async def test_an_adapter_installed_by_an_update_is_polled_like_its_model(
     serve, tiny_model: Path, short_dir: Path
 ) -> None:
-    from sidecar.update.manifest import generate_keypair, publish
+    from sidecar.update.manifest import publish
 
-    private, public = generate_keypair()
-    key = short_dir / "signing.pem"
-    key.write_bytes(private)
-    origin = short_dir / "origin"
+    key, public, origin = signing(short_dir)
     files = [write_lora(short_dir / f"v{i}.gguf", tiny_model, seed=i, std=0.3) for i in (1, 2)]
     publish(origin, name="default:fmt", version=1, key_path=key, file=files[0])
     keys = {"update_origin": str(origin), "update_key": public}
