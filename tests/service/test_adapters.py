@@ -56,7 +56,12 @@ async def test_an_added_adapter_serves_requests_that_name_it(
     flag = {"type": "object", "properties": {"flag": {"type": "boolean"}}, "required": ["flag"],
             "additionalProperties": False}  # fmt: skip
     ext = await s.client.extract("yes", flag, adapter="fmt", max_tokens=64)
-    for reply in (chat, cls, ext):
+    streams = [
+        [c async for c in s.client.generate_stream("Hello w", max_tokens=12, adapter="fmt")],
+        [c async for c in s.client.chat_stream([("user", "hi")], max_tokens=3, adapter="fmt")],
+    ]
+    assert "".join(c.text for c in streams[0]) == adapted.text  # the same run, streamed
+    for reply in (chat, cls, ext, streams[0][-1].summary, streams[1][-1].summary):
         assert reply.adapter.version == added.sha256[:12]
     # The same file the store holds is what a worker applies: a restartless re-add is a no-op.
     assert (await add(s.client, lora)).sha256 == added.sha256
