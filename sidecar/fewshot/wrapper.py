@@ -129,9 +129,9 @@ class FewShotEngine(EngineWrapper):
         return spec.target_accuracy if spec is not None and spec.target_accuracy > 0 else None
 
     def adapter(self, task: str) -> str:
-        """The LoRA adapter a config task's label scoring runs with; "" = none."""
+        """The LoRA adapter a config task's answers run with (its label scoring's); "" = none."""
         spec = self._tasks.get(task)
-        return spec.adapter if spec is not None else ""
+        return spec.adapter if spec is not None and spec.label_scoring else ""
 
     def scope_alpha(self, task: str) -> float | None:
         """The task's out-of-scope cut; None: no such task."""
@@ -173,13 +173,15 @@ class FewShotEngine(EngineWrapper):
             if task.examples:
                 raise InvalidRequest("give examples or a task name, not both")
             model = spec.model or model
-            adapter = task.adapter or spec.adapter
-            if adapter and not spec.label_scoring:
+            if task.adapter and not spec.label_scoring:
                 raise FailedPrecondition(
                     f"task {spec.name!r} answers from embeddings of the bare model (no label "
-                    f"scoring), so adapter {adapter!r} would change nothing: set "
+                    f"scoring), so adapter {task.adapter!r} would change nothing: set "
                     f"tasks.{spec.name}.label_scoring = true, or send no adapter"
                 )
+            # The task's own adapter is its label scoring's (and its eval gate's): without
+            # label scoring no answer runs with it, and the reply names none.
+            adapter = (task.adapter or spec.adapter) if spec.label_scoring else ""
             built = await self.builds.for_task(spec, wait=False)
             instruction = task.instruction or spec.instruction
             scoring, cascade, alpha = spec.label_scoring, spec.cascade, spec.scope_alpha

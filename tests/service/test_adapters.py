@@ -5,6 +5,7 @@ NOT_FOUND when unknown, swapped under load with no failed request, removed and g
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import grpc
@@ -487,11 +488,18 @@ async def test_a_config_tasks_label_scoring_runs_with_its_adapter_and_refits_per
     task = TaskConfig(name="t", file=data, label_scoring=True, cascade=False, adapter="fmt")
     plain = TaskConfig(name="p", file=data, label_scoring=False, adapter="fmt")
     s = await serve(tiny_model, slot_kind="process", workers=1, context=512, tasks=(task, plain))
-    # Without label scoring the adapter could change nothing: said, not ignored.
+    # Without label scoring no answer runs with an adapter: the task's own serves only its
+    # eval gate (the reply names none), and one a request names is refused, not ignored.
     with pytest.raises(grpc.aio.AioRpcError) as e:
-        await s.client.classify("card zzz", task="p")
+        await s.client.classify("card zzz", task="p", adapter="fmt")
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "tasks.p.label_scoring = true" in (e.value.details() or "")
+    for _ in range(400):
+        with contextlib.suppress(grpc.aio.AioRpcError):  # UNAVAILABLE while prepared
+            plain_reply = await s.client.classify("card zzz", task="p")
+            break
+        await asyncio.sleep(0.05)
+    assert plain_reply.label and not plain_reply.HasField("adapter")
 
     async def classify() -> pb.ClassifyReply:
         for _ in range(400):
