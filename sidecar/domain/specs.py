@@ -37,6 +37,7 @@ def _model_fd(dup: Any) -> ModelFd:
     os.set_inheritable(fd, False)
     return ModelFd(fd)
 
+
 # LoRA adapters a worker keeps loaded (its cache, `worker.lora`); the memory budget counts
 # this many of a model's largest active adapters per worker (`AdapterTable.loaded_bytes`).
 ADAPTERS_PER_WORKER = 4
