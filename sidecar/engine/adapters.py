@@ -10,6 +10,7 @@ at submit (`AdapterFile` in the task): an adapter swapped meanwhile does not cha
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import time
@@ -82,17 +83,21 @@ class AdapterTable:
     def get(self, base: str, name: str) -> AdapterFile | None:
         return self._active.get(base, {}).get(name)
 
+    def shas(self, base: str) -> builtins.set[str]:
+        """The versions `base`'s adapters serve now."""
+        return {f.sha256 for f in self._active.get(base, {}).values()}
+
     def names(self, base: str) -> list[str]:
         return sorted(self._active.get(base, {}))
 
     def loaded_bytes(self, base: str, workers: int) -> int:
         """What `base`'s adapters can take in its workers' memory: llama.cpp copies an
         adapter's tensors into its own buffers (no shared mapping), so each worker may hold
-        its cache's worth, the largest active ones. Blocking (a stat each): a thread."""
+        its cache's worth, the largest active ones. Blocking (a header read each): a thread."""
         sizes = []
         for file in self._active.get(base, {}).values():
-            with contextlib.suppress(OSError):  # gone: nothing to load
-                sizes.append(file.path.stat().st_size)
+            with contextlib.suppress(OSError, SidecarError):  # gone or damaged: not loaded
+                sizes.append(self.store.plain_size(file.path))  # a sealed blob is larger
         return sum(sorted(sizes, reverse=True)[:ADAPTERS_PER_WORKER]) * workers
 
     def resolve(self, base: str, name: str) -> AdapterFile:

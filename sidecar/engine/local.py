@@ -84,7 +84,9 @@ class PoolEngine:
         self.store = store or ModelStore(config.store.path)
         factory = make_slot or SLOT_KINDS[slot_kind]
         if factory in (ProcessSlot, ThreadSlot):  # sealed blobs are mapped from memory
-            factory = functools.partial(factory, model_fd=self.store.worker_fd)
+            factory = functools.partial(
+                factory, model_fd=self.store.worker_fd, adapter_fd=self.store.adapter_fd
+            )
         self.pools = {
             m.name: ModelPool(m, factory, config.server.default_max_tokens) for m in config.models
         }
@@ -425,6 +427,8 @@ class PoolEngine:
             needed.update(
                 s.spec.path.stem for s in pool.workers() if s.info.state not in ("dead", "stopped")
             )
+            if pool.residency != residency.UNLOADED:  # its workers may load them any time
+                needed.update(self.adapters.shas(pool.config.name))
         self.store.images.keep(needed)
 
     def in_use(self) -> dict[str, str]:

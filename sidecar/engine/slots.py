@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from multiprocessing import reduction
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -100,13 +101,29 @@ def _with_fd(spec: RunnerSpec, model_fd: ModelFdSource | None) -> RunnerSpec:
     return replace(spec, model_fd=ModelFd(fd)) if fd is not None else spec
 
 
+def _lora_fd(task: Task, adapter_fd: ModelFdSource | None) -> int | None:
+    """A descriptor of the decrypted copy of `task`'s adapter when its blob is sealed
+    (the caller owns it); None when there is no adapter or its blob is plaintext."""
+    lora = getattr(task, "lora", None)
+    if lora is None or adapter_fd is None:
+        return None
+    return adapter_fd(lora.path)
+
+
 class ProcessSlot:
     def __init__(
-        self, spec: RunnerSpec, events: Events, model_fd: ModelFdSource | None = None
+        self,
+        spec: RunnerSpec,
+        events: Events,
+        model_fd: ModelFdSource | None = None,
+        adapter_fd: ModelFdSource | None = None,
     ) -> None:
-        """`model_fd`: the store's `worker_fd` (sealed blobs are mapped from memory)."""
+        """`model_fd`: the store's `worker_fd` (sealed blobs are mapped from memory);
+        `adapter_fd`: its `adapter_fd` (a sealed adapter reaches the worker as a descriptor
+        of its decrypted copy, with the job that needs it)."""
         self.spec = spec
         self._model_fd = model_fd
+        self._adapter_fd = adapter_fd
         self.events = events
         self.info = SlotInfo(None, "starting", 0)
         self.facts: ModelFacts | None = None
@@ -213,10 +230,28 @@ class ProcessSlot:
 
     def _write(self) -> None:
         while (msg := self._outbox.get()) is not None:
+            fd = None
+            if msg[0] == "run":
+                try:  # here, off the event loop: the first use of a version decrypts it
+                    fd = _lora_fd(msg[2], self._adapter_fd)
+                except SidecarError as e:
+                    self._report(("error", msg[1], e.kind, e.message))
+                    continue
             try:
-                self._conn.send(msg)
+                if fd is None:
+                    self._conn.send(msg)
+                else:  # the worker reads the descriptor right after this message
+                    self._conn.send((*msg, "fd"))
+                    reduction.send_handle(self._conn, fd, self.info.pid)
             except (OSError, ValueError):
                 return  # the reader sees the death and reports it
+            finally:
+                if fd is not None:
+                    os.close(fd)  # the worker has its own now (or is gone)
+
+    def _report(self, msg: tuple[Any, ...]) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._deliver, msg)
 
     def _read(self) -> None:
         assert self._loop is not None
@@ -289,10 +324,15 @@ class ThreadSlot(Unsupervised):
     """In-process slot: the runner lives in one dedicated thread."""
 
     def __init__(
-        self, spec: RunnerSpec, events: Events, model_fd: ModelFdSource | None = None
+        self,
+        spec: RunnerSpec,
+        events: Events,
+        model_fd: ModelFdSource | None = None,
+        adapter_fd: ModelFdSource | None = None,
     ) -> None:
         self.spec = spec
         self._model_fd = model_fd
+        self._adapter_fd = adapter_fd
         self.events = events
         self.info = SlotInfo(None, "starting", 0)
         self.facts: ModelFacts | None = None
@@ -328,6 +368,9 @@ class ThreadSlot(Unsupervised):
             from sidecar.worker.runner import Stopped
 
             try:
+                fd = _lora_fd(task, self._adapter_fd)
+                if fd is not None:
+                    self._runner.batch.loras.offer(task.lora.sha256, fd)  # type: ignore[union-attr]
                 result = self._runner.run(task, emit if stream else None, self._cancel.is_set)
                 loop.call_soon_threadsafe(self._settle, job_id, result, None)
             except Stopped:

@@ -23,7 +23,6 @@ from sidecar.domain.errors import FailedPrecondition, InvalidRequest, SidecarErr
 from sidecar.domain.names import check_name, split_adapter
 from sidecar.domain.versions import VersionInfo
 from sidecar.gguf_check import GGUFError, GGUFInfo, TensorInfo
-from sidecar.gguf_check import check as check_gguf
 from sidecar.store.model_store import ModelStore
 
 SUFFIXES = (".lora_a", ".lora_b")
@@ -125,11 +124,11 @@ def add(store: ModelStore, base: str, base_file: Path, name: str, src: Path) -> 
     model is never copied), and the copy again (it, not the caller's file, is served)."""
     check_name(name)
     try:
-        base_info = check_gguf(base_file)
+        base_info = store.gguf(base_file)  # a blob: sealed on an encrypted store
     except (GGUFError, OSError) as e:
         raise FailedPrecondition(f"cannot read model {base!r} ({base_file}): {e}") from None
     try:
-        check_adapter(check_gguf(src), base_info, base, src)
+        check_adapter(store.gguf(src), base_info, base, src)
     except GGUFError as e:
         raise GGUFError(f"{src}: {e.message}") from None
     except OSError as e:
@@ -137,7 +136,7 @@ def add(store: ModelStore, base: str, base_file: Path, name: str, src: Path) -> 
     view = store.view(base)
     sha = view.add(src, name, hold=True)
     try:
-        check_adapter(check_gguf(view.blob(sha)), base_info, base, src)
+        check_adapter(store.gguf(view.blob(sha)), base_info, base, src)
     except Exception:
         store.release(sha)
         with contextlib.suppress(SidecarError):

@@ -96,6 +96,15 @@ class Images:
                 self._making.pop(sha, None)
             return fd
 
+    def dup(self, sha: str) -> int:
+        """A descriptor of its own (close-on-exec; the caller closes it) of `sha`'s memfd:
+        `keep` may close the shared one at any time, never this one."""
+        self.fd(sha)
+        with self._lock:
+            if sha not in self._fds:
+                raise FailedPrecondition(f"the decrypted copy of {sha[:12]} was just closed")
+            return os.dup(self._fds[sha])
+
     def keep(self, shas: Collection[str]) -> None:
         """Close the memfds of every version not in `shas` (their workers keep their own
         mappings; the memory goes when the last of them exits)."""

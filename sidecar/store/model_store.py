@@ -213,6 +213,14 @@ class ModelStore:
             return None
         return self.images.fd(path.stem)
 
+    def adapter_fd(self, path: Path) -> int | None:
+        """For a worker about to load a sealed LoRA blob: a descriptor of its decrypted
+        memfd that the caller owns (it is handed to the worker and closed); None for a
+        plaintext file, which llama.cpp reads directly."""
+        if path.parent != self.blobs or not sealed.is_sealed(path):
+            return None
+        return self.images.dup(path.stem)
+
     def _decrypt_to_memory(self, sha: str) -> int:
         with self.open_plain(self.blob(sha)) as f:
             if not isinstance(f, sealed.SealedReader):

@@ -5,11 +5,17 @@ one per decode step and switches only when no sequence runs (see `use`). Loaded 
 stay cached (a load reads the file, ~ms per MB) up to `ADAPTERS_PER_WORKER`, least recently used out;
 the one the context applies is never the one evicted. Each is freed deterministically,
 before the model it was loaded against (`close`).
+
+On an encrypted store the blob is ciphertext: the daemon hands the worker a descriptor of
+the adapter's decrypted sealed memfd with the job (`offer`), and llama.cpp reads
+`/proc/self/fd/N`. llama_adapter_lora_init copies the tensors into buffers of its own (it
+reads the file, it does not map it), so the descriptor is closed right after the load.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 from collections import OrderedDict
 from typing import Any
 
@@ -27,13 +33,33 @@ class LoraCache:
         self._loaded: OrderedDict[str, Any] = OrderedDict()
         self.current: tuple[str, float] | None = None  # (sha256, scale) the context applies
         self.loads = 0
+        self._fds: dict[str, int] = {}  # sha256 -> decrypted copy offered, not loaded yet
+
+    def offer(self, sha: str, fd: int) -> None:
+        """Take `fd`, a descriptor of adapter `sha`'s plaintext (the daemon's sealed memfd),
+        to load it from instead of its blob; one per adapter, the newest."""
+        old = self._fds.pop(sha, None)
+        if old is not None:
+            os.close(old)
+        self._fds[sha] = fd
+
+    def drop_offers(self) -> None:
+        """Close the descriptors no job needs any more (the worker is idle)."""
+        while self._fds:
+            os.close(self._fds.popitem()[1])
 
     def _load(self, file: AdapterFile) -> Any:
         handle = self._loaded.get(file.sha256)
         if handle is not None:
             self._loaded.move_to_end(file.sha256)
             return handle
-        handle = llama_cpp.llama_adapter_lora_init(self._model, str(file.path).encode())
+        fd = self._fds.pop(file.sha256, None)
+        where = str(file.path) if fd is None else f"/proc/self/fd/{fd}"
+        try:
+            handle = llama_cpp.llama_adapter_lora_init(self._model, where.encode())
+        finally:
+            if fd is not None:  # read into llama.cpp's buffers: the plaintext copy can go
+                os.close(fd)
         if not handle:
             raise FailedPrecondition(
                 f"llama.cpp could not load adapter {file.name!r} ({file.path}): not a LoRA "
@@ -71,6 +97,7 @@ class LoraCache:
         return len(self._loaded)
 
     def close(self) -> None:
+        self.drop_offers()
         if self.current is not None:
             llama_cpp.llama_set_adapters_lora(self._ctx, None, 0, None)
             self.current = None

@@ -1,6 +1,8 @@
 """The entry point of a spawned worker process: one LlamaRunner behind a pipe.
 
 Messages in (tuples): ("run", job_id, task, stream) | ("cancel", job_id) | ("ping", n) | ("stop",)
+                      ("run", job_id, task, stream, "fd"), then a descriptor (SCM_RIGHTS):
+                      the decrypted copy of the task's sealed adapter blob
 Messages out:         ("ready", facts, pid) | ("fatal", kind, message)
                       ("token", job_id, TokenEvent) | ("done", job_id, result)
                       ("error", job_id, kind, message) | ("pong", n)
@@ -19,6 +21,7 @@ import os
 import signal
 import traceback
 from collections import deque
+from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -70,6 +73,7 @@ class _Worker:
                 self.inbox.extendleft(reversed(self.deferred))
                 self.deferred.clear()
             if not batch.busy and not self.inbox:
+                batch.loras.drop_offers()  # no job left that could load them
                 try:
                     self.conn.poll(None)  # idle: sleep until the daemon speaks
                 except (EOFError, OSError):
@@ -103,6 +107,11 @@ class _Worker:
                 elif msg[0] == "stop":
                     self.stopping = True
                 else:
+                    if msg[0] == "run" and len(msg) > 4:
+                        # Right behind its message on the pipe: read before anything else is.
+                        fd = reduction.recv_handle(self.conn)
+                        os.set_inheritable(fd, False)
+                        self.runner.batch.loras.offer(msg[2].lora.sha256, fd)
                     self.inbox.append(msg)
         except (EOFError, OSError):
             return False
