@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 from test_daemon import Daemon  # type: ignore[import-not-found]
+from tiny_lora import write_lora
 
 from sidecar.client import Client
 from sidecar.store.keys import write_new_key
@@ -116,6 +117,66 @@ def test_serving_swapping_a_drop_and_quarantine_leave_no_plaintext_on_disk(site)
         # The temp folders are shared with other processes (other tests write GGUFs there):
         # there, only this test's models' own tensor bytes count as a leak.
         temp = set(files_under(Path(tempfile.gettempdir()), started, d / "src")) - ours
+        leaks += [why for p in sorted(temp) if (why := plaintext_in(p, runs, magic=False))]
+        assert leaks == [], leaks
+    finally:
+        daemon.stop()
+
+
+def test_an_adapter_added_served_swapped_and_quarantined_leaves_no_plaintext_on_disk(site) -> None:  # type: ignore[no-untyped-def]
+    """LoRA adapters are store blobs like models: sealed when added or dropped, set aside
+    sealed when refused, and loaded by workers from memory only."""
+    d, key, drop, models = site
+    started = time.time() - 1
+    src = d / "src"
+    loras = {  # rank 16: each tensor pair holds more than one 4 KiB run
+        n: write_lora(src / f"{n}.lora.gguf", models["a"], rank=16, std=0.3, seed=18_050 + i)
+        for i, n in enumerate(("v1", "v2"))
+    }
+    bad = write_lora(  # another model's width: refused, and set aside
+        src / "bad.lora.gguf",
+        models["a"],
+        rank=16,
+        seed=18_059,
+        shape_of=lambda _n, o, i: (o, i + 32),
+    )
+    runs = [tensor_run(p) for p in (*models.values(), *loras.values(), bad)]
+    daemon = Daemon(d / "d.sock", models["a"], config=_config(d, key, drop, workers=1)).wait_ready()
+    try:
+        with Client(daemon.socket, timeout=120) as c:
+            bare = c.generate("Hello w", max_tokens=8).text
+            v1 = c.add_model(loras["v1"], name="fmt", adapter_for="default").version
+            first = c.generate("Hello w", max_tokens=8, adapter="fmt")
+            assert first.adapter.version == v1.sha256[:12] and first.text != bare
+            # v2 arrives by the drop folder: sealed in, proven, swapped in, the file removed.
+            (drop / "default").mkdir()
+            shutil.copy(loras["v2"], drop / "default" / "fmt.tmp")
+            os.replace(drop / "default" / "fmt.tmp", drop / "default" / "fmt.gguf")
+            _wait(
+                lambda: (
+                    c.generate("Hello w", max_tokens=8, adapter="fmt").adapter.version
+                    != v1.sha256[:12]
+                ),
+                "the dropped adapter to serve",
+            )
+            assert not (drop / "default" / "fmt.gguf").exists()
+            shutil.copy(bad, drop / "default" / "bad.tmp")
+            os.replace(drop / "default" / "bad.tmp", drop / "default" / "bad.gguf")
+            _wait(lambda: not (drop / "default" / "bad.gguf").exists(), "the refused adapter")
+            quarantined = list((d / "store" / "quarantine").iterdir())
+            assert any(p.name.endswith("bad.gguf") for p in quarantined), quarantined
+            st = c.status()
+            (worker_pid,) = [w.pid for w in st.models[0].workers if w.pid]
+            held: list[Path] = []
+            for pid in (daemon.proc.pid, worker_pid):
+                held += open_disk_files(pid)
+        ours = set(files_under(d / "store", 0, src))
+        ours |= set(files_under(drop, 0, src))
+        ours |= {p for p in held if p.is_file() and src not in p.parents}
+        assert any(p.parent.parent.name == "adapters" or "adapters" in p.parts for p in ours)
+        assert any(p.parent.name == "quarantine" for p in ours)
+        leaks = [why for p in sorted(ours) if (why := plaintext_in(p, runs))]
+        temp = set(files_under(Path(tempfile.gettempdir()), started, src)) - ours
         leaks += [why for p in sorted(temp) if (why := plaintext_in(p, runs, magic=False))]
         assert leaks == [], leaks
     finally:
