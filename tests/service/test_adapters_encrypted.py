@@ -5,7 +5,10 @@ read it, and every reply equals the one the same adapter gives on a plaintext st
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +73,25 @@ async def test_an_adapter_answers_alike_from_an_encrypted_store(
         # descriptor of an adapter's decrypted copy, and opened no adapter blob.
         (worker,) = app.local.pools["default"].workers()
         shas = {sha256_file(lora) for lora in loras}
-        held = _fd_targets(worker.info.pid)
-        assert not any(sha in t for t in held for sha in shas), held
-        assert any(t.startswith("/memfd:sidecar-") for t in held)  # the model's copy
+
+        def adapter_fds() -> list[str]:
+            return [t for t in _fd_targets(worker.info.pid) if any(sha in t for sha in shas)]
+
+        await _until(lambda: not adapter_fds(), "the worker to close the adapters' copies")
+        assert any(t.startswith("/memfd:sidecar-") for t in _fd_targets(worker.info.pid))
+        # A worker held with SIGSTOP (the pool's background hold) gets the job and its
+        # descriptor in its pipe's buffer, and reads both in order once continued.
+        client = AsyncClient(app.config.server.socket)
+        try:
+            worker.suspend(True)
+            job = asyncio.create_task(client.generate("Hello w", max_tokens=12, adapter="fmt"))
+            await asyncio.sleep(0.5)
+            assert not job.done()
+            worker.suspend(False)
+            assert (await job).text == plain[1][0]
+        finally:
+            await client.close()
+        await _until(lambda: not adapter_fds(), "the worker to close the adapter's copy")
     finally:
         await app.stop(grace=0)
 
@@ -115,3 +134,11 @@ def _fd_targets(pid: int) -> list[str]:
         except OSError:
             continue
     return out
+
+
+async def _until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
