@@ -383,6 +383,8 @@ class ThreadSlot(Unsupervised):
                 loop.call_soon_threadsafe(
                     self._settle, job_id, None, from_kind("internal", repr(e))
                 )
+            finally:  # one job at a time: a copy it did not load (cached) is not needed
+                self._runner.batch.loras.drop_offers()
 
         self._pool.submit(work)
 

@@ -28,13 +28,13 @@ KEY = {"SIDECAR_STORE_ENCRYPTION": "on", "SIDECAR_STORE_KEY": "5e" * 32}
 
 
 async def _replies(
-    site: Path, model: Path, loras: list[Path], env: dict[str, str] | None
+    site: Path, model: Path, loras: list[Path], env: dict[str, str] | None, slots: str = "process"
 ) -> tuple[list[Any], Any]:
     """Each adapter's replies (added in turn: the later versions swap the earlier out),
     and the app, still running."""
     site.mkdir()
     config = make_config(site, model, env=env, workers=1, context=512)
-    app = await start_app(config, slot_kind="process")
+    app = await start_app(config, slot_kind=slots)
     client = AsyncClient(config.server.socket)
     out = []
     try:
@@ -92,6 +92,25 @@ async def test_an_adapter_answers_alike_from_an_encrypted_store(
         finally:
             await client.close()
         await _until(lambda: not adapter_fds(), "the worker to close the adapter's copy")
+    finally:
+        await app.stop(grace=0)
+
+
+async def test_an_in_process_worker_loads_a_sealed_adapter_alike(
+    short_dir: Path, tmp_path: Path
+) -> None:
+    """`serve --in-process` (ThreadSlot): the runner is in the daemon, given a descriptor
+    of its own of the decrypted copy per job."""
+    model = write_tiny_llama(tmp_path / "m.gguf", seed=18_403, n_ctx=4096)
+    lora = write_lora(tmp_path / "a.gguf", model, std=0.3, rank=8, seed=18_430)
+    plain, app = await _replies(short_dir / "p", model, [lora], None, "thread")
+    await app.stop(grace=0)
+    sealed_replies, app = await _replies(short_dir / "e", model, [lora], KEY, "thread")
+    try:
+        assert sealed_replies == plain and plain[0][0] != plain[-1]
+        sha = sha256_file(lora)
+        mine = [t for t in _fd_targets(os.getpid()) if sha in t]
+        assert len(mine) == 1, mine  # the daemon's own copy only: the runner's were closed
     finally:
         await app.stop(grace=0)
 
