@@ -161,3 +161,43 @@ async def _until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+async def test_an_adapter_delta_update_on_an_encrypted_store_leaves_no_plaintext(
+    serve, tiny_model: Path, short_dir: Path
+) -> None:
+    """The delta is rebuilt from the serving adapter read through decryption, the new
+    version sealed as it is written; the store (update work folder included) holds no
+    adapter plaintext afterwards, and the new version serves."""
+    from plaintext_scan import plaintext_in, tensor_run
+    from test_adapters import signing  # type: ignore[import-not-found]
+
+    from sidecar.update.delta import make_delta
+    from sidecar.update.manifest import publish
+
+    key, public, origin = signing(short_dir)
+    v1 = write_lora(short_dir / "v1.gguf", tiny_model, seed=18_441, std=0.3, rank=16)
+    v2 = write_lora(short_dir / "v2.gguf", tiny_model, seed=18_442, std=0.3, rank=16)
+    (origin / "deltas-fmt").mkdir(parents=True)
+    make_delta(v1, v2, origin / "deltas-fmt" / "v1-v2.delta")
+    delta_size = (origin / "deltas-fmt" / "v1-v2.delta").stat().st_size
+    for version, file in ((1, v1), (2, v2)):
+        publish(origin, name="default:fmt", version=version, key_path=key, file=file,
+                deltas_dir="deltas-fmt")  # fmt: skip
+    keys = {"update_origin": str(origin), "update_key": public}
+    s = await serve(
+        tiny_model, slot_kind="process", workers=1, context=512, model_keys=keys, env=KEY
+    )
+    await s.client.add_model(v1, name="fmt", adapter_for="default")
+    outcome = await s.client.apply_update("default:fmt")
+    assert outcome.installed and outcome.fetched_bytes == delta_size, outcome
+    reply = await s.client.generate("Hello w", max_tokens=12, adapter="fmt")
+    assert reply.adapter.version == sha256_file(v2)[:12]
+    store = s.running.local.store
+    for v in (v1, v2):
+        assert sealed.is_sealed(store.blob(sha256_file(v)))
+    runs = [tensor_run(v1), tensor_run(v2)]
+    files = [Path(d) / f for d, _, fs in os.walk(store.root) for f in fs]
+    assert any("updates" in p.parts for p in files)  # the work folder was scanned too
+    leaks = [why for p in files if (why := plaintext_in(p, runs))]
+    assert leaks == [], leaks
