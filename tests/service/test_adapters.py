@@ -49,6 +49,9 @@ async def test_an_added_adapter_serves_requests_that_name_it(
     assert adapted.adapter.name == "fmt" and adapted.adapter.version == added.sha256[:12]
     assert adapted.model.version == bare.model.version  # the same base model answered
     assert not bare.HasField("adapter")
+    # Bulk work (LOW priority, main's background lane) takes an adapter alike.
+    low = await s.client.generate("Hello w", max_tokens=12, adapter="fmt", low_priority=True)
+    assert low.text == adapted.text and low.adapter.version == adapted.adapter.version
     listed = {v.model: v for v in (await s.client.list_versions()).versions}
     assert listed["default:fmt"].sha256 == added.sha256
     # Chat, Classify and Extract take it too, and say so.
