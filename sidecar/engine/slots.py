@@ -237,6 +237,10 @@ class ProcessSlot:
                 except SidecarError as e:
                     self._report(("error", msg[1], e.kind, e.message))
                     continue
+                except OSError as e:  # e.g. out of descriptors: this job fails, not the writer
+                    why = f"cannot hand the adapter to the worker: {e.strerror or e}"
+                    self._report(("error", msg[1], FailedPrecondition.kind, why))
+                    continue
             try:
                 if fd is None:
                     self._conn.send(msg)
