@@ -18,6 +18,9 @@ pytestmark = pytest.mark.asyncio
 
 FACTOR = 3.0
 CALLS = 30  # above latency.MIN_SAMPLES: a p99 to compare
+# The previous version's p99 is the bar: of 30 calls it is their slowest, so one stall of a
+# shared machine (seen in a full run) raised it past 3x. Of 100 it takes two stalls.
+BASELINE_CALLS = 100
 TOKENS = 24
 SHAPE = {"n_layer": 4, "n_embd": 256, "n_head": 4, "n_ff": 768, "n_ctx": 1024}
 # About 10x the time per request of SHAPE here (and 124 MB of f32 weights).
@@ -47,8 +50,8 @@ async def serve_v1(serve, o: Origin, healthy_seconds: float):  # type: ignore[no
                        update={"healthy_seconds": healthy_seconds})  # fmt: skip
 
 
-async def calls(client) -> None:  # type: ignore[no-untyped-def]
-    for _ in range(CALLS):
+async def calls(client, n: int = CALLS) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(n):
         r = await client.generate("the same prompt", max_tokens=TOKENS)
         assert r.usage.completion_tokens == TOKENS  # the work really done, for both versions
 
@@ -63,7 +66,7 @@ async def test_an_update_to_a_much_slower_real_model_is_rolled_back_for_latency(
     o = origin_of(tmp_path, LARGE, v2_seed=3)
     s = await serve_v1(serve, o, healthy_seconds=300)
     v1 = await serving(s.client)
-    await calls(s.client)  # the previous version's p99, taken before the flip
+    await calls(s.client, BASELINE_CALLS)  # the previous version's p99, taken before the flip
     await apply(s.client)
     v2 = await serving(s.client)
     assert v2 != v1
@@ -72,7 +75,7 @@ async def test_an_update_to_a_much_slower_real_model_is_rolled_back_for_latency(
     async def rolled_back() -> str:
         return (await s.client.status()).models[0].last_rollback  # type: ignore[no-any-return]
 
-    text = await wait_for(rolled_back, timeout=60)
+    text = await wait_for(rolled_back, timeout=120)
     assert text.startswith(f"v2 ({v2}) rolled back to {v1} at "), text
     assert f"more than {FACTOR:g}x the previous version's" in text
     assert await serving(s.client) == v1
@@ -85,10 +88,12 @@ async def test_an_update_to_a_much_slower_real_model_is_rolled_back_for_latency(
 async def test_an_update_to_an_equally_fast_real_model_is_kept(serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     o = origin_of(tmp_path, SHAPE, v2_seed=2)
     s = await serve_v1(serve, o, healthy_seconds=15)
-    await calls(s.client)
+    await calls(s.client, BASELINE_CALLS)
     await apply(s.client)
     v2 = await serving(s.client)
-    await calls(s.client)  # enough samples for the watch to compare, within probation
+    # Enough samples for the watch to compare, within probation; as many as before, so that
+    # one stall is no p99 on either side.
+    await calls(s.client, BASELINE_CALLS)
 
     async def passed() -> bool:
         return "healthily" in (await s.client.status()).models[0].last_update
