@@ -107,11 +107,17 @@ async def test_under_unbroken_live_load_background_work_still_finishes(
         seen_stopped = False
         deadline = time.monotonic() + 120
         while bg.events.empty() and time.monotonic() < deadline:
-            seen_stopped = seen_stopped or await stopped(bg.slot, 0.2)
+            # Awaited every turn: `seen or await ...` stopped awaiting once it had seen a
+            # hold, so the loop spun without yielding and the job could finish only after
+            # the deadline, when the live load had stopped.
+            held_now = await stopped(bg.slot, 0.2)
+            seen_stopped = seen_stopped or held_now
+        finished_under_load = not bg.events.empty()
         stop.set()
         await load
         assert seen_stopped  # it was held...
-        assert (await result(bg)).usage.completion_tokens > 0  # ...and still finished
+        assert finished_under_load  # ...and still finished while the live load went on
+        assert (await result(bg)).usage.completion_tokens > 0
     finally:
         stop.set()
         await pool.close()
