@@ -12,7 +12,8 @@ each bad byte with U+FFFD before the vocab is consulted.)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -102,12 +103,11 @@ def write_tiny_llama(
     def ones(n: int) -> npt.NDArray[np.float32]:
         return np.ones(n, dtype=np.float32)
 
-    writer = GGUFWriter(path, "llama")
+    with gguf_file(path, "llama") as writer:
 
-    def add_tensor(tensor: str, data: npt.NDArray[np.float32]) -> None:
-        writer.add_tensor(tensor, data if adjust is None else adjust(tensor, data))
+        def add_tensor(tensor: str, data: npt.NDArray[np.float32]) -> None:
+            writer.add_tensor(tensor, data if adjust is None else adjust(tensor, data))
 
-    try:
         writer.add_name(name)
         writer.add_file_type(LlamaFileType.ALL_F32)
         writer.add_context_length(n_ctx)
@@ -153,10 +153,18 @@ def write_tiny_llama(
             add_tensor(f"{blk}.ffn_down.weight", rand(n_embd, n_ff))
         add_tensor("output_norm.weight", ones(n_embd))
         add_tensor("output.weight", rand(N_VOCAB, n_embd))
+    return path
 
+
+@contextmanager
+def gguf_file(path: Path, arch: str) -> Iterator[GGUFWriter]:
+    """A GGUFWriter for `path`: what is added inside the block is written out at its end,
+    and the file is closed either way."""
+    writer = GGUFWriter(path, arch)
+    try:
+        yield writer
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
     finally:
         writer.close()
-    return path

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from gguf import GGUFReader, GGUFType, GGUFWriter
+from gguf import GGUFReader, GGUFType
+
+from tests.tiny_gguf import gguf_file
 
 ATTENTION = ("attn_q", "attn_k", "attn_v", "attn_output")
 F32 = npt.NDArray[np.float32]
@@ -56,8 +58,7 @@ def write_lora(
     arch_field = reader.fields["general.architecture"]
     arch = architecture or bytes(arch_field.parts[arch_field.data[0]]).decode()
     targets = tuple(targets)
-    writer = GGUFWriter(path, arch)
-    try:
+    with gguf_file(path, arch) as writer:
         writer.add_type(general_type if general_type != "adapter" else GGUFType.ADAPTER)
         writer.add_string("adapter.type", "lora")
         writer.add_float32("adapter.lora.alpha", alpha)
@@ -70,11 +71,6 @@ def write_lora(
             a, b = pair(t.name, n_out, n_in, rank, seed, std)
             writer.add_tensor(f"{t.name}.lora_a", a)
             writer.add_tensor(f"{t.name}.lora_b", b)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
     return path
 
 

@@ -372,21 +372,31 @@ def signing(folder: Path) -> tuple[Path, str, Path]:
     return folder / "signing.pem", public, folder / "origin"
 
 
-async def test_an_adapter_is_updated_by_a_signed_delta_from_its_models_origin(
-    serve, tiny_model: Path, short_dir: Path
-) -> None:
-    from sidecar.update.manifest import generate_keypair, publish
+def adapter_origin(
+    folder: Path, model: Path, seeds: tuple[int, int], rank: int = 4
+) -> tuple[Path, Path, Path, int, dict[str, str]]:
+    """An origin that publishes versions 1 and 2 of adapter `default:fmt` of `model`, with a
+    delta between them: (origin, v1 file, v2 file, delta size, the model's update keys)."""
+    from sidecar.update.manifest import publish
 
-    key, public, origin = signing(short_dir)
-    v1 = write_lora(short_dir / "v1.gguf", tiny_model, seed=1, std=0.3)
-    v2 = write_lora(short_dir / "v2.gguf", tiny_model, seed=2, std=0.3)
+    key, public, origin = signing(folder)
+    v1 = write_lora(folder / "v1.gguf", model, seed=seeds[0], std=0.3, rank=rank)
+    v2 = write_lora(folder / "v2.gguf", model, seed=seeds[1], std=0.3, rank=rank)
     (origin / "deltas-fmt").mkdir(parents=True)
     make_delta(v1, v2, origin / "deltas-fmt" / "v1-v2.delta")
     delta_size = (origin / "deltas-fmt" / "v1-v2.delta").stat().st_size
     for version, file in ((1, v1), (2, v2)):
         publish(origin, name="default:fmt", version=version, key_path=key, file=file,
                 deltas_dir="deltas-fmt")  # fmt: skip
-    keys = {"update_origin": str(origin), "update_key": public}
+    return origin, v1, v2, delta_size, {"update_origin": str(origin), "update_key": public}
+
+
+async def test_an_adapter_is_updated_by_a_signed_delta_from_its_models_origin(
+    serve, tiny_model: Path, short_dir: Path
+) -> None:
+    from sidecar.update.manifest import generate_keypair, publish
+
+    origin, v1, v2, delta_size, keys = adapter_origin(short_dir, tiny_model, (1, 2))
     s = await serve(tiny_model, slot_kind="process", workers=1, context=512, model_keys=keys)
     await add(s.client, v1)
     check = await s.client.check_update("default:fmt")

@@ -170,21 +170,9 @@ async def test_an_adapter_delta_update_on_an_encrypted_store_leaves_no_plaintext
     version sealed as it is written; the store (update work folder included) holds no
     adapter plaintext afterwards, and the new version serves."""
     from plaintext_scan import plaintext_in, tensor_run
-    from test_adapters import signing  # type: ignore[import-not-found]
+    from test_adapters import adapter_origin  # type: ignore[import-not-found]
 
-    from sidecar.update.delta import make_delta
-    from sidecar.update.manifest import publish
-
-    key, public, origin = signing(short_dir)
-    v1 = write_lora(short_dir / "v1.gguf", tiny_model, seed=18_441, std=0.3, rank=16)
-    v2 = write_lora(short_dir / "v2.gguf", tiny_model, seed=18_442, std=0.3, rank=16)
-    (origin / "deltas-fmt").mkdir(parents=True)
-    make_delta(v1, v2, origin / "deltas-fmt" / "v1-v2.delta")
-    delta_size = (origin / "deltas-fmt" / "v1-v2.delta").stat().st_size
-    for version, file in ((1, v1), (2, v2)):
-        publish(origin, name="default:fmt", version=version, key_path=key, file=file,
-                deltas_dir="deltas-fmt")  # fmt: skip
-    keys = {"update_origin": str(origin), "update_key": public}
+    _, v1, v2, delta_size, keys = adapter_origin(short_dir, tiny_model, (18_441, 18_442), rank=16)
     s = await serve(
         tiny_model, slot_kind="process", workers=1, context=512, model_keys=keys, env=KEY
     )
