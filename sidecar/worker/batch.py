@@ -13,7 +13,7 @@ Determinism (measured on SmolLM2, CPU): flash attention is required (without it 
 softmax runs over every cell of the cache and batched replies drift at once); calls of 64
 rows or more take ggml's tiled attention kernel, so big prompt blocks are decoded in calls
 of their own (`_plan`) with the boundaries they have alone (`Sequence.chunk`); and a call
-of one row runs on one thread (`_set_threads`). scripts/setup also builds llama.cpp without
+of one row over 512 cells or more runs on one thread (`_set_threads`). scripts/setup also builds llama.cpp without
 its llamafile kernels, which multiplied two rows or more differently from one (the demo
 model's Q8_0 output layer), so a logit differed in its last bits between a sequence decoded
 alone and beside others. With all that, the mixed-request test (tests/e2e/test_batching.py)
@@ -63,6 +63,7 @@ from sidecar.worker.sequence import Detokenize, Sequence
 PREFIXES = 4  # shared prefixes kept (LRU)
 MIX_ROWS = 32  # rows a shared decode call stays below (see `_plan`)
 BIG_BLOCKS_PER_STEP = 1
+SPLIT_KV_CELLS = 512  # ggml-cpu/ops.cpp: a one-row f16 attention over this many splits
 SPARE_SEQS = 128  # sequence ids above the slots and prefixes, for whole jobs (Classify)
 KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 ShouldStop = Callable[[], bool]
@@ -177,6 +178,11 @@ class BatchDecoder:
                 s.cancelled = True
 
     def _admit(self) -> None:
+        if not self.active and self.waiting and not self._prefixes and self.cells.high:
+            # Nothing in the cache is worth keeping: empty it, so that the next sequence
+            # lands from cell 0, as alone, and its one-token steps attend over few enough
+            # cells to take every idle core (`_set_threads`).
+            self._drain()
         while self.waiting and self._slots and not self.hold:
             s = self.waiting[0]
             if s.cancelled:
@@ -409,12 +415,14 @@ class BatchDecoder:
 
     def _set_threads(self, rows: int) -> None:
         # Each step uses the cores other processes leave idle, up to `threads` (see `cores`),
-        # except a call of one row on an f16 cache: for it ggml's CPU flash attention splits
-        # the cache between the threads once it holds 512 cells, and the partial sums then
-        # round differently for each thread count. One thread keeps such a step bit-identical
-        # to the same sequence decoded beside others (rows >= 2 never take that path; a
-        # q8_0 cache never does, and each head's row is then one thread's whatever the count).
-        threads = 1 if rows == 1 and self._split_kv else self.governor.threads()
+        # except a call of one row on an f16 cache that attends over 512 cells or more: for
+        # it ggml's CPU flash attention splits the cells between the threads, and the partial
+        # sums then round differently for each thread count. One thread keeps such a step
+        # bit-identical to the same sequence decoded beside others. Below 512 cells (a short
+        # request on a drained cache), rows >= 2, or a q8_0 cache, each head's row is one
+        # thread's whatever the count (tests/e2e/test_cell_order.py).
+        split = rows == 1 and self._split_kv and self.cells.window(rows) >= SPLIT_KV_CELLS
+        threads = 1 if split else self.governor.threads()
         if threads != self._threads:
             llama_cpp.llama_set_n_threads(self.ctx.ctx, threads, threads)
             self._threads = threads

@@ -10,11 +10,18 @@ attends to), so every cell below the head stays taken and the head only moves up
 cache is emptied whole (`drain`) when nothing runs; until then `used` counts every cell
 taken since the last drain, and the batch admits work only when its worst case fits.
 With one generation slot (`keep=False`) cells are freed as llama.cpp frees them.
+
+`high` bounds the highest cell taken (+1) since the cache was last empty, in both modes:
+llama.cpp attends over that many cells rounded up to 256 (`window`), and ggml's CPU
+attention splits a one-row call over 512 cells or more between its threads, which rounds
+differently for each thread count (see BatchDecoder._set_threads).
 """
 
 from __future__ import annotations
 
 import llama_cpp
+
+WINDOW_PAD = 256  # llama.cpp pads the cells a call attends over to a multiple of this
 
 
 class CellLedger:
@@ -29,6 +36,9 @@ class CellLedger:
         self.size = size
         self.garbage = garbage  # the sequence id that holds removed cells until a drain
         self.used = 0
+        # A bound, not a count: a new token takes the first free cell at or above llama.cpp's
+        # head, so the highest one grows by at most one per token taken.
+        self.high = 0
         self.drains = 0
 
     @property
@@ -38,8 +48,15 @@ class CellLedger:
     def take(self, n: int) -> None:
         """n tokens were decoded: each took one cell (a token shared by several
         sequences is one cell)."""
+        self.high += n
         if self.keep:
             self.used += n
+
+    def window(self, rows: int) -> int:
+        """At most how many cells a call of `rows` more tokens attends over (llama.cpp's
+        n_kv: the highest cell in use + 1, padded, within the cache)."""
+        padded = -(-(self.high + rows) // WINDOW_PAD) * WINDOW_PAD
+        return min(self.size, max(WINDOW_PAD, padded))
 
     def remove(self, seq: int, p0: int = -1) -> None:
         """Take sequence `seq`'s cells from position p0 on away from it (not freeing them)."""
@@ -51,4 +68,5 @@ class CellLedger:
         """Empty the whole cache (every sequence, shared prefixes too): only when nothing runs."""
         llama_cpp.llama_memory_clear(self._mem, False)
         self.used = 0
+        self.high = 0
         self.drains += 1

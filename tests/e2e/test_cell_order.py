@@ -105,14 +105,14 @@ def test_a_neighbour_freed_below_the_sequence_leaves_its_logits_bit_identical(
 
 
 def _long_greedy(
-    model: internals.LlamaModel, threads: int, kv: int
+    model: internals.LlamaModel, threads: int, kv: int, length: int = 600
 ) -> list[npt.NDArray[np.float32]]:
-    """Every step's logits of a greedy run after a 600-token prompt (one-row steps over a
-    cache of 512+ cells, the size at which ggml may split it between threads)."""
+    """Every step's logits of a greedy run after a `length`-token prompt (600: one-row
+    steps over a cache of 512+ cells, the size at which ggml may split it between threads)."""
     ctx = _context(model, threads, kv)
     n_vocab = model.n_vocab()
     prompt = model.tokenize(b"A long letter about the sea and its colours. " * 60, False, True)
-    prompt = prompt[:600]
+    prompt = prompt[:length]
     for start in range(0, len(prompt), 200):
         row = _decode(ctx, n_vocab, prompt[start : start + 200], 0, start)
     rows = [row]
@@ -141,6 +141,16 @@ def test_one_token_steps_are_bit_identical_on_one_and_two_threads(
     """Why the batch keeps one-token steps on one thread with an f16 cache, and may give
     them every idle core with a q8_0 one (sidecar/worker/batch.py `_set_threads`)."""
     one, two = _long_greedy(model, 1, kv), _long_greedy(model, 2, kv)
+    assert all(np.array_equal(a, b) for a, b in zip(one, two, strict=True))
+
+
+def test_one_token_steps_over_fewer_than_512_cells_are_bit_identical_on_one_and_two_threads(
+    model: internals.LlamaModel,
+) -> None:
+    """Why a short request on a drained f16 cache may decode on every idle core: llama.cpp
+    attends over 256 cells (200 prompt tokens + 24 steps), below the split."""
+    one = _long_greedy(model, 1, llama_cpp.GGML_TYPE_F16, 200)
+    two = _long_greedy(model, 2, llama_cpp.GGML_TYPE_F16, 200)
     assert all(np.array_equal(a, b) for a, b in zip(one, two, strict=True))
 
 

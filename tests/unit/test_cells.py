@@ -83,17 +83,35 @@ def _neighbour_leaves(runner: LlamaRunner, leaves: str) -> None:
     assert beside.text.text == alone.text.text
 
 
-def test_cells_are_not_freed_until_the_idle_cache_drains(runner: LlamaRunner) -> None:
+def test_cells_are_not_freed_while_a_neighbour_runs(runner: LlamaRunner) -> None:
     cells = runner.batch.cells
-    run(runner, seq(runner, 1, [1, 5, 6], 5))
-    assert cells.used == 3 + 4  # the prompt, then each generated token but the last
-    run(runner, seq(runner, 2, [1, 5, 6], 5))
-    assert cells.used == 14  # the first one's cells are still taken (by the garbage id)
+    run(runner, seq(runner, 1, [1, 5, 6], 5), seq(runner, 2, [1, 5, 6], 30))
+    # The prompts, then each generated token but the last; the first one's cells stay taken
+    # (by the garbage id) while the second runs on.
+    assert cells.used == cells.high == 3 + 4 + 3 + 29
+
+
+def test_an_idle_cache_that_keeps_nothing_is_emptied_before_the_next_sequence(
+    runner: LlamaRunner,
+) -> None:
+    cells = runner.batch.cells
+    run(runner, seq(runner, 1, LONG, 20))
+    assert cells.used == cells.high == len(LONG) + 19
+    drains = cells.drains
+    run(runner, seq(runner, 2, LONG, 20))
+    assert (cells.used, cells.high, cells.drains) == (len(LONG) + 19,) * 2 + (drains + 1,)
+
+
+def test_an_idle_cache_that_keeps_a_prefix_drains_once_past_half_full(
+    runner: LlamaRunner,
+) -> None:
+    cells = runner.batch.cells
     drains = cells.drains
     while cells.used <= cells.size // 2:
-        run(runner, seq(runner, 3, LONG, 60))
+        run(runner, runner._generate(3, LONG, 60, Sampling(), None, None, prefix=5))
+    assert cells.drains == drains  # the shared prefix is worth keeping
     runner.batch.step()  # idle, past half full: emptied
-    assert (cells.used, cells.drains) == (0, drains + 1)
+    assert (cells.used, cells.high, cells.drains) == (0, 0, drains + 1)
 
 
 def test_with_one_slot_cells_are_freed_as_llama_cpp_frees_them(tiny_model: Path) -> None:
@@ -103,6 +121,7 @@ def test_with_one_slot_cells_are_freed_as_llama_cpp_frees_them(tiny_model: Path)
         for key in (1, 2):
             run(r, seq(r, key, LONG, 20))
             assert r.batch.cells.used == 0
+            assert r.batch.cells.high == len(LONG) + 19  # emptied before each
             assert llama_cpp.llama_memory_seq_pos_max(mem, r.batch.cells.garbage) == -1
     finally:
         r.close()
@@ -171,19 +190,6 @@ def test_a_whole_job_that_does_not_fit_beside_running_sequences_waits_then_runs(
     assert not runner.batch.hold
 
 
-@pytest.mark.parametrize(("kv", "threads"), [("f16", 1), ("q8_0", 2)])
-def test_a_one_token_step_uses_the_idle_cores_only_on_a_q8_0_cache(
-    wide_heads: Path, kv: str, threads: int
-) -> None:
-    r = LlamaRunner(RunnerSpec(wide_heads, 256, 2, 64, parallel=2, kv_cache=kv))
-    try:
-        r.batch.governor.threads = lambda: 2  # type: ignore[method-assign]  # both cores idle
-        run(r, seq(r, 1, LONG, 8))  # the prompt, then one-token steps
-        assert r.batch._threads == threads
-    finally:
-        r.close()
-
-
 def test_the_memory_footprint_counts_the_cache_type_auto_resolves_to(
     wide_heads: Path, tiny_model: Path
 ) -> None:
@@ -218,3 +224,26 @@ def test_a_model_whose_heads_a_q8_0_cache_cannot_hold_is_refused_with_the_fix(
 ) -> None:
     with pytest.raises(FailedPrecondition, match='kv_cache = "f16"'):
         LlamaRunner(RunnerSpec(tiny_model, 256, 1, 64, kv_cache="q8_0"))  # heads 16 wide
+
+
+@pytest.mark.parametrize(("kv", "beyond"), [("f16", 1), ("q8_0", 2)])
+def test_one_token_steps_take_the_idle_cores_until_they_would_attend_over_512_cells(
+    wide_heads: Path, kv: str, beyond: int
+) -> None:
+    """ggml splits a one-row f16 attention over 512+ cells between its threads (rounding
+    differently for each count): llama.cpp attends over the highest cell + 1, padded to
+    256, so once a 257th cell is taken one-token steps of an f16 cache go back to one."""
+    r = LlamaRunner(RunnerSpec(wide_heads, 1024, 2, 64, parallel=1, kv_cache=kv))
+    try:
+        r.batch.governor.threads = lambda: 2  # type: ignore[method-assign]  # both cores idle
+        r.batch.add(seq(r, 1, LONG, 300))
+        seen: dict[int, int] = {}
+        while r.batch.busy:
+            high = r.batch.cells.high
+            r.batch.step()
+            if r.batch.cells.high == high + 1:  # a one-token step
+                seen[high] = r.batch._threads
+        assert {t for h, t in seen.items() if h + 1 <= 256} == {2}
+        assert {t for h, t in seen.items() if h + 1 > 256} == {beyond}
+    finally:
+        r.close()
