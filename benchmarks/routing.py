@@ -6,6 +6,7 @@
     scripts/bench-routing --no-cascade     # run the model for every request
     scripts/bench-routing --draws 0        # skip the out-of-scope part (default: 3 draws)
     scripts/bench-routing --out PATH       # JSON elsewhere (default bench-results/bench-routing.json)
+    scripts/bench-routing --with-eval      # and `sidecar eval` on the same rows, side by side
 
 The daemon runs as a subprocess on SmolLM2-135M (2 workers x 1 thread) with one config task,
 `banking77`, whose examples are ../shared/data/banking77/train.csv. Everything the
@@ -43,6 +44,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from benchmarks import routing_eval
 from benchmarks import routing_scope as scope
 from benchmarks.common import BANKING77, CACHE, RESULTS, SMOL, Log, machine
 from benchmarks.daemon import Daemon
@@ -52,7 +54,13 @@ from benchmarks.report import Col, Table, write_json
 from benchmarks.stats import percentile
 from sidecar.client import Client
 from sidecar.config import Overrides, load
-from sidecar.evaluation.confidence import at_threshold, coverage_curve, expected_calibration_error
+from sidecar.evaluation.confidence import (
+    at_threshold,
+    coverage_curve,
+    expected_calibration_error,
+    separation,
+)
+from sidecar.evaluation.scores import macro_f1
 
 STORE = CACHE / "bench-routing-store"
 TASK = "banking77"
@@ -142,6 +150,8 @@ def summarise(
     return {
         "rows": len(res8),
         "accuracy": float(ok.mean()),
+        "macro_f1": macro_f1([r["gold"] for r in res8], [r["label"] for r in res8]),
+        "auroc": separation(p, ok),
         "curve": coverage_curve(p, ok, COVERAGES),
         "ece": expected_calibration_error(p, ok),
         "answered_without_model": float(np.mean([not r["model"] for r in res8])),
@@ -169,7 +179,9 @@ def table(r: dict[str, Any]) -> str:
         target = {0.5: ">= 0.95", 0.8: ">= 0.85"}.get(c["coverage"], "")
         t.row(f"accuracy kept local @ {c['coverage']:.0%} (t={c['threshold']:.3f})",
               f"{c['accuracy']:.3f}", target)  # fmt: skip
+    t.row("macro-F1", f"{r['macro_f1']:.3f}", "")
     t.row("expected calibration error", f"{r['ece']:.3f}", "<= 0.05")
+    t.row("AUROC of the confidence", f"{r['auroc']:.3f}", "")
     t.row("answered from the words alone (cascade)", f"{r['answered_without_model']:.3f}", "")
     t.row("in-scope rows flagged out_of_scope", f"{r['flagged_out_of_scope']:.3f}", "")
     for th in r["thresholds"]:
@@ -217,6 +229,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--draws", type=int, default=3, help="out-of-scope draws (intents left out); 0 = skip"
     )
+    ap.add_argument(
+        "--with-eval",
+        action="store_true",
+        help="after the bench's passes, run `sidecar eval` on the same rows and daemon, and "
+        "print both reports' figures side by side (also in the JSON, under sidecar_eval)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "bench-routing.json")
     ap.add_argument("--data", type=Path, default=BANKING77, help="Banking77 train.csv, test.csv")
     ap.add_argument("--model", type=Path, default=SMOL)
@@ -251,6 +269,12 @@ def main(argv: list[str] | None = None) -> int:
             n1 = min(len(test), 300)
             log(f"1 client, {n1} rows")
             res1, wall1 = classify_all(d.socket, test[:n1], 1)
+            if args.with_eval:
+                rows_csv = tmp / "eval-rows.csv"
+                routing_eval.write_rows(rows_csv, test)
+                cmd = routing_eval.command(tmp / "effective.toml", d.socket, rows_csv, TASK, 8)
+                log(f"sidecar eval on the same {len(test)} rows: {' '.join(cmd[1:])}")
+                evaluated, eval_wall = routing_eval.run_eval(cmd)
             in_scope = 400 if args.quick else 10**6
             oos = run_draws(d, draws, load_rows(data, "test.csv"), in_scope, default_t)
         finally:
@@ -262,6 +286,12 @@ def main(argv: list[str] | None = None) -> int:
         "task_prepare_s": round(prep_s, 1),
         **summarise(res8, wall8, res1, wall1, default_t),
     }
+    if args.with_eval:
+        joined = routing_eval.join(report, evaluated)
+        head = {"rows": len(test), "task": TASK, "eval_wall_s": eval_wall,
+                "bench_rps": report["clients"]["8"]["rps"], "eval_rps": evaluated["rows_per_s"]}  # fmt: skip
+        report["sidecar_eval"] = {"command": cmd[1:], **head, "comparison": joined,
+                                  "verdict": routing_eval.verdict(joined), "report": evaluated}  # fmt: skip
     if draws:
         report["out_of_scope"] = {
             "threshold": default_t,
@@ -271,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             "targets": scope.TARGETS,
         }
     print(table(report))
+    if args.with_eval:
+        print(routing_eval.table(report["sidecar_eval"]["comparison"], report["sidecar_eval"]))
     if draws:
         print(scope.table(report["out_of_scope"]))
     write_json(args.out, report)
