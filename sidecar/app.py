@@ -96,7 +96,12 @@ class App:
         self.metrics.watch_rollouts(self.updater)
         self.drop: DropWatcher | None = None
         if config.store.drop is not None:
-            self.drop = DropWatcher(self.local, config.store.drop, config.store.auto_swap)
+            self.drop = DropWatcher(
+                self.local,
+                config.store.drop,
+                config.store.auto_swap,
+                remove_plaintext=config.store.drop_remove_plaintext,
+            )
         self.last_reload = ""  # how the last SIGHUP ended, for status
         self.admin = DaemonAdmin(
             self.local,
@@ -249,6 +254,7 @@ class App:
             self.router.fitted.reload()
         if self.drop is not None:
             self.drop.auto_swap = merged.store.auto_swap
+            self.drop.remove_plaintext = merged.store.drop_remove_plaintext
 
 
 def _router(config: Config, inner: FewShotEngine, env: Mapping[str, str]) -> RouterEngine:

@@ -8,7 +8,10 @@ The watchdog observer thread only signals; a consumer on the event loop debounce
 file is taken once it has been quiet for `QUIET_S` and its size stopped changing, and
 names that look temporary (dotfiles, *.partial, *.tmp, *.part, *.crdownload) are
 ignored, so a copy in progress is never read as a model. A taken file leaves the
-folder: into the store (consumed) or into quarantine (refused).
+folder: into the store (consumed) or into quarantine (refused); with
+`store.drop_remove_plaintext = false` it is kept instead, moved into `.imported/` or
+`.refused/` inside the folder (dot-folders, which the watcher never reads), so it is never
+taken twice.
 
 One bad file must never stop the watching: whatever a file does (a symlink, a loop of
 them, metadata that breaks the checker), it is refused with a reason and the consumer
@@ -28,7 +31,7 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from sidecar.domain.errors import SidecarError
+from sidecar.domain.errors import SidecarError, SwapRefused
 from sidecar.domain.names import name_problem
 from sidecar.engine import adapters as adapter_swap
 from sidecar.engine.local import PoolEngine
@@ -42,12 +45,40 @@ TEMPORARY = (".partial", ".tmp", ".part", ".crdownload", "~")
 KEEP_RESULTS = 100  # outcomes remembered for tests and status; older ones are dropped
 
 
-def wanted(path: Path) -> bool:
+KEPT = {True: ".imported", False: ".refused"}  # where a kept file goes, by outcome
+
+
+def wanted(path: Path, folder: Path) -> bool:
+    """A file the watcher takes: a .gguf under `folder` whose name is not temporary and
+    that is not inside a dot-folder (a kept file's `.imported/`, or a writer's own)."""
+    try:
+        parts = path.relative_to(folder).parts
+    except ValueError:
+        return False
     return (
         path.suffix == ".gguf"
-        and not path.name.startswith(".")
+        and not any(p.startswith(".") for p in parts)
         and not path.name.endswith(TEMPORARY)
     )
+
+
+def keep(folder: Path, path: Path, imported: bool) -> Path:
+    """Move a taken file into `folder`'s `.imported/` (or `.refused/`) at its place
+    relative to `folder`, under a free name (`x.gguf`, then `x.1.gguf`, ...); return where."""
+    rel = path.relative_to(folder)
+    target = folder / KEPT[imported] / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    while True:
+        dest = target if n == 0 else target.with_name(f"{target.stem}.{n}{target.suffix}")
+        try:
+            # A link fails on an existing name (no overwrite race); the folder's one filesystem.
+            os.link(path, dest)
+        except FileExistsError:
+            n += 1
+            continue
+        path.unlink()
+        return dest
 
 
 class _Signal(FileSystemEventHandler):
@@ -69,10 +100,13 @@ class _Refused(Exception):
 
 
 class DropWatcher:
-    def __init__(self, engine: PoolEngine, folder: Path, auto_swap: bool) -> None:
+    def __init__(
+        self, engine: PoolEngine, folder: Path, auto_swap: bool, remove_plaintext: bool = True
+    ) -> None:
         self.engine = engine
         self.folder = folder
         self.auto_swap = auto_swap
+        self.remove_plaintext = remove_plaintext  # False: taken files are kept (`keep`)
         self.results: list[str] = []  # what happened to each taken file, newest last
         self._observer: Observer | None = None  # type: ignore[valid-type]
         self._task: asyncio.Task[None] | None = None
@@ -138,7 +172,7 @@ class DropWatcher:
             await asyncio.sleep(0.2)
             while not pokes.empty():
                 path = pokes.get_nowait()
-                if wanted(path):
+                if wanted(path, self.folder):
                     pending[path] = (time.monotonic(), -1)
             now = time.monotonic()
             for path, (changed, size) in list(pending.items()):
@@ -186,33 +220,57 @@ class DropWatcher:
             raise _Refused(f"folder: {problem}")
         return rel.parts[0]
 
-    def _set_aside(self, path: Path, reason: str) -> None:
-        if path.exists() or path.is_symlink():  # refused after it was stored (canary) too
-            self.engine.store.quarantine(path, reason)
+    def _set_aside(self, path: Path, reason: str, recorded: bool, remove: bool) -> str:
+        """Quarantine a refused file (`recorded`: the store already kept the reason), or with
+        `remove` False keep it in `.refused/`; what was done, for the outcome ("" = moved
+        into quarantine as ever)."""
+        if not (path.exists() or path.is_symlink()):
+            return ""
+        if remove or path.is_symlink():  # a link is never kept: it was never a file of ours
+            self.engine.store.quarantine(path, reason)  # refused after it was stored too
+            return ""
+        kept = keep(self.folder, path, imported=False)
+        if not recorded:  # the reason alone: the file is not the store's to copy
+            self.engine.store.quarantine(kept, reason, move=False)
+        return f" (kept as {kept.relative_to(self.folder)})"
 
-    async def _refuse(self, path: Path, reason: str) -> None:
+    async def _refuse(self, path: Path, reason: str, recorded: bool = False) -> None:
         outcome = f"{path.name!r}: refused: {reason}"
+        remove = self.remove_plaintext
         try:
-            await asyncio.to_thread(self._set_aside, path, reason)
+            outcome += await asyncio.to_thread(self._set_aside, path, reason, recorded, remove)
         except Exception as e:  # left in the folder; the watching goes on
             outcome += f" (could not set it aside: {e})"
         self._record(outcome, logging.WARNING)
 
+    def _consumed(self, path: Path, remove: bool) -> str:
+        """The store has `path`: remove it, or keep it in `.imported/` (said in the outcome)."""
+        if remove:
+            path.unlink(missing_ok=True)
+            return ""
+        if not path.exists():
+            return ""
+        return f" (kept as {keep(self.folder, path, imported=True).relative_to(self.folder)})"
+
     async def _take(self, path: Path) -> None:
+        remove = self.remove_plaintext  # one reading per file: a reload may change it
         try:
             name = self._target(path)
             lora = await asyncio.to_thread(_adapter_name, path)
             if lora is not None:
                 outcome = await self._take_adapter(path, name, lora)
             elif self.auto_swap:
-                result = await self.engine.swap(name, path=path, move_source=True)
+                # Kept files stay where they are on refusal: the swap records the reason only.
+                result = await self.engine.swap(name, path=path, move_source=remove)
                 outcome = f"{path.name!r}: {name} now serves {result.new.version}"
             else:
                 sha = await asyncio.to_thread(self.engine.store.add, path, name)
                 outcome = f"{path.name!r}: added as {name}@{sha[:12]}"
-            await asyncio.to_thread(path.unlink, missing_ok=True)  # consumed: the store has it
+            outcome += await asyncio.to_thread(self._consumed, path, remove)
         except _Refused as e:
             await self._refuse(path, str(e))
+        except SwapRefused as e:  # the store set its copy aside, or recorded why
+            await self._refuse(path, e.message, recorded=not remove)
         except SidecarError as e:
             await self._refuse(path, e.message)
         except Exception as e:  # a bug somewhere below: this file is refused, watching goes on

@@ -163,6 +163,13 @@ class StoreConfig:
         "store; empty = off.",
     )
     auto_swap: bool = setting(True, "Swap to a dropped file once it is added.", live=True)
+    drop_remove_plaintext: bool = setting(
+        True,
+        "Delete a dropped file once it is imported or refused; false keeps it, moved to "
+        "drop/.imported/ or drop/.refused/ (never imported again): plaintext on disk, even "
+        "with store.encryption.",
+        live=True,
+    )
     swap_strategy: SwapStrategy = setting(
         "side_by_side",
         "side_by_side (both models in memory for a moment; checked first) or replace "

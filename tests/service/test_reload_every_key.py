@@ -34,6 +34,7 @@ from sidecar.app import App
 from sidecar.config import Config, ModelConfig, Overrides, load
 from sidecar.config.schema import KeySpec, base_type, each_key, key
 from sidecar.domain.errors import ConfigError
+from sidecar.dropwatch import DropWatcher
 from sidecar.router.shadow import Shadow
 
 MODEL, OTHER, TASK = "m", "m2", "t"
@@ -59,9 +60,13 @@ def _or_off(threshold: float | None) -> float:
     return -1.0 if threshold is None else threshold  # TaskInfo.threshold: None for -1 (unset)
 
 
-def _drop_auto_swap(app: App) -> bool:
+def _drop(app: App) -> DropWatcher:
     assert app.drop is not None, "the baseline sets store.drop, so the drop watcher runs"
-    return app.drop.auto_swap
+    return app.drop
+
+
+def _drop_auto_swap(app: App) -> bool:
+    return _drop(app).auto_swap
 
 
 def _swap_setting(name: str) -> Callable[[App], Any]:
@@ -147,6 +152,7 @@ READERS: dict[str, Callable[[App], Any]] = {
     **{f"update.{f}": _update_setting(f) for f in UPDATE_SETTINGS},
     "update.identity": _update_identity,
     "store.auto_swap": _drop_auto_swap,
+    "store.drop_remove_plaintext": lambda app: _drop(app).remove_plaintext,
     **{f"store.{f}": _swap_setting(f) for f in SWAP_SETTINGS},
     **{f"cloud.{f}": _routing_setting(f) for f in ROUTING_SETTINGS},
     # The budget the router reserves and settles against.
