@@ -221,6 +221,7 @@ LIVE = {
     "update.catalog_origin",
     "update.catalog_key",
     "store.auto_swap",
+    "store.drop_remove_plaintext",
     "store.swap_strategy",
     "store.drain_seconds",
     "store.swap_wait_seconds",
