@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 
 from sidecar.domain.admin import (
+    AdapterReport,
     CloudReport,
     ModelReport,
     ResidencyChange,
@@ -85,9 +86,25 @@ class DaemonAdmin:
                 self.updater.fetching(pool.model.name),
                 self.updater.rollout(pool.model.name),
                 self.updater.last_rollback(pool.model.name),
+                self._adapters(pool.model.name),
             )
             for pool, is_default in self.engine.status()
         ]
+
+    def _adapters(self, model: str) -> tuple[AdapterReport, ...]:
+        table, out = self.engine.adapters, []
+        for name in table.names(model):
+            file = table.get(model, name)
+            full = f"{model}:{name}"
+            out.append(
+                AdapterReport(
+                    name,
+                    file.sha256[:12] if file is not None else "",
+                    self.updater.last.get(full, ""),
+                    self.updater.last_rollback(full),
+                )
+            )
+        return tuple(out)
 
     def status(self) -> StatusReport:
         return StatusReport(

@@ -256,6 +256,10 @@ def status(
         _lines("    ", ("last swap", m.last_swap), ("update in progress", m.update_fetch),
                ("last update", m.last_update), ("rollout", rollout),
                ("last rollback", m.last_rollback))  # fmt: skip
+        for a in m.adapters:
+            click.echo(f"    adapter {a.name}@{a.version}")
+            _lines("      ", ("last update", a.last_update),
+                   ("last rollback", a.last_rollback))  # fmt: skip
         for w in m.workers:
             click.echo(
                 f"    worker pid {w.pid}: {w.state}, {w.requests} requests, "

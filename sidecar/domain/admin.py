@@ -15,6 +15,16 @@ from sidecar.domain.versions import VersionInfo
 
 
 @dataclass(frozen=True)
+class AdapterReport:
+    """One LoRA adapter of a model with an active version, as status shows it."""
+
+    name: str
+    version: str  # the active version's sha256 prefix
+    last_update: str = ""  # its last update's outcome
+    last_rollback: str = ""  # the last version probation swapped back, when and why
+
+
+@dataclass(frozen=True)
 class ModelReport:
     """One model as `sidecar status` shows it: its pool, plus what the supervisor's probe
     and the updater know about it."""
@@ -26,6 +36,7 @@ class ModelReport:
     update_fetch: str = ""  # the update in flight ("" when none)
     rollout: Rollout | None = None  # this daemon in the origin's newest version's rollout
     last_rollback: str = ""  # the last version probation swapped back, when and why
+    adapters: tuple[AdapterReport, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -87,8 +87,10 @@ class AdapterTable:
         """The versions `base`'s adapters serve now."""
         return {f.sha256 for f in self._active.get(base, {}).values()}
 
-    def names(self, base: str) -> list[str]:
-        return sorted(self._active.get(base, {}))
+    def names(self, base: str, *, prefixed: bool = False) -> list[str]:
+        """`base`'s adapters with an active version; `prefixed`: as "BASE:ADAPTER"."""
+        names = sorted(self._active.get(base, {}))
+        return [f"{base}:{n}" for n in names] if prefixed else names
 
     def loaded_bytes(self, base: str, workers: int) -> int:
         """What `base`'s adapters can take in its workers' memory: llama.cpp copies an
@@ -135,12 +137,19 @@ async def prove(pool: ModelPool, file: AdapterFile) -> None:
 
 
 async def activate(
-    pool: ModelPool, table: AdapterTable, name: str, sha: str, *, fresh: bool = False
+    pool: ModelPool,
+    table: AdapterTable,
+    name: str,
+    sha: str,
+    *,
+    fresh: bool = False,
+    gate: bool = True,
 ) -> SwapResult:
     """Serve version `sha` of `pool`'s adapter `name`: verify the blob, prove it on a worker,
     then flip the store's pointer and the table. Requests already submitted keep the version
     they were given. A version that fails its canary is set aside (quarantined) when it was
-    just added (`fresh`); the version serving before keeps serving either way."""
+    just added (`fresh`); the version serving before keeps serving either way. `gate` False
+    skips the eval gate (probation's swap back to the version it replaced)."""
     started = time.monotonic()
     base = pool.config.name
     view = table.store.view(base)
@@ -151,7 +160,8 @@ async def activate(
     table.store.hold(sha)  # no gc between the canary and the pointer
     try:
         await prove(pool, file)
-        await _gate(pool, table, file, old)
+        if gate:
+            await _gate(pool, table, file, old)
         await asyncio.to_thread(view.activate, name, sha)
         table.set(base, file)
         await asyncio.to_thread(table.changed, base)

@@ -19,14 +19,15 @@ VERSIONS = 3  # versions kept: the serving one, the previous, one more in a quic
 
 
 class Latencies:
-    def __init__(self) -> None:
+    def __init__(self, versions: int = VERSIONS) -> None:
         self._by_version: OrderedDict[str, deque[float]] = OrderedDict()
+        self._versions = versions
 
     def add(self, version: str, ms: float) -> None:
         window = self._by_version.get(version)
         if window is None:
             window = self._by_version[version] = deque(maxlen=WINDOW)
-            while len(self._by_version) > VERSIONS:
+            while len(self._by_version) > self._versions:
                 self._by_version.popitem(last=False)
         self._by_version.move_to_end(version)
         window.append(ms)

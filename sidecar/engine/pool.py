@@ -37,11 +37,11 @@ from sidecar.domain.errors import (
     WorkerCrashed,
 )
 from sidecar.domain.lanes import LOW_PRIORITY, LowPriority
-from sidecar.domain.specs import ModelFacts, RunnerSpec
+from sidecar.domain.specs import ADAPTERS_PER_WORKER, ModelFacts, RunnerSpec
 from sidecar.domain.status import PoolStatus, SlotInfo
 from sidecar.domain.types import GenerateTask, ModelRef, Result, Task, TokenEvent
 from sidecar.engine.fair_queue import FairQueue
-from sidecar.engine.latency import Latencies
+from sidecar.engine.latency import VERSIONS, Latencies
 from sidecar.engine.poison import Poison, crashed, how
 from sidecar.engine.residency import LOADED, UNLOADED, UNLOADING, Resident, idle_s, unload_in
 from sidecar.engine.restarts import RestartPolicy
@@ -121,6 +121,9 @@ class ModelPool:
         self.footprint = 0  # bytes it takes loaded (the engine's estimate)
         self.wake: Callable[[], None] = lambda: None
         self.latencies = Latencies()  # live requests' time on a worker, per version
+        # The same for the requests that asked for an adapter, per adapter version (sha256):
+        # probation after an adapter update. Room for a few versions of each cached adapter.
+        self.adapter_latencies = Latencies(VERSIONS * ADAPTERS_PER_WORKER)
         self._held: set[Slot] = set()  # workers stopped for live work
         self._stretch: dict[Slot, float] = {}  # held workers -> when their stretch began
         self._let_run: dict[Slot, float] = {}  # held too long: not held again until then
@@ -382,6 +385,9 @@ class ModelPool:
             ):
                 ms = (time.perf_counter() - job.dispatched) * 1000
                 self.latencies.add(job.ref.version, ms)
+                lora = getattr(job.task, "lora", None)
+                if lora is not None:
+                    self.adapter_latencies.add(lora.sha256, ms)
             self._finish(job, event)
             if job.caller != PROBE_CALLER:
                 self.last_used = time.monotonic()  # idle counts from the end of the last one

@@ -289,6 +289,15 @@ def model_status(m: ModelReport) -> pb.ModelStatus:
         footprint_bytes=s.footprint,
         rollout=_rollout(m.rollout),
         last_rollback=m.last_rollback,
+        adapters=[
+            pb.AdapterStatus(
+                name=a.name,
+                version=a.version,
+                last_update=a.last_update,
+                last_rollback=a.last_rollback,
+            )
+            for a in m.adapters
+        ],
     )
 
 

@@ -8,15 +8,20 @@ starts from any stored version (adapter versions included), the file is fetched 
 with the same bounded memory and checked against the manifest's sha256, then it is checked
 against the model like any adapter (`store.adapters.add`), proven on a worker and made
 active (`engine.adapters.activate`). Requests already running keep the version they had.
+Then it is on probation like a model (`probation`): the version it replaced comes back if
+the model's workers die, its probe fails, or (with `probation_latency_factor`) the
+requests for the adapter get that much slower. A first version (nothing replaced) has no
+probation: there is nothing to roll back to.
 
-Not here (yet): probation after the flip. The poll loop (`updater`) polls an adapter once
-an update installed it; before that it is updated when asked (`sidecar update apply`).
+The poll loop (`updater`) polls an adapter once an update installed it; before that it is
+updated when asked (`sidecar update apply`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from sidecar.domain.errors import FailedPrecondition, SidecarError, SwapRefused, Unavailable
 from sidecar.domain.progress import Progress
@@ -28,6 +33,7 @@ from sidecar.update.check import Found, _found, held, read_manifest
 from sidecar.update.context import UpdateContext
 from sidecar.update.download import obtain
 from sidecar.update.plan import cheapest
+from sidecar.update.probation import Probation
 
 log = logging.getLogger("sidecar.update")
 
@@ -63,7 +69,11 @@ async def check(
 
 
 async def apply(
-    ctx: UpdateContext, target: str, progress: Progress, ignore_rollout: bool = False
+    ctx: UpdateContext,
+    probation: Probation,
+    target: str,
+    progress: Progress,
+    ignore_rollout: bool = False,
 ) -> Outcome:
     progress("checking", f"reading the manifest of {target}", 0, 0)
     found = await check(ctx, target, in_job=True, ignore_rollout=ignore_rollout)
@@ -97,16 +107,37 @@ async def apply(
     except SidecarError as e:  # not an adapter of this model, or not a GGUF
         ctx.fail(name, manifest.sha256, "validation", e.message)
         raise FailedPrecondition(f"update of {name!r} refused: {e.message}") from None
+    previous = _current(ctx, base, adapter)
+    # Measured before the flip, on live requests only: probation compares the new p99 to it.
+    previous_p99 = probation.previous_p99(name, previous) if previous else None
     progress("swapping", f"proving v{manifest.version} before it serves", 0, 0)
     try:
         await adapter_swap.activate(pool, ctx.engine.adapters, adapter, sha, fresh=True)
     except SwapRefused as e:
         ctx.fail(name, manifest.sha256, "canary", e.message)
         raise
+    healthy_seconds = ctx.engine.config.update.healthy_seconds
     st = ctx.state(name)
     st.installed_version, st.installed_sha256 = manifest.version, sha
+    st.probation = (
+        {
+            "sha256": sha,
+            "version": manifest.version,
+            "previous": previous,
+            "previous_version": installed,
+            "until": time.time() + healthy_seconds,
+            "previous_p99_ms": previous_p99,
+        }
+        if previous
+        else {}
+    )
     st.save(ctx.state_path(name))
+    if previous:
+        probation.begin(name)
     ctx.clean(name, keep={"state.json"})
     ctx.record(name, f"installed v{manifest.version} ({sha[:12]}) via {how}; fetched "
                      f"{fetched} bytes of {manifest.size}")  # fmt: skip
+    if previous:
+        progress("probation", f"v{manifest.version} serves; watching it for "
+                 f"{healthy_seconds:.0f}s", 0, 0)  # fmt: skip
     return Outcome(name, installed, manifest.version, sha[:12], how, fetched, manifest.size, True)

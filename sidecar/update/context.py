@@ -51,7 +51,10 @@ class UpdateContext:
     def load(self) -> None:
         """Read what status reports from the state files, and this daemon's identity, once at
         start (blocking: run in a thread)."""
-        for name in self.engine.pools:
+        adapters = self.engine.adapters  # read by the engine's start, before this
+        for name in [
+            n for base in self.engine.pools for n in (base, *adapters.names(base, prefixed=True))
+        ]:
             try:
                 st = self.state(name)
             except OSError as e:  # status goes without it; the update sequence will say

@@ -2,7 +2,12 @@
 dies, a readiness probe fails, or (with `models.NAME.probation_latency_factor`) its live p99
 latency exceeds that many times the previous version's, swap the previous version back and
 keep the reason (step 6 of an update). What is on probation, the previous p99 included, is
-kept in the state, so it survives a restart."""
+kept in the state, so it survives a restart.
+
+An adapter ("MODEL:ADAPTER") installed by an update is watched alike, with its model's
+workers and probe (an adapter runs in them) and its own versions' latencies (only the
+requests that asked for it); a rollback activates the adapter version the update replaced.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sidecar.domain.errors import SidecarError
+from sidecar.engine import adapters as adapter_swap
+from sidecar.engine.latency import Latencies
+from sidecar.engine.pool import ModelPool
 from sidecar.update.context import UpdateContext
 from sidecar.update.state import State
 
@@ -25,17 +33,46 @@ class Probation:
         # Worker restarts and probe error when probation began: later changes are trouble.
         self._baseline: dict[str, tuple[int, str | None]] = {}
 
+    def _pool(self, name: str) -> ModelPool:
+        return self._ctx.engine.pool(name.partition(":")[0])
+
     def _health_marks(self, name: str) -> tuple[int, str | None]:
-        return self._ctx.engine.pool(name).status().restarts, self._probe_errors.get(name)
+        pool = self._pool(name)  # an adapter's health is its model's workers'
+        return pool.status().restarts, self._probe_errors.get(pool.config.name)
+
+    def _serving(self, name: str) -> str:
+        """The version `name` serves now: a model's short version, an adapter's sha256
+        ("" = none)."""
+        base, _, adapter = name.partition(":")
+        if not adapter:
+            return self._ctx.engine.pool(base).ref.version
+        file = self._ctx.engine.adapters.get(base, adapter)
+        return file.sha256 if file is not None else ""
+
+    def _latencies(self, name: str) -> Latencies:
+        pool = self._pool(name)
+        return pool.adapter_latencies if ":" in name else pool.latencies
+
+    def previous_p99(self, name: str, version: str) -> float | None:
+        """`version`'s p99 of `name` now (None: too few requests): taken before a flip."""
+        return self._latencies(name).p99(version)
 
     def begin(self, name: str) -> None:
         """The new version of `name` serves from now on: remember how healthy things are."""
         self._baseline[name] = self._health_marks(name)
 
+    def _watched(self) -> list[str]:
+        engine = self._ctx.engine
+        return [
+            name
+            for base in list(engine.pools)
+            for name in (base, *engine.adapters.names(base, prefixed=True))
+        ]
+
     async def watch(self) -> None:
-        """One pass over every model on probation."""
+        """One pass over every model and adapter on probation."""
         ctx = self._ctx
-        for name in list(ctx.engine.pools):
+        for name in self._watched():
             path = ctx.state_path(name)
             if not path.exists():
                 continue
@@ -43,7 +80,7 @@ class Probation:
             p = st.probation
             if not p:
                 continue
-            serving = ctx.engine.pool(name).ref.version
+            serving = self._serving(name)
             if not serving or not p["sha256"].startswith(serving):
                 st.probation = {}
                 st.save(path)
@@ -68,33 +105,44 @@ class Probation:
     def _slower(self, name: str, serving: str, p: dict[str, Any]) -> str:
         """What is wrong with the new version's latency ("" = nothing, or too few requests
         yet to tell, or no previous p99 to compare with)."""
-        pool = self._ctx.engine.pool(name)
+        pool = self._pool(name)
+        latencies = self._latencies(name)
         factor = pool.config.probation_latency_factor
         before = p.get("previous_p99_ms")
         if not factor or not isinstance(before, int | float) or before <= 0:
             return ""
-        now = pool.latencies.p99(serving)
+        now = latencies.p99(serving)
         if now is None or now <= factor * before:
             return ""
         return (
-            f"p99 latency {now:.0f} ms over the last {pool.latencies.samples(serving)} requests, "
+            f"p99 latency {now:.0f} ms over the last {latencies.samples(serving)} requests, "
             f"more than {factor:g}x the previous version's {before:.0f} ms"
         )
+
+    async def _swap_back(self, name: str, previous: str) -> None:
+        # No eval gate on the way back: the previous version served until just now.
+        base, _, adapter = name.partition(":")
+        if not adapter:
+            await self._ctx.engine.swap(name, version=previous, gate=False)
+            return
+        pool, table = self._ctx.engine.pool(base), self._ctx.engine.adapters
+        await adapter_swap.activate(pool, table, adapter, previous, gate=False)
 
     async def _roll_back(self, name: str, st: State, trouble: str, cause: str) -> None:
         ctx = self._ctx
         p = st.probation
         why = f"unhealthy within {ctx.engine.config.update.healthy_seconds:.0f}s: {trouble}"
-        log.error("update %s: v%s %s; rolling back to %s", name, p["version"], why, p["previous"])
+        previous = p["previous"]
+        shown = previous[:12]
+        log.error("update %s: v%s %s; rolling back to %s", name, p["version"], why, shown)
         when = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
         try:
-            # No eval gate on the way back: the previous version served until just now.
-            await ctx.engine.swap(name, version=p["previous"], gate=False)
+            await self._swap_back(name, previous)
         except SidecarError as e:
             # The unhealthy version keeps serving: status and metrics must show it as loudly
             # as a rollback that worked (probation stays, so the next pass tries again).
             failed = (
-                f"rollback of v{p['version']} ({p['sha256'][:12]}) to {p['previous']} failed "
+                f"rollback of v{p['version']} ({p['sha256'][:12]}) to {shown} failed "
                 f"at {when}: {e.message} (it was {why})"
             )
             self._rolled_back(name, failed, "rollback_failed")
@@ -106,12 +154,10 @@ class Probation:
         st.installed_version = int(p.get("previous_version") or 0)
         st.installed_sha256 = ""
         st.save(ctx.state_path(name))
-        done = (
-            f"v{p['version']} ({p['sha256'][:12]}) rolled back to {p['previous']} at {when}: {why}"
-        )
+        done = f"v{p['version']} ({p['sha256'][:12]}) rolled back to {shown} at {when}: {why}"
         self._rolled_back(name, done, cause)
         self._baseline.pop(name, None)
-        ctx.reject(name, "unhealthy", f"v{p['version']} rolled back to {p['previous']}: {why}")
+        ctx.reject(name, "unhealthy", f"v{p['version']} rolled back to {shown}: {why}")
 
     def _rolled_back(self, name: str, text: str, cause: str) -> None:
         # Kept apart from `last` (which the next check overwrites) and never sent anywhere:

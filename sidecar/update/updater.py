@@ -14,7 +14,8 @@ One sequence per model, never two at once:
 5. Install: the verified file enters the store (validated as GGUF there) and the hot-swap
    path proves it (canary) before anyone is served by it.
 6. Probation: if a worker of the new version dies or a readiness probe fails within
-   `update.healthy_seconds`, the previous version is swapped back and the reason kept.
+   `update.healthy_seconds`, the previous version is swapped back and the reason kept
+   (an adapter's too: `adapter_update`).
 
 Every download has a total deadline and a rate floor (`update.fetch_*`), so a trickling
 origin cannot hold the per-model lock forever; a caller of `apply` that goes away cancels
@@ -101,7 +102,9 @@ class Updater:
             jobs[name] = Job(owner)
             try:
                 if adapter:
-                    return await adapter_update.apply(self._ctx, name, progress, ignore_rollout)
+                    return await adapter_update.apply(
+                        self._ctx, self._probation, name, progress, ignore_rollout
+                    )
                 return await apply_update(
                     self._ctx, self._probation, name, progress, ignore_rollout
                 )

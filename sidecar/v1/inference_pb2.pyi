@@ -1052,6 +1052,7 @@ class ModelStatus(_message.Message):
     FOOTPRINT_BYTES_FIELD_NUMBER: _builtins.int
     ROLLOUT_FIELD_NUMBER: _builtins.int
     LAST_ROLLBACK_FIELD_NUMBER: _builtins.int
+    ADAPTERS_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     context: _builtins.int
     threads: _builtins.int
@@ -1098,6 +1099,10 @@ class ModelStatus(_message.Message):
     def rollout(self) -> Global___Rollout:
         """this daemon in the origin's newest version's staged rollout"""
 
+    @_builtins.property
+    def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterStatus]:
+        """its LoRA adapters with an active version"""
+
     def __init__(
         self,
         *,
@@ -1125,14 +1130,49 @@ class ModelStatus(_message.Message):
         footprint_bytes: _builtins.int = ...,
         rollout: Global___Rollout | None = ...,
         last_rollback: _builtins.str = ...,
+        adapters: _abc.Iterable[Global___AdapterStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "rollout", b"rollout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_s", b"backoff_s", "context", b"context", "detail", b"detail", "footprint_bytes", b"footprint_bytes", "idle_s", b"idle_s", "in_flight", b"in_flight", "is_default", b"is_default", "last_error", b"last_error", "last_rollback", b"last_rollback", "last_swap", b"last_swap", "last_update", b"last_update", "model", b"model", "on_demand", b"on_demand", "path", b"path", "queue_depth", b"queue_depth", "queue_limit", b"queue_limit", "ready", b"ready", "restarts", b"restarts", "rollout", b"rollout", "state", b"state", "threads", b"threads", "unload_in_s", b"unload_in_s", "update_fetch", b"update_fetch", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "backoff_s", b"backoff_s", "context", b"context", "detail", b"detail", "footprint_bytes", b"footprint_bytes", "idle_s", b"idle_s", "in_flight", b"in_flight", "is_default", b"is_default", "last_error", b"last_error", "last_rollback", b"last_rollback", "last_swap", b"last_swap", "last_update", b"last_update", "model", b"model", "on_demand", b"on_demand", "path", b"path", "queue_depth", b"queue_depth", "queue_limit", b"queue_limit", "ready", b"ready", "restarts", b"restarts", "rollout", b"rollout", "state", b"state", "threads", b"threads", "unload_in_s", b"unload_in_s", "update_fetch", b"update_fetch", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelStatus: _TypeAlias = ModelStatus  # noqa: Y015
+
+@_typing.final
+class AdapterStatus(_message.Message):
+    """One LoRA adapter of a model, as status shows it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    LAST_UPDATE_FIELD_NUMBER: _builtins.int
+    LAST_ROLLBACK_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """what a request's `adapter` names (MODEL:ADAPTER on /v1)"""
+    version: _builtins.str
+    """its active version (sha256 prefix)"""
+    last_update: _builtins.str
+    """the outcome of its last update check or install"""
+    last_rollback: _builtins.str
+    """the last version probation swapped back, when and why"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.str = ...,
+        last_update: _builtins.str = ...,
+        last_rollback: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_rollback", b"last_rollback", "last_update", b"last_update", "name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdapterStatus: _TypeAlias = AdapterStatus  # noqa: Y015
 
 @_typing.final
 class StatusReply(_message.Message):
