@@ -34,6 +34,7 @@ from sidecar.domain.names import check_name
 from sidecar.domain.progress import Progress
 from sidecar.domain.status import SwapResult
 from sidecar.domain.updates import Check, Outcome
+from sidecar.domain.versions import VersionInfo
 from sidecar.engine import adapters as adapter_swap
 from sidecar.engine.local import PoolEngine
 from sidecar.logs import recent
@@ -91,6 +92,10 @@ class DaemonAdmin:
             for pool, is_default in self.engine.status()
         ]
 
+    def _misfit(self, v: VersionInfo) -> str:
+        split = adapters.split(v.name)
+        return self.engine.adapters.misfit(*split) if split is not None and v.active else ""
+
     def _adapters(self, model: str) -> tuple[AdapterReport, ...]:
         table, out = self.engine.adapters, []
         for name in table.names(model):
@@ -102,6 +107,7 @@ class DaemonAdmin:
                     file.sha256[:12] if file is not None else "",
                     self.updater.last.get(full, ""),
                     self.updater.last_rollback(full),
+                    table.misfit(model, name),
                 )
             )
         return tuple(out)
@@ -142,7 +148,7 @@ class DaemonAdmin:
         return StoreListing(
             self.store.root,
             tuple(StoredVersion(v, (v.name, v.short) in serving) for v in stored)
-            + tuple(StoredVersion(v, v.active) for v in loras),
+            + tuple(StoredVersion(v, v.active, self._misfit(v)) for v in loras),
         )
 
     async def add_model(self, model: str, path: Path, adapter_for: str = "") -> StoredVersion:

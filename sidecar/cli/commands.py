@@ -257,7 +257,12 @@ def status(
                ("last update", m.last_update), ("rollout", rollout),
                ("last rollback", m.last_rollback))  # fmt: skip
         for a in m.adapters:
-            click.echo(f"    adapter {a.name}@{a.version}")
+            fits = f": DOES NOT FIT {m.model.name}@{m.model.version}" if a.not_fitting else ""
+            click.echo(f"    adapter {a.name}@{a.version}{fits}")
+            if a.not_fitting:
+                click.echo(f"      {a.not_fitting} (requests for it fail; add a version made "
+                           f"for this model with `sidecar models add --adapter-for "
+                           f"{m.model.name} FILE --name {a.name}`)")  # fmt: skip
             _lines("      ", ("last update", a.last_update),
                    ("last rollback", a.last_rollback))  # fmt: skip
         for w in m.workers:

@@ -140,7 +140,8 @@ def list_versions(ctx: click.Context, /, **given: Any) -> None:
         marks = (
             ("*" if v.serving else " ") + ("A" if v.active else " ") + ("P" if v.previous else " ")
         )
-        click.echo(f"{marks} {v.model}@{v.sha256[:12]}  {v.size / 2**20:8.1f} MiB")
+        misfit = f"  DOES NOT FIT its model now: {v.not_fitting}" if v.not_fitting else ""
+        click.echo(f"{marks} {v.model}@{v.sha256[:12]}  {v.size / 2**20:8.1f} MiB{misfit}")
 
 
 @models.command("add")

@@ -22,6 +22,7 @@ class AdapterReport:
     version: str  # the active version's sha256 prefix
     last_update: str = ""  # its last update's outcome
     last_rollback: str = ""  # the last version probation swapped back, when and why
+    not_fitting: str = ""  # why it does not fit the file its model serves now ("" = it fits)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class StoredVersion:
 
     info: VersionInfo
     serving: bool
+    not_fitting: str = ""  # an active adapter version: why it does not fit its model now
 
 
 @dataclass(frozen=True)

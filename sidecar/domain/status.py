@@ -47,3 +47,6 @@ class SwapResult:
     new: ModelRef
     strategy: str
     seconds: float
+    # The model's active adapters that do not fit the new file, as "ADAPTER: why" (a swap
+    # of a model proceeds: requests for these fail fast until a fitting version is added).
+    adapters_not_fitting: tuple[str, ...] = ()

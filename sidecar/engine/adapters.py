@@ -5,6 +5,11 @@ it on the event loop without touching the disk. It changes only where the store'
 do (an adapter added and canaried, activated, removed), after the pointer was written, so a
 request sees either the old version or the new one, never none. A job fixes its version
 at submit (`AdapterFile` in the task): an adapter swapped meanwhile does not change it.
+
+It also knows which active adapters do not fit the file their model serves now (a swap of
+the model to a file of other dimensions, checked by the swap before its flip and at start):
+a request for one of those fails fast with the reason, never reaching a worker, until a
+version that fits is added or activated.
 """
 
 from __future__ import annotations
@@ -16,9 +21,16 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from pathlib import Path
 
 from sidecar.config import TaskConfig
-from sidecar.domain.errors import InvalidRequest, ModelNotFound, SidecarError, SwapRefused
+from sidecar.domain.errors import (
+    FailedPrecondition,
+    InvalidRequest,
+    ModelNotFound,
+    SidecarError,
+    SwapRefused,
+)
 from sidecar.domain.names import name_problem, shown
 from sidecar.domain.specs import ADAPTERS_PER_WORKER
 from sidecar.domain.status import SwapResult
@@ -34,7 +46,9 @@ from sidecar.engine.gate import (
     verdict,
 )
 from sidecar.engine.pool import PROBE_CALLER, VERSION_CHARS, Event, ModelPool
+from sidecar.gguf_check import GGUFError, GGUFInfo
 from sidecar.store import ModelStore
+from sidecar.store.adapters import check_adapter
 
 log = logging.getLogger("sidecar.adapters")
 
@@ -50,6 +64,8 @@ class AdapterTable:
         self.tasks = tasks  # the config's tasks, read per activation (the eval gate)
         self.default_model = default_model
         self._active: dict[str, dict[str, AdapterFile]] = {}  # base -> adapter -> file
+        # base -> adapter -> why its active version does not fit the model's serving file
+        self._misfit: dict[str, dict[str, str]] = {}
         # Called (in a thread) with a base model's name after its adapters changed: the
         # engine re-counts that model's memory footprint.
         self.changed: Callable[[str], None] = lambda _base: None
@@ -79,6 +95,59 @@ class AdapterTable:
         else:
             current[file.name] = file
         self._active = {**self._active, base: current}
+        # Whoever sets a version has checked it against the model (add, activate).
+        misfit = dict(self._misfit.get(base, {}))
+        misfit.pop(file.name if file is not None else name, None)
+        self._misfit = {**self._misfit, base: misfit}
+
+    def fit(self, base: str, name: str, sha: str, model_file: Path) -> str:
+        """Why version `sha` of `base`'s adapter `name` does not fit `model_file` ("" = it
+        fits): the store's header check (`store.adapters.check_adapter`). Blocking: a thread."""
+        try:
+            model = self.store.gguf(model_file)
+        except (GGUFError, OSError) as e:
+            return f"cannot read the model file {model_file.name}: {e}"
+        return self._why(base, name, sha, model)
+
+    def _why(self, base: str, name: str, sha: str, model: GGUFInfo) -> str:
+        where = Path(f"adapter {name!r} ({sha[:VERSION_CHARS]})")
+        try:
+            check_adapter(self.store.gguf(self.store.blob(sha)), model, base, where)
+        except SidecarError as e:
+            return e.message
+        except OSError as e:
+            return f"cannot read {where}: {e.strerror or e}"
+        return ""
+
+    def misfits(self, base: str, model_file: Path) -> dict[str, str]:
+        """Each active adapter of `base` that does not fit `model_file` -> why; none when
+        the model file's header cannot be read (the swap's validation refuses that file).
+        Blocking (a header read per adapter): a thread."""
+        try:
+            model = self.store.gguf(model_file)
+        except (GGUFError, OSError):
+            return {}
+        found = {}
+        for name, file in self._active.get(base, {}).items():
+            why = self._why(base, name, file.sha256, model)
+            if why:
+                found[name] = why
+        return found
+
+    def mark(self, base: str, misfits: dict[str, str], version: str) -> None:
+        """`base` serves `version` now, which its adapters in `misfits` do not fit (all the
+        others do). On the loop, at the flip: from then on requests for them fail fast."""
+        for name, why in misfits.items():
+            log.warning(
+                "adapter %s:%s does not fit %s@%s, which now serves: %s; requests for it fail "
+                "until a version made for this model is added",
+                base, name, base, version, why,
+            )  # fmt: skip
+        self._misfit = {**self._misfit, base: dict(misfits)}
+
+    def misfit(self, base: str, name: str) -> str:
+        """Why `base`'s adapter `name` does not fit the model's serving file ("" = it fits)."""
+        return self._misfit.get(base, {}).get(name, "")
 
     def get(self, base: str, name: str) -> AdapterFile | None:
         return self._active.get(base, {}).get(name)
@@ -115,6 +184,13 @@ class AdapterTable:
             raise ModelNotFound(
                 f"model {base!r} has no adapter named {shown(name)} (adapters: {known}); add "
                 f"one with `sidecar models add --adapter-for {base} FILE --name NAME`"
+            )
+        why = self.misfit(base, name)
+        if why:
+            raise FailedPrecondition(
+                f"{why}; the adapter does not fit the file model {base!r} serves now (it was "
+                f"swapped since): add a version made for this model with `sidecar models add "
+                f"--adapter-for {base} FILE --name {name}`, or swap the model back"
             )
         return file
 
@@ -159,6 +235,11 @@ async def activate(
     refused: SwapRefused | None = None
     table.store.hold(sha)  # no gc between the canary and the pointer
     try:
+        # Before the canary: a version made for another file of the model (one it served
+        # before a swap) is refused with the header's reason, not llama.cpp's.
+        why = await asyncio.to_thread(table.fit, base, name, sha, pool.spec.path)
+        if why:
+            raise SwapRefused("validating", why)
         await prove(pool, file)
         if gate:
             await _gate(pool, table, file, old)

@@ -98,7 +98,11 @@ class PoolEngine:
         # metrics hook: (model, outcome "swapped" | "unchanged" | "refused", refusing stage)
         self.on_swap: Callable[[str, str, str], None] = lambda _m, _o, _s: None
         self.swapper = Swapper(
-            self.pools, self.store, lambda: self.config.store, lambda: self.config.tasks
+            self.pools,
+            self.store,
+            lambda: self.config.store,
+            lambda: self.config.tasks,
+            self.adapters,
         )
         self._locks = {name: asyncio.Lock() for name in self.pools}  # load/unload/swap
         self._room = asyncio.Lock()  # one budget decision at a time
@@ -113,6 +117,10 @@ class PoolEngine:
             for name, pool in self.pools.items():
                 blob = await asyncio.to_thread(startup_blob, self.store, name, pool.config.path)
                 pool.use_file(blob)
+                # The store's active model may have been swapped to a file of other
+                # dimensions before a restart: its adapters are checked as a swap does.
+                misfits = await asyncio.to_thread(self.adapters.misfits, name, blob)
+                self.adapters.mark(name, misfits, blob.stem[:VERSION_CHARS])
                 pool.footprint = await asyncio.to_thread(self._footprint, pool)
                 if pool.config.load == "on_demand":
                     pool.residency = residency.UNLOADED

@@ -7,6 +7,10 @@ The one sequence to get right (ARCHITECTURE.md), all of it here:
 2. start new workers on it and prove them with a canary,
 3. flip: new requests go to the new workers; running ones finish on the old,
 4. drain the old workers (bounded), then stop them; the store's active pointer moves.
+Before step 1 the model's active LoRA adapters are checked against the new file's header
+(`AdapterTable.misfits`); the swap proceeds either way (a new file is how a model is
+upgraded), and at the flip the ones that do not fit are marked, so that requests for them
+fail fast with the reason; the result lists them.
 Any failure before step 3 leaves the old model serving, raises `SwapRefused`, records the
 reason (`last_swap`, shown by `sidecar status`) and quarantines the file.
 
@@ -42,6 +46,7 @@ from sidecar.domain.progress import Progress, ignore
 from sidecar.domain.specs import RunnerSpec, declared_head_widths, kv_bytes, kv_cache_type
 from sidecar.domain.status import SwapResult
 from sidecar.domain.types import GenerateTask, Generation, ModelRef
+from sidecar.engine.adapters import AdapterTable
 from sidecar.engine.gate import Gate, load_golden
 from sidecar.engine.mappings import open_files
 from sidecar.engine.pool import VERSION_CHARS, ModelPool
@@ -67,9 +72,11 @@ class Swapper:
         store: ModelStore,
         settings: Callable[[], StoreConfig],
         tasks: Callable[[], tuple[TaskConfig, ...]] = tuple,
+        adapters: AdapterTable | None = None,
     ) -> None:
         self.pools = pools
         self.store = store
+        self.adapters = adapters  # the models' LoRA adapters, checked against a new file
         self._settings = settings  # read per swap: a SIGHUP may change store.*
         self._tasks = tasks  # the same: a golden set may change on reload
         self._locks = {name: asyncio.Lock() for name in pools}
@@ -117,6 +124,8 @@ class Swapper:
                 if sha[:VERSION_CHARS] == pool.ref.version:
                     progress("done", f"{pool.ref.name} already serves {pool.ref.version}")
                     return SwapResult(pool.ref, pool.ref, strategy, 0.0)
+                misfits = await self._misfits(pool, sha, progress)
+                flip = functools.partial(self._flipped, name, misfits, sha[:VERSION_CHARS])
                 try:
                     result = await switch(
                         pool,
@@ -128,6 +137,7 @@ class Swapper:
                         settings.swap_wait_seconds,
                         checker,
                         self.store.gguf,
+                        flip,
                     )
                 except SwapRefused as e:
                     self.store.release(sha)
@@ -144,11 +154,28 @@ class Swapper:
             finally:
                 if held:
                     self.store.release(sha)
+            not_fitting = tuple(f"{a}: {why}" for a, why in sorted(misfits.items()))
             self._last[name] = (
                 f"{result.old.version} -> {result.new.version} "
                 f"({result.strategy}, {result.seconds:.1f}s)"
-            )
-            return result
+            ) + (f"; adapters not fitting it: {', '.join(sorted(misfits))}" if misfits else "")
+            return replace(result, adapters_not_fitting=not_fitting)
+
+    async def _misfits(self, pool: ModelPool, sha: str, progress: Progress) -> dict[str, str]:
+        """The model's active adapters that do not fit version `sha` -> why."""
+        if self.adapters is None or not self.adapters.names(pool.config.name):
+            return {}
+        progress("adapters", "checking the model's adapters against the new file")
+        found = await asyncio.to_thread(
+            self.adapters.misfits, pool.config.name, self.store.blob(sha)
+        )
+        for adapter, why in sorted(found.items()):
+            progress("adapters", f"adapter {adapter!r} does not fit the new file: {why}")
+        return found
+
+    def _flipped(self, name: str, misfits: dict[str, str], version: str) -> None:
+        if self.adapters is not None:
+            self.adapters.mark(name, misfits, version)
 
     async def _gate(self, pool: ModelPool) -> Gate | None:
         """The eval gate of `pool`'s model, its golden set read now; None without one."""
@@ -272,10 +299,12 @@ async def switch(
     wait_s: float,
     gate: Gate | None = None,
     inspect: Callable[[Path], GGUFInfo] = check,
+    on_flip: Callable[[], None] = lambda: None,
 ) -> SwapResult:
     """Steps 1 to 4 for a file already in the store: validate, prove (canary, then the eval
     gate), flip, drain. `inspect`: reads the file's GGUF header (the store's, through
-    decryption, for a sealed blob)."""
+    decryption, for a sealed blob); `on_flip`: called at the flip, just before new requests
+    go to the new workers."""
     started = time.monotonic()
     old_ref = pool.ref
     new_ref = ModelRef(pool.config.name, version[:VERSION_CHARS])
@@ -297,10 +326,11 @@ async def switch(
     if gate is not None:  # while the serving version still has its workers (replace too)
         await gate.prepare(pool, progress)
     if strategy == "replace":
-        await _replace_in_place(pool, spec, new_ref, progress, drain_s, wait_s, gate)
+        await _replace_in_place(pool, spec, new_ref, progress, drain_s, wait_s, gate, on_flip)
     else:
         slots = await _prove(pool, spec, progress, gate)
         progress("flipping", f"{old_ref.version} -> {new_ref.version}")
+        on_flip()
         old = pool.route_to(slots, new_ref, spec)
         progress("draining", f"{len(old)} old worker(s), up to {drain_s:.0f}s")
         await pool.drain(old, drain_s)
@@ -356,6 +386,7 @@ async def _replace_in_place(
     drain_s: float,
     wait_s: float,
     gate: Gate | None,
+    on_flip: Callable[[], None],
 ) -> None:
     progress("pausing", f"new requests wait up to {wait_s:.0f}s")
     pool.pause(wait_s)
@@ -372,6 +403,7 @@ async def _replace_in_place(
             pool.route_to(back, pool.ref, old_spec)
             raise
         progress("flipping", f"-> {new_ref.version}")
+        on_flip()
         pool.route_to(slots, new_ref, spec)
     finally:
         pool.resume()

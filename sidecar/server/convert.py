@@ -295,6 +295,7 @@ def model_status(m: ModelReport) -> pb.ModelStatus:
                 version=a.version,
                 last_update=a.last_update,
                 last_rollback=a.last_rollback,
+                not_fitting=a.not_fitting,
             )
             for a in m.adapters
         ],
@@ -328,14 +329,17 @@ def swap_progress(
 
 
 def swap_done(result: SwapResult, elapsed_ms: float) -> pb.SwapProgress:
+    misfits = result.adapters_not_fitting
     return pb.SwapProgress(
         stage="done",
-        detail=f"{result.new.name} serves {result.new.version}",
+        detail=f"{result.new.name} serves {result.new.version}"
+        + (f"; {len(misfits)} adapter(s) do not fit it: {'; '.join(misfits)}" if misfits else ""),
         finished=True,
         ok=True,
         old=_model(result.old),
         new=_model(result.new),
         elapsed_ms=elapsed_ms,
+        adapters_not_fitting=misfits,
     )
 
 
@@ -400,6 +404,7 @@ def stored_version(v: StoredVersion) -> pb.StoredVersion:
         active=v.info.active,
         previous=v.info.previous,
         serving=v.serving,
+        not_fitting=v.not_fitting,
     )
 
 

@@ -95,7 +95,7 @@ async def apply_update(
         progress(stage, detail, done, total)
 
     try:
-        await ctx.engine.swap(name, version=sha, progress=swapping)
+        result = await ctx.engine.swap(name, version=sha, progress=swapping)
     except SwapRefused as e:
         # Recorded as failed either way: a candidate the gate refused is not fetched again.
         reason = {"validating": "validation", "eval": "eval"}.get(e.stage, "canary")
@@ -124,7 +124,12 @@ async def apply_update(
         name,
         f"installed v{manifest.version} ({sha[:12]}) via {how}; "
         f"fetched {fetched} bytes of {manifest.size}"
-        + (outside if r is not None and not r.in_cohort else ""),
+        + (outside if r is not None and not r.in_cohort else "")
+        + (
+            f"; adapters that do not fit it: {'; '.join(result.adapters_not_fitting)}"
+            if result.adapters_not_fitting
+            else ""
+        ),
     )
     progress("probation", f"v{manifest.version} serves; watching it for {healthy_seconds:.0f}s",
              0, 0)  # fmt: skip

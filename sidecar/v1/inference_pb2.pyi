@@ -1150,6 +1150,7 @@ class AdapterStatus(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     LAST_UPDATE_FIELD_NUMBER: _builtins.int
     LAST_ROLLBACK_FIELD_NUMBER: _builtins.int
+    NOT_FITTING_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """what a request's `adapter` names (MODEL:ADAPTER on /v1)"""
     version: _builtins.str
@@ -1158,6 +1159,11 @@ class AdapterStatus(_message.Message):
     """the outcome of its last update check or install"""
     last_rollback: _builtins.str
     """the last version probation swapped back, when and why"""
+    not_fitting: _builtins.str
+    """Why its active version does not fit the file the model serves now ("" = it fits): a
+    swap of the model to a file of other dimensions. Requests for it fail
+    FAILED_PRECONDITION until a version made for the model is added or activated.
+    """
     def __init__(
         self,
         *,
@@ -1165,10 +1171,11 @@ class AdapterStatus(_message.Message):
         version: _builtins.str = ...,
         last_update: _builtins.str = ...,
         last_rollback: _builtins.str = ...,
+        not_fitting: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_rollback", b"last_rollback", "last_update", b"last_update", "name", b"name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_rollback", b"last_rollback", "last_update", b"last_update", "name", b"name", "not_fitting", b"not_fitting", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1538,8 +1545,9 @@ class SwapProgress(_message.Message):
     OLD_FIELD_NUMBER: _builtins.int
     NEW_FIELD_NUMBER: _builtins.int
     ELAPSED_MS_FIELD_NUMBER: _builtins.int
+    ADAPTERS_NOT_FITTING_FIELD_NUMBER: _builtins.int
     stage: _builtins.str
-    """adding | validating | memory | loading | canary | flipping | draining | done | failed"""
+    """adding | validating | adapters | memory | loading | canary | flipping | draining | done | failed"""
     detail: _builtins.str
     finished: _builtins.bool
     ok: _builtins.bool
@@ -1548,6 +1556,13 @@ class SwapProgress(_message.Message):
     def old(self) -> Global___ModelRef: ...
     @_builtins.property
     def new(self) -> Global___ModelRef: ...
+    @_builtins.property
+    def adapters_not_fitting(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """On the last message of a swap that worked: the model's active adapters that do not
+        fit the new file, as "ADAPTER: why" (requests for them fail until a fitting version
+        is added).
+        """
+
     def __init__(
         self,
         *,
@@ -1558,10 +1573,11 @@ class SwapProgress(_message.Message):
         old: Global___ModelRef | None = ...,
         new: Global___ModelRef | None = ...,
         elapsed_ms: _builtins.float = ...,
+        adapters_not_fitting: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["new", b"new", "old", b"old"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "elapsed_ms", b"elapsed_ms", "finished", b"finished", "new", b"new", "ok", b"ok", "old", b"old", "stage", b"stage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters_not_fitting", b"adapters_not_fitting", "detail", b"detail", "elapsed_ms", b"elapsed_ms", "finished", b"finished", "new", b"new", "ok", b"ok", "old", b"old", "stage", b"stage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1577,6 +1593,7 @@ class StoredVersion(_message.Message):
     ACTIVE_FIELD_NUMBER: _builtins.int
     PREVIOUS_FIELD_NUMBER: _builtins.int
     SERVING_FIELD_NUMBER: _builtins.int
+    NOT_FITTING_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """a model's name, or MODEL:ADAPTER for a LoRA adapter of MODEL"""
     sha256: _builtins.str
@@ -1584,6 +1601,8 @@ class StoredVersion(_message.Message):
     active: _builtins.bool
     previous: _builtins.bool
     serving: _builtins.bool
+    not_fitting: _builtins.str
+    """An adapter's active version that does not fit the file its model serves now: why."""
     def __init__(
         self,
         *,
@@ -1593,10 +1612,11 @@ class StoredVersion(_message.Message):
         active: _builtins.bool = ...,
         previous: _builtins.bool = ...,
         serving: _builtins.bool = ...,
+        not_fitting: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "model", b"model", "previous", b"previous", "serving", b"serving", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "model", b"model", "not_fitting", b"not_fitting", "previous", b"previous", "serving", b"serving", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
