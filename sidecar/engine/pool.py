@@ -30,6 +30,7 @@ from typing import Any
 from sidecar.config import ModelConfig
 from sidecar.domain.errors import (
     FailedPrecondition,
+    InternalError,
     KilledWorker,
     Overloaded,
     SidecarError,
@@ -124,6 +125,10 @@ class ModelPool:
         # The same for the requests that asked for an adapter, per adapter version (sha256):
         # probation after an adapter update. Room for a few versions of each cached adapter.
         self.adapter_latencies = Latencies(VERSIONS * ADAPTERS_PER_WORKER)
+        # Live requests a worker failed with an adapter version's own kind of failure (it
+        # could not be loaded or applied, or an internal error), per version (sha256):
+        # probation after an adapter update. Count and the last reason.
+        self.adapter_failures: dict[str, tuple[int, str]] = {}
         self._held: set[Slot] = set()  # workers stopped for live work
         self._stretch: dict[Slot, float] = {}  # held workers -> when their stretch began
         self._let_run: dict[Slot, float] = {}  # held too long: not held again until then
@@ -388,12 +393,26 @@ class ModelPool:
                 lora = getattr(job.task, "lora", None)
                 if lora is not None:
                     self.adapter_latencies.add(lora.sha256, ms)
+            self._count_failure(job, event)
             self._finish(job, event)
             if job.caller != PROBE_CALLER:
                 self.last_used = time.monotonic()  # idle counts from the end of the last one
         if slot.info.state == "idle" and slot in self._retiring and slot not in self._slots:
             self._background(self._stop_retired(slot))  # replaced while it finished its jobs
         self._dispatch()
+
+    def _count_failure(self, job: Job, event: Event) -> None:
+        lora = getattr(job.task, "lora", None)
+        # The version's fault, not the caller's (a bad request, a schema the reply missed,
+        # a cancellation) nor the pool's (a crash is a restart, which probation sees).
+        own = type(event) in (FailedPrecondition, InternalError)
+        if lora is None or job.caller in OWN_CALLERS or not own:
+            return
+        assert isinstance(event, SidecarError)
+        count, _ = self.adapter_failures.get(lora.sha256, (0, ""))
+        self.adapter_failures[lora.sha256] = (count + 1, event.message)
+        while len(self.adapter_failures) > VERSIONS * ADAPTERS_PER_WORKER:
+            del self.adapter_failures[next(iter(self.adapter_failures))]
 
     def died(self, slot: Slot, exitcode: int | None, job_ids: set[int]) -> None:
         silent = self._hung.pop(slot, None)

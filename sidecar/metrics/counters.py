@@ -61,8 +61,9 @@ UPDATE_REJECTIONS = (
     "stale",  # not refused: an older copy of the newest version (a cache), see update/check.py
 )
 UPDATE_PATHS = ("delta", "full")
-# update/probation.py; rollback_failed: the swap back failed, the bad version still serves.
-ROLLBACK_CAUSES = ("worker_died", "probe_failed", "latency", "rollback_failed")
+# update/probation.py; requests_failed: an adapter version's requests failed (adapters
+# only); rollback_failed: the swap back failed, the bad version still serves.
+ROLLBACK_CAUSES = ("worker_died", "probe_failed", "latency", "requests_failed", "rollback_failed")
 SWAP_OUTCOMES = (  # (outcome, stage): the stages engine/swap.py refuses at
     ("swapped", ""),
     ("unchanged", ""),

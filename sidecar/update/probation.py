@@ -6,7 +6,9 @@ kept in the state, so it survives a restart.
 
 An adapter ("MODEL:ADAPTER") installed by an update is watched alike, with its model's
 workers and probe (an adapter runs in them) and its own versions' latencies (only the
-requests that asked for it); a rollback activates the adapter version the update replaced.
+requests that asked for it), and one more sign: a live request with it that a worker
+failed (it could not be loaded or applied there, or an internal error); a rollback
+activates the adapter version the update replaced.
 """
 
 from __future__ import annotations
@@ -30,15 +32,17 @@ class Probation:
     def __init__(self, ctx: UpdateContext, probe_errors: dict[str, str | None]) -> None:
         self._ctx = ctx
         self._probe_errors = probe_errors
-        # Worker restarts and probe error when probation began: later changes are trouble.
-        self._baseline: dict[str, tuple[int, str | None]] = {}
+        # Worker restarts, probe error and (an adapter's) failed requests when probation
+        # began: later changes are trouble.
+        self._baseline: dict[str, tuple[int, str | None, int]] = {}
 
     def _pool(self, name: str) -> ModelPool:
         return self._ctx.engine.pool(name.partition(":")[0])
 
-    def _health_marks(self, name: str) -> tuple[int, str | None]:
-        pool = self._pool(name)  # an adapter's health is its model's workers'
-        return pool.status().restarts, self._probe_errors.get(pool.config.name)
+    def _health_marks(self, name: str) -> tuple[int, str | None, int]:
+        pool = self._pool(name)  # an adapter's health is its model's workers', and its own
+        failed = pool.adapter_failures.get(self._serving(name), (0, ""))[0] if ":" in name else 0
+        return pool.status().restarts, self._probe_errors.get(pool.config.name), failed
 
     def _serving(self, name: str) -> str:
         """The version `name` serves now: a model's short version, an adapter's sha256
@@ -86,12 +90,16 @@ class Probation:
                 st.save(path)
                 continue
             baseline = self._baseline.setdefault(name, self._health_marks(name))
-            restarts, probe_error = self._health_marks(name)
+            restarts, probe_error, failed = self._health_marks(name)
             trouble, cause = "", ""
             if restarts > baseline[0]:
                 trouble, cause = f"{restarts - baseline[0]} worker restart(s)", "worker_died"
             elif probe_error and probe_error != baseline[1]:
                 trouble, cause = f"readiness probe failed: {probe_error}", "probe_failed"
+            elif failed > baseline[2]:
+                last = self._pool(name).adapter_failures.get(serving, (0, ""))[1]
+                trouble = f"{failed - baseline[2]} request(s) with it failed (last: {last})"
+                cause = "requests_failed"
             elif slow := self._slower(name, serving, p):
                 trouble, cause = slow, "latency"
             if trouble:

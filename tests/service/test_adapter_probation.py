@@ -1,9 +1,10 @@
 """Probation after an adapter update, through the real daemon (gRPC, process workers on a
 tiny GGUF, a signed origin folder): a new adapter version whose worker dies while it is
 watched is rolled back to the version it replaced (status, metrics, not fetched again);
-a healthy one serves out its probation and stays. The latency watch runs on fake slots
-whose speed depends on the adapter version a request carries (a real rank-1024 adapter on
-a tiny model is only about 1.6x slower per request: too close to a factor's bar to test)."""
+a healthy one serves out its probation and stays. The latency and failed-request watches
+run on fake slots whose speed or failures depend on the adapter version a request carries
+(a real rank-1024 adapter on a tiny model is only about 1.6x slower per request, too close
+to a factor's bar to test; and a real adapter that passes its canary fails no request)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ import pytest
 from test_adapters import adapter_origin  # type: ignore[import-not-found]
 
 from sidecar.client import AsyncClient
-from sidecar.domain.types import Result, Task
+from sidecar.domain.errors import FailedPrecondition, InvalidRequest
+from sidecar.domain.types import GenerateTask, Result, Task
 from sidecar.engine import local
+from sidecar.engine.adapters import CANARY_PROMPT
 from sidecar.engine.fake import FakeSlot
 from sidecar.fileio import sha256_file
 from sidecar.v1 import inference_pb2 as pb
@@ -173,3 +176,54 @@ async def test_an_adapter_version_much_slower_than_the_one_it_replaced_is_rolled
         adapter = await _adapter(s.client)
         assert adapter.version == v2 and adapter.last_rollback == ""
         assert _rollbacks(s, "latency") == 0
+
+
+class FailingAdapter(FakeSlot):
+    """A fake worker that fails live requests for the adapter versions in `failing` (the
+    canary passes) with `error`."""
+
+    failing: ClassVar[set[str]] = set()
+    error: ClassVar[type[Exception]] = FailedPrecondition
+
+    async def _run(self, job_id: int, task: Task, stream: bool) -> None:
+        lora = getattr(task, "lora", None)
+        canary = isinstance(task, GenerateTask) and task.prompt == CANARY_PROMPT
+        if lora is not None and lora.sha256 in self.failing and not canary:
+            self._settle(job_id)
+            self.events.failed(self, job_id, self.error("llama.cpp refused to apply it"))  # type: ignore[arg-type]
+            return
+        await super()._run(job_id, task, stream)
+
+
+@pytest.mark.parametrize("error", [FailedPrecondition, InvalidRequest], ids=["its-fault", "caller"])
+async def test_an_adapter_version_whose_requests_fail_is_rolled_back(
+    serve, tiny_model: Path, short_dir: Path, monkeypatch: pytest.MonkeyPatch, error: type
+) -> None:
+    monkeypatch.setitem(local.SLOT_KINDS, "fake", FailingAdapter)
+    _, v1_file, v2_file, _, keys = adapter_origin(short_dir, tiny_model, (1, 2))
+    FailingAdapter.failing, FailingAdapter.error = {sha256_file(v2_file)}, error
+    v1, v2 = sha256_file(v1_file)[:12], sha256_file(v2_file)[:12]
+    s = await serve(tiny_model, model_keys=keys, update={"healthy_seconds": 2})
+    await s.client.add_model(v1_file, name="fmt", adapter_for="default")
+    assert (await s.client.apply_update("default:fmt")).installed
+    assert (await _adapter(s.client)).version == v2
+    with pytest.raises(Exception, match="refused to apply"):
+        await s.client.generate("Hello w", max_tokens=2, adapter="fmt")
+    if error is InvalidRequest:  # the caller's to fix: says nothing about the version
+
+        async def passed() -> bool:
+            return "healthily" in (await _adapter(s.client)).last_update
+
+        await _until(passed)
+        assert (await _adapter(s.client)).version == v2
+        assert _rollbacks(s, "requests_failed") == 0
+        return
+
+    async def rolled_back() -> str:
+        return (await _adapter(s.client)).last_rollback
+
+    text = await _until(rolled_back)
+    assert text.startswith(f"v2 ({v2}) rolled back to {v1} at "), text
+    assert "1 request(s) with it failed (last: llama.cpp refused to apply it)" in text
+    assert await _serving(s.client) == v1
+    assert _rollbacks(s, "requests_failed") == 1
