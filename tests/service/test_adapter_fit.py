@@ -12,7 +12,9 @@ import asyncio
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
+from openai_client import unix_client  # type: ignore[import-not-found]
 from tiny_gguf import write_tiny_llama
 from tiny_lora import write_lora
 from update_origin import Origin, apply  # type: ignore[import-not-found]
@@ -118,17 +120,43 @@ async def test_a_swap_to_a_file_its_adapter_does_not_fit_reports_it_and_requests
     assert reply.adapter.version == wide_v.sha256[:12]
 
 
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
 async def test_an_adapter_that_does_not_fit_stays_marked_after_a_restart(
-    serve, tiny_model: Path, short_dir: Path, narrow: Path
+    serve, tiny_model: Path, short_dir: Path, narrow: Path, encrypted: bool
 ) -> None:
-    s = await serve(tiny_model, slot_kind="process", workers=1, context=512)
+    # On an encrypted store the headers are read through decryption.
+    env = {"SIDECAR_STORE_ENCRYPTION": "on", "SIDECAR_STORE_KEY": "3c" * 32} if encrypted else None
+    s = await serve(tiny_model, slot_kind="process", workers=1, context=512, env=env)
     await _add(s.client, write_lora(short_dir / "wide.gguf", tiny_model, std=0.3))
-    await _swap(s.client, path=str(narrow))
+    done = await _swap(s.client, path=str(narrow))
+    assert WIDE_REASON in done.adapters_not_fitting[0]
+    assert s.running.local.store.encrypt is encrypted
     await s.running.stop(grace=0)
     # The config still names the wide file; the store's active version (narrow) serves.
-    s = await serve(tiny_model, slot_kind="process", workers=1, context=512)
+    s = await serve(tiny_model, slot_kind="process", workers=1, context=512, env=env,
+                    http={"socket": str(short_dir / "h.sock")})  # fmt: skip
     assert WIDE_REASON in (await _adapter(s.client)).not_fitting
     assert WIDE_REASON in await _refused(s.client)
+    # Every request kind that takes an adapter, streams and the OpenAI API (400) alike.
+    calls = [
+        s.client.chat([("user", "hi")], max_tokens=2, adapter="fmt"),
+        s.client.classify("hi", ["a", "b"], adapter="fmt"),
+        s.client.extract("hi", {"type": "object"}, adapter="fmt"),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await call
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert WIDE_REASON in (e.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        _ = [c async for c in s.client.generate_stream("hi", max_tokens=2, adapter="fmt")]
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    http = unix_client(short_dir / "h.sock")
+    try:
+        with pytest.raises(openai.BadRequestError, match="does not fit the file model"):
+            await http.completions.create(model="default:fmt", prompt="x", max_tokens=1)
+    finally:
+        await http.close()
 
 
 async def test_a_dropped_model_file_reports_the_adapters_it_does_not_fit(
