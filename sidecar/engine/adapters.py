@@ -66,6 +66,7 @@ class AdapterTable:
         self._active: dict[str, dict[str, AdapterFile]] = {}  # base -> adapter -> file
         # base -> adapter -> why its active version does not fit the model's serving file
         self._misfit: dict[str, dict[str, str]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
         # Called (in a thread) with a base model's name after its adapters changed: the
         # engine re-counts that model's memory footprint.
         self.changed: Callable[[str], None] = lambda _base: None
@@ -99,6 +100,11 @@ class AdapterTable:
         misfit = dict(self._misfit.get(base, {}))
         misfit.pop(file.name if file is not None else name, None)
         self._misfit = {**self._misfit, base: misfit}
+
+    def lock(self, base: str) -> asyncio.Lock:
+        """Held by an activation of one of `base`'s adapters, and by a swap of `base` from
+        its adapters' check to its flip: neither sees the other half done."""
+        return self._locks.setdefault(base, asyncio.Lock())
 
     def fit(self, base: str, name: str, sha: str, model_file: Path) -> str:
         """Why version `sha` of `base`'s adapter `name` does not fit `model_file` ("" = it
@@ -235,16 +241,17 @@ async def activate(
     refused: SwapRefused | None = None
     table.store.hold(sha)  # no gc between the canary and the pointer
     try:
-        # Before the canary: a version made for another file of the model (one it served
-        # before a swap) is refused with the header's reason, not llama.cpp's.
-        why = await asyncio.to_thread(table.fit, base, name, sha, pool.spec.path)
-        if why:
-            raise SwapRefused("validating", why)
-        await prove(pool, file)
-        if gate:
-            await _gate(pool, table, file, old)
-        await asyncio.to_thread(view.activate, name, sha)
-        table.set(base, file)
+        async with table.lock(base):  # not beside a swap of the model
+            # Before the canary: a version made for another file of the model (one it
+            # served before a swap) is refused with the header's reason, not llama.cpp's.
+            why = await asyncio.to_thread(table.fit, base, name, sha, pool.spec.path)
+            if why:
+                raise SwapRefused("validating", why)
+            await prove(pool, file)
+            if gate:
+                await _gate(pool, table, file, old)
+            await asyncio.to_thread(view.activate, name, sha)
+            table.set(base, file)
         await asyncio.to_thread(table.changed, base)
     except SwapRefused as e:
         refused = e

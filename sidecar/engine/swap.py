@@ -124,32 +124,35 @@ class Swapper:
                 if sha[:VERSION_CHARS] == pool.ref.version:
                     progress("done", f"{pool.ref.name} already serves {pool.ref.version}")
                     return SwapResult(pool.ref, pool.ref, strategy, 0.0)
-                misfits = await self._misfits(pool, sha, progress)
-                flip = functools.partial(self._flipped, name, misfits, sha[:VERSION_CHARS])
-                try:
-                    result = await switch(
-                        pool,
-                        self.store.blob(sha),
-                        sha,
-                        strategy,
-                        progress,
-                        settings.drain_seconds,
-                        settings.swap_wait_seconds,
-                        checker,
-                        self.store.gguf,
-                        flip,
-                    )
-                except SwapRefused as e:
-                    self.store.release(sha)
-                    held = False
-                    in_use = self.in_use()
-                    where = await asyncio.to_thread(self._refuse, name, sha, e.reason, in_use)
-                    self._last[name] = (
-                        f"refused {sha[:VERSION_CHARS]} at {e.stage}: {e.reason} "
-                        f"(quarantined as {where.name})"
-                    )
-                    progress("failed", self._last[name])
-                    raise
+                # No adapter of this model is activated between the check and the flip
+                # (an activation checks against the file the model serves after it).
+                async with self._adapter_lock(name):
+                    misfits = await self._misfits(pool, sha, progress)
+                    flip = functools.partial(self._flipped, name, misfits, sha[:VERSION_CHARS])
+                    try:
+                        result = await switch(
+                            pool,
+                            self.store.blob(sha),
+                            sha,
+                            strategy,
+                            progress,
+                            settings.drain_seconds,
+                            settings.swap_wait_seconds,
+                            checker,
+                            self.store.gguf,
+                            flip,
+                        )
+                    except SwapRefused as e:
+                        self.store.release(sha)
+                        held = False
+                        in_use = self.in_use()
+                        where = await asyncio.to_thread(self._refuse, name, sha, e.reason, in_use)
+                        self._last[name] = (
+                            f"refused {sha[:VERSION_CHARS]} at {e.stage}: {e.reason} "
+                            f"(quarantined as {where.name})"
+                        )
+                        progress("failed", self._last[name])
+                        raise
                 await asyncio.to_thread(self.store.activate, name, sha)
             finally:
                 if held:
@@ -160,6 +163,9 @@ class Swapper:
                 f"({result.strategy}, {result.seconds:.1f}s)"
             ) + (f"; adapters not fitting it: {', '.join(sorted(misfits))}" if misfits else "")
             return replace(result, adapters_not_fitting=not_fitting)
+
+    def _adapter_lock(self, name: str) -> asyncio.Lock:
+        return self.adapters.lock(name) if self.adapters is not None else asyncio.Lock()
 
     async def _misfits(self, pool: ModelPool, sha: str, progress: Progress) -> dict[str, str]:
         """The model's active adapters that do not fit version `sha` -> why."""

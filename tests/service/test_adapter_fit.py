@@ -203,3 +203,30 @@ async def test_a_model_update_reports_the_adapters_the_new_version_does_not_fit(
     last = (await s.client.status()).models[0].last_update
     assert "adapters that do not fit it: fmt: " in last and WIDE_REASON in last, last
     assert WIDE_REASON in await _refused(s.client)
+
+
+async def test_an_adapter_added_during_a_swap_never_serves_unchecked(
+    serve, tiny_model: Path, short_dir: Path, narrow: Path
+) -> None:
+    s = await serve(tiny_model, slot_kind="process", workers=1, context=512)
+    lora = write_lora(short_dir / "wide.gguf", tiny_model, std=0.3)
+    swapping = asyncio.ensure_future(_swap(s.client, path=str(narrow)))
+    await asyncio.sleep(0.05)  # the swap is under way (adding the file, loading, canary)
+    try:
+        await _add(s.client, lora)
+        added = True
+    except grpc.aio.AioRpcError as e:
+        # Checked against the narrow file after the flip: refused with the header's reason.
+        assert e.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert WIDE_REASON in (e.details() or ""), e.details()
+        assert "swap refused at validating" in (e.details() or "")
+        added = False
+    done = await swapping
+    if added:  # before the swap's check: the swap found it does not fit
+        assert WIDE_REASON in done.adapters_not_fitting[0]
+        assert WIDE_REASON in await _refused(s.client)
+    else:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await s.client.generate("Hello w", max_tokens=2, adapter="fmt")
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert (await s.client.status()).models[0].restarts == 0
