@@ -22,6 +22,7 @@ goes on to the next. `health` says what the watcher is doing, or why it stopped,
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import stat
@@ -77,6 +78,14 @@ def keep(folder: Path, path: Path, imported: bool) -> Path:
         except FileExistsError:
             n += 1
             continue
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            if dest.exists():  # no hard links here: a checked rename (we alone write here)
+                n += 1
+                continue
+            path.rename(dest)
+            return dest
         path.unlink()
         return dest
 
