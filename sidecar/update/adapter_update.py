@@ -9,8 +9,8 @@ with the same bounded memory and checked against the manifest's sha256, then it 
 against the model like any adapter (`store.adapters.add`), proven on a worker and made
 active (`engine.adapters.activate`). Requests already running keep the version they had.
 Then it is on probation like a model (`probation`): the version it replaced comes back if
-the model's workers die, its probe fails, or (with `probation_latency_factor`) the
-requests for the adapter get that much slower. A first version (nothing replaced) has no
+the model's workers die, its probe fails, a worker fails a request with it, or (with
+`probation_latency_factor`) the requests for the adapter get that much slower. A first version (nothing replaced) has no
 probation: there is nothing to roll back to.
 
 The poll loop (`updater`) polls an adapter once an update installed it; before that it is
