@@ -102,8 +102,9 @@ class AdapterTable:
         self._misfit = {**self._misfit, base: misfit}
 
     def lock(self, base: str) -> asyncio.Lock:
-        """Held by an activation of one of `base`'s adapters, and by a swap of `base` from
-        its adapters' check to its flip: neither sees the other half done."""
+        """Held by an activation of one of `base`'s adapters around its last fit check and
+        its flip (never its canary), and by a swap of `base` from its adapters' check to
+        its flip: neither sees the other half done."""
         return self._locks.setdefault(base, asyncio.Lock())
 
     def fit(self, base: str, name: str, sha: str, model_file: Path) -> str:
@@ -241,15 +242,22 @@ async def activate(
     refused: SwapRefused | None = None
     table.store.hold(sha)  # no gc between the canary and the pointer
     try:
-        async with table.lock(base):  # not beside a swap of the model
-            # Before the canary: a version made for another file of the model (one it
-            # served before a swap) is refused with the header's reason, not llama.cpp's.
-            why = await asyncio.to_thread(table.fit, base, name, sha, pool.spec.path)
-            if why:
-                raise SwapRefused("validating", why)
-            await prove(pool, file)
-            if gate:
-                await _gate(pool, table, file, old)
+        # Before the canary: a version made for another file of the model (one it
+        # served before a swap) is refused with the header's reason, not llama.cpp's.
+        checked = pool.spec.path
+        why = await asyncio.to_thread(table.fit, base, name, sha, checked)
+        if why:
+            raise SwapRefused("validating", why)
+        # Not under the lock: the canary may wait for an on-demand load, which waits for
+        # a swap of the model, which waits for this lock.
+        await prove(pool, file)
+        if gate:
+            await _gate(pool, table, file, old)
+        async with table.lock(base):  # a swap of the model checks adapters and flips under it
+            if pool.spec.path != checked:  # swapped meanwhile: checked against the new file
+                why = await asyncio.to_thread(table.fit, base, name, sha, pool.spec.path)
+                if why:
+                    raise SwapRefused("validating", why)
             await asyncio.to_thread(view.activate, name, sha)
             table.set(base, file)
         await asyncio.to_thread(table.changed, base)

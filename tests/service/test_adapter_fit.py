@@ -230,3 +230,33 @@ async def test_an_adapter_added_during_a_swap_never_serves_unchecked(
             await s.client.generate("Hello w", max_tokens=2, adapter="fmt")
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
     assert (await s.client.status()).models[0].restarts == 0
+
+
+async def test_a_swap_and_an_adapter_activation_of_an_unloaded_on_demand_model_both_finish(
+    serve, tiny_model: Path, short_dir: Path
+) -> None:
+    # The order that deadlocked: the swap holds the model's load lock (busy adding its
+    # file), the activation's canary waits for the on-demand load that lock blocks.
+    s = await serve(tiny_model, slot_kind="process", workers=1, context=512,
+                    model_keys={"load": "on_demand"})  # fmt: skip
+    engine = s.running.local
+    assert (await s.client.status()).models[0].state == "unloaded"
+    same = write_tiny_llama(short_dir / "same.gguf", seed=7, n_ctx=4096)
+    lora = write_lora(short_dir / "wide.gguf", tiny_model, std=0.3)
+    load_lock = engine._locks["default"]
+    await load_lock.acquire()  # both line up behind it: the swap first, then the load
+    try:
+        swapping = asyncio.ensure_future(_swap(s.client, path=str(same)))
+        while not load_lock._waiters:  # the swap waits for it
+            await asyncio.sleep(0.01)
+        adding = asyncio.ensure_future(_add(s.client, lora))
+        while len(load_lock._waiters) < 2:  # and the canary's load
+            await asyncio.sleep(0.01)
+    finally:
+        load_lock.release()
+    done, added = await asyncio.wait_for(asyncio.gather(swapping, adding), 60)
+    assert done.ok and added.sha256
+    adapter = await _adapter(s.client)
+    assert adapter.version == added.sha256[:12] and adapter.not_fitting == ""
+    reply = await s.client.generate("Hello w", max_tokens=2, adapter="fmt")
+    assert reply.adapter.version == added.sha256[:12]
