@@ -103,8 +103,8 @@ class AdapterTable:
 
     def lock(self, base: str) -> asyncio.Lock:
         """Held by an activation of one of `base`'s adapters around its last fit check and
-        its flip (never its canary), and by a swap of `base` from its adapters' check to
-        its flip: neither sees the other half done."""
+        its flip (never its canary), and by a swap of `base` around its adapters' check
+        and its flip (never its loading, canary or drain): neither sees the other half done."""
         return self._locks.setdefault(base, asyncio.Lock())
 
     def fit(self, base: str, name: str, sha: str, model_file: Path) -> str:

@@ -29,7 +29,7 @@ import contextlib
 import functools
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -124,35 +124,31 @@ class Swapper:
                 if sha[:VERSION_CHARS] == pool.ref.version:
                     progress("done", f"{pool.ref.name} already serves {pool.ref.version}")
                     return SwapResult(pool.ref, pool.ref, strategy, 0.0)
-                # No adapter of this model is activated between the check and the flip
-                # (an activation checks against the file the model serves after it).
-                async with self._adapter_lock(name):
-                    misfits = await self._misfits(pool, sha, progress)
-                    flip = functools.partial(self._flipped, name, misfits, sha[:VERSION_CHARS])
-                    try:
-                        result = await switch(
-                            pool,
-                            self.store.blob(sha),
-                            sha,
-                            strategy,
-                            progress,
-                            settings.drain_seconds,
-                            settings.swap_wait_seconds,
-                            checker,
-                            self.store.gguf,
-                            flip,
-                        )
-                    except SwapRefused as e:
-                        self.store.release(sha)
-                        held = False
-                        in_use = self.in_use()
-                        where = await asyncio.to_thread(self._refuse, name, sha, e.reason, in_use)
-                        self._last[name] = (
-                            f"refused {sha[:VERSION_CHARS]} at {e.stage}: {e.reason} "
-                            f"(quarantined as {where.name})"
-                        )
-                        progress("failed", self._last[name])
-                        raise
+                misfits: dict[str, str] = {}  # filled at the flip
+                try:
+                    result = await switch(
+                        pool,
+                        self.store.blob(sha),
+                        sha,
+                        strategy,
+                        progress,
+                        settings.drain_seconds,
+                        settings.swap_wait_seconds,
+                        checker,
+                        self.store.gguf,
+                        functools.partial(self._flipping, pool, sha, progress, misfits),
+                    )
+                except SwapRefused as e:
+                    self.store.release(sha)
+                    held = False
+                    in_use = self.in_use()
+                    where = await asyncio.to_thread(self._refuse, name, sha, e.reason, in_use)
+                    self._last[name] = (
+                        f"refused {sha[:VERSION_CHARS]} at {e.stage}: {e.reason} "
+                        f"(quarantined as {where.name})"
+                    )
+                    progress("failed", self._last[name])
+                    raise
                 await asyncio.to_thread(self.store.activate, name, sha)
             finally:
                 if held:
@@ -179,9 +175,21 @@ class Swapper:
             progress("adapters", f"adapter {adapter!r} does not fit the new file: {why}")
         return found
 
-    def _flipped(self, name: str, misfits: dict[str, str], version: str) -> None:
-        if self.adapters is not None:
-            self.adapters.mark(name, misfits, version)
+    @contextlib.asynccontextmanager
+    async def _flipping(
+        self, pool: ModelPool, sha: str, progress: Progress, misfits: dict[str, str]
+    ) -> AsyncIterator[None]:
+        """Around the flip: the model's adapters are checked against the new file and
+        marked, and the pool routes to it, with no adapter activated in between (an
+        activation re-checks under the same lock against the file served after it). Held
+        for header reads only: never across a load, a canary or a drain, which an
+        activation's own canary may wait behind."""
+        name = pool.config.name
+        async with self._adapter_lock(name):
+            misfits.update(await self._misfits(pool, sha, progress))
+            if self.adapters is not None:
+                self.adapters.mark(name, misfits, sha[:VERSION_CHARS])
+            yield
 
     async def _gate(self, pool: ModelPool) -> Gate | None:
         """The eval gate of `pool`'s model, its golden set read now; None without one."""
@@ -305,12 +313,12 @@ async def switch(
     wait_s: float,
     gate: Gate | None = None,
     inspect: Callable[[Path], GGUFInfo] = check,
-    on_flip: Callable[[], None] = lambda: None,
+    on_flip: Callable[[], contextlib.AbstractAsyncContextManager[None]] = contextlib.nullcontext,
 ) -> SwapResult:
     """Steps 1 to 4 for a file already in the store: validate, prove (canary, then the eval
     gate), flip, drain. `inspect`: reads the file's GGUF header (the store's, through
-    decryption, for a sealed blob); `on_flip`: called at the flip, just before new requests
-    go to the new workers."""
+    decryption, for a sealed blob); `on_flip`: entered at the flip, new requests going to the
+    new workers inside it."""
     started = time.monotonic()
     old_ref = pool.ref
     new_ref = ModelRef(pool.config.name, version[:VERSION_CHARS])
@@ -336,8 +344,8 @@ async def switch(
     else:
         slots = await _prove(pool, spec, progress, gate)
         progress("flipping", f"{old_ref.version} -> {new_ref.version}")
-        on_flip()
-        old = pool.route_to(slots, new_ref, spec)
+        async with on_flip():
+            old = pool.route_to(slots, new_ref, spec)
         progress("draining", f"{len(old)} old worker(s), up to {drain_s:.0f}s")
         await pool.drain(old, drain_s)
     seconds = time.monotonic() - started
@@ -392,7 +400,7 @@ async def _replace_in_place(
     drain_s: float,
     wait_s: float,
     gate: Gate | None,
-    on_flip: Callable[[], None],
+    on_flip: Callable[[], contextlib.AbstractAsyncContextManager[None]],
 ) -> None:
     progress("pausing", f"new requests wait up to {wait_s:.0f}s")
     pool.pause(wait_s)
@@ -409,8 +417,8 @@ async def _replace_in_place(
             pool.route_to(back, pool.ref, old_spec)
             raise
         progress("flipping", f"-> {new_ref.version}")
-        on_flip()
-        pool.route_to(slots, new_ref, spec)
+        async with on_flip():
+            pool.route_to(slots, new_ref, spec)
     finally:
         pool.resume()
 

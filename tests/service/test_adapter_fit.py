@@ -260,3 +260,27 @@ async def test_a_swap_and_an_adapter_activation_of_an_unloaded_on_demand_model_b
     assert adapter.version == added.sha256[:12] and adapter.not_fitting == ""
     reply = await s.client.generate("Hello w", max_tokens=2, adapter="fmt")
     assert reply.adapter.version == added.sha256[:12]
+
+
+@pytest.mark.parametrize("strategy", ["side_by_side", "replace"])
+async def test_a_swap_holds_the_adapter_lock_only_around_its_flip(
+    serve, tiny_model: Path, short_dir: Path, strategy: str
+) -> None:
+    # An adapter activation waits for that lock: never behind the swap's loading, canary
+    # or drain (up to store.drain_seconds).
+    s = await serve(tiny_model, slot_kind="process", workers=1, context=512)
+    await _add(s.client, write_lora(short_dir / "wide.gguf", tiny_model, std=0.3))
+    engine = s.running.local
+    lock = engine.adapters.lock("default")
+    held: dict[str, bool] = {}
+
+    def progress(stage: str, _detail: str) -> None:
+        held[stage] = held.get(stage, False) or lock.locked()
+
+    same = write_tiny_llama(short_dir / "same.gguf", seed=7, n_ctx=4096)
+    result = await engine.swap("default", path=same, strategy=strategy, progress=progress)
+    assert result.adapters_not_fitting == ()
+    assert {"loading", "canary", "flipping", "done"} <= held.keys(), held
+    assert held["adapters"], held  # the check before the flip is under it
+    assert not any(v for k, v in held.items() if k != "adapters"), held
+    assert not lock.locked()
