@@ -192,14 +192,33 @@ class AdapterTable:
                 f"model {base!r} has no adapter named {shown(name)} (adapters: {known}); add "
                 f"one with `sidecar models add --adapter-for {base} FILE --name NAME`"
             )
-        why = self.misfit(base, name)
-        if why:
-            raise FailedPrecondition(
-                f"{why}; the adapter does not fit the file model {base!r} serves now (it was "
-                f"swapped since): add a version made for this model with `sidecar models add "
-                f"--adapter-for {base} FILE --name {name}`, or swap the model back"
-            )
+        error = self.misfit_error(base, name)
+        if error is not None:
+            raise error
         return file
+
+    def misfit_error(self, base: str, name: str) -> FailedPrecondition | None:
+        """What a request for `base`'s adapter `name` fails with while it does not fit the
+        model's serving file (None: it fits)."""
+        why = self.misfit(base, name)
+        if not why:
+            return None
+        return FailedPrecondition(
+            f"{why}; the adapter does not fit the file model {base!r} serves now (it was "
+            f"swapped since): add a version made for this model with `sidecar models add "
+            f"--adapter-for {base} FILE --name {name}`, or swap the model back"
+        )
+
+    def stranded(self, base: str, job_task: object) -> FailedPrecondition | None:
+        """The error for a queued task that fixed a version of one of `base`'s adapters the
+        table marks as not fitting the model's serving file (None: it may run)."""
+        lora = getattr(job_task, "lora", None)
+        if not isinstance(lora, AdapterFile):
+            return None
+        active = self.get(base, lora.name)
+        if active is None or active.sha256 != lora.sha256:
+            return None
+        return self.misfit_error(base, lora.name)
 
     def of(self, base: str, task: AdaptableTask) -> AdapterFile | None:
         """The file a task asks for (None: no adapter)."""

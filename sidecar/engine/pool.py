@@ -358,6 +358,16 @@ class ModelPool:
             loop = asyncio.get_running_loop()
             self._hold_timer = loop.call_later(max(0.0, min(wake) - now), self._hold)
 
+    def fail_queued(self, error: Callable[[Job], SidecarError | None]) -> None:
+        """Fail each queued job `error` gives an error for (what it fixed cannot run on
+        the workers about to serve): it never reaches a worker, nor counts as a failure of
+        its adapter version."""
+        for job in list(self._queue.items()):
+            problem = error(job)
+            if problem is not None:
+                self._queue.remove(job)
+                self._finish(job, problem)
+
     def _finish(self, job: Job, event: Event) -> None:
         if not job.done:
             job.done = True

@@ -187,8 +187,11 @@ class Swapper:
         name = pool.config.name
         async with self._adapter_lock(name):
             misfits.update(await self._misfits(pool, sha, progress))
-            if self.adapters is not None:
-                self.adapters.mark(name, misfits, sha[:VERSION_CHARS])
+            table = self.adapters
+            if table is not None:
+                table.mark(name, misfits, sha[:VERSION_CHARS])
+                if misfits:  # queued before the mark: failed as one submitted after it
+                    pool.fail_queued(lambda job: table.stranded(name, job.task))
             yield
 
     async def _gate(self, pool: ModelPool) -> Gate | None:

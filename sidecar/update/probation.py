@@ -8,7 +8,8 @@ An adapter ("MODEL:ADAPTER") installed by an update is watched alike, with its m
 workers and probe (an adapter runs in them) and its own versions' latencies (only the
 requests that asked for it), and one more sign: a live request with it that a worker
 failed (it could not be loaded or applied there, or an internal error); a rollback
-activates the adapter version the update replaced.
+activates the adapter version the update replaced. A swap of the model to a file the
+adapter does not fit ends its probation (recorded), rolling nothing back.
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ class Probation:
         file = self._ctx.engine.adapters.get(base, adapter)
         return file.sha256 if file is not None else ""
 
+    def _not_fitting(self, name: str) -> str:
+        """Why adapter `name` ("MODEL:ADAPTER") does not fit its model's serving file ("" =
+        it fits, or `name` is a model)."""
+        base, _, adapter = name.partition(":")
+        return self._ctx.engine.adapters.misfit(base, adapter) if adapter else ""
+
     def _latencies(self, name: str) -> Latencies:
         pool = self._pool(name)
         return pool.adapter_latencies if ":" in name else pool.latencies
@@ -88,6 +95,20 @@ class Probation:
             if not serving or not p["sha256"].startswith(serving):
                 st.probation = {}
                 st.save(path)
+                continue
+            misfit = self._not_fitting(name)
+            if misfit:
+                # Its requests fail fast before any worker: nothing of its own to judge,
+                # and a swap back would be checked against the same file.
+                st.probation = {}
+                st.save(path)
+                self._baseline.pop(name, None)
+                ctx.record(
+                    name,
+                    f"probation of v{p['version']} ({p['sha256'][:12]}) ended: superseded by "
+                    f"a swap of its model to a file it does not fit: {misfit}",
+                    logging.WARNING,
+                )
                 continue
             baseline = self._baseline.setdefault(name, self._health_marks(name))
             restarts, probe_error, failed = self._health_marks(name)

@@ -284,3 +284,34 @@ async def test_a_swap_holds_the_adapter_lock_only_around_its_flip(
     assert held["adapters"], held  # the check before the flip is under it
     assert not any(v for k, v in held.items() if k != "adapters"), held
     assert not lock.locked()
+
+
+async def test_requests_queued_before_a_flip_their_adapter_does_not_fit_fail_fast(
+    serve, tiny_model: Path, short_dir: Path, narrow: Path
+) -> None:
+    s = await serve(tiny_model, slot_kind="process", workers=1, context=512)
+    await _add(s.client, write_lora(short_dir / "wide.gguf", tiny_model, std=0.3))
+    engine = s.running.local
+    pool = engine.pool("default")
+    queued: list[asyncio.Future[object]] = []
+    depth: dict[str, int] = {}
+
+    def progress(stage: str, _detail: str) -> None:
+        if stage == "loading":  # paused (strategy replace): requests wait in the queue
+            for _ in range(2):
+                queued.append(asyncio.ensure_future(
+                    s.client.generate("Hello w", max_tokens=2, adapter="fmt")))  # fmt: skip
+        if stage == "flipping":
+            depth["before"] = pool.status().queue_depth
+
+    result = await engine.swap("default", path=narrow, strategy="replace", progress=progress)
+    assert WIDE_REASON in result.adapters_not_fitting[0]
+    assert depth["before"] == 2  # they were queued when the flip came
+    for request in queued:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await request
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert WIDE_REASON in (e.value.details() or "") and HOW in (e.value.details() or "")
+    status = (await s.client.status()).models[0]
+    assert sum(w.requests for w in status.workers) == 1  # the canary: no worker saw them
+    assert pool.adapter_failures == {}  # not the adapter version's failures

@@ -227,3 +227,30 @@ async def test_an_adapter_version_whose_requests_fail_is_rolled_back(
     assert "1 request(s) with it failed (last: llama.cpp refused to apply it)" in text
     assert await _serving(s.client) == v1
     assert _rollbacks(s, "requests_failed") == 1
+
+
+async def test_a_swap_of_the_model_to_a_file_the_adapter_does_not_fit_ends_its_probation(
+    serve, tiny_model: Path, short_dir: Path
+) -> None:
+    from tiny_gguf import write_tiny_llama
+
+    s, _v1, v2 = await _started(serve, short_dir, tiny_model, healthy=60)
+    assert (await s.client.apply_update("default:fmt")).installed
+    narrow = write_tiny_llama(short_dir / "narrow.gguf", n_embd=32, n_head=2, n_ctx=4096)
+    steps = [p async for p in s.client.admin.Swap(pb.SwapRequest(path=str(narrow)))]
+    assert steps[-1].ok and steps[-1].adapters_not_fitting, steps[-1]
+    with pytest.raises(Exception, match="does not fit"):
+        await s.client.generate("Hello w", max_tokens=2, adapter="fmt")
+
+    async def ended() -> str:
+        last = (await _adapter(s.client)).last_update
+        return last if "probation of v2" in last else ""
+
+    text = await _until(ended, timeout=10)
+    assert f"({v2}) ended: superseded by a swap of its model" in text, text
+    assert "does not fit" in text, text
+    await asyncio.sleep(1.5)  # a few more passes: no rollback, no retry
+    adapter = await _adapter(s.client)
+    assert adapter.version == v2 and adapter.last_rollback == ""
+    for cause in ("requests_failed", "rollback_failed", "worker_died", "probe_failed"):
+        assert _rollbacks(s, cause) == 0, cause
