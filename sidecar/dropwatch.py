@@ -194,7 +194,8 @@ class DropWatcher:
                     del pending[path]
                     if not isinstance(e, _Refused):
                         log.exception("drop folder: checking %r failed", path.name)
-                    await self._refuse(path, str(e) if isinstance(e, _Refused) else repr(e))
+                    why = str(e) if isinstance(e, _Refused) else repr(e)
+                    await self._refuse(path, why, self.remove_plaintext)
                     continue
                 if current != size:
                     pending[path] = (now, current)
@@ -243,9 +244,9 @@ class DropWatcher:
             self.engine.store.quarantine(kept, reason, move=False)
         return f" (kept as {kept.relative_to(self.folder)})"
 
-    async def _refuse(self, path: Path, reason: str, recorded: bool = False) -> None:
+    async def _refuse(self, path: Path, reason: str, remove: bool, recorded: bool = False) -> None:
+        """`remove`: the setting as read once for this file (a reload may change it)."""
         outcome = f"{path.name!r}: refused: {reason}"
-        remove = self.remove_plaintext
         try:
             outcome += await asyncio.to_thread(self._set_aside, path, reason, recorded, remove)
         except Exception as e:  # left in the folder; the watching goes on
@@ -278,14 +279,14 @@ class DropWatcher:
                 outcome = f"{path.name!r}: added as {name}@{sha[:12]}"
             outcome += await asyncio.to_thread(self._consumed, path, remove)
         except _Refused as e:
-            await self._refuse(path, str(e))
+            await self._refuse(path, str(e), remove)
         except SwapRefused as e:  # the store set its copy aside, or recorded why
-            await self._refuse(path, e.message, recorded=not remove)
+            await self._refuse(path, e.message, remove, recorded=not remove)
         except SidecarError as e:
-            await self._refuse(path, e.message)
+            await self._refuse(path, e.message, remove)
         except Exception as e:  # a bug somewhere below: this file is refused, watching goes on
             log.exception("drop folder: taking %r failed", path.name)
-            await self._refuse(path, f"internal error: {e!r}")
+            await self._refuse(path, f"internal error: {e!r}", remove)
         else:
             self._record(outcome, logging.INFO)
 

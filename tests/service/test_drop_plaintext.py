@@ -2,7 +2,8 @@
 on a plain and on an encrypted store: true deletes every dropped file once it is imported
 or refused; false keeps it, moved into the drop folder's `.imported/` or `.refused/`
 (collisions get a free name), and a kept file is never taken again, not even by a
-watcher started afresh."""
+watcher started afresh. A file the swap itself refuses (stored, then its canary failed)
+is kept in `.refused/` with one quarantine record, by the setting read when it was taken."""
 
 from __future__ import annotations
 
@@ -120,6 +121,53 @@ async def test_dropped_files_are_removed_or_kept_aside_and_never_taken_twice(
             assert _plain_gguf_files(store.root) == []
         kept = _plain_gguf_files(drop)
         assert len(kept) == (0 if remove else 3)
+        assert (await client.generate("still", max_tokens=1)).text is not None
+    finally:
+        await client.close()
+        await app.stop()
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+async def test_a_kept_file_the_swap_refuses_is_kept_aside_with_one_quarantine_record(
+    short_dir: Path, tiny_model: Path, encrypted: bool
+) -> None:
+    # Stored fine, then refused by the swap itself (its canary): the swap records the
+    # reason (its copy set aside from the store), the drop folder keeps the file.
+    drop = short_dir / "drop"
+    second = write_tiny_llama(short_dir / "second.gguf", seed=18_302, n_ctx=4096)
+    config = make_config(short_dir, tiny_model, env=KEY if encrypted else None, workers=1,
+                         context=512)  # fmt: skip
+    config = replace(
+        config,
+        store=replace(config.store, drop=drop, auto_swap=True, drop_remove_plaintext=False),
+        models=tuple(replace(m, canary_expect="^never this$") for m in config.models),
+    )
+    app = await start_app(config)
+    client = AsyncClient(config.server.socket)
+    store = app.local.store
+    try:
+        assert app.drop is not None
+        results = app.drop.results
+        first = (await client.status()).models[0].model.version
+        _drop(second, drop / "next.gguf")
+        # A reload during the swap changes the setting: this file keeps the one it was
+        # taken with, refusal included.
+        await _until(lambda: app.local.swapper.busy("default"), "the swap")
+        app.drop.remove_plaintext = True
+        await _until(lambda: len(results) == 1, results)
+        assert "'next.gguf': refused: " in results[0], results
+        assert "does not match" in results[0] and "kept as .refused/next.gguf" in results[0]
+        left = sorted(str(p.relative_to(drop)) for p in drop.rglob("*") if p.is_file())
+        assert left == [".refused/next.gguf"], left
+        assert (drop / ".refused" / "next.gguf").read_bytes() == second.read_bytes()
+        reasons = list(store.quarantine_dir.glob("*.reason"))
+        assert len(reasons) == 1, reasons
+        assert "does not match" in reasons[0].read_text()
+        if encrypted:  # the swap's copy is the sealed blob: no plaintext in the store
+            assert _plain_gguf_files(store.root) == []
+        await asyncio.sleep(1.5)  # never taken again
+        assert len(results) == 1, results
+        assert (await client.status()).models[0].model.version == first
         assert (await client.generate("still", max_tokens=1)).text is not None
     finally:
         await client.close()
