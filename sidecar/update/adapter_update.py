@@ -114,7 +114,7 @@ async def apply(
     try:
         await adapter_swap.activate(pool, ctx.engine.adapters, adapter, sha, fresh=True)
     except SwapRefused as e:
-        ctx.fail(name, manifest.sha256, "canary", e.message)
+        ctx.fail_refused(name, manifest.sha256, e)
         raise
     healthy_seconds = ctx.engine.config.update.healthy_seconds
     st = ctx.state(name)

@@ -11,7 +11,13 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from sidecar.config import ModelConfig
-from sidecar.domain.errors import Cancelled, FailedPrecondition, SidecarError, Unavailable
+from sidecar.domain.errors import (
+    Cancelled,
+    FailedPrecondition,
+    SidecarError,
+    SwapRefused,
+    Unavailable,
+)
 from sidecar.engine.local import PoolEngine
 from sidecar.metrics import Metrics
 from sidecar.update import fetch
@@ -164,6 +170,12 @@ class UpdateContext:
         st.save(path)
         self.clean(name, keep={"state.json"})
         self.reject(name, reason, message)
+
+    def fail_refused(self, name: str, sha: str, e: SwapRefused) -> None:
+        """`fail` for a candidate its swap (a model's or an adapter's) refused: the reason
+        says at which stage (a header check, the eval gate; the rest is its canary)."""
+        reason = {"validating": "validation", "eval": "eval"}.get(e.stage, "canary")
+        self.fail(name, sha, reason, e.message)
 
     def clean(self, name: str, keep: set[str]) -> None:
         d = self.workdir(name)

@@ -98,8 +98,7 @@ async def apply_update(
         result = await ctx.engine.swap(name, version=sha, progress=swapping)
     except SwapRefused as e:
         # Recorded as failed either way: a candidate the gate refused is not fetched again.
-        reason = {"validating": "validation", "eval": "eval"}.get(e.stage, "canary")
-        ctx.fail(name, manifest.sha256, reason, e.message)
+        ctx.fail_refused(name, manifest.sha256, e)
         raise
     finally:
         ctx.engine.store.release(sha)

@@ -447,6 +447,39 @@ async def test_the_eval_gate_scores_an_adapter_where_a_task_names_it(
     assert v2.sha256 in scores.read_text()
 
 
+async def test_an_adapter_update_its_eval_gate_refuses_is_rejected_as_eval(
+    serve, tiny_model: Path, short_dir: Path
+) -> None:
+    from dataclasses import replace
+
+    from sidecar.config import TaskConfig
+
+    # Each text twice, once per label: whatever the model answers, exactly half is right.
+    golden = short_dir / "golden.csv"
+    golden.write_text("text,label\n" + "".join(f"t{i},a\nt{i},b\n" for i in range(3)))
+    task = TaskConfig(name="g", file=golden, eval_file=golden, adapter="fmt")
+    _, v1, _, _, keys = adapter_origin(short_dir, tiny_model, (1, 2))
+    s = await serve(
+        tiny_model, slot_kind="process", workers=1, context=512, tasks=(task,),
+        model_keys={**keys, "eval_min_accuracy": 0.5, "eval_max_regression": 0.0},
+    )  # fmt: skip
+    await add(s.client, v1)
+    pool = s.running.local.pools["default"]
+    pool.reconfigure(replace(pool.config, eval_min_accuracy=0.6))
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await s.client.apply_update("default:fmt")
+    assert "swap refused at eval" in (e.value.details() or ""), e.value.details()
+
+    def rejected(reason: str) -> float:
+        value = s.running.metrics.registry.get_sample_value(
+            "sidecar_update_rejections_total", {"model": "default:fmt", "reason": reason}
+        )
+        return value or 0.0
+
+    assert rejected("eval") == 1 and rejected("canary") == 0
+    assert (await gen(s.client, "fmt")).adapter.version == sha256_file(v1)[:12]
+
+
 async def test_adapters_survive_a_restart_and_never_run_on_a_model_they_do_not_fit(
     serve, tiny_model: Path, short_dir: Path
 ) -> None:
