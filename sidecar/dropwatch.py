@@ -273,7 +273,7 @@ class DropWatcher:
                 # Kept files stay where they are on refusal: the swap records the reason only.
                 result = await self.engine.swap(name, path=path, move_source=remove)
                 outcome = f"{path.name!r}: {name} now serves {result.new.version}"
-                outcome += _not_fitting(result.adapters_not_fitting)
+                outcome += result.misfit_note()
             else:
                 sha = await asyncio.to_thread(self.engine.store.add, path, name)
                 outcome = f"{path.name!r}: added as {name}@{sha[:12]}"
@@ -316,7 +316,3 @@ def _adapter_name(path: Path) -> str | None:
     if problem:
         raise _Refused(f"a LoRA adapter is named by its file: {problem}")
     return path.stem
-
-
-def _not_fitting(misfits: tuple[str, ...]) -> str:
-    return f"; adapters that do not fit it: {'; '.join(misfits)}" if misfits else ""

@@ -50,3 +50,10 @@ class SwapResult:
     # The model's active adapters that do not fit the new file, as "ADAPTER: why" (a swap
     # of a model proceeds: requests for these fail fast until a fitting version is added).
     adapters_not_fitting: tuple[str, ...] = ()
+
+    def misfit_note(self) -> str:
+        """ "; adapters that do not fit it: ADAPTER: why; ..." ("" = every one fits): what
+        each report of the swap (its reply, status, a drop or an update record) appends."""
+        if not self.adapters_not_fitting:
+            return ""
+        return f"; adapters that do not fit it: {'; '.join(self.adapters_not_fitting)}"

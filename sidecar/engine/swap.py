@@ -154,11 +154,12 @@ class Swapper:
                 if held:
                     self.store.release(sha)
             not_fitting = tuple(f"{a}: {why}" for a, why in sorted(misfits.items()))
+            result = replace(result, adapters_not_fitting=not_fitting)
             self._last[name] = (
                 f"{result.old.version} -> {result.new.version} "
                 f"({result.strategy}, {result.seconds:.1f}s)"
-            ) + (f"; adapters not fitting it: {', '.join(sorted(misfits))}" if misfits else "")
-            return replace(result, adapters_not_fitting=not_fitting)
+            ) + result.misfit_note()
+            return result
 
     def _adapter_lock(self, name: str) -> asyncio.Lock:
         return self.adapters.lock(name) if self.adapters is not None else asyncio.Lock()

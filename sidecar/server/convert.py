@@ -329,17 +329,15 @@ def swap_progress(
 
 
 def swap_done(result: SwapResult, elapsed_ms: float) -> pb.SwapProgress:
-    misfits = result.adapters_not_fitting
     return pb.SwapProgress(
         stage="done",
-        detail=f"{result.new.name} serves {result.new.version}"
-        + (f"; {len(misfits)} adapter(s) do not fit it: {'; '.join(misfits)}" if misfits else ""),
+        detail=f"{result.new.name} serves {result.new.version}{result.misfit_note()}",
         finished=True,
         ok=True,
         old=_model(result.old),
         new=_model(result.new),
         elapsed_ms=elapsed_ms,
-        adapters_not_fitting=misfits,
+        adapters_not_fitting=result.adapters_not_fitting,
     )
 
 

@@ -124,11 +124,7 @@ async def apply_update(
         f"installed v{manifest.version} ({sha[:12]}) via {how}; "
         f"fetched {fetched} bytes of {manifest.size}"
         + (outside if r is not None and not r.in_cohort else "")
-        + (
-            f"; adapters that do not fit it: {'; '.join(result.adapters_not_fitting)}"
-            if result.adapters_not_fitting
-            else ""
-        ),
+        + result.misfit_note(),
     )
     progress("probation", f"v{manifest.version} serves; watching it for {healthy_seconds:.0f}s",
              0, 0)  # fmt: skip

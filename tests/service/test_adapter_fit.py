@@ -78,9 +78,9 @@ async def test_a_swap_to_a_file_its_adapter_does_not_fit_reports_it_and_requests
     done = await _swap(s.client, path=str(narrow))
     (misfit,) = done.adapters_not_fitting
     assert misfit.startswith("fmt: ") and WIDE_REASON in misfit, misfit
-    assert "do not fit it" in done.detail
+    assert done.detail.endswith(f"; adapters that do not fit it: {misfit}"), done.detail
     status = (await s.client.status()).models[0]
-    assert "adapters not fitting it: fmt" in status.last_swap
+    assert f"adapters that do not fit it: {misfit}" in status.last_swap
     requests_before = sum(w.requests for w in status.workers)
     details = await _refused(s.client)
     assert WIDE_REASON in details and HOW in details and "swap the model back" in details
