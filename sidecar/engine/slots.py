@@ -254,18 +254,23 @@ class ProcessSlot:
                     os.close(fd)  # the worker has its own now (or is gone)
 
     def _report(self, msg: tuple[Any, ...]) -> None:
+        self._post(self._deliver, msg)
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run `fn` on the event loop (from the reader or writer thread)."""
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._deliver, msg)
+        # RuntimeError: the loop is closed, the daemon is shutting down and nobody waits.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(fn, *args)
 
     def _read(self) -> None:
-        assert self._loop is not None
         while True:
             try:
                 msg = self._conn.recv()
             except (EOFError, OSError):
                 break
-            self._loop.call_soon_threadsafe(self._deliver, msg)
-        self._loop.call_soon_threadsafe(self._died)
+            self._post(self._deliver, msg)
+        self._post(self._died)
 
     def _deliver(self, msg: tuple[Any, ...]) -> None:
         op, job_id = msg[0], msg[1]
