@@ -462,8 +462,9 @@ class ModelConfig:
         "that decodes one token may use every idle core (decode about 1.5x faster on 2 "
         "cores), and a reply is the same alone or batched; but prompts take about 1.6x as "
         "long (llama.cpp's attention has no batched kernel for it), and its logits differ "
-        "slightly from f16's. f16 keeps one-token steps on one thread (its attention would "
-        "otherwise round differently per thread count). auto: q8_0 where the model's "
+        "slightly from f16's. f16 keeps one-token steps that attend over 512 or more cells "
+        "on one thread (its attention would otherwise round differently per thread count). "
+        "auto: q8_0 where the model's "
         "attention heads are a multiple of 32 wide, else f16.",
     )
     max_rss_mb: int = setting(
