@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from sidecar.domain.errors import FailedPrecondition, SidecarError, SwapRefused, Unavailable
 from sidecar.domain.progress import Progress
@@ -34,6 +33,7 @@ from sidecar.update.context import UpdateContext
 from sidecar.update.download import obtain
 from sidecar.update.plan import cheapest
 from sidecar.update.probation import Probation
+from sidecar.update.probation import record as probation_record
 
 log = logging.getLogger("sidecar.update")
 
@@ -120,14 +120,7 @@ async def apply(
     st = ctx.state(name)
     st.installed_version, st.installed_sha256 = manifest.version, sha
     st.probation = (
-        {
-            "sha256": sha,
-            "version": manifest.version,
-            "previous": previous,
-            "previous_version": installed,
-            "until": time.time() + healthy_seconds,
-            "previous_p99_ms": previous_p99,
-        }
+        probation_record(sha, manifest.version, previous, installed, healthy_seconds, previous_p99)
         if previous
         else {}
     )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import time
 
 from sidecar.domain.errors import FailedPrecondition, SidecarError, SwapRefused, Unavailable
 from sidecar.domain.progress import Progress
@@ -22,6 +21,7 @@ from sidecar.update.context import UpdateContext
 from sidecar.update.download import obtain
 from sidecar.update.manifest import UpdateRejected
 from sidecar.update.probation import Probation
+from sidecar.update.probation import record as probation_record
 
 
 async def apply_update(
@@ -106,14 +106,9 @@ async def apply_update(
     st = ctx.state(name)
     st.pending, st.pending_override = "", False
     st.installed_version, st.installed_sha256 = manifest.version, sha
-    st.probation = {
-        "sha256": sha,
-        "version": manifest.version,
-        "previous": previous,
-        "previous_version": installed,
-        "until": time.time() + healthy_seconds,
-        "previous_p99_ms": previous_p99,
-    }
+    st.probation = probation_record(
+        sha, manifest.version, previous, installed, healthy_seconds, previous_p99
+    )
     st.save(path)
     probation.begin(name)
     ctx.metrics.updates.labels(name, "delta" if how.startswith("delta") else "full").inc()

@@ -29,6 +29,26 @@ from sidecar.update.state import State
 log = logging.getLogger("sidecar.update")
 
 
+def record(
+    sha: str,
+    version: int,
+    previous: str,
+    previous_version: int,
+    healthy_s: float,
+    previous_p99: float | None,
+) -> dict[str, Any]:
+    """What an installed version on probation is kept as in its update state (`watch` reads
+    it): what to swap back to, until when, and the p99 to compare with."""
+    return {
+        "sha256": sha,
+        "version": version,
+        "previous": previous,
+        "previous_version": previous_version,
+        "until": time.time() + healthy_s,
+        "previous_p99_ms": previous_p99,
+    }
+
+
 class Probation:
     def __init__(self, ctx: UpdateContext, probe_errors: dict[str, str | None]) -> None:
         self._ctx = ctx
