@@ -39,6 +39,10 @@ async def _until(get: Callable[[], Awaitable[Any]], timeout: float = 30.0) -> An
     return value
 
 
+async def _last_rollback(client: AsyncClient) -> str:
+    return (await _adapter(client)).last_rollback
+
+
 async def _adapter(client: AsyncClient) -> pb.AdapterStatus:
     (model,) = (await client.status()).models
     (adapter,) = model.adapters
@@ -76,10 +80,7 @@ async def test_an_adapter_version_whose_worker_dies_in_probation_is_rolled_back(
     pid = (await s.client.status()).models[0].workers[0].pid
     os.kill(pid, signal.SIGKILL)  # the new adapter version "crashes" its worker
 
-    async def rolled_back() -> str:
-        return (await _adapter(s.client)).last_rollback
-
-    text = await _until(rolled_back)
+    text = await _until(lambda: _last_rollback(s.client))
     assert text.startswith(f"v2 ({v2}) rolled back to {v1} at "), text
     assert "unhealthy within 60s: 1 worker restart(s)" in text
     assert await _serving(s.client) == v1
@@ -158,11 +159,7 @@ async def test_an_adapter_version_much_slower_than_the_one_it_replaced_is_rolled
     for _ in range(25):  # 50 ms each against a fraction of a millisecond
         assert await _serving(s.client) == v2
     if slower:
-
-        async def rolled_back() -> str:
-            return (await _adapter(s.client)).last_rollback
-
-        text = await _until(rolled_back)
+        text = await _until(lambda: _last_rollback(s.client))
         assert text.startswith(f"v2 ({v2}) rolled back to {v1} at "), text
         assert "p99 latency" in text and "more than 3x the previous version's" in text
         assert await _serving(s.client) == v1
@@ -219,10 +216,7 @@ async def test_an_adapter_version_whose_requests_fail_is_rolled_back(
         assert _rollbacks(s, "requests_failed") == 0
         return
 
-    async def rolled_back() -> str:
-        return (await _adapter(s.client)).last_rollback
-
-    text = await _until(rolled_back)
+    text = await _until(lambda: _last_rollback(s.client))
     assert text.startswith(f"v2 ({v2}) rolled back to {v1} at "), text
     assert "1 request(s) with it failed (last: llama.cpp refused to apply it)" in text
     assert await _serving(s.client) == v1
