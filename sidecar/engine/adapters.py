@@ -238,6 +238,14 @@ async def prove(pool: ModelPool, file: AdapterFile) -> None:
         raise SwapRefused("canary", f"adapter {file.name!r} did not run: {event.message}")
 
 
+async def _fits(table: AdapterTable, base: str, name: str, sha: str, model_file: Path) -> None:
+    """Refuse (at validating) version `sha` of `base`'s adapter `name` unless it fits
+    `model_file`."""
+    why = await asyncio.to_thread(table.fit, base, name, sha, model_file)
+    if why:
+        raise SwapRefused("validating", why)
+
+
 async def activate(
     pool: ModelPool,
     table: AdapterTable,
@@ -264,9 +272,7 @@ async def activate(
         # Before the canary: a version made for another file of the model (one it
         # served before a swap) is refused with the header's reason, not llama.cpp's.
         checked = pool.spec.path
-        why = await asyncio.to_thread(table.fit, base, name, sha, checked)
-        if why:
-            raise SwapRefused("validating", why)
+        await _fits(table, base, name, sha, checked)
         # Not under the lock: the canary may wait for an on-demand load, which waits for
         # a swap of the model, which waits for this lock.
         await prove(pool, file)
@@ -274,9 +280,7 @@ async def activate(
             await _gate(pool, table, file, old)
         async with table.lock(base):  # a swap of the model checks adapters and flips under it
             if pool.spec.path != checked:  # swapped meanwhile: checked against the new file
-                why = await asyncio.to_thread(table.fit, base, name, sha, pool.spec.path)
-                if why:
-                    raise SwapRefused("validating", why)
+                await _fits(table, base, name, sha, pool.spec.path)
             await asyncio.to_thread(view.activate, name, sha)
             table.set(base, file)
         await asyncio.to_thread(table.changed, base)
