@@ -46,8 +46,8 @@ def parse_peer(peer: str) -> tuple[int, int] | None:
 class _Half(asyncio.Protocol):
     """One side of a relayed connection; writes what it reads to `other`."""
 
-    def __init__(self, live: set[asyncio.Transport]) -> None:
-        self.live = live
+    def __init__(self, relay: PeerCredRelay) -> None:
+        self.relay = relay
         self.transport: asyncio.Transport | None = None
         self.other: _Half | None = None
         self.pending: list[bytes] = []
@@ -55,7 +55,8 @@ class _Half(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        self.live.add(transport)
+        self.relay._conns.add(transport)
+        self.relay._drained.clear()
 
     def data_received(self, data: bytes) -> None:
         if self.other is not None and self.other.transport is not None:
@@ -65,7 +66,7 @@ class _Half(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.transport is not None:
-            self.live.discard(self.transport)
+            self.relay._forget(self.transport)
         if self.other is not None and self.other.transport is not None:
             self.other.transport.close()
 
@@ -89,10 +90,6 @@ class _Half(asyncio.Protocol):
 class _Front(_Half):
     """The application's side: on connect, dial the gRPC server under the peer's name."""
 
-    def __init__(self, relay: PeerCredRelay) -> None:
-        super().__init__(relay._conns)
-        self.relay = relay
-
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         assert self.transport is not None
@@ -110,6 +107,12 @@ class PeerCredRelay:
         self._server: asyncio.AbstractServer | None = None
         self._conns: set[asyncio.Transport] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._drained = asyncio.Event()  # set while no connection is open
+
+    def _forget(self, transport: asyncio.Transport) -> None:
+        self._conns.discard(transport)
+        if not self._conns:
+            self._drained.set()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -126,7 +129,7 @@ class PeerCredRelay:
             up.bind(f"\0{PEER_PREFIX}{os.getpid()}/{uid}/{pid}/{next(_ids)}")
             up.setblocking(False)
             await loop.sock_connect(up, str(self.private))
-            _, back = await loop.create_connection(lambda: _Half(self._conns), sock=up)
+            _, back = await loop.create_connection(lambda: _Half(self), sock=up)
         except (OSError, struct.error):
             transport.close()
             return
@@ -142,12 +145,24 @@ class PeerCredRelay:
         with contextlib.suppress(FileNotFoundError):
             self.public.unlink()
 
-    async def close(self) -> None:
+    async def close(self, drain: float = 2.0) -> None:
+        """Stop relaying, once what is in flight got through (at most `drain` seconds).
+
+        Called after the gRPC server stopped: it wrote its streams' last messages and
+        trailers, then closed its ends, but those bytes may still sit in our receive buffers.
+        Cutting at once lost them, and a stream that finished within the grace period ended
+        for its caller as "Socket closed". Each connection closes itself on the server's EOF
+        after flushing to the application; one whose application stopped reading is cut
+        when `drain` is up.
+        """
         self.stop_accepting()
         for task in list(self._tasks):
             task.cancel()
+        if self._conns:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), drain)
         for t in list(self._conns):
-            t.close()
+            t.abort()
         self._conns.clear()
         with contextlib.suppress(FileNotFoundError):
             self.private.unlink()
