@@ -432,9 +432,12 @@ class BatchDecoder:
         try:
             if s.limit <= 0:
                 return s.result()
-            token = int(llama_cpp.llama_sampler_sample(s.sampler.sampler, self.ctx.ctx, i))
-            ptr = self.ctx.get_logits_ith(i)
-            row = log_softmax(np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)))
+            logits = np.ctypeslib.as_array(self.ctx.get_logits_ith(i), shape=(self._n_vocab,))
+            if s.argmax:
+                token = int(np.argmax(logits))
+            else:
+                token = int(llama_cpp.llama_sampler_sample(s.sampler.sampler, self.ctx.ctx, i))
+            row = log_softmax(logits)
             if s.accept(token, row, self._vocab, self._detokenize):
                 return s.result()
             return None

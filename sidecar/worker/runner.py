@@ -312,6 +312,7 @@ class LlamaRunner:
         limit = self._check_fits(len(prompt), max_tokens)
         sampler = self._sampler(sampling, grammar)
         seq = Sequence(key, prompt, prefix, limit, sampler, emit, top, sampling.stop)
+        seq.argmax = sampling.greedy and grammar is None and sampling.repeat_penalty in (0.0, 1.0)
         if finish is not None:
             seq.finish = finish
         return seq

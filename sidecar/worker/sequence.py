@@ -55,6 +55,10 @@ class Sequence:
     cancelled: bool = False
     deadline: float | None = None  # time.monotonic() after which it is stopped
     lora: AdapterFile | None = None  # the adapter its every decode step applies
+    # The sampler is greedy alone (no grammar, no penalties): the batch takes the raw
+    # logits' argmax itself, the same token (the first of equal maxima, as llama.cpp's
+    # greedy sampler), without the chain's per-token copy of the whole vocabulary.
+    argmax: bool = False
 
     def __post_init__(self) -> None:
         self.text = TextAssembler(self.stop)
