@@ -27,6 +27,7 @@ import logging
 import os
 import stat
 import time
+import warnings
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -45,6 +46,14 @@ QUIET_S = 1.0
 TEMPORARY = (".partial", ".tmp", ".part", ".crdownload", "~")
 KEEP_RESULTS = 100  # outcomes remembered for tests and status; older ones are dropped
 
+
+# A folder made inside the watched tree while its parent is new (`.refused/NAME/` for a
+# kept file) is added once by the recursive scan of the parent and once by its own create
+# event; watchdog then replaces the callback with the same one and warns. Harmless, but
+# under `-W error` the warning killed the observer thread, so nothing more was watched.
+warnings.filterwarnings(
+    "ignore", message="Callback with id .* already exists for watch", category=RuntimeWarning
+)
 
 KEPT = {True: ".imported", False: ".refused"}  # where a kept file goes, by outcome
 
