@@ -55,8 +55,7 @@ class _Half(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        self.relay._conns.add(transport)
-        self.relay._drained.clear()
+        self.relay._track(transport)
 
     def data_received(self, data: bytes) -> None:
         if self.other is not None and self.other.transport is not None:
@@ -108,6 +107,10 @@ class PeerCredRelay:
         self._conns: set[asyncio.Transport] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._drained = asyncio.Event()  # set while no connection is open
+
+    def _track(self, transport: asyncio.Transport) -> None:
+        self._conns.add(transport)
+        self._drained.clear()
 
     def _forget(self, transport: asyncio.Transport) -> None:
         self._conns.discard(transport)

@@ -245,7 +245,7 @@ class LlamaRunner:
 
     def _sampler(self, s: Sampling, grammar: str | None) -> internals.LlamaSampler:
         sampler = internals.LlamaSampler()
-        if s.repeat_penalty not in (0.0, 1.0):
+        if _penalised(s):
             sampler.add_penalties(
                 n_vocab=self.n_vocab,
                 penalty_last_n=64,
@@ -312,7 +312,7 @@ class LlamaRunner:
         limit = self._check_fits(len(prompt), max_tokens)
         sampler = self._sampler(sampling, grammar)
         seq = Sequence(key, prompt, prefix, limit, sampler, emit, top, sampling.stop)
-        seq.argmax = sampling.greedy and grammar is None and sampling.repeat_penalty in (0.0, 1.0)
+        seq.argmax = sampling.greedy and grammar is None and not _penalised(sampling)
         if finish is not None:
             seq.finish = finish
         return seq
@@ -440,3 +440,8 @@ def _grammar(schema: str) -> str:
             f"{MAX_GRAMMAR_BYTES}: use smaller repetition counts or fewer properties"
         )
     return grammar
+
+
+def _penalised(s: Sampling) -> bool:
+    """Whether the sampler chain takes a repeat penalty (0 and 1 both mean none)."""
+    return s.repeat_penalty not in (0.0, 1.0)
