@@ -82,6 +82,9 @@ class ScopedReader:
                     running += rest[0] == "R"
         return Sample(time.monotonic(), own + others, own, None, running)
 
+    def runnable(self) -> int:
+        return self.sample().running
+
     def own_running(self) -> int:
         return 1
 

@@ -23,9 +23,17 @@ takes both cores within an interval.
 
 After a long quiet spell (no decode for a second) the window's average says little about
 now, so the instantaneous count of runnable threads on the machine (`procs_running`, minus
-this process's own) is taken too, and the busier of the two wins: a busy loop that started
-while the worker slept is seen before the first step, not after it has collapsed. The very
-first call, too soon after construction to measure anything, goes by that count alone.
+this process's own) decides alone: a busy loop, whether it started while the worker slept
+or ran all along, is runnable at every instant and is seen before the first step, not after
+it has collapsed; and a burst that ended before the request came (the application that
+prepared it, another server) no longer keeps the first steps, the prompt among them, on one
+thread: beside one, a 14-token prompt took 90 ms to its first token instead of 46. One instant can
+mislead the other way too: the daemon's own process is often still runnable as it hands the
+request over. So another process's thread caught runnable is looked at twice more, a
+millisecond apart, and counts only if it is runnable every time (a busy loop always is). A
+neighbour that is busy only part of the time may be asleep at those instants; the next
+measurement, an interval later, sees it. The very first call, too soon after construction to measure
+anything, goes by that count alone too.
 
 Reading /proc/stat costs tens of microseconds; it happens at most once per interval, so
 `threads()` can be called before every llama_decode. Where there is no /proc (not Linux),
@@ -38,15 +46,17 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 UP = 0.8  # idle fraction of a core that earns one more thread
 DOWN = 0.6  # idle fraction below which a core's thread is given back
 INTERVAL = 0.1  # seconds between measurements
-STALE = 1.0  # a window longer than this also takes the instantaneous runnable count
+STALE = 1.0  # a window longer than this goes by the instantaneous runnable count
 SHORT = 0.05  # a window shorter than this (the first call) is all clock-tick noise
+RECHECKS = 2  # further looks at the runnable count when others seem runnable at one instant
+RECHECK_S = 0.001  # seconds between them
 
 _PROC_STAT = Path("/proc/stat")
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -77,17 +87,18 @@ def instant(dt: float) -> bool:
 
 def free_cores(a: Sample, b: Sample, cap: Capacity, own_running: int = 0) -> float:
     """Cores other processes left idle between samples `a` and `b`. For a window that
-    `instant` flags, the runnable threads of others at `b` (`b.running` less this process's
-    `own_running`) count as busy cores too, alone when the window is too short to measure."""
+    `instant` flags (too long to say what is busy now, or too short to measure), the
+    runnable threads of others at `b` (`b.running` less this process's `own_running`) alone."""
     dt = b.t - a.t
     own = (b.own - a.own) / dt if dt > 0 else 0.0
-    others = max(0.0, (b.busy - a.busy) / dt - own) if dt >= SHORT else 0.0
     if instant(dt):
-        others = max(others, float(max(0, b.running - own_running)))
+        others = float(max(0, b.running - own_running))
+    else:
+        others = max(0.0, (b.busy - a.busy) / dt - own)
     free = cap.cpus - others
     if cap.quota is not None:
-        group_others = 0.0
-        if a.group is not None and b.group is not None and dt >= SHORT:
+        group_others = 0.0  # for an `instant` window, the machine-wide count covers the group's
+        if a.group is not None and b.group is not None and not instant(dt):
             group_others = max(0.0, (b.group - a.group) / dt - own)
         free = min(free, cap.quota - group_others)
     return free
@@ -177,6 +188,7 @@ class Reader(Protocol):
 
     def capacity(self) -> Capacity: ...
     def sample(self) -> Sample: ...
+    def runnable(self) -> int: ...
     def own_running(self) -> int: ...
 
 
@@ -197,6 +209,9 @@ class LinuxReader:
         busy, running = _read_stat(os.sched_getaffinity(0), self._with_nice)
         group = None if self._group is None else _group_usage(self._group[0])
         return Sample(time.monotonic(), busy, time.process_time(), group, running)
+
+    def runnable(self) -> int:
+        return _read_stat(set(), self._with_nice)[1]
 
     def own_running(self) -> int:
         return own_running()
@@ -272,8 +287,27 @@ class CoreGovernor:
         if a is None or b is None:
             self._current = 1
             return 1
-        mine = self._reader.own_running() if instant(b.t - a.t) else 0
+        mine = 0
+        if instant(b.t - a.t):
+            mine = self._reader.own_running()
+            b = self._settled(b, mine)
         cap = self._reader.capacity()
         free = free_cores(a, b, cap, mine)
         self._current = decide(self._current, free, min(self.max_threads, cap.cpus))
         return self._current
+
+    def _settled(self, b: Sample, mine: int) -> Sample:
+        """`b` with the fewest runnable threads seen over RECHECKS more looks, taken only
+        while others still seem runnable: a thread busy for a moment drops out, a busy
+        loop stays."""
+        assert self._reader is not None
+        running = b.running
+        for _ in range(RECHECKS):
+            if running <= mine:
+                break
+            time.sleep(RECHECK_S)
+            try:
+                running = min(running, self._reader.runnable())
+            except (OSError, ValueError):
+                break
+        return replace(b, running=running)

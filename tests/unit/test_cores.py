@@ -67,11 +67,21 @@ def test_a_cgroup_quota_caps_the_free_cores_and_its_other_processes_count() -> N
     assert free_cores(a, b, Capacity(cpus=8, quota=1.5)) == pytest.approx(1.0)
 
 
-def test_a_stale_window_also_takes_the_runnable_threads_of_others_now() -> None:
+def test_a_stale_window_goes_by_the_runnable_threads_of_others_now() -> None:
     # idle for 10 s on average, but a busy loop started just before this call
     a, b = Sample(0.0, 0.0, 0.0), Sample(10.0, 1.0, 0.0, running=2)
     assert free_cores(a, b, TWO, own_running=1) == pytest.approx(1.0)
-    assert free_cores(a, b, TWO, own_running=2) == pytest.approx(1.9)
+    assert free_cores(a, b, TWO, own_running=2) == pytest.approx(2.0)
+
+
+def test_a_burst_that_ended_while_the_worker_slept_leaves_both_cores_free() -> None:
+    # another process kept both cores busy for most of the last 1.2 s, but nothing of
+    # anyone else's is runnable now: the first steps (the prompt) may take both cores
+    a, b = Sample(0.0, 0.0, 0.0), Sample(1.2, 2.3, 0.0, running=1)
+    assert free_cores(a, b, TWO, own_running=1) == pytest.approx(2.0)
+    # and within a cgroup quota, the group's past burst does not count either
+    a, b = Sample(0.0, 0.0, 0.0, group=0.0), Sample(1.2, 2.3, 0.0, group=2.3, running=1)
+    assert free_cores(a, b, Capacity(cpus=2, quota=2.0), own_running=1) == pytest.approx(2.0)
 
 
 def test_a_window_too_short_to_measure_goes_by_the_runnable_count_alone() -> None:
@@ -90,6 +100,7 @@ class Machine:
     t: float = 0.0
     busy: float = 0.0
     hog: int = 0  # busy-looping threads of another application
+    transient: int = 0  # threads of others runnable at the next look only (then asleep)
     procs: list[Proc] = field(default_factory=list)
 
     def advance(self, dt: float) -> None:
@@ -112,7 +123,16 @@ class Proc:
 
     def sample(self) -> Sample:
         m = self.machine
-        return Sample(m.t, m.busy, self.cpu, running=m.hog + sum(p.running for p in m.procs))
+        return Sample(m.t, m.busy, self.cpu, running=self.running_now())
+
+    def runnable(self) -> int:
+        return self.running_now()
+
+    def running_now(self) -> int:
+        # the thread asking is runnable, whether or not this process is decoding
+        m = self.machine
+        others = sum(p.running for p in m.procs if p is not self)
+        return m.hog + m.transient + others + max(1, self.running)
 
     def own_running(self) -> int:
         return max(1, self.running)
@@ -148,6 +168,39 @@ def test_beside_a_busy_loop_the_first_step_already_uses_one_thread() -> None:
     m.advance(0.5)
     seen = decoding(m, {p: g}, 50)
     assert all(s[p] == 1 for s in seen)
+
+
+def test_after_a_neighbours_burst_ended_the_next_request_starts_on_both_cores() -> None:
+    m = Machine(hog=2)  # another server decoding on both cores while the worker waits
+    p = Proc(m)
+    m.procs.append(p)
+    g = CoreGovernor(2, reader=p, clock=lambda: m.t)
+    m.advance(1.5)
+    m.hog = 0  # its burst ended just before our request came
+    seen = decoding(m, {p: g}, 50)
+    assert all(s[p] == 2 for s in seen)
+
+
+class Transient(Proc):
+    """A process at whose first look another thread is finishing a moment's work."""
+
+    def sample(self) -> Sample:
+        s = super().sample()
+        self.machine.transient = 0  # gone by the next look
+        return s
+
+
+@pytest.mark.parametrize("hog", [0, 1])
+def test_after_a_quiet_spell_a_thread_runnable_for_a_moment_is_not_a_busy_core(hog: int) -> None:
+    # the daemon's own process handing the request over is runnable as the first step asks;
+    # a busy loop is runnable at every look
+    m = Machine(hog=hog)
+    p = Transient(m)
+    m.procs.append(p)
+    g = CoreGovernor(2, reader=p, clock=lambda: m.t)
+    m.advance(1.5)
+    m.transient = 1
+    assert g.threads() == 2 - hog
 
 
 def test_a_busy_loop_that_starts_mid_stream_takes_one_thread_away_within_an_interval() -> None:
