@@ -21,16 +21,18 @@ scheduler gives their core to a thread of ours as soon as it wakes. Two workers 
 and settle at one thread each instead of oversubscribing; when one goes quiet the other
 takes both cores within an interval.
 
-After a long quiet spell (no decode for a second) the window's average says little about
-now, so the instantaneous count of runnable threads on the machine (`procs_running`, minus
+After a quiet spell (no decode step for a quarter of a second, or a window over a second)
+the window's average says little about now, so the instantaneous count of runnable threads on the machine (`procs_running`, minus
 this process's own) decides alone: a busy loop, whether it started while the worker slept
 or ran all along, is runnable at every instant and is seen before the first step, not after
 it has collapsed; and a burst that ended before the request came (the application that
 prepared it, another server) no longer keeps the first steps, the prompt among them, on one
 thread: beside one, a 14-token prompt took 90 ms to its first token instead of 46. One instant can
 mislead the other way too: the daemon's own process is often still runnable as it hands the
-request over. So another process's thread caught runnable is looked at twice more, a
-millisecond apart, and counts only if it is runnable every time (a busy loop always is). A
+request over. So another process's thread caught runnable is looked at up to four more times,
+2 ms apart, and counts only if it is runnable every time (a busy loop always is; llama.cpp's
+OpenMP threads spin for a few milliseconds after their last step, in another server or in a
+sibling worker, and then sleep). A
 neighbour that is busy only part of the time may be asleep at those instants; the next
 measurement, an interval later, sees it. The very first call, too soon after construction to measure
 anything, goes by that count alone too.
@@ -54,9 +56,10 @@ UP = 0.8  # idle fraction of a core that earns one more thread
 DOWN = 0.6  # idle fraction below which a core's thread is given back
 INTERVAL = 0.1  # seconds between measurements
 STALE = 1.0  # a window longer than this goes by the instantaneous runnable count
+QUIET = 0.25  # and so does one after this long without a call (no decode step meanwhile)
 SHORT = 0.05  # a window shorter than this (the first call) is all clock-tick noise
-RECHECKS = 2  # further looks at the runnable count when others seem runnable at one instant
-RECHECK_S = 0.001  # seconds between them
+RECHECKS = 4  # further looks at the runnable count when others seem runnable at one instant
+RECHECK_S = 0.002  # seconds between them
 
 _PROC_STAT = Path("/proc/stat")
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -85,20 +88,24 @@ def instant(dt: float) -> bool:
     return dt > STALE or dt < SHORT
 
 
-def free_cores(a: Sample, b: Sample, cap: Capacity, own_running: int = 0) -> float:
+def free_cores(
+    a: Sample, b: Sample, cap: Capacity, own_running: int = 0, now_only: bool = False
+) -> float:
     """Cores other processes left idle between samples `a` and `b`. For a window that
-    `instant` flags (too long to say what is busy now, or too short to measure), the
-    runnable threads of others at `b` (`b.running` less this process's `own_running`) alone."""
+    `instant` flags (too long to say what is busy now, or too short to measure), or with
+    `now_only`, the runnable threads of others at `b` (`b.running` less this process's
+    `own_running`) alone."""
     dt = b.t - a.t
     own = (b.own - a.own) / dt if dt > 0 else 0.0
-    if instant(dt):
+    now_only = now_only or instant(dt)
+    if now_only:
         others = float(max(0, b.running - own_running))
     else:
         others = max(0.0, (b.busy - a.busy) / dt - own)
     free = cap.cpus - others
     if cap.quota is not None:
         group_others = 0.0  # for an `instant` window, the machine-wide count covers the group's
-        if a.group is not None and b.group is not None and not instant(dt):
+        if a.group is not None and b.group is not None and not now_only:
             group_others = max(0.0, (b.group - a.group) / dt - own)
         free = min(free, cap.quota - group_others)
     return free
@@ -264,6 +271,7 @@ class CoreGovernor:
         self._current = 1
         self._last: Sample | None = None
         self._next_at = 0.0
+        self._called = -math.inf  # when threads() was last called
         if self._reader is not None:
             self._last = self._safe_sample()
             self._next_at = self._clock()  # the first call measures whatever span elapsed
@@ -279,6 +287,7 @@ class CoreGovernor:
         if self._reader is None:
             return 1
         now = self._clock()
+        quiet, self._called = now - self._called > QUIET, now
         if now < self._next_at:
             return self._current
         self._next_at = now + self.interval
@@ -288,11 +297,12 @@ class CoreGovernor:
             self._current = 1
             return 1
         mine = 0
-        if instant(b.t - a.t):
+        now_only = quiet or instant(b.t - a.t)
+        if now_only:
             mine = self._reader.own_running()
             b = self._settled(b, mine)
         cap = self._reader.capacity()
-        free = free_cores(a, b, cap, mine)
+        free = free_cores(a, b, cap, mine, now_only)
         self._current = decide(self._current, free, min(self.max_threads, cap.cpus))
         return self._current
 

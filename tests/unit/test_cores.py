@@ -170,15 +170,38 @@ def test_beside_a_busy_loop_the_first_step_already_uses_one_thread() -> None:
     assert all(s[p] == 1 for s in seen)
 
 
-def test_after_a_neighbours_burst_ended_the_next_request_starts_on_both_cores() -> None:
-    m = Machine(hog=2)  # another server decoding on both cores while the worker waits
+@pytest.mark.parametrize("burst", [0.4, 0.9, 1.5])
+def test_after_a_neighbours_burst_ended_the_next_request_starts_on_both_cores(
+    burst: float,
+) -> None:
+    m = Machine()
     p = Proc(m)
     m.procs.append(p)
     g = CoreGovernor(2, reader=p, clock=lambda: m.t)
-    m.advance(1.5)
-    m.hog = 0  # its burst ended just before our request came
+    m.advance(0.5)
+    decoding(m, {p: g}, 30)  # a request of ours
+    p.running = 0
+    m.hog = 2  # then another server decodes on both cores while the worker waits
+    m.advance(burst)
+    m.hog = 0  # its burst ended just before our next request came
     seen = decoding(m, {p: g}, 50)
     assert all(s[p] == 2 for s in seen)
+
+
+def test_a_busy_loop_that_ran_while_the_worker_waited_keeps_the_next_request_on_one_thread() -> (
+    None
+):
+    m = Machine()
+    p = Proc(m)
+    m.procs.append(p)
+    g = CoreGovernor(2, reader=p, clock=lambda: m.t)
+    m.advance(0.5)
+    decoding(m, {p: g}, 30)
+    p.running = 0
+    m.hog = 1
+    m.advance(0.4)
+    seen = decoding(m, {p: g}, 50)
+    assert all(s[p] == 1 for s in seen)
 
 
 class Transient(Proc):
