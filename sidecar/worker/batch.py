@@ -56,7 +56,7 @@ from sidecar.domain.specs import RunnerSpec, declared_head_widths, kv_cache_type
 from sidecar.domain.types import AdapterFile, Result
 from sidecar.worker.cells import CellLedger
 from sidecar.worker.cores import CoreGovernor
-from sidecar.worker.labels import log_softmax
+from sidecar.worker.labels import TokenLogprob, log_softmax
 from sidecar.worker.lora import LoraCache
 from sidecar.worker.sequence import Detokenize, Sequence
 
@@ -124,6 +124,7 @@ class BatchDecoder:
         self.hold = False  # admit nothing new: a whole job waits for the batch to drain
         self._vocab = model.vocab
         self._n_vocab = model.n_vocab()
+        self._logprob = TokenLogprob(self._n_vocab)
         self._detokenize = detokenize
         self._batch = internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=2)
         self._slots = list(range(spec.parallel - 1, -1, -1))  # free generation seq ids
@@ -437,8 +438,12 @@ class BatchDecoder:
                 token = int(np.argmax(logits))
             else:
                 token = int(llama_cpp.llama_sampler_sample(s.sampler.sampler, self.ctx.ctx, i))
-            row = log_softmax(logits)
-            if s.accept(token, row, self._vocab, self._detokenize):
+            row = log_softmax(logits) if s.top else None  # alternatives need the whole row
+            if row is not None:
+                logprob = float(row[token])
+            else:
+                logprob = self._logprob(logits, token, is_max=s.argmax)
+            if s.accept(token, logprob, row, self._vocab, self._detokenize):
                 return s.result()
             return None
         except SidecarError as e:

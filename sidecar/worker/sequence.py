@@ -77,13 +77,16 @@ class Sequence:
         end = self.prefix if self.fed < self.prefix else len(self.prompt)
         return self.prompt[self.fed : min(end, self.fed + batch)]
 
-    def accept(self, token: int, row: Row, vocab: object, detokenize: Detokenize) -> bool:
-        """Take a sampled token and its raw log-probability row; True when the reply is done."""
+    def accept(
+        self, token: int, logprob: float, row: Row | None, vocab: object, detokenize: Detokenize
+    ) -> bool:
+        """Take a sampled token and its raw log-probability (and the whole row, which
+        alternatives need: with `top`); True when the reply is done."""
         if not self.logprobs:
             self.first_ms = (time.perf_counter() - self.started) * 1000
         # The raw model distribution: the sampler works on a copy of the logits, so this
         # is before penalties, temperature and any grammar mask.
-        self.logprobs.append(float(row[token]))
+        self.logprobs.append(logprob)
         if llama_cpp.llama_vocab_is_eog(vocab, token):
             self.logprobs.pop()  # the end marker is not part of the answer
             self.stopped = True
@@ -91,7 +94,9 @@ class Sequence:
         data = detokenize(token)
         piece = self.text.feed(data)
         if self.trail is not None:
-            alternatives = _alternatives(row, self.top, detokenize) if self.top else ()
+            alternatives: tuple[TopLogprob, ...] = ()
+            if self.top and row is not None:
+                alternatives = _alternatives(row, self.top, detokenize)
             self.trail.add(data, self.logprobs[-1], alternatives, len(self.text.text))
         if piece and self.emit is not None:
             released = self.trail.released(self.text.text, self.text.released) if self.trail else ()
