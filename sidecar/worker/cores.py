@@ -17,25 +17,27 @@ neighbour runs, both threads wait at the barrier), so the thresholds sit above o
 with a gap between them so that measurement noise does not flap the count. Usable cores are
 this process's CPU affinity, capped by a cgroup CPU quota when there is one (the quota's
 cgroup's other processes count as busy too). Niced processes (nice > 0) do not count: the
-scheduler gives their core to a thread of ours as soon as it wakes. Two workers busy at once each see the other,
-and settle at one thread each instead of oversubscribing; when one goes quiet the other
-takes both cores within an interval.
+scheduler gives their core to a thread of ours as soon as it wakes. Two workers busy at
+once each see the other, and settle at one thread each instead of oversubscribing; when one
+goes quiet the other takes both cores within an interval.
 
 After a quiet spell (no decode step for a quarter of a second, or a window over a second)
-the window's average says little about now, so the instantaneous count of runnable threads on the machine (`procs_running`, minus
-this process's own) decides alone: a busy loop, whether it started while the worker slept
-or ran all along, is runnable at every instant and is seen before the first step, not after
-it has collapsed; and a burst that ended before the request came (the application that
-prepared it, another server) no longer keeps the first steps, the prompt among them, on one
-thread: beside one, a 14-token prompt took 90 ms to its first token instead of 46. One instant can
-mislead the other way too: the daemon's own process is often still runnable as it hands the
-request over. So another process's thread caught runnable is looked at up to four more times,
-2 ms apart, and counts only if it is runnable every time (a busy loop always is; llama.cpp's
-OpenMP threads spin for a few milliseconds after their last step, in another server or in a
-sibling worker, and then sleep). A
-neighbour that is busy only part of the time may be asleep at those instants; the next
-measurement, an interval later, sees it. The very first call, too soon after construction to measure
-anything, goes by that count alone too.
+the window's average says little about now, so the instantaneous count of runnable threads
+on the machine (`procs_running`, minus this process's own) decides alone. A busy loop,
+whether it started while the worker slept or ran all along, is runnable at every instant
+and is seen before the first step, not after it has collapsed. A burst that ended before
+the request came (the application that prepared it, another server) no longer keeps the
+first steps, the prompt among them, on one thread (after a 1 s burst on both cores, a
+14-token prompt's first token: 54 ms, against 90 ms when the window's average decided).
+
+One instant can mislead the other way too: the daemon's own process is often still runnable
+as it hands the request over, and llama.cpp's OpenMP threads (another server's, a sibling
+worker's) spin for a few milliseconds after their last step before they sleep. So a thread
+of another process caught runnable is looked at up to four more times, 2 ms apart, and
+counts only if it is runnable every time, as a busy loop is. A neighbour that is busy only
+part of the time may be asleep at those instants; the next measurement, an interval later,
+sees it. The very first call, too soon after construction to measure anything, goes by that
+count too.
 
 Reading /proc/stat costs tens of microseconds; it happens at most once per interval, so
 `threads()` can be called before every llama_decode. Where there is no /proc (not Linux),
