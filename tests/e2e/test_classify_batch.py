@@ -4,8 +4,9 @@ Both run in the same runner (the same context, the same prompt and prefix cache)
 SmolLM2 (Q4_1) the batch gives every label the very same float and counts the same label
 tokens. On Gemma 3 (Q4_K_M) the weights' matmul kernels round differently with the
 number of rows in a decode (one by one decodes 1-8 rows, the batch up to 63), so the
-scores agree to a tolerance (measured on Banking77 prompts: up to 0.3 nat on unlikely
-labels, up to 0.035 in a label's probability) and the label is the same.
+scores agree to a tolerance and the label is the same. How far they drift depends on the
+CPU's kernels: on Banking77 prompts, up to 0.3 nat on unlikely labels and 0.035 in a
+label's probability on an Intel Xeon, 0.28 nat and 0.063 on an AMD EPYC (both AVX-512).
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def assert_same(r: LlamaRunner, task: ClassifyTask, groups: int = 1) -> None:
         probs = dict(zip(want, normalise(list(want.values())), strict=True))
         dlogp = max(abs(scores[k] - want[k]) for k in want)
         dp = max(abs(s.probability - probs[s.label]) for s in got.scores)
-        assert dlogp < 1.0 and dp < 0.05, (dlogp, dp)
+        assert dlogp < 1.0 and dp < 0.1, (dlogp, dp)
     assert got.label == max(want, key=lambda k: want[k])
     if groups == 1:
         assert got.usage.completion_tokens == decoded

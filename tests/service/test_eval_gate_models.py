@@ -11,6 +11,7 @@ keeps the KV caches small.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,11 @@ async def test_gate_refuses_a_damaged_copy_and_takes_another_model_within_the_ba
     details = [p.detail for p in steps if p.stage == "eval"]
     assert any(f"serving {serving} scored 0.625 (10/16) (cached)" in d for d in details)
     assert not any("once" in d for d in details)
-    assert any(d.startswith("passed: candidate") and "scored 0.500 (8/16)" in d for d in details)
+    # Its score depends on how this CPU's kernels round Q4_K (8/16 on an Intel Xeon, 7/16 on
+    # an AMD EPYC, both AVX-512): lower than SmolLM2's 10/16 and within both bars (>= 7/16).
+    passed = [d for d in details if d.startswith("passed: candidate")]
+    scored = [re.search(r"candidate \w+ scored [0-9.]+ \((\d+)/16\)", d) for d in passed]
+    assert len(scored) == 1 and scored[0] is not None, details
+    assert 7 <= int(scored[0].group(1)) < 10, details
     assert steps[-1].ok and steps[-1].new.version != serving
     assert (await s.client.status()).models[0].model.version == steps[-1].new.version
