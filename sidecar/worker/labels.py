@@ -67,11 +67,11 @@ def log_softmax(logits: npt.NDArray[np.float32]) -> Row:
 
 class TokenLogprob:
     """`log_softmax(logits)[token]` without the rest of the row, for a generation's every
-    token: the same float32 operations in the same order, so the same bits, but in one
-    buffer kept between calls and with two passes over the vocabulary fewer. After a decode
-    the logits are cold in this core's cache and three fresh vocabulary-sized arrays cost
-    page faults: measured in a worker, 113 us a token for the whole row, 4.4% of the
-    demo model's step on two threads."""
+    token: the same float32 operations in the same order, so the same bits, in one buffer
+    kept between calls, without the last pass over the row and, after an argmax, without
+    the max pass. Right after a decode the logits are cold in this core's cache, and the
+    whole row (three fresh vocabulary-sized arrays) took 113 us a token in a worker, about
+    4% of the demo model's step on two threads."""
 
     def __init__(self, n_vocab: int) -> None:
         self._buf = np.empty(n_vocab, np.float32)
