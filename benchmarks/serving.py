@@ -10,7 +10,8 @@ side by side, on the demo model.
 
 Parts: side (below), peer (the daemon vs llama-server: benchmarks/peer_bench.py), threads
 (the threads question), cancel (tokens decoded after a cancel), transport (the daemon's
-overhead around a request), zero_shot (Classify over 77 labels).
+overhead around a request), zero_shot (Classify over 77 labels), embed (short texts/s at 1 and
+8 clients against one text per decode).
 
 Three backends, one process tree, one at a time (so they never compete with each other):
 
@@ -60,6 +61,7 @@ from benchmarks.serving_backends import (
     daemon_stream,
     daemon_unary,
 )
+from benchmarks.serving_embed import run_embed
 from benchmarks.serving_measure import (
     cpu_hog,
     decode_runs,
@@ -89,7 +91,7 @@ if TYPE_CHECKING:  # llama_cpp loads only when the in-process backend starts
 
 now = time.perf_counter
 log = Log("bench")
-PARTS = ("side", "peer", "threads", "cancel", "transport", "zero_shot")
+PARTS = ("side", "peer", "threads", "cancel", "transport", "zero_shot", "embed")
 
 
 class Bench:
@@ -585,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
             "cancel": bench.cancellation,
             "transport": lambda: run_transport(bench),
             "zero_shot": lambda: run_zero_shot(bench),
+            "embed": lambda: run_embed(bench),
         }
         try:
             for part in args.only:
@@ -594,7 +597,14 @@ def main(argv: list[str] | None = None) -> int:
             children.close()  # the daemon, the HTTP server, any CPU hog
             bench.res["wall_s"] = round(now() - t0, 1)
             bench.res["completed"] = not failed
-            if set(bench.res) & {"in_process", "daemon", "peer", "transport", "zero_shot_77"}:
+            if set(bench.res) & {
+                "in_process",
+                "daemon",
+                "peer",
+                "transport",
+                "zero_shot_77",
+                "embed_short",
+            }:
                 with suppress(Exception):
                     bench.finish()
                 write_json(args.out, bench.res)

@@ -290,7 +290,7 @@ def _notes(t: Table, r: dict[str, Any], stream_budget_s: float) -> None:
 
 
 def daemon_only_lines(r: dict[str, Any]) -> str:
-    """The daemon-only parts: transport overhead and 77-label zero-shot Classify."""
+    """The daemon-only parts: transport overhead, 77-label zero-shot Classify, Embed throughput."""
     lines = []
     tr = r.get("transport")
     if tr:
@@ -308,4 +308,12 @@ def daemon_only_lines(r: dict[str, Any]) -> str:
             f"p99 {f(lat['p99'], 0)} ms, n={lat['n']}, accuracy {f(zs['accuracy'], 2)} "
             f"(target p50 <= {f(zs['target_p50_ms'], 0)} ms)"
         )
+    em = r.get("embed_short")
+    if em:
+        for n, d in em["daemon"].items():
+            lines.append(
+                f"Embed, short texts, {n} client(s) (daemon): {f(d['texts_per_s'], 1)} texts/s, "
+                f"{f(d['ratio_vs_one_text_per_decode'], 2)}x {em['reference']}"
+                + (f" (target at 8: >= {f(em['target_ratio_8_clients'], 1)}x)" if n == "8" else "")
+            )
     return "\n".join(["", *lines]) if lines else ""

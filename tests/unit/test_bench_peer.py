@@ -131,7 +131,7 @@ def test_peer_table_says_why_the_llama_server_column_was_skipped() -> None:
 
 def test_only_takes_known_parts_in_the_order_given() -> None:
     assert parts("peer, transport") == ("peer", "transport")
-    assert set(PARTS) >= {"side", "peer", "transport", "zero_shot"}
+    assert set(PARTS) >= {"side", "peer", "transport", "zero_shot", "embed"}
     for bad in ("", "peer,nope"):
         with pytest.raises(argparse.ArgumentTypeError):
             parts(bad)
@@ -171,3 +171,15 @@ def test_build_script_returns_a_cached_binary_at_once(tmp_path: Path) -> None:
     )
     assert r.stdout.strip() == str(binary)
     assert time.monotonic() - t < 5
+
+
+def test_the_embed_part_reports_texts_per_second_and_the_ratio_at_each_load() -> None:
+    from benchmarks.serving_report import daemon_only_lines
+
+    d = {"texts_per_s": 21.0, "errors": 0, "ratio_vs_one_text_per_decode": 1.35}
+    r = {"embed_short": {"reference": "one text per decode", "target_ratio_8_clients": 4.0,
+                         "daemon": {"1": d | {"texts_per_s": 18.1}, "8": d}}}  # fmt: skip
+    lines = daemon_only_lines(r).strip().splitlines()
+    assert lines[0].startswith("Embed, short texts, 1 client(s) (daemon): 18.1 texts/s")
+    assert "target" not in lines[0]
+    assert lines[1].endswith("1.35x one text per decode (target at 8: >= 4.0x)")
