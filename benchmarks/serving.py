@@ -92,6 +92,8 @@ if TYPE_CHECKING:  # llama_cpp loads only when the in-process backend starts
 now = time.perf_counter
 log = Log("bench")
 PARTS = ("side", "peer", "threads", "cancel", "transport", "zero_shot", "embed")
+# What the parts put in the results: any of them makes the run worth a report and a JSON.
+RESULT_KEYS = {"in_process", "daemon", "peer", "transport", "zero_shot_77", "embed_short"}
 
 
 class Bench:
@@ -597,14 +599,7 @@ def main(argv: list[str] | None = None) -> int:
             children.close()  # the daemon, the HTTP server, any CPU hog
             bench.res["wall_s"] = round(now() - t0, 1)
             bench.res["completed"] = not failed
-            if set(bench.res) & {
-                "in_process",
-                "daemon",
-                "peer",
-                "transport",
-                "zero_shot_77",
-                "embed_short",
-            }:
+            if set(bench.res) & RESULT_KEYS:
                 with suppress(Exception):
                     bench.finish()
                 write_json(args.out, bench.res)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 from pathlib import Path
 
 LABELS = (
@@ -37,15 +38,15 @@ def banking_texts(path: Path, per_label: int) -> list[tuple[str, str]]:
     return rows
 
 
+def short_texts(path: Path, n: int) -> list[str]:
+    """The first `n` Banking77 texts: distinct short questions of about 10-20 tokens."""
+    with open(path, newline="") as f:
+        return [row["text"] for row in itertools.islice(csv.DictReader(f), n)]
+
+
 def short_prompts(path: Path, n: int) -> list[str]:
     """Distinct short prompts (so no backend gets a free ride from prompt-prefix caching)."""
-    out = []
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            out.append(f"Customer message: {row['text']}\nReply:")
-            if len(out) >= n:
-                break
-    return out
+    return [f"Customer message: {text}\nReply:" for text in short_texts(path, n)]
 
 
 def rotate(xs: list[str], i: int) -> list[str]:

@@ -150,11 +150,23 @@ def decoding(m: Machine, govs: dict[Proc, CoreGovernor], steps: int) -> list[dic
     return seen
 
 
+def governed(m: Machine, kind: type[Proc] = Proc) -> tuple[Proc, CoreGovernor]:
+    """A worker process on `m` and its governor, reading the toy machine's clock."""
+    p = kind(m)
+    m.procs.append(p)
+    return p, CoreGovernor(2, reader=p, clock=lambda: m.t)
+
+
+def served_one_request(m: Machine, p: Proc, g: CoreGovernor) -> None:
+    """The worker waits for, then decodes, a request of its own, and goes idle again."""
+    m.advance(0.5)
+    decoding(m, {p: g}, 30)
+    p.running = 0
+
+
 def test_one_stream_on_an_idle_machine_takes_both_cores() -> None:
     m = Machine()
-    p = Proc(m)
-    m.procs.append(p)
-    g = CoreGovernor(2, reader=p, clock=lambda: m.t)
+    p, g = governed(m)
     m.advance(0.5)  # the worker waited for its first request
     seen = decoding(m, {p: g}, 50)
     assert all(s[p] == 2 for s in seen)
@@ -162,9 +174,7 @@ def test_one_stream_on_an_idle_machine_takes_both_cores() -> None:
 
 def test_beside_a_busy_loop_the_first_step_already_uses_one_thread() -> None:
     m = Machine(hog=1)
-    p = Proc(m)
-    m.procs.append(p)
-    g = CoreGovernor(2, reader=p, clock=lambda: m.t)
+    p, g = governed(m)
     m.advance(0.5)
     seen = decoding(m, {p: g}, 50)
     assert all(s[p] == 1 for s in seen)
@@ -175,12 +185,8 @@ def test_after_a_neighbours_burst_ended_the_next_request_starts_on_both_cores(
     burst: float,
 ) -> None:
     m = Machine()
-    p = Proc(m)
-    m.procs.append(p)
-    g = CoreGovernor(2, reader=p, clock=lambda: m.t)
-    m.advance(0.5)
-    decoding(m, {p: g}, 30)  # a request of ours
-    p.running = 0
+    p, g = governed(m)
+    served_one_request(m, p, g)
     m.hog = 2  # then another server decodes on both cores while the worker waits
     m.advance(burst)
     m.hog = 0  # its burst ended just before our next request came
@@ -192,12 +198,8 @@ def test_a_busy_loop_that_ran_while_the_worker_waited_keeps_the_next_request_on_
     None
 ):
     m = Machine()
-    p = Proc(m)
-    m.procs.append(p)
-    g = CoreGovernor(2, reader=p, clock=lambda: m.t)
-    m.advance(0.5)
-    decoding(m, {p: g}, 30)
-    p.running = 0
+    p, g = governed(m)
+    served_one_request(m, p, g)
     m.hog = 1
     m.advance(0.4)
     seen = decoding(m, {p: g}, 50)
@@ -218,9 +220,7 @@ def test_after_a_quiet_spell_a_thread_runnable_for_a_moment_is_not_a_busy_core(h
     # the daemon's own process handing the request over is runnable as the first step asks;
     # a busy loop is runnable at every look
     m = Machine(hog=hog)
-    p = Transient(m)
-    m.procs.append(p)
-    g = CoreGovernor(2, reader=p, clock=lambda: m.t)
+    _, g = governed(m, Transient)
     m.advance(1.5)
     m.transient = 1
     assert g.threads() == 2 - hog
@@ -228,9 +228,7 @@ def test_after_a_quiet_spell_a_thread_runnable_for_a_moment_is_not_a_busy_core(h
 
 def test_a_busy_loop_that_starts_mid_stream_takes_one_thread_away_within_an_interval() -> None:
     m = Machine()
-    p = Proc(m)
-    m.procs.append(p)
-    g = CoreGovernor(2, reader=p, clock=lambda: m.t)
+    p, g = governed(m)
     m.advance(0.5)
     decoding(m, {p: g}, 30)
     m.hog = 1
